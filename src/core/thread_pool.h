@@ -1,0 +1,49 @@
+// A fixed pool of worker threads with a blocking parallel_for. One process-wide pool
+// (threads = hardware concurrency unless set) serves every CPU op.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace trellm {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  // Calls fn(begin, end) over [0, n) split into chunks of at least `grain` items; the calling thread
+  // takes part. Returns when every chunk is done. Nested calls run serially on the caller.
+  void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+  static ThreadPool& global();
+  static void set_global_threads(int threads);  // call before first use of global()
+
+ private:
+  void worker_loop();
+  void run_chunks();
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable cv_work_, cv_done_;
+  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  int64_t n_ = 0, chunk_ = 0;
+  int64_t next_ = 0;          // next chunk start (guarded by mu_)
+  int active_ = 0;            // workers still inside the current job
+  uint64_t generation_ = 0;   // bumps per job so workers wake once per job
+  bool stop_ = false;
+  bool busy_ = false;
+};
+
+inline void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  ThreadPool::global().parallel_for(n, grain, fn);
+}
+
+}  // namespace trellm
