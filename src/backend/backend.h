@@ -15,15 +15,17 @@
 
 namespace trellm {
 
+namespace trellis {
 struct TrellisWeight;  // src/quant: an EXL3 trellis-coded matrix
+}
 
 // y = x · Wᵀ (+ b): a dense weight [out, in] (bf16 / f16 / f32) or a trellis-coded one.
 struct Linear {
   int64_t in = 0, out = 0;
-  TensorView weight;                       // dense [out, in]; empty when trellis-coded
-  const TrellisWeight* trellis = nullptr;  // EXL3 codes; null when dense
-  TensorView bias;                         // optional [out]
-  bool present() const { return !weight.empty() || trellis != nullptr; }
+  TensorView weight;                          // dense [out, in]; empty when trellis-coded
+  const trellis::TrellisWeight* exl3 = nullptr;  // EXL3 codes (in the backend's memory); null when dense
+  TensorView bias;                            // optional [out] f32 (also for trellis-coded weights)
+  bool present() const { return !weight.empty() || exl3 != nullptr; }
 };
 
 struct Expert {

@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "format/safetensors.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 

@@ -4,11 +4,13 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "core/tensor.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 
@@ -46,6 +48,7 @@ struct Config {
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   int64_t num_nextn_predict_layers = 0;  // MTP layers shipped after the decoder layers
+  std::optional<trellis::Exl3QuantConfig> exl3;  // quantization_config of an EXL3 checkpoint
 
   static Config from_json_file(const std::string& path);  // errors name the field
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
@@ -135,6 +138,8 @@ class Model {
   Backend* backend_ = nullptr;
   std::unique_ptr<TensorStore> store_;
   std::vector<void*> owned_;  // backend allocations (weights copies, state) released on destruction
+  std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3_;  // descriptors the Linears point to
+  friend struct ModelLoader;
 };
 
 }  // namespace trellm

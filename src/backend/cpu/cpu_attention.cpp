@@ -27,11 +27,9 @@ void check_mla_shapes(TensorView out, TensorView q, TensorView cache, const Line
 }
 }  // namespace
 
-namespace cpu {
-void attention_mla_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
-                            const MlaDims& d) {
-  check_mla_shapes(out, q, cache, kv_b, pos0, d);
-  if (kv_b.trellis) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported on the CPU yet");
+void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in, int pos0,
+                                    const MlaDims& d) {
+  const Linear& kv_b = dense_view(kv_b_in);
   const int64_t n = q.dim(0), H = d.heads, rank = d.kv_rank, W = d.cache_width();
   const int64_t per_head = d.nope_dim + d.v_dim;
   const DType wt = kv_b.weight.dtype;
@@ -71,12 +69,16 @@ void attention_mla_absorbed(TensorView out, TensorView q, TensorView cache, cons
     }
   });
 }
-}  // namespace cpu
 
 void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
                                const MlaDims& d, MlaMode mode) {
-  if (mode == MlaMode::Absorbed) return attention_mla_absorbed(out, q, cache, kv_b, pos0, d);
   check_mla_shapes(out, q, cache, kv_b, pos0, d);
+  if (mode == MlaMode::Absorbed) return attention_absorbed(out, q, cache, kv_b, pos0, d);
+  attention_expanded(out, q, cache, kv_b, pos0, d);
+}
+
+void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+                                    const MlaDims& d) {
   const int64_t n = q.dim(0), H = d.heads, rank = d.kv_rank, W = d.cache_width();
   const int64_t per_head = d.nope_dim + d.v_dim, T = pos0 + n;
   constexpr int64_t kTile = 64;

@@ -8,6 +8,7 @@
 #include "backend/cpu/cpu_kernels.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "quant/trellis_ref.h"
 
 namespace trellm {
 
@@ -82,9 +83,13 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   const int64_t n = x.rows(), in = x.cols(), outd = w.out;
   TRELLM_ASSERT(in == w.in && out.numel() == n * outd, "matmul shapes: x ", shape_str(x), " W [",
                 w.out, ", ", w.in, "] out ", shape_str(out));
-  if (w.trellis) fail("trellis-coded weights are not supported by the CPU backend yet");
   const float* xp = x.ptr<float>();
   float* op = out.ptr<float>();
+  if (w.exl3) {
+    trellis::trellis_matmul_ref(*w.exl3, xp, n, op);
+    add_bias(out, w);
+    return;
+  }
   const size_t esz = dtype_size(w.weight.dtype);
   const char* wp = static_cast<const char*>(w.weight.data);
   // Blocks of 16 output rows: their f32 copy (16 × in floats, 128 KB at in = 2048) stays in L2 while every
@@ -103,10 +108,29 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
       }
     }
   });
-  if (!w.bias.empty()) {
-    TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == outd);
-    for (int64_t i = 0; i < n; i++) axpy(op + i * outd, 1.0f, w.bias.ptr<float>(), outd);
+  add_bias(out, w);
+}
+
+void CpuBackend::add_bias(TensorView out, const Linear& w) {
+  if (w.bias.empty()) return;
+  TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == w.out);
+  for (int64_t i = 0; i < out.numel() / w.out; i++) axpy(out.ptr<float>() + i * w.out, 1.0f, w.bias.ptr<float>(), w.out);
+}
+
+const Linear& CpuBackend::dense_view(const Linear& w) {
+  if (!w.exl3) return w;
+  auto it = dense_cache_.find(w.exl3);
+  if (it == dense_cache_.end()) {
+    DenseCopy d;
+    d.data.resize(size_t(w.out * w.in));
+    trellis::dequantize_hf_f32(*w.exl3, d.data.data());
+    d.lin = w;
+    d.lin.exl3 = nullptr;
+    d.lin.weight = TensorView(d.data.data(), DType::F32, {w.out, w.in});
+    it = dense_cache_.emplace(w.exl3, std::move(d)).first;
+    it->second.lin.weight.data = it->second.data.data();
   }
+  return it->second.lin;
 }
 
 namespace cpu {

@@ -1,5 +1,6 @@
 // The CPU backend: the reference implementation of every op (f32 arithmetic, multi-threaded).
 #pragma once
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -31,6 +32,17 @@ class CpuBackend final : public Backend {
                const Expert* shared) override;
 
  private:
+  void add_bias(TensorView out, const Linear& w);
+  // A dense f32 copy of a trellis-coded Linear, made on first use and kept (the absorbed attention reads
+  // kv_b_proj per head, which the row-major trellis product cannot slice).
+  const Linear& dense_view(const Linear& w);
+  struct DenseCopy {
+    std::vector<float> data;
+    Linear lin;
+  };
+  std::unordered_map<const trellis::TrellisWeight*, DenseCopy> dense_cache_;
+  void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0, const MlaDims& d);
+  void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0, const MlaDims& d);
   // Grow-only scratch (the forward pass stops allocating after its first step).
   float* scratch(size_t slot, size_t floats);
   std::vector<std::vector<float>> scratch_;
@@ -39,8 +51,6 @@ class CpuBackend final : public Backend {
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).
 void rope_rotate(float* x, int dim, int pos, float theta);
-void attention_mla_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
-                            const MlaDims& d);
 }  // namespace cpu
 
 }  // namespace trellm
