@@ -108,5 +108,9 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+// True when this build has CUDA and a usable GPU is present.
+bool cuda_available();
+// The CUDA backend on GPU `device`; an Error when the build has no CUDA or no such GPU exists.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 }  // namespace trellm

@@ -134,11 +134,12 @@ const Linear& CpuBackend::dense_view(const Linear& w) {
 }
 
 namespace cpu {
-// Rotates adjacent pairs (x0,x1),(x2,x3),... of x[0:dim] by pos·θ^(-2i/dim). The angle is formed in f32
-// exactly as transformers does (inv_freq and pos·inv_freq in f32), so long positions agree with it.
+// Rotates adjacent pairs (x0,x1),(x2,x3),... of x[0:dim] by pos·θ^(-2i/dim). Like transformers, the angle
+// pos·inv_freq is a product of two f32 values (so long positions agree with it); inv_freq is the correctly
+// rounded f32 and cos/sin are taken in double, so the CUDA kernel computes bit-identical rotations.
 void rope_rotate(float* x, int dim, int pos, float theta) {
   for (int i = 0; i < dim / 2; i++) {
-    float inv_freq = 1.0f / std::pow(theta, float(2 * i) / float(dim));
+    float inv_freq = float(1.0 / std::pow(double(theta), double(2 * i) / double(dim)));
     float ang = float(pos) * inv_freq;
     float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
     float a = x[2 * i], b = x[2 * i + 1];
