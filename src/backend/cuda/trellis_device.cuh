@@ -1,0 +1,327 @@
+// Device building blocks shared by the trellis kernels (internal; included by .cu files only).
+//
+// Block shape used everywhere: 256 threads = 8 warps; a block owns one 128-column output group (8 tiles,
+// one output-Hadamard block) and walks k in 128-row chunks (8 tiles, one input-Hadamard block). Warp w
+// owns tile column tn = 8·group + w: per 16-row k step it decodes one tile (8 states per lane, the mma
+// B-fragment pair of §1.2) and issues two mma.m16n8k16 per 16-row M tile.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "backend/cuda/trellis_kernels.h"
+#include "quant/trellis_decode.h"
+
+namespace trellm::cuda::tk {
+
+using trellis::Codebook;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kGroupCols = 128;  // output columns per block
+constexpr int kChunk = 128;      // k rows per pipeline stage
+constexpr float kHs = 0.08838834764831845f;  // 1/sqrt(128), the same float as trellis::kHadamardScale
+
+// Words (uint32) of one staged chunk: 8 tile rows × 8 tiles × 8K words = 2 KiB · K.
+template <int K>
+constexpr int chunk_words() { return 8 * 8 * 8 * K; }
+
+// ---- PTX wrappers -----------------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// 16-byte async copy global -> shared; pred false zero-fills (src-size 0, nothing is read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// D += A·B, m16n8k16, fp16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t a[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(smem_addr(p)));
+}
+
+// ---- trellis decode into B fragments ------------------------------------------------------------------------
+
+template <Codebook CB>
+__device__ __forceinline__ void decode8(const uint32_t st[8], uint32_t b[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+    b[i] = uint32_t(trellis::decode_state<CB>(st[2 * i])) | (uint32_t(trellis::decode_state<CB>(st[2 * i + 1])) << 16);
+}
+
+// Lane `lane` of a warp decodes its 8 positions of the tile whose 8K words start at W (shared memory):
+// b[0..1] = B fragment of columns 0..7 (k = 2c, 2c+1 | 2c+8, 2c+9), b[2..3] = columns 8..15.
+// The codebook is a warp-uniform runtime branch (one per 8 states): 3 template instances per K avoided.
+template <int K>
+__device__ __forceinline__ void decode_frag(const uint32_t* W, int lane, int cb, uint32_t b[4]) {
+  uint32_t st[8];
+  trellis::lane_states(W, K, lane, st);
+  if (cb == int(Codebook::Inst3)) decode8<Codebook::Inst3>(st, b);
+  else if (cb == int(Codebook::Mcg)) decode8<Codebook::Mcg>(st, b);
+  else decode8<Codebook::Mul1>(st, b);
+}
+
+// Stage one 128-row chunk of a 128-column group: tile rows tk0..tk0+7, tiles tn0..tn0+7 (each tile row's 8
+// tiles are contiguous in the checkpoint: 8·32K bytes). dst gets [row][tile][8K words].
+template <int K>
+__device__ __forceinline__ void load_b_chunk(uint32_t* dst, const uint16_t* trellis, int tiles_n, int tk0, int tn0) {
+  constexpr int kRow16 = 16 * K;  // 16-byte pieces per tile row (8 tiles × 32K bytes / 16)
+  for (int i = threadIdx.x; i < 8 * kRow16; i += kThreads) {
+    const int r = i / kRow16, o = i - r * kRow16;
+    const uint16_t* src = trellis + (int64_t(tk0 + r) * tiles_n + tn0) * (16 * K) + o * 8;
+    cp_async16(dst + r * (64 * K) + o * 4, src);
+  }
+}
+
+// ---- 128-point Hadamard across a warp -----------------------------------------------------------------------
+// Lane l holds elements 4l..4l+3. Stages in the reference's order (h = 1, 2, 4, ..., 64); at each stage the
+// lower index gets a+b and the upper a-b, exactly like trellis::fwht128, so results are bit-identical.
+__device__ __forceinline__ void fwht128_warp(float v[4]) {
+  const int lane = threadIdx.x & 31;
+  float a = v[0], b = v[1], c = v[2], d = v[3];
+  v[0] = a + b, v[1] = a - b, v[2] = c + d, v[3] = c - d;  // h = 1
+  a = v[0], b = v[1], c = v[2], d = v[3];
+  v[0] = a + c, v[1] = b + d, v[2] = a - c, v[3] = b - d;  // h = 2
+#pragma unroll
+  for (int m = 1; m < 32; m <<= 1) {  // h = 4m: partner lane l ^ m
+    const bool upper = lane & m;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float o = __shfl_xor_sync(0xffffffffu, v[i], m);
+      v[i] = upper ? o - v[i] : v[i] + o;
+    }
+  }
+}
+
+// Input transform of one 128-chunk held by a warp (lane l: features k0 + 4l + i, values v = x, f32):
+// dst[0..127] = fp16(FWHT(fp16(x ⊙ suh)) · 1/√128), bit-identical to trellis_matmul_ref's steps 1-2.
+__device__ __forceinline__ void xform_regs_warp(float v[4], const uint16_t* suh, int k0, __half* dst) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < 4; i++)
+    v[i] = __half2float(__float2half_rn(__fmul_rn(v[i], __half2float(__ushort_as_half(suh[k0 + 4 * lane + i])))));
+  fwht128_warp(v);
+  __half2 h01 = __halves2half2(__float2half_rn(__fmul_rn(v[0], kHs)), __float2half_rn(__fmul_rn(v[1], kHs)));
+  __half2 h23 = __halves2half2(__float2half_rn(__fmul_rn(v[2], kHs)), __float2half_rn(__fmul_rn(v[3], kHs)));
+  uint2 pk;
+  pk.x = *reinterpret_cast<uint32_t*>(&h01);
+  pk.y = *reinterpret_cast<uint32_t*>(&h23);
+  *reinterpret_cast<uint2*>(dst + 4 * lane) = pk;
+}
+
+// Same from an f32 row in memory: x_row real-dim (features >= in read as zero).
+__device__ __forceinline__ void xform_chunk_warp(__half* dst, const float* x_row, int in, const uint16_t* suh, int k0) {
+  const int lane = threadIdx.x & 31;
+  float v[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int k = k0 + 4 * lane + i;
+    v[i] = k < in ? x_row[k] : 0.0f;
+  }
+  xform_regs_warp(v, suh, k0, dst);
+}
+
+// Output transform of one row's 128-column group held by a warp (v = y_h, lane l: columns col0 + 4l + i):
+// v <- FWHT(v)·1/√128 ⊙ svh (+ bias). Returns the columns' values; the caller stores those < out.
+__device__ __forceinline__ void out_transform(float v[4], const DeviceTrellis& w, int col0) {
+  fwht128_warp(v);
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int c = col0 + 4 * lane + i;
+    v[i] = __fmul_rn(__fmul_rn(v[i], kHs), __half2float(__ushort_as_half(w.svh[c])));
+    if (w.bias && c < w.out) v[i] += w.bias[c];
+  }
+}
+
+// Stores 4 consecutive f32 (columns col..col+3) of a row, dropping columns >= n.
+__device__ __forceinline__ void store_row4(float* row, int col, int n, const float v[4]) {
+  if (col + 3 < n && ((reinterpret_cast<uintptr_t>(row + col) & 15) == 0)) {
+    *reinterpret_cast<float4*>(row + col) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+      if (col + i < n) row[col + i] = v[i];
+  }
+}
+
+// Split-k arrival: every block of a group calls this after writing its partials. Returns true in exactly
+// one block (the last to arrive), which then reads all partials (with __ldcg: written by other SMs) and
+// resets the counter, so the workspace is left as it was found (graph replays need no memset).
+__device__ __forceinline__ bool arrive_last(int* counter, int arrivals, int* flag_smem) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int t = atomicAdd(counter, 1);
+    const bool last = t == arrivals - 1;
+    if (last) atomicExch(counter, 0);
+    *flag_smem = last;
+  }
+  __syncthreads();
+  const bool last = *flag_smem != 0;
+  if (last) __threadfence();
+  return last;
+}
+
+__device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
+
+// Sum of `splits` partial rows (stride `split_stride` floats) at column offset col: deterministic order.
+__device__ __forceinline__ void sum_partials(float v[4], const float* p, int splits, int64_t split_stride) {
+  v[0] = v[1] = v[2] = v[3] = 0.0f;
+  for (int z = 0; z < splits; z++) {
+    const float4 t = ldcg4(p + z * split_stride);
+    v[0] += t.x, v[1] += t.y, v[2] += t.z, v[3] += t.w;
+  }
+}
+
+// ---- main loops ---------------------------------------------------------------------------------------------
+
+// Single-M-tile loop (m <= 8 rows): A (fp16, rows < m, `a_pitch` halves per row, chunk-relative columns
+// starting at 0) is already in shared memory for the whole k range; B streams through a kStagesGemv-deep
+// cp.async ring. acc0/acc1: the two n-subtiles of the warp's tile column (rows 0..7 in c0/c1).
+constexpr int kStagesGemv = 4;
+
+template <int K>
+__device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
+                                              int a_pitch, int m, uint32_t* Bs, float acc0[4], float acc1[4]) {
+  constexpr int kCW = chunk_words<K>();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int tiles_n = w.out_padded / 16;
+  const int gr = lane >> 2, cq = lane & 3;
+  const uint32_t* Arow = reinterpret_cast<const uint32_t*>(As + gr * a_pitch) + cq;
+  for (int c = 0; c < nck; c++) {
+    cp_wait<kStagesGemv - 2>();
+    __syncthreads();
+    const int nxt = c + kStagesGemv - 1;
+    if (nxt < nck) load_b_chunk<K>(Bs + (nxt % kStagesGemv) * kCW, w.trellis, tiles_n, (c0 + nxt) * 8, group * 8);
+    cp_commit();
+    const uint32_t* st = Bs + (c % kStagesGemv) * kCW + warp * 8 * K;
+#pragma unroll 2
+    for (int kk = 0; kk < 8; kk++) {
+      uint32_t b[4];
+      decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
+      uint32_t a[4] = {0u, 0u, 0u, 0u};
+      if (gr < m) {
+        a[0] = Arow[(c * kChunk + kk * 16) / 2];
+        a[2] = Arow[(c * kChunk + kk * 16 + 8) / 2];
+      }
+      mma16816(acc0, a, b[0], b[1]);
+      mma16816(acc1, a, b[2], b[3]);
+    }
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void gemv_prefetch(const DeviceTrellis& w, int group, int c0, int nck, uint32_t* Bs) {
+  constexpr int kCW = chunk_words<K>();
+  for (int s = 0; s < kStagesGemv - 1; s++) {
+    if (s < nck) load_b_chunk<K>(Bs + s * kCW, w.trellis, w.out_padded / 16, (c0 + s) * 8, group * 8);
+    cp_commit();
+  }
+}
+
+// 128-row M tile loop: A rows [0, rows) of the tile (fp16, `lda` halves per row, k from 0) stream through
+// the same ring as B. 3 stages × (34 KB A + 2K KB B). Warps skip M sub-tiles past `rows`.
+constexpr int kStagesGemm = 3;
+constexpr int kMT = 8;                         // 16-row M sub-tiles per block: 128 rows
+constexpr int kAPitch = kChunk + 8;            // halves: rows 16 B apart mod 128 -> ldmatrix conflict-free
+constexpr int kAStageHalves = kMT * 16 * kAPitch;
+
+template <int K>
+constexpr size_t gemm_smem_bytes() {
+  return size_t(kStagesGemm) * (kAStageHalves * 2 + chunk_words<K>() * 4);
+}
+
+template <int K>
+__device__ __forceinline__ void gemm_load_stage(const DeviceTrellis& w, const __half* A, int64_t lda, int rows,
+                                                int group, int chunk, __half* As, uint32_t* Bs) {
+  load_b_chunk<K>(Bs, w.trellis, w.out_padded / 16, chunk * 8, group * 8);
+  for (int i = threadIdx.x; i < kMT * 16 * 16; i += kThreads) {  // 128 rows × 16 pieces of 16 B
+    const int r = i >> 4, o = i & 15;
+    const bool ok = r < rows;
+    cp_async16(As + r * kAPitch + o * 8, A + (ok ? r : 0) * lda + chunk * kChunk + o * 8, ok);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
+                                              int c0, int nck, unsigned char* smem, float acc[kMT][2][4]) {
+  constexpr int kCW = chunk_words<K>();
+  __half* As = reinterpret_cast<__half*>(smem);
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem + size_t(kStagesGemm) * kAStageHalves * 2);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int mt = 0; mt < kMT; mt++)
+#pragma unroll
+    for (int n = 0; n < 2; n++)
+#pragma unroll
+      for (int i = 0; i < 4; i++) acc[mt][n][i] = 0.0f;
+  for (int s = 0; s < kStagesGemm - 1; s++) {
+    if (s < nck) gemm_load_stage<K>(w, A, lda, rows, group, c0 + s, As + s * kAStageHalves, Bs + s * kCW);
+    cp_commit();
+  }
+  const int mtiles = (rows + 15) >> 4;
+  const int lrow = lane & 15, lcol = (lane >> 4) * 8;
+  for (int c = 0; c < nck; c++) {
+    cp_wait<kStagesGemm - 2>();
+    __syncthreads();
+    const int nxt = c + kStagesGemm - 1;
+    if (nxt < nck)
+      gemm_load_stage<K>(w, A, lda, rows, group, c0 + nxt, As + (nxt % kStagesGemm) * kAStageHalves,
+                         Bs + (nxt % kStagesGemm) * kCW);
+    cp_commit();
+    const __half* as = As + (c % kStagesGemm) * kAStageHalves;
+    const uint32_t* st = Bs + (c % kStagesGemm) * kCW + warp * 8 * K;
+#pragma unroll 1
+    for (int kk = 0; kk < 8; kk++) {
+      uint32_t b[4];
+      decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
+#pragma unroll
+      for (int mt = 0; mt < kMT; mt++) {
+        if (mt < mtiles) {
+          uint32_t a[4];
+          ldsm_x4(a, as + (mt * 16 + lrow) * kAPitch + kk * 16 + lcol);
+          mma16816(acc[mt][0], a, b[0], b[1]);
+          mma16816(acc[mt][1], a, b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();  // the ring may now be reused (epilogue staging)
+}
+
+// Writes a block's accumulators as an f32 [128 rows][128 cols] tile: to shared memory (pitch kYPitch) or to
+// a global partial buffer (row stride ldp), rows >= rows dropped.
+constexpr int kYPitch = kGroupCols + 4;
+
+__device__ __forceinline__ void store_acc_tile(const float acc[kMT][2][4], float* dst, int64_t ld, int rows) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gr = lane >> 2, cq = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < kMT; mt++)
+#pragma unroll
+    for (int n = 0; n < 2; n++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int r = mt * 16 + gr + 8 * h;
+        if (r < rows)
+          *reinterpret_cast<float2*>(dst + r * ld + warp * 16 + n * 8 + 2 * cq) =
+              make_float2(acc[mt][n][2 * h], acc[mt][n][2 * h + 1]);
+      }
+}
+
+}  // namespace trellm::cuda::tk

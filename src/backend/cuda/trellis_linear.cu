@@ -1,0 +1,154 @@
+// Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
+// K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
+#include <algorithm>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/trellis_linear.cuh"
+#include "backend/cuda/trellis_plan.h"
+#include "core/error.h"
+
+namespace trellm::cuda {
+
+namespace tk {
+
+__global__ void __launch_bounds__(kThreads) xform_kernel(const LinearArgs p) {
+  const int row = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5);
+  if (chunk >= p.w.in_padded / kChunk) return;
+  xform_chunk_warp(const_cast<__half*>(p.xh) + int64_t(row) * p.w.in_padded + chunk * kChunk,
+                   p.x + int64_t(row) * p.w.in, p.w.in, p.w.suh, chunk * kChunk);
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, v = 132;
+    if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev);
+    return v;
+  }();
+  return n;
+}
+
+LinearPlan plan_linear(int m, int in_padded, int out_padded) {
+  LinearPlan p;
+  p.groups = out_padded / kGroupCols;
+  p.chunks = in_padded / kChunk;
+  const int sms = sm_count();
+  if (m <= kGemvMaxRows) {
+    p.gemv = true;
+    p.mchunks = 1;
+    // ~2 blocks per SM: 2048x1536 (16 groups, 12 chunks) -> 12 splits; lm_head (1210 groups) -> 1.
+    int splits = std::clamp((2 * sms + p.groups - 1) / p.groups, 1, p.chunks);
+    // A (x_h for the block's k range) must fit its shared-memory budget.
+    const int max_nck = std::max(1, (kGemvMaxABytes / (2 * m) - 8) / kChunk);
+    splits = std::max(splits, (p.chunks + max_nck - 1) / max_nck);
+    p.splits = std::min(splits, p.chunks);
+    p.a_pitch = (p.chunks + p.splits - 1) / p.splits * kChunk + 8;
+    p.partial_floats = size_t(p.splits) * m * out_padded;
+    p.counters = p.groups;
+    p.xh_halves = 0;
+  } else {
+    p.gemv = false;
+    p.mchunks = (m + kMT * 16 - 1) / (kMT * 16);
+    const int base = p.groups * p.mchunks;
+    // One block per SM (~150 KB shared): split k only while the grid is under one wave.
+    p.splits = base >= sms ? 1 : std::clamp(sms / base, 1, p.chunks);
+    p.a_pitch = 0;
+    p.partial_floats = p.splits > 1 ? size_t(p.splits) * m * out_padded : 0;
+    p.counters = p.splits > 1 ? base : 0;
+    p.xh_halves = size_t(m) * in_padded;
+  }
+  return p;
+}
+
+WorkspaceLayout linear_layout(const LinearPlan& p, void* ws) {
+  WorkspaceLayout l;
+  char* base = static_cast<char*>(ws);
+  l.counters = reinterpret_cast<int*>(base);
+  size_t off = kLinearCounterBytes;
+  l.partial = reinterpret_cast<float*>(base + off);
+  off += align256(p.partial_floats * 4);
+  l.xh = reinterpret_cast<__half*>(base + off);
+  off += align256(p.xh_halves * 2);
+  l.bytes = off;
+  return l;
+}
+
+}  // namespace tk
+
+using namespace tk;
+
+size_t trellis_workspace_bytes(int max_m, int max_in_padded, int max_out_padded) {
+  TRELLM_ASSERT(max_m >= 1 && max_in_padded % 128 == 0 && max_out_padded % 128 == 0, "trellis_workspace_bytes: bad sizes");
+  // The partial buffer's need is not monotonic in m (fewer rows -> more splits): take the maximum over the
+  // plans a call with m <= max_m can make (one per GEMV m and per 128-row chunk count).
+  size_t best = 0;
+  auto consider = [&](int m) { best = std::max(best, linear_layout(plan_linear(m, max_in_padded, max_out_padded), nullptr).bytes); };
+  for (int m = 1; m <= std::min(max_m, kGemvMaxRows); m++) consider(m);
+  for (int mc = 1; mc * 128 < max_m + 128; mc++) consider(std::min(max_m, mc * 128));
+  return best;
+}
+
+void trellis_workspace_init(void* workspace, size_t bytes, cudaStream_t s) {
+  TRELLM_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, s));
+}
+
+static void check_desc(const DeviceTrellis& w) {
+  TRELLM_ASSERT(w.K >= 2 && w.K <= 8, "trellis kernels: K = ", w.K, " not supported (2..8)");
+  TRELLM_ASSERT(w.codebook >= 0 && w.codebook <= 2, "trellis kernels: codebook ", w.codebook);
+  TRELLM_ASSERT(w.in_padded % 128 == 0 && w.out_padded % 128 == 0 && w.in >= 1 && w.in <= w.in_padded &&
+                    w.out >= 1 && w.out <= w.out_padded,
+                "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
+}
+
+void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s) {
+  check_desc(w);
+  TRELLM_ASSERT(m >= 1, "trellis_matmul: m = ", m);
+  const LinearPlan p = plan_linear(m, w.in_padded, w.out_padded);
+  TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul: ", p.counters, " column groups exceed the counter area");
+  const WorkspaceLayout l = linear_layout(p, workspace);
+  LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters};
+  if (p.gemv) {
+    const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m) * p.a_pitch * 2;
+    switch (w.K) {
+      case 2: launch_gemv<2>(a, smem, s); break;
+      case 3: launch_gemv<3>(a, smem, s); break;
+      case 4: launch_gemv<4>(a, smem, s); break;
+      case 5: launch_gemv<5>(a, smem, s); break;
+      case 6: launch_gemv<6>(a, smem, s); break;
+      case 7: launch_gemv<7>(a, smem, s); break;
+      case 8: launch_gemv<8>(a, smem, s); break;
+      default: fail("trellis_matmul: K = ", w.K);
+    }
+  } else {
+    xform_kernel<<<dim3(m, (p.chunks + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
+    TRELLM_CUDA_LAUNCH_CHECK();
+    switch (w.K) {
+      case 2: launch_gemm<2>(a, p.mchunks, s); break;
+      case 3: launch_gemm<3>(a, p.mchunks, s); break;
+      case 4: launch_gemm<4>(a, p.mchunks, s); break;
+      case 5: launch_gemm<5>(a, p.mchunks, s); break;
+      case 6: launch_gemm<6>(a, p.mchunks, s); break;
+      case 7: launch_gemm<7>(a, p.mchunks, s); break;
+      case 8: launch_gemm<8>(a, p.mchunks, s); break;
+      default: fail("trellis_matmul: K = ", w.K);
+    }
+  }
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void trellis_dequantize_bf16(const DeviceTrellis& w, uint16_t* w_hf_bf16, cudaStream_t s) {
+  check_desc(w);
+  auto* out = reinterpret_cast<__nv_bfloat16*>(w_hf_bf16);
+  switch (w.K) {
+    case 2: launch_dequant<2>(w, out, s); break;
+    case 3: launch_dequant<3>(w, out, s); break;
+    case 4: launch_dequant<4>(w, out, s); break;
+    case 5: launch_dequant<5>(w, out, s); break;
+    case 6: launch_dequant<6>(w, out, s); break;
+    case 7: launch_dequant<7>(w, out, s); break;
+    case 8: launch_dequant<8>(w, out, s); break;
+    default: fail("trellis_dequantize_bf16: K = ", w.K);
+  }
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace trellm::cuda

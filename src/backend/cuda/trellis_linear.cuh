@@ -1,0 +1,278 @@
+// Dense trellis kernels (internal): fused GEMV (m <= 8), tensor-core GEMM (m > 8), dequantize -> bf16.
+// Templated on K only; the codebook is a warp-uniform branch per decoded tile (trellis_device.cuh). Each K
+// is instantiated in its own translation unit (trellis_k<K>.cu) to keep CI's 2-core build parallel.
+#pragma once
+#include "backend/cuda/trellis_device.cuh"
+
+namespace trellm::cuda::tk {
+
+struct LinearArgs {
+  DeviceTrellis w;
+  const float* x;     // [m, in] f32 (GEMV, xform)
+  const __half* xh;   // [m, in_padded] fp16, transformed (GEMM)
+  float* y;           // [m, out] f32
+  int m;
+  int splits;         // k-splits over blocks (>= 1)
+  int a_pitch;        // GEMV: halves per A row in shared memory
+  float* partial;     // [splits, m, out_padded] f32
+  int* counters;      // arrival counters (zero at rest)
+};
+
+// ---- GEMV: grid (out_padded/128, splits), 256 threads --------------------------------------------------------
+template <int K>
+__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const LinearArgs p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int flag;
+  const DeviceTrellis& w = p.w;
+  const int group = blockIdx.x, z = blockIdx.y, chunks = w.in_padded / kChunk;
+  const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
+  __half* As = reinterpret_cast<__half*>(smem + kStagesGemv * chunk_words<K>() * 4);
+  gemv_prefetch<K>(w, group, c0, nck, Bs);
+  // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m.
+  for (int t = warp; t < p.m * nck; t += kWarps) {
+    const int r = t / nck, c = t - r * nck;
+    xform_chunk_warp(As + r * p.a_pitch + c * kChunk, p.x + int64_t(r) * w.in, w.in, w.suh, (c0 + c) * kChunk);
+  }
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc0, acc1);  // its first barrier publishes As
+  const int gr = lane >> 2, cq = lane & 3;
+  if (gr < p.m) {
+    float* pr = p.partial + (int64_t(z) * p.m + gr) * w.out_padded + group * kGroupCols + warp * 16 + 2 * cq;
+    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
+    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  }
+  if (!arrive_last(p.counters + group, p.splits, &flag)) return;
+  for (int r = warp; r < p.m; r += kWarps) {
+    float v[4];
+    sum_partials(v, p.partial + int64_t(r) * w.out_padded + group * kGroupCols + 4 * lane, p.splits,
+                 int64_t(p.m) * w.out_padded);
+    out_transform(v, w, group * kGroupCols);
+    store_row4(p.y + int64_t(r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
+  }
+}
+
+// ---- input transform for the GEMM: grid (m, ceil(chunks/8)), a warp per 128-chunk --------------------------------
+__global__ void __launch_bounds__(kThreads) xform_kernel(const LinearArgs p);
+
+// ---- GEMM: grid (out_padded/128, ceil(m/128), splits), 256 threads, 1 block/SM ---------------------------------
+template <int K>
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const LinearArgs p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int flag;
+  const DeviceTrellis& w = p.w;
+  const int group = blockIdx.x, mc = blockIdx.y, z = blockIdx.z, chunks = w.in_padded / kChunk;
+  const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
+  const int row0 = mc * kMT * 16, rows = min(kMT * 16, p.m - row0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float acc[kMT][2][4];
+  gemm_mainloop<K>(w, p.xh + int64_t(row0) * w.in_padded, w.in_padded, rows, group, c0, nck, smem, acc);
+  if (p.splits == 1) {
+    float* Ys = reinterpret_cast<float*>(smem);
+    store_acc_tile(acc, Ys, kYPitch, rows);
+    __syncthreads();
+    for (int r = warp; r < rows; r += kWarps) {
+      const float4 t = *reinterpret_cast<const float4*>(Ys + r * kYPitch + 4 * lane);
+      float v[4] = {t.x, t.y, t.z, t.w};
+      out_transform(v, w, group * kGroupCols);
+      store_row4(p.y + int64_t(row0 + r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
+    }
+    return;
+  }
+  store_acc_tile(acc, p.partial + (int64_t(z) * p.m + row0) * w.out_padded + group * kGroupCols, w.out_padded, rows);
+  if (!arrive_last(p.counters + mc * (w.out_padded / kGroupCols) + group, p.splits, &flag)) return;
+  for (int r = warp; r < rows; r += kWarps) {
+    float v[4];
+    sum_partials(v, p.partial + int64_t(row0 + r) * w.out_padded + group * kGroupCols + 4 * lane, p.splits,
+                 int64_t(p.m) * w.out_padded);
+    out_transform(v, w, group * kGroupCols);
+    store_row4(p.y + int64_t(row0 + r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
+  }
+}
+
+// ---- dequantize: grid (out_padded/128, in_padded/128), one 128×128 block per CTA --------------------------------
+// Phase A: warp w decodes tile column w (8 tiles down k) into registers and runs the k-butterflies that are
+//          lane-local (k bits 0, 3, 4, 5, 6), then stores S[n][k] (f32, pitch 136: conflict-free float2).
+// Phase B: thread = 8 consecutive k × 8 consecutive n: k bits 1, 2; ·1/√128; n bits 0, 1, 2.
+// Phase C: thread = 4 consecutive k × 16 n (n = nl + 8b): n bits 3..6; ·1/√128 ·suh ·svh; bf16; 8-byte stores.
+// The column transform is exact in any order (Q values are multiples of 2^-13 below 4: 128-term sums fit
+// fp32's 24 bits), and the row transform runs its stages in the reference's order, so every rounding is
+// the reference's: the output equals trellis::dequantize_hf_bf16.
+constexpr int kSPitch = kChunk + 8;
+// Column swizzle of S: flip k bit 2 where k bit 5 is set. Phase B's quarter-warps (8 threads reading 16 B at
+// a 32 B stride) then hit 8 distinct 4-bank groups; phases A and C see a warp-uniform flip (no conflicts).
+__device__ __forceinline__ int sk(int k) { return k ^ (((k >> 5) & 1) << 2); }
+template <int K>
+constexpr size_t dequant_smem_bytes() {
+  return size_t(kGroupCols) * kSPitch * 4 + chunk_words<K>() * 4;
+}
+
+template <int K>
+__device__ __forceinline__ void decode8f(const uint32_t* W, int lane, int cb, float f[8]) {
+  uint32_t b[4];
+  decode_frag<K>(W, lane, cb, b);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&b[i]);
+    f[2 * i] = __low2float(h);
+    f[2 * i + 1] = __high2float(h);
+  }
+}
+
+__device__ __forceinline__ void bfly(float& a, float& b) {
+  const float x = a, y = b;
+  a = x + y;
+  b = x - y;
+}
+
+template <int K>
+__global__ void __launch_bounds__(kThreads, 2) dequant_kernel(const DeviceTrellis w, __nv_bfloat16* out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  float* S = reinterpret_cast<float*>(smem);
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem + size_t(kGroupCols) * kSPitch * 4);
+  const int bj = blockIdx.x, bi = blockIdx.y;  // n group, k chunk
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
+  load_b_chunk<K>(Bs, w.trellis, w.out_padded / 16, bi * 8, bj * 8);
+  cp_commit();
+  cp_wait<0>();
+  __syncthreads();
+  {  // Phase A
+    float v[8][8];
+#pragma unroll
+    for (int tt = 0; tt < 8; tt++) decode8f<K>(Bs + (tt * 8 + warp) * 8 * K, lane, w.codebook, v[tt]);
+#pragma unroll
+    for (int tt = 0; tt < 8; tt++) {
+      bfly(v[tt][0], v[tt][1]), bfly(v[tt][2], v[tt][3]), bfly(v[tt][4], v[tt][5]), bfly(v[tt][6], v[tt][7]);  // k bit 0
+      bfly(v[tt][0], v[tt][2]), bfly(v[tt][1], v[tt][3]), bfly(v[tt][4], v[tt][6]), bfly(v[tt][5], v[tt][7]);  // k bit 3
+    }
+#pragma unroll
+    for (int h = 1; h < 8; h <<= 1)  // k bits 4, 5, 6 (tile row bits)
+#pragma unroll
+      for (int tt = 0; tt < 8; tt++)
+        if (!(tt & h))
+#pragma unroll
+          for (int j = 0; j < 8; j++) bfly(v[tt][j], v[tt + h][j]);
+    const int n0 = warp * 16 + (lane >> 2), kb = 2 * (lane & 3);
+#pragma unroll
+    for (int tt = 0; tt < 8; tt++)
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        const int n = n0 + 8 * (j >> 2), k = tt * 16 + kb + 8 * ((j >> 1) & 1);
+        *reinterpret_cast<float2*>(S + n * kSPitch + sk(k)) = make_float2(v[tt][j], v[tt][j + 1]);
+      }
+  }
+  __syncthreads();
+  {  // Phase B
+    const int kg = tid & 15, ng = tid >> 4;
+    float u[8][8];  // [n bits 0..2][k bits 0..2]
+#pragma unroll
+    for (int b = 0; b < 8; b++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const float4 t = *reinterpret_cast<const float4*>(S + (ng * 8 + b) * kSPitch + sk(kg * 8 + 4 * h));
+        u[b][4 * h] = t.x, u[b][4 * h + 1] = t.y, u[b][4 * h + 2] = t.z, u[b][4 * h + 3] = t.w;
+      }
+#pragma unroll
+    for (int b = 0; b < 8; b++) {
+      bfly(u[b][0], u[b][2]), bfly(u[b][1], u[b][3]), bfly(u[b][4], u[b][6]), bfly(u[b][5], u[b][7]);  // k bit 1
+      bfly(u[b][0], u[b][4]), bfly(u[b][1], u[b][5]), bfly(u[b][2], u[b][6]), bfly(u[b][3], u[b][7]);  // k bit 2
+#pragma unroll
+      for (int a = 0; a < 8; a++) u[b][a] = __fmul_rn(u[b][a], kHs);
+    }
+#pragma unroll
+    for (int h = 1; h < 8; h <<= 1)  // n bits 0, 1, 2 in order
+#pragma unroll
+      for (int b = 0; b < 8; b++)
+        if (!(b & h))
+#pragma unroll
+          for (int a = 0; a < 8; a++) bfly(u[b][a], u[b + h][a]);
+#pragma unroll
+    for (int b = 0; b < 8; b++)
+#pragma unroll
+      for (int h = 0; h < 2; h++)
+        *reinterpret_cast<float4*>(S + (ng * 8 + b) * kSPitch + sk(kg * 8 + 4 * h)) =
+            make_float4(u[b][4 * h], u[b][4 * h + 1], u[b][4 * h + 2], u[b][4 * h + 3]);
+  }
+  __syncthreads();
+  {  // Phase C
+    const int kq = tid & 31, nl = tid >> 5;
+    float u[16][4];  // [n bits 3..6][k bits 0..1]
+#pragma unroll
+    for (int b = 0; b < 16; b++) {
+      const float4 t = *reinterpret_cast<const float4*>(S + (nl + 8 * b) * kSPitch + sk(4 * kq));
+      u[b][0] = t.x, u[b][1] = t.y, u[b][2] = t.z, u[b][3] = t.w;
+    }
+#pragma unroll
+    for (int h = 1; h < 16; h <<= 1)  // n bits 3, 4, 5, 6 in order
+#pragma unroll
+      for (int b = 0; b < 16; b++)
+        if (!(b & h))
+#pragma unroll
+          for (int a = 0; a < 4; a++) bfly(u[b][a], u[b + h][a]);
+    const int k0 = bi * kChunk + 4 * kq;
+    float su[4];
+#pragma unroll
+    for (int a = 0; a < 4; a++) su[a] = __half2float(__ushort_as_half(w.suh[k0 + a]));
+    const bool vec = (w.in & 3) == 0 && k0 + 3 < w.in;
+#pragma unroll
+    for (int b = 0; b < 16; b++) {
+      const int n = bj * kGroupCols + nl + 8 * b;
+      if (n >= w.out) continue;
+      const float sv = __half2float(__ushort_as_half(w.svh[n]));
+      __nv_bfloat16 o[4];
+#pragma unroll
+      for (int a = 0; a < 4; a++) o[a] = __float2bfloat16_rn(__fmul_rn(__fmul_rn(__fmul_rn(u[b][a], kHs), su[a]), sv));
+      __nv_bfloat16* dst = out + int64_t(n) * w.in + k0;
+      if (vec) {
+        uint2 pk;
+        pk.x = uint32_t(__bfloat16_as_ushort(o[0])) | (uint32_t(__bfloat16_as_ushort(o[1])) << 16);
+        pk.y = uint32_t(__bfloat16_as_ushort(o[2])) | (uint32_t(__bfloat16_as_ushort(o[3])) << 16);
+        *reinterpret_cast<uint2*>(dst) = pk;
+      } else {
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+          if (k0 + a < w.in) dst[a] = o[a];
+      }
+    }
+  }
+}
+
+// ---- host launchers, instantiated per K in trellis_k<K>.cu ------------------------------------------------------
+template <int K>
+void launch_gemv(const LinearArgs& a, size_t smem, cudaStream_t s);
+template <int K>
+void launch_gemm(const LinearArgs& a, int mchunks, cudaStream_t s);
+template <int K>
+void launch_dequant(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s);
+
+#define TRELLM_INSTANTIATE_LINEAR(K)                                                                          \
+  template <>                                                                                                 \
+  void launch_gemv<K>(const LinearArgs& a, size_t smem, cudaStream_t s) {                                      \
+    static const bool once = [] {                                                                             \
+      cudaFuncSetAttribute(gemv_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);           \
+      return true;                                                                                            \
+    }();                                                                                                      \
+    (void)once;                                                                                               \
+    gemv_kernel<K><<<dim3(a.w.out_padded / kGroupCols, a.splits), kThreads, smem, s>>>(a);                    \
+  }                                                                                                           \
+  template <>                                                                                                 \
+  void launch_gemm<K>(const LinearArgs& a, int mchunks, cudaStream_t s) {                                     \
+    static const bool once = [] {                                                                             \
+      cudaFuncSetAttribute(gemm_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<K>())); \
+      return true;                                                                                            \
+    }();                                                                                                      \
+    (void)once;                                                                                               \
+    gemm_kernel<K><<<dim3(a.w.out_padded / kGroupCols, mchunks, a.splits), kThreads, gemm_smem_bytes<K>(), s>>>(a); \
+  }                                                                                                           \
+  template <>                                                                                                 \
+  void launch_dequant<K>(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s) {                        \
+    static const bool once = [] {                                                                             \
+      cudaFuncSetAttribute(dequant_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dequant_smem_bytes<K>())); \
+      return true;                                                                                            \
+    }();                                                                                                      \
+    (void)once;                                                                                               \
+    dequant_kernel<K><<<dim3(w.out_padded / kGroupCols, w.in_padded / kChunk), kThreads, dequant_smem_bytes<K>(), s>>>(w, out); \
+  }
+
+}  // namespace trellm::cuda::tk

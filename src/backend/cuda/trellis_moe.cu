@@ -1,0 +1,345 @@
+// MoE over trellis experts: the router (a cluster of 8 CTAs per token), the prefill variant's grouping,
+// transform and combine kernels, and the host entry points (planning, workspace layout, launches).
+#include <cooperative_groups.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <climits>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/trellis_moe.cuh"
+#include "backend/cuda/trellis_plan.h"
+#include "core/error.h"
+
+namespace trellm::cuda {
+
+namespace tk {
+
+namespace cg = cooperative_groups;
+
+constexpr int kRouteMaxE = 1024;
+constexpr int kRouteCluster = 8;
+constexpr size_t kMoeCounterBytes = 65536;  // fixed counter area at the MoE workspace start
+constexpr int kMoeDecodeMaxTokens = 8;
+
+// ---- router ----------------------------------------------------------------------------------------------------
+// grid (8, m), cluster (8,1,1): CTA r scores experts e with (e / 8) % 8 == r (a warp per expert, 16-byte
+// loads of the bf16 gate row) and writes s, choice into CTA 0's shared memory (DSMEM); after the cluster
+// barrier CTA 0's first warp does the group-limited top-k. At m = 1 the gate (64 × 2048 bf16 = 256 KB) is
+// read by 8 SMs instead of 1.
+struct RouteArgs {
+  const float* x;
+  const __nv_bfloat16* gate;
+  const float* bias;
+  int hidden, E, top_k, n_group, topk_group;
+  bool norm;
+  float scale;
+  float* weights;
+  int* ids;
+};
+
+__global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads) route_kernel(const RouteArgs a) {
+  __shared__ float s_sig[kRouteMaxE], s_choice[kRouteMaxE];
+  __shared__ unsigned char taken[kRouteMaxE];
+  __shared__ int picked[32];
+  cg::cluster_group cl = cg::this_cluster();
+  const int rank = int(cl.block_rank()), token = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* xr = a.x + int64_t(token) * a.hidden;
+  float* dst_sig = cl.map_shared_rank(s_sig, 0);
+  float* dst_choice = cl.map_shared_rank(s_choice, 0);
+  for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) {
+    const __nv_bfloat16* gr = a.gate + int64_t(e) * a.hidden;
+    float d = 0.0f;
+    if ((a.hidden & 7) == 0) {
+      for (int k = 8 * lane; k < a.hidden; k += 256) {
+        const uint4 g8 = *reinterpret_cast<const uint4*>(gr + k);
+        const float4 x0 = *reinterpret_cast<const float4*>(xr + k), x1 = *reinterpret_cast<const float4*>(xr + k + 4);
+        const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g8);
+        const float2 f0 = __bfloat1622float2(g2[0]), f1 = __bfloat1622float2(g2[1]);
+        const float2 f2 = __bfloat1622float2(g2[2]), f3 = __bfloat1622float2(g2[3]);
+        d += f0.x * x0.x + f0.y * x0.y + f1.x * x0.z + f1.y * x0.w + f2.x * x1.x + f2.y * x1.y + f3.x * x1.z + f3.y * x1.w;
+      }
+    } else {
+      for (int k = lane; k < a.hidden; k += 32) d += __bfloat162float(gr[k]) * xr[k];
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+    if (lane == 0) {
+      const float sg = 1.0f / (1.0f + expf(-d));  // sigmoid in fp32, like transformers and the CPU backend
+      dst_sig[e] = sg;
+      dst_choice[e] = sg + (a.bias ? a.bias[e] : 0.0f);  // the bias only steers selection
+    }
+  }
+  cl.sync();
+  if (rank != 0 || warp != 0) return;
+  for (int e = lane; e < a.E; e += 32) taken[e] = 0;
+  if (a.n_group > 1 && lane == 0) {  // keep the topk_group groups whose two best choices sum highest
+    const int gs = a.E / a.n_group;
+    float gscore[32];
+    bool keep[32];
+    for (int g = 0; g < a.n_group; g++) {
+      float b1 = -FLT_MAX, b2 = -FLT_MAX;
+      for (int e = g * gs; e < (g + 1) * gs; e++) {
+        const float c = s_choice[e];
+        if (c > b1) b2 = b1, b1 = c;
+        else if (c > b2) b2 = c;
+      }
+      gscore[g] = b1 + (gs > 1 ? b2 : 0.0f);
+      keep[g] = false;
+    }
+    for (int r = 0; r < a.topk_group; r++) {  // ties keep the lower group index (stable sort on the CPU)
+      int best = -1;
+      for (int g = 0; g < a.n_group; g++)
+        if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+      keep[best] = true;
+    }
+    for (int g = 0; g < a.n_group; g++)
+      if (!keep[g])
+        for (int e = g * gs; e < (g + 1) * gs; e++) s_choice[e] = -INFINITY;
+  }
+  __syncwarp();
+  float sum = 0.0f;
+  for (int k = 0; k < a.top_k; k++) {  // highest choice first; ties to the lower expert index
+    float bv = 0.0f;
+    int bi = INT_MAX;
+    for (int e = lane; e < a.E; e += 32) {
+      const float c = s_choice[e];
+      if (!taken[e] && (bi == INT_MAX || c > bv || (c == bv && e < bi))) bv = c, bi = e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
+    }
+    if (lane == 0) taken[bi] = 1, picked[k] = bi;
+    sum += s_sig[bi];
+    __syncwarp();
+  }
+  const float nrm = a.norm ? 1.0f / (sum + 1e-20f) : 1.0f;
+  for (int k = lane; k < a.top_k; k += 32) {
+    a.ids[int64_t(token) * a.top_k + k] = picked[k];
+    a.weights[int64_t(token) * a.top_k + k] = __fmul_rn(__fmul_rn(s_sig[picked[k]], nrm), a.scale);
+  }
+}
+
+// ---- prefill: grouping ---------------------------------------------------------------------------------------------
+// One block: counts per expert, offsets, rows in expert order (within an expert the order follows the atomics;
+// each row's result is independent of its position, so the output does not depend on it), tile list.
+__global__ void __launch_bounds__(1024) prep_kernel(const MoeArgs a) {
+  __shared__ int cnt[kRouteMaxE + 1], off[kRouteMaxE + 1];
+  const int nj = a.m * a.top_k;
+  for (int e = threadIdx.x; e <= a.E; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+    const int e = a.ids[j];
+    if (unsigned(e) >= unsigned(a.E)) __trap();
+    atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int o = 0, nt = 0;
+    for (int e = 0; e < a.E; e++) {
+      off[e] = o;
+      for (int r = 0; r < cnt[e]; r += kMT * 16) a.tiles[nt++] = make_int4(e, o + r, min(kMT * 16, cnt[e] - r), 0);
+      o += cnt[e];
+      cnt[e] = 0;
+    }
+    if (a.shared)
+      for (int r = 0; r < a.m; r += kMT * 16) a.tiles[nt++] = make_int4(a.E, nj + r, min(kMT * 16, a.m - r), 0);
+    *a.n_tiles = nt;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < nj; j += blockDim.x) {
+    const int e = a.ids[j], p = off[e] + atomicAdd(&cnt[e], 1);
+    a.pos[j] = p;
+    a.row_token[p] = j / a.top_k;
+    a.row_expert[p] = e;
+  }
+  if (a.shared)
+    for (int i = threadIdx.x; i < a.m; i += blockDim.x) a.row_token[nj + i] = i, a.row_expert[nj + i] = a.E;
+}
+
+// grid (R, ceil(chunks/8), 2): a_gu[z][row] = transform of x[token(row)] with the row's expert's gate/up suh.
+__global__ void __launch_bounds__(kThreads) xform_moe_kernel(const MoeArgs a) {
+  const int r = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5), z = blockIdx.z;
+  if (chunk >= a.hidden_p / kChunk) return;
+  const DeviceTrellis* d3 = expert_desc(a, a.row_expert[r]);
+  xform_chunk_warp(a.a_gu + (int64_t(z) * a.R + r) * a.hidden_p + chunk * kChunk, a.x + int64_t(a.row_token[r]) * a.hidden,
+                   a.hidden, d3[z].suh, chunk * kChunk);
+}
+
+// grid (R, ceil(inter chunks/8)): a_d[row] = transform of silu(gate)·up with the row's expert's down suh.
+__global__ void __launch_bounds__(kThreads) swiglu_xform_kernel(const MoeArgs a) {
+  const int r = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (chunk >= a.inter_p / kChunk) return;
+  const DeviceTrellis* d3 = expert_desc(a, a.row_expert[r]);
+  const float* g = a.gu + int64_t(r) * a.inter_p;
+  const float* u = a.gu + (int64_t(a.R) + r) * a.inter_p;
+  float h[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int c = chunk * kChunk + 4 * lane + i;
+    h[i] = c < a.inter ? g[c] / (1.0f + expf(-g[c])) * u[c] : 0.0f;
+  }
+  xform_regs_warp(h, d3[2].suh, chunk * kChunk, a.a_d + int64_t(r) * a.inter_p + chunk * kChunk);
+}
+
+// grid (m): out[i] = Σ_k w[i,k]·ys[pos(i,k)] + ys[shared row of i], in slot order (deterministic).
+__global__ void __launch_bounds__(kThreads) combine_kernel(const MoeArgs a) {
+  const int i = blockIdx.x, nj = a.m * a.top_k;
+  for (int c = threadIdx.x; c < a.hidden; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int k = 0; k < a.top_k; k++)
+      acc += a.wts[i * a.top_k + k] * a.ys[int64_t(a.pos[i * a.top_k + k]) * a.hidden_p + c];
+    if (a.shared) acc += a.ys[int64_t(nj + i) * a.hidden_p + c];
+    a.out[int64_t(i) * a.hidden + c] = acc;
+  }
+}
+
+// ---- planning and workspace ------------------------------------------------------------------------------------
+
+struct MoePlan {
+  bool decode;
+  int jpt, J, R, hidden_p, inter_p, s_gu, s_d, max_tiles;
+  size_t bytes;
+};
+
+static int r128(int n) { return (n + 127) / 128 * 128; }
+
+static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has_shared) {
+  MoePlan p{};
+  p.jpt = top_k + (has_shared ? 1 : 0);
+  p.hidden_p = r128(hidden), p.inter_p = r128(inter);
+  const int gh = p.hidden_p / kGroupCols, gi = p.inter_p / kGroupCols;
+  const int sms = sm_count();
+  p.decode = m <= kMoeDecodeMaxTokens;
+  size_t off = kMoeCounterBytes;
+  if (p.decode) {
+    p.J = m * p.jpt;
+    // ~2 blocks per SM: m = 1, GLM (5 jobs, 12 + 16 groups) -> s_gu = 3 (16 chunks), s_d = 4 (12 chunks).
+    p.s_gu = std::clamp((2 * sms + 2 * p.J * gi - 1) / (2 * p.J * gi), 1, p.hidden_p / kChunk);
+    p.s_d = std::clamp((2 * sms + p.J * gh - 1) / (p.J * gh), 1, p.inter_p / kChunk);
+    off += align256(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4);  // p_gu
+    off += align256(size_t(p.J) * p.inter_p * 2);                // a_d
+    off += align256(size_t(p.J) * p.s_d * p.hidden_p * 4);       // p_d
+  } else {
+    p.R = m * p.jpt;
+    const int nj = m * top_k;
+    p.max_tiles = nj / (kMT * 16) + std::min(E, nj) + (m + kMT * 16 - 1) / (kMT * 16) + 1;
+    off += align256(size_t(p.R) * 4) * 2 + align256(size_t(nj) * 4) + align256(size_t(p.max_tiles) * 16) + 256;
+    off += align256(size_t(2) * p.R * p.hidden_p * 2);  // a_gu
+    off += align256(size_t(2) * p.R * p.inter_p * 4);   // gu
+    off += align256(size_t(p.R) * p.inter_p * 2);       // a_d
+    off += align256(size_t(p.R) * p.hidden_p * 4);      // ys
+  }
+  p.bytes = off;
+  return p;
+}
+
+static void moe_layout(const MoePlan& p, void* ws, MoeArgs& a) {
+  char* base = static_cast<char*>(ws);
+  size_t off = kMoeCounterBytes;
+  auto take = [&](size_t bytes) {
+    char* q = base + off;
+    off += align256(bytes);
+    return q;
+  };
+  const int gh = p.hidden_p / kGroupCols, gi = p.inter_p / kGroupCols;
+  if (p.decode) {
+    a.cnt_gu = reinterpret_cast<int*>(base);
+    a.cnt_d = a.cnt_gu + p.J * gi;
+    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
+    a.p_gu = reinterpret_cast<float*>(take(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4));
+    a.a_d = reinterpret_cast<__half*>(take(size_t(p.J) * p.inter_p * 2));
+    a.p_d = reinterpret_cast<float*>(take(size_t(p.J) * p.s_d * p.hidden_p * 4));
+  } else {
+    const int nj = a.m * a.top_k;
+    a.row_token = reinterpret_cast<int*>(take(size_t(p.R) * 4));
+    a.row_expert = reinterpret_cast<int*>(take(size_t(p.R) * 4));
+    a.pos = reinterpret_cast<int*>(take(size_t(nj) * 4));
+    a.tiles = reinterpret_cast<int4*>(take(size_t(p.max_tiles) * 16));
+    a.n_tiles = reinterpret_cast<int*>(take(4));
+    a.a_gu = reinterpret_cast<__half*>(take(size_t(2) * p.R * p.hidden_p * 2));
+    a.gu = reinterpret_cast<float*>(take(size_t(2) * p.R * p.inter_p * 4));
+    a.a_d = reinterpret_cast<__half*>(take(size_t(p.R) * p.inter_p * 2));
+    a.ys = reinterpret_cast<float*>(take(size_t(p.R) * p.hidden_p * 4));
+  }
+}
+
+}  // namespace tk
+
+using namespace tk;
+
+void moe_route(const float* x, const uint16_t* gate_bf16, const float* bias, int m, int hidden, int E, int top_k,
+               int n_group, int topk_group, bool norm, float scale, float* weights, int* ids, cudaStream_t s) {
+  TRELLM_ASSERT(E >= 1 && E <= kRouteMaxE && top_k >= 1 && top_k <= 32 && top_k <= E && n_group >= 1 &&
+                    n_group <= 32 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
+                "moe_route: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " topk_group ", topk_group);
+  if (m == 0) return;
+  RouteArgs a{x, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
+              norm, scale, weights, ids};
+  route_kernel<<<dim3(kRouteCluster, m), kThreads, 0, s>>>(a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts) {
+  size_t best = kMoeCounterBytes;
+  for (int m = 1; m <= std::min(max_m, kMoeDecodeMaxTokens); m++)
+    best = std::max(best, plan_moe(m, top_k, hidden, inter, n_experts, true).bytes);
+  if (max_m > kMoeDecodeMaxTokens) best = std::max(best, plan_moe(max_m, top_k, hidden, inter, n_experts, true).bytes);
+  return best;
+}
+
+void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
+                 const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
+                 void* workspace, cudaStream_t s) {
+  TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
+                "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
+  const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr);
+  MoeArgs a{};
+  a.experts = experts, a.shared = shared, a.E = n_experts, a.m = m, a.top_k = top_k, a.jpt = p.jpt;
+  a.hidden = hidden, a.inter = inter, a.hidden_p = p.hidden_p, a.inter_p = p.inter_p;
+  a.x = x, a.ids = ids, a.wts = weights, a.out = out;
+  a.s_gu = p.s_gu, a.s_d = p.s_d, a.R = p.R;
+  moe_layout(p, workspace, a);
+  const int gh = p.hidden_p / kGroupCols, gi = p.inter_p / kGroupCols;
+  if (p.decode) {
+    static const bool once = [] {
+      cudaFuncSetAttribute(gateup_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+      cudaFuncSetAttribute(down_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+      return true;
+    }();
+    (void)once;
+    const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
+    const size_t smem_gu = kMoeGemvBSmem + size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk * 2 + 16;
+    const size_t smem_d = kMoeGemvBSmem + size_t((ci + p.s_d - 1) / p.s_d) * kChunk * 2 + 16;
+    gateup_decode_kernel<<<dim3(p.J, gi, 2 * p.s_gu), kThreads, smem_gu, s>>>(a);
+    TRELLM_CUDA_LAUNCH_CHECK();
+    down_decode_kernel<<<dim3(p.J, gh, p.s_d), kThreads, smem_d, s>>>(a);
+    TRELLM_CUDA_LAUNCH_CHECK();
+    return;
+  }
+  static const bool once = [] {
+    cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8>()));
+    return true;
+  }();
+  (void)once;
+  prep_kernel<<<1, 1024, 0, s>>>(a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+  xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+  grouped_gemm_kernel<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8>(), s>>>(
+      a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
+  TRELLM_CUDA_LAUNCH_CHECK();
+  swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+  grouped_gemm_kernel<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8>(), s>>>(
+      a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
+  TRELLM_CUDA_LAUNCH_CHECK();
+  combine_kernel<<<m, kThreads, 0, s>>>(a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace trellm::cuda

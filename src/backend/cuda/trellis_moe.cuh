@@ -1,0 +1,72 @@
+// MoE kernels over trellis experts (internal). K and the codebook are read from each expert's descriptor
+// on the device (the host never sees ids or descriptors): every kernel switches once per block into a
+// K-templated body (with_k), so one launch serves experts of different K.
+#pragma once
+#include <type_traits>
+
+#include "backend/cuda/trellis_device.cuh"
+
+namespace trellm::cuda::tk {
+
+// Calls f(std::integral_constant<int, K>{}) for the runtime K; anything outside 2..8 traps.
+template <class F>
+__device__ __forceinline__ void with_k(int K, F&& f) {
+  switch (K) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: __trap();
+  }
+}
+
+struct MoeArgs {
+  const DeviceTrellis* experts;  // [3E] gate, up, down
+  const DeviceTrellis* shared;   // [3] or null
+  int E, m, top_k, jpt;          // jpt: jobs per token = top_k + (shared != null)
+  int hidden, inter, hidden_p, inter_p;
+  const float* x;                // [m, hidden]
+  const int* ids;                // [m, top_k]
+  const float* wts;              // [m, top_k]
+  float* out;                    // [m, hidden]
+  // decode variant (one job per (token, slot))
+  int s_gu, s_d;                 // k-splits of gate/up and of down
+  float* p_gu;                   // [J, 2, s_gu, inter_p]
+  __half* a_d;                   // [J or R, inter_p]   down input, transformed
+  float* p_d;                    // [J, s_d, hidden_p]
+  int* cnt_gu;                   // [J, inter_p/128]
+  int* cnt_d;                    // [m, hidden_p/128]
+  // prefill variant (rows grouped by expert)
+  int R;                         // rows = m * jpt (routed rows first, then the shared expert's)
+  int* row_token;                // [R]
+  int* row_expert;               // [R]  (E = shared)
+  int* pos;                      // [m * top_k] grouped row of (token, slot)
+  int4* tiles;                   // [max_tiles] (expert, row0, rows, 0)
+  int* n_tiles;
+  __half* a_gu;                  // [2, R, hidden_p]
+  float* gu;                     // [2, R, inter_p]
+  float* ys;                     // [R, hidden_p]
+};
+
+__device__ __forceinline__ const DeviceTrellis* expert_desc(const MoeArgs& a, int e) {
+  if (e == a.E) return a.shared;
+  if (unsigned(e) >= unsigned(a.E)) __trap();  // a corrupt expert id: fail loudly, never read out of bounds
+  return a.experts + 3 * e;
+}
+// Decode-variant job j -> (token, slot, descriptors).
+__device__ __forceinline__ const DeviceTrellis* job_desc(const MoeArgs& a, int token, int slot) {
+  return slot < a.top_k ? expert_desc(a, a.ids[token * a.top_k + slot]) : a.shared;
+}
+
+// Shared memory of the one-row GEMV bodies: B ring sized for K = 8, then one A row.
+constexpr size_t kMoeGemvBSmem = size_t(kStagesGemv) * chunk_words<8>() * 4;
+
+__global__ void gateup_decode_kernel(const MoeArgs a);
+__global__ void down_decode_kernel(const MoeArgs a);
+__global__ void grouped_gemm_kernel(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y,
+                                    int64_t y_zstride, int ldy, int which_base, int chunks);
+
+}  // namespace trellm::cuda::tk

@@ -1,0 +1,94 @@
+// MoE decode variant (m <= 8 tokens): one job per (token, slot), the shared expert being slot top_k.
+//  gateup_decode_kernel  grid (J, inter_p/128, 2·s_gu): gate (z < s_gu) or up, one k-split each; the last
+//                        of the 2·s_gu blocks of a (job, column group) sums the partials, applies both output
+//                        transforms, SwiGLU, and the down projection's input transform -> a_d[job] (fp16).
+//  down_decode_kernel    grid (J, hidden_p/128, s_d): the last of the jpt·s_d blocks of a (token, column
+//                        group) applies each job's output transform, its routing weight, and sums the
+//                        token's jobs in slot order -> out (no atomics on data: deterministic).
+#include "backend/cuda/trellis_moe.cuh"
+
+namespace trellm::cuda::tk {
+
+__global__ void __launch_bounds__(kThreads, 2) gateup_decode_kernel(const MoeArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int flag;
+  const int j = blockIdx.x, group = blockIdx.y, which = blockIdx.z / a.s_gu, z = blockIdx.z % a.s_gu;
+  const int token = j / a.jpt, slot = j - token * a.jpt;
+  const DeviceTrellis* d3 = job_desc(a, token, slot);
+  const DeviceTrellis w = d3[which];
+  const int chunks = a.hidden_p / kChunk;
+  const int c0 = z * chunks / a.s_gu, nck = (z + 1) * chunks / a.s_gu - c0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
+  __half* As = reinterpret_cast<__half*>(smem + kMoeGemvBSmem);
+  with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
+  for (int c = warp; c < nck; c += kWarps)
+    xform_chunk_warp(As + c * kChunk, a.x + int64_t(token) * a.hidden, a.hidden, w.suh, (c0 + c) * kChunk);
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, 0, 1, Bs, acc0, acc1); });
+  const int64_t zs = a.inter_p;  // split stride
+  float* pbase = a.p_gu + (int64_t(j) * 2 * a.s_gu) * zs + group * kGroupCols;
+  if (lane < 4) {
+    float* pr = pbase + (int64_t(which) * a.s_gu + z) * zs + warp * 16 + 2 * lane;
+    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
+    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  }
+  const int groups = a.inter_p / kGroupCols;
+  if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) return;
+  if (warp != 0) return;
+  const DeviceTrellis wg = d3[0], wu = d3[1], wd = d3[2];
+  float g[4], u[4], h[4];
+  sum_partials(g, pbase + 4 * lane, a.s_gu, zs);
+  out_transform(g, wg, group * kGroupCols);
+  sum_partials(u, pbase + int64_t(a.s_gu) * zs + 4 * lane, a.s_gu, zs);
+  out_transform(u, wu, group * kGroupCols);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const int c = group * kGroupCols + 4 * lane + i;
+    h[i] = c < a.inter ? g[i] / (1.0f + expf(-g[i])) * u[i] : 0.0f;  // silu(g)·u, as CpuBackend::silu_mul
+  }
+  xform_regs_warp(h, wd.suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) down_decode_kernel(const MoeArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int flag;
+  const int j = blockIdx.x, group = blockIdx.y, z = blockIdx.z;
+  const int token = j / a.jpt, slot = j - token * a.jpt;
+  const DeviceTrellis w = job_desc(a, token, slot)[2];
+  const int chunks = a.inter_p / kChunk;
+  const int c0 = z * chunks / a.s_d, nck = (z + 1) * chunks / a.s_d - c0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
+  __half* As = reinterpret_cast<__half*>(smem + kMoeGemvBSmem);
+  with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
+  {  // A row: this job's transformed down input, k range [c0, c0 + nck) chunks (16 B per thread and step)
+    const uint4* src = reinterpret_cast<const uint4*>(a.a_d + int64_t(j) * a.inter_p + c0 * kChunk);
+    uint4* dst = reinterpret_cast<uint4*>(As);
+    for (int i = threadIdx.x; i < nck * kChunk / 8; i += kThreads) dst[i] = src[i];
+  }
+  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, 0, 1, Bs, acc0, acc1); });
+  const int64_t zs = a.hidden_p;
+  if (lane < 4) {
+    float* pr = a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols + warp * 16 + 2 * lane;
+    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
+    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  }
+  const int groups = a.hidden_p / kGroupCols;
+  if (!arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag)) return;
+  if (warp != 0) return;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < a.jpt; s++) {
+    const int jj = token * a.jpt + s;
+    float v[4];
+    sum_partials(v, a.p_d + int64_t(jj) * a.s_d * zs + group * kGroupCols + 4 * lane, a.s_d, zs);
+    out_transform(v, job_desc(a, token, s)[2], group * kGroupCols);
+    const float wt = s < a.top_k ? a.wts[token * a.top_k + s] : 1.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] += wt * v[i];
+  }
+  store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, acc);
+}
+
+}  // namespace trellm::cuda::tk

@@ -1,0 +1,33 @@
+// Launch planning and workspace layout for the trellis kernels (internal, host side).
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstddef>
+
+namespace trellm::cuda::tk {
+
+constexpr int kGemvMaxRows = 8;               // m <= 8: fused GEMV; above: xform + tensor-core GEMM
+constexpr int kGemvMaxABytes = 48 * 1024;     // GEMV's x_h slice in shared memory (bounds the k range per block)
+constexpr size_t kLinearCounterBytes = 16384; // fixed counter area at the workspace start (4096 groups)
+
+constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
+
+struct LinearPlan {
+  bool gemv = true;
+  int groups = 0, chunks = 0, splits = 1, mchunks = 1, a_pitch = 0;
+  size_t partial_floats = 0, xh_halves = 0;
+  int counters = 0;
+};
+
+struct WorkspaceLayout {
+  int* counters = nullptr;
+  float* partial = nullptr;
+  __half* xh = nullptr;
+  size_t bytes = 0;
+};
+
+int sm_count();
+LinearPlan plan_linear(int m, int in_padded, int out_padded);
+WorkspaceLayout linear_layout(const LinearPlan& p, void* ws);
+
+}  // namespace trellm::cuda::tk

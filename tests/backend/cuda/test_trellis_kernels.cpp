@@ -1,0 +1,368 @@
+// Trellis CUDA kernels against their CPU references (quant/trellis_ref.h, CpuBackend::moe_route/moe_ffn) on
+// fresh seeded random inputs and random codes. Device outputs are poisoned (NaN / 0xFFFF) first, so an
+// unwritten element fails. Skips cleanly without a GPU (CI has nvcc but no GPU).
+//
+// Tolerances and why:
+//  - dequantize: within 1 bf16 ulp of trellis::dequantize_hf_bf16 (expected: bit-identical, same fp32
+//    operation order; the count of inexact elements is printed and must stay below 1e-4 of all).
+//  - matmul / MoE: max |y - ref| <= 1e-4 · rms(ref) (matmul) and 2e-4 (MoE). x_h is bit-identical to the
+//    reference; what differs is the fp32 summation order of the MMA (and expf in SwiGLU), ~1e-6 relative.
+//  - router: ids equal wherever the CPU's k-th and (k+1)-th choices differ by > 1e-5 (the dot products sum in
+//    another order), weights within 1e-5 relative.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <string>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/trellis_kernels.h"
+#include "backend/cuda/trellis_test_util.h"
+#include "quant/trellis_ref.h"
+
+using namespace trellm;
+using namespace trellm::testing;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+class TrellisCuda : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";
+    TT_CHECK(cudaStreamCreate(&stream));
+  }
+  void TearDown() override {
+    if (stream) cudaStreamDestroy(stream);
+    for (void* p : ptrs) cudaFree(p);
+  }
+  template <typename T>
+  T* upload(const std::vector<T>& h) {
+    T* d = dev_upload(h);
+    ptrs.push_back(d);
+    return d;
+  }
+  void* alloc_zero(size_t bytes) {
+    void* d = nullptr;
+    TT_CHECK(cudaMalloc(&d, bytes));
+    TT_CHECK(cudaMemset(d, 0, bytes));
+    ptrs.push_back(d);
+    return d;
+  }
+  std::vector<float> randn(size_t n) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = rng.normal();
+    return v;
+  }
+  cudaStream_t stream = nullptr;
+  std::vector<void*> ptrs;
+  Rng rng{20261126};
+};
+
+double rms(const std::vector<float>& v) {
+  double s = 0;
+  for (float x : v) s += double(x) * x;
+  return std::sqrt(s / std::max<size_t>(1, v.size()));
+}
+
+// max |a - b| / rms(b); NaN anywhere in a -> +inf.
+double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); i++) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
+  }
+  return worst / std::max(1e-30, rms(b));
+}
+
+// Distance in bf16 ulps (ordered integer representation; +0 == -0).
+int bf16_ulps(uint16_t a, uint16_t b) {
+  auto ord = [](uint16_t v) { return (v & 0x8000) ? -int(v & 0x7FFF) : int(v); };
+  return std::abs(ord(a) - ord(b));
+}
+
+struct Shape {
+  int out, in;
+};
+// GLM-4.7-Flash shapes (out × in, HF orientation) and odd ones (padding on both sides).
+const Shape kGlm[] = {{2048, 1536}, {1536, 2048}, {768, 2048}, {2048, 5120}, {576, 2048}};
+const Shape kOdd[] = {{136, 200}, {333, 517}, {1000, 130}, {129, 1100}};
+
+// ---- dequantize ------------------------------------------------------------------------------------------------
+
+void check_dequant(TrellisCuda* t, Rng& rng, int out, int in, int K, int cb, cudaStream_t s) {
+  RandomTrellis w(rng, in, out, K, cb, false);
+  std::vector<uint16_t> ref(size_t(out) * in);
+  trellis::dequantize_hf_bf16(w.host, ref.data());
+  uint16_t* d = nullptr;
+  TT_CHECK(cudaMalloc(&d, ref.size() * 2));
+  TT_CHECK(cudaMemset(d, 0xFF, ref.size() * 2));  // 0xFFFF = NaN: an unwritten element fails
+  cuda::trellis_dequantize_bf16(w.dev, d, s);
+  TT_CHECK(cudaStreamSynchronize(s));
+  const std::vector<uint16_t> got = dev_download(d, ref.size());
+  TT_CHECK(cudaFree(d));
+  size_t inexact = 0;
+  int worst = 0;
+  for (size_t i = 0; i < ref.size(); i++) {
+    const int u = (got[i] & 0x7FFF) > 0x7F80 ? 1 << 20 : bf16_ulps(got[i], ref[i]);
+    worst = std::max(worst, u);
+    inexact += u != 0;
+  }
+  EXPECT_LE(worst, 1) << out << "x" << in << " K=" << K << " cb=" << cb;
+  EXPECT_LE(double(inexact), 1e-4 * ref.size()) << out << "x" << in << " K=" << K << " cb=" << cb;
+  std::printf("dequant %dx%d K=%d cb=%d: %zu of %zu elements not bit-identical, max %d ulp\n", out, in, K, cb,
+              inexact, ref.size(), worst);
+}
+
+TEST_F(TrellisCuda, DequantizeSmallAllKAllCodebooks) {
+  for (int K = 2; K <= 8; K++)
+    for (int cb = 0; cb < 3; cb++) check_dequant(this, rng, 136, 200, K, cb, stream);
+}
+
+TEST_F(TrellisCuda, DequantizeShapes) {
+  int i = 0;
+  for (const Shape& sh : kGlm) check_dequant(this, rng, sh.out, sh.in, 2 + (i % 3), (i + 1) % 3, stream), i++;
+  for (const Shape& sh : kOdd) check_dequant(this, rng, sh.out, sh.in, 2 + (i % 7), (i + 1) % 3, stream), i++;
+}
+
+// ---- matmul ----------------------------------------------------------------------------------------------------
+
+void check_matmul(TrellisCuda* t, Rng& rng, const Shape& sh, int K, int cb, const std::vector<int>& ms, cudaStream_t s,
+                  bool with_bias = true) {
+  RandomTrellis w(rng, sh.in, sh.out, K, cb, with_bias);
+  const int max_m = *std::max_element(ms.begin(), ms.end());
+  const size_t ws_bytes = cuda::trellis_workspace_bytes(max_m, w.dev.in_padded, w.dev.out_padded);
+  void* ws = nullptr;
+  TT_CHECK(cudaMalloc(&ws, ws_bytes));
+  cuda::trellis_workspace_init(ws, ws_bytes, s);
+  for (int m : ms) {
+    std::vector<float> x(size_t(m) * sh.in);
+    for (auto& v : x) v = rng.normal();
+    std::vector<float> ref(size_t(m) * sh.out);
+    trellis::trellis_matmul_ref(w.host, x.data(), m, ref.data());
+    float* dx = dev_upload(x);
+    float* dy = dev_upload(std::vector<float>(ref.size(), kNaN));
+    cuda::trellis_matmul(w.dev, dx, dy, m, ws, s);
+    TT_CHECK(cudaStreamSynchronize(s));
+    const std::vector<float> got = dev_download(dy, ref.size());
+    const double err = max_rel_err(got, ref);
+    EXPECT_LE(err, 1e-4) << sh.out << "x" << sh.in << " K=" << K << " cb=" << cb << " m=" << m;
+    // Same call again: the split-k counters were left at zero, and the result is deterministic.
+    TT_CHECK(cudaMemset(dy, 0xFF, ref.size() * 4));
+    cuda::trellis_matmul(w.dev, dx, dy, m, ws, s);
+    TT_CHECK(cudaStreamSynchronize(s));
+    const std::vector<float> again = dev_download(dy, ref.size());
+    EXPECT_EQ(0, std::memcmp(again.data(), got.data(), got.size() * 4)) << "not deterministic, m=" << m;
+    std::printf("matmul %dx%d K=%d cb=%d m=%d: max err %.3g of rms\n", sh.out, sh.in, K, cb, m, err);
+    cudaFree(dx);
+    cudaFree(dy);
+  }
+  cudaFree(ws);
+}
+
+TEST_F(TrellisCuda, MatmulSmallAllKAllCodebooks) {
+  for (int K = 2; K <= 8; K++)
+    for (int cb = 0; cb < 3; cb++) check_matmul(this, rng, {136, 200}, K, cb, {1, 3, 17}, stream);
+}
+
+TEST_F(TrellisCuda, MatmulGlmShapes) {
+  int i = 0;
+  for (const Shape& sh : kGlm) {
+    check_matmul(this, rng, sh, 2 + (i % 3), i % 3, {1, 3, 8, 17, 33, 127}, stream, i % 2 == 0);
+    i++;
+  }
+}
+
+TEST_F(TrellisCuda, MatmulOddShapes) {
+  int i = 0;
+  for (const Shape& sh : kOdd) {
+    check_matmul(this, rng, sh, 2 + (i % 7), (i + 1) % 3, {1, 3, 17, 33, 127, 300}, stream, i % 2 == 1);
+    i++;
+  }
+}
+
+// Capture one GEMV, one GEMM and replay the graph: equals the eager result (counters reset, no host work).
+TEST_F(TrellisCuda, MatmulGraphReplay) {
+  RandomTrellis w(rng, 1536, 2048, 3, 1, false);
+  const int m1 = 1, m2 = 32;
+  const size_t ws_bytes = cuda::trellis_workspace_bytes(m2, w.dev.in_padded, w.dev.out_padded);
+  void* ws = alloc_zero(ws_bytes);
+  float* x = upload(randn(size_t(m2) * 1536));
+  float* y1 = upload(std::vector<float>(size_t(m1) * 2048, kNaN));
+  float* y2 = upload(std::vector<float>(size_t(m2) * 2048, kNaN));
+  cuda::trellis_matmul(w.dev, x, y1, m1, ws, stream);
+  cuda::trellis_matmul(w.dev, x, y2, m2, ws, stream);
+  TT_CHECK(cudaStreamSynchronize(stream));
+  const auto e1 = dev_download(y1, size_t(m1) * 2048), e2 = dev_download(y2, size_t(m2) * 2048);
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  TT_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  cuda::trellis_matmul(w.dev, x, y1, m1, ws, stream);
+  cuda::trellis_matmul(w.dev, x, y2, m2, ws, stream);
+  TT_CHECK(cudaStreamEndCapture(stream, &g));
+  TT_CHECK(cudaGraphInstantiate(&ge, g, 0));
+  for (int r = 0; r < 3; r++) {
+    TT_CHECK(cudaMemset(y1, 0xFF, e1.size() * 4));
+    TT_CHECK(cudaMemset(y2, 0xFF, e2.size() * 4));
+    TT_CHECK(cudaGraphLaunch(ge, stream));
+    TT_CHECK(cudaStreamSynchronize(stream));
+    EXPECT_EQ(0, std::memcmp(dev_download(y1, e1.size()).data(), e1.data(), e1.size() * 4)) << "replay " << r;
+    EXPECT_EQ(0, std::memcmp(dev_download(y2, e2.size()).data(), e2.data(), e2.size() * 4)) << "replay " << r;
+  }
+  cudaGraphExecDestroy(ge);
+  cudaGraphDestroy(g);
+}
+
+// ---- router ----------------------------------------------------------------------------------------------------
+
+void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, int n_group, int topk_group,
+                 cudaStream_t s) {
+  std::vector<float> x(size_t(m) * hidden), bias(E);
+  for (auto& v : x) v = rng.normal();
+  for (auto& v : bias) v = rng.uniform(-0.05f, 0.05f);
+  std::vector<uint16_t> gate(size_t(E) * hidden);
+  for (auto& v : gate) v = f32_to_bf16(rng.normal() * 0.03f);
+  CpuBackend cpu;
+  MoeRouting r;
+  r.n_experts = E, r.top_k = top_k, r.n_group = n_group, r.topk_group = topk_group, r.norm_topk_prob = true;
+  r.routed_scaling_factor = 1.8f;
+  std::vector<float> wref(size_t(m) * top_k);
+  std::vector<int32_t> iref(size_t(m) * top_k);
+  cpu.moe_route(TensorView(wref.data(), DType::F32, {m, top_k}), TensorView(iref.data(), DType::I32, {m, top_k}),
+                TensorView(x.data(), DType::F32, {m, hidden}), TensorView(gate.data(), DType::BF16, {E, hidden}),
+                TensorView(bias.data(), DType::F32, {E}), r);
+  float* dx = dev_upload(x);
+  uint16_t* dg = dev_upload(gate);
+  float* db = dev_upload(bias);
+  float* dw = dev_upload(std::vector<float>(wref.size(), kNaN));
+  int* di = dev_upload(std::vector<int>(iref.size(), -1));
+  cuda::moe_route(dx, dg, db, m, hidden, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
+  TT_CHECK(cudaStreamSynchronize(s));
+  const auto w = dev_download(dw, wref.size());
+  const auto id = dev_download(di, iref.size());
+  // The CPU's choice values, to find near-ties (where summation order may legitimately flip the pick).
+  int checked = 0;
+  for (int i = 0; i < m; i++) {
+    std::vector<float> c(E);
+    for (int e = 0; e < E; e++) {
+      double d = 0;
+      for (int k = 0; k < hidden; k++) d += double(bf16_to_f32(gate[size_t(e) * hidden + k])) * x[size_t(i) * hidden + k];
+      c[e] = float(1.0 / (1.0 + std::exp(-d)) + bias[e]);
+    }
+    std::vector<float> sorted = c;
+    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+    bool clear = n_group == 1;
+    for (int k = 0; k < top_k && clear; k++) clear = sorted[k] - sorted[k + 1] > 1e-5f;
+    if (!clear) continue;
+    checked++;
+    for (int k = 0; k < top_k; k++) {
+      EXPECT_EQ(id[size_t(i) * top_k + k], iref[size_t(i) * top_k + k]) << "token " << i << " slot " << k;
+      EXPECT_NEAR(w[size_t(i) * top_k + k], wref[size_t(i) * top_k + k], 1e-5f * std::fabs(wref[size_t(i) * top_k + k]) + 1e-7f);
+    }
+  }
+  if (n_group > 1) {  // group-limited: compare directly (random data has no near-ties at this scale)
+    for (size_t k = 0; k < iref.size(); k++) EXPECT_EQ(id[k], iref[k]) << k;
+    checked = m;
+  }
+  EXPECT_GE(checked, m * 3 / 4);
+  for (auto p : {(void*)dx, (void*)dg, (void*)db, (void*)dw, (void*)di}) cudaFree(p);
+}
+
+TEST_F(TrellisCuda, RouteGlm) {
+  for (int m : {1, 3, 17, 33, 127}) check_route(this, rng, m, 2048, 64, 4, 1, 1, stream);
+}
+TEST_F(TrellisCuda, RouteGroupedOdd) {
+  check_route(this, rng, 17, 2048, 64, 6, 8, 4, stream);
+  check_route(this, rng, 5, 300, 40, 3, 1, 1, stream);  // hidden not a multiple of 8: scalar path
+}
+
+// ---- MoE experts -----------------------------------------------------------------------------------------------
+
+void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, int top_k, bool with_shared, bool mixed_k,
+               cudaStream_t s, int reps = 1) {
+  std::vector<std::unique_ptr<RandomTrellis>> ws_;
+  std::vector<Expert> experts(E);
+  std::vector<cuda::DeviceTrellis> dexp(3 * E);
+  auto make = [&](int in, int out, int idx) {
+    const int K = mixed_k ? 2 + int(rng.next_u32() % 7) : 3;
+    const int cb = mixed_k ? int(rng.next_u32() % 3) : 1;
+    ws_.push_back(std::make_unique<RandomTrellis>(rng, in, out, K, cb, false));
+    Linear l;
+    l.in = in, l.out = out, l.exl3 = &ws_.back()->host;
+    return std::make_pair(l, ws_.back()->dev);
+  };
+  for (int e = 0; e < E; e++) {
+    auto g = make(hidden, inter, 0), u = make(hidden, inter, 1), d = make(inter, hidden, 2);
+    experts[e] = Expert{g.first, u.first, d.first};
+    dexp[3 * e] = g.second, dexp[3 * e + 1] = u.second, dexp[3 * e + 2] = d.second;
+  }
+  Expert shared_ex;
+  std::vector<cuda::DeviceTrellis> dsh(3);
+  if (with_shared) {
+    auto g = make(hidden, inter, 0), u = make(hidden, inter, 1), d = make(inter, hidden, 2);
+    shared_ex = Expert{g.first, u.first, d.first};
+    dsh = {g.second, u.second, d.second};
+  }
+  // Distinct random experts per token, random positive weights.
+  std::vector<int32_t> ids(size_t(m) * top_k);
+  std::vector<float> wts(ids.size());
+  for (int i = 0; i < m; i++) {
+    std::vector<int> perm(E);
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int k = 0; k < top_k; k++) {
+      std::swap(perm[k], perm[k + rng.next_u32() % (E - k)]);
+      ids[size_t(i) * top_k + k] = perm[k];
+      wts[size_t(i) * top_k + k] = rng.uniform(0.1f, 1.0f);
+    }
+  }
+  std::vector<float> x(size_t(m) * hidden);
+  for (auto& v : x) v = rng.normal();
+  std::vector<float> ref(size_t(m) * hidden);
+  CpuBackend cpu;
+  cpu.moe_ffn(TensorView(ref.data(), DType::F32, {m, hidden}), TensorView(x.data(), DType::F32, {m, hidden}),
+              TensorView(wts.data(), DType::F32, {m, top_k}), TensorView(ids.data(), DType::I32, {m, top_k}),
+              std::span<const Expert>(experts), with_shared ? &shared_ex : nullptr);
+  auto* dexp_d = dev_upload(dexp);
+  auto* dsh_d = with_shared ? dev_upload(dsh) : nullptr;
+  float* dx = dev_upload(x);
+  int* di = dev_upload(ids);
+  float* dw = dev_upload(wts);
+  float* dout = dev_upload(std::vector<float>(ref.size(), kNaN));
+  const size_t wsb = cuda::moe_workspace_bytes(m, top_k, hidden, inter, E);
+  void* ws = nullptr;
+  TT_CHECK(cudaMalloc(&ws, wsb));
+  cuda::trellis_workspace_init(ws, wsb, s);
+  std::vector<float> first;
+  for (int r = 0; r < reps; r++) {
+    TT_CHECK(cudaMemset(dout, 0xFF, ref.size() * 4));
+    cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s);
+    TT_CHECK(cudaStreamSynchronize(s));
+    const auto got = dev_download(dout, ref.size());
+    const double err = max_rel_err(got, ref);
+    EXPECT_LE(err, 2e-4) << "moe m=" << m << " hidden " << hidden << " inter " << inter << " E " << E << " rep " << r;
+    if (r == 0) {
+      first = got;
+      std::printf("moe m=%d hidden=%d inter=%d E=%d top_k=%d shared=%d mixedK=%d: max err %.3g of rms\n", m, hidden,
+                  inter, E, top_k, int(with_shared), int(mixed_k), err);
+    } else {
+      EXPECT_EQ(0, std::memcmp(got.data(), first.data(), got.size() * 4)) << "not deterministic, rep " << r;
+    }
+  }
+  for (auto p : {(void*)dexp_d, (void*)dsh_d, (void*)dx, (void*)di, (void*)dw, (void*)dout, ws}) cudaFree(p);
+}
+
+TEST_F(TrellisCuda, MoeSmallMixedK) {
+  for (int m : {1, 3, 8, 17, 33}) check_moe(this, rng, m, 320, 200, 8, 3, true, true, stream, 2);
+  check_moe(this, rng, 5, 256, 128, 6, 2, false, true, stream);
+  check_moe(this, rng, 20, 256, 128, 6, 2, false, true, stream);
+}
+
+TEST_F(TrellisCuda, MoeGlmDims) {
+  for (int m : {1, 8, 33, 127}) check_moe(this, rng, m, 2048, 1536, 8, 4, true, false, stream);
+}
+
+}  // namespace
