@@ -58,8 +58,7 @@ __device__ __forceinline__ void ldsm_x4(uint32_t a[4], const void* p) {
 template <Codebook CB>
 __device__ __forceinline__ void decode8(const uint32_t st[8], uint32_t b[4]) {
 #pragma unroll
-  for (int i = 0; i < 4; i++)
-    b[i] = uint32_t(trellis::decode_state<CB>(st[2 * i])) | (uint32_t(trellis::decode_state<CB>(st[2 * i + 1])) << 16);
+  for (int i = 0; i < 4; i++) b[i] = trellis::decode_pair<CB>(st[2 * i], st[2 * i + 1]);
 }
 
 // Lane `lane` of a warp decodes its 8 positions of the tile whose 8K words start at W (shared memory):
@@ -201,7 +200,8 @@ __device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int tiles_n = w.out_padded / 16;
   const int gr = lane >> 2, cq = lane & 3;
-  const uint32_t* Arow = reinterpret_cast<const uint32_t*>(As + gr * a_pitch) + cq;
+  const bool row_ok = gr < m;  // rows >= m read row 0 and are zeroed by a select: no divergent branch per tile
+  const uint32_t* Arow = reinterpret_cast<const uint32_t*>(As + (row_ok ? gr : 0) * a_pitch) + cq;
   for (int c = 0; c < nck; c++) {
     cp_wait<kStagesGemv - 2>();
     __syncthreads();
@@ -209,15 +209,12 @@ __device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group,
     if (nxt < nck) load_b_chunk<K>(Bs + (nxt % kStagesGemv) * kCW, w.trellis, tiles_n, (c0 + nxt) * 8, group * 8);
     cp_commit();
     const uint32_t* st = Bs + (c % kStagesGemv) * kCW + warp * 8 * K;
-#pragma unroll 2
+#pragma unroll 4
     for (int kk = 0; kk < 8; kk++) {
       uint32_t b[4];
       decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
-      uint32_t a[4] = {0u, 0u, 0u, 0u};
-      if (gr < m) {
-        a[0] = Arow[(c * kChunk + kk * 16) / 2];
-        a[2] = Arow[(c * kChunk + kk * 16 + 8) / 2];
-      }
+      const uint32_t a0 = Arow[(c * kChunk + kk * 16) / 2], a2 = Arow[(c * kChunk + kk * 16 + 8) / 2];
+      const uint32_t a[4] = {row_ok ? a0 : 0u, 0u, row_ok ? a2 : 0u, 0u};
       mma16816(acc0, a, b[0], b[1]);
       mma16816(acc1, a, b[2], b[3]);
     }
@@ -236,41 +233,46 @@ __device__ __forceinline__ void gemv_prefetch(const DeviceTrellis& w, int group,
 // 128-row M tile loop: A rows [0, rows) of the tile (fp16, `lda` halves per row, k from 0) stream through
 // the same ring as B. 3 stages × (34 KB A + 2K KB B). Warps skip M sub-tiles past `rows`.
 constexpr int kStagesGemm = 3;
-constexpr int kMT = 8;                         // 16-row M sub-tiles per block: 128 rows
+constexpr int kMT = 8;                         // 16-row M sub-tiles per block (large m): 128 rows
+constexpr int kMTSmall = 2;                    // m <= 32: 32 rows, ~2x the resident warps (decode-bound there)
 constexpr int kAPitch = kChunk + 8;            // halves: rows 16 B apart mod 128 -> ldmatrix conflict-free
-constexpr int kAStageHalves = kMT * 16 * kAPitch;
+template <int MT>
+constexpr int a_stage_halves() { return MT * 16 * kAPitch; }
 
-template <int K>
+template <int K, int MT = kMT>
 constexpr size_t gemm_smem_bytes() {
-  return size_t(kStagesGemm) * (kAStageHalves * 2 + chunk_words<K>() * 4);
+  const size_t ring = size_t(kStagesGemm) * (a_stage_halves<MT>() * 2 + chunk_words<K>() * 4);
+  const size_t ytile = size_t(MT) * 16 * (kGroupCols + 4) * 4;  // the epilogue's f32 tile reuses the ring
+  return ring > ytile ? ring : ytile;
 }
 
-template <int K>
+template <int K, int MT>
 __device__ __forceinline__ void gemm_load_stage(const DeviceTrellis& w, const __half* A, int64_t lda, int rows,
                                                 int group, int chunk, __half* As, uint32_t* Bs) {
   load_b_chunk<K>(Bs, w.trellis, w.out_padded / 16, chunk * 8, group * 8);
-  for (int i = threadIdx.x; i < kMT * 16 * 16; i += kThreads) {  // 128 rows × 16 pieces of 16 B
+  for (int i = threadIdx.x; i < MT * 16 * 16; i += kThreads) {  // MT·16 rows × 16 pieces of 16 B
     const int r = i >> 4, o = i & 15;
     const bool ok = r < rows;
     cp_async16(As + r * kAPitch + o * 8, A + (ok ? r : 0) * lda + chunk * kChunk + o * 8, ok);
   }
 }
 
-template <int K>
+template <int K, int MT>
 __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
-                                              int c0, int nck, unsigned char* smem, float acc[kMT][2][4]) {
+                                              int c0, int nck, unsigned char* smem, float acc[MT][2][4]) {
   constexpr int kCW = chunk_words<K>();
+  constexpr int kAStageHalves = a_stage_halves<MT>();
   __half* As = reinterpret_cast<__half*>(smem);
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem + size_t(kStagesGemm) * kAStageHalves * 2);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
-  for (int mt = 0; mt < kMT; mt++)
+  for (int mt = 0; mt < MT; mt++)
 #pragma unroll
     for (int n = 0; n < 2; n++)
 #pragma unroll
       for (int i = 0; i < 4; i++) acc[mt][n][i] = 0.0f;
   for (int s = 0; s < kStagesGemm - 1; s++) {
-    if (s < nck) gemm_load_stage<K>(w, A, lda, rows, group, c0 + s, As + s * kAStageHalves, Bs + s * kCW);
+    if (s < nck) gemm_load_stage<K, MT>(w, A, lda, rows, group, c0 + s, As + s * kAStageHalves, Bs + s * kCW);
     cp_commit();
   }
   const int mtiles = (rows + 15) >> 4;
@@ -280,7 +282,7 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
     __syncthreads();
     const int nxt = c + kStagesGemm - 1;
     if (nxt < nck)
-      gemm_load_stage<K>(w, A, lda, rows, group, c0 + nxt, As + (nxt % kStagesGemm) * kAStageHalves,
+      gemm_load_stage<K, MT>(w, A, lda, rows, group, c0 + nxt, As + (nxt % kStagesGemm) * kAStageHalves,
                          Bs + (nxt % kStagesGemm) * kCW);
     cp_commit();
     const __half* as = As + (c % kStagesGemm) * kAStageHalves;
@@ -290,7 +292,7 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
       uint32_t b[4];
       decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
 #pragma unroll
-      for (int mt = 0; mt < kMT; mt++) {
+      for (int mt = 0; mt < MT; mt++) {
         if (mt < mtiles) {
           uint32_t a[4];
           ldsm_x4(a, as + (mt * 16 + lrow) * kAPitch + kk * 16 + lcol);
@@ -308,11 +310,12 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
 // a global partial buffer (row stride ldp), rows >= rows dropped.
 constexpr int kYPitch = kGroupCols + 4;
 
-__device__ __forceinline__ void store_acc_tile(const float acc[kMT][2][4], float* dst, int64_t ld, int rows) {
+template <int MT>
+__device__ __forceinline__ void store_acc_tile(const float acc[MT][2][4], float* dst, int64_t ld, int rows) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gr = lane >> 2, cq = lane & 3;
 #pragma unroll
-  for (int mt = 0; mt < kMT; mt++)
+  for (int mt = 0; mt < MT; mt++)
 #pragma unroll
     for (int n = 0; n < 2; n++)
 #pragma unroll

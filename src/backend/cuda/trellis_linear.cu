@@ -47,10 +47,12 @@ LinearPlan plan_linear(int m, int in_padded, int out_padded) {
     p.xh_halves = 0;
   } else {
     p.gemv = false;
-    p.mchunks = (m + kMT * 16 - 1) / (kMT * 16);
+    p.mt = m <= kGemmSmallMaxRows ? kMTSmall : kMT;
+    p.mchunks = (m + p.mt * 16 - 1) / (p.mt * 16);
     const int base = p.groups * p.mchunks;
-    // One block per SM (~150 KB shared): split k only while the grid is under one wave.
-    p.splits = base >= sms ? 1 : std::clamp(sms / base, 1, p.chunks);
+    // Split k only while the grid is under one wave (MT = 8: one block per SM, ~150 KB shared; MT = 2: two).
+    const int wave = p.mt == kMT ? sms : 2 * sms;
+    p.splits = base >= wave ? 1 : std::clamp(wave / base, 1, p.chunks);
     p.a_pitch = 0;
     p.partial_floats = p.splits > 1 ? size_t(p.splits) * m * out_padded : 0;
     p.counters = p.splits > 1 ? base : 0;
@@ -84,6 +86,7 @@ size_t trellis_workspace_bytes(int max_m, int max_in_padded, int max_out_padded)
   auto consider = [&](int m) { best = std::max(best, linear_layout(plan_linear(m, max_in_padded, max_out_padded), nullptr).bytes); };
   for (int m = 1; m <= std::min(max_m, kGemvMaxRows); m++) consider(m);
   for (int mc = 1; mc * 128 < max_m + 128; mc++) consider(std::min(max_m, mc * 128));
+  for (int m = kGemvMaxRows + 1; m <= std::min(max_m, kGemmSmallMaxRows); m += 16) consider(std::min(max_m, m + 15));
   return best;
 }
 
@@ -122,13 +125,13 @@ void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, voi
     xform_kernel<<<dim3(m, (p.chunks + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
     TRELLM_CUDA_LAUNCH_CHECK();
     switch (w.K) {
-      case 2: launch_gemm<2>(a, p.mchunks, s); break;
-      case 3: launch_gemm<3>(a, p.mchunks, s); break;
-      case 4: launch_gemm<4>(a, p.mchunks, s); break;
-      case 5: launch_gemm<5>(a, p.mchunks, s); break;
-      case 6: launch_gemm<6>(a, p.mchunks, s); break;
-      case 7: launch_gemm<7>(a, p.mchunks, s); break;
-      case 8: launch_gemm<8>(a, p.mchunks, s); break;
+      case 2: launch_gemm<2>(a, p.mchunks, p.mt, s); break;
+      case 3: launch_gemm<3>(a, p.mchunks, p.mt, s); break;
+      case 4: launch_gemm<4>(a, p.mchunks, p.mt, s); break;
+      case 5: launch_gemm<5>(a, p.mchunks, p.mt, s); break;
+      case 6: launch_gemm<6>(a, p.mchunks, p.mt, s); break;
+      case 7: launch_gemm<7>(a, p.mchunks, p.mt, s); break;
+      case 8: launch_gemm<8>(a, p.mchunks, p.mt, s); break;
       default: fail("trellis_matmul: K = ", w.K);
     }
   }

@@ -20,7 +20,7 @@ struct LinearArgs {
 
 // ---- GEMV: grid (out_padded/128, splits), 256 threads --------------------------------------------------------
 template <int K>
-__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const LinearArgs p) {
+__global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const LinearArgs p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const DeviceTrellis& w = p.w;
@@ -56,21 +56,21 @@ __global__ void __launch_bounds__(kThreads, 2) gemv_kernel(const LinearArgs p) {
 // ---- input transform for the GEMM: grid (m, ceil(chunks/8)), a warp per 128-chunk --------------------------------
 __global__ void __launch_bounds__(kThreads) xform_kernel(const LinearArgs p);
 
-// ---- GEMM: grid (out_padded/128, ceil(m/128), splits), 256 threads, 1 block/SM ---------------------------------
-template <int K>
-__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const LinearArgs p) {
+// ---- GEMM: grid (out_padded/128, ceil(m/(16·MT)), splits), 256 threads; MT = 8 (1 block/SM) or 2 (2/SM) ----
+template <int K, int MT>
+__global__ void __launch_bounds__(kThreads, MT == kMT ? 1 : 2) gemm_kernel(const LinearArgs p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const DeviceTrellis& w = p.w;
   const int group = blockIdx.x, mc = blockIdx.y, z = blockIdx.z, chunks = w.in_padded / kChunk;
   const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
-  const int row0 = mc * kMT * 16, rows = min(kMT * 16, p.m - row0);
+  const int row0 = mc * MT * 16, rows = min(MT * 16, p.m - row0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float acc[kMT][2][4];
-  gemm_mainloop<K>(w, p.xh + int64_t(row0) * w.in_padded, w.in_padded, rows, group, c0, nck, smem, acc);
+  float acc[MT][2][4];
+  gemm_mainloop<K, MT>(w, p.xh + int64_t(row0) * w.in_padded, w.in_padded, rows, group, c0, nck, smem, acc);
   if (p.splits == 1) {
     float* Ys = reinterpret_cast<float*>(smem);
-    store_acc_tile(acc, Ys, kYPitch, rows);
+    store_acc_tile<MT>(acc, Ys, kYPitch, rows);
     __syncthreads();
     for (int r = warp; r < rows; r += kWarps) {
       const float4 t = *reinterpret_cast<const float4*>(Ys + r * kYPitch + 4 * lane);
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const LinearArgs p) {
     }
     return;
   }
-  store_acc_tile(acc, p.partial + (int64_t(z) * p.m + row0) * w.out_padded + group * kGroupCols, w.out_padded, rows);
+  store_acc_tile<MT>(acc, p.partial + (int64_t(z) * p.m + row0) * w.out_padded + group * kGroupCols, w.out_padded, rows);
   if (!arrive_last(p.counters + mc * (w.out_padded / kGroupCols) + group, p.splits, &flag)) return;
   for (int r = warp; r < rows; r += kWarps) {
     float v[4];
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, 2) dequant_kernel(const DeviceTrelli
 template <int K>
 void launch_gemv(const LinearArgs& a, size_t smem, cudaStream_t s);
 template <int K>
-void launch_gemm(const LinearArgs& a, int mchunks, cudaStream_t s);
+void launch_gemm(const LinearArgs& a, int mchunks, int mt, cudaStream_t s);
 template <int K>
 void launch_dequant(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s);
 
@@ -257,13 +257,17 @@ void launch_dequant(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s);
     gemv_kernel<K><<<dim3(a.w.out_padded / kGroupCols, a.splits), kThreads, smem, s>>>(a);                    \
   }                                                                                                           \
   template <>                                                                                                 \
-  void launch_gemm<K>(const LinearArgs& a, int mchunks, cudaStream_t s) {                                     \
+  void launch_gemm<K>(const LinearArgs& a, int mchunks, int mt, cudaStream_t s) {                             \
     static const bool once = [] {                                                                             \
-      cudaFuncSetAttribute(gemm_kernel<K>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<K>())); \
+      cudaFuncSetAttribute(gemm_kernel<K, kMT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<K, kMT>())); \
+      cudaFuncSetAttribute(gemm_kernel<K, kMTSmall>, cudaFuncAttributeMaxDynamicSharedMemorySize,             \
+                           int(gemm_smem_bytes<K, kMTSmall>()));                                              \
       return true;                                                                                            \
     }();                                                                                                      \
     (void)once;                                                                                               \
-    gemm_kernel<K><<<dim3(a.w.out_padded / kGroupCols, mchunks, a.splits), kThreads, gemm_smem_bytes<K>(), s>>>(a); \
+    const dim3 grid(a.w.out_padded / kGroupCols, mchunks, a.splits);                                          \
+    if (mt == kMT) gemm_kernel<K, kMT><<<grid, kThreads, gemm_smem_bytes<K, kMT>(), s>>>(a);                  \
+    else gemm_kernel<K, kMTSmall><<<grid, kThreads, gemm_smem_bytes<K, kMTSmall>(), s>>>(a);                  \
   }                                                                                                           \
   template <>                                                                                                 \
   void launch_dequant<K>(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s) {                        \

@@ -9,7 +9,7 @@
 
 namespace trellm::cuda::tk {
 
-__global__ void __launch_bounds__(kThreads, 2) gateup_decode_kernel(const MoeArgs a) {
+__global__ void __launch_bounds__(kThreads, 3) gateup_decode_kernel(const MoeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const int j = blockIdx.x, group = blockIdx.y, which = blockIdx.z / a.s_gu, z = blockIdx.z % a.s_gu;
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, 2) gateup_decode_kernel(const MoeArg
   xform_regs_warp(h, wd.suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
 }
 
-__global__ void __launch_bounds__(kThreads, 2) down_decode_kernel(const MoeArgs a) {
+__global__ void __launch_bounds__(kThreads, 3) down_decode_kernel(const MoeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const int j = blockIdx.x, group = blockIdx.y, z = blockIdx.z;

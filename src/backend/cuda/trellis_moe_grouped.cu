@@ -18,9 +18,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const __half* At = A + zz * a_zstride + int64_t(tile.y) * lda;
   float* Yt = Y + zz * y_zstride + int64_t(tile.y) * ldy;
   float acc[kMT][2][4];
-  with_k(w.K, [&](auto kc) { gemm_mainloop<decltype(kc)::value>(w, At, lda, rows, group, 0, chunks, smem, acc); });
+  with_k(w.K, [&](auto kc) { gemm_mainloop<decltype(kc)::value, kMT>(w, At, lda, rows, group, 0, chunks, smem, acc); });
   float* Ys = reinterpret_cast<float*>(smem);
-  store_acc_tile(acc, Ys, kYPitch, rows);
+  store_acc_tile<kMT>(acc, Ys, kYPitch, rows);
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int r = warp; r < rows; r += kWarps) {

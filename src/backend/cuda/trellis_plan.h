@@ -6,7 +6,8 @@
 
 namespace trellm::cuda::tk {
 
-constexpr int kGemvMaxRows = 8;               // m <= 8: fused GEMV; above: xform + tensor-core GEMM
+constexpr int kGemvMaxRows = 8;
+constexpr int kGemmSmallMaxRows = 32;         // m <= 32: GEMM blocks of 32 rows (2 M sub-tiles)               // m <= 8: fused GEMV; above: xform + tensor-core GEMM
 constexpr int kGemvMaxABytes = 48 * 1024;     // GEMV's x_h slice in shared memory (bounds the k range per block)
 constexpr size_t kLinearCounterBytes = 16384; // fixed counter area at the workspace start (4096 groups)
 
@@ -15,6 +16,7 @@ constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 struct LinearPlan {
   bool gemv = true;
   int groups = 0, chunks = 0, splits = 1, mchunks = 1, a_pitch = 0;
+  int mt = 8;  // GEMM: 16-row M sub-tiles per block (2 for m <= 32, else 8)
   size_t partial_floats = 0, xh_halves = 0;
   int counters = 0;
 };

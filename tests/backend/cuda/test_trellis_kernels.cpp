@@ -5,8 +5,13 @@
 // Tolerances and why:
 //  - dequantize: within 1 bf16 ulp of trellis::dequantize_hf_bf16 (expected: bit-identical, same fp32
 //    operation order; the count of inexact elements is printed and must stay below 1e-4 of all).
-//  - matmul / MoE: max |y - ref| <= 1e-4 · rms(ref) (matmul) and 2e-4 (MoE). x_h is bit-identical to the
-//    reference; what differs is the fp32 summation order of the MMA (and expf in SwiGLU), ~1e-6 relative.
+//  - matmul: max |y - ref| <= 1e-4 · rms(ref). x_h is bit-identical to the reference; what differs is the
+//    fp32 summation order of the MMA: measured 1e-6 .. 1e-5 of rms on an H100.
+//  - MoE: max |y - ref| <= 2e-3 · rms(ref) and ‖y - ref‖ <= 1e-4 · ‖ref‖. The down projection's input
+//    fp16(silu(g)·u ⊙ suh) can round the other way when g, u differ from the CPU's in the last fp32 bit (MMA
+//    order, expf): one such flip moves that feature by 2^-11 of itself, and with heavy-tailed activations
+//    the output by up to ~7e-4 of its rms (measured, GLM dims, 127 tokens). A wrong kernel misses both by
+//    orders of magnitude.
 //  - router: ids equal wherever the CPU's k-th and (k+1)-th choices differ by > 1e-5 (the dot products sum in
 //    another order), weights within 1e-5 relative.
 #include <gtest/gtest.h>
@@ -70,6 +75,13 @@ double rms(const std::vector<float>& v) {
 }
 
 // max |a - b| / rms(b); NaN anywhere in a -> +inf.
+// ‖a - b‖ / ‖b‖.
+double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double n = 0, d = 0;
+  for (size_t i = 0; i < a.size(); i++) n += (double(a[i]) - b[i]) * (double(a[i]) - b[i]), d += double(b[i]) * b[i];
+  return std::sqrt(n / std::max(1e-30, d));
+}
+
 double max_rel_err(const std::vector<float>& a, const std::vector<float>& b) {
   double worst = 0;
   for (size_t i = 0; i < a.size(); i++) {
@@ -342,12 +354,13 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
     cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s);
     TT_CHECK(cudaStreamSynchronize(s));
     const auto got = dev_download(dout, ref.size());
-    const double err = max_rel_err(got, ref);
-    EXPECT_LE(err, 2e-4) << "moe m=" << m << " hidden " << hidden << " inter " << inter << " E " << E << " rep " << r;
+    const double err = max_rel_err(got, ref), l2 = rel_l2(got, ref);
+    EXPECT_LE(l2, 1e-4) << "moe m=" << m << " hidden " << hidden;
+    EXPECT_LE(err, 2e-3) << "moe m=" << m << " hidden " << hidden << " inter " << inter << " E " << E << " rep " << r;
     if (r == 0) {
       first = got;
-      std::printf("moe m=%d hidden=%d inter=%d E=%d top_k=%d shared=%d mixedK=%d: max err %.3g of rms\n", m, hidden,
-                  inter, E, top_k, int(with_shared), int(mixed_k), err);
+      std::printf("moe m=%d hidden=%d inter=%d E=%d top_k=%d shared=%d mixedK=%d: max err %.3g of rms, rel L2 %.3g\n", m,
+                  hidden, inter, E, top_k, int(with_shared), int(mixed_k), err, l2);
     } else {
       EXPECT_EQ(0, std::memcmp(got.data(), first.data(), got.size() * 4)) << "not deterministic, rep " << r;
     }
