@@ -177,12 +177,19 @@ __device__ __forceinline__ bool arrive_last(int* counter, int arrivals, int* fla
 
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
-// Sum of `splits` partial rows (stride `split_stride` floats) at column offset col: deterministic order.
+// Sum of `splits` partial rows (stride `split_stride` floats) at column offset col, in split order
+// (deterministic). Loads go out 8 at a time: a runtime-trip loop of load+add serialises one L2 round trip
+// per split (v2: ~3 µs of the 6.7 µs GEMV at 2048x1536, 12 splits).
 __device__ __forceinline__ void sum_partials(float v[4], const float* p, int splits, int64_t split_stride) {
   v[0] = v[1] = v[2] = v[3] = 0.0f;
-  for (int z = 0; z < splits; z++) {
-    const float4 t = ldcg4(p + z * split_stride);
-    v[0] += t.x, v[1] += t.y, v[2] += t.z, v[3] += t.w;
+  for (int z0 = 0; z0 < splits; z0 += 8) {
+    float4 t[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+      t[i] = z0 + i < splits ? ldcg4(p + (z0 + i) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+      if (z0 + i < splits) v[0] += t[i].x, v[1] += t[i].y, v[2] += t[i].z, v[3] += t[i].w;
   }
 }
 

@@ -35,19 +35,27 @@ __global__ void __launch_bounds__(kThreads, 3) gateup_decode_kernel(const MoeArg
   }
   const int groups = a.inter_p / kGroupCols;
   if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) return;
+  // Warp 0: gate, warp 1: up (in parallel: each is a chain of dependent L2 round trips), then SwiGLU and
+  // the down input transform by warp 0.
+  cp_wait<0>();
+  float* gu = reinterpret_cast<float*>(smem);  // [2][128], the B ring is free now
+  if (warp < 2) {
+    float v[4];
+    sum_partials(v, pbase + int64_t(warp) * a.s_gu * zs + 4 * lane, a.s_gu, zs);
+    out_transform(v, d3[warp], group * kGroupCols);
+    *reinterpret_cast<float4*>(gu + warp * kGroupCols + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
+  }
+  __syncthreads();
   if (warp != 0) return;
-  const DeviceTrellis wg = d3[0], wu = d3[1], wd = d3[2];
-  float g[4], u[4], h[4];
-  sum_partials(g, pbase + 4 * lane, a.s_gu, zs);
-  out_transform(g, wg, group * kGroupCols);
-  sum_partials(u, pbase + int64_t(a.s_gu) * zs + 4 * lane, a.s_gu, zs);
-  out_transform(u, wu, group * kGroupCols);
+  const float4 g4 = *reinterpret_cast<const float4*>(gu + 4 * lane), u4 = *reinterpret_cast<const float4*>(gu + kGroupCols + 4 * lane);
+  const float g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+  float h[4];
 #pragma unroll
   for (int i = 0; i < 4; i++) {
     const int c = group * kGroupCols + 4 * lane + i;
     h[i] = c < a.inter ? g[i] / (1.0f + expf(-g[i])) * u[i] : 0.0f;  // silu(g)·u, as CpuBackend::silu_mul
   }
-  xform_regs_warp(h, wd.suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
+  xform_regs_warp(h, d3[2].suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
 }
 
 __global__ void __launch_bounds__(kThreads, 3) down_decode_kernel(const MoeArgs a) {
@@ -77,16 +85,24 @@ __global__ void __launch_bounds__(kThreads, 3) down_decode_kernel(const MoeArgs 
   }
   const int groups = a.hidden_p / kGroupCols;
   if (!arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag)) return;
-  if (warp != 0) return;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int s = 0; s < a.jpt; s++) {
+  // One warp per job of the token (each a chain of dependent loads: id -> descriptor -> svh), weighted
+  // contributions staged in shared memory, then summed in slot order by warp 0 (deterministic).
+  cp_wait<0>();
+  float* contrib = reinterpret_cast<float*>(smem);  // [jpt][128]; the B ring (64 KB) is free now
+  for (int s = warp; s < a.jpt; s += kWarps) {
     const int jj = token * a.jpt + s;
     float v[4];
     sum_partials(v, a.p_d + int64_t(jj) * a.s_d * zs + group * kGroupCols + 4 * lane, a.s_d, zs);
     out_transform(v, job_desc(a, token, s)[2], group * kGroupCols);
     const float wt = s < a.top_k ? a.wts[token * a.top_k + s] : 1.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) acc[i] += wt * v[i];
+    *reinterpret_cast<float4*>(contrib + s * kGroupCols + 4 * lane) = make_float4(wt * v[0], wt * v[1], wt * v[2], wt * v[3]);
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s = 0; s < a.jpt; s++) {
+    const float4 c = *reinterpret_cast<const float4*>(contrib + s * kGroupCols + 4 * lane);
+    acc[0] += c.x, acc[1] += c.y, acc[2] += c.z, acc[3] += c.w;
   }
   store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, acc);
 }
