@@ -52,7 +52,7 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
     const __nv_bfloat16* gr = a.gate + int64_t(e) * a.hidden;
     float d = 0.0f;
     if ((a.hidden & 7) == 0) {
-#pragma unroll 8  // 8 independent 16-byte loads in flight: 6.0 -> ? µs per route at m = 1 (was latency-serial)
+#pragma unroll 8  // loads in flight together (measured: no change, 6.0 µs per route at m = 1 either way)
       for (int k = 8 * lane; k < a.hidden; k += 256) {
         const uint4 g8 = *reinterpret_cast<const uint4*>(gr + k);
         const float4 x0 = *reinterpret_cast<const float4*>(xr + k), x1 = *reinterpret_cast<const float4*>(xr + k + 4);
