@@ -149,25 +149,35 @@ void rope_rotate(float* x, int dim, int pos, float theta) {
 }
 }  // namespace cpu
 
-void CpuBackend::rope(TensorView x, int offset, int pos0, const RopeParams& rope) {
-  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0);
+void CpuBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0 && pos.pos.numel() == x.dim(0));
   const int64_t n = x.dim(0), heads = x.dim(1), hd = x.dim(2);
+  const int32_t* p = pos.pos.ptr<int32_t>();
   for (int64_t i = 0; i < n; i++)
-    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, int(pos0 + i), rope.theta);
+    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, p[i], rope.theta);
 }
 
-void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                   const RopeParams& rope) {
   const int64_t n = kv.rows(), width = kv.cols(), rank = norm_w.numel();
-  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos0 + n <= cache.rows(),
-                "cache ", shape_str(cache), " kv ", shape_str(kv), " pos0 ", pos0);
+  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos.pos.numel() == n &&
+                    (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
+                "cache ", shape_str(cache), " kv ", shape_str(kv));
+  const int32_t* p = pos.pos.ptr<int32_t>();
+  std::vector<float> row(static_cast<size_t>(width));
   for (int64_t i = 0; i < n; i++) {
+    TRELLM_ASSERT(p[i] >= 0 && p[i] < cache.rows(), "position ", p[i], " outside the cache of ", cache.rows());
     const float* src = kv.ptr<float>() + i * width;
-    float* dst = cache.ptr<float>() + (pos0 + i) * width;
-    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(dst, DType::F32, {1, rank});
+    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(row.data(), DType::F32, {1, rank});
     rms_norm(d, s, norm_w, eps);
-    std::memcpy(dst + rank, src + rank, sizeof(float) * rope.dim);
-    rope_rotate(dst + rank, rope.dim, int(pos0 + i), rope.theta);
+    std::memcpy(row.data() + rank, src + rank, sizeof(float) * rope.dim);
+    rope_rotate(row.data() + rank, rope.dim, p[i], rope.theta);
+    if (cache.dtype == DType::F32) {
+      std::memcpy(cache.ptr<float>() + int64_t(p[i]) * width, row.data(), sizeof(float) * width);
+    } else {  // a bf16 cache (what the GPU keeps): the f32 row rounded once
+      uint16_t* dst = cache.ptr<uint16_t>() + int64_t(p[i]) * width;
+      for (int64_t j = 0; j < width; j++) dst[j] = f32_to_bf16(row[j]);
+    }
   }
 }
 

@@ -120,17 +120,19 @@ void CudaBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
   cuda::silu_mul(out.ptr<float>(), gate.ptr<float>(), up.ptr<float>(), out.numel(), impl_->stream);
 }
 
-void CudaBackend::rope(TensorView x, int offset, int pos0, const RopeParams& r) {
-  TRELLM_ASSERT(x.ndim == 3 && offset + r.dim <= x.dim(2));
-  cuda::rope(x.ptr<float>(), int(x.dim(0)), int(x.dim(1)), int(x.dim(2)), offset, r.dim, pos0, r.theta, impl_->stream);
+void CudaBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& r) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + r.dim <= x.dim(2) && pos.pos.numel() == x.dim(0));
+  cuda::rope(x.ptr<float>(), int(x.dim(0)), int(x.dim(1)), int(x.dim(2)), offset, r.dim, pos.pos.ptr<int32_t>(), r.theta,
+             impl_->stream);
 }
 
-void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                    const RopeParams& r) {
   const int rank = int(norm_w.numel());
-  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && pos0 + kv.rows() <= cache.rows());
-  cuda::mla_cache_append(cache.ptr<float>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps, pos0,
-                         r.theta, impl_->stream);
+  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
+                pos.bound <= cache.rows() && pos.pos.numel() == kv.rows());
+  cuda::mla_cache_append(cache.ptr<uint16_t>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps,
+                         pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
 }
 
 }  // namespace trellm
@@ -165,20 +167,20 @@ void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   if (bias) add_bias(out.ptr<float>(), bias, int(n), int(w.out), s);
 }
 
-void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                                 const MlaDims& d, MlaMode mode) {
   const int n = int(q.dim(0));
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
-                pos0 + n <= cache.rows() && kv_b.in == d.kv_rank);
-  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos0, d.scale};
+                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
+  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
   cudaStream_t s = impl_->stream;
   if (mode == MlaMode::Absorbed) {
     if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
-    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos0 + n));
-    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<float>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
+    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));
+    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
     return;
   }
-  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos0 + n;
+  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos.bound;
   float* lat = impl_->scratch_f32(2, size_t(kExpandTile) * d.kv_rank);
   float* kvx = impl_->scratch_f32(3, size_t(kExpandTile) * d.heads * per);
   float* acc = impl_->scratch_f32(4, size_t(rows) * d.v_dim);
@@ -186,9 +188,9 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   mla_expanded_init(acc, st, st + rows, rows, d.v_dim, s);
   for (int t0 = 0; t0 < T; t0 += kExpandTile) {
     const int nt = std::min(kExpandTile, T - t0);
-    gather_latent(lat, cache.ptr<float>(), t0, nt, d.kv_rank, d.cache_width(), s);
+    gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), s);
     matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
-    mla_expanded_tile(q.ptr<float>(), cache.ptr<float>(), kvx, t0, nt, m, acc, st, st + rows, s);
+    mla_expanded_tile(q.ptr<float>(), cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
   }
   mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
 }

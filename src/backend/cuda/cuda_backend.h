@@ -19,16 +19,17 @@ class CudaBackend final : public Backend {
   void from_host(void* dst, const void* src, size_t bytes) override;
   void synchronize() override;
   bool host_memory() const override { return false; }
+  DType kv_dtype() const override { return DType::BF16; }
 
   void embed(TensorView out, TensorView tokens, TensorView table) override;
   void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
   void add(TensorView out, TensorView a, TensorView b) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
-  void rope(TensorView x, int offset, int pos0, const RopeParams& rope) override;
-  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                         const RopeParams& rope) override;
-  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;

@@ -87,28 +87,32 @@ __device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, f
   p[2 * i + 1] = b * c + a * s;
 }
 
-__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, int pos0, float theta) {
+__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
   // block = one row (token); threads over (head, pair)
   const int pairs = dim / 2;
   for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
     const int h = idx / pairs, i = idx % pairs;
-    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos0 + blockIdx.x, theta);
+    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos[blockIdx.x], theta);
   }
 }
 
-__global__ void cache_append_kernel(float* cache, const float* kv, const float* w, int rank, int rope_dim, float eps,
-                                    int pos0, float theta) {
-  const int width = rank + rope_dim;
+// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16.
+__global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
+                                    float eps, const int32_t* pos, float theta) {
+  __shared__ float kr[256];
+  const int width = rank + rope_dim, p = pos[blockIdx.x];
   const float* src = kv + int64_t(blockIdx.x) * width;
-  float* dst = cache + int64_t(pos0 + blockIdx.x) * width;
+  __nv_bfloat16* dst = cache + int64_t(p) * width;
   float ss = 0;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
   ss = block_sum(ss);
   const float r = rsqrtf(ss / float(rank) + eps);
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = w[j] * (src[j] * r);
-  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = src[rank + j];
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = __float2bfloat16_rn(w[j] * (src[j] * r));
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) kr[j] = src[rank + j];
   __syncthreads();
-  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(dst + rank, i, rope_dim, pos0 + blockIdx.x, theta);
+  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(kr, i, rope_dim, p, theta);
+  __syncthreads();
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
 }
 
 int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 132 * 16)); }
@@ -143,13 +147,14 @@ void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
   to_f16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__half*>(out), x, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
-void rope(float* x, int n, int heads, int head_dim, int offset, int dim, int pos0, float theta, cudaStream_t s) {
-  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos0, theta);
+void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s) {
+  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos, theta);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
-void mla_cache_append(float* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
-                      int pos0, float theta, cudaStream_t s) {
-  cache_append_kernel<<<n, 256, 0, s>>>(cache, kv, norm_w, rank, rope_dim, eps, pos0, theta);
+void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
+                      const int32_t* pos, float theta, cudaStream_t s) {
+  TRELLM_ASSERT(rope_dim <= 256);
+  cache_append_kernel<<<n, 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

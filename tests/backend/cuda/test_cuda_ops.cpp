@@ -47,6 +47,34 @@ class CudaOps : public ::testing::Test {
     return h;
   }
   static TensorView host(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
+  // Consecutive positions pos0 .. pos0+n-1: the host copy (for the CPU) and a device copy.
+  struct Pos {
+    std::vector<int32_t> v;
+    Positions host, dev;
+  };
+  Pos positions(int pos0, int n) {
+    Pos p;
+    for (int i = 0; i < n; i++) p.v.push_back(pos0 + i);
+    p.host = Positions{TensorView(p.v.data(), DType::I32, {n}), pos0 + n};
+    p.dev = Positions{up(p.v, DType::I32, {n}), pos0 + n};
+    return p;
+  }
+  // A bf16 device cache holding exactly `f` rounded to bf16; `f` is replaced by the rounded values.
+  TensorView bf16_cache(std::vector<float>& f, int rows, int width) {
+    std::vector<uint16_t> h(f.size());
+    for (size_t i = 0; i < f.size(); i++) {
+      h[i] = f32_to_bf16(f[i]);
+      f[i] = bf16_to_f32(h[i]);
+    }
+    return up(h, DType::BF16, {rows, width});
+  }
+  std::vector<float> down_bf16(TensorView v) {
+    std::vector<uint16_t> h(size_t(v.numel()));
+    gpu->to_host(h.data(), v.data, v.nbytes());
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); i++) f[i] = bf16_to_f32(h[i]);
+    return f;
+  }
 
   std::unique_ptr<Backend> gpu;
   CpuBackend cpu;
@@ -101,8 +129,9 @@ TEST_F(CudaOps, ElementwiseNormRope) {
   const int n = 5, H = 3, hd = 40;
   auto x = randn(size_t(n) * H * hd);
   TensorView gx = up(x, DType::F32, {n, H, hd});
-  gpu->rope(gx, 8, 150000, RopeParams{1e6f, 32});
-  cpu.rope(host(x, {n, H, hd}), 8, 150000, RopeParams{1e6f, 32});
+  Pos p = positions(150000, n);
+  gpu->rope(gx, 8, p.dev, RopeParams{1e6f, 32});
+  cpu.rope(host(x, {n, H, hd}), 8, p.host, RopeParams{1e6f, 32});
   EXPECT_LT(rel_err(down(gx), x), 1e-6);
 }
 
@@ -118,13 +147,16 @@ TEST_F(CudaOps, EmbedAndCacheAppend) {
   cpu.embed(host(want, {n, d}), TensorView(tok.data(), DType::I32, {n}), TensorView(tb.data(), DType::BF16, {V, d}));
   EXPECT_EQ(down(o), want);
 
+  // The GPU cache is bf16: its rows are the CPU's f32 rows rounded once (relative error <= 2^-9).
   const int rank = 24, rope = 8, cap = 40, pos0 = 30;
   auto kv = randn(size_t(n) * (rank + rope)), w = randn(rank);
   std::vector<float> cache_h(size_t(cap) * (rank + rope), 0.0f);
-  TensorView gc = up(cache_h, DType::F32, {cap, rank + rope});
-  gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, pos0, RopeParams{1e4f, rope});
-  cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, pos0, RopeParams{1e4f, rope});
-  EXPECT_LT(rel_err(down(gc), cache_h), 1e-6);
+  TensorView gc = bf16_cache(cache_h, cap, rank + rope);
+  Pos p = positions(pos0, n);
+  gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, p.dev, RopeParams{1e4f, rope});
+  cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, p.host, RopeParams{1e4f, rope});
+  auto got = down_bf16(gc);
+  for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache_h[i], std::fabs(cache_h[i]) * 0.0040 + 1e-30) << i;
 }
 
 TEST_F(CudaOps, DenseMatmulGemvAndCublas) {
@@ -171,12 +203,13 @@ TEST_F(CudaOps, MlaAttentionBothForms) {
     lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
     lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
     auto cache = randn(size_t(cap) * d.cache_width()), q = randn(size_t(n) * d.heads * d.q_head_dim());
-    TensorView gc = up(cache, DType::F32, {cap, d.cache_width()}), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    TensorView gc = bf16_cache(cache, cap, d.cache_width()), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    Pos p = positions(pos0, n);
     for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
       std::vector<float> want(size_t(n) * d.heads * d.v_dim);
-      cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, pos0, d, mode);
+      cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, p.host, d, mode);
       TensorView o = poisoned({n, d.heads * d.v_dim});
-      gpu->attention_mla(o, gq, gc, lg, pos0, d, mode);
+      gpu->attention_mla(o, gq, gc, lg, p.dev, d, mode);
       EXPECT_LT(rel_err(down(o), want), 2e-5) << (mode == MlaMode::Absorbed ? "absorbed" : "expanded") << " n=" << n << " pos0=" << pos0;
     }
   }
