@@ -80,6 +80,9 @@ class Backend {
   virtual void to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void from_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() {}
+  // Fills t with seeded pseudo-random data: floats (F32/F16/BF16) uniform in [-scale, scale] (never NaN),
+  // integer types random bits. For synthetic models, whose speed does not depend on the weight values.
+  virtual void fill_random(TensorView t, uint64_t seed, float scale) = 0;
   // True when tensors live in host memory: weights are then used in place from the mmapped checkpoint.
   virtual bool host_memory() const = 0;
   // Element type of the latent KV cache (CPU: F32, the reference; CUDA: BF16, half the bytes per step).

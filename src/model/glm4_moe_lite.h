@@ -51,6 +51,7 @@ struct Config {
   std::optional<trellis::Exl3QuantConfig> exl3;  // quantization_config of an EXL3 checkpoint
 
   static Config from_json_file(const std::string& path);  // errors name the field
+  static Config glm47_flash();  // the released GLM-4.7-Flash's values (for synthetic benchmarks)
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   MlaDims mla() const;
   MoeRouting routing() const;
@@ -113,10 +114,20 @@ struct KvCache {
   std::vector<TensorView> layers;
 };
 
+// A model with random weights in a given format, built directly on the backend (no checkpoint): speed does
+// not depend on weight values, so full-size benchmarks need no download.
+struct SyntheticSpec {
+  int bits = 3;        // K of every trellis-coded linear layer (0: dense bf16 weights)
+  int head_bits = 6;   // K of lm_head (0: dense bf16)
+  trellis::Codebook codebook = trellis::Codebook::Mcg;
+  uint64_t seed = 1;
+};
+
 class Model {
  public:
   // Loads config.json and the weights under `dir` onto `backend`.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+  static std::unique_ptr<Model> synthetic(const Config& config, Backend& backend, const SyntheticSpec& spec);
   ~Model();
 
   const Config& config() const { return config_; }

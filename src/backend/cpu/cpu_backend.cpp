@@ -7,6 +7,7 @@
 
 #include "backend/cpu/cpu_kernels.h"
 #include "core/error.h"
+#include "core/rng.h"
 #include "core/thread_pool.h"
 #include "quant/trellis_ref.h"
 
@@ -24,6 +25,22 @@ void* CpuBackend::alloc(size_t bytes) {
 void CpuBackend::release(void* p) { std::free(p); }
 void CpuBackend::to_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::from_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+
+void CpuBackend::fill_random(TensorView t, uint64_t seed, float scale) {
+  const int64_t n = t.numel();
+  parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
+    Rng r(seed ^ (uint64_t(b) * 0x9E3779B97F4A7C15ull));
+    for (int64_t i = b; i < e; i++) {
+      switch (t.dtype) {
+        case DType::F32: t.ptr<float>()[i] = r.uniform(-scale, scale); break;
+        case DType::F16: t.ptr<uint16_t>()[i] = f32_to_f16(r.uniform(-scale, scale)); break;
+        case DType::BF16: t.ptr<uint16_t>()[i] = f32_to_bf16(r.uniform(-scale, scale)); break;
+        default: static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype)] = uint8_t(r.next_u32());
+          for (size_t k = 1; k < dtype_size(t.dtype); k++) static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype) + k] = uint8_t(r.next_u32());
+      }
+    }
+  });
+}
 
 float* CpuBackend::scratch(size_t slot, size_t floats) {
   if (scratch_.size() <= slot) scratch_.resize(slot + 1);

@@ -14,6 +14,7 @@ class CpuBackend final : public Backend {
   void release(void* p) override;
   void to_host(void* dst, const void* src, size_t bytes) override;
   void from_host(void* dst, const void* src, size_t bytes) override;
+  void fill_random(TensorView t, uint64_t seed, float scale) override;
   bool host_memory() const override { return true; }
   DType kv_dtype() const override { return DType::F32; }
 

@@ -98,6 +98,9 @@ void CudaBackend::from_host(void* dst, const void* src, size_t bytes) {
   TRELLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
   TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // src may be pageable and reused by the caller
 }
+void CudaBackend::fill_random(TensorView t, uint64_t seed, float scale) {
+  cuda::fill_random(t.data, t.dtype, t.numel(), seed, scale, impl_->stream);
+}
 void CudaBackend::synchronize() { TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream)); }
 
 void CudaBackend::embed(TensorView out, TensorView tokens, TensorView table) {

@@ -17,6 +17,7 @@ class CudaBackend final : public Backend {
   void release(void* p) override;
   void to_host(void* dst, const void* src, size_t bytes) override;
   void from_host(void* dst, const void* src, size_t bytes) override;
+  void fill_random(TensorView t, uint64_t seed, float scale) override;
   void synchronize() override;
   bool host_memory() const override { return false; }
   DType kv_dtype() const override { return DType::BF16; }

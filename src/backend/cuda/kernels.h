@@ -77,3 +77,8 @@ namespace trellm::cuda {
 // row, rows of x in chunks of 8. For small n (decode); exact f32 accumulation like the CPU backend.
 void gemv_dense(float* y, const float* x, const void* w, DType dt, int n, int in, int out, const float* bias, cudaStream_t s);
 }  // namespace trellm::cuda
+
+namespace trellm::cuda {
+// Seeded counter-based random fill: floats uniform in [-scale, scale], integers random bits.
+void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s);
+}  // namespace trellm::cuda

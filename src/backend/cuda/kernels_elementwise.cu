@@ -115,6 +115,28 @@ __global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const
   for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
 }
 
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: a counter-based generator
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__global__ void fill_random_kernel(void* p, DType dt, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed + 0x9E3779B97F4A7C15ull * uint64_t(i + 1));
+    const float u = float(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+    switch (dt) {
+      case DType::F32: static_cast<float*>(p)[i] = u * scale; break;
+      case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(u * scale); break;
+      case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(u * scale); break;
+      case DType::I64: static_cast<uint64_t*>(p)[i] = r; break;
+      case DType::I32: static_cast<uint32_t*>(p)[i] = uint32_t(r); break;
+      case DType::I16: static_cast<uint16_t*>(p)[i] = uint16_t(r); break;
+      default: static_cast<uint8_t*>(p)[i] = uint8_t(r); break;
+    }
+  }
+}
+
 int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 132 * 16)); }
 
 }  // namespace
@@ -145,6 +167,10 @@ void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
 }
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
   to_f16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__half*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s) {
+  fill_random_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, dt, n, seed, scale);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s) {
