@@ -10,6 +10,19 @@
 
 namespace trellm {
 
+namespace {
+class DirectStep final : public StepGraph {
+ public:
+  explicit DirectStep(std::function<void()> f) : f_(std::move(f)) {}
+  void launch() override { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+}  // namespace
+
+std::unique_ptr<StepGraph> Backend::capture(const std::function<void()>& step) { return std::make_unique<DirectStep>(step); }
+
 bool cuda_available() {
 #ifdef TRELLM_HAVE_CUDA
   int n = 0;

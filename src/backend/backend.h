@@ -7,6 +7,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -69,6 +70,13 @@ enum class MlaMode {
   Expanded,  // expand K/V per key tile with kv_b_proj (long prompts: fewer FLOPs)
 };
 
+// A recorded sequence of ops replayed as one unit (a CUDA graph on the GPU; a plain call on the CPU).
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  virtual void launch() = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -87,6 +95,10 @@ class Backend {
   virtual bool host_memory() const = 0;
   // Element type of the latent KV cache (CPU: F32, the reference; CUDA: BF16, half the bytes per step).
   virtual DType kv_dtype() const = 0;
+
+  // Records step() once; launch() replays it. The step must not allocate, synchronise or copy from the host,
+  // and must have run once before (so scratch buffers have their final size).
+  virtual std::unique_ptr<StepGraph> capture(const std::function<void()>& step);
 
   // ---- ops ----
   // out[i, :] = table[tokens[i], :] as f32.  tokens: I32 [n];  table: [vocab, hidden]
@@ -118,6 +130,9 @@ class Backend {
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
                        std::span<const Expert> experts, const Expert* shared) = 0;
+  // Greedy decoding without the host: token[0] = argmax(logits[0, :]) (ties: lowest id), pos[0] += 1, and the
+  // token is appended to history (I32 [1 + cap]: history[0] counts the tokens written, which follow it).
+  virtual void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -1,7 +1,9 @@
 // The generation loop for one sequence: chunked prefill, then one token at a time through the KV cache,
-// stopping on any EOS id or the token limit.
+// stopping on any EOS id or the token limit. Greedy decoding runs as a captured step (a CUDA graph on the
+// GPU) that picks the next token on the device, so the host only reads tokens back.
 #pragma once
 #include <functional>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -14,7 +16,8 @@ struct GenerateOptions {
   int max_tokens = 128;           // new tokens
   SamplingParams sampling;
   bool stop_at_eos = true;
-  int prefill_chunk = 512;        // rows per prefill forward
+  bool use_graph = true;          // greedy: replay a captured decode step
+  int read_every = 1;             // greedy: launch this many steps between reads of the new tokens
 };
 
 struct GenerateStats {
@@ -36,12 +39,20 @@ class Generator {
                                 const std::function<bool(int32_t)>& on_token = nullptr,
                                 GenerateStats* stats = nullptr);
   int context() const { return kv_.capacity; }
+  // Runs the prompt through the model (cache rows 0..P-1); the last row's logits are left in run_state().
+  void prefill(const std::vector<int32_t>& prompt);
+  RunState& run_state() { return rs_; }
 
  private:
+  std::vector<int32_t> generate_greedy_graph(int P, int limit, const GenerateOptions& opt,
+                                             const std::function<bool(int32_t)>& on_token, GenerateStats& st);
+
   Model& model_;
   RunState rs_;
   KvCache kv_;
-  std::vector<float> logits_;  // host copy of one row
+  std::vector<float> logits_;        // host copy of one row
+  TensorView history_;               // I32 [1 + context] on the backend: count, then greedy tokens
+  std::unique_ptr<StepGraph> step_;  // captured greedy decode step (built on first use)
 };
 
 }  // namespace trellm

@@ -128,6 +128,18 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   add_bias(out, w);
 }
 
+void CpuBackend::greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) {
+  const float* l = logits.ptr<float>();
+  int64_t best = 0;
+  for (int64_t i = 1; i < logits.cols(); i++)
+    if (l[i] > l[best]) best = i;
+  token.ptr<int32_t>()[0] = int32_t(best);
+  pos.ptr<int32_t>()[0] += 1;
+  int32_t* h = history.ptr<int32_t>();
+  TRELLM_ASSERT(h[0] + 1 < history.numel(), "greedy history is full");
+  h[1 + h[0]++] = int32_t(best);
+}
+
 void CpuBackend::add_bias(TensorView out, const Linear& w) {
   if (w.bias.empty()) return;
   TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == w.out);

@@ -32,6 +32,7 @@ class CpuBackend final : public Backend {
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
+  void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) override;
 
  private:
   void add_bias(TensorView out, const Linear& w);

@@ -243,3 +243,46 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
 }
 
 }  // namespace trellm
+
+namespace trellm {
+
+void CudaBackend::greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) {
+  TRELLM_ASSERT(token.dtype == DType::I32 && pos.dtype == DType::I32 && history.dtype == DType::I32);
+  cuda::greedy_step(logits.ptr<float>(), logits.cols(), token.ptr<int32_t>(), pos.ptr<int32_t>(), history.ptr<int32_t>(),
+                    history.numel(), impl_->stream);
+}
+
+namespace {
+class CudaStepGraph final : public StepGraph {
+ public:
+  CudaStepGraph(cudaGraphExec_t exec, cudaStream_t s) : exec_(exec), stream_(s) {}
+  ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
+  void launch() override { TRELLM_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+};
+}  // namespace
+
+std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& step) {
+  cudaStream_t s = impl_->stream;
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(s));
+  TRELLM_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  try {
+    step();
+  } catch (...) {
+    cudaGraph_t g;
+    cudaStreamEndCapture(s, &g);
+    if (g) cudaGraphDestroy(g);
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  TRELLM_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec = nullptr;
+  TRELLM_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  TRELLM_CUDA_CHECK(cudaGraphDestroy(graph));
+  return std::make_unique<CudaStepGraph>(exec, s);
+}
+
+}  // namespace trellm

@@ -19,6 +19,7 @@ class CudaBackend final : public Backend {
   void from_host(void* dst, const void* src, size_t bytes) override;
   void fill_random(TensorView t, uint64_t seed, float scale) override;
   void synchronize() override;
+  std::unique_ptr<StepGraph> capture(const std::function<void()>& step) override;
   bool host_memory() const override { return false; }
   DType kv_dtype() const override { return DType::BF16; }
 
@@ -36,6 +37,7 @@ class CudaBackend final : public Backend {
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
+  void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) override;
 
   void* stream() const;  // the cudaStream_t every op runs on
 

@@ -82,3 +82,9 @@ namespace trellm::cuda {
 // Seeded counter-based random fill: floats uniform in [-scale, scale], integers random bits.
 void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s);
 }  // namespace trellm::cuda
+
+namespace trellm::cuda {
+// token[0] = argmax(logits[0..V)) (lowest id on ties); pos[0] += 1; history[1 + history[0]++] = token.
+void greedy_step(const float* logits, int64_t V, int32_t* token, int32_t* pos, int32_t* history, int64_t history_cap,
+                 cudaStream_t s);
+}  // namespace trellm::cuda

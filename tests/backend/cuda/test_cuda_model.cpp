@@ -60,6 +60,14 @@ TEST_P(CudaModel, GreedyTokensMatchCpuAndLogitsMatchTransformers) {
   auto tc = gc.generate(prompt, opt);
   auto tg = gg.generate(prompt, opt);
   EXPECT_EQ(tc, tg);
+  // The captured CUDA-graph step (device argmax, reads every 5 steps) equals the plain per-step loop.
+  GenerateOptions plain = opt;
+  plain.use_graph = false;
+  Generator gp(*mg, P + 41);
+  EXPECT_EQ(gp.generate(prompt, plain), tg);
+  GenerateOptions batched = opt;
+  batched.read_every = 5;
+  EXPECT_EQ(gg.generate(prompt, batched), tg);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel, ::testing::Values("tiny_a", "tiny_a_fused", "tiny_b", "tiny_odd", "tiny_groups"));
