@@ -366,20 +366,39 @@ Tokenizer::Tokenizer(const format::TokenizerJson& spec) : impl_(std::make_unique
   }
   m.byte_level_decoder = spec.decoder.has_value();
 
+  // Added tokens get their ids the way HF's AddedVocabulary assigns them (the ids written in the file are only
+  // checked by HF, with a warning): a token already in the model vocabulary takes that id, any other the next
+  // id after the vocabulary and the added tokens so far. Real files agree with their written ids.
+  m.added = spec.added_tokens;
+  {
+    const int64_t model_len = int64_t(model.vocab.size());
+    std::unordered_map<std::string, int32_t> added_ids;
+    int64_t max_added = -1;
+    for (auto& a : m.added) {
+      int32_t id;
+      if (auto it = added_ids.find(a.content); it != added_ids.end()) id = it->second;
+      else if (auto mv = model.vocab.find(a.content); mv != model.vocab.end()) id = mv->second;
+      else id = int32_t(max_added < 0 ? model_len : (max_added >= model_len ? max_added + 1 : model_len));
+      a.id = id;
+      added_ids[a.content] = id;
+      max_added = std::max<int64_t>(max_added, id);
+    }
+  }
+
   // Vocabulary, both directions.
   int32_t max_id = -1;
   for (const auto& [tok, id] : model.vocab) max_id = std::max(max_id, id);
-  for (const auto& a : spec.added_tokens) max_id = std::max(max_id, a.id);
+  for (const auto& a : m.added) max_id = std::max(max_id, a.id);
   m.vocab_size = max_id + 1;
   m.id_tokens.assign(size_t(m.vocab_size), {});
   m.id_flags.assign(size_t(m.vocab_size), 0);
-  m.token_ids.reserve(model.vocab.size() + spec.added_tokens.size());
+  m.token_ids.reserve(model.vocab.size() + m.added.size());
   for (const auto& [tok, id] : model.vocab) {
     m.id_tokens[size_t(id)] = tok;
     m.id_flags[size_t(id)] = 1;
     m.token_ids[tok] = id;
   }
-  for (const auto& a : spec.added_tokens) {
+  for (const auto& a : m.added) {
     m.id_tokens[size_t(a.id)] = a.content;
     m.id_flags[size_t(a.id)] = a.special ? 3 : 1;
     m.token_ids[a.content] = a.id;
@@ -436,7 +455,6 @@ Tokenizer::Tokenizer(const format::TokenizerJson& spec) : impl_(std::make_unique
                                      model.ignore_merges, unk_id, model.fuse_unk);
 
   // Added tokens: normalized ones are matched in normalized text, so their content is normalized too.
-  m.added = spec.added_tokens;
   for (size_t i = 0; i < m.added.size(); i++) {
     const auto& a = m.added[i];
     if (a.normalized) {
