@@ -223,7 +223,7 @@ Value method(const Value& obj, const std::string& name) {
       return bind([name](const Value& d, CallArgs&) {
         List out;
         for (const auto& [k, v] : d.dict_ref().entries) {
-          if (name == "items") out.push_back(Value::list({Value(k), v}));
+          if (name == "items") out.push_back(Value::tuple({Value(k), v}));
           else out.push_back(name == "keys" ? Value(k) : v);
         }
         return Value::list(std::move(out));

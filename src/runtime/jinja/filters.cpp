@@ -168,7 +168,7 @@ Value Interp::apply_filter(const std::string& name, const Value& in, CallArgs& a
     if (name == "dictsort") {
       if (!in.is_dict()) throw RenderError("dictsort expects a mapping");
       std::vector<Value> items;
-      for (const auto& [k, v] : in.dict_ref().entries) items.push_back(Value::list({Value(k), v}));
+      for (const auto& [k, v] : in.dict_ref().entries) items.push_back(Value::tuple({Value(k), v}));
       bool by_value = a.get(1, "by", Value("key")).to_str() == "value";
       std::stable_sort(items.begin(), items.end(), [&](const Value& x, const Value& y) {
         return compare(x.items()[by_value ? 1 : 0], y.items()[by_value ? 1 : 0]) < 0;

@@ -180,7 +180,7 @@ Value Interp::eval_inner(const Expr& e, Scope& scope) {
     case Expr::ListLit: case Expr::TupleLit: {
       List l;
       for (const auto& a : e.args) l.push_back(eval(*a, scope));
-      return Value::list(std::move(l));
+      return e.kind == Expr::TupleLit ? Value::tuple(std::move(l)) : Value::list(std::move(l));
     }
     case Expr::DictLit: {
       Value d = Value::dict();

@@ -15,6 +15,12 @@ Value Value::list(List items) {
   return v;
 }
 
+Value Value::tuple(List items) {
+  Value v = list(std::move(items));
+  v.tuple_ = true;
+  return v;
+}
+
 Value Value::dict() {
   Value v;
   v.kind_ = Kind::Dict;
@@ -160,9 +166,10 @@ std::string Value::repr() const {
   switch (kind_) {
     case Kind::String: return py_str_repr(*s_);
     case Kind::List: {
-      std::string out = "[";
+      std::string out = tuple_ ? "(" : "[";
       for (size_t i = 0; i < l_->size(); i++) out += (i ? ", " : "") + (*l_)[i].repr();
-      return out + "]";
+      if (tuple_ && l_->size() == 1) out += ",";
+      return out + (tuple_ ? ")" : "]");
     }
     case Kind::Dict: {
       std::string out = "{";

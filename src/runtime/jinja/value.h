@@ -31,6 +31,9 @@ class Value {
   Value(std::string s) : kind_(Kind::String), s_(std::make_shared<std::string>(std::move(s))) {}
   Value(const char* s) : Value(std::string(s)) {}
   static Value list(List items = {});
+  // A tuple is a list that prints as (a, b) — Python's repr — e.g. dict items and tuple literals.
+  static Value tuple(List items);
+  bool is_tuple() const { return tuple_; }
   static Value dict();
   static Value function(Function f, std::string name);
   static Value from_json(const nlohmann::ordered_json& j);
@@ -72,6 +75,7 @@ class Value {
 
  private:
   Kind kind_ = Kind::Undefined;
+  bool tuple_ = false;
   int64_t i_ = 0;
   double f_ = 0;
   std::shared_ptr<std::string> s_;

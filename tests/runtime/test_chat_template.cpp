@@ -1,0 +1,2 @@
+#include <gtest/gtest.h>
+TEST(ChatTemplate, Placeholder) { EXPECT_TRUE(true); }
