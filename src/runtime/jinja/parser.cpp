@@ -696,7 +696,7 @@ class Parser {
         }
         n = std::move(e);
       } else if (is_op("(")) {
-        auto e = make(Expr::Call, cur().loc);
+        auto e = make(Expr::Call, n->loc);  // errors in a call point at the callee's start
         e->args.push_back(std::move(n));
         parse_call_args(*e);
         n = std::move(e);
