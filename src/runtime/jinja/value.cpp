@@ -117,12 +117,17 @@ std::string python_float_repr(double v) {
   std::string out;
   if (exp < -4 || exp >= 16) {
     out = digits.substr(0, 1);
-    if (digits.size() > 1) out += "." + digits.substr(1);
+    if (digits.size() > 1) {
+      out += '.';
+      out.append(digits, 1, std::string::npos);
+    }
     char eb[16];
     std::snprintf(eb, sizeof(eb), "e%c%02d", exp < 0 ? '-' : '+', std::abs(exp));
     out += eb;
   } else if (exp < 0) {
-    out = "0." + std::string(size_t(-exp - 1), '0') + digits;
+    out = "0.";
+    out.append(size_t(-exp - 1), '0');
+    out += digits;
   } else {
     if (digits.size() <= size_t(exp) + 1) {
       out = digits + std::string(size_t(exp) + 1 - digits.size(), '0') + ".0";
