@@ -2,7 +2,9 @@
 // made by scripts/make_tokenizer_fixtures.py) or from the Unicode standard; never from trellm itself.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <nlohmann/json.hpp>
+#include <thread>
 
 #include "core/error.h"
 #include "format/tokenizer_json.h"
@@ -235,4 +237,22 @@ TEST(Tokenizer, MinimalTokenizerMergesAndSplitsAddedTokens) {
   EXPECT_EQ(tok.encode("ab<|end|> ab"), (std::vector<int32_t>{256, 257, 32, 256}));
   EXPECT_EQ(tok.decode(std::vector<int32_t>{256, 257, 32}), "ab<|end|> ");
   EXPECT_EQ(tok.decode(std::vector<int32_t>{256, 257, 32}, true), "ab ");
+}
+
+TEST(Tokenizer, ConcurrentEncodesAgreeWithTheHfExpectations) {
+  // One Tokenizer shared by threads (as the server does): the piece cache must not mix results up.
+  json expected = json::parse(format::read_text_file(std::string(TRELLM_TEST_DATA) + "/tokenizers/expected/glm4-synthetic.json"));
+  const Tokenizer& tok = tokenizer("glm4-synthetic");
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int t = 0; t < 4; t++) {
+    threads.emplace_back([&, t] {
+      for (size_t i = size_t(t); i < expected["encode"].size(); i += 2) {
+        const auto& c = expected["encode"][i];
+        if (tok.encode(c["text"].get<std::string>()) != c["ids"].get<std::vector<int32_t>>()) mismatches++;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(mismatches.load(), 0);
 }
