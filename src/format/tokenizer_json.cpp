@@ -84,9 +84,9 @@ NormalizerSpec parse_normalizer(const Ctx& c, const json& j, const std::string& 
   } else if (n.type == "Strip") {
     n.strip_left = c.boolean(j, "strip_left", path, true);
     n.strip_right = c.boolean(j, "strip_right", path, true);
-  } else if (n.type != "NFC" && n.type != "Lowercase") {
+  } else if (n.type != "NFC") {
     c.error(path, str_cat("unsupported normalizer type \"", n.type,
-                          "\" (trellm implements NFC, Sequence, Prepend, Replace, Lowercase, Strip)"));
+                          "\" (trellm implements NFC, Sequence, Prepend, Replace, Strip)"));
   }
   return n;
 }

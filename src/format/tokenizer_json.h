@@ -21,7 +21,7 @@ struct AddedToken {
   bool single_word = false;
 };
 
-// Normalizers: NFC, Sequence, Prepend, Replace, Lowercase, Strip.
+// Normalizers: NFC, Sequence, Prepend, Replace, Strip.
 struct NormalizerSpec {
   std::string type;
   std::vector<NormalizerSpec> children;  // Sequence

@@ -77,19 +77,20 @@ struct PreStage {
 };
 
 bool word_char_at_edge(std::string_view s, bool at_end) {
-  // HF's single_word test: is the neighbouring character alphanumeric or '_'? (ASCII-only approximation for
-  // non-ASCII letters: any non-ASCII, non-whitespace character counts as a word character.)
+  // HF's single_word test is the Unicode regex \w (Rust regex: Alphabetic, marks, Nd, Pc, joiners) on the
+  // character next to the match.
+  static const Regex word(R"([\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}])", "single_word pattern");
   if (s.empty()) return false;
   size_t i = 0;
-  uint32_t cp;
   if (at_end) {
     size_t k = s.size() - 1;
     while (k > 0 && (uint8_t(s[k]) & 0xC0) == 0x80) k--;
     i = k;
   }
-  cp = utf8_next(s, i);
-  if (cp < 0x80) return (cp >= '0' && cp <= '9') || (cp >= 'a' && cp <= 'z') || (cp >= 'A' && cp <= 'Z') || cp == '_';
-  return !is_unicode_whitespace(cp);
+  size_t j = i;
+  utf8_next(s, j);
+  size_t b, e;
+  return word.find(s.substr(i, j - i), 0, b, e);
 }
 
 }  // namespace
