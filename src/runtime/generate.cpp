@@ -8,6 +8,10 @@
 namespace trellm {
 
 namespace {
+bool is_stop(const Config& c, const GenerateOptions& opt, int32_t tok) {
+  return std::find(c.eos_token_id.begin(), c.eos_token_id.end(), tok) != c.eos_token_id.end() ||
+         std::find(opt.extra_stop_ids.begin(), opt.extra_stop_ids.end(), tok) != opt.extra_stop_ids.end();
+}
 TensorView first(TensorView t, int64_t n) {
   t.shape[0] = n;
   return t;
@@ -61,7 +65,7 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
     for (int i = 0; i < limit; i++) {
       int32_t tok = sampler.sample(logits_.data(), int64_t(logits_.size()));
       out.push_back(tok);
-      bool eos = std::find(c.eos_token_id.begin(), c.eos_token_id.end(), tok) != c.eos_token_id.end();
+      bool eos = is_stop(c, opt, tok);
       if (on_token && !on_token(tok)) break;
       if (eos && opt.stop_at_eos) {
         st.hit_eos = true;
@@ -118,7 +122,7 @@ std::vector<int32_t> Generator::generate_greedy_graph(int P, int limit, const Ge
     B.to_host(fresh.data(), history_.ptr<int32_t>() + 1 + have, fresh.size() * 4);
     for (int32_t tk : fresh) {
       out.push_back(tk);
-      const bool eos = std::find(c.eos_token_id.begin(), c.eos_token_id.end(), tk) != c.eos_token_id.end();
+      const bool eos = is_stop(c, opt, tk);
       if ((on_token && !on_token(tk)) || (eos && opt.stop_at_eos) || int(out.size()) == limit) {
         st.hit_eos = eos && opt.stop_at_eos;
         stop = true;

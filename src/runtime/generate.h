@@ -18,6 +18,7 @@ struct GenerateOptions {
   bool stop_at_eos = true;
   bool use_graph = true;          // greedy: replay a captured decode step
   int read_every = 1;             // greedy: launch this many steps between reads of the new tokens
+  std::vector<int64_t> extra_stop_ids;  // stop tokens beside config.json's eos_token_id (generation_config's)
 };
 
 struct GenerateStats {

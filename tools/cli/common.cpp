@@ -58,3 +58,13 @@ std::unique_ptr<Backend> make_backend(const std::string& device) {
 }
 
 }  // namespace trellm::cli
+
+namespace trellm::cli {
+
+Tokenizer load_tokenizer(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "tokenizer.json").string();
+  if (!fs::exists(path)) fail(dir, ": the model has no tokenizer.json (give token ids with --prompt-ids instead)");
+  return Tokenizer::from_file(path);
+}
+
+}  // namespace trellm::cli

@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   });
   trellm::cli::add_inspect(app);
   trellm::cli::add_run(app);
+  trellm::cli::add_chat(app);
+  trellm::cli::add_tokenize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
