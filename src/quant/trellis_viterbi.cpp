@@ -154,7 +154,7 @@ double encode(const float* w, Codebook cbk, uint16_t* states, float* recon) {
   for (int p = 0; p < kTileElems; p++) {
     const float v = cb[states[p]];
     if (recon) recon[p] = v;
-    err += double(v - w[p]) * double(v - w[p]);
+    err += (double(v) - w[p]) * (double(v) - w[p]);
   }
   return err;
 }
