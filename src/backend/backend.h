@@ -1,0 +1,110 @@
+// The op vocabulary every backend implements (CPU reference, CUDA). The model's forward() is written only
+// in these ops, so one model definition serves every backend and every weight format.
+//
+// Conventions: activations are f32, row-major [rows, cols]; weights keep their checkpoint dtype. Tensor
+// pointers live in the backend's memory (host for CPU, device for CUDA). Ops check shapes and dtypes once
+// and fail loudly on a mismatch (a bug in the caller, not bad input).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace trellm {
+
+struct TrellisWeight;  // src/quant: an EXL3 trellis-coded matrix
+
+// y = x · Wᵀ (+ b): a dense weight [out, in] (bf16 / f16 / f32) or a trellis-coded one.
+struct Linear {
+  int64_t in = 0, out = 0;
+  TensorView weight;                       // dense [out, in]; empty when trellis-coded
+  const TrellisWeight* trellis = nullptr;  // EXL3 codes; null when dense
+  TensorView bias;                         // optional [out]
+  bool present() const { return !weight.empty() || trellis != nullptr; }
+};
+
+struct Expert {
+  Linear gate, up, down;  // gate/up [inter, hidden], down [hidden, inter]
+};
+
+struct MoeRouting {
+  int n_experts = 0;
+  int top_k = 0;
+  int n_group = 1, topk_group = 1;  // group-limited selection (DeepSeek-V3); GLM-4.7-Flash uses 1/1
+  bool norm_topk_prob = true;
+  float routed_scaling_factor = 1.0f;
+};
+
+struct RopeParams {
+  float theta = 10000.0f;
+  int dim = 0;  // rotated dims per head (qk_rope_head_dim); pairs (x0,x1),(x2,x3)... are rotated together
+};
+
+struct MlaDims {
+  int heads = 0;
+  int kv_rank = 0;    // latent c_kv width (512)
+  int rope_dim = 0;   // shared k_rope width (64)
+  int nope_dim = 0;   // per-head non-rotary q/k dims (192)
+  int v_dim = 0;      // per-head value dims (256)
+  float scale = 1.0f; // softmax scale, 1/sqrt(nope + rope)
+  int cache_width() const { return kv_rank + rope_dim; }
+  int q_head_dim() const { return nope_dim + rope_dim; }
+};
+
+enum class MlaMode {
+  Absorbed,  // scores against the latent directly: q_lat = W_UKᵀ q_nope (decode; reads the cache once)
+  Expanded,  // expand K/V per key tile with kv_b_proj (long prompts: fewer FLOPs)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory (never called inside forward) ----
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void release(void* p) = 0;
+  virtual void to_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void from_host(void* dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() {}
+  // True when tensors live in host memory: weights are then used in place from the mmapped checkpoint.
+  virtual bool host_memory() const = 0;
+
+  // ---- ops ----
+  // out[i, :] = table[tokens[i], :] as f32.  tokens: I32 [n];  table: [vocab, hidden]
+  virtual void embed(TensorView out, TensorView tokens, TensorView table) = 0;
+  // out = x / rms(x) * w, per row.  x, out: [n, d] f32 (may alias);  w: [d]
+  virtual void rms_norm(TensorView out, TensorView x, TensorView w, float eps) = 0;
+  // out = a + b elementwise (may alias)
+  virtual void add(TensorView out, TensorView a, TensorView b) = 0;
+  // out = x · Wᵀ + b.  x: [n, in];  out: [n, out]
+  virtual void matmul(TensorView out, TensorView x, const Linear& w) = 0;
+  // out = silu(gate) * up.  all [n, d]
+  virtual void silu_mul(TensorView out, TensorView gate, TensorView up) = 0;
+  // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of
+  // every head; row i is at position pos0 + i.
+  virtual void rope(TensorView x, int offset, int pos0, const RopeParams& rope) = 0;
+  // Appends n tokens to one layer's latent cache [capacity, kv_rank + rope_dim] at rows pos0..pos0+n-1:
+  // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim]
+  virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+                                const RopeParams& rope) = 0;
+  // Causal MLA attention of n queries at positions pos0..pos0+n-1 over cache rows [0, pos0+n).
+  // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
+  virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+                             const MlaDims& dims, MlaMode mode) = 0;
+  // Router: weights/ids [n, top_k] (f32 / I32) from x [n, hidden] and gate [n_experts, hidden];
+  // bias [n_experts] f32 (may be empty) is added for selection only.
+  virtual void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
+                         const MoeRouting& r) = 0;
+  // out = Σ_k weights[:, k] · expert_{ids[:, k]}(x) + shared(x), expert(x) = down(silu(gate x) * up x).
+  // shared may be null.  x, out: [n, hidden] (must not alias).
+  virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                       std::span<const Expert> experts, const Expert* shared) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace trellm

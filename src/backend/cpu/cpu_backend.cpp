@@ -1,0 +1,149 @@
+// CPU backend: elementwise ops, norms, RoPE, dense matmul. Attention and MoE live in their own files.
+#include "backend/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cpu/cpu_kernels.h"
+#include "core/error.h"
+#include "core/thread_pool.h"
+
+namespace trellm {
+
+using namespace cpu;
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+void* CpuBackend::alloc(size_t bytes) {
+  void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  if (!p) fail("out of host memory allocating ", bytes, " bytes");
+  return p;
+}
+void CpuBackend::release(void* p) { std::free(p); }
+void CpuBackend::to_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+void CpuBackend::from_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+
+float* CpuBackend::scratch(size_t slot, size_t floats) {
+  if (scratch_.size() <= slot) scratch_.resize(slot + 1);
+  if (scratch_[slot].size() < floats) scratch_[slot].resize(floats);
+  return scratch_[slot].data();
+}
+
+void CpuBackend::embed(TensorView out, TensorView tokens, TensorView table) {
+  TRELLM_ASSERT(tokens.dtype == DType::I32 && out.dtype == DType::F32);
+  const int64_t n = tokens.numel(), d = table.dim(1);
+  TRELLM_ASSERT(out.rows() == n && out.cols() == d);
+  const int32_t* tok = tokens.ptr<int32_t>();
+  for (int64_t i = 0; i < n; i++) {
+    // Token ids are checked against the vocabulary by the engine before they reach here.
+    TRELLM_ASSERT(tok[i] >= 0 && tok[i] < table.dim(0), "token id ", tok[i]);
+    to_f32(out.ptr<float>() + i * d, static_cast<const char*>(table.data) + tok[i] * d * dtype_size(table.dtype),
+           table.dtype, d);
+  }
+}
+
+void CpuBackend::rms_norm(TensorView out, TensorView x, TensorView w, float eps) {
+  const int64_t n = x.rows(), d = x.cols();
+  TRELLM_ASSERT(out.rows() == n && out.cols() == d && w.numel() == d && w.dtype == DType::F32);
+  const float* wp = w.ptr<float>();
+  parallel_for(n, 4, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) {
+      const float* xi = x.ptr<float>() + i * d;
+      float* oi = out.ptr<float>() + i * d;
+      double ss = 0;
+      for (int64_t j = 0; j < d; j++) ss += double(xi[j]) * xi[j];
+      // transformers: x * rsqrt(mean(x²) + eps) in f32, then weight * x.
+      float r = 1.0f / std::sqrt(float(ss / double(d)) + eps);
+      for (int64_t j = 0; j < d; j++) oi[j] = wp[j] * (xi[j] * r);
+    }
+  });
+}
+
+void CpuBackend::add(TensorView out, TensorView a, TensorView b) {
+  const int64_t n = out.numel();
+  TRELLM_ASSERT(a.numel() == n && b.numel() == n);
+  float* o = out.ptr<float>();
+  const float *pa = a.ptr<float>(), *pb = b.ptr<float>();
+  for (int64_t i = 0; i < n; i++) o[i] = pa[i] + pb[i];
+}
+
+void CpuBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
+  const int64_t n = out.numel();
+  TRELLM_ASSERT(gate.numel() == n && up.numel() == n);
+  float* o = out.ptr<float>();
+  const float *g = gate.ptr<float>(), *u = up.ptr<float>();
+  parallel_for(n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  });
+}
+
+void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
+  const int64_t n = x.rows(), in = x.cols(), outd = w.out;
+  TRELLM_ASSERT(in == w.in && out.numel() == n * outd, "matmul shapes: x ", shape_str(x), " W [",
+                w.out, ", ", w.in, "] out ", shape_str(out));
+  if (w.trellis) fail("trellis-coded weights are not supported by the CPU backend yet");
+  const float* xp = x.ptr<float>();
+  float* op = out.ptr<float>();
+  const size_t esz = dtype_size(w.weight.dtype);
+  const char* wp = static_cast<const char*>(w.weight.data);
+  // Blocks of 16 output rows: their f32 copy (16 × in floats, 128 KB at in = 2048) stays in L2 while every
+  // input row passes over it, so the weights are read from memory once per call.
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (outd + kBlock - 1) / kBlock;
+  parallel_for(blocks, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> wf;
+    wf.resize(size_t(kBlock * in));
+    for (int64_t blk = b0; blk < b1; blk++) {
+      const int64_t o0 = blk * kBlock, o1 = std::min(outd, o0 + kBlock);
+      for (int64_t o = o0; o < o1; o++) to_f32(wf.data() + (o - o0) * in, wp + o * in * esz, w.weight.dtype, in);
+      for (int64_t i = 0; i < n; i++) {
+        const float* xi = xp + i * in;
+        for (int64_t o = o0; o < o1; o++) op[i * outd + o] = dot(wf.data() + (o - o0) * in, xi, in);
+      }
+    }
+  });
+  if (!w.bias.empty()) {
+    TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == outd);
+    for (int64_t i = 0; i < n; i++) axpy(op + i * outd, 1.0f, w.bias.ptr<float>(), outd);
+  }
+}
+
+namespace cpu {
+// Rotates adjacent pairs (x0,x1),(x2,x3),... of x[0:dim] by pos·θ^(-2i/dim). The angle is formed in f32
+// exactly as transformers does (inv_freq and pos·inv_freq in f32), so long positions agree with it.
+void rope_rotate(float* x, int dim, int pos, float theta) {
+  for (int i = 0; i < dim / 2; i++) {
+    float inv_freq = 1.0f / std::pow(theta, float(2 * i) / float(dim));
+    float ang = float(pos) * inv_freq;
+    float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
+    float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = b * c + a * s;
+  }
+}
+}  // namespace cpu
+
+void CpuBackend::rope(TensorView x, int offset, int pos0, const RopeParams& rope) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0);
+  const int64_t n = x.dim(0), heads = x.dim(1), hd = x.dim(2);
+  for (int64_t i = 0; i < n; i++)
+    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, int(pos0 + i), rope.theta);
+}
+
+void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+                                  const RopeParams& rope) {
+  const int64_t n = kv.rows(), width = kv.cols(), rank = norm_w.numel();
+  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos0 + n <= cache.rows(),
+                "cache ", shape_str(cache), " kv ", shape_str(kv), " pos0 ", pos0);
+  for (int64_t i = 0; i < n; i++) {
+    const float* src = kv.ptr<float>() + i * width;
+    float* dst = cache.ptr<float>() + (pos0 + i) * width;
+    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(dst, DType::F32, {1, rank});
+    rms_norm(d, s, norm_w, eps);
+    std::memcpy(dst + rank, src + rank, sizeof(float) * rope.dim);
+    rope_rotate(dst + rank, rope.dim, int(pos0 + i), rope.theta);
+  }
+}
+
+}  // namespace trellm

@@ -1,0 +1,46 @@
+// The CPU backend: the reference implementation of every op (f32 arithmetic, multi-threaded).
+#pragma once
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace trellm {
+
+class CpuBackend final : public Backend {
+ public:
+  std::string name() const override { return "cpu"; }
+  void* alloc(size_t bytes) override;
+  void release(void* p) override;
+  void to_host(void* dst, const void* src, size_t bytes) override;
+  void from_host(void* dst, const void* src, size_t bytes) override;
+  bool host_memory() const override { return true; }
+
+  void embed(TensorView out, TensorView tokens, TensorView table) override;
+  void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
+  void add(TensorView out, TensorView a, TensorView b) override;
+  void matmul(TensorView out, TensorView x, const Linear& w) override;
+  void silu_mul(TensorView out, TensorView gate, TensorView up) override;
+  void rope(TensorView x, int offset, int pos0, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+                        const RopeParams& rope) override;
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+                     const MlaDims& dims, MlaMode mode) override;
+  void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
+                 const MoeRouting& r) override;
+  void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
+               const Expert* shared) override;
+
+ private:
+  // Grow-only scratch (the forward pass stops allocating after its first step).
+  float* scratch(size_t slot, size_t floats);
+  std::vector<std::vector<float>> scratch_;
+};
+
+namespace cpu {
+// Building blocks shared by the CPU ops (also used by tests as straightforward references).
+void rope_rotate(float* x, int dim, int pos, float theta);
+void attention_mla_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+                            const MlaDims& d);
+}  // namespace cpu
+
+}  // namespace trellm

@@ -1,0 +1,122 @@
+// GLM-4.7-Flash forward pass, top to bottom, written only in backend ops.
+#include "model/glm4_moe_lite.h"
+
+#include "core/error.h"
+#include "format/safetensors.h"
+
+namespace trellm {
+
+namespace {
+// The first n rows of a [max, ...] state buffer.
+TensorView rows(TensorView t, int64_t n) {
+  t.shape[0] = n;
+  return t;
+}
+// Prompts up to this many tokens use the absorbed form; longer ones expand K/V per tile (fewer FLOPs once
+// the query count approaches the per-head expansion cost).
+constexpr int kAbsorbedMaxTokens = 16;
+// transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps (1e-6), not rms_norm_eps.
+constexpr float kLatentNormEps = 1e-6f;
+}  // namespace
+
+Model::~Model() {
+  for (void* p : owned_) backend_->release(p);
+}
+
+TensorView Model::alloc(DType t, std::initializer_list<int64_t> shape) {
+  TensorView v(nullptr, t, shape);
+  v.data = backend_->alloc(v.nbytes());
+  owned_.push_back(v.data);
+  return v;
+}
+
+RunState Model::make_run_state(int max_tokens) {
+  const Config& c = config_;
+  const int64_t T = max_tokens;
+  RunState s;
+  s.max_tokens = max_tokens;
+  s.tokens = alloc(DType::I32, {T});
+  s.h = alloc(DType::F32, {T, c.hidden_size});
+  s.x = alloc(DType::F32, {T, c.hidden_size});
+  s.q_a = alloc(DType::F32, {T, std::max<int64_t>(c.q_lora_rank, 1)});
+  s.q = alloc(DType::F32, {T, c.num_attention_heads, c.qk_head_dim()});
+  s.kv = alloc(DType::F32, {T, c.kv_lora_rank + c.qk_rope_head_dim});
+  s.attn = alloc(DType::F32, {T, c.num_attention_heads * c.v_head_dim});
+  s.y = alloc(DType::F32, {T, c.hidden_size});
+  s.mlp_gate = alloc(DType::F32, {T, c.intermediate_size});
+  s.mlp_up = alloc(DType::F32, {T, c.intermediate_size});
+  s.moe_w = alloc(DType::F32, {T, c.num_experts_per_tok});
+  s.moe_ids = alloc(DType::I32, {T, c.num_experts_per_tok});
+  s.logits = alloc(DType::F32, {T, c.vocab_size});
+  return s;
+}
+
+KvCache Model::make_kv_cache(int capacity) {
+  KvCache kv;
+  kv.capacity = capacity;
+  for (int64_t l = 0; l < config_.num_hidden_layers; l++)
+    kv.layers.push_back(alloc(DType::F32, {capacity, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+  return kv;
+}
+
+void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
+  const Config& c = config_;
+  Backend& B = *backend_;
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.capacity);
+  const MlaDims mla = c.mla();
+  const RopeParams rope = c.rope();
+  const float eps = float(c.rms_norm_eps);
+  const MlaMode mode = n <= kAbsorbedMaxTokens ? MlaMode::Absorbed : MlaMode::Expanded;
+
+  TensorView tok = rows(rs.tokens, n);
+  TensorView h = rows(rs.h, n), x = rows(rs.x, n), y = rows(rs.y, n);            // [n, hidden]
+  TensorView q = rows(rs.q, n);                                                     // [n, heads, nope+rope]
+  TensorView kvr = rows(rs.kv, n);                                                  // [n, kv_rank+rope]
+  TensorView attn = rows(rs.attn, n);                                               // [n, heads*v]
+  B.from_host(tok.data, tokens, sizeof(int32_t) * size_t(n));
+  B.embed(h, tok, w_.embed_tokens);
+
+  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
+    const LayerWeights& L = w_.layers[l];
+    // ---- attention (MLA) ----
+    B.rms_norm(x, h, L.input_layernorm, eps);
+    if (c.q_lora_rank > 0) {
+      TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
+      B.matmul(qa, x, L.q_a_proj);
+      B.rms_norm(qa, qa, L.q_a_layernorm, kLatentNormEps);
+      B.matmul(q, qa, L.q_b_proj);
+    } else {
+      B.matmul(q, x, L.q_proj);
+    }
+    B.rope(q, mla.nope_dim, pos, rope);                                             // q_rope of every head
+    B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                        // c_kv | k_rope
+    B.mla_cache_append(kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
+    B.attention_mla(attn, q, kv.layers[l], L.kv_b_proj, pos, mla, mode);
+    B.matmul(y, attn, L.o_proj);
+    B.add(h, h, y);
+    // ---- MLP: dense, or routed experts + shared expert ----
+    B.rms_norm(x, h, L.post_attention_layernorm, eps);
+    if (c.mlp_sparse[l]) {
+      TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
+      B.moe_route(wts, ids, x, L.gate, L.e_score_correction_bias, c.routing());
+      B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
+    } else {
+      TensorView g(rs.mlp_gate.data, DType::F32, {n, c.intermediate_size});
+      TensorView u(rs.mlp_up.data, DType::F32, {n, c.intermediate_size});
+      B.matmul(g, x, L.mlp.gate_proj);
+      B.matmul(u, x, L.mlp.up_proj);
+      B.silu_mul(g, g, u);
+      B.matmul(y, g, L.mlp.down_proj);
+    }
+    B.add(h, h, y);
+  }
+
+  // ---- head: all rows, or just the last ----
+  TensorView hl = all_logits ? h : h[n - 1];
+  if (!all_logits) hl = TensorView(hl.data, DType::F32, {1, c.hidden_size});
+  TensorView xl = rows(x, hl.rows());
+  B.rms_norm(xl, hl, w_.norm, eps);
+  B.matmul(rows(rs.logits, hl.rows()), xl, w_.lm_head);
+}
+
+}  // namespace trellm

@@ -1,0 +1,140 @@
+// GLM-4.7-Flash (Glm4MoeLiteForCausalLM, model_type "glm4_moe_lite"): Multi-head Latent Attention + a
+// sigmoid-routed MoE with a shared expert. One definition for every backend and weight format.
+// Facts and the reference forward pass: shared/GLM47FLASH.md; the oracle is transformers' modeling file.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "core/tensor.h"
+
+namespace trellm {
+
+class TensorStore;
+
+// Named like the config.json keys. Values shown are the released GLM-4.7-Flash's.
+struct Config {
+  int64_t vocab_size = 0;             // 154880
+  int64_t hidden_size = 0;            // 2048
+  int64_t intermediate_size = 0;      // 10240 (dense MLP)
+  int64_t moe_intermediate_size = 0;  // 1536 (each routed / shared expert)
+  int64_t num_hidden_layers = 0;      // 47
+  int64_t num_attention_heads = 0;    // 20
+  int64_t num_key_value_heads = 0;    // 20 (informational: MLA shares one latent)
+  int64_t n_shared_experts = 0;       // 1
+  int64_t n_routed_experts = 0;       // 64
+  double routed_scaling_factor = 1;   // 1.8
+  int64_t kv_lora_rank = 0;           // 512
+  int64_t q_lora_rank = 0;            // 768; 0 = no q LoRA (a plain q_proj)
+  int64_t qk_rope_head_dim = 0;       // 64
+  int64_t qk_nope_head_dim = 0;       // 192
+  int64_t v_head_dim = 0;             // 256
+  int64_t n_group = 1, topk_group = 1;
+  int64_t num_experts_per_tok = 0;    // 4
+  bool norm_topk_prob = true;
+  std::string hidden_act;             // "silu"
+  int64_t max_position_embeddings = 0;  // 202752
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 1e6;            // rope_parameters.rope_theta (or legacy top-level rope_theta)
+  bool rope_interleave = true;
+  bool attention_bias = false;
+  bool tie_word_embeddings = false;
+  std::vector<bool> mlp_sparse;       // per layer, from mlp_layer_types or first_k_dense_replace
+  std::vector<int64_t> eos_token_id;  // all of them stop generation
+  int64_t pad_token_id = -1;
+  int64_t bos_token_id = -1;
+  int64_t num_nextn_predict_layers = 0;  // MTP layers shipped after the decoder layers
+
+  static Config from_json_file(const std::string& path);  // errors name the field
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
+  MlaDims mla() const;
+  MoeRouting routing() const;
+  RopeParams rope() const;
+};
+
+struct DenseMlp {
+  Linear gate_proj, up_proj, down_proj;  // [inter, hidden], [inter, hidden], [hidden, inter]
+};
+
+struct LayerWeights {
+  TensorView input_layernorm;           // [hidden]
+  TensorView post_attention_layernorm;  // [hidden]
+  // attention (MLA)
+  Linear q_proj;                        // [heads*(nope+rope), hidden]   only when q_lora_rank == 0
+  Linear q_a_proj;                      // [q_lora_rank, hidden]
+  TensorView q_a_layernorm;             // [q_lora_rank]
+  Linear q_b_proj;                      // [heads*(nope+rope), q_lora_rank]
+  Linear kv_a_proj_with_mqa;            // [kv_rank + rope, hidden]
+  TensorView kv_a_layernorm;            // [kv_rank]
+  Linear kv_b_proj;                     // [heads*(nope+v), kv_rank]
+  Linear o_proj;                        // [hidden, heads*v]
+  // MLP: dense layers use `mlp`; sparse layers the router + experts + shared expert
+  DenseMlp mlp;
+  TensorView gate;                      // mlp.gate.weight [n_experts, hidden]
+  TensorView e_score_correction_bias;   // [n_experts] f32 (selection only)
+  std::vector<Expert> experts;          // n_experts × {gate, up, down}
+  Expert shared;                        // mlp.shared_experts (intermediate = moe_inter * n_shared)
+};
+
+struct Weights {
+  TensorView embed_tokens;  // model.embed_tokens.weight [vocab, hidden]
+  std::vector<LayerWeights> layers;
+  TensorView norm;          // model.norm.weight [hidden]
+  Linear lm_head;           // [vocab, hidden] (the embedding when tied)
+};
+
+// Scratch for one forward of up to max_tokens rows; sized once, reused by every step.
+struct RunState {
+  int max_tokens = 0;
+  TensorView tokens;      // I32 [max_tokens]
+  TensorView h;           // residual stream [max_tokens, hidden]
+  TensorView x;           // normed input [max_tokens, hidden]
+  TensorView q_a;         // [max_tokens, q_lora_rank]
+  TensorView q;           // [max_tokens, heads, nope+rope]
+  TensorView kv;          // [max_tokens, kv_rank+rope]
+  TensorView attn;        // [max_tokens, heads*v]
+  TensorView y;           // [max_tokens, hidden]
+  TensorView mlp_gate, mlp_up;  // [max_tokens, intermediate]
+  TensorView moe_w;       // [max_tokens, top_k] f32
+  TensorView moe_ids;     // [max_tokens, top_k] I32
+  TensorView logits;      // [max_tokens, vocab]
+};
+
+// The latent KV cache of one sequence: per layer [capacity, kv_rank + rope] (576 values per token).
+struct KvCache {
+  int capacity = 0;
+  std::vector<TensorView> layers;
+};
+
+class Model {
+ public:
+  // Loads config.json and the weights under `dir` onto `backend`.
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+  ~Model();
+
+  const Config& config() const { return config_; }
+  const Weights& weights() const { return w_; }
+  Backend& backend() const { return *backend_; }
+
+  RunState make_run_state(int max_tokens);
+  KvCache make_kv_cache(int capacity);
+
+  // Runs tokens at positions pos..pos+n-1 of the sequence cached in `kv` (n <= rs.max_tokens), appending
+  // them to the cache. Writes logits of every row to rs.logits when all_logits, else of the last row only
+  // (into rs.logits[0]). `tokens` is on the host.
+  void forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits);
+
+ private:
+  Model() = default;
+  TensorView alloc(DType t, std::initializer_list<int64_t> shape);
+
+  Config config_;
+  Weights w_;
+  Backend* backend_ = nullptr;
+  std::unique_ptr<TensorStore> store_;
+  std::vector<void*> owned_;  // backend allocations (weights copies, state) released on destruction
+};
+
+}  // namespace trellm

@@ -1,0 +1,190 @@
+// Loading GLM-4.7-Flash weights. One name table drives loading and checks every tensor's name, dtype and
+// shape; small vectors (norms, biases) become f32 copies, matrices stay in their checkpoint dtype (used in
+// place from the mapping on the CPU, uploaded once on a GPU).
+#include <filesystem>
+#include <set>
+
+#include "core/error.h"
+#include "core/half.h"
+#include "core/log.h"
+#include "format/safetensors.h"
+#include "model/glm4_moe_lite.h"
+
+namespace trellm {
+
+namespace {
+
+struct Loader {
+  const TensorStore& store;
+  Backend& backend;
+  std::vector<void*>& owned;
+  std::set<std::string> used;
+
+  const TensorInfo& find(const std::string& name, const std::vector<int64_t>& shape) {
+    const TensorInfo& t = store.get(name);
+    if (!dtype_is_float(t.dtype))
+      fail(*t.file, ": tensor \"", name, "\" has dtype ", dtype_name(t.dtype), "; expected BF16, F16 or F32");
+    if (t.shape != shape) {
+      TensorView want(nullptr, t.dtype, {});
+      want.ndim = int(shape.size());
+      for (size_t i = 0; i < shape.size(); i++) want.shape[i] = shape[i];
+      fail(*t.file, ": tensor \"", name, "\" has shape ", shape_str(t.view()), "; the config implies ", shape_str(want));
+    }
+    used.insert(name);
+    return t;
+  }
+
+  // A matrix used as stored: in place on a host backend, else one upload.
+  TensorView matrix(const TensorInfo& t) {
+    TensorView v = t.view();
+    if (backend.host_memory()) return v;
+    void* p = backend.alloc(t.nbytes);
+    owned.push_back(p);
+    backend.from_host(p, t.data, t.nbytes);
+    v.data = p;
+    return v;
+  }
+  TensorView matrix(const std::string& name, std::vector<int64_t> shape) { return matrix(find(name, shape)); }
+
+  // A small vector, converted to f32.
+  TensorView vec(const std::string& name, int64_t n) {
+    const TensorInfo& t = find(name, {n});
+    std::vector<float> f(static_cast<size_t>(n));
+    TensorView v = t.view();
+    for (int64_t i = 0; i < n; i++) {
+      switch (t.dtype) {
+        case DType::F32: f[i] = v.ptr<float>()[i]; break;
+        case DType::F16: f[i] = f16_to_f32(v.ptr<uint16_t>()[i]); break;
+        default: f[i] = bf16_to_f32(v.ptr<uint16_t>()[i]); break;
+      }
+    }
+    void* p = backend.alloc(size_t(n) * 4);
+    owned.push_back(p);
+    backend.from_host(p, f.data(), size_t(n) * 4);
+    return TensorView(p, DType::F32, {n});
+  }
+
+  Linear linear(const std::string& prefix, int64_t out, int64_t in) {
+    Linear l;
+    l.in = in;
+    l.out = out;
+    if (store.contains(prefix + ".weight")) {
+      l.weight = matrix(prefix + ".weight", {out, in});
+    } else if (store.contains(prefix + ".trellis")) {
+      fail(store.path(), ": tensor \"", prefix, ".trellis\": trellis-coded (EXL3) weights are not supported yet");
+    } else {
+      fail(store.path(), ": tensor \"", prefix, ".weight\" is missing");
+    }
+    if (store.contains(prefix + ".bias")) l.bias = vec(prefix + ".bias", out);
+    return l;
+  }
+};
+
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) fail(dir, ": not a model directory");
+  std::unique_ptr<Model> m(new Model());
+  m->backend_ = &backend;
+  m->config_ = Config::from_json_file((fs::path(dir) / "config.json").string());
+  m->store_ = std::make_unique<TensorStore>(TensorStore::open(dir));
+  const Config& c = m->config_;
+  Loader L{*m->store_, backend, m->owned_, {}};
+  Weights& w = m->w_;
+
+  const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
+  w.embed_tokens = L.matrix("model.embed_tokens.weight", {c.vocab_size, hid});
+  w.norm = L.vec("model.norm.weight", hid);
+  if (c.tie_word_embeddings) {
+    w.lm_head.in = hid;
+    w.lm_head.out = c.vocab_size;
+    w.lm_head.weight = w.embed_tokens;
+  } else {
+    w.lm_head = L.linear("lm_head", c.vocab_size, hid);
+  }
+
+  bool fused_logged = false;
+  w.layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t i = 0; i < c.num_hidden_layers; i++) {
+    LayerWeights& lw = w.layers[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    lw.input_layernorm = L.vec(p + "input_layernorm.weight", hid);
+    lw.post_attention_layernorm = L.vec(p + "post_attention_layernorm.weight", hid);
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      lw.q_a_proj = L.linear(a + "q_a_proj", c.q_lora_rank, hid);
+      lw.q_a_layernorm = L.vec(a + "q_a_layernorm.weight", c.q_lora_rank);
+      lw.q_b_proj = L.linear(a + "q_b_proj", H * qk, c.q_lora_rank);
+    } else {
+      lw.q_proj = L.linear(a + "q_proj", H * qk, hid);
+    }
+    lw.kv_a_proj_with_mqa = L.linear(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid);
+    lw.kv_a_layernorm = L.vec(a + "kv_a_layernorm.weight", c.kv_lora_rank);
+    lw.kv_b_proj = L.linear(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+    lw.o_proj = L.linear(a + "o_proj", hid, H * c.v_head_dim);
+
+    const std::string mp = p + "mlp.";
+    if (!c.mlp_sparse[i]) {
+      lw.mlp.gate_proj = L.linear(mp + "gate_proj", c.intermediate_size, hid);
+      lw.mlp.up_proj = L.linear(mp + "up_proj", c.intermediate_size, hid);
+      lw.mlp.down_proj = L.linear(mp + "down_proj", hid, c.intermediate_size);
+      continue;
+    }
+    const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
+    lw.gate = L.matrix(mp + "gate.weight", {E, hid});
+    lw.e_score_correction_bias = L.vec(mp + "gate.e_score_correction_bias", E);
+    lw.experts.resize(size_t(E));
+    if (L.store.contains(mp + "experts.gate_up_proj")) {
+      // transformers 5 in-memory layout: gate_up_proj [E, 2I, hidden] (gate rows first), down_proj [E, hidden, I].
+      if (!fused_logged) log_info(dir, ": experts stored fused (3-D gate_up_proj / down_proj)");
+      fused_logged = true;
+      TensorView gu = L.matrix(mp + "experts.gate_up_proj", {E, 2 * I, hid});
+      TensorView dn = L.matrix(mp + "experts.down_proj", {E, hid, I});
+      for (int64_t e = 0; e < E; e++) {
+        TensorView g = gu[e];
+        Expert& ex = lw.experts[e];
+        ex.gate.in = ex.up.in = hid;
+        ex.gate.out = ex.up.out = I;
+        ex.gate.weight = TensorView(g.data, g.dtype, {I, hid});
+        ex.up.weight = TensorView(static_cast<char*>(g.data) + I * hid * dtype_size(g.dtype), g.dtype, {I, hid});
+        ex.down.in = I;
+        ex.down.out = hid;
+        ex.down.weight = dn[e];
+      }
+    } else {
+      for (int64_t e = 0; e < E; e++) {
+        const std::string ep = mp + "experts." + std::to_string(e) + ".";
+        lw.experts[e].gate = L.linear(ep + "gate_proj", I, hid);
+        lw.experts[e].up = L.linear(ep + "up_proj", I, hid);
+        lw.experts[e].down = L.linear(ep + "down_proj", hid, I);
+      }
+    }
+    if (c.n_shared_experts > 0) {
+      const int64_t SI = I * c.n_shared_experts;
+      lw.shared.gate = L.linear(mp + "shared_experts.gate_proj", SI, hid);
+      lw.shared.up = L.linear(mp + "shared_experts.up_proj", SI, hid);
+      lw.shared.down = L.linear(mp + "shared_experts.down_proj", hid, SI);
+    }
+  }
+
+  // Tensors the table did not consume: the MTP layer(s) are expected; anything else is reported.
+  std::vector<std::string> unknown;
+  int mtp = 0;
+  const std::string mtp_prefix = "model.layers." + std::to_string(c.num_hidden_layers) + ".";
+  for (const std::string& name : L.store.names()) {
+    if (L.used.count(name)) continue;
+    if (name.rfind(mtp_prefix, 0) == 0) {
+      mtp++;
+      continue;
+    }
+    unknown.push_back(name);
+  }
+  if (mtp) log_debug(dir, ": ", mtp, " MTP-layer tensors (", mtp_prefix, "*) not used by the forward pass");
+  if (!unknown.empty())
+    log_warn(dir, ": ", unknown.size(), " tensors not used by glm4_moe_lite, e.g. \"", unknown[0], "\"");
+  return m;
+}
+
+}  // namespace trellm

@@ -1,0 +1,184 @@
+// Safetensors reader: round trips, shards, and one test per kind of malformed or hostile file, each
+// expecting its specific error naming the file and tensor.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "format/safetensors.h"
+#include "test_util.h"
+
+using namespace trellm;
+using trellm::testing::TempDir;
+using trellm::testing::write_file;
+using json = nlohmann::json;
+
+namespace {
+
+// A file from a raw header string and data bytes.
+std::string raw_file(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; i++) out[i] = char((n >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+std::string two_tensor_header(uint64_t a0, uint64_t a1, uint64_t b0, uint64_t b1) {
+  json h = {{"a", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {a0, a1}}}},
+            {"b", {{"dtype", "F32"}, {"shape", {2}}, {"data_offsets", {b0, b1}}}}};
+  return h.dump();
+}
+
+TEST(Safetensors, RoundTripAllDtypes) {
+  TempDir d;
+  float f[3] = {1.5f, -2.0f, 3.25f};
+  uint16_t h[4] = {0x3c00, 0xc000, 0x3f80, 0x0001};
+  int32_t i32[2] = {-7, 123456};
+  int16_t i16[3] = {-1, 2, 32767};
+  std::vector<TensorToWrite> ts = {
+      {"f32", DType::F32, {3}, f, sizeof f},       {"f16", DType::F16, {2, 2}, h, sizeof h},
+      {"bf16", DType::BF16, {4}, h, sizeof h},     {"i32", DType::I32, {2, 1}, i32, sizeof i32},
+      {"i16", DType::I16, {3}, i16, sizeof i16},   {"scalar", DType::I32, {}, i32, 4}};
+  write_safetensors(d / "x.safetensors", ts, {{"format", "pt"}});
+  auto file = SafetensorsFile::open(d / "x.safetensors");
+  EXPECT_EQ(file->metadata().at("format"), "pt");
+  ASSERT_EQ(file->tensors().size(), ts.size());
+  for (auto& t : ts) {
+    const TensorInfo* r = file->find(t.name);
+    ASSERT_NE(r, nullptr) << t.name;
+    EXPECT_EQ(r->dtype, t.dtype);
+    EXPECT_EQ(r->shape, t.shape);
+    ASSERT_EQ(r->nbytes, t.nbytes);
+    EXPECT_EQ(std::memcmp(r->data, t.data, t.nbytes), 0) << t.name;
+  }
+  EXPECT_EQ(file->find("scalar")->numel(), 1);
+}
+
+TEST(Safetensors, ShardedCheckpointThroughIndex) {
+  TempDir d;
+  float a[2] = {1, 2}, b[3] = {3, 4, 5};
+  write_safetensors(d / "model-00001-of-00002.safetensors", {{"a", DType::F32, {2}, a, sizeof a}});
+  write_safetensors(d / "model-00002-of-00002.safetensors", {{"b", DType::F32, {3}, b, sizeof b}});
+  json idx = {{"metadata", {{"total_size", 20}}},
+              {"weight_map", {{"a", "model-00001-of-00002.safetensors"}, {"b", "model-00002-of-00002.safetensors"}}}};
+  write_file(d / "model.safetensors.index.json", idx.dump());
+  TensorStore s = TensorStore::open(d.str());
+  EXPECT_EQ(s.names(), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(static_cast<const float*>(s.get("b").data)[2], 5.0f);
+  EXPECT_EQ(s.total_bytes(), 20u);
+  EXPECT_ERROR_CONTAINS(s.get("c"), "\"c\"", "missing");
+}
+
+TEST(Safetensors, IndexNamesTensorAbsentFromItsShard) {
+  TempDir d;
+  float a[2] = {1, 2};
+  write_safetensors(d / "s1.safetensors", {{"a", DType::F32, {2}, a, sizeof a}});
+  write_file(d / "model.safetensors.index.json", json({{"weight_map", {{"a", "s1.safetensors"}, {"ghost", "s1.safetensors"}}}}).dump());
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "\"ghost\"", "s1.safetensors", "does not contain");
+}
+
+TEST(Safetensors, TensorInTwoShards) {
+  TempDir d;
+  float a[2] = {1, 2};
+  write_safetensors(d / "s1.safetensors", {{"a", DType::F32, {2}, a, sizeof a}});
+  write_safetensors(d / "s2.safetensors", {{"a", DType::F32, {2}, a, sizeof a}, {"b", DType::F32, {2}, a, sizeof a}});
+  write_file(d / "model.safetensors.index.json", json({{"weight_map", {{"a", "s1.safetensors"}, {"b", "s2.safetensors"}}}}).dump());
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "\"a\"", "more than one shard");
+}
+
+TEST(Safetensors, IndexWithPathTraversal) {
+  TempDir d;
+  write_file(d / "model.safetensors.index.json", json({{"weight_map", {{"a", "../etc/passwd"}}}}).dump());
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "plain file name");
+}
+
+TEST(Safetensors, EmptyDirectory) {
+  TempDir d;
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "no model.safetensors");
+}
+
+TEST(Safetensors, FileShorterThanLengthPrefix) {
+  TempDir d;
+  write_file(d / "t.safetensors", "abc");
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "t.safetensors", "truncated");
+}
+
+TEST(Safetensors, TruncatedData) {
+  TempDir d;
+  float a[4] = {1, 2, 3, 4};
+  write_safetensors(d / "t.safetensors", {{"w", DType::F32, {4}, a, sizeof a}});
+  std::string bytes = trellm::testing::read_file(d / "t.safetensors");
+  write_file(d / "t.safetensors", bytes.substr(0, bytes.size() - 5));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "t.safetensors", "\"w\"", "outside the data buffer");
+}
+
+TEST(Safetensors, HeaderLongerThanFile) {
+  TempDir d;
+  std::string f = raw_file("{}", "");
+  f[0] = char(200);  // claims a 200-byte header
+  write_file(d / "t.safetensors", f);
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "truncated", "header claims 200");
+}
+
+TEST(Safetensors, HostileHeaderLength) {
+  TempDir d;
+  std::string f = raw_file("{}", "");
+  for (int i = 0; i < 8; i++) f[i] = char(0xff);
+  write_file(d / "t.safetensors", f);
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "exceeds the limit");
+}
+
+TEST(Safetensors, BadHeaderJson) {
+  TempDir d;
+  write_file(d / "t.safetensors", raw_file("{\"a\": {\"dtype\": ", ""));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "t.safetensors", "invalid safetensors header JSON");
+  write_file(d / "u.safetensors", raw_file("[1, 2]", ""));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "u.safetensors"), "not a JSON object");
+}
+
+TEST(Safetensors, OffsetOutOfRange) {
+  TempDir d;
+  write_file(d / "t.safetensors", raw_file(two_tensor_header(0, 8, 8, 16), std::string(12, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"b\"", "[8, 16]", "outside the data buffer");
+}
+
+TEST(Safetensors, OverlappingTensors) {
+  TempDir d;
+  write_file(d / "t.safetensors", raw_file(two_tensor_header(0, 8, 4, 12), std::string(16, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"a\"", "\"b\"", "overlap");
+}
+
+TEST(Safetensors, ReversedOffsets) {
+  TempDir d;
+  write_file(d / "t.safetensors", raw_file(two_tensor_header(8, 0, 8, 16), std::string(16, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"a\"", "reversed");
+}
+
+TEST(Safetensors, ShapeDoesNotMatchByteLength) {
+  TempDir d;
+  json h = {{"w", {{"dtype", "BF16"}, {"shape", {3, 3}}, {"data_offsets", {0, 16}}}}};
+  write_file(d / "t.safetensors", raw_file(h.dump(), std::string(16, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "byte length 16", "= 18");
+}
+
+TEST(Safetensors, UnknownDtypeAndBadFields) {
+  TempDir d;
+  json h = {{"w", {{"dtype", "F8_E4M3"}, {"shape", {2}}, {"data_offsets", {0, 2}}}}};
+  write_file(d / "t.safetensors", raw_file(h.dump(), "xx"));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "unsupported dtype \"F8_E4M3\"");
+  h = {{"w", {{"dtype", "F32"}, {"shape", {-2}}, {"data_offsets", {0, 8}}}}};
+  write_file(d / "t.safetensors", raw_file(h.dump(), std::string(8, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "non-negative");
+  h = {{"w", {{"dtype", "F32"}, {"shape", {2}}}}};
+  write_file(d / "t.safetensors", raw_file(h.dump(), std::string(8, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "data_offsets");
+  h = {{"w", {{"dtype", "F32"}, {"shape", {1u << 31, 1u << 31, 1u << 31}}, {"data_offsets", {0, 8}}}}};
+  write_file(d / "t.safetensors", raw_file(h.dump(), std::string(8, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "too large");
+}
+
+TEST(Safetensors, MissingFile) {
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open("/nonexistent/x.safetensors"), "/nonexistent/x.safetensors", "cannot open");
+}
+
+}  // namespace

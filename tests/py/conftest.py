@@ -1,0 +1,20 @@
+import os
+import subprocess
+
+import pytest
+
+BIN = os.environ.get("TRELLM_BIN", os.path.join(os.path.dirname(__file__), "../../build/trellm"))
+DATA = os.environ.get("TRELLM_TEST_DATA", os.path.join(os.path.dirname(__file__), "../data"))
+
+
+def trellm(*args, check=True, timeout=300):
+    """Runs the trellm binary; returns (returncode, stdout, stderr)."""
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"trellm {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
+    return p.returncode, p.stdout, p.stderr
+
+
+@pytest.fixture
+def data_dir():
+    return DATA

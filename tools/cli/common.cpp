@@ -1,0 +1,57 @@
+#include "common.h"
+
+#include <unistd.h>
+
+#include <climits>
+#include <filesystem>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace trellm::cli {
+
+namespace fs = std::filesystem;
+
+std::string default_model_dir() {
+  // Next to the build tree (build/trellm -> ../<dir>), else the source tree this binary was built from.
+  const char* rel = "tests/data/hf/tiny_a";
+  char buf[PATH_MAX];
+  ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n > 0) {
+    buf[n] = 0;
+    fs::path p = fs::path(buf).parent_path().parent_path() / rel;
+    if (fs::exists(p / "config.json")) return p.string();
+  }
+  return std::string(TRELLM_SOURCE_DIR) + "/" + rel;
+}
+
+std::string resolve_model(const std::string& given) {
+  if (!given.empty()) return given;
+  std::string d = default_model_dir();
+  std::fprintf(stderr, "trellm: no --model given; using the built-in model %s (a tiny random-weight fixture)\n", d.c_str());
+  return d;
+}
+
+std::vector<int32_t> parse_ids(const std::string& csv) {
+  std::vector<int32_t> ids;
+  std::string s = csv;
+  for (char& c : s)
+    if (c == ',') c = ' ';
+  std::istringstream in(s);
+  std::string tok;
+  while (in >> tok) {
+    char* end = nullptr;
+    long v = std::strtol(tok.c_str(), &end, 10);
+    if (*end || v < 0 || v > INT32_MAX) fail("--prompt-ids: \"", tok, "\" is not a token id");
+    ids.push_back(int32_t(v));
+  }
+  if (ids.empty()) fail("--prompt-ids: no token ids given");
+  return ids;
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device) {
+  if (device == "cpu" || device == "auto") return make_cpu_backend();
+  fail("--device ", device, ": unknown device (available: cpu)");
+}
+
+}  // namespace trellm::cli

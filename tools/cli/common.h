@@ -1,0 +1,26 @@
+// Shared pieces of the trellm CLI subcommands.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace trellm::cli {
+
+// The model shipped in the repository, used when --model is not given.
+std::string default_model_dir();
+// --model or the default (with a note on stderr saying which).
+std::string resolve_model(const std::string& given);
+
+std::vector<int32_t> parse_ids(const std::string& csv);  // "1,2,3" or "1 2 3"
+
+std::unique_ptr<Backend> make_backend(const std::string& device);
+
+// Registration of each subcommand (one file each).
+void add_inspect(CLI::App& app);
+void add_run(CLI::App& app);
+
+}  // namespace trellm::cli
