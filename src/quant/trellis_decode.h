@@ -133,9 +133,6 @@ TRELLM_HD void lane_states(const uint32_t* W, int K, int t, uint32_t out[8]) {
   const uint32_t w0 = W[a % n_words], w1 = W[(a + 1) % n_words], w2 = W[(a + 2) % n_words];
   const uint64_t hi = (uint64_t(w0) << 32) | w1;  // bits [32a, 32a+64)
   const uint64_t lo = (uint64_t(w1) << 32) | w2;  // bits [32a+32, 32a+96)
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
   for (int j = 0; j < 8; j++) {
     const int e = (8 * t + j + 1) * K + kTileElems * K - 32 * a;  // window end relative to word a, <= 96
     // e <= 64: the window lies in hi; otherwise e >= 65 so its start e-16 >= 49 lies in lo.

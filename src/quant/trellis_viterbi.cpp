@@ -97,7 +97,8 @@ void forward(const float* cb, const float* w, int steps, Scratch& sc) {
       float best = kInf;
       int bk = 0;
       for (int k = 0; k < kBranch; k++) {
-        const float d = cb[k * kNodes + o] - wv, c = cost[k * kGroups + (o >> K)] + d * d;
+        // std::fma: the same single rounding as the AVX2 path and the CUDA twin
+        const float d = cb[k * kNodes + o] - wv, c = std::fma(d, d, cost[k * kGroups + (o >> K)]);
         if (c < best) best = c, bk = k;
       }
       next[o] = best;
