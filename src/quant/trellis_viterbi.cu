@@ -126,6 +126,11 @@ void launch(const float* cb, const float* w, uint16_t* states, float* recon, flo
 
 }  // namespace
 
+bool viterbi_cuda_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
   if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
   if (n <= 0) return 0.0;

@@ -9,6 +9,9 @@
 
 namespace trellm::trellis {
 
+// True when a CUDA device is present (tests skip otherwise).
+bool viterbi_cuda_available();
+
 // Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
 // Works through the tiles in chunks sized to a scratch budget (backpointers: 256 * 2^(16-K) bytes a tile).
 // Returns the total squared error. Throws trellm::Error on a CUDA failure.
