@@ -164,6 +164,7 @@ TrellisWeight EncodedLinear::view(const std::string& key) const {
   w.trellis = trellis.data();
   w.suh = suh.data();
   w.svh = svh.data();
+  if (!bias.empty()) w.bias = TensorView(const_cast<uint16_t*>(bias.data()), DType::F16, {out_padded});
   return w;
 }
 

@@ -37,6 +37,7 @@ struct EncodedLinear {
   int64_t in = 0, out = 0, in_padded = 0, out_padded = 0;
   std::vector<uint16_t> trellis;      // (in_padded/16, out_padded/16, 16K) int16 bit patterns
   std::vector<uint16_t> suh, svh;     // fp16 bits, (in_padded,) and (out_padded,)
+  std::vector<uint16_t> bias;         // optional fp16 (out_padded,), see padded_bias_f16 (exl3_export.h)
   float g_scale = 1.0f;               // the global scale the search chose
   bool used_hessian = false;          // LDLQ (true) or plain per-tile Viterbi (false)
   double proxy_err = 0;               // tr(E H' Eᵀ)/tr(W H' Wᵀ) with LDLQ; relative MSE in the rotated domain otherwise
