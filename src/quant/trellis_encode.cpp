@@ -260,7 +260,9 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
         for (int64_t j = 0; j < kp; j++) {
           double h = i < in && j < in ? hessian[i * in + j] : 0.0;
           if (i == j) h += opt.sigma_reg * mean_diag;
-          hr[i * kp + j] = float(h * su_div[i] * su_div[j]);
+          const double si = opt.hessian_signs_only ? (su_div[i] < 0 ? -1.0 : 1.0) : su_div[i];
+          const double sj = opt.hessian_signs_only ? (su_div[j] < 0 ? -1.0 : 1.0) : su_div[j];
+          hr[i * kp + j] = float(h * si * sj);
         }
       hadamard_rows(hr.data(), kp, kp);
       hadamard_cols(hr.data(), kp, kp);

@@ -28,6 +28,8 @@ struct EncodeOptions {
   float fixed_scale = 1.0f;
   float sigma_reg = 0.025f;           // Hessian damping, times mean(diag H)
   int cholesky_retries = 10;
+  // exllamav3's LDLQ metric: H' built with the signs of su only (false: with the full su, our default).
+  bool hessian_signs_only = false;
 };
 
 // The EXL3 tensors of one Linear, owned.
