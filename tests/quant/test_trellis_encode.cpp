@@ -9,6 +9,7 @@
 #include "core/half.h"
 #include "core/rng.h"
 #include "quant/block_ldl.h"
+#include "quant/hessian.h"
 #include "quant/trellis_encode.h"
 #include "quant/trellis_pack.h"
 #include "quant/trellis_ref.h"
@@ -230,6 +231,11 @@ TEST(Encoder, LdlqBeatsPlainViterbiInHessianMetric) {
   const EncodedLinear ldlq = quantize_linear(hf.data(), out, in, h.data(), o);
   EXPECT_FALSE(plain.used_hessian);
   EXPECT_TRUE(ldlq.used_hessian);
+  // no calibration data (H = 0): plain Viterbi, the same result as passing no Hessian
+  const std::vector<float> zero(in * in, 0.0f);
+  const EncodedLinear fallback = quantize_linear(hf.data(), out, in, zero.data(), o);
+  EXPECT_FALSE(fallback.used_hessian);
+  EXPECT_EQ(fallback.trellis, plain.trellis);
   std::vector<float> wp(in * out), wl(in * out);
   dequantize_in_out_f32(plain.view(), wp.data());
   dequantize_in_out_f32(ldlq.view(), wl.data());
@@ -262,4 +268,27 @@ TEST(Encoder, PaddingZeroColumnsAndRoundTrip) {
   dequantize_hf_f32(w, wq.data());
   for (int64_t i = 0; i < in; i++) ASSERT_EQ(wq[7 * in + i], 0.0f);
   EXPECT_NEAR(rel_err(wq, hf), std::sqrt(0.00446), 0.012);  // §6 MUL1 K=4 MSE 0.00446
+}
+
+TEST(Hessian, AccumulatesXtXOverFiniteRows) {
+  Rng rng(12);
+  const int64_t in = 40, rows = 30;
+  auto x = gaussian(rng, size_t(rows * in));
+  x[5 * in + 3] = NAN;       // row 5 dropped
+  x[9 * in + 0] = INFINITY;  // row 9 dropped
+  HessianAccumulator acc(in);
+  acc.add(x.data(), 17);  // in two calls
+  acc.add(x.data() + 17 * in, rows - 17);
+  EXPECT_EQ(acc.rows(), rows - 2);
+  EXPECT_EQ(acc.dropped(), 2);
+  const auto h = acc.hessian();
+  for (int64_t i = 0; i < in; i++)
+    for (int64_t j = 0; j < in; j++) {
+      double s = 0;
+      for (int64_t r = 0; r < rows; r++)
+        if (r != 5 && r != 9) s += double(x[r * in + i]) * x[r * in + j];
+      ASSERT_NEAR(h[i * in + j], s / (rows - 2), 1e-5) << i << "," << j;
+    }
+  HessianAccumulator empty(8);
+  for (float v : empty.hessian()) EXPECT_EQ(v, 0.0f);
 }
