@@ -7,23 +7,38 @@
 
 namespace trellm::trellis {
 
+namespace {
+// sum_k x[k]·y[k] over [0, n) with four independent accumulators: the plain loop is one dependent add chain
+// (~4 cycles a term); four chains let the compiler overlap them. Cholesky on this 2-core Xeon: n = 1024
+// 0.10 s -> 0.05 s, n = 2048 0.43 s (then memory-bound: row prefixes stream from L3).
+double dot(const double* x, const double* y, int64_t n) {
+  double a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    a0 += x[k] * y[k];
+    a1 += x[k + 1] * y[k + 1];
+    a2 += x[k + 2] * y[k + 2];
+    a3 += x[k + 3] * y[k + 3];
+  }
+  for (; k < n; k++) a0 += x[k] * y[k];
+  return (a0 + a1) + (a2 + a3);
+}
+}  // namespace
+
 bool cholesky_lower(double* a, int64_t n) {
   // Crout order, row-major: C[i][j] = (a[i][j] - C[i][:j]·C[j][:j]) / C[j][j]; both dot products are
   // contiguous. Columns are sequential, rows below the pivot run in parallel: n^3/6 multiply-adds
   // (2048: 1.4 G, about a second on two cores).
   for (int64_t j = 0; j < n; j++) {
     double* rj = a + j * n;
-    double d = rj[j];
-    for (int64_t k = 0; k < j; k++) d -= rj[k] * rj[k];
+    const double d = rj[j] - dot(rj, rj, j);
     if (!(d > 0.0) || !std::isfinite(d)) return false;
     const double cjj = std::sqrt(d), inv = 1.0 / cjj;
     rj[j] = cjj;
     parallel_for(n - j - 1, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = j + 1 + i0; i < j + 1 + i1; i++) {
         double* ri = a + i * n;
-        double s = ri[j];
-        for (int64_t k = 0; k < j; k++) s -= ri[k] * rj[k];
-        ri[j] = s * inv;
+        ri[j] = (ri[j] - dot(ri, rj, j)) * inv;
       }
     });
   }

@@ -279,21 +279,25 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
            " damping retries");
     quantize_ldlq(wr.data(), l.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data());
     enc.used_hessian = true;
-    // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W), column by column
-    std::vector<double> num(static_cast<size_t>(np), 0.0), den(static_cast<size_t>(np), 0.0);
-    parallel_for(np, 8, [&](int64_t j0, int64_t j1) {
-      std::vector<double> e(static_cast<size_t>(kp)), x(static_cast<size_t>(kp));
-      for (int64_t j = j0; j < j1; j++) {
-        for (int64_t i = 0; i < kp; i++) x[i] = wr[i * np + j], e[i] = x[i] - recon[i * np + j];
-        double a = 0, b = 0;
-        for (int64_t i = 0; i < kp; i++) {
-          double he = 0, hx = 0;
-          const float* hi = hr.data() + i * kp;
-          for (int64_t t = 0; t < kp; t++) he += hi[t] * e[t], hx += hi[t] * x[t];
-          a += e[i] * he;
-          b += x[i] * hx;
+    // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W): rows of H'·E and H'·W accumulated as saxpy over whole rows
+    // (vectorises over the out dimension), kp^2·np multiply-adds each, parallel over row blocks.
+    std::vector<double> num(static_cast<size_t>(kp), 0.0), den(static_cast<size_t>(kp), 0.0);
+    std::vector<float> e(wr.size());
+    for (size_t i = 0; i < e.size(); i++) e[i] = wr[i] - recon[i];
+    parallel_for(kp, 4, [&](int64_t i0, int64_t i1) {
+      std::vector<float> he(static_cast<size_t>(np)), hw(static_cast<size_t>(np));
+      for (int64_t i = i0; i < i1; i++) {
+        std::fill(he.begin(), he.end(), 0.0f);
+        std::fill(hw.begin(), hw.end(), 0.0f);
+        for (int64_t t = 0; t < kp; t++) {
+          const float h = hr[i * kp + t];
+          const float* et = e.data() + t * np;
+          const float* wt = wr.data() + t * np;
+          for (int64_t c = 0; c < np; c++) he[c] += h * et[c], hw[c] += h * wt[c];
         }
-        num[j] = a, den[j] = b;
+        double a = 0, b = 0;
+        for (int64_t c = 0; c < np; c++) a += double(e[i * np + c]) * he[c], b += double(wr[i * np + c]) * hw[c];
+        num[i] = a, den[i] = b;
       }
     });
     enc.proxy_err = std::accumulate(num.begin(), num.end(), 0.0) /
