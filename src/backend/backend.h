@@ -15,15 +15,17 @@
 
 namespace trellm {
 
+namespace trellis {
 struct TrellisWeight;  // src/quant: an EXL3 trellis-coded matrix
+}
 
 // y = x · Wᵀ (+ b): a dense weight [out, in] (bf16 / f16 / f32) or a trellis-coded one.
 struct Linear {
   int64_t in = 0, out = 0;
-  TensorView weight;                       // dense [out, in]; empty when trellis-coded
-  const TrellisWeight* trellis = nullptr;  // EXL3 codes; null when dense
-  TensorView bias;                         // optional [out]
-  bool present() const { return !weight.empty() || trellis != nullptr; }
+  TensorView weight;                          // dense [out, in]; empty when trellis-coded
+  const trellis::TrellisWeight* exl3 = nullptr;  // EXL3 codes (in the backend's memory); null when dense
+  TensorView bias;                            // optional [out] f32 (also for trellis-coded weights)
+  bool present() const { return !weight.empty() || exl3 != nullptr; }
 };
 
 struct Expert {
@@ -54,6 +56,14 @@ struct MlaDims {
   int q_head_dim() const { return nope_dim + rope_dim; }
 };
 
+// Where the rows of a step sit in their sequence. pos is I32 [n] in the backend's memory (so a captured
+// CUDA graph reads the current positions at replay); bound is a host-side upper bound on pos[i] + 1 for
+// every row, used to size grids and tiles (a graph captured with bound = cache capacity serves every step).
+struct Positions {
+  TensorView pos;
+  int bound = 0;
+};
+
 enum class MlaMode {
   Absorbed,  // scores against the latent directly: q_lat = W_UKᵀ q_nope (decode; reads the cache once)
   Expanded,  // expand K/V per key tile with kv_b_proj (long prompts: fewer FLOPs)
@@ -72,6 +82,8 @@ class Backend {
   virtual void synchronize() {}
   // True when tensors live in host memory: weights are then used in place from the mmapped checkpoint.
   virtual bool host_memory() const = 0;
+  // Element type of the latent KV cache (CPU: F32, the reference; CUDA: BF16, half the bytes per step).
+  virtual DType kv_dtype() const = 0;
 
   // ---- ops ----
   // out[i, :] = table[tokens[i], :] as f32.  tokens: I32 [n];  table: [vocab, hidden]
@@ -85,15 +97,15 @@ class Backend {
   // out = silu(gate) * up.  all [n, d]
   virtual void silu_mul(TensorView out, TensorView gate, TensorView up) = 0;
   // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of
-  // every head; row i is at position pos0 + i.
-  virtual void rope(TensorView x, int offset, int pos0, const RopeParams& rope) = 0;
-  // Appends n tokens to one layer's latent cache [capacity, kv_rank + rope_dim] at rows pos0..pos0+n-1:
-  // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim]
-  virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  // every head; row i is at position pos[i].
+  virtual void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) = 0;
+  // Writes n tokens into one layer's latent cache [capacity, kv_rank + rope_dim] (kv_dtype()) at rows pos[i]:
+  // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim] f32
+  virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                 const RopeParams& rope) = 0;
-  // Causal MLA attention of n queries at positions pos0..pos0+n-1 over cache rows [0, pos0+n).
+  // Causal MLA attention: query row i attends to cache rows [0, pos[i]].
   // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
-  virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                              const MlaDims& dims, MlaMode mode) = 0;
   // Router: weights/ids [n, top_k] (f32 / I32) from x [n, hidden] and gate [n_experts, hidden];
   // bias [n_experts] f32 (may be empty) is added for selection only.
@@ -106,5 +118,9 @@ class Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend();
+// True when this build has CUDA and a usable GPU is present.
+bool cuda_available();
+// The CUDA backend on GPU `device`; an Error when the build has no CUDA or no such GPU exists.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 
 }  // namespace trellm

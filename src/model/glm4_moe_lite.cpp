@@ -3,6 +3,7 @@
 
 #include "core/error.h"
 #include "format/safetensors.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 
@@ -36,6 +37,8 @@ RunState Model::make_run_state(int max_tokens) {
   RunState s;
   s.max_tokens = max_tokens;
   s.tokens = alloc(DType::I32, {T});
+  s.pos = alloc(DType::I32, {T});
+  s.host_pos.resize(size_t(T));
   s.h = alloc(DType::F32, {T, c.hidden_size});
   s.x = alloc(DType::F32, {T, c.hidden_size});
   s.q_a = alloc(DType::F32, {T, std::max<int64_t>(c.q_lora_rank, 1)});
@@ -51,29 +54,37 @@ RunState Model::make_run_state(int max_tokens) {
   return s;
 }
 
-KvCache Model::make_kv_cache(int capacity) {
+KvCache Model::make_kv_cache(int capacity, std::optional<DType> dtype) {
   KvCache kv;
   kv.capacity = capacity;
   for (int64_t l = 0; l < config_.num_hidden_layers; l++)
-    kv.layers.push_back(alloc(DType::F32, {capacity, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()), {capacity, config_.kv_lora_rank + config_.qk_rope_head_dim}));
   return kv;
 }
 
 void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.capacity);
+  for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i;
+  backend_->from_host(rs.tokens.data, tokens, sizeof(int32_t) * size_t(n));
+  backend_->from_host(rs.pos.data, rs.host_pos.data(), sizeof(int32_t) * size_t(n));
+  forward_uploaded(rs, kv, n, pos + n, all_logits);
+}
+
+void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, bool all_logits) {
   const Config& c = config_;
   Backend& B = *backend_;
-  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.capacity);
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && kv_bound <= kv.capacity);
   const MlaDims mla = c.mla();
   const RopeParams rope = c.rope();
   const float eps = float(c.rms_norm_eps);
   const MlaMode mode = n <= kAbsorbedMaxTokens ? MlaMode::Absorbed : MlaMode::Expanded;
 
   TensorView tok = rows(rs.tokens, n);
+  const Positions pos{rows(rs.pos, n), kv_bound};
   TensorView h = rows(rs.h, n), x = rows(rs.x, n), y = rows(rs.y, n);            // [n, hidden]
   TensorView q = rows(rs.q, n);                                                     // [n, heads, nope+rope]
   TensorView kvr = rows(rs.kv, n);                                                  // [n, kv_rank+rope]
   TensorView attn = rows(rs.attn, n);                                               // [n, heads*v]
-  B.from_host(tok.data, tokens, sizeof(int32_t) * size_t(n));
   B.embed(h, tok, w_.embed_tokens);
 
   for (int64_t l = 0; l < c.num_hidden_layers; l++) {

@@ -4,11 +4,13 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "core/tensor.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 
@@ -46,6 +48,7 @@ struct Config {
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   int64_t num_nextn_predict_layers = 0;  // MTP layers shipped after the decoder layers
+  std::optional<trellis::Exl3QuantConfig> exl3;  // quantization_config of an EXL3 checkpoint
 
   static Config from_json_file(const std::string& path);  // errors name the field
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
@@ -89,6 +92,7 @@ struct Weights {
 struct RunState {
   int max_tokens = 0;
   TensorView tokens;      // I32 [max_tokens]
+  TensorView pos;         // I32 [max_tokens] position of each row in its sequence
   TensorView h;           // residual stream [max_tokens, hidden]
   TensorView x;           // normed input [max_tokens, hidden]
   TensorView q_a;         // [max_tokens, q_lora_rank]
@@ -100,6 +104,7 @@ struct RunState {
   TensorView moe_w;       // [max_tokens, top_k] f32
   TensorView moe_ids;     // [max_tokens, top_k] I32
   TensorView logits;      // [max_tokens, vocab]
+  std::vector<int32_t> host_pos;  // staging for positions, [max_tokens]
 };
 
 // The latent KV cache of one sequence: per layer [capacity, kv_rank + rope] (576 values per token).
@@ -119,12 +124,16 @@ class Model {
   Backend& backend() const { return *backend_; }
 
   RunState make_run_state(int max_tokens);
-  KvCache make_kv_cache(int capacity);
+  // A latent cache for `capacity` tokens; dtype defaults to the backend's (CPU F32, CUDA BF16).
+  KvCache make_kv_cache(int capacity, std::optional<DType> dtype = std::nullopt);
 
   // Runs tokens at positions pos..pos+n-1 of the sequence cached in `kv` (n <= rs.max_tokens), appending
   // them to the cache. Writes logits of every row to rs.logits when all_logits, else of the last row only
   // (into rs.logits[0]). `tokens` is on the host.
   void forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits);
+  // The same with rs.tokens[0..n) and rs.pos[0..n) already on the backend; kv_bound bounds pos[i] + 1 (the
+  // cache capacity when the step is captured once as a CUDA graph and replayed at every position).
+  void forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, bool all_logits);
 
  private:
   Model() = default;
@@ -135,6 +144,8 @@ class Model {
   Backend* backend_ = nullptr;
   std::unique_ptr<TensorStore> store_;
   std::vector<void*> owned_;  // backend allocations (weights copies, state) released on destruction
+  std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3_;  // descriptors the Linears point to
+  friend struct ModelLoader;
 };
 
 }  // namespace trellm

@@ -6,6 +6,7 @@
 #include "core/log.h"
 #include "format/json_file.h"
 #include "model/glm4_moe_lite.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 
@@ -112,12 +113,8 @@ Config Config::from_json_file(const std::string& path) {
   for (int64_t e : c.eos_token_id)
     if (e < 0 || e >= c.vocab_size) f.bad("eos_token_id", "ids must lie in 0..vocab_size-1");
 
-  if (f.has("quantization_config")) {
-    JsonFields q = f.sub("quantization_config");
-    std::string method = q.get_str("quant_method");
-    if (method != "exl3")
-      q.bad("quant_method", "unknown quantization format (trellm reads unquantized checkpoints and \"exl3\")");
-  }
+  // EXL3 (trellis) checkpoints carry quantization_config; anything else there is refused, naming the key.
+  c.exl3 = trellis::exl3_config_from_model_config(j, path);
   return c;
 }
 

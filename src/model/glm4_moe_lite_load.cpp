@@ -9,6 +9,7 @@
 #include "core/log.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm {
 
@@ -18,7 +19,19 @@ struct Loader {
   const TensorStore& store;
   Backend& backend;
   std::vector<void*>& owned;
+  std::vector<std::unique_ptr<trellis::TrellisWeight>>& exl3;
+  std::vector<std::string> names;  // sorted, for prefix ranges
   std::set<std::string> used;
+  int dense_linears = 0, trellis_linears = 0;
+
+  // Copies host bytes to the backend (no copy on a host backend).
+  const void* place(const void* host, size_t bytes) {
+    if (backend.host_memory()) return host;
+    void* p = backend.alloc(bytes);
+    owned.push_back(p);
+    backend.from_host(p, host, bytes);
+    return p;
+  }
 
   const TensorInfo& find(const std::string& name, const std::vector<int64_t>& shape) {
     const TensorInfo& t = store.get(name);
@@ -70,13 +83,53 @@ struct Loader {
     l.out = out;
     if (store.contains(prefix + ".weight")) {
       l.weight = matrix(prefix + ".weight", {out, in});
+      if (store.contains(prefix + ".bias")) l.bias = vec(prefix + ".bias", out);
+      dense_linears++;
     } else if (store.contains(prefix + ".trellis")) {
-      fail(store.path(), ": tensor \"", prefix, ".trellis\": trellis-coded (EXL3) weights are not supported yet");
+      l.exl3 = trellis_linear(prefix, in, out, l.bias);
+      trellis_linears++;
     } else {
       fail(store.path(), ": tensor \"", prefix, ".weight\" is missing");
     }
-    if (store.contains(prefix + ".bias")) l.bias = vec(prefix + ".bias", out);
     return l;
+  }
+
+  // An EXL3 Linear: validated by the trellis reader, codes and channel scales placed on the backend. The
+  // bias becomes the Linear's f32 bias, so dense and trellis layers add it the same way.
+  const trellis::TrellisWeight* trellis_linear(const std::string& key, int64_t in, int64_t out, TensorView& bias) {
+    auto lo = std::lower_bound(names.begin(), names.end(), key + ".");
+    std::vector<std::string> under;
+    for (auto it = lo; it != names.end() && it->compare(0, key.size() + 1, key + ".") == 0; ++it) under.push_back(*it);
+    trellis::TensorFinder finder = [&](const std::string& n) -> std::optional<TensorView> {
+      const TensorInfo* t = store.find(n);
+      if (!t) return std::nullopt;
+      return t->view();
+    };
+    auto w = std::make_unique<trellis::TrellisWeight>(trellis::read_trellis_weight(key, finder, in, out, &under));
+    for (auto& n : under) used.insert(n);
+    if (w->has_bias()) {
+      std::vector<float> b(static_cast<size_t>(out));
+      for (int64_t i = 0; i < out; i++) b[i] = cpu_value(w->bias, i);
+      void* p = backend.alloc(size_t(out) * 4);
+      owned.push_back(p);
+      backend.from_host(p, b.data(), size_t(out) * 4);
+      bias = TensorView(p, DType::F32, {out});
+      w->bias = TensorView();
+    }
+    const size_t u16 = sizeof(uint16_t);
+    w->trellis = static_cast<const uint16_t*>(place(w->trellis, size_t(w->trellis_bytes())));
+    w->suh = static_cast<const uint16_t*>(place(w->suh, size_t(w->in_padded) * u16));
+    w->svh = static_cast<const uint16_t*>(place(w->svh, size_t(w->out_padded) * u16));
+    exl3.push_back(std::move(w));
+    return exl3.back().get();
+  }
+
+  static float cpu_value(const TensorView& t, int64_t i) {
+    switch (t.dtype) {
+      case DType::F32: return t.ptr<float>()[i];
+      case DType::F16: return f16_to_f32(t.ptr<uint16_t>()[i]);
+      default: return bf16_to_f32(t.ptr<uint16_t>()[i]);
+    }
   }
 };
 
@@ -91,7 +144,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   m->config_ = Config::from_json_file((fs::path(dir) / "config.json").string());
   m->store_ = std::make_unique<TensorStore>(TensorStore::open(dir));
   const Config& c = m->config_;
-  Loader L{*m->store_, backend, m->owned_, {}};
+  Loader L{*m->store_, backend, m->owned_, m->exl3_, m->store_->names(), {}};
   Weights& w = m->w_;
 
   const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
@@ -182,6 +235,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
     unknown.push_back(name);
   }
   if (mtp) log_debug(dir, ": ", mtp, " MTP-layer tensors (", mtp_prefix, "*) not used by the forward pass");
+  log_debug(dir, ": ", L.dense_linears, " dense and ", L.trellis_linears, " trellis-coded (EXL3) linear layers");
   if (!unknown.empty())
     log_warn(dir, ": ", unknown.size(), " tensors not used by glm4_moe_lite, e.g. \"", unknown[0], "\"");
   return m;

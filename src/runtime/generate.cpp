@@ -7,10 +7,10 @@
 
 namespace trellm {
 
-Generator::Generator(Model& model, int context, int prefill_chunk)
+Generator::Generator(Model& model, int context, int prefill_chunk, std::optional<DType> kv_dtype)
     : model_(model),
       rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)))),
-      kv_(model.make_kv_cache(context)),
+      kv_(model.make_kv_cache(context, kv_dtype)),
       logits_(size_t(model.config().vocab_size)) {}
 
 std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,

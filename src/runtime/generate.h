@@ -2,6 +2,7 @@
 // stopping on any EOS id or the token limit.
 #pragma once
 #include <functional>
+#include <optional>
 #include <vector>
 
 #include "model/glm4_moe_lite.h"
@@ -26,8 +27,9 @@ struct GenerateStats {
 
 class Generator {
  public:
-  // Sizes the run state and KV cache for `context` tokens (prompt + generated).
-  Generator(Model& model, int context, int prefill_chunk = 512);
+  // Sizes the run state and KV cache for `context` tokens (prompt + generated). kv_dtype: the latent cache's
+  // element type (default: the backend's).
+  Generator(Model& model, int context, int prefill_chunk = 512, std::optional<DType> kv_dtype = std::nullopt);
 
   // Generates after `prompt`; on_token is called with each new token (return false to stop early).
   std::vector<int32_t> generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,

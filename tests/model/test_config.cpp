@@ -82,7 +82,7 @@ TEST(Config, UnsupportedValuesNameTheField) {
       {"rope_parameters.rope_type", [](json& c) { c["rope_parameters"]["rope_type"] = "yarn"; }},
       {"mlp_layer_types", [](json& c) { c["mlp_layer_types"] = {"dense"}; }},
       {"mlp_layer_types", [](json& c) { c["mlp_layer_types"] = {"dense", "moe"}; }},
-      {"quantization_config.quant_method", [](json& c) { c["quantization_config"] = {{"quant_method", "gptq"}}; }},
+      {"quantization_config.quant_method is \"gptq\"", [](json& c) { c["quantization_config"] = {{"quant_method", "gptq"}}; }},
       {"q_lora_rank", [](json& c) { c.erase("q_lora_rank"); }},
       {"rope_interleave", [](json& c) { c["rope_interleave"] = false; }},
       {"eos_token_id", [](json& c) { c["eos_token_id"] = {5, 100000}; }},
@@ -91,7 +91,9 @@ TEST(Config, UnsupportedValuesNameTheField) {
   for (auto& bc : cases) {
     TempDir d;
     copy_with_config(d, bc.edit);
-    std::string want = std::string("\"") + bc.field + "\"";
+    // Field names are quoted in config errors; the EXL3 reader writes the key path bare.
+    std::string f = bc.field;
+    std::string want = f.find(' ') == std::string::npos ? "\"" + f + "\"" : f;
     EXPECT_ERROR_CONTAINS(load_config(d), "config.json", want.c_str());
   }
 }

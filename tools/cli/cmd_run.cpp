@@ -77,7 +77,7 @@ void add_run(CLI::App& app) {
   cmd->add_option("--seed", a.seed, "Sampling seed (0 = random)");
   cmd->add_flag("--print-ids", a.print_ids, "Print the generated ids space-separated on one stdout line");
   cmd->add_flag("--ignore-eos", a.ignore_eos, "Keep generating past EOS tokens");
-  cmd->add_option("--device", a.device, "cpu or auto")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu, cuda, cuda:N, or auto (the GPU when there is one)")->capture_default_str();
   cmd->callback([] { std::exit(run(a)); });
 }
 

@@ -50,8 +50,11 @@ std::vector<int32_t> parse_ids(const std::string& csv) {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu" || device == "auto") return make_cpu_backend();
-  fail("--device ", device, ": unknown device (available: cpu)");
+  if (device == "cpu") return make_cpu_backend();
+  if (device == "auto") return cuda_available() ? make_cuda_backend(0) : make_cpu_backend();
+  if (device == "cuda") return make_cuda_backend(0);
+  if (device.rfind("cuda:", 0) == 0) return make_cuda_backend(std::atoi(device.c_str() + 5));
+  fail("--device ", device, ": unknown device (cpu, cuda, cuda:N or auto)");
 }
 
 }  // namespace trellm::cli

@@ -8,6 +8,7 @@
 #include "backend/cpu/cpu_kernels.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "quant/trellis_ref.h"
 
 namespace trellm {
 
@@ -82,9 +83,13 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   const int64_t n = x.rows(), in = x.cols(), outd = w.out;
   TRELLM_ASSERT(in == w.in && out.numel() == n * outd, "matmul shapes: x ", shape_str(x), " W [",
                 w.out, ", ", w.in, "] out ", shape_str(out));
-  if (w.trellis) fail("trellis-coded weights are not supported by the CPU backend yet");
   const float* xp = x.ptr<float>();
   float* op = out.ptr<float>();
+  if (w.exl3) {
+    trellis::trellis_matmul_ref(*w.exl3, xp, n, op);
+    add_bias(out, w);
+    return;
+  }
   const size_t esz = dtype_size(w.weight.dtype);
   const char* wp = static_cast<const char*>(w.weight.data);
   // Blocks of 16 output rows: their f32 copy (16 × in floats, 128 KB at in = 2048) stays in L2 while every
@@ -103,18 +108,38 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
       }
     }
   });
-  if (!w.bias.empty()) {
-    TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == outd);
-    for (int64_t i = 0; i < n; i++) axpy(op + i * outd, 1.0f, w.bias.ptr<float>(), outd);
+  add_bias(out, w);
+}
+
+void CpuBackend::add_bias(TensorView out, const Linear& w) {
+  if (w.bias.empty()) return;
+  TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == w.out);
+  for (int64_t i = 0; i < out.numel() / w.out; i++) axpy(out.ptr<float>() + i * w.out, 1.0f, w.bias.ptr<float>(), w.out);
+}
+
+const Linear& CpuBackend::dense_view(const Linear& w) {
+  if (!w.exl3) return w;
+  auto it = dense_cache_.find(w.exl3);
+  if (it == dense_cache_.end()) {
+    DenseCopy d;
+    d.data.resize(size_t(w.out * w.in));
+    trellis::dequantize_hf_f32(*w.exl3, d.data.data());
+    d.lin = w;
+    d.lin.exl3 = nullptr;
+    d.lin.weight = TensorView(d.data.data(), DType::F32, {w.out, w.in});
+    it = dense_cache_.emplace(w.exl3, std::move(d)).first;
+    it->second.lin.weight.data = it->second.data.data();
   }
+  return it->second.lin;
 }
 
 namespace cpu {
-// Rotates adjacent pairs (x0,x1),(x2,x3),... of x[0:dim] by pos·θ^(-2i/dim). The angle is formed in f32
-// exactly as transformers does (inv_freq and pos·inv_freq in f32), so long positions agree with it.
+// Rotates adjacent pairs (x0,x1),(x2,x3),... of x[0:dim] by pos·θ^(-2i/dim). Like transformers, the angle
+// pos·inv_freq is a product of two f32 values (so long positions agree with it); inv_freq is the correctly
+// rounded f32 and cos/sin are taken in double, so the CUDA kernel computes bit-identical rotations.
 void rope_rotate(float* x, int dim, int pos, float theta) {
   for (int i = 0; i < dim / 2; i++) {
-    float inv_freq = 1.0f / std::pow(theta, float(2 * i) / float(dim));
+    float inv_freq = float(1.0 / std::pow(double(theta), double(2 * i) / double(dim)));
     float ang = float(pos) * inv_freq;
     float c = float(std::cos(double(ang))), s = float(std::sin(double(ang)));
     float a = x[2 * i], b = x[2 * i + 1];
@@ -124,25 +149,35 @@ void rope_rotate(float* x, int dim, int pos, float theta) {
 }
 }  // namespace cpu
 
-void CpuBackend::rope(TensorView x, int offset, int pos0, const RopeParams& rope) {
-  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0);
+void CpuBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0 && pos.pos.numel() == x.dim(0));
   const int64_t n = x.dim(0), heads = x.dim(1), hd = x.dim(2);
+  const int32_t* p = pos.pos.ptr<int32_t>();
   for (int64_t i = 0; i < n; i++)
-    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, int(pos0 + i), rope.theta);
+    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, p[i], rope.theta);
 }
 
-void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                   const RopeParams& rope) {
   const int64_t n = kv.rows(), width = kv.cols(), rank = norm_w.numel();
-  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos0 + n <= cache.rows(),
-                "cache ", shape_str(cache), " kv ", shape_str(kv), " pos0 ", pos0);
+  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos.pos.numel() == n &&
+                    (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
+                "cache ", shape_str(cache), " kv ", shape_str(kv));
+  const int32_t* p = pos.pos.ptr<int32_t>();
+  std::vector<float> row(static_cast<size_t>(width));
   for (int64_t i = 0; i < n; i++) {
+    TRELLM_ASSERT(p[i] >= 0 && p[i] < cache.rows(), "position ", p[i], " outside the cache of ", cache.rows());
     const float* src = kv.ptr<float>() + i * width;
-    float* dst = cache.ptr<float>() + (pos0 + i) * width;
-    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(dst, DType::F32, {1, rank});
+    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(row.data(), DType::F32, {1, rank});
     rms_norm(d, s, norm_w, eps);
-    std::memcpy(dst + rank, src + rank, sizeof(float) * rope.dim);
-    rope_rotate(dst + rank, rope.dim, int(pos0 + i), rope.theta);
+    std::memcpy(row.data() + rank, src + rank, sizeof(float) * rope.dim);
+    rope_rotate(row.data() + rank, rope.dim, p[i], rope.theta);
+    if (cache.dtype == DType::F32) {
+      std::memcpy(cache.ptr<float>() + int64_t(p[i]) * width, row.data(), sizeof(float) * width);
+    } else {  // a bf16 cache (what the GPU keeps): the f32 row rounded once
+      uint16_t* dst = cache.ptr<uint16_t>() + int64_t(p[i]) * width;
+      for (int64_t j = 0; j < width; j++) dst[j] = f32_to_bf16(row[j]);
+    }
   }
 }
 

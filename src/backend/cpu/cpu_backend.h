@@ -1,5 +1,6 @@
 // The CPU backend: the reference implementation of every op (f32 arithmetic, multi-threaded).
 #pragma once
+#include <unordered_map>
 #include <vector>
 
 #include "backend/backend.h"
@@ -14,16 +15,17 @@ class CpuBackend final : public Backend {
   void to_host(void* dst, const void* src, size_t bytes) override;
   void from_host(void* dst, const void* src, size_t bytes) override;
   bool host_memory() const override { return true; }
+  DType kv_dtype() const override { return DType::F32; }
 
   void embed(TensorView out, TensorView tokens, TensorView table) override;
   void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
   void add(TensorView out, TensorView a, TensorView b) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
-  void rope(TensorView x, int offset, int pos0, const RopeParams& rope) override;
-  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                         const RopeParams& rope) override;
-  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;
@@ -31,6 +33,17 @@ class CpuBackend final : public Backend {
                const Expert* shared) override;
 
  private:
+  void add_bias(TensorView out, const Linear& w);
+  // A dense f32 copy of a trellis-coded Linear, made on first use and kept (the absorbed attention reads
+  // kv_b_proj per head, which the row-major trellis product cannot slice).
+  const Linear& dense_view(const Linear& w);
+  struct DenseCopy {
+    std::vector<float> data;
+    Linear lin;
+  };
+  std::unordered_map<const trellis::TrellisWeight*, DenseCopy> dense_cache_;
+  void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
+  void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
   // Grow-only scratch (the forward pass stops allocating after its first step).
   float* scratch(size_t slot, size_t floats);
   std::vector<std::vector<float>> scratch_;
@@ -39,8 +52,6 @@ class CpuBackend final : public Backend {
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).
 void rope_rotate(float* x, int dim, int pos, float theta);
-void attention_mla_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
-                            const MlaDims& d);
 }  // namespace cpu
 
 }  // namespace trellm

@@ -1,0 +1,242 @@
+// CUDA backend: memory, dispatch from TensorViews to kernels, cuBLAS for large dense products.
+#include "backend/cuda/cuda_backend.h"
+
+#include <unordered_map>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernels.h"
+#include "core/log.h"
+
+namespace trellm {
+
+using namespace cuda;
+
+namespace {
+// Dense products with at most this many rows use the f32-activation GEMV kernel (memory-bound, exact in
+// f32 like the CPU); larger ones convert activations to the weight dtype and use cuBLAS tensor cores.
+constexpr int64_t kGemvMaxRows = 64;
+constexpr int kExpandTile = 256;  // keys per expanded-attention tile
+}  // namespace
+
+struct CudaBackend::Impl {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  std::string name;
+  std::vector<std::pair<void*, size_t>> scratch;               // grow-only device buffers
+  std::unordered_map<const void*, void*> moe_tables;           // experts span -> device pointer table
+
+  void* scratch_bytes(size_t slot, size_t bytes) {
+    if (scratch.size() <= slot) scratch.resize(slot + 1, {nullptr, 0});
+    auto& s = scratch[slot];
+    if (s.second < bytes) {
+      cudaStreamCaptureStatus st;
+      TRELLM_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+      TRELLM_ASSERT(st == cudaStreamCaptureStatusNone, "scratch must not grow while a CUDA graph is captured");
+      TRELLM_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (s.first) TRELLM_CUDA_CHECK(cudaFree(s.first));
+      size_t want = std::max(bytes, s.second * 3 / 2);
+      cudaError_t e = cudaMalloc(&s.first, want);
+      if (e != cudaSuccess) {
+        size_t free_b = 0, total_b = 0;
+        cudaMemGetInfo(&free_b, &total_b);
+        s = {nullptr, 0};
+        fail("out of GPU memory for ", want >> 20, " MiB of scratch (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB)");
+      }
+      s.second = want;
+    }
+    return s.first;
+  }
+  float* scratch_f32(size_t slot, size_t floats) { return static_cast<float*>(scratch_bytes(slot, floats * 4)); }
+};
+
+CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device is available");
+  if (device < 0 || device >= count) fail("CUDA device ", device, " does not exist (", count, " found)");
+  impl_->device = device;
+  TRELLM_CUDA_CHECK(cudaSetDevice(device));
+  cudaDeviceProp p;
+  TRELLM_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  if (p.major < 8) fail("GPU ", p.name, " (sm_", p.major, p.minor, ") is too old: trellm needs sm_80 or newer");
+  impl_->name = str_cat("cuda:", device, " (", p.name, ")");
+  TRELLM_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
+  TRELLM_CUBLAS_CHECK(cublasCreate(&impl_->cublas));
+  TRELLM_CUBLAS_CHECK(cublasSetStream(impl_->cublas, impl_->stream));
+}
+
+CudaBackend::~CudaBackend() {
+  cudaStreamSynchronize(impl_->stream);
+  for (auto& s : impl_->scratch)
+    if (s.first) cudaFree(s.first);
+  for (auto& t : impl_->moe_tables) cudaFree(t.second);
+  cublasDestroy(impl_->cublas);
+  cudaStreamDestroy(impl_->stream);
+}
+
+std::string CudaBackend::name() const { return impl_->name; }
+void* CudaBackend::stream() const { return impl_->stream; }
+
+void* CudaBackend::alloc(size_t bytes) {
+  void* p = nullptr;
+  cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
+  if (e != cudaSuccess) {
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    fail("out of GPU memory: need ", (bytes + (1 << 20) - 1) >> 20, " MiB more but ", free_b >> 20, " MiB of ",
+         total_b >> 20, " MiB are free (try a smaller --ctx, fewer bits, or --device cpu)");
+  }
+  return p;
+}
+void CudaBackend::release(void* p) { TRELLM_CUDA_CHECK(cudaFree(p)); }
+void CudaBackend::to_host(void* dst, const void* src, size_t bytes) {
+  TRELLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+}
+void CudaBackend::from_host(void* dst, const void* src, size_t bytes) {
+  TRELLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // src may be pageable and reused by the caller
+}
+void CudaBackend::synchronize() { TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream)); }
+
+void CudaBackend::embed(TensorView out, TensorView tokens, TensorView table) {
+  TRELLM_ASSERT(tokens.dtype == DType::I32 && out.rows() == tokens.numel() && out.cols() == table.dim(1));
+  cuda::embed(out.ptr<float>(), tokens.ptr<int32_t>(), table.data, table.dtype, int(tokens.numel()), int(table.dim(1)), impl_->stream);
+}
+
+void CudaBackend::rms_norm(TensorView out, TensorView x, TensorView w, float eps) {
+  TRELLM_ASSERT(out.numel() == x.numel() && w.numel() == x.cols() && w.dtype == DType::F32);
+  cuda::rms_norm(out.ptr<float>(), x.ptr<float>(), w.ptr<float>(), int(x.rows()), int(x.cols()), eps, impl_->stream);
+}
+
+void CudaBackend::add(TensorView out, TensorView a, TensorView b) {
+  TRELLM_ASSERT(a.numel() == out.numel() && b.numel() == out.numel());
+  cuda::add(out.ptr<float>(), a.ptr<float>(), b.ptr<float>(), out.numel(), impl_->stream);
+}
+
+void CudaBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
+  TRELLM_ASSERT(gate.numel() == out.numel() && up.numel() == out.numel());
+  cuda::silu_mul(out.ptr<float>(), gate.ptr<float>(), up.ptr<float>(), out.numel(), impl_->stream);
+}
+
+void CudaBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& r) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + r.dim <= x.dim(2) && pos.pos.numel() == x.dim(0));
+  cuda::rope(x.ptr<float>(), int(x.dim(0)), int(x.dim(1)), int(x.dim(2)), offset, r.dim, pos.pos.ptr<int32_t>(), r.theta,
+             impl_->stream);
+}
+
+void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
+                                   const RopeParams& r) {
+  const int rank = int(norm_w.numel());
+  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
+                pos.bound <= cache.rows() && pos.pos.numel() == kv.rows());
+  cuda::mla_cache_append(cache.ptr<uint16_t>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps,
+                         pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
+}
+
+}  // namespace trellm
+
+namespace trellm {
+
+void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
+  const int64_t n = x.rows(), in = x.cols();
+  TRELLM_ASSERT(in == w.in && out.numel() == n * w.out, "matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "]");
+  cudaStream_t s = impl_->stream;
+  const float* bias = w.bias.empty() ? nullptr : w.bias.ptr<float>();
+  if (w.exl3) fail("trellis-coded weights are not supported by the CUDA backend yet");
+  const DType dt = w.weight.dtype;
+  if (n <= kGemvMaxRows) {
+    gemv_dense(out.ptr<float>(), x.ptr<float>(), w.weight.data, dt, int(n), int(in), int(w.out), bias, s);
+    return;
+  }
+  // cuBLAS (column-major): Yᵀ[out, n] = W[out, in] · Xᵀ[in, n]; W row-major is Wᵀ column-major with ld = in.
+  const float one = 1.0f, zero = 0.0f;
+  if (dt == DType::F32) {
+    TRELLM_CUBLAS_CHECK(cublasSgemm(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(in), &one,
+                                    w.weight.ptr<float>(), int(in), x.ptr<float>(), int(in), &zero, out.ptr<float>(), int(w.out)));
+  } else {
+    uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(n * in) * 2));
+    if (dt == DType::BF16) to_bf16(xh, x.ptr<float>(), n * in, s);
+    else to_f16(xh, x.ptr<float>(), n * in, s);
+    const cudaDataType_t t = dt == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(in), &one,
+                                     w.weight.data, t, int(in), xh, t, int(in), &zero, out.data, CUDA_R_32F, int(w.out),
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }
+  if (bias) add_bias(out.ptr<float>(), bias, int(n), int(w.out), s);
+}
+
+void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
+                                const MlaDims& d, MlaMode mode) {
+  const int n = int(q.dim(0));
+  TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
+                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
+  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
+  cudaStream_t s = impl_->stream;
+  if (mode == MlaMode::Absorbed) {
+    if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
+    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));
+    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
+    return;
+  }
+  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos.bound;
+  float* lat = impl_->scratch_f32(2, size_t(kExpandTile) * d.kv_rank);
+  float* kvx = impl_->scratch_f32(3, size_t(kExpandTile) * d.heads * per);
+  float* acc = impl_->scratch_f32(4, size_t(rows) * d.v_dim);
+  float* st = impl_->scratch_f32(5, size_t(rows) * 2);
+  mla_expanded_init(acc, st, st + rows, rows, d.v_dim, s);
+  for (int t0 = 0; t0 < T; t0 += kExpandTile) {
+    const int nt = std::min(kExpandTile, T - t0);
+    gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), s);
+    matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
+    mla_expanded_tile(q.ptr<float>(), cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
+  }
+  mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
+}
+
+void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
+                            const MoeRouting& r) {
+  TRELLM_ASSERT(gate.dim(0) == r.n_experts && gate.dim(1) == x.cols() && ids.dtype == DType::I32 &&
+                weights.numel() == x.rows() * r.top_k && ids.numel() == x.rows() * r.top_k);
+  cuda::moe_route(x.ptr<float>(), gate.data, gate.dtype, bias.empty() ? nullptr : bias.ptr<float>(), int(x.rows()),
+                  int(x.cols()), r.n_experts, r.top_k, r.n_group, r.topk_group, r.norm_topk_prob, r.routed_scaling_factor,
+                  weights.ptr<float>(), ids.ptr<int32_t>(), impl_->stream);
+}
+
+void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                          std::span<const Expert> experts, const Expert* shared) {
+  const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
+  TRELLM_ASSERT(out.numel() == x.numel() && out.data != x.data && ids.rows() == m && E > 0);
+  if (experts[0].gate.exl3) fail("trellis-coded experts are not supported by the CUDA backend yet");
+  // The per-layer device table of expert weight pointers, built on first use (outside graph capture).
+  void*& table = impl_->moe_tables[experts.data()];
+  if (!table) {
+    std::vector<const void*> ptrs;
+    for (const Expert& e : experts)
+      TRELLM_ASSERT(e.gate.weight.dtype == experts[0].gate.weight.dtype && e.up.weight.dtype == e.gate.weight.dtype &&
+                    e.down.weight.dtype == e.gate.weight.dtype && !e.gate.exl3, "experts must share one dense dtype");
+    if (shared) TRELLM_ASSERT(shared->gate.weight.dtype == experts[0].gate.weight.dtype && !shared->gate.exl3);
+    for (const Expert& e : experts) ptrs.insert(ptrs.end(), {e.gate.weight.data, e.up.weight.data, e.down.weight.data});
+    ptrs.insert(ptrs.end(), {shared ? shared->gate.weight.data : nullptr, shared ? shared->up.weight.data : nullptr,
+                             shared ? shared->down.weight.data : nullptr});
+    TRELLM_CUDA_CHECK(cudaMalloc(&table, ptrs.size() * sizeof(void*)));
+    TRELLM_CUDA_CHECK(cudaMemcpy(table, ptrs.data(), ptrs.size() * sizeof(void*), cudaMemcpyHostToDevice));
+  }
+  DenseMoeArgs a;
+  a.weights = static_cast<const void* const*>(table);
+  a.dtype = experts[0].gate.weight.dtype;
+  a.n_experts = E;
+  a.inter = int(experts[0].gate.out);
+  a.shared_inter = shared ? int(shared->gate.out) : 0;
+  a.hidden = hidden;
+  a.m = m;
+  a.top_k = K;
+  a.has_shared = shared != nullptr;
+  const int jobs = m * K + (shared ? m : 0);
+  float* act = impl_->scratch_f32(6, size_t(jobs) * std::max(a.inter, a.shared_inter));
+  float* part = impl_->scratch_f32(7, size_t(jobs) * hidden);
+  moe_dense(a, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(), act, part, out.ptr<float>(), impl_->stream);
+}
+
+}  // namespace trellm

@@ -1,0 +1,47 @@
+// The CUDA backend: every op of backend.h on one GPU and one stream. Weights are uploaded once; activations
+// are f32; scratch grows only during the first (warm-up) steps, so later steps can be captured as CUDA graphs.
+#pragma once
+#include <memory>
+
+#include "backend/backend.h"
+
+namespace trellm {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+
+  std::string name() const override;
+  void* alloc(size_t bytes) override;
+  void release(void* p) override;
+  void to_host(void* dst, const void* src, size_t bytes) override;
+  void from_host(void* dst, const void* src, size_t bytes) override;
+  void synchronize() override;
+  bool host_memory() const override { return false; }
+  DType kv_dtype() const override { return DType::BF16; }
+
+  void embed(TensorView out, TensorView tokens, TensorView table) override;
+  void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
+  void add(TensorView out, TensorView a, TensorView b) override;
+  void matmul(TensorView out, TensorView x, const Linear& w) override;
+  void silu_mul(TensorView out, TensorView gate, TensorView up) override;
+  void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
+                        const RopeParams& rope) override;
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
+                     const MlaDims& dims, MlaMode mode) override;
+  void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
+                 const MoeRouting& r) override;
+  void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
+               const Expert* shared) override;
+
+  void* stream() const;  // the cudaStream_t every op runs on
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace trellm

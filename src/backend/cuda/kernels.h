@@ -1,0 +1,79 @@
+// The CUDA backend's own kernels (everything but the trellis GEMV/GEMM/MoE kernels, which live in
+// trellis_kernels.h). Framework-free: raw device pointers, sizes and a stream. Activations are f32.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/dtype.h"
+
+namespace trellm::cuda {
+
+// out[i, :] = table[tokens[i], :] (table F32/F16/BF16 [vocab, d])
+void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n, int d, cudaStream_t s);
+// out = x / rms(x) * w per row (out may alias x)
+void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s);
+void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);
+void silu_mul(float* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
+// out[i, :] += bias for n rows of width d
+void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s);
+// f32 -> bf16 / f16 (for cuBLAS inputs)
+void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
+void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
+// Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos[i].
+void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s);
+// cache row pos[i] = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]), cache width rank + rope_dim
+void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
+                      const int32_t* pos, float theta, cudaStream_t s);
+
+// MLA attention over a bf16 latent cache [capacity, rank+rope]; query row i attends to rows [0, pos[i]].
+// bound: host-side upper bound on pos[i] + 1 (sizes grids). Absorbed: q [n, H, nope+rope], kv_b
+// [H*(nope+v), rank] (BF16/F16/F32), out [n, H*v]; work: mla_absorbed_work_floats(n, H, rank, bound) floats.
+struct MlaShape {
+  int n, heads, rank, rope, nope, v;
+  const int32_t* pos;
+  int bound;
+  float scale;
+};
+size_t mla_absorbed_work_floats(int n, int heads, int rank, int T);
+void mla_absorbed(float* out, const float* q, const uint16_t* cache, const void* kv_b, DType kv_b_dtype, const MlaShape& m,
+                  float* work, cudaStream_t s);
+// Expanded form, one key tile [t0, t0+nt): kvx [nt, H, nope+v] is that tile's kv_b expansion. Keeps an online
+// softmax state (max, sum, acc) per (query, head) across tiles; mla_expanded_finish divides.
+void mla_expanded_tile(const float* q, const uint16_t* cache, const float* kvx, int t0, int nt, const MlaShape& m,
+                       float* acc, float* mx, float* den, cudaStream_t s);
+void mla_expanded_init(float* acc, float* mx, float* den, int rows, int v, cudaStream_t s);
+void mla_expanded_finish(float* out, const float* acc, const float* den, int rows, int v, cudaStream_t s);
+// Gathers the latent part of cache rows [t0, t0+nt) into a contiguous [nt, rank] buffer (cuBLAS input).
+void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, cudaStream_t s);
+
+// MoE router (semantics of CpuBackend::moe_route). gate [E, hidden] F32/F16/BF16, bias [E] f32 or null.
+void moe_route(const float* x, const void* gate, DType gate_dtype, const float* bias, int m, int hidden, int E,
+               int top_k, int n_group, int topk_group, bool norm, float scale, float* weights, int32_t* ids,
+               cudaStream_t s);
+
+}  // namespace trellm::cuda
+
+namespace trellm::cuda {
+
+// MoE experts with dense weights (unquantized checkpoints). One job per (token, slot) and one per token for
+// the shared expert: job j < m*top_k runs expert ids[j] on token j/top_k with weight weights[j]; job m*top_k + i
+// runs the shared expert on token i with weight 1. gate_up_down: device array [n_experts + 1][3] of weight
+// pointers (the last entry = shared expert, may be null when n_shared = 0). act: [jobs, max_inter] f32,
+// part: [jobs, hidden] f32 scratch.
+struct DenseMoeArgs {
+  const void* const* weights;  // device: [(E + 1) * 3] gate, up, down
+  DType dtype;
+  int n_experts, inter, shared_inter, hidden, m, top_k;
+  bool has_shared;
+};
+void moe_dense(const DenseMoeArgs& a, const float* x, const int32_t* ids, const float* wts, float* act, float* part,
+               float* out, cudaStream_t s);
+
+}  // namespace trellm::cuda
+
+namespace trellm::cuda {
+// y[n, out] = x[n, in] · Wᵀ (+ bias) with f32 activations and W [out, in] in F32/F16/BF16: a warp per output
+// row, rows of x in chunks of 8. For small n (decode); exact f32 accumulation like the CPU backend.
+void gemv_dense(float* y, const float* x, const void* w, DType dt, int n, int in, int out, const float* bias, cudaStream_t s);
+}  // namespace trellm::cuda

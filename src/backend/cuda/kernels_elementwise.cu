@@ -1,0 +1,161 @@
+// Elementwise and row-wise kernels: embedding, RMSNorm, add, SwiGLU, bias, conversions, RoPE, cache append.
+// All are memory-bound and tiny next to the weight reads; they are written for clarity first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernels.h"
+
+namespace trellm::cuda {
+
+namespace {
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = (blockDim.x + 31) >> 5;
+  v = lane < nw ? part[lane] : 0.0f;
+  return warp_sum(v);
+}
+
+__device__ __forceinline__ float load_as_f32(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::BF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+__global__ void embed_kernel(float* out, const int32_t* tokens, const void* table, DType dt, int d) {
+  const int64_t row = tokens[blockIdx.x];
+  for (int j = threadIdx.x; j < d; j += blockDim.x) out[int64_t(blockIdx.x) * d + j] = load_as_f32(table, dt, row * d + j);
+}
+
+__global__ void rms_norm_kernel(float* out, const float* x, const float* w, int d, float eps) {
+  const float* xr = x + int64_t(blockIdx.x) * d;
+  float* orow = out + int64_t(blockIdx.x) * d;
+  float ss = 0;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(d) + eps);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (xr[j] * r);
+}
+
+__global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
+}
+
+__global__ void silu_mul_kernel(float* out, const float* g, const float* u, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+__global__ void add_bias_kernel(float* out, const float* bias, int d) {
+  for (int j = threadIdx.x; j < d; j += blockDim.x) out[int64_t(blockIdx.x) * d + j] += bias[j];
+}
+
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
+__global__ void to_f16_kernel(__half* out, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2half_rn(x[i]);
+}
+
+// Same arithmetic as cpu::rope_rotate: f32 angle = f32(pos) * f32(inv_freq), cos/sin in double.
+__device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, float theta) {
+  const float inv_freq = float(1.0 / pow(double(theta), double(2 * i) / double(dim)));
+  const float ang = float(pos) * inv_freq;
+  double sn, cs;
+  sincos(double(ang), &sn, &cs);
+  const float c = float(cs), s = float(sn);
+  const float a = p[2 * i], b = p[2 * i + 1];
+  p[2 * i] = a * c - b * s;
+  p[2 * i + 1] = b * c + a * s;
+}
+
+__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
+  // block = one row (token); threads over (head, pair)
+  const int pairs = dim / 2;
+  for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
+    const int h = idx / pairs, i = idx % pairs;
+    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos[blockIdx.x], theta);
+  }
+}
+
+// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16.
+__global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
+                                    float eps, const int32_t* pos, float theta) {
+  __shared__ float kr[256];
+  const int width = rank + rope_dim, p = pos[blockIdx.x];
+  const float* src = kv + int64_t(blockIdx.x) * width;
+  __nv_bfloat16* dst = cache + int64_t(p) * width;
+  float ss = 0;
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(rank) + eps);
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = __float2bfloat16_rn(w[j] * (src[j] * r));
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) kr[j] = src[rank + j];
+  __syncthreads();
+  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(kr, i, rope_dim, p, theta);
+  __syncthreads();
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
+}
+
+int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 132 * 16)); }
+
+}  // namespace
+
+void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n, int d, cudaStream_t s) {
+  embed_kernel<<<n, 256, 0, s>>>(out, tokens, table, dt, d);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s) {
+  rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(out, x, w, d, eps);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {
+  add_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, a, b, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void silu_mul(float* out, const float* g, const float* u, int64_t n, cudaStream_t s) {
+  silu_mul_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, g, u, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s) {
+  add_bias_kernel<<<n, 256, 0, s>>>(out, bias, d);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
+  to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
+  to_f16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__half*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s) {
+  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos, theta);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
+                      const int32_t* pos, float theta, cudaStream_t s) {
+  TRELLM_ASSERT(rope_dim <= 256);
+  cache_append_kernel<<<n, 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace trellm::cuda

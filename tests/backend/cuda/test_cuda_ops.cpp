@@ -1,0 +1,271 @@
+// Every CUDA op against its CPU twin on fresh seeded random inputs, odd shapes included; device outputs are
+// poisoned (NaN) before each run so an unwritten element fails. Skips cleanly without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_backend.h"
+#include "core/half.h"
+#include "core/rng.h"
+
+using namespace trellm;
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+    gpu = make_cuda_backend(0);
+  }
+  void TearDown() override {
+    for (void* p : ptrs) gpu->release(p);
+  }
+  // A device copy of host data with the given shape/dtype.
+  template <typename T>
+  TensorView up(const std::vector<T>& h, DType dt, std::initializer_list<int64_t> shape) {
+    TensorView v(nullptr, dt, shape);
+    EXPECT_EQ(v.nbytes(), h.size() * sizeof(T));
+    v.data = gpu->alloc(v.nbytes());
+    ptrs.push_back(v.data);
+    gpu->from_host(v.data, h.data(), v.nbytes());
+    return v;
+  }
+  TensorView poisoned(std::initializer_list<int64_t> shape) {
+    TensorView v(nullptr, DType::F32, shape);
+    std::vector<float> nan(size_t(v.numel()), kNaN);
+    return up(nan, DType::F32, shape);
+  }
+  std::vector<float> down(TensorView v) {
+    std::vector<float> h(size_t(v.numel()));
+    gpu->to_host(h.data(), v.data, v.nbytes());
+    return h;
+  }
+  static TensorView host(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
+  // Consecutive positions pos0 .. pos0+n-1: the host copy (for the CPU) and a device copy.
+  struct Pos {
+    std::vector<int32_t> v;
+    Positions host, dev;
+  };
+  Pos positions(int pos0, int n) {
+    Pos p;
+    for (int i = 0; i < n; i++) p.v.push_back(pos0 + i);
+    p.host = Positions{TensorView(p.v.data(), DType::I32, {n}), pos0 + n};
+    p.dev = Positions{up(p.v, DType::I32, {n}), pos0 + n};
+    return p;
+  }
+  // A bf16 device cache holding exactly `f` rounded to bf16; `f` is replaced by the rounded values.
+  TensorView bf16_cache(std::vector<float>& f, int rows, int width) {
+    std::vector<uint16_t> h(f.size());
+    for (size_t i = 0; i < f.size(); i++) {
+      h[i] = f32_to_bf16(f[i]);
+      f[i] = bf16_to_f32(h[i]);
+    }
+    return up(h, DType::BF16, {rows, width});
+  }
+  std::vector<float> down_bf16(TensorView v) {
+    std::vector<uint16_t> h(size_t(v.numel()));
+    gpu->to_host(h.data(), v.data, v.nbytes());
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); i++) f[i] = bf16_to_f32(h[i]);
+    return f;
+  }
+
+  std::unique_ptr<Backend> gpu;
+  CpuBackend cpu;
+  std::vector<void*> ptrs;
+  Rng rng{20261125};
+
+  std::vector<float> randn(size_t n, float std = 1.0f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = rng.normal() * std;
+    return v;
+  }
+};
+
+double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size(); i++) {
+    if (!std::isfinite(got[i])) return INFINITY;
+    num += (double(got[i]) - want[i]) * (double(got[i]) - want[i]);
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<float>& f) {
+  std::vector<uint16_t> h(f.size());
+  for (size_t i = 0; i < f.size(); i++) h[i] = f32_to_bf16(f[i]);
+  return h;
+}
+
+TEST_F(CudaOps, ElementwiseNormRope) {
+  for (auto [n, d] : std::vector<std::pair<int, int>>{{1, 1}, {3, 17}, {17, 333}, {33, 2048}}) {
+    auto x = randn(size_t(n) * d, 2.0f), y = randn(size_t(n) * d), w = randn(d);
+    TensorView gx = up(x, DType::F32, {n, d}), gy = up(y, DType::F32, {n, d}), gw = up(w, DType::F32, {d});
+    std::vector<float> want(x.size());
+    // rms_norm
+    TensorView o = poisoned({n, d});
+    gpu->rms_norm(o, gx, gw, 1e-5f);
+    cpu.rms_norm(host(want, {n, d}), host(x, {n, d}), host(w, {d}), 1e-5f);
+    EXPECT_LT(rel_err(down(o), want), 1e-6) << "rms_norm " << n << "x" << d;
+    // add
+    o = poisoned({n, d});
+    gpu->add(o, gx, gy);
+    cpu.add(host(want, {n, d}), host(x, {n, d}), host(y, {n, d}));
+    EXPECT_EQ(down(o), want) << "add";
+    // silu_mul
+    o = poisoned({n, d});
+    gpu->silu_mul(o, gx, gy);
+    cpu.silu_mul(host(want, {n, d}), host(x, {n, d}), host(y, {n, d}));
+    EXPECT_LT(rel_err(down(o), want), 1e-6) << "silu_mul";
+  }
+  // RoPE on [n, heads, head_dim] at a large position: bit-identical angle arithmetic on both sides.
+  const int n = 5, H = 3, hd = 40;
+  auto x = randn(size_t(n) * H * hd);
+  TensorView gx = up(x, DType::F32, {n, H, hd});
+  Pos p = positions(150000, n);
+  gpu->rope(gx, 8, p.dev, RopeParams{1e6f, 32});
+  cpu.rope(host(x, {n, H, hd}), 8, p.host, RopeParams{1e6f, 32});
+  EXPECT_LT(rel_err(down(gx), x), 1e-6);
+}
+
+TEST_F(CudaOps, EmbedAndCacheAppend) {
+  const int V = 37, d = 50, n = 6;
+  auto table = randn(size_t(V) * d);
+  std::vector<int32_t> tok = {0, 36, 5, 5, 17, 1};
+  TensorView gt = up(to_bf16(table), DType::BF16, {V, d}), gtok = up(tok, DType::I32, {n});
+  TensorView o = poisoned({n, d});
+  gpu->embed(o, gtok, gt);
+  std::vector<float> want(size_t(n) * d);
+  auto tb = to_bf16(table);
+  cpu.embed(host(want, {n, d}), TensorView(tok.data(), DType::I32, {n}), TensorView(tb.data(), DType::BF16, {V, d}));
+  EXPECT_EQ(down(o), want);
+
+  // The GPU cache is bf16: its rows are the CPU's f32 rows rounded once (relative error <= 2^-9).
+  const int rank = 24, rope = 8, cap = 40, pos0 = 30;
+  auto kv = randn(size_t(n) * (rank + rope)), w = randn(rank);
+  std::vector<float> cache_h(size_t(cap) * (rank + rope), 0.0f);
+  TensorView gc = bf16_cache(cache_h, cap, rank + rope);
+  Pos p = positions(pos0, n);
+  gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, p.dev, RopeParams{1e4f, rope});
+  cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, p.host, RopeParams{1e4f, rope});
+  auto got = down_bf16(gc);
+  for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache_h[i], std::fabs(cache_h[i]) * 0.0040 + 1e-30) << i;
+}
+
+TEST_F(CudaOps, DenseMatmulGemvAndCublas) {
+  for (DType dt : {DType::BF16, DType::F16, DType::F32})
+    for (auto [n, in, out] : std::vector<std::tuple<int, int, int>>{{1, 64, 33}, {3, 127, 17}, {17, 333, 129}, {127, 256, 300}, {200, 96, 64}}) {
+      auto wf = randn(size_t(out) * in, 0.1f), x = randn(size_t(n) * in), b = randn(out);
+      std::vector<uint16_t> wh(wf.size());
+      for (size_t i = 0; i < wf.size(); i++) {
+        wh[i] = dt == DType::BF16 ? f32_to_bf16(wf[i]) : f32_to_f16(wf[i]);
+        if (dt != DType::F32) wf[i] = dt == DType::BF16 ? bf16_to_f32(wh[i]) : f16_to_f32(wh[i]);
+      }
+      Linear lc, lg;
+      lc.in = lg.in = in;
+      lc.out = lg.out = out;
+      lc.weight = dt == DType::F32 ? TensorView(wf.data(), DType::F32, {out, in}) : TensorView(wh.data(), dt, {out, in});
+      lg.weight = dt == DType::F32 ? up(wf, DType::F32, {out, in}) : up(wh, dt, {out, in});
+      lc.bias = host(b, {out});
+      lg.bias = up(b, DType::F32, {out});
+      std::vector<float> want(size_t(n) * out);
+      cpu.matmul(host(want, {n, out}), host(x, {n, in}), lc);
+      TensorView o = poisoned({n, out});
+      gpu->matmul(o, up(x, DType::F32, {n, in}), lg);
+      // n > 64 goes through cuBLAS with activations rounded to the weight dtype (bf16: 2^-9 relative).
+      const double tol = n <= 64 || dt == DType::F32 ? 1e-5 : (dt == DType::BF16 ? 1e-2 : 2e-3);
+      EXPECT_LT(rel_err(down(o), want), tol) << dtype_name(dt) << " n=" << n << " in=" << in << " out=" << out;
+    }
+}
+
+TEST_F(CudaOps, MlaAttentionBothForms) {
+  MlaDims d;
+  d.heads = 5;
+  d.kv_rank = 48;
+  d.rope_dim = 16;
+  d.nope_dim = 24;
+  d.v_dim = 40;
+  d.scale = 1.0f / std::sqrt(40.0f);
+  for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 300}, {3, 7}, {17, 0}, {33, 250}, {127, 1}}) {
+    const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 2;
+    auto w = randn(size_t(d.heads) * per * d.kv_rank, 0.2f);
+    auto wb = to_bf16(w);
+    Linear lc, lg;
+    lc.in = lg.in = d.kv_rank;
+    lc.out = lg.out = int64_t(d.heads) * per;
+    lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
+    lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
+    auto cache = randn(size_t(cap) * d.cache_width()), q = randn(size_t(n) * d.heads * d.q_head_dim());
+    TensorView gc = bf16_cache(cache, cap, d.cache_width()), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    Pos p = positions(pos0, n);
+    for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
+      std::vector<float> want(size_t(n) * d.heads * d.v_dim);
+      cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, p.host, d, mode);
+      TensorView o = poisoned({n, d.heads * d.v_dim});
+      gpu->attention_mla(o, gq, gc, lg, p.dev, d, mode);
+      EXPECT_LT(rel_err(down(o), want), 2e-5) << (mode == MlaMode::Absorbed ? "absorbed" : "expanded") << " n=" << n << " pos0=" << pos0;
+    }
+  }
+}
+
+TEST_F(CudaOps, MoeRouteAndDenseExperts) {
+  for (auto [m, E, K, groups, tg] : std::vector<std::tuple<int, int, int, int, int>>{{1, 8, 2, 1, 1}, {17, 64, 4, 1, 1}, {5, 16, 3, 4, 2}}) {
+    const int hidden = 72, inter = 20;
+    auto x = randn(size_t(m) * hidden), gate = randn(size_t(E) * hidden, 0.3f), bias = randn(E, 0.3f);
+    auto gb = to_bf16(gate);
+    MoeRouting r;
+    r.n_experts = E;
+    r.top_k = K;
+    r.n_group = groups;
+    r.topk_group = tg;
+    r.routed_scaling_factor = 1.8f;
+    std::vector<float> wc(size_t(m) * K);
+    std::vector<int32_t> ic(size_t(m) * K);
+    cpu.moe_route(host(wc, {m, K}), TensorView(ic.data(), DType::I32, {m, K}), host(x, {m, hidden}),
+                  TensorView(gb.data(), DType::BF16, {E, hidden}), host(bias, {E}), r);
+    TensorView gw = poisoned({m, K});
+    std::vector<int32_t> minus(size_t(m) * K, -1);
+    TensorView gi = up(minus, DType::I32, {m, K});
+    TensorView gx = up(x, DType::F32, {m, hidden});
+    gpu->moe_route(gw, gi, gx, up(gb, DType::BF16, {E, hidden}), up(bias, DType::F32, {E}), r);
+    std::vector<int32_t> ig(ic.size());
+    gpu->to_host(ig.data(), gi.data, ig.size() * 4);
+    EXPECT_EQ(ig, ic) << "expert choice m=" << m << " E=" << E;
+    EXPECT_LT(rel_err(down(gw), wc), 1e-6);
+
+    // Experts: bf16 weights; E experts + a shared one of twice the intermediate size.
+    std::vector<std::vector<uint16_t>> wts;
+    wts.reserve(3 * (E + 1));
+    std::vector<Expert> ec(E), eg(E);
+    Expert sc, sg;
+    for (int e = 0; e <= E; e++) {
+      const int I = e == E ? 2 * inter : inter;
+      Expert& c = e == E ? sc : ec[e];
+      Expert& g = e == E ? sg : eg[e];
+      Linear* lcs[3] = {&c.gate, &c.up, &c.down};
+      Linear* lgs[3] = {&g.gate, &g.up, &g.down};
+      for (int p = 0; p < 3; p++) {
+        const int64_t out = p == 2 ? hidden : I, in = p == 2 ? I : hidden;
+        wts.push_back(to_bf16(randn(size_t(out * in), 0.2f)));
+        lcs[p]->in = lgs[p]->in = in;
+        lcs[p]->out = lgs[p]->out = out;
+        lcs[p]->weight = TensorView(wts.back().data(), DType::BF16, {out, in});
+        lgs[p]->weight = up(wts.back(), DType::BF16, {out, in});
+      }
+    }
+    std::vector<float> want(size_t(m) * hidden);
+    cpu.moe_ffn(host(want, {m, hidden}), host(x, {m, hidden}), host(wc, {m, K}), TensorView(ic.data(), DType::I32, {m, K}), ec, &sc);
+    TensorView o = poisoned({m, hidden});
+    gpu->moe_ffn(o, gx, gw, gi, eg, &sg);
+    EXPECT_LT(rel_err(down(o), want), 1e-5) << "moe_ffn m=" << m;
+  }
+}
+
+}  // namespace
