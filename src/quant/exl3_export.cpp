@@ -57,7 +57,6 @@ void apply_exl3_config(nlohmann::json& config, const Exl3QuantConfig& q) {
       fail("config.json: the source model is already EXL3-quantized; re-quantizing it is not supported");
     qc["original_quantization_config"] = old;
   }
-  if (config.contains("tie_word_embeddings")) config["tie_word_embeddings"] = false;
   config["quantization_config"] = qc;
 }
 

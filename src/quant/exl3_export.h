@@ -28,8 +28,9 @@ std::vector<TensorToWrite> exl3_tensors(const std::string& key, const EncodedLin
 nlohmann::json quantization_config_json(const Exl3QuantConfig& q);
 
 // Turns a source config.json into the EXL3 one: sets quantization_config; an existing non-EXL3
-// quantization_config is kept under original_quantization_config; tie_word_embeddings, when present, becomes
-// false because the quantizer always writes a separate lm_head (current exllamav3 does the same).
+// quantization_config is kept under original_quantization_config; an EXL3 one is an error (no re-quantizing).
+// tie_word_embeddings is left alone: exllamav3 always writes a separate lm_head and flips the flag (true in
+// v1.4.1's update_config, false in later ones); we write exactly the tensors the source has.
 void apply_exl3_config(nlohmann::json& config, const Exl3QuantConfig& q);
 
 // One module's entry of quantization_config.json's "tensor_storage": stored_tensors {name: {shape, n_bytes,

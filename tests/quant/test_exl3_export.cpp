@@ -93,7 +93,7 @@ TEST(Exl3Export, QuantizationConfigRoundTrip) {
   nlohmann::json cfg = {{"model_type", "glm4_moe_lite"}, {"tie_word_embeddings", true},
                         {"quantization_config", {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}}}};
   apply_exl3_config(cfg, q);
-  EXPECT_EQ(cfg["tie_word_embeddings"], false);
+  EXPECT_EQ(cfg["tie_word_embeddings"], true);  // untouched: the same tensors as the source
   EXPECT_EQ(cfg["quantization_config"]["original_quantization_config"]["quant_method"], "fp8");
   const auto back = exl3_config_from_model_config(cfg);
   ASSERT_TRUE(back);
