@@ -6,11 +6,14 @@
 // and fail loudly on a mismatch (a bug in the caller, not bad input).
 #pragma once
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -96,6 +99,15 @@ class Backend {
   // Element type of the latent KV cache (CPU: F32, the reference; CUDA: BF16, half the bytes per step).
   virtual DType kv_dtype() const = 0;
 
+  // ---- measurement (benchmarks; never inside forward) ----
+  // A timestamp in the backend's stream order (a CUDA event on the GPU); elapsed_ms waits for `to`.
+  virtual int record_event();
+  virtual double elapsed_ms(int from, int to);
+  // Device memory in use and in total (bytes); the CPU reports 0/0.
+  virtual std::pair<size_t, size_t> memory_used_total() { return {0, 0}; }
+  // Measured device-to-device copy bandwidth in bytes/s counting bytes read + written (0 if not measurable).
+  virtual double copy_bandwidth() { return 0; }
+
   // Records step() once; launch() replays it. The step must not allocate, synchronise or copy from the host,
   // and must have run once before (so scratch buffers have their final size).
   virtual std::unique_ptr<StepGraph> capture(const std::function<void()>& step);
@@ -133,6 +145,9 @@ class Backend {
   // Greedy decoding without the host: token[0] = argmax(logits[0, :]) (ties: lowest id), pos[0] += 1, and the
   // token is appended to history (I32 [1 + cap]: history[0] counts the tokens written, which follow it).
   virtual void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) = 0;
+
+ private:
+  std::vector<std::chrono::steady_clock::time_point> host_events_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

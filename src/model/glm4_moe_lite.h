@@ -89,9 +89,27 @@ struct Weights {
   Linear lm_head;           // [vocab, hidden] (the embedding when tied)
 };
 
+// Optional per-part timing of a forward (benchmarks): the time between consecutive marks goes to the part
+// that just ended. Events are recorded in the backend's stream order; read after the forward with collect().
+enum class Part { Embed, Attention, DenseMlp, Moe, Head, Count };
+constexpr const char* part_name(Part p) {
+  const char* n[] = {"embed", "attention", "dense mlp", "moe", "head"};
+  return n[int(p)];
+}
+struct PartTimer {
+  Backend* backend = nullptr;
+  std::vector<std::pair<Part, int>> marks;  // (part that ended, event)
+  int start = -1;
+  void begin() { start = backend->record_event(); }
+  void mark(Part p) { marks.emplace_back(p, backend->record_event()); }
+  // Milliseconds per part since begin(); clears the marks.
+  std::vector<double> collect();
+};
+
 // Scratch for one forward of up to max_tokens rows; sized once, reused by every step.
 struct RunState {
   int max_tokens = 0;
+  int logit_rows = 0;
   TensorView tokens;      // I32 [max_tokens]
   TensorView pos;         // I32 [max_tokens] position of each row in its sequence
   TensorView h;           // residual stream [max_tokens, hidden]
@@ -104,8 +122,9 @@ struct RunState {
   TensorView mlp_gate, mlp_up;  // [max_tokens, intermediate]
   TensorView moe_w;       // [max_tokens, top_k] f32
   TensorView moe_ids;     // [max_tokens, top_k] I32
-  TensorView logits;      // [max_tokens, vocab]
+  TensorView logits;      // [logit_rows, vocab]
   std::vector<int32_t> host_pos;  // staging for positions, [max_tokens]
+  PartTimer* timer = nullptr;     // set by benchmarks to time the parts of a forward
 };
 
 // The latent KV cache of one sequence: per layer [capacity, kv_rank + rope] (576 values per token).
@@ -134,7 +153,14 @@ class Model {
   const Weights& weights() const { return w_; }
   Backend& backend() const { return *backend_; }
 
-  RunState make_run_state(int max_tokens);
+  // logit_rows: rows of rs.logits (max_tokens by default; 1 when only the last row's logits are wanted, which
+  // saves max_tokens x vocab floats: 5 GB for an 8K chunk of GLM-4.7-Flash).
+  RunState make_run_state(int max_tokens, int logit_rows = -1);
+  // Bytes one decoded token reads: weights (routed experts at top_k / n_experts of their total, one embedding
+  // row) plus, at `depth` cached tokens, the latent cache rows of every layer in `kv_dtype`.
+  double weight_bytes_per_token() const;
+  double kv_bytes_per_token(int depth, DType kv_dtype) const;
+  double weight_bytes_total() const;
   // A latent cache for `capacity` tokens; dtype defaults to the backend's (CPU F32, CUDA BF16).
   KvCache make_kv_cache(int capacity, std::optional<DType> dtype = std::nullopt);
 

@@ -20,7 +20,7 @@ TensorView first(TensorView t, int64_t n) {
 
 Generator::Generator(Model& model, int context, int prefill_chunk, std::optional<DType> kv_dtype)
     : model_(model),
-      rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)))),
+      rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)), 1)),
       kv_(model.make_kv_cache(context, kv_dtype)),
       logits_(size_t(model.config().vocab_size)) {
   history_ = TensorView(model.backend().alloc(size_t(context + 1) * 4), DType::I32, {context + 1});
@@ -82,6 +82,33 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
   return out;
 }
 
+void Generator::ensure_step_captured() {
+  if (step_) return;
+  // One uncaptured run at the full bound sizes every scratch buffer; the capture then records the step. The
+  // warm-up computes the same step the first replay recomputes (same token, same position), so it is harmless.
+  TensorView tok = first(rs_.tokens, 1), pos = first(rs_.pos, 1);
+  const int bound = kv_.capacity;
+  model_.forward_uploaded(rs_, kv_, 1, bound, false);
+  step_ = model_.backend().capture([this, tok, pos, bound] {
+    model_.forward_uploaded(rs_, kv_, 1, bound, false);
+    model_.backend().greedy_step(first(rs_.logits, 1), tok, pos, history_);
+  });
+}
+
+std::vector<int32_t> Generator::decode_steps(int32_t token, int pos, int steps) {
+  TRELLM_ASSERT(pos >= 0 && pos + steps <= kv_.capacity && steps >= 1);
+  Backend& B = model_.backend();
+  const int32_t zero = 0;
+  B.from_host(rs_.tokens.data, &token, 4);
+  B.from_host(rs_.pos.data, &pos, 4);
+  B.from_host(history_.data, &zero, 4);
+  ensure_step_captured();
+  for (int i = 0; i < steps; i++) step_->launch();
+  std::vector<int32_t> out(static_cast<size_t>(steps));
+  B.to_host(out.data(), history_.ptr<int32_t>() + 1, out.size() * 4);
+  return out;
+}
+
 // Greedy decoding as a replayed step: [forward one token at the device-held position; argmax into the token
 // slot; position += 1; append to history]. The host launches steps and reads the new tokens every
 // opt.read_every launches; a step launched past an EOS only writes cache rows that are never read.
@@ -96,16 +123,7 @@ std::vector<int32_t> Generator::generate_greedy_graph(int P, int limit, const Ge
   B.from_host(history_.data, &init[0], 4);
   B.from_host(pos.data, &init[1], 4);
   B.greedy_step(first(rs_.logits, 1), tok, pos, history_);  // the first token, from the prefill's logits
-  const int bound = kv_.capacity;
-  if (!step_) {
-    // One uncaptured run at the full bound sizes every scratch buffer; the capture then records the step. The
-    // warm-up computes the same step the first replay recomputes (same token, same position), so it is harmless.
-    model_.forward_uploaded(rs_, kv_, 1, bound, false);
-    step_ = B.capture([this, tok, pos, bound] {
-      model_.forward_uploaded(rs_, kv_, 1, bound, false);
-      model_.backend().greedy_step(first(rs_.logits, 1), tok, pos, history_);
-    });
-  }
+  ensure_step_captured();
   std::vector<int32_t> out;
   int launched = 1;  // tokens produced on the device so far (the first came from the prefill)
   const int every = std::max(1, opt.read_every);

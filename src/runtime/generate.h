@@ -43,10 +43,15 @@ class Generator {
   // Runs the prompt through the model (cache rows 0..P-1); the last row's logits are left in run_state().
   void prefill(const std::vector<int32_t>& prompt);
   RunState& run_state() { return rs_; }
+  KvCache& kv_cache() { return kv_; }
+  // Benchmark path: `steps` greedy steps launched back to back starting with `token` at position `pos` (the
+  // cache rows before it are whatever they hold), then one read of the produced tokens.
+  std::vector<int32_t> decode_steps(int32_t token, int pos, int steps);
 
  private:
   std::vector<int32_t> generate_greedy_graph(int P, int limit, const GenerateOptions& opt,
                                              const std::function<bool(int32_t)>& on_token, GenerateStats& st);
+  void ensure_step_captured();
 
   Model& model_;
   RunState rs_;

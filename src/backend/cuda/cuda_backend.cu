@@ -1,6 +1,7 @@
 // CUDA backend: memory, dispatch from TensorViews to kernels, cuBLAS for large dense products.
 #include "backend/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <unordered_map>
 #include <vector>
 
@@ -26,6 +27,7 @@ struct CudaBackend::Impl {
   std::string name;
   std::vector<std::pair<void*, size_t>> scratch;               // grow-only device buffers
   std::unordered_map<const void*, void*> moe_tables;           // experts span -> device pointer table
+  std::vector<cudaEvent_t> events;                             // record_event() handles
 
   void* scratch_bytes(size_t slot, size_t bytes) {
     if (scratch.size() <= slot) scratch.resize(slot + 1, {nullptr, 0});
@@ -71,6 +73,7 @@ CudaBackend::~CudaBackend() {
   for (auto& s : impl_->scratch)
     if (s.first) cudaFree(s.first);
   for (auto& t : impl_->moe_tables) cudaFree(t.second);
+  for (auto e : impl_->events) cudaEventDestroy(e);
   cublasDestroy(impl_->cublas);
   cudaStreamDestroy(impl_->stream);
 }
@@ -283,6 +286,61 @@ std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& ste
   TRELLM_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
   TRELLM_CUDA_CHECK(cudaGraphDestroy(graph));
   return std::make_unique<CudaStepGraph>(exec, s);
+}
+
+}  // namespace trellm
+
+namespace trellm {
+
+int CudaBackend::record_event() {
+  cudaEvent_t e;
+  TRELLM_CUDA_CHECK(cudaEventCreate(&e));
+  TRELLM_CUDA_CHECK(cudaEventRecord(e, impl_->stream));
+  impl_->events.push_back(e);
+  return int(impl_->events.size()) - 1;
+}
+
+double CudaBackend::elapsed_ms(int from, int to) {
+  TRELLM_CUDA_CHECK(cudaEventSynchronize(impl_->events.at(size_t(to))));
+  float ms = 0;
+  TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, impl_->events.at(size_t(from)), impl_->events.at(size_t(to))));
+  return ms;
+}
+
+std::pair<size_t, size_t> CudaBackend::memory_used_total() {
+  size_t free_b = 0, total_b = 0;
+  TRELLM_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return {total_b - free_b, total_b};
+}
+
+// 1 GiB device-to-device copies (well past the 50 MB L2), median of 10, bytes read + written.
+double CudaBackend::copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess) return 0;
+  if (cudaMalloc(&b, bytes) != cudaSuccess) {
+    cudaFree(a);
+    return 0;
+  }
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; i++) {
+    cudaEventRecord(e0, impl_->stream);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, impl_->stream);
+    cudaEventRecord(e1, impl_->stream);
+    cudaEventSynchronize(e1);
+    float t = 0;
+    cudaEventElapsedTime(&t, e0, e1);
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);
 }
 
 }  // namespace trellm

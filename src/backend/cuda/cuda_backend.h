@@ -20,6 +20,10 @@ class CudaBackend final : public Backend {
   void fill_random(TensorView t, uint64_t seed, float scale) override;
   void synchronize() override;
   std::unique_ptr<StepGraph> capture(const std::function<void()>& step) override;
+  int record_event() override;
+  double elapsed_ms(int from, int to) override;
+  std::pair<size_t, size_t> memory_used_total() override;
+  double copy_bandwidth() override;
   bool host_memory() const override { return false; }
   DType kv_dtype() const override { return DType::BF16; }
 
