@@ -117,6 +117,8 @@ class Backend {
   virtual void embed(TensorView out, TensorView tokens, TensorView table) = 0;
   // out = x / rms(x) * w, per row.  x, out: [n, d] f32 (may alias);  w: [d]
   virtual void rms_norm(TensorView out, TensorView x, TensorView w, float eps) = 0;
+  // The residual step fused with the next norm: h += y, then out = h / rms(h) * w.  h, y, out: [n, d]
+  virtual void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) = 0;
   // out = a + b elementwise (may alias)
   virtual void add(TensorView out, TensorView a, TensorView b) = 0;
   // out = x · Wᵀ + b.  x: [n, in];  out: [n, out]

@@ -149,10 +149,10 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
   B.embed(h, tok, w_.embed_tokens);
   if (rs.timer) rs.timer->mark(Part::Embed);
 
+  B.rms_norm(x, h, w_.layers[0].input_layernorm, eps);
   for (int64_t l = 0; l < c.num_hidden_layers; l++) {
     const LayerWeights& L = w_.layers[l];
-    // ---- attention (MLA) ----
-    B.rms_norm(x, h, L.input_layernorm, eps);
+    // ---- attention (MLA); x = input_layernorm(h) ----
     if (c.q_lora_rank > 0) {
       TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
       B.matmul(qa, x, L.q_a_proj);
@@ -166,10 +166,9 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
     B.mla_cache_append(kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
     B.attention_mla(attn, q, kv.layers[l], L.kv_b_proj, pos, mla, mode);
     B.matmul(y, attn, L.o_proj);
-    B.add(h, h, y);
+    B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);                       // h += attn; x = norm(h)
     if (rs.timer) rs.timer->mark(Part::Attention);
     // ---- MLP: dense, or routed experts + shared expert ----
-    B.rms_norm(x, h, L.post_attention_layernorm, eps);
     if (c.mlp_sparse[l]) {
       TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
       B.moe_route(wts, ids, x, L.gate, L.e_score_correction_bias, c.routing());
@@ -182,17 +181,16 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.silu_mul(g, g, u);
       B.matmul(y, g, L.mlp.down_proj);
     }
-    B.add(h, h, y);
+    // h += mlp; x = the next layer's input norm of h (the final norm after the last layer)
+    const bool last = l + 1 == c.num_hidden_layers;
+    B.add_rms_norm(h, y, last ? w_.norm : w_.layers[l + 1].input_layernorm, eps, x);
     if (rs.timer) rs.timer->mark(c.mlp_sparse[l] ? Part::Moe : Part::DenseMlp);
   }
 
-  // ---- head: all rows, or just the last ----
+  // ---- head: x holds model.norm(h); logits of all rows, or just the last ----
   TRELLM_ASSERT(!all_logits || n <= rs.logit_rows, "all_logits needs a run state with >= ", n, " logit rows");
-  TensorView hl = all_logits ? h : h[n - 1];
-  if (!all_logits) hl = TensorView(hl.data, DType::F32, {1, c.hidden_size});
-  TensorView xl = rows(x, hl.rows());
-  B.rms_norm(xl, hl, w_.norm, eps);
-  B.matmul(rows(rs.logits, hl.rows()), xl, w_.lm_head);
+  TensorView xl = all_logits ? x : TensorView(x[n - 1].data, DType::F32, {1, c.hidden_size});
+  B.matmul(rows(rs.logits, xl.rows()), xl, w_.lm_head);
   if (rs.timer) rs.timer->mark(Part::Head);
 }
 

@@ -78,6 +78,12 @@ void CpuBackend::rms_norm(TensorView out, TensorView x, TensorView w, float eps)
   });
 }
 
+void CpuBackend::add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) {
+  TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == out.numel());
+  add(h, h, y);
+  rms_norm(out, h, w, eps);
+}
+
 void CpuBackend::add(TensorView out, TensorView a, TensorView b) {
   const int64_t n = out.numel();
   TRELLM_ASSERT(a.numel() == n && b.numel() == n);

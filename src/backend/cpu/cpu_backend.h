@@ -21,6 +21,7 @@ class CpuBackend final : public Backend {
   void embed(TensorView out, TensorView tokens, TensorView table) override;
   void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
   void add(TensorView out, TensorView a, TensorView b) override;
+  void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
   void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;

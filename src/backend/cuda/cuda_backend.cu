@@ -121,6 +121,12 @@ void CudaBackend::add(TensorView out, TensorView a, TensorView b) {
   cuda::add(out.ptr<float>(), a.ptr<float>(), b.ptr<float>(), out.numel(), impl_->stream);
 }
 
+void CudaBackend::add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) {
+  TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == out.numel() && w.numel() == h.cols() && w.dtype == DType::F32);
+  cuda::add_rms_norm(h.ptr<float>(), y.ptr<float>(), w.ptr<float>(), out.ptr<float>(), int(h.rows()), int(h.cols()), eps,
+                     impl_->stream);
+}
+
 void CudaBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
   TRELLM_ASSERT(gate.numel() == out.numel() && up.numel() == out.numel());
   cuda::silu_mul(out.ptr<float>(), gate.ptr<float>(), up.ptr<float>(), out.numel(), impl_->stream);

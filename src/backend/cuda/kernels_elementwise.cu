@@ -52,6 +52,21 @@ __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int 
   for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (xr[j] * r);
 }
 
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, int d, float eps) {
+  float* hr = h + int64_t(blockIdx.x) * d;
+  const float* yr = y + int64_t(blockIdx.x) * d;
+  float* orow = out + int64_t(blockIdx.x) * d;
+  float ss = 0;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = hr[j] + yr[j];
+    hr[j] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(d) + eps);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (hr[j] * r);  // each thread rereads its own writes
+}
+
 __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
 }
@@ -147,6 +162,10 @@ void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n
 }
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s) {
   rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(out, x, w, d, eps);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s) {
+  add_rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(h, y, w, out, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {

@@ -114,6 +114,16 @@ TEST_F(CudaOps, ElementwiseNormRope) {
     gpu->rms_norm(o, gx, gw, 1e-5f);
     cpu.rms_norm(host(want, {n, d}), host(x, {n, d}), host(w, {d}), 1e-5f);
     EXPECT_LT(rel_err(down(o), want), 1e-6) << "rms_norm " << n << "x" << d;
+    // add_rms_norm: h += y, out = norm(h)
+    {
+      std::vector<float> h = x, hw(x.size());
+      TensorView gh = up(h, DType::F32, {n, d});
+      o = poisoned({n, d});
+      gpu->add_rms_norm(gh, gy, gw, 1e-5f, o);
+      cpu.add_rms_norm(host(h, {n, d}), host(y, {n, d}), host(w, {d}), 1e-5f, host(hw, {n, d}));
+      EXPECT_EQ(down(gh), h) << "add_rms_norm residual";
+      EXPECT_LT(rel_err(down(o), hw), 1e-6) << "add_rms_norm norm";
+    }
     // add
     o = poisoned({n, d});
     gpu->add(o, gx, gy);
