@@ -60,6 +60,17 @@ struct MlaDims {
   int q_head_dim() const { return nope_dim + rope_dim; }
 };
 
+// Token sampling: greedy (temperature 0), or temperature -> top-k -> top-p -> min-p (transformers' order), then
+// an exact draw from the surviving distribution by the Gumbel-max trick with counter-based noise
+// u(seed, step, token id). Every backend draws the same token for the same logits, seed and step.
+struct SamplingParams {
+  float temperature = 1.0f;  // 0 = greedy
+  int top_k = 0;             // 0 = off
+  float top_p = 1.0f;        // 1 = off
+  float min_p = 0.0f;        // 0 = off
+  uint64_t seed = 0;         // 0 = from the clock (resolved by the caller before it reaches a backend)
+};
+
 // Where the rows of a step sit in their sequence. pos is I32 [n] in the backend's memory (so a captured
 // CUDA graph reads the current positions at replay); bound is a host-side upper bound on pos[i] + 1 for
 // every row, used to size grids and tiles (a graph captured with bound = cache capacity serves every step).
@@ -144,9 +155,12 @@ class Backend {
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
                        std::span<const Expert> experts, const Expert* shared) = 0;
-  // Greedy decoding without the host: token[0] = argmax(logits[0, :]) (ties: lowest id), pos[0] += 1, and the
-  // token is appended to history (I32 [1 + cap]: history[0] counts the tokens written, which follow it).
-  virtual void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) = 0;
+  // Decoding without the host: token[0] = the token sampled from logits[0, :] (greedy: argmax, ties to the lowest
+  // id) with step = history[0] as the noise counter, pos[0] += 1, and the token appended to history (I32
+  // [1 + cap]: history[0] counts the tokens written, which follow it). params: one SamplingParams in the
+  // backend's memory (U8 [sizeof(SamplingParams)]), so a captured step serves any settings.
+  virtual void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                           TensorView history) = 0;
 
  private:
   std::vector<std::chrono::steady_clock::time_point> host_events_;

@@ -24,6 +24,13 @@ Generator::Generator(Model& model, int context, int prefill_chunk, std::optional
       kv_(model.make_kv_cache(context, kv_dtype)),
       logits_(size_t(model.config().vocab_size)) {
   history_ = TensorView(model.backend().alloc(size_t(context + 1) * 4), DType::I32, {context + 1});
+  params_ = TensorView(model.backend().alloc(sizeof(SamplingParams)), DType::U8, {int64_t(sizeof(SamplingParams))});
+}
+
+Generator::~Generator() {
+  step_.reset();
+  model_.backend().release(history_.data);
+  model_.backend().release(params_.data);
 }
 
 void Generator::prefill(const std::vector<int32_t>& prompt) {
@@ -55,10 +62,13 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
   B.synchronize();
   st.prefill_s = t.seconds();
   std::vector<int32_t> out;
-  if (limit > 0 && opt.sampling.temperature == 0 && opt.use_graph) {
-    out = generate_greedy_graph(P, limit, opt, on_token, st);
+  validate_sampling(opt.sampling);
+  SamplingParams sp = opt.sampling;
+  sp.seed = resolve_seed(sp.seed);
+  if (limit > 0 && opt.use_graph) {
+    out = generate_graph(P, limit, opt, sp, on_token, st);
   } else if (limit > 0) {
-    Sampler sampler(opt.sampling);
+    Sampler sampler(sp);
     t.reset();
     B.to_host(logits_.data(), rs_.logits.data, logits_.size() * sizeof(float));
     int pos = P;
@@ -91,7 +101,7 @@ void Generator::ensure_step_captured() {
   model_.forward_uploaded(rs_, kv_, 1, bound, false);
   step_ = model_.backend().capture([this, tok, pos, bound] {
     model_.forward_uploaded(rs_, kv_, 1, bound, false);
-    model_.backend().greedy_step(first(rs_.logits, 1), tok, pos, history_);
+    model_.backend().sample_step(first(rs_.logits, 1), params_, tok, pos, history_);
   });
 }
 
@@ -99,6 +109,9 @@ std::vector<int32_t> Generator::decode_steps(int32_t token, int pos, int steps) 
   TRELLM_ASSERT(pos >= 0 && pos + steps <= kv_.capacity && steps >= 1);
   Backend& B = model_.backend();
   const int32_t zero = 0;
+  SamplingParams greedy;
+  greedy.temperature = 0;
+  B.from_host(params_.data, &greedy, sizeof greedy);
   B.from_host(rs_.tokens.data, &token, 4);
   B.from_host(rs_.pos.data, &pos, 4);
   B.from_host(history_.data, &zero, 4);
@@ -109,12 +122,11 @@ std::vector<int32_t> Generator::decode_steps(int32_t token, int pos, int steps) 
   return out;
 }
 
-// Greedy decoding as a replayed step: [forward one token at the device-held position; argmax into the token
-// slot; position += 1; append to history]. The host launches steps and reads the new tokens every
-// opt.read_every launches; a step launched past an EOS only writes cache rows that are never read.
-std::vector<int32_t> Generator::generate_greedy_graph(int P, int limit, const GenerateOptions& opt,
-                                                      const std::function<bool(int32_t)>& on_token,
-                                                      GenerateStats& st) {
+// Decoding as a replayed step: [forward one token at the device-held position; sample into the token slot;
+// position += 1; append to history]. The host launches steps and reads the new tokens every opt.read_every
+// launches; a step launched past an EOS only writes cache rows that are never read.
+std::vector<int32_t> Generator::generate_graph(int P, int limit, const GenerateOptions& opt, const SamplingParams& sp,
+                                               const std::function<bool(int32_t)>& on_token, GenerateStats& st) {
   const Config& c = model_.config();
   Backend& B = model_.backend();
   Timer t;
@@ -122,7 +134,8 @@ std::vector<int32_t> Generator::generate_greedy_graph(int P, int limit, const Ge
   const int32_t init[2] = {0, P - 1};
   B.from_host(history_.data, &init[0], 4);
   B.from_host(pos.data, &init[1], 4);
-  B.greedy_step(first(rs_.logits, 1), tok, pos, history_);  // the first token, from the prefill's logits
+  B.from_host(params_.data, &sp, sizeof sp);
+  B.sample_step(first(rs_.logits, 1), params_, tok, pos, history_);  // the first token, from the prefill's logits
   ensure_step_captured();
   std::vector<int32_t> out;
   int launched = 1;  // tokens produced on the device so far (the first came from the prefill)

@@ -1,6 +1,6 @@
 // The generation loop for one sequence: chunked prefill, then one token at a time through the KV cache,
-// stopping on any EOS id or the token limit. Greedy decoding runs as a captured step (a CUDA graph on the
-// GPU) that picks the next token on the device, so the host only reads tokens back.
+// stopping on any EOS id or the token limit. Decoding runs as a captured step (a CUDA graph on the GPU) that
+// samples the next token on the device, so the host only reads tokens back.
 #pragma once
 #include <functional>
 #include <memory>
@@ -16,8 +16,8 @@ struct GenerateOptions {
   int max_tokens = 128;           // new tokens
   SamplingParams sampling;
   bool stop_at_eos = true;
-  bool use_graph = true;          // greedy: replay a captured decode step
-  int read_every = 1;             // greedy: launch this many steps between reads of the new tokens
+  bool use_graph = true;          // replay a captured decode step that samples on the device
+  int read_every = 1;             // launch this many steps between reads of the new tokens
   std::vector<int64_t> extra_stop_ids;  // stop tokens beside config.json's eos_token_id (generation_config's)
 };
 
@@ -34,6 +34,9 @@ class Generator {
   // Sizes the run state and KV cache for `context` tokens (prompt + generated). kv_dtype: the latent cache's
   // element type (default: the backend's).
   Generator(Model& model, int context, int prefill_chunk = 512, std::optional<DType> kv_dtype = std::nullopt);
+  ~Generator();
+  Generator(const Generator&) = delete;
+  Generator& operator=(const Generator&) = delete;
 
   // Generates after `prompt`; on_token is called with each new token (return false to stop early).
   std::vector<int32_t> generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,
@@ -49,16 +52,17 @@ class Generator {
   std::vector<int32_t> decode_steps(int32_t token, int pos, int steps);
 
  private:
-  std::vector<int32_t> generate_greedy_graph(int P, int limit, const GenerateOptions& opt,
-                                             const std::function<bool(int32_t)>& on_token, GenerateStats& st);
+  std::vector<int32_t> generate_graph(int P, int limit, const GenerateOptions& opt, const SamplingParams& sp,
+                                      const std::function<bool(int32_t)>& on_token, GenerateStats& st);
   void ensure_step_captured();
 
   Model& model_;
   RunState rs_;
   KvCache kv_;
   std::vector<float> logits_;        // host copy of one row
-  TensorView history_;               // I32 [1 + context] on the backend: count, then greedy tokens
-  std::unique_ptr<StepGraph> step_;  // captured greedy decode step (built on first use)
+  TensorView history_;               // I32 [1 + context] on the backend: count, then sampled tokens
+  TensorView params_;                // SamplingParams on the backend, read by the captured step
+  std::unique_ptr<StepGraph> step_;  // captured decode step (built on first use)
 };
 
 }  // namespace trellm

@@ -41,3 +41,23 @@ TEST(Generate, CapturedGreedyStepEqualsHostLoop) {
   EXPECT_EQ(got, std::vector<int32_t>(want.begin(), want.begin() + first_eos + 1));
   EXPECT_TRUE(st.hit_eos);
 }
+
+TEST(Generate, SeededSamplingSameOnCapturedAndPlainPaths) {
+  auto be = make_cpu_backend();
+  auto m = Model::load(std::string(TRELLM_TEST_DATA) + "/hf/tiny_a", *be);
+  const std::vector<int32_t> prompt = {5, 6, 7};
+  GenerateOptions o;
+  o.max_tokens = 25;
+  o.stop_at_eos = false;
+  o.sampling.temperature = 1.2f;
+  o.sampling.top_p = 0.9f;
+  o.sampling.seed = 77;
+  Generator g(*m, 40);
+  o.use_graph = false;
+  auto plain = g.generate(prompt, o);
+  o.use_graph = true;
+  o.read_every = 6;
+  EXPECT_EQ(g.generate(prompt, o), plain);
+  o.sampling.seed = 78;
+  EXPECT_NE(g.generate(prompt, o), plain);
+}

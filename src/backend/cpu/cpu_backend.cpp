@@ -134,16 +134,16 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   add_bias(out, w);
 }
 
-void CpuBackend::greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) {
-  const float* l = logits.ptr<float>();
-  int64_t best = 0;
-  for (int64_t i = 1; i < logits.cols(); i++)
-    if (l[i] > l[best]) best = i;
-  token.ptr<int32_t>()[0] = int32_t(best);
+void CpuBackend::sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                             TensorView history) {
+  TRELLM_ASSERT(params.nbytes() == sizeof(SamplingParams));
+  const SamplingParams& p = *static_cast<const SamplingParams*>(params.data);
+  const int32_t best = sample_token(logits.ptr<float>(), logits.cols(), p, uint64_t(history.ptr<int32_t>()[0]));
+  token.ptr<int32_t>()[0] = best;
   pos.ptr<int32_t>()[0] += 1;
   int32_t* h = history.ptr<int32_t>();
   TRELLM_ASSERT(h[0] + 1 < history.numel(), "greedy history is full");
-  h[1 + h[0]++] = int32_t(best);
+  h[1 + h[0]++] = best;
 }
 
 void CpuBackend::add_bias(TensorView out, const Linear& w) {

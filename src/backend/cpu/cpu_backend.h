@@ -33,7 +33,8 @@ class CpuBackend final : public Backend {
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
-  void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) override;
+  void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                   TensorView history) override;
 
  private:
   void add_bias(TensorView out, const Linear& w);
@@ -55,6 +56,10 @@ class CpuBackend final : public Backend {
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).
 void rope_rotate(float* x, int dim, int pos, float theta);
+// The sampling reference (SamplingParams in backend.h): thresholds by sorting, then Gumbel-max.
+int32_t sample_token(const float* logits, int64_t n, const SamplingParams& p, uint64_t step);
+// The noise of token i at `step`: a uniform in (0, 1) from a counter-based hash (the CUDA kernel has the same).
+double sample_uniform(uint64_t seed, uint64_t step, uint64_t i);
 }  // namespace cpu
 
 }  // namespace trellm

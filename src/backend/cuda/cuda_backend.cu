@@ -255,10 +255,12 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
 
 namespace trellm {
 
-void CudaBackend::greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) {
-  TRELLM_ASSERT(token.dtype == DType::I32 && pos.dtype == DType::I32 && history.dtype == DType::I32);
-  cuda::greedy_step(logits.ptr<float>(), logits.cols(), token.ptr<int32_t>(), pos.ptr<int32_t>(), history.ptr<int32_t>(),
-                    history.numel(), impl_->stream);
+void CudaBackend::sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                              TensorView history) {
+  TRELLM_ASSERT(token.dtype == DType::I32 && pos.dtype == DType::I32 && history.dtype == DType::I32 &&
+                params.nbytes() == sizeof(SamplingParams));
+  cuda::sample_step(logits.ptr<float>(), logits.cols(), params.data, token.ptr<int32_t>(), pos.ptr<int32_t>(),
+                    history.ptr<int32_t>(), history.numel(), impl_->stream);
 }
 
 namespace {

@@ -42,7 +42,8 @@ class CudaBackend final : public Backend {
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
-  void greedy_step(TensorView logits, TensorView token, TensorView pos, TensorView history) override;
+  void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                   TensorView history) override;
 
   void* stream() const;  // the cudaStream_t every op runs on
 

@@ -86,7 +86,9 @@ void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaS
 }  // namespace trellm::cuda
 
 namespace trellm::cuda {
-// token[0] = argmax(logits[0..V)) (lowest id on ties); pos[0] += 1; history[1 + history[0]++] = token.
-void greedy_step(const float* logits, int64_t V, int32_t* token, int32_t* pos, int32_t* history, int64_t history_cap,
-                 cudaStream_t s);
+// token[0] = the token sampled from logits[0..V) as cpu::sample_token does (greedy when temperature is 0), with
+// history[0] as the noise step; pos[0] += 1; history[1 + history[0]++] = token.
+// params: a device copy of trellm::SamplingParams (backend.h).
+void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
+                 int64_t history_cap, cudaStream_t s);
 }  // namespace trellm::cuda
