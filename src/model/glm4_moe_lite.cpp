@@ -81,13 +81,12 @@ double Model::kv_bytes_per_token(int depth, DType kv_dtype) const {
 }
 
 Model::~Model() {
-  for (void* p : owned_) backend_->release(p);
+  arena_.release();
 }
 
 TensorView Model::alloc(DType t, std::initializer_list<int64_t> shape) {
   TensorView v(nullptr, t, shape);
-  v.data = backend_->alloc(v.nbytes());
-  owned_.push_back(v.data);
+  v.data = arena_.alloc(v.nbytes());
   return v;
 }
 

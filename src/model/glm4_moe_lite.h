@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/arena.h"
 #include "backend/backend.h"
 #include "core/tensor.h"
 #include "quant/trellis_weight.h"
@@ -180,7 +181,7 @@ class Model {
   Weights w_;
   Backend* backend_ = nullptr;
   std::unique_ptr<TensorStore> store_;
-  std::vector<void*> owned_;  // backend allocations (weights copies, state) released on destruction
+  Arena arena_;               // backend memory for weights and state, released on destruction
   std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3_;  // descriptors the Linears point to
   friend struct ModelLoader;
 };

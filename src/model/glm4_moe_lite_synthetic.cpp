@@ -43,14 +43,13 @@ namespace {
 struct Builder {
   Backend& be;
   const SyntheticSpec& spec;
-  std::vector<void*>& owned;
+  Arena& arena;
   std::vector<std::unique_ptr<trellis::TrellisWeight>>& exl3;
   uint64_t seed;
 
   TensorView tensor(DType t, std::initializer_list<int64_t> shape, float scale) {
     TensorView v(nullptr, t, shape);
-    v.data = be.alloc(v.nbytes());
-    owned.push_back(v.data);
+    v.data = arena.alloc(v.nbytes());
     be.fill_random(v, seed++, scale);
     return v;
   }
@@ -62,8 +61,7 @@ struct Builder {
       z = z * 6364136223846793005ull + 1442695040888963407ull;
       x = 0.9f + 0.2f * float(z >> 40) / 16777216.0f;
     }
-    TensorView v(be.alloc(size_t(n) * 4), DType::F32, {n});
-    owned.push_back(v.data);
+    TensorView v(arena.alloc(size_t(n) * 4), DType::F32, {n});
     be.from_host(v.data, h.data(), size_t(n) * 4);
     return v;
   }
@@ -102,8 +100,9 @@ std::unique_ptr<Model> Model::synthetic(const Config& c, Backend& backend, const
     fail("synthetic model: bits must be 1..8 (or 0 for dense bf16); got ", spec.bits, " and head ", spec.head_bits);
   std::unique_ptr<Model> m(new Model());
   m->backend_ = &backend;
+  m->arena_.set_backend(&backend);
   m->config_ = c;
-  Builder b{backend, spec, m->owned_, m->exl3_, spec.seed * 1000003ull};
+  Builder b{backend, spec, m->arena_, m->exl3_, spec.seed * 1000003ull};
   Weights& w = m->w_;
   const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim(), K = spec.bits;
   w.embed_tokens = b.tensor(DType::BF16, {c.vocab_size, hid}, 1.7f);
