@@ -6,7 +6,7 @@
 //           Roofline: (T*1152 B of cache + 9.18 MB of kv_b) at the copy bandwidth measured in this run.
 //   prefill causal prompts of 512/2K/8K tokens, one layer, event-timed calls (prefill is not graph-captured);
 //           FLOPs counted for the absorbed form: pairs*20*(576+512)*2 + projections.
-// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N]
+// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N] [--profile]   (--profile: one call per shape, for ncu)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -66,6 +66,7 @@ struct Out {
 int main(int argc, char** argv) {
   Out out;
   int reps = 30;
+  bool profile = false;
   for (int i = 0; i < argc; i++) {
     if (i) out.command += ' ';
     out.command += argv[i];
@@ -74,6 +75,7 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--json") && i + 1 < argc) out.json = std::fopen(argv[++i], "a");
     else if (!std::strcmp(argv[i], "--commit") && i + 1 < argc) out.commit = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(3, std::atoi(argv[++i]));
+    else if (!std::strcmp(argv[i], "--profile")) profile = true;  // one call per shape, for ncu
   }
   if (!cuda_available()) {
     std::printf("no CUDA device\n");
@@ -103,6 +105,49 @@ int main(int argc, char** argv) {
     return double(ms);
   };
 
+  MlaDims d;
+  d.heads = 20, d.kv_rank = 512, d.rope_dim = 64, d.nope_dim = 192, d.v_dim = 256, d.scale = 1.0f / 16.0f;
+  const int H = d.heads, W = d.cache_width(), per = d.nope_dim + d.v_dim;
+  const size_t kvb_elems = size_t(H) * per * d.kv_rank, kvb_bytes = kvb_elems * 2;
+  auto fill16 = [&](void* p, size_t n, uint32_t seed, float scale) {
+    fill_bf16<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(p), n, seed, scale);
+    TRELLM_CUDA_LAUNCH_CHECK();
+  };
+  auto fill32 = [&](void* p, size_t n, uint32_t seed, float scale) {
+    fill_f32<<<1024, 256, 0, s>>>(static_cast<float*>(p), n, seed, scale);
+    TRELLM_CUDA_LAUNCH_CHECK();
+  };
+
+  if (profile) {  // v2 only, one plain-stream call per shape: decode n=1 at 1K and 32K, n=16 at 32K, prefill 2K
+    const int C = 32768, NMAX = 2048;
+    void* cache = gpu.alloc(size_t(C) * W * 2);
+    void* kvb = gpu.alloc(kvb_bytes);
+    float* q = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.q_head_dim() * 4));
+    float* o = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.v_dim * 4));
+    int32_t* pos = static_cast<int32_t*>(gpu.alloc(NMAX * 4));
+    fill16(cache, size_t(C) * W, 11, 1.7f);
+    fill16(kvb, kvb_elems, 12, 0.17f);
+    fill32(q, size_t(NMAX) * H * d.q_head_dim(), 13, 1.7f);
+    Linear lin;
+    lin.in = d.kv_rank;
+    lin.out = int64_t(H) * per;
+    lin.weight = TensorView(kvb, DType::BF16, {lin.out, lin.in});
+    struct Shape {
+      int n, T, bound;
+    };
+    for (Shape sh : {Shape{1, 1024, C}, Shape{1, 32768, C}, Shape{16, 32768, C}, Shape{2048, 2048, 2048}}) {
+      std::vector<int32_t> hp(sh.n);
+      for (int i = 0; i < sh.n; i++) hp[i] = sh.T - sh.n + i;
+      gpu.from_host(pos, hp.data(), hp.size() * 4);
+      gpu.attention_mla(TensorView(o, DType::F32, {sh.n, int64_t(H) * d.v_dim}), TensorView(q, DType::F32, {sh.n, H, d.q_head_dim()}),
+                        TensorView(cache, DType::BF16, {C, W}), lin, Positions{TensorView(pos, DType::I32, {sh.n}), sh.bound}, d,
+                        sh.n <= 16 ? MlaMode::Absorbed : MlaMode::Expanded);
+      gpu.synchronize();
+      std::printf("profiled n=%d T=%d bound=%d\n", sh.n, sh.T, sh.bound);
+    }
+    return 0;
+  }
+
   // Copy bandwidth (read + write) of this card, the roofline's denominator.
   double copy_gbs = 0;
   {
@@ -117,19 +162,6 @@ int main(int argc, char** argv) {
   }
   std::printf("GPU %s (%d SMs), %s, commit %s\ncopy bandwidth (read+write): %.0f GB/s\n\n", prop.name, prop.multiProcessorCount,
               out.date.c_str(), out.commit.c_str(), copy_gbs);
-
-  MlaDims d;
-  d.heads = 20, d.kv_rank = 512, d.rope_dim = 64, d.nope_dim = 192, d.v_dim = 256, d.scale = 1.0f / 16.0f;
-  const int H = d.heads, W = d.cache_width(), per = d.nope_dim + d.v_dim;
-  const size_t kvb_elems = size_t(H) * per * d.kv_rank, kvb_bytes = kvb_elems * 2;
-  auto fill16 = [&](void* p, size_t n, uint32_t seed, float scale) {
-    fill_bf16<<<1024, 256, 0, s>>>(static_cast<uint16_t*>(p), n, seed, scale);
-    TRELLM_CUDA_LAUNCH_CHECK();
-  };
-  auto fill32 = [&](void* p, size_t n, uint32_t seed, float scale) {
-    fill_f32<<<1024, 256, 0, s>>>(static_cast<float*>(p), n, seed, scale);
-    TRELLM_CUDA_LAUNCH_CHECK();
-  };
 
   // ---------------- decode ----------------
   {

@@ -46,7 +46,7 @@ struct Plan {
   size_t qb = 0;      // bf16 [rows, 576]
   size_t q16 = 0;     // bf16 [n, heads, nope+rope]  (prefill: cuBLAS input)
   size_t olat = 0;    // f32 [rows, 512] (decode) or bf16 (prefill)
-  size_t part_o = 0;  // f32 [groups, splits, 32, 512]   (splits > 1)
+  size_t part_o = 0;  // bf16 [groups, splits, 32, 512]  (splits > 1)
   size_t part_ml = 0; // f32 [groups, splits, 32, 2]     (running max in log2 units, sum)
   size_t bytes = 0;   // total workspace
 };

@@ -50,7 +50,7 @@ struct AttendParams {
   int rows, heads, groups, splits;
   float scale_log2;     // softmax scale * log2(e): scores live in the log2 domain (exp2f)
   int reverse;          // 1: heaviest (latest) row groups first, for causal prefill load balance
-  float* part_o;        // [groups, splits, 32, 512] unnormalised partial outputs
+  bf16* part_o;         // [groups, splits, 32, 512] unnormalised partial outputs (bf16: half the traffic)
   float* part_ml;       // [groups, splits, 32, 2]   (max, sum) per row
   float* out_f32;       // splits == 1: normalised o_lat [rows, 512] (decode) ...
   bf16* out_bf16;       // ... or bf16 (prefill)
@@ -286,11 +286,11 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
       for (int hf = 0; hf < 2; hf++) {
         const int r = 16 * mt + g + 8 * hf;
         if (row0 + r >= P.rows) continue;
-        float* dst = P.part_o + (base + r) * kRank;
+        bf16* dst = P.part_o + (base + r) * kRank;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
           const int col = 64 * warp + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(dst + col) = make_float2(oacc[mt][nt][2 * hf], oacc[mt][nt][2 * hf + 1]);
+          *reinterpret_cast<uint32_t*>(dst + col) = pack_bf16(oacc[mt][nt][2 * hf], oacc[mt][nt][2 * hf + 1]);
         }
       }
     if (tid < kRowsPerCta)
@@ -298,10 +298,11 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
   }
 }
 
-// o_lat[row] = Σ_s 2^(m_s - M) O_s / Σ_s 2^(m_s - M) l_s over the splits that hold data.
+// o_lat[row] = Σ_s 2^(m_s - M) O_s / Σ_s 2^(m_s - M) l_s over the splits that hold data (O_s in bf16: at 8K,
+// 128 one-tile splits wrote 40 KB of f32 partials each against 74 KB of cache read).
 // grid (rows, 512/64), 128 threads: 16 column quads x 8 split lanes.
 struct CombineParams {
-  const float* part_o;
+  const bf16* part_o;
   const float* part_ml;
   const int32_t* pos;
   int rows, heads, splits;
@@ -352,8 +353,8 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams C) {
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int s = sg; s < active; s += 8) {
     const float w = w_s[s];
-    const float4 v = *reinterpret_cast<const float4*>(C.part_o + ((size_t(group) * C.splits + s) * kRowsPerCta + r) * kRank + col);
-    acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    const uint2 v = *reinterpret_cast<const uint2*>(C.part_o + ((size_t(group) * C.splits + s) * kRowsPerCta + r) * kRank + col);
+    acc.x += w * bf_lo(v.x), acc.y += w * bf_hi(v.x), acc.z += w * bf_lo(v.y), acc.w += w * bf_hi(v.y);
   }
   *reinterpret_cast<float4*>(&red[sg][4 * cq]) = acc;
   __syncthreads();
@@ -380,9 +381,10 @@ Plan make_plan(int n, int heads, int nope, int bound, int num_sms) {
   p.rows = n * heads;
   p.groups = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
   const int tiles = (bound + kKeysPerTile - 1) / kKeysPerTile;
-  // About one CTA per SM in total: n = 1 gets up to 132 splits (at 32K: 4 tiles = 256 keys each), big
-  // prefills get one split per group and no combine.
-  p.splits = std::clamp((num_sms + p.groups - 1) / p.groups, 1, std::min(tiles, kMaxSplits));
+  // At most one CTA per SM in total (one fits per SM; 10 groups x 14 splits = 140 CTAs for n = 16 ran as two
+  // waves: 251 us at 32K): n = 1 gets up to 132 splits (at 32K: 4 tiles = 256 keys each), n = 16 gets 13,
+  // big prefills one split per group and no combine.
+  p.splits = std::clamp(num_sms / p.groups, 1, std::min(tiles, kMaxSplits));
   p.prefill = n > kDecodeMaxRows;
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -393,7 +395,7 @@ Plan make_plan(int n, int heads, int nope, int bound, int num_sms) {
   p.qb = take(size_t(p.rows) * kWidth * 2);
   p.q16 = take(p.prefill ? size_t(p.rows) * (nope + kRope) * 2 : 0);
   p.olat = take(size_t(p.rows) * kRank * (p.prefill ? 2 : 4));
-  p.part_o = take(p.splits > 1 ? size_t(p.groups) * p.splits * kRowsPerCta * kRank * 4 : 0);
+  p.part_o = take(p.splits > 1 ? size_t(p.groups) * p.splits * kRowsPerCta * kRank * 2 : 0);
   p.part_ml = take(p.splits > 1 ? size_t(p.groups) * p.splits * kRowsPerCta * 2 * 4 : 0);
   p.bytes = off;
   return p;
@@ -418,7 +420,7 @@ void attend(const Args& a, const Plan& p, cudaStream_t s) {
   P.splits = p.splits;
   P.scale_log2 = a.scale * 1.4426950408889634f;
   P.reverse = p.prefill ? 1 : 0;
-  P.part_o = reinterpret_cast<float*>(w + p.part_o);
+  P.part_o = reinterpret_cast<bf16*>(w + p.part_o);
   P.part_ml = reinterpret_cast<float*>(w + p.part_ml);
   P.out_f32 = p.prefill ? nullptr : reinterpret_cast<float*>(w + p.olat);
   P.out_bf16 = p.prefill ? reinterpret_cast<bf16*>(w + p.olat) : nullptr;

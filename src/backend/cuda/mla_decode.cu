@@ -34,6 +34,12 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
     w[k] = d < nope ? __ldg(reinterpret_cast<const uint4*>(kvb + size_t(h * per + d) * kRank + c0 + 8 * cg))
                     : make_uint4(0, 0, 0, 0);
   }
+  // W_UV rows of this head for the output projection (4 launches later): into L2 now, while the attention
+  // is latency-bound, instead of from HBM after it (5.2 MB per layer for GLM). blockIdx.y-th eighth of v.
+  {
+    const int rows_per = (v + 7) / 8, j = blockIdx.y * rows_per + tid;
+    if (tid < rows_per && j < v) prefetch_l2(kvb + size_t(h * per + nope + j) * kRank, kRank * 2);
+  }
   grid_wait();
   grid_launch_dependents();
   for (int idx = tid; idx < n * nope; idx += 256) {
@@ -77,7 +83,8 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
 // columns 4*lane + 128*qq (8-byte loads, coalesced 256 B per quarter), in registers before the PDL wait.
 __global__ void __launch_bounds__(256) out_decode_kernel(float* out, const float* olat, const uint16_t* kvb, int n,
                                                          int heads, int nope, int v) {
-  __shared__ __align__(16) float os[kDecodeMaxRows * kRank];
+  extern __shared__ __align__(16) float os[];  // [n, 512]: dynamic, so a 2 KB block (n = 1) can sit beside an
+                                                // attention CTA (188 KB) on the same SM and start early (PDL)
   const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, per = nope + v;
   const int j0 = blockIdx.y * 32 + warp * 4;
   uint2 w[4][4];
@@ -123,8 +130,8 @@ void decode(const Args& a, const Plan& p, cudaStream_t s) {
   const float* olat = reinterpret_cast<const float*>(w + p.olat);
   launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v);
   attend(a, p, s);
-  launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), 0, s, true, a.out, olat, a.kv_b, a.n, a.heads, a.nope,
-         a.v);
+  launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, olat, a.kv_b,
+         a.n, a.heads, a.nope, a.v);
 }
 
 }  // namespace trellm::cuda::mla
