@@ -23,5 +23,5 @@ NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 (timeout 150 $NCU -k 'regex:attend|qlat|out_decode|combine|prefill_prepare' --section SpeedOfLight --section WarpStateStats \
    --metrics sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,dram__bytes_read.sum,lts__t_bytes.sum \
    "$BIN/bench_attention" --profile; echo "rc=$?") >"$OUT/ncu.txt" 2>&1
-grep -E "^  [a-z_:]*(attend|qlat|out_decode|combine|prefill)|profiled|Duration|DRAM Throughput|Compute \(SM\) Th|hmma|dram__bytes|Stall|rc=" \
+grep -E "(attend|qlat_decode|out_decode|combine|prefill_prepare)_?kernel|profiled|Duration|DRAM Throughput|Compute \(SM\) Th|hmma|dram__bytes|rc=|==ERR|==WARN" \
   "$OUT/ncu.txt" | grep -v "^ *----" | cut -c1-110 | head -90
