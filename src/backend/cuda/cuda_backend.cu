@@ -7,6 +7,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/mla.h"
 #include "core/log.h"
 
 namespace trellm {
@@ -22,6 +23,8 @@ constexpr int kExpandTile = 256;  // keys per expanded-attention tile
 
 struct CudaBackend::Impl {
   int device = 0;
+  int num_sms = 0;
+  bool mla_v1 = false;  // route attention_mla to the v1 kernels (tests, benchmark baseline)
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   std::string name;
@@ -63,6 +66,7 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
   TRELLM_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
   if (p.major < 8) fail("GPU ", p.name, " (sm_", p.major, p.minor, ") is too old: trellm needs sm_80 or newer");
   impl_->name = str_cat("cuda:", device, " (", p.name, ")");
+  impl_->num_sms = p.multiProcessorCount;
   TRELLM_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
   TRELLM_CUBLAS_CHECK(cublasCreate(&impl_->cublas));
   TRELLM_CUBLAS_CHECK(cublasSetStream(impl_->cublas, impl_->stream));
@@ -105,6 +109,7 @@ void CudaBackend::fill_random(TensorView t, uint64_t seed, float scale) {
   cuda::fill_random(t.data, t.dtype, t.numel(), seed, scale, impl_->stream);
 }
 void CudaBackend::synchronize() { TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream)); }
+void CudaBackend::use_mla_v1(bool on) { impl_->mla_v1 = on; }
 
 void CudaBackend::embed(TensorView out, TensorView tokens, TensorView table) {
   TRELLM_ASSERT(tokens.dtype == DType::I32 && out.rows() == tokens.numel() && out.cols() == table.dim(1));
@@ -184,8 +189,34 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   const int n = int(q.dim(0));
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
                 cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
-  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
   cudaStream_t s = impl_->stream;
+  // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
+  // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (both absorbed,
+  // the same function as either mode). Other shapes (the tiny fixtures) run the v1 kernels below.
+  if (!impl_->mla_v1 && !kv_b.exl3 && kv_b.weight.dtype == DType::BF16 &&
+      kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim) && mla::supported(d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim) &&
+      out.numel() == int64_t(n) * d.heads * d.v_dim && pos.bound >= 1) {
+    const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
+    mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
+                n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};
+    if (!p.prefill) return mla::decode(a, p, s);
+    mla::prefill_prepare(a, p, s);
+    const int H = d.heads, per = d.nope_dim + d.v_dim, qd = d.q_head_dim(), R = mla::kRank, W = mla::kWidth;
+    char* w = static_cast<char*>(a.work);
+    const float one = 1.0f, zero = 0.0f;
+    // Column-major views per head h: Qb_lat[k, i] = Σ_d W_UK[h][d][k] q[i,h,d]  (m = 512, n = n, k = nope)
+    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        impl_->cublas, CUBLAS_OP_N, CUBLAS_OP_N, R, n, d.nope_dim, &one, kv_b.weight.data, CUDA_R_16BF, R, int64_t(per) * R,
+        w + p.q16, CUDA_R_16BF, H * qd, qd, &zero, w + p.qb, CUDA_R_16BF, H * W, W, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mla::attend(a, p, s);
+    // out[i, h*v + j] = Σ_k W_UV[h][j][k] o_lat[i*H+h][k]  (m = v, n = n, k = 512; W_UV row-major = op T)
+    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, d.v_dim, n, R, &one,
+        static_cast<const uint16_t*>(kv_b.weight.data) + size_t(d.nope_dim) * R, CUDA_R_16BF, R, int64_t(per) * R, w + p.olat,
+        CUDA_R_16BF, H * R, R, &zero, out.data, CUDA_R_32F, H * d.v_dim, d.v_dim, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return;
+  }
+  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
   if (mode == MlaMode::Absorbed) {
     if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
     float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));

@@ -46,6 +46,9 @@ class CudaBackend final : public Backend {
                    TensorView history) override;
 
   void* stream() const;  // the cudaStream_t every op runs on
+  // attention_mla on the v1 kernels (f32 CUDA cores) even where the tensor-core ones apply: the ladder
+  // baseline for tests and bench/bench_attention.
+  void use_mla_v1(bool on);
 
   struct Impl;
 
