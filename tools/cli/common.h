@@ -28,5 +28,6 @@ void add_inspect(CLI::App& app);
 void add_run(CLI::App& app);
 void add_tokenize(CLI::App& app);
 void add_chat(CLI::App& app);
+void add_perplexity(CLI::App& app);
 
 }  // namespace trellm::cli
