@@ -35,7 +35,12 @@ int run_perplexity(const PplArgs& a) {
   auto backend = make_backend(a.device);
   auto model = Model::load(dir, *backend);
   std::unique_ptr<Model> ref;
-  if (!a.ref.empty()) ref = Model::load(a.ref, *backend);
+  if (!a.ref.empty()) {
+    ref = Model::load(a.ref, *backend);
+    if (ref->config().vocab_size != model->config().vocab_size)
+      fail("--ref ", a.ref, ": its vocabulary (", ref->config().vocab_size, " tokens) differs from the model's (",
+           model->config().vocab_size, "); KL needs the same vocabulary");
+  }
 
   std::vector<int32_t> ids;
   size_t bytes = 0;
