@@ -124,3 +124,33 @@ def test_bad_input_is_a_clear_error(args, phrase):
     rc, _, err = trellm("perplexity", "--device", "cpu", *args, check=False)
     assert rc != 0 and phrase in err, err
     assert "internal error" not in err
+
+
+def test_rtn_baseline_script(tmp_path):
+    """scripts/rtn_quantize.py: every group of a quantized row holds at most 2^K values, symmetric around zero
+    on one scale; the rest is untouched; the result loads and drifts from the original by a small, non-zero KL."""
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import rtn_quantize as rq
+    src, out = os.path.join(DATA, "hf", "tiny_a"), str(tmp_path / "rtn3")
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "rtn_quantize.py"), "--model", src, "--out", out,
+                    "--bits", "3", "--group", "16"], check=True, capture_output=True)
+    header, _ = rq._header(os.path.join(src, "model.safetensors"))
+    n_checked = 0
+    for name, dtype in rq.read_dtypes(src).items():
+        a, b = rq.read_raw(src, name), rq.read_raw(out, name)
+        if not (dtype == "BF16" and rq.is_quantized(name, header[name]["shape"])):
+            assert a.tobytes() == b.tobytes(), name
+            continue
+        shape = header[name]["shape"]
+        w = rq.bf16_to_f32(a.view(np.uint16)).reshape(shape)
+        q = rq.bf16_to_f32(b.view(np.uint16)).reshape(shape[0], -1, 16)
+        scale = np.abs(w.reshape(shape[0], -1, 16)).max(-1, keepdims=True) / 3
+        k = q / scale
+        assert np.abs(k - np.round(k)).max() < 0.02 and k.min() >= -4.02 and k.max() <= 3.02, name
+        n_checked += 1
+    assert n_checked >= 10
+    ids = load_file(os.path.join(src, "reference.safetensors"))["prompt_ids"]
+    got = ppl_json("--model", out, "--ref", src, "--ids", write_ids(tmp_path, ids))
+    assert 0 < got["mean_kl"] < 1.0
