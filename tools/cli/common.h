@@ -30,5 +30,6 @@ void add_tokenize(CLI::App& app);
 void add_chat(CLI::App& app);
 void add_bench(CLI::App& app);
 void record_command_line(int argc, char** argv);  // for the "command" field of benchmark figures
+void add_perplexity(CLI::App& app);
 
 }  // namespace trellm::cli
