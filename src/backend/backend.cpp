@@ -2,6 +2,8 @@
 
 #include "core/error.h"
 
+#include <chrono>
+
 #ifdef TRELLM_HAVE_CUDA
 #include <cuda_runtime.h>
 
@@ -9,6 +11,29 @@
 #endif
 
 namespace trellm {
+
+namespace {
+class DirectStep final : public StepGraph {
+ public:
+  explicit DirectStep(std::function<void()> f) : f_(std::move(f)) {}
+  void launch() override { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+}  // namespace
+
+// Host-clock events for backends without their own (synchronising first so the times mean something).
+int Backend::record_event() {
+  synchronize();
+  host_events_.push_back(std::chrono::steady_clock::now());
+  return int(host_events_.size()) - 1;
+}
+double Backend::elapsed_ms(int from, int to) {
+  return std::chrono::duration<double, std::milli>(host_events_.at(size_t(to)) - host_events_.at(size_t(from))).count();
+}
+
+std::unique_ptr<StepGraph> Backend::capture(const std::function<void()>& step) { return std::make_unique<DirectStep>(step); }
 
 bool cuda_available() {
 #ifdef TRELLM_HAVE_CUDA

@@ -6,10 +6,14 @@
 // and fail loudly on a mismatch (a bug in the caller, not bad input).
 #pragma once
 #include <cstddef>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -56,9 +60,35 @@ struct MlaDims {
   int q_head_dim() const { return nope_dim + rope_dim; }
 };
 
+// Token sampling: greedy (temperature 0), or temperature -> top-k -> top-p -> min-p (transformers' order), then
+// an exact draw from the surviving distribution by the Gumbel-max trick with counter-based noise
+// u(seed, step, token id). Every backend draws the same token for the same logits, seed and step.
+struct SamplingParams {
+  float temperature = 1.0f;  // 0 = greedy
+  int top_k = 0;             // 0 = off
+  float top_p = 1.0f;        // 1 = off
+  float min_p = 0.0f;        // 0 = off
+  uint64_t seed = 0;         // 0 = from the clock (resolved by the caller before it reaches a backend)
+};
+
+// Where the rows of a step sit in their sequence. pos is I32 [n] in the backend's memory (so a captured
+// CUDA graph reads the current positions at replay); bound is a host-side upper bound on pos[i] + 1 for
+// every row, used to size grids and tiles (a graph captured with bound = cache capacity serves every step).
+struct Positions {
+  TensorView pos;
+  int bound = 0;
+};
+
 enum class MlaMode {
   Absorbed,  // scores against the latent directly: q_lat = W_UKᵀ q_nope (decode; reads the cache once)
   Expanded,  // expand K/V per key tile with kv_b_proj (long prompts: fewer FLOPs)
+};
+
+// A recorded sequence of ops replayed as one unit (a CUDA graph on the GPU; a plain call on the CPU).
+class StepGraph {
+ public:
+  virtual ~StepGraph() = default;
+  virtual void launch() = 0;
 };
 
 class Backend {
@@ -72,14 +102,34 @@ class Backend {
   virtual void to_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void from_host(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() {}
+  // Fills t with seeded pseudo-random data: floats (F32/F16/BF16) uniform in [-scale, scale] (never NaN),
+  // integer types random bits. For synthetic models, whose speed does not depend on the weight values.
+  virtual void fill_random(TensorView t, uint64_t seed, float scale) = 0;
   // True when tensors live in host memory: weights are then used in place from the mmapped checkpoint.
   virtual bool host_memory() const = 0;
+  // Element type of the latent KV cache (CPU: F32, the reference; CUDA: BF16, half the bytes per step).
+  virtual DType kv_dtype() const = 0;
+
+  // ---- measurement (benchmarks; never inside forward) ----
+  // A timestamp in the backend's stream order (a CUDA event on the GPU); elapsed_ms waits for `to`.
+  virtual int record_event();
+  virtual double elapsed_ms(int from, int to);
+  // Device memory in use and in total (bytes); the CPU reports 0/0.
+  virtual std::pair<size_t, size_t> memory_used_total() { return {0, 0}; }
+  // Measured device-to-device copy bandwidth in bytes/s counting bytes read + written (0 if not measurable).
+  virtual double copy_bandwidth() { return 0; }
+
+  // Records step() once; launch() replays it. The step must not allocate, synchronise or copy from the host,
+  // and must have run once before (so scratch buffers have their final size).
+  virtual std::unique_ptr<StepGraph> capture(const std::function<void()>& step);
 
   // ---- ops ----
   // out[i, :] = table[tokens[i], :] as f32.  tokens: I32 [n];  table: [vocab, hidden]
   virtual void embed(TensorView out, TensorView tokens, TensorView table) = 0;
   // out = x / rms(x) * w, per row.  x, out: [n, d] f32 (may alias);  w: [d]
   virtual void rms_norm(TensorView out, TensorView x, TensorView w, float eps) = 0;
+  // The residual step fused with the next norm: h += y, then out = h / rms(h) * w.  h, y, out: [n, d]
+  virtual void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) = 0;
   // out = a + b elementwise (may alias)
   virtual void add(TensorView out, TensorView a, TensorView b) = 0;
   // out = x · Wᵀ + b.  x: [n, in];  out: [n, out]
@@ -87,15 +137,15 @@ class Backend {
   // out = silu(gate) * up.  all [n, d]
   virtual void silu_mul(TensorView out, TensorView gate, TensorView up) = 0;
   // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of
-  // every head; row i is at position pos0 + i.
-  virtual void rope(TensorView x, int offset, int pos0, const RopeParams& rope) = 0;
-  // Appends n tokens to one layer's latent cache [capacity, kv_rank + rope_dim] at rows pos0..pos0+n-1:
-  // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim]
-  virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  // every head; row i is at position pos[i].
+  virtual void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) = 0;
+  // Writes n tokens into one layer's latent cache [capacity, kv_rank + rope_dim] (kv_dtype()) at rows pos[i]:
+  // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim] f32
+  virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                 const RopeParams& rope) = 0;
-  // Causal MLA attention of n queries at positions pos0..pos0+n-1 over cache rows [0, pos0+n).
+  // Causal MLA attention: query row i attends to cache rows [0, pos[i]].
   // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
-  virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                              const MlaDims& dims, MlaMode mode) = 0;
   // Router: weights/ids [n, top_k] (f32 / I32) from x [n, hidden] and gate [n_experts, hidden];
   // bias [n_experts] f32 (may be empty) is added for selection only.
@@ -105,6 +155,15 @@ class Backend {
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
                        std::span<const Expert> experts, const Expert* shared) = 0;
+  // Decoding without the host: token[0] = the token sampled from logits[0, :] (greedy: argmax, ties to the lowest
+  // id) with step = history[0] as the noise counter, pos[0] += 1, and the token appended to history (I32
+  // [1 + cap]: history[0] counts the tokens written, which follow it). params: one SamplingParams in the
+  // backend's memory (U8 [sizeof(SamplingParams)]), so a captured step serves any settings.
+  virtual void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                           TensorView history) = 0;
+
+ private:
+  std::vector<std::chrono::steady_clock::time_point> host_events_;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/arena.h"
 #include "backend/backend.h"
 #include "core/tensor.h"
 #include "quant/trellis_weight.h"
@@ -51,6 +52,7 @@ struct Config {
   std::optional<trellis::Exl3QuantConfig> exl3;  // quantization_config of an EXL3 checkpoint
 
   static Config from_json_file(const std::string& path);  // errors name the field
+  static Config glm47_flash();  // the released GLM-4.7-Flash's values (for synthetic benchmarks)
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   MlaDims mla() const;
   MoeRouting routing() const;
@@ -88,10 +90,29 @@ struct Weights {
   Linear lm_head;           // [vocab, hidden] (the embedding when tied)
 };
 
+// Optional per-part timing of a forward (benchmarks): the time between consecutive marks goes to the part
+// that just ended. Events are recorded in the backend's stream order; read after the forward with collect().
+enum class Part { Embed, Attention, DenseMlp, Moe, Head, Count };
+constexpr const char* part_name(Part p) {
+  const char* n[] = {"embed", "attention", "dense mlp", "moe", "head"};
+  return n[int(p)];
+}
+struct PartTimer {
+  Backend* backend = nullptr;
+  std::vector<std::pair<Part, int>> marks;  // (part that ended, event)
+  int start = -1;
+  void begin() { start = backend->record_event(); }
+  void mark(Part p) { marks.emplace_back(p, backend->record_event()); }
+  // Milliseconds per part since begin(); clears the marks.
+  std::vector<double> collect();
+};
+
 // Scratch for one forward of up to max_tokens rows; sized once, reused by every step.
 struct RunState {
   int max_tokens = 0;
+  int logit_rows = 0;
   TensorView tokens;      // I32 [max_tokens]
+  TensorView pos;         // I32 [max_tokens] position of each row in its sequence
   TensorView h;           // residual stream [max_tokens, hidden]
   TensorView x;           // normed input [max_tokens, hidden]
   TensorView q_a;         // [max_tokens, q_lora_rank]
@@ -102,7 +123,9 @@ struct RunState {
   TensorView mlp_gate, mlp_up;  // [max_tokens, intermediate]
   TensorView moe_w;       // [max_tokens, top_k] f32
   TensorView moe_ids;     // [max_tokens, top_k] I32
-  TensorView logits;      // [max_tokens, vocab]
+  TensorView logits;      // [logit_rows, vocab]
+  std::vector<int32_t> host_pos;  // staging for positions, [max_tokens]
+  PartTimer* timer = nullptr;     // set by benchmarks to time the parts of a forward
 };
 
 // The latent KV cache of one sequence: per layer [capacity, kv_rank + rope] (576 values per token).
@@ -111,23 +134,44 @@ struct KvCache {
   std::vector<TensorView> layers;
 };
 
+// A model with random weights in a given format, built directly on the backend (no checkpoint): speed does
+// not depend on weight values, so full-size benchmarks need no download.
+struct SyntheticSpec {
+  int bits = 3;        // K of every trellis-coded linear layer (0: dense bf16 weights)
+  int head_bits = 6;   // K of lm_head (0: dense bf16)
+  trellis::Codebook codebook = trellis::Codebook::Mcg;
+  uint64_t seed = 1;
+};
+
 class Model {
  public:
   // Loads config.json and the weights under `dir` onto `backend`.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+  static std::unique_ptr<Model> synthetic(const Config& config, Backend& backend, const SyntheticSpec& spec);
   ~Model();
 
   const Config& config() const { return config_; }
   const Weights& weights() const { return w_; }
   Backend& backend() const { return *backend_; }
 
-  RunState make_run_state(int max_tokens);
-  KvCache make_kv_cache(int capacity);
+  // logit_rows: rows of rs.logits (max_tokens by default; 1 when only the last row's logits are wanted, which
+  // saves max_tokens x vocab floats: 5 GB for an 8K chunk of GLM-4.7-Flash).
+  RunState make_run_state(int max_tokens, int logit_rows = -1);
+  // Bytes one decoded token reads: weights (routed experts at top_k / n_experts of their total, one embedding
+  // row) plus, at `depth` cached tokens, the latent cache rows of every layer in `kv_dtype`.
+  double weight_bytes_per_token() const;
+  double kv_bytes_per_token(int depth, DType kv_dtype) const;
+  double weight_bytes_total() const;
+  // A latent cache for `capacity` tokens; dtype defaults to the backend's (CPU F32, CUDA BF16).
+  KvCache make_kv_cache(int capacity, std::optional<DType> dtype = std::nullopt);
 
   // Runs tokens at positions pos..pos+n-1 of the sequence cached in `kv` (n <= rs.max_tokens), appending
   // them to the cache. Writes logits of every row to rs.logits when all_logits, else of the last row only
   // (into rs.logits[0]). `tokens` is on the host.
   void forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits);
+  // The same with rs.tokens[0..n) and rs.pos[0..n) already on the backend; kv_bound bounds pos[i] + 1 (the
+  // cache capacity when the step is captured once as a CUDA graph and replayed at every position).
+  void forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, bool all_logits);
 
  private:
   Model() = default;
@@ -137,7 +181,7 @@ class Model {
   Weights w_;
   Backend* backend_ = nullptr;
   std::unique_ptr<TensorStore> store_;
-  std::vector<void*> owned_;  // backend allocations (weights copies, state) released on destruction
+  Arena arena_;               // backend memory for weights and state, released on destruction
   std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3_;  // descriptors the Linears point to
   friend struct ModelLoader;
 };

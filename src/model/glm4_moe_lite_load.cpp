@@ -18,7 +18,7 @@ namespace {
 struct Loader {
   const TensorStore& store;
   Backend& backend;
-  std::vector<void*>& owned;
+  Arena& arena;
   std::vector<std::unique_ptr<trellis::TrellisWeight>>& exl3;
   std::vector<std::string> names;  // sorted, for prefix ranges
   std::set<std::string> used;
@@ -27,8 +27,7 @@ struct Loader {
   // Copies host bytes to the backend (no copy on a host backend).
   const void* place(const void* host, size_t bytes) {
     if (backend.host_memory()) return host;
-    void* p = backend.alloc(bytes);
-    owned.push_back(p);
+    void* p = arena.alloc(bytes);
     backend.from_host(p, host, bytes);
     return p;
   }
@@ -51,8 +50,7 @@ struct Loader {
   TensorView matrix(const TensorInfo& t) {
     TensorView v = t.view();
     if (backend.host_memory()) return v;
-    void* p = backend.alloc(t.nbytes);
-    owned.push_back(p);
+    void* p = arena.alloc(t.nbytes);
     backend.from_host(p, t.data, t.nbytes);
     v.data = p;
     return v;
@@ -71,8 +69,7 @@ struct Loader {
         default: f[i] = bf16_to_f32(v.ptr<uint16_t>()[i]); break;
       }
     }
-    void* p = backend.alloc(size_t(n) * 4);
-    owned.push_back(p);
+    void* p = arena.alloc(size_t(n) * 4);
     backend.from_host(p, f.data(), size_t(n) * 4);
     return TensorView(p, DType::F32, {n});
   }
@@ -110,8 +107,7 @@ struct Loader {
     if (w->has_bias()) {
       std::vector<float> b(static_cast<size_t>(out));
       for (int64_t i = 0; i < out; i++) b[i] = cpu_value(w->bias, i);
-      void* p = backend.alloc(size_t(out) * 4);
-      owned.push_back(p);
+      void* p = arena.alloc(size_t(out) * 4);
       backend.from_host(p, b.data(), size_t(out) * 4);
       bias = TensorView(p, DType::F32, {out});
       w->bias = TensorView();
@@ -141,10 +137,11 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   if (!fs::is_directory(dir)) fail(dir, ": not a model directory");
   std::unique_ptr<Model> m(new Model());
   m->backend_ = &backend;
+  m->arena_.set_backend(&backend);
   m->config_ = Config::from_json_file((fs::path(dir) / "config.json").string());
   m->store_ = std::make_unique<TensorStore>(TensorStore::open(dir));
   const Config& c = m->config_;
-  Loader L{*m->store_, backend, m->owned_, m->exl3_, m->store_->names(), {}};
+  Loader L{*m->store_, backend, m->arena_, m->exl3_, m->store_->names(), {}};
   Weights& w = m->w_;
 
   const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();

@@ -100,26 +100,32 @@ TRELLM_HD uint32_t tile_word(const uint16_t* tile, int m) {
   return uint32_t(tile[2 * m]) | (uint32_t(tile[2 * m + 1]) << 16);
 }
 
-// State at position p from the tile's words W[0..8K). The window [b_end-16, b_end) of the circular stream,
-// b_end = (p+1)K (+256K so the wrap of state 0 stays non-negative). Words i0 <= i1 hold the window; the
-// 64-bit concatenation W[i0]:W[i1] puts stream bit b at bit 32(i1+1)-1-b.
-TRELLM_HD uint32_t state_at_words(const uint32_t* W, int K, int p) {
+// State at position p: the window [b_end-16, b_end) of the circular stream, b_end = (p+1)K (+256K so the wrap of
+// state 0 stays non-negative). Words i0 <= i1 (indices mod 8K) hold the window; in the 64-bit concatenation
+// W[i0]:W[i1] stream bit b sits at bit 32(i1+1)-1-b, so the window is (W[i0]:W[i1]) >> shift.
+struct StateWindow {
+  int i0, i1, shift;
+};
+TRELLM_HD StateWindow state_window(int K, int p) {
   const int n_words = 8 * K;
   const int b_end = (p + 1) * K + kTileElems * K;
   const int i1 = (b_end - 1) >> 5, i0 = (b_end - 16) >> 5;
-  const int shift = 32 * (i1 + 1) - b_end;
-  const uint64_t v = (uint64_t(W[i0 % n_words]) << 32) | W[i1 % n_words];
-  return uint32_t(v >> shift) & 0xFFFFu;
+  return {i0 % n_words, i1 % n_words, 32 * (i1 + 1) - b_end};
+}
+TRELLM_HD uint32_t window_bits(uint32_t w_i0, uint32_t w_i1, int shift) {
+  return uint32_t(((uint64_t(w_i0) << 32) | w_i1) >> shift) & 0xFFFFu;
 }
 
-// Same, reading the .trellis uint16 view directly.
+// From the tile's words W[0..8K).
+TRELLM_HD uint32_t state_at_words(const uint32_t* W, int K, int p) {
+  const StateWindow w = state_window(K, p);
+  return window_bits(W[w.i0], W[w.i1], w.shift);
+}
+
+// From the .trellis uint16 view directly.
 TRELLM_HD uint32_t state_at(const uint16_t* tile, int K, int p) {
-  const int n_words = 8 * K;
-  const int b_end = (p + 1) * K + kTileElems * K;
-  const int i1 = (b_end - 1) >> 5, i0 = (b_end - 16) >> 5;
-  const int shift = 32 * (i1 + 1) - b_end;
-  const uint64_t v = (uint64_t(tile_word(tile, i0 % n_words)) << 32) | tile_word(tile, i1 % n_words);
-  return uint32_t(v >> shift) & 0xFFFFu;
+  const StateWindow w = state_window(K, p);
+  return window_bits(tile_word(tile, w.i0), tile_word(tile, w.i1), w.shift);
 }
 
 // The 8 states of one lane (positions 8t .. 8t+7: one B fragment pair) from at most three consecutive
@@ -131,29 +137,22 @@ TRELLM_HD void lane_states(const uint32_t* W, int K, int t, uint32_t out[8]) {
   const int start = (8 * t + 1) * K - 16 + kTileElems * K;  // first bit of the first window, made >= 0
   const int a = start >> 5;
   const uint32_t w0 = W[a % n_words], w1 = W[(a + 1) % n_words], w2 = W[(a + 2) % n_words];
-  const uint64_t hi = (uint64_t(w0) << 32) | w1;  // bits [32a, 32a+64)
-  const uint64_t lo = (uint64_t(w1) << 32) | w2;  // bits [32a+32, 32a+96)
-  const int off = start - 32 * a;                  // window j ends at e_j = off + 16 + jK <= 96 (relative to 32a)
   if (K <= 6) {
     // Realign once per lane so the last window ends at bit 0: v = (w0:w1:w2) >> (96 - e_7). Every window then
     // sits at a compile-time offset (7-j)K of v (all fit: 7K + 16 <= 64), so a kernel pays one funnel shift
-    // and one mask per state instead of a lane-dependent choice between two shifts (GEMV K=3: 16 -> 8 shifts
-    // and no predicate spills per tile).
-    const int R = 80 - 7 * K - off;  // = 96 - e_7, in [0, 64)
+    // and one mask per state instead of a lane-dependent choice between two shifts (GEMV K=3 SASS: 16 -> 8
+    // shifts and no predicate spills per tile; lm_head GEMV 286 -> 176 µs on an H100 together with decode_pair).
+    const int off = start - 32 * a;  // window j ends at off + 16 + jK (relative to word a)
+    const int R = 80 - 7 * K - off;  // = 96 - e_7, in [0, 64]
+    const uint64_t hi = (uint64_t(w0) << 32) | w1, lo = (uint64_t(w1) << 32) | w2;
     const uint64_t v = R >= 32 ? hi >> (R - 32) : R == 0 ? lo : (lo >> R) | (uint64_t(w0) << (64 - R));
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
     for (int j = 0; j < 8; j++) out[j] = uint32_t(v >> ((7 - j) * K)) & 0xFFFFu;
     return;
   }
-#if defined(__CUDACC__)
-#pragma unroll
-#endif
   for (int j = 0; j < 8; j++) {
-    const int e = off + 16 + j * K;  // window end relative to word a, <= 96
-    // e <= 64: the window lies in hi; otherwise e >= 65 so its start e-16 >= 49 lies in lo.
-    out[j] = e <= 64 ? uint32_t(hi >> (64 - e)) & 0xFFFFu : uint32_t(lo >> (96 - e)) & 0xFFFFu;
+    const int e = (8 * t + j + 1) * K + kTileElems * K - 32 * a;  // window end relative to word a, <= 96
+    // e <= 64: the window lies in w0:w1; otherwise e >= 65, so its start e-16 >= 49 lies in w1:w2.
+    out[j] = e <= 64 ? window_bits(w0, w1, 64 - e) : window_bits(w1, w2, 96 - e);
   }
 }
 

@@ -5,8 +5,11 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "core/half.h"
+#include "format/safetensors.h"
 
 namespace trellm::trellis {
 
@@ -137,6 +140,33 @@ TrellisWeight read_trellis_weight(const std::string& key, const TensorFinder& fi
     w.bias = *b;
   }
   return w;
+}
+
+TrellisReader::TrellisReader(const TensorStore& store) : store_(store), names_(store.names()) {
+  std::sort(names_.begin(), names_.end());
+}
+
+TensorFinder TrellisReader::finder() const {
+  const TensorStore* store = &store_;  // not `this`: the finder may outlive the reader
+  return [store](const std::string& name) -> std::optional<TensorView> {
+    const TensorInfo* t = store->find(name);
+    if (!t) return std::nullopt;
+    return t->view();
+  };
+}
+
+bool TrellisReader::contains(const std::string& key) const { return store_.contains(key + ".trellis"); }
+
+TrellisWeight TrellisReader::read(const std::string& key, int64_t in_features, int64_t out_features) const {
+  const std::string prefix = key + ".";
+  std::vector<std::string> under;
+  for (auto it = std::lower_bound(names_.begin(), names_.end(), prefix); it != names_.end() && it->rfind(prefix, 0) == 0; ++it)
+    under.push_back(*it);
+  try {
+    return read_trellis_weight(key, finder(), in_features, out_features, &under);
+  } catch (const Error& e) {
+    fail(store_.path(), ": ", e.what());
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@
 #include "core/tensor.h"
 #include "quant/trellis_decode.h"
 
+namespace trellm {
+class TensorStore;
+}
+
 namespace trellm::trellis {
 
 // One quantized Linear, y = x·W + b with W (in x out) = diag(suh) · Hblk · Q · Hblk · diag(svh).
@@ -59,6 +63,21 @@ int64_t round_up_128(int64_t n);
 // pass nullptr when the caller cannot list names.
 TrellisWeight read_trellis_weight(const std::string& key, const TensorFinder& find, int64_t in_features,
                                   int64_t out_features, const std::vector<std::string>* names_under_key = nullptr);
+
+// Reads EXL3 Linears from a checkpoint (src/format TensorStore), with the strict unknown-tensor check.
+// Caches the sorted tensor names once, so reading every Linear of a model stays O(N log N).
+class TrellisReader {
+ public:
+  explicit TrellisReader(const TensorStore& store);
+  bool contains(const std::string& key) const;  // has key + ".trellis"
+  // The descriptor of Linear `key` with HF weight (out_features, in_features); pointers into the mapping.
+  TrellisWeight read(const std::string& key, int64_t in_features, int64_t out_features) const;
+  TensorFinder finder() const;
+
+ private:
+  const TensorStore& store_;
+  std::vector<std::string> names_;  // sorted
+};
 
 // Unpacks a legacy sign bitfield (I16, n/16 words; element i = bit i%16 of word i/16, set => -1) to fp16.
 std::vector<uint16_t> unpack_sign_bits(const uint16_t* words, int64_t n);

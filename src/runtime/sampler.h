@@ -1,32 +1,28 @@
-// Token sampling on the host: greedy, or temperature → top-k → top-p → min-p (transformers' order), seeded.
+// Host-side sampling for the plain (uncaptured) decode loop: the same function every backend's sample_step
+// computes (backend.h SamplingParams; cpu::sample_token), with the step counter kept here.
 #pragma once
 #include <cstdint>
-#include <vector>
 
-#include "core/rng.h"
+#include "backend/backend.h"
 
 namespace trellm {
 
-struct SamplingParams {
-  float temperature = 1.0f;  // 0 = greedy
-  int top_k = 0;             // 0 = off
-  float top_p = 1.0f;        // 1 = off
-  float min_p = 0.0f;        // 0 = off
-  uint64_t seed = 0;         // 0 = from the clock
-};
+// A seed of 0 becomes one from the clock; anything else is kept.
+uint64_t resolve_seed(uint64_t seed);
 
 class Sampler {
  public:
-  explicit Sampler(const SamplingParams& p);
-  // Picks a token from logits[0..n). Errors on a NaN/Inf-only distribution.
+  explicit Sampler(const SamplingParams& p);  // validates the parameters (an Error names the bad one)
+  // Picks a token from logits[0..n); step k uses noise counter k (the device path counts the same way).
   int32_t sample(const float* logits, int64_t n);
   const SamplingParams& params() const { return p_; }
 
  private:
   SamplingParams p_;
-  Rng rng_;
-  std::vector<std::pair<float, int32_t>> cand_;  // reused: (probability or logit, id)
+  uint64_t step_ = 0;
 };
+
+void validate_sampling(const SamplingParams& p);
 
 int32_t argmax(const float* v, int64_t n);
 

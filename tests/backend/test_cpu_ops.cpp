@@ -25,6 +25,17 @@ std::vector<float> randn(Rng& r, size_t n, float std = 1.0f) {
 
 TensorView view(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
 
+// Rows at consecutive positions pos0 .. pos0+n-1, held in host memory.
+struct HostPositions {
+  std::vector<int32_t> v;
+  Positions p;
+  HostPositions(int pos0, int n) : v(size_t(n)) {
+    for (int i = 0; i < n; i++) v[i] = pos0 + i;
+    p.pos = TensorView(v.data(), DType::I32, {n});
+    p.bound = pos0 + n;
+  }
+};
+
 double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
   double num = 0, den = 1e-30;
   for (size_t i = 0; i < got.size(); i++) {
@@ -106,7 +117,7 @@ TEST(CpuOps, RopeRotatesAdjacentPairs) {
   const float theta = 1e6f;
   const int pos0 = 1000;
   std::vector<float> x = randn(r, size_t(n) * heads * hd), orig = x;
-  be.rope(view(x, {n, heads, hd}), offset, pos0, RopeParams{theta, dim});
+  be.rope(view(x, {n, heads, hd}), offset, HostPositions(pos0, n).p, RopeParams{theta, dim});
   for (int i = 0; i < n; i++)
     for (int h = 0; h < heads; h++) {
       const float* a = orig.data() + (i * heads + h) * hd;
@@ -289,7 +300,7 @@ TEST(CpuOps, AttentionAbsorbedAndExpandedAgreeWithNaive) {
       for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
         std::vector<float> out(size_t(n) * d.heads * d.v_dim, kNaN);
         be.attention_mla(view(out, {n, d.heads * d.v_dim}), view(q, {n, d.heads, d.q_head_dim()}),
-                         view(cache, {cap, d.cache_width()}), kvb.lin, pos0, d, mode);
+                         view(cache, {cap, d.cache_width()}), kvb.lin, HostPositions(pos0, n).p, d, mode);
         EXPECT_LT(max_rel_err(out, want), 2e-5)
             << (mode == MlaMode::Absorbed ? "absorbed" : "expanded") << " " << dtype_name(t) << " n=" << n << " pos0=" << pos0;
       }
@@ -301,7 +312,7 @@ TEST(CpuOps, CacheAppendNormsAndRotates) {
   Rng r(17);
   const int rank = 6, rope = 4, n = 2, pos0 = 3, cap = 8;
   std::vector<float> kv = randn(r, n * (rank + rope)), w = randn(r, rank), cache(cap * (rank + rope), kNaN);
-  be.mla_cache_append(view(cache, {cap, rank + rope}), view(kv, {n, rank + rope}), view(w, {rank}), 1e-6f, pos0,
+  be.mla_cache_append(view(cache, {cap, rank + rope}), view(kv, {n, rank + rope}), view(w, {rank}), 1e-6f, HostPositions(pos0, n).p,
                       RopeParams{1e4f, rope});
   for (int i = 0; i < n; i++) {
     const float* src = &kv[i * (rank + rope)];

@@ -107,3 +107,24 @@ TEST(HfReference, AllFixturesPresent) {
 }
 
 }  // namespace
+
+namespace {
+// The CPU can keep the latent cache in bf16 like the GPU: logits stay within bf16 rounding of transformers'.
+TEST(HfReference, Bf16LatentCacheStaysClose) {
+  const std::string dir = std::string(TRELLM_TEST_DATA) + "/hf/tiny_b";
+  auto backend = make_cpu_backend();
+  auto model = Model::load(dir, *backend);
+  TensorStore ref = TensorStore::open(dir + "/reference.safetensors");
+  const TensorInfo& prompt = ref.get("prompt_ids");
+  const int P = int(prompt.numel());
+  const int64_t V = model->config().vocab_size;
+  RunState rs = model->make_run_state(P);
+  KvCache kv = model->make_kv_cache(P + 1, DType::BF16);
+  ASSERT_EQ(kv.layers[0].dtype, DType::BF16);
+  model->forward(rs, kv, static_cast<const int32_t*>(prompt.data), P, 0, true);
+  Err e;
+  accumulate(e, rs.logits.ptr<float>(), static_cast<const float*>(ref.get("prefill_logits").data), P * V);
+  EXPECT_LT(e.rel(), 1e-2);
+  EXPECT_GT(e.max_abs, 1e-6) << "a bf16 cache should not be bit-identical to the f32 computation";
+}
+}  // namespace

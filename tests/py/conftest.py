@@ -1,7 +1,10 @@
 import os
 import subprocess
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 BIN = os.environ.get("TRELLM_BIN", os.path.join(os.path.dirname(__file__), "../../build/trellm"))
 DATA = os.environ.get("TRELLM_TEST_DATA", os.path.join(os.path.dirname(__file__), "../data"))

@@ -12,7 +12,7 @@
 
 #include "core/half.h"
 #include "core/rng.h"
-#include "mini_safetensors.h"
+#include "format/safetensors.h"
 #include "quant/trellis_ref.h"
 
 using namespace trellm;
@@ -45,15 +45,16 @@ std::vector<float> dense(const std::vector<float>& x, const float* W, int64_t m,
 }
 
 struct Oracle {
-  testdata::MiniSafetensors st{TRELLM_TEST_DATA "/exl3/exl3_oracle_w384x128.safetensors"};
+  TensorStore st = TensorStore::open(TRELLM_TEST_DATA "/exl3/exl3_oracle_w384x128.safetensors");
   nlohmann::json meta;
   Oracle() {
     std::ifstream f(TRELLM_TEST_DATA "/exl3/exl3_oracle.json");
     meta = nlohmann::json::parse(f);
   }
   TrellisWeight weight(const std::string& key) {
-    return read_trellis_weight(key, [&](const std::string& n) { return st.find(n); }, 384, 128);
+    return read_trellis_weight(key, TrellisReader(st).finder(), 384, 128);
   }
+  TensorView view(const std::string& name) const { return st.get(name).view(); }
   double oracle_rel_err(const std::string& key) {
     for (auto& e : meta)
       if (e["name"] == key) return e["rel_err"].get<double>();
@@ -81,7 +82,7 @@ TEST(TrellisInterop, InnerFp16BitForBit) {
     const TrellisWeight w = oracle().weight(key);
     std::vector<uint16_t> q(384 * 128, 0xFFFF);  // poisoned (0xFFFF is a NaN, never a codebook value)
     decode_inner_f16(w, q.data());
-    const uint16_t* want = oracle().st.at(key + ".inner_fp16").ptr<uint16_t>();
+    const uint16_t* want = oracle().view(key + ".inner_fp16").ptr<uint16_t>();
     int mismatches = 0;
     for (size_t i = 0; i < q.size(); i++) mismatches += q[i] != want[i];
     EXPECT_EQ(mismatches, 0) << key;
@@ -93,7 +94,7 @@ TEST(TrellisInterop, ReconstructionWithinFp16Rounding) {
     const TrellisWeight w = oracle().weight(key);
     std::vector<float> W(384 * 128, NAN);
     dequantize_in_out_f32(w, W.data());
-    const float* want = oracle().st.at(key + ".weight_reconstructed").ptr<float>();
+    const float* want = oracle().view(key + ".weight_reconstructed").ptr<float>();
     double max_rel = 0, rms = 0;
     for (size_t i = 0; i < W.size(); i++) rms += double(want[i]) * want[i];
     rms = std::sqrt(rms / W.size());
@@ -103,7 +104,7 @@ TEST(TrellisInterop, ReconstructionWithinFp16Rounding) {
     EXPECT_LT(rel_err(W.data(), want, W.size()), 2e-6) << key;
     EXPECT_LT(max_rel, 2e-5) << key;
     // and the quantization error against the original matches exllamav3's own measurement
-    const double e = rel_err(W.data(), oracle().st.at("w384x128.original").ptr<float>(), W.size());
+    const double e = rel_err(W.data(), oracle().view("w384x128.original").ptr<float>(), W.size());
     EXPECT_NEAR(e, oracle().oracle_rel_err(key), 0.005 * oracle().oracle_rel_err(key)) << key;
   }
 }
@@ -117,7 +118,7 @@ TEST(TrellisInterop, MatmulEqualsDenseProductWithReconstruction) {
     const TrellisWeight w = oracle().weight(key);
     std::vector<float> y(m * 128, NAN);
     trellis_matmul_ref(w, x.data(), m, y.data());
-    const auto want = dense(x, oracle().st.at(key + ".weight_reconstructed").ptr<float>(), m, 384, 128);
+    const auto want = dense(x, oracle().view(key + ".weight_reconstructed").ptr<float>(), m, 384, 128);
     // x' and x_h are rounded to fp16 (2^-11 relative each): measured 2.1e-4 .. 3.0e-4
     EXPECT_LT(rel_err(y.data(), want.data(), y.size()), 6e-4) << key;
   }

@@ -5,7 +5,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
-#include "mini_safetensors.h"
+#include "format/safetensors.h"
 #include "quant/trellis_weight.h"
 
 using namespace trellm;
@@ -61,33 +61,33 @@ void expect_error(const std::function<void()>& fn, const std::string& needle) {
 }  // namespace
 
 TEST(TrellisWeight, ReadsExllamaFixture) {
-  testdata::MiniSafetensors st(TRELLM_TEST_DATA "/exl3/exl3_oracle_w384x128.safetensors");
-  auto find = [&](const std::string& n) { return st.find(n); };
-  const auto names = st.names();
+  const TensorStore st = TensorStore::open(TRELLM_TEST_DATA "/exl3/exl3_oracle_w384x128.safetensors");
+  const TrellisReader reader(st);
+  const TensorFinder find = reader.finder();
+  // The fixture stores exllamav3's decode next to each Linear's tensors; the plain finder skips the strict
+  // unknown-tensor check, TrellisReader::read applies it.
   for (int K : {2, 3, 4, 6})
     for (const char* cb : {"3inst", "mcg", "mul1"}) {
       const std::string key = "w384x128_k" + std::to_string(K) + "_" + cb;
-      // The fixture also stores .inner_fp16 etc. under the key, so list only the checkpoint tensors.
-      std::vector<std::string> ckpt_names;
-      for (auto& n : names)
-        if (n.find(".inner_fp16") == std::string::npos && n.find(".weight_reconstructed") == std::string::npos)
-          ckpt_names.push_back(n);
+      ASSERT_TRUE(reader.contains(key));
       ASSERT_TRUE(is_trellis_module(key, find));
-      const TrellisWeight w = read_trellis_weight(key, find, 384, 128, &ckpt_names);
+      const TrellisWeight w = read_trellis_weight(key, find, 384, 128);
       EXPECT_EQ(w.K, K);
       EXPECT_STREQ(codebook_name(w.codebook), cb);
       EXPECT_EQ(w.in_padded, 384);
       EXPECT_EQ(w.out_padded, 128);
       EXPECT_EQ(w.tiles_k(), 24);
       EXPECT_EQ(w.tiles_n(), 8);
-      EXPECT_EQ(w.trellis, st.at(key + ".trellis").data);
-      EXPECT_EQ(w.suh, st.at(key + ".suh").data);
+      EXPECT_EQ(w.trellis, st.get(key + ".trellis").data);
+      EXPECT_EQ(w.suh, st.get(key + ".suh").data);
       EXPECT_EQ(w.tile(1, 2), w.trellis + (1 * 8 + 2) * 16 * K);
       EXPECT_EQ(w.trellis_bytes(), 384 * 128 * K / 8);
       EXPECT_FALSE(w.has_bias());
-      // with the fixture's extra tensors listed, the strict check fires
-      if (K == 2) expect_error([&] { read_trellis_weight(key, find, 384, 128, &names); }, key + ".inner_fp16");
+      expect_error([&] { reader.read(key, 384, 128); }, key + ".inner_fp16: unexpected tensor");
     }
+  expect_error([&] { reader.read("w384x128_k2_mcg", 384, 128); }, "exl3_oracle_w384x128.safetensors: w384x128_k2_mcg.");
+  expect_error([&] { read_trellis_weight("w384x128_k2_mcg", find, 384, 256); },
+               "w384x128_k2_mcg.trellis: shape [24, 8, 32] does not match the Linear (in 384, out 256)");
 }
 
 TEST(TrellisWeight, PaddingAndValidLegacySigns) {

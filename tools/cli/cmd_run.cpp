@@ -1,58 +1,70 @@
-// trellm run: generate from a prompt.
+// trellm run: generate from a prompt (text through the model's tokenizer, or token ids), streaming the text.
 #include <cstdio>
 
 #include "common.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
-#include "format/generation_config.h"
+#include "generation_args.h"
 #include "model/glm4_moe_lite.h"
-#include "runtime/generate.h"
+#include "runtime/chat_template.h"
+#include "runtime/tokenizer.h"
 
 namespace trellm::cli {
 
 namespace {
 
 struct RunArgs {
-  std::string model, prompt_ids, device = "auto";
-  int max_tokens = 64, ctx = 0, top_k = -1;  // ctx 0: min(4096, max_position_embeddings)
-  float temperature = -1, top_p = -1, min_p = -1;
-  uint64_t seed = 0;
-  bool print_ids = false, ignore_eos = false;
+  GenerationArgs gen;
+  std::string prompt, prompt_ids, system;
+  bool print_ids = false, chat = false, no_thinking = false;
 };
 
 int run(const RunArgs& a) {
-  const std::string dir = resolve_model(a.model);
-  auto backend = make_backend(a.device);
+  const std::string dir = resolve_model(a.gen.model);
+  if (a.prompt.empty() == a.prompt_ids.empty()) fail("give exactly one of --prompt \"text\" and --prompt-ids 1,2,3");
+  if (a.gen.max_tokens < -1) fail("--max-tokens must be >= 0");
+  auto backend = make_backend(a.gen.device);
   auto model = Model::load(dir, *backend);
   const Config& c = model->config();
+  GenerateOptions opt = a.gen.options(dir, 128);
 
-  // Sampling: flags override the model's generation_config.json, which overrides transformers' defaults.
-  GenerationConfig gc = GenerationConfig::from_dir(dir);
-  GenerateOptions opt;
-  opt.max_tokens = a.max_tokens;
-  opt.stop_at_eos = !a.ignore_eos;
-  SamplingParams& sp = opt.sampling;
-  sp.temperature = a.temperature >= 0 ? a.temperature : float(gc.temperature.value_or(1.0));
-  if (a.temperature < 0 && gc.do_sample.has_value() && !*gc.do_sample) sp.temperature = 0;
-  sp.top_k = a.top_k >= 0 ? a.top_k : int(gc.top_k.value_or(0));
-  sp.top_p = a.top_p >= 0 ? a.top_p : float(gc.top_p.value_or(1.0));
-  sp.min_p = a.min_p >= 0 ? a.min_p : float(gc.min_p.value_or(0.0));
-  sp.seed = a.seed;
+  std::optional<Tokenizer> tok;
+  std::vector<int32_t> prompt;
+  if (!a.prompt.empty()) {
+    tok = load_tokenizer(dir);
+    std::string text = a.prompt;
+    if (a.chat) {  // the model's chat template, the prompt as one user turn
+      ChatTemplate tpl = ChatTemplate::from_model_dir(dir);
+      nlohmann::ordered_json msgs = nlohmann::ordered_json::array();
+      if (!a.system.empty()) msgs.push_back({{"role", "system"}, {"content", a.system}});
+      msgs.push_back({{"role", "user"}, {"content", a.prompt}});
+      text = tpl.render(msgs, nullptr, true, {{"enable_thinking", !a.no_thinking}});
+    }
+    prompt = tok->encode(text);
+    if (prompt.empty()) fail("--prompt encodes to no tokens");
+  } else {
+    prompt = parse_ids(a.prompt_ids);
+  }
+  const int ctx = a.gen.context(c.max_position_embeddings);
+  Generator gen(*model, int(std::min<int64_t>(ctx, int64_t(prompt.size()) + opt.max_tokens + 1)));
 
-  if (a.prompt_ids.empty()) fail("give a prompt with --prompt-ids 1,2,3 (text prompts arrive with the tokenizer)");
-  std::vector<int32_t> prompt = parse_ids(a.prompt_ids);
-  if (a.max_tokens < 0) fail("--max-tokens must be >= 0");
-  if (a.ctx != 0 && a.ctx < 2) fail("--ctx must be at least 2");
-  if (a.ctx > c.max_position_embeddings)
-    fail("--ctx ", a.ctx, " exceeds the model's max_position_embeddings = ", c.max_position_embeddings);
-  const int64_t max_ctx = a.ctx ? a.ctx : std::min<int64_t>(4096, c.max_position_embeddings);
-  // Allocate only what this run can use.
-  const int ctx = int(std::min<int64_t>(max_ctx, int64_t(prompt.size()) + a.max_tokens + 1));
-
-  Generator gen(*model, std::max<int>(ctx, 2));
+  // Stream: text as it completes (never half a character), or ids collected for --print-ids.
+  const bool stream_text = tok && !a.print_ids;
+  std::optional<StreamDecoder> dec;
+  if (stream_text) dec.emplace(*tok);
   GenerateStats st;
-  std::vector<int32_t> out = gen.generate(prompt, opt, nullptr, &st);
-  for (size_t i = 0; i < out.size(); i++) std::printf(i ? " %d" : "%d", out[i]);
+  std::vector<int32_t> out = gen.generate(prompt, opt, [&](int32_t t) {
+    if (stream_text) {
+      std::fputs(dec->push(t).c_str(), stdout);
+      std::fflush(stdout);
+    }
+    return true;
+  }, &st);
+  if (stream_text) {
+    std::fputs(dec->finish().c_str(), stdout);
+  } else {
+    for (size_t i = 0; i < out.size(); i++) std::printf(i ? " %d" : "%d", out[i]);
+  }
   std::printf("\n");
   std::fflush(stdout);
   std::fprintf(stderr, "trellm: %d prompt tokens in %.3f s (%.1f tok/s), %d generated in %.3f s (%.1f tok/s)%s [%s, %d threads]\n",
@@ -65,19 +77,14 @@ int run(const RunArgs& a) {
 
 void add_run(CLI::App& app) {
   static RunArgs a;
-  auto* cmd = app.add_subcommand("run", "Generate tokens from a prompt");
-  cmd->add_option("-m,--model", a.model, "Model directory (default: the built-in model)");
+  auto* cmd = app.add_subcommand("run", "Generate text from a prompt");
+  a.gen.add_to(cmd);
+  cmd->add_option("-p,--prompt", a.prompt, "Prompt text (tokenized with the model's tokenizer.json)");
   cmd->add_option("--prompt-ids", a.prompt_ids, "Prompt as token ids, e.g. 1,2,3");
-  cmd->add_option("-n,--max-tokens", a.max_tokens, "Tokens to generate")->capture_default_str();
-  cmd->add_option("--ctx", a.ctx, "Context length limit, prompt + generated (default: min(4096, max_position_embeddings))");
-  cmd->add_option("--temperature", a.temperature, "Sampling temperature; 0 = greedy (default: generation_config.json, else 1)");
-  cmd->add_option("--top-k", a.top_k, "Keep the k most likely tokens; 0 = off");
-  cmd->add_option("--top-p", a.top_p, "Nucleus sampling mass; 1 = off");
-  cmd->add_option("--min-p", a.min_p, "Drop tokens below min-p × the top probability; 0 = off");
-  cmd->add_option("--seed", a.seed, "Sampling seed (0 = random)");
-  cmd->add_flag("--print-ids", a.print_ids, "Print the generated ids space-separated on one stdout line");
-  cmd->add_flag("--ignore-eos", a.ignore_eos, "Keep generating past EOS tokens");
-  cmd->add_option("--device", a.device, "cpu, cuda, cuda:N, or auto (the GPU when there is one)")->capture_default_str();
+  cmd->add_flag("--chat", a.chat, "Wrap the prompt in the model's chat template as a user turn");
+  cmd->add_option("--system", a.system, "System prompt (with --chat)");
+  cmd->add_flag("--no-thinking", a.no_thinking, "With --chat: enable_thinking=false (GLM answers without reasoning)");
+  cmd->add_flag("--print-ids", a.print_ids, "Print the generated ids space-separated on one stdout line instead of text");
   cmd->callback([] { std::exit(run(a)); });
 }
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "runtime/tokenizer.h"
 
 namespace trellm::cli {
 
@@ -19,8 +20,16 @@ std::vector<int32_t> parse_ids(const std::string& csv);  // "1,2,3" or "1 2 3"
 
 std::unique_ptr<Backend> make_backend(const std::string& device);
 
+// DIR/tokenizer.json, or an Error saying the model has none (and what to use instead).
+Tokenizer load_tokenizer(const std::string& dir);
+
 // Registration of each subcommand (one file each).
 void add_inspect(CLI::App& app);
 void add_run(CLI::App& app);
+void add_tokenize(CLI::App& app);
+void add_chat(CLI::App& app);
+void add_bench(CLI::App& app);
+void record_command_line(int argc, char** argv);  // for the "command" field of benchmark figures
+void add_perplexity(CLI::App& app);
 
 }  // namespace trellm::cli

@@ -23,6 +23,11 @@ int main(int argc, char** argv) {
   });
   trellm::cli::add_inspect(app);
   trellm::cli::add_run(app);
+  trellm::cli::add_chat(app);
+  trellm::cli::add_tokenize(app);
+  trellm::cli::add_perplexity(app);
+  trellm::cli::add_bench(app);
+  trellm::cli::record_command_line(argc, argv);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

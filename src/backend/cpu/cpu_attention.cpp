@@ -19,16 +19,21 @@ namespace trellm {
 using namespace cpu;
 
 namespace {
-void check_mla_shapes(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0, const MlaDims& d) {
+void check_mla_shapes(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
+                      const MlaDims& d) {
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim(), "q ", shape_str(q));
   TRELLM_ASSERT(out.rows() == q.dim(0) && out.cols() == int64_t(d.heads) * d.v_dim, "out ", shape_str(out));
-  TRELLM_ASSERT(cache.cols() == d.cache_width() && pos0 + q.dim(0) <= cache.rows(), "cache ", shape_str(cache));
+  TRELLM_ASSERT(cache.cols() == d.cache_width() && (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
+                "cache ", shape_str(cache));
   TRELLM_ASSERT(kv_b.in == d.kv_rank && kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim));
+  TRELLM_ASSERT(pos.pos.numel() == q.dim(0));
+  for (int64_t i = 0; i < q.dim(0); i++)
+    TRELLM_ASSERT(pos.pos.ptr<int32_t>()[i] >= 0 && pos.pos.ptr<int32_t>()[i] < cache.rows(), "position outside the cache");
 }
 }  // namespace
 
-void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in, int pos0,
-                                    const MlaDims& d) {
+void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
+                                    const int32_t* pos, const MlaDims& d) {
   const Linear& kv_b = dense_view(kv_b_in);
   const int64_t n = q.dim(0), H = d.heads, rank = d.kv_rank, W = d.cache_width();
   const int64_t per_head = d.nope_dim + d.v_dim;
@@ -42,7 +47,7 @@ void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cac
     o_lat.resize(rank);
     row.resize(rank);
     for (int64_t ih = b; ih < e; ih++) {
-      const int64_t i = ih / H, h = ih % H, T = pos0 + i + 1;
+      const int64_t i = ih / H, h = ih % H, T = int64_t(pos[i]) + 1;
       const float* qh = q.ptr<float>() + (i * H + h) * d.q_head_dim();
       std::fill(q_lat.begin(), q_lat.end(), 0.0f);
       for (int j = 0; j < d.nope_dim; j++) {  // q_lat = W_UK[h]ᵀ q_nope
@@ -70,17 +75,23 @@ void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cac
   });
 }
 
-void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                                const MlaDims& d, MlaMode mode) {
-  check_mla_shapes(out, q, cache, kv_b, pos0, d);
-  if (mode == MlaMode::Absorbed) return attention_absorbed(out, q, cache, kv_b, pos0, d);
-  attention_expanded(out, q, cache, kv_b, pos0, d);
+  check_mla_shapes(out, q, cache, kv_b, pos, d);
+  if (cache.dtype == DType::BF16) {  // the rows in use, as f32 (the reference math is the same for both)
+    const int64_t rows = *std::max_element(pos.pos.ptr<int32_t>(), pos.pos.ptr<int32_t>() + q.dim(0)) + 1;
+    float* f = scratch(5, size_t(rows * d.cache_width()));
+    to_f32(f, cache.data, DType::BF16, rows * d.cache_width());
+    cache = TensorView(f, DType::F32, {rows, d.cache_width()});
+  }
+  if (mode == MlaMode::Absorbed) return attention_absorbed(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
+  attention_expanded(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
 }
 
-void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
-                                    const MlaDims& d) {
+void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b,
+                                    const int32_t* pos, const MlaDims& d) {
   const int64_t n = q.dim(0), H = d.heads, rank = d.kv_rank, W = d.cache_width();
-  const int64_t per_head = d.nope_dim + d.v_dim, T = pos0 + n;
+  const int64_t per_head = d.nope_dim + d.v_dim, T = int64_t(*std::max_element(pos, pos + n)) + 1;
   constexpr int64_t kTile = 64;
   float* lat = scratch(0, size_t(kTile * rank));         // [tile, rank] contiguous latent rows
   float* kv = scratch(1, size_t(kTile * H * per_head));  // [tile, H, nope + v] expanded keys/values
@@ -97,7 +108,7 @@ void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cac
     matmul(TensorView(kv, DType::F32, {nt, H * per_head}), TensorView(lat, DType::F32, {nt, rank}), kv_b);
     parallel_for(n * H, 1, [&](int64_t b, int64_t e) {
       for (int64_t ih = b; ih < e; ih++) {
-        const int64_t i = ih / H, h = ih % H, last = std::min(nt, pos0 + i + 1 - t0);  // causal
+        const int64_t i = ih / H, h = ih % H, last = std::min(nt, int64_t(pos[i]) + 1 - t0);  // causal
         const float* qh = q.ptr<float>() + (i * H + h) * d.q_head_dim();
         float* a = acc + ih * d.v_dim;
         for (int64_t t = 0; t < last; t++) {

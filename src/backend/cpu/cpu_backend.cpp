@@ -7,6 +7,7 @@
 
 #include "backend/cpu/cpu_kernels.h"
 #include "core/error.h"
+#include "core/rng.h"
 #include "core/thread_pool.h"
 #include "quant/trellis_ref.h"
 
@@ -24,6 +25,22 @@ void* CpuBackend::alloc(size_t bytes) {
 void CpuBackend::release(void* p) { std::free(p); }
 void CpuBackend::to_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 void CpuBackend::from_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
+
+void CpuBackend::fill_random(TensorView t, uint64_t seed, float scale) {
+  const int64_t n = t.numel();
+  parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
+    Rng r(seed ^ (uint64_t(b) * 0x9E3779B97F4A7C15ull));
+    for (int64_t i = b; i < e; i++) {
+      switch (t.dtype) {
+        case DType::F32: t.ptr<float>()[i] = r.uniform(-scale, scale); break;
+        case DType::F16: t.ptr<uint16_t>()[i] = f32_to_f16(r.uniform(-scale, scale)); break;
+        case DType::BF16: t.ptr<uint16_t>()[i] = f32_to_bf16(r.uniform(-scale, scale)); break;
+        default: static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype)] = uint8_t(r.next_u32());
+          for (size_t k = 1; k < dtype_size(t.dtype); k++) static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype) + k] = uint8_t(r.next_u32());
+      }
+    }
+  });
+}
 
 float* CpuBackend::scratch(size_t slot, size_t floats) {
   if (scratch_.size() <= slot) scratch_.resize(slot + 1);
@@ -59,6 +76,12 @@ void CpuBackend::rms_norm(TensorView out, TensorView x, TensorView w, float eps)
       for (int64_t j = 0; j < d; j++) oi[j] = wp[j] * (xi[j] * r);
     }
   });
+}
+
+void CpuBackend::add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) {
+  TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == out.numel());
+  add(h, h, y);
+  rms_norm(out, h, w, eps);
 }
 
 void CpuBackend::add(TensorView out, TensorView a, TensorView b) {
@@ -111,6 +134,18 @@ void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   add_bias(out, w);
 }
 
+void CpuBackend::sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                             TensorView history) {
+  TRELLM_ASSERT(params.nbytes() == sizeof(SamplingParams));
+  const SamplingParams& p = *static_cast<const SamplingParams*>(params.data);
+  const int32_t best = sample_token(logits.ptr<float>(), logits.cols(), p, uint64_t(history.ptr<int32_t>()[0]));
+  token.ptr<int32_t>()[0] = best;
+  pos.ptr<int32_t>()[0] += 1;
+  int32_t* h = history.ptr<int32_t>();
+  TRELLM_ASSERT(h[0] + 1 < history.numel(), "greedy history is full");
+  h[1 + h[0]++] = best;
+}
+
 void CpuBackend::add_bias(TensorView out, const Linear& w) {
   if (w.bias.empty()) return;
   TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == w.out);
@@ -149,25 +184,35 @@ void rope_rotate(float* x, int dim, int pos, float theta) {
 }
 }  // namespace cpu
 
-void CpuBackend::rope(TensorView x, int offset, int pos0, const RopeParams& rope) {
-  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0);
+void CpuBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + rope.dim <= x.dim(2) && rope.dim % 2 == 0 && pos.pos.numel() == x.dim(0));
   const int64_t n = x.dim(0), heads = x.dim(1), hd = x.dim(2);
+  const int32_t* p = pos.pos.ptr<int32_t>();
   for (int64_t i = 0; i < n; i++)
-    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, int(pos0 + i), rope.theta);
+    for (int64_t h = 0; h < heads; h++) rope_rotate(x.ptr<float>() + (i * heads + h) * hd + offset, rope.dim, p[i], rope.theta);
 }
 
-void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                   const RopeParams& rope) {
   const int64_t n = kv.rows(), width = kv.cols(), rank = norm_w.numel();
-  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos0 + n <= cache.rows(),
-                "cache ", shape_str(cache), " kv ", shape_str(kv), " pos0 ", pos0);
+  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos.pos.numel() == n &&
+                    (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
+                "cache ", shape_str(cache), " kv ", shape_str(kv));
+  const int32_t* p = pos.pos.ptr<int32_t>();
+  std::vector<float> row(static_cast<size_t>(width));
   for (int64_t i = 0; i < n; i++) {
+    TRELLM_ASSERT(p[i] >= 0 && p[i] < cache.rows(), "position ", p[i], " outside the cache of ", cache.rows());
     const float* src = kv.ptr<float>() + i * width;
-    float* dst = cache.ptr<float>() + (pos0 + i) * width;
-    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(dst, DType::F32, {1, rank});
+    TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(row.data(), DType::F32, {1, rank});
     rms_norm(d, s, norm_w, eps);
-    std::memcpy(dst + rank, src + rank, sizeof(float) * rope.dim);
-    rope_rotate(dst + rank, rope.dim, int(pos0 + i), rope.theta);
+    std::memcpy(row.data() + rank, src + rank, sizeof(float) * rope.dim);
+    rope_rotate(row.data() + rank, rope.dim, p[i], rope.theta);
+    if (cache.dtype == DType::F32) {
+      std::memcpy(cache.ptr<float>() + int64_t(p[i]) * width, row.data(), sizeof(float) * width);
+    } else {  // a bf16 cache (what the GPU keeps): the f32 row rounded once
+      uint16_t* dst = cache.ptr<uint16_t>() + int64_t(p[i]) * width;
+      for (int64_t j = 0; j < width; j++) dst[j] = f32_to_bf16(row[j]);
+    }
   }
 }
 

@@ -14,22 +14,27 @@ class CpuBackend final : public Backend {
   void release(void* p) override;
   void to_host(void* dst, const void* src, size_t bytes) override;
   void from_host(void* dst, const void* src, size_t bytes) override;
+  void fill_random(TensorView t, uint64_t seed, float scale) override;
   bool host_memory() const override { return true; }
+  DType kv_dtype() const override { return DType::F32; }
 
   void embed(TensorView out, TensorView tokens, TensorView table) override;
   void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
   void add(TensorView out, TensorView a, TensorView b) override;
+  void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
-  void rope(TensorView x, int offset, int pos0, const RopeParams& rope) override;
-  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                         const RopeParams& rope) override;
-  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
+  void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                   TensorView history) override;
 
  private:
   void add_bias(TensorView out, const Linear& w);
@@ -41,8 +46,8 @@ class CpuBackend final : public Backend {
     Linear lin;
   };
   std::unordered_map<const trellis::TrellisWeight*, DenseCopy> dense_cache_;
-  void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0, const MlaDims& d);
-  void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0, const MlaDims& d);
+  void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
+  void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
   // Grow-only scratch (the forward pass stops allocating after its first step).
   float* scratch(size_t slot, size_t floats);
   std::vector<std::vector<float>> scratch_;
@@ -51,6 +56,10 @@ class CpuBackend final : public Backend {
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).
 void rope_rotate(float* x, int dim, int pos, float theta);
+// The sampling reference (SamplingParams in backend.h): thresholds by sorting, then Gumbel-max.
+int32_t sample_token(const float* logits, int64_t n, const SamplingParams& p, uint64_t step);
+// The noise of token i at `step`: a uniform in (0, 1) from a counter-based hash (the CUDA kernel has the same).
+double sample_uniform(uint64_t seed, uint64_t step, uint64_t i);
 }  // namespace cpu
 
 }  // namespace trellm

@@ -1,11 +1,13 @@
 // CUDA backend: memory, dispatch from TensorViews to kernels, cuBLAS for large dense products.
 #include "backend/cuda/cuda_backend.h"
 
+#include <algorithm>
 #include <unordered_map>
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/mla.h"
 #include "core/log.h"
 
 namespace trellm {
@@ -21,11 +23,14 @@ constexpr int kExpandTile = 256;  // keys per expanded-attention tile
 
 struct CudaBackend::Impl {
   int device = 0;
+  int num_sms = 0;
+  bool mla_v1 = false;  // route attention_mla to the v1 kernels (tests, benchmark baseline)
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   std::string name;
   std::vector<std::pair<void*, size_t>> scratch;               // grow-only device buffers
   std::unordered_map<const void*, void*> moe_tables;           // experts span -> device pointer table
+  std::vector<cudaEvent_t> events;                             // record_event() handles
 
   void* scratch_bytes(size_t slot, size_t bytes) {
     if (scratch.size() <= slot) scratch.resize(slot + 1, {nullptr, 0});
@@ -61,6 +66,7 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
   TRELLM_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
   if (p.major < 8) fail("GPU ", p.name, " (sm_", p.major, p.minor, ") is too old: trellm needs sm_80 or newer");
   impl_->name = str_cat("cuda:", device, " (", p.name, ")");
+  impl_->num_sms = p.multiProcessorCount;
   TRELLM_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
   TRELLM_CUBLAS_CHECK(cublasCreate(&impl_->cublas));
   TRELLM_CUBLAS_CHECK(cublasSetStream(impl_->cublas, impl_->stream));
@@ -71,6 +77,7 @@ CudaBackend::~CudaBackend() {
   for (auto& s : impl_->scratch)
     if (s.first) cudaFree(s.first);
   for (auto& t : impl_->moe_tables) cudaFree(t.second);
+  for (auto e : impl_->events) cudaEventDestroy(e);
   cublasDestroy(impl_->cublas);
   cudaStreamDestroy(impl_->stream);
 }
@@ -98,7 +105,11 @@ void CudaBackend::from_host(void* dst, const void* src, size_t bytes) {
   TRELLM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
   TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));  // src may be pageable and reused by the caller
 }
+void CudaBackend::fill_random(TensorView t, uint64_t seed, float scale) {
+  cuda::fill_random(t.data, t.dtype, t.numel(), seed, scale, impl_->stream);
+}
 void CudaBackend::synchronize() { TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream)); }
+void CudaBackend::use_mla_v1(bool on) { impl_->mla_v1 = on; }
 
 void CudaBackend::embed(TensorView out, TensorView tokens, TensorView table) {
   TRELLM_ASSERT(tokens.dtype == DType::I32 && out.rows() == tokens.numel() && out.cols() == table.dim(1));
@@ -115,22 +126,30 @@ void CudaBackend::add(TensorView out, TensorView a, TensorView b) {
   cuda::add(out.ptr<float>(), a.ptr<float>(), b.ptr<float>(), out.numel(), impl_->stream);
 }
 
+void CudaBackend::add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) {
+  TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == out.numel() && w.numel() == h.cols() && w.dtype == DType::F32);
+  cuda::add_rms_norm(h.ptr<float>(), y.ptr<float>(), w.ptr<float>(), out.ptr<float>(), int(h.rows()), int(h.cols()), eps,
+                     impl_->stream);
+}
+
 void CudaBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
   TRELLM_ASSERT(gate.numel() == out.numel() && up.numel() == out.numel());
   cuda::silu_mul(out.ptr<float>(), gate.ptr<float>(), up.ptr<float>(), out.numel(), impl_->stream);
 }
 
-void CudaBackend::rope(TensorView x, int offset, int pos0, const RopeParams& r) {
-  TRELLM_ASSERT(x.ndim == 3 && offset + r.dim <= x.dim(2));
-  cuda::rope(x.ptr<float>(), int(x.dim(0)), int(x.dim(1)), int(x.dim(2)), offset, r.dim, pos0, r.theta, impl_->stream);
+void CudaBackend::rope(TensorView x, int offset, const Positions& pos, const RopeParams& r) {
+  TRELLM_ASSERT(x.ndim == 3 && offset + r.dim <= x.dim(2) && pos.pos.numel() == x.dim(0));
+  cuda::rope(x.ptr<float>(), int(x.dim(0)), int(x.dim(1)), int(x.dim(2)), offset, r.dim, pos.pos.ptr<int32_t>(), r.theta,
+             impl_->stream);
 }
 
-void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                    const RopeParams& r) {
   const int rank = int(norm_w.numel());
-  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && pos0 + kv.rows() <= cache.rows());
-  cuda::mla_cache_append(cache.ptr<float>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps, pos0,
-                         r.theta, impl_->stream);
+  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
+                pos.bound <= cache.rows() && pos.pos.numel() == kv.rows());
+  cuda::mla_cache_append(cache.ptr<uint16_t>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps,
+                         pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
 }
 
 }  // namespace trellm
@@ -165,20 +184,46 @@ void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   if (bias) add_bias(out.ptr<float>(), bias, int(n), int(w.out), s);
 }
 
-void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                                 const MlaDims& d, MlaMode mode) {
   const int n = int(q.dim(0));
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
-                pos0 + n <= cache.rows() && kv_b.in == d.kv_rank);
-  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos0, d.scale};
+                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
   cudaStream_t s = impl_->stream;
-  if (mode == MlaMode::Absorbed) {
-    if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
-    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos0 + n));
-    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<float>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
+  // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
+  // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (both absorbed,
+  // the same function as either mode). Other shapes (the tiny fixtures) run the v1 kernels below.
+  if (!impl_->mla_v1 && !kv_b.exl3 && kv_b.weight.dtype == DType::BF16 &&
+      kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim) && mla::supported(d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim) &&
+      out.numel() == int64_t(n) * d.heads * d.v_dim && pos.bound >= 1) {
+    const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
+    mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
+                n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};
+    if (!p.prefill) return mla::decode(a, p, s);
+    mla::prefill_prepare(a, p, s);
+    const int H = d.heads, per = d.nope_dim + d.v_dim, qd = d.q_head_dim(), R = mla::kRank, W = mla::kWidth;
+    char* w = static_cast<char*>(a.work);
+    const float one = 1.0f, zero = 0.0f;
+    // Column-major views per head h: Qb_lat[k, i] = Σ_d W_UK[h][d][k] q[i,h,d]  (m = 512, n = n, k = nope)
+    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        impl_->cublas, CUBLAS_OP_N, CUBLAS_OP_N, R, n, d.nope_dim, &one, kv_b.weight.data, CUDA_R_16BF, R, int64_t(per) * R,
+        w + p.q16, CUDA_R_16BF, H * qd, qd, &zero, w + p.qb, CUDA_R_16BF, H * W, W, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    mla::attend(a, p, s);
+    // out[i, h*v + j] = Σ_k W_UV[h][j][k] o_lat[i*H+h][k]  (m = v, n = n, k = 512; W_UV row-major = op T)
+    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, d.v_dim, n, R, &one,
+        static_cast<const uint16_t*>(kv_b.weight.data) + size_t(d.nope_dim) * R, CUDA_R_16BF, R, int64_t(per) * R, w + p.olat,
+        CUDA_R_16BF, H * R, R, &zero, out.data, CUDA_R_32F, H * d.v_dim, d.v_dim, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     return;
   }
-  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos0 + n;
+  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
+  if (mode == MlaMode::Absorbed) {
+    if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
+    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));
+    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
+    return;
+  }
+  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos.bound;
   float* lat = impl_->scratch_f32(2, size_t(kExpandTile) * d.kv_rank);
   float* kvx = impl_->scratch_f32(3, size_t(kExpandTile) * d.heads * per);
   float* acc = impl_->scratch_f32(4, size_t(rows) * d.v_dim);
@@ -186,9 +231,9 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   mla_expanded_init(acc, st, st + rows, rows, d.v_dim, s);
   for (int t0 = 0; t0 < T; t0 += kExpandTile) {
     const int nt = std::min(kExpandTile, T - t0);
-    gather_latent(lat, cache.ptr<float>(), t0, nt, d.kv_rank, d.cache_width(), s);
+    gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), s);
     matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
-    mla_expanded_tile(q.ptr<float>(), cache.ptr<float>(), kvx, t0, nt, m, acc, st, st + rows, s);
+    mla_expanded_tile(q.ptr<float>(), cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
   }
   mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
 }
@@ -235,6 +280,106 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
   float* act = impl_->scratch_f32(6, size_t(jobs) * std::max(a.inter, a.shared_inter));
   float* part = impl_->scratch_f32(7, size_t(jobs) * hidden);
   moe_dense(a, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(), act, part, out.ptr<float>(), impl_->stream);
+}
+
+}  // namespace trellm
+
+namespace trellm {
+
+void CudaBackend::sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                              TensorView history) {
+  TRELLM_ASSERT(token.dtype == DType::I32 && pos.dtype == DType::I32 && history.dtype == DType::I32 &&
+                params.nbytes() == sizeof(SamplingParams));
+  cuda::sample_step(logits.ptr<float>(), logits.cols(), params.data, token.ptr<int32_t>(), pos.ptr<int32_t>(),
+                    history.ptr<int32_t>(), history.numel(), impl_->stream);
+}
+
+namespace {
+class CudaStepGraph final : public StepGraph {
+ public:
+  CudaStepGraph(cudaGraphExec_t exec, cudaStream_t s) : exec_(exec), stream_(s) {}
+  ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
+  void launch() override { TRELLM_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+};
+}  // namespace
+
+std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& step) {
+  cudaStream_t s = impl_->stream;
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(s));
+  TRELLM_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  try {
+    step();
+  } catch (...) {
+    cudaGraph_t g;
+    cudaStreamEndCapture(s, &g);
+    if (g) cudaGraphDestroy(g);
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  TRELLM_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec = nullptr;
+  TRELLM_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  TRELLM_CUDA_CHECK(cudaGraphDestroy(graph));
+  return std::make_unique<CudaStepGraph>(exec, s);
+}
+
+}  // namespace trellm
+
+namespace trellm {
+
+int CudaBackend::record_event() {
+  cudaEvent_t e;
+  TRELLM_CUDA_CHECK(cudaEventCreate(&e));
+  TRELLM_CUDA_CHECK(cudaEventRecord(e, impl_->stream));
+  impl_->events.push_back(e);
+  return int(impl_->events.size()) - 1;
+}
+
+double CudaBackend::elapsed_ms(int from, int to) {
+  TRELLM_CUDA_CHECK(cudaEventSynchronize(impl_->events.at(size_t(to))));
+  float ms = 0;
+  TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, impl_->events.at(size_t(from)), impl_->events.at(size_t(to))));
+  return ms;
+}
+
+std::pair<size_t, size_t> CudaBackend::memory_used_total() {
+  size_t free_b = 0, total_b = 0;
+  TRELLM_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return {total_b - free_b, total_b};
+}
+
+// 1 GiB device-to-device copies (well past the 50 MB L2), median of 10, bytes read + written.
+double CudaBackend::copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  void *a = nullptr, *b = nullptr;
+  if (cudaMalloc(&a, bytes) != cudaSuccess) return 0;
+  if (cudaMalloc(&b, bytes) != cudaSuccess) {
+    cudaFree(a);
+    return 0;
+  }
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  std::vector<float> ms;
+  for (int i = 0; i < 12; i++) {
+    cudaEventRecord(e0, impl_->stream);
+    cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, impl_->stream);
+    cudaEventRecord(e1, impl_->stream);
+    cudaEventSynchronize(e1);
+    float t = 0;
+    cudaEventElapsedTime(&t, e0, e1);
+    if (i >= 2) ms.push_back(t);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  std::sort(ms.begin(), ms.end());
+  return 2.0 * double(bytes) / (double(ms[ms.size() / 2]) * 1e-3);
 }
 
 }  // namespace trellm

@@ -17,25 +17,38 @@ class CudaBackend final : public Backend {
   void release(void* p) override;
   void to_host(void* dst, const void* src, size_t bytes) override;
   void from_host(void* dst, const void* src, size_t bytes) override;
+  void fill_random(TensorView t, uint64_t seed, float scale) override;
   void synchronize() override;
+  std::unique_ptr<StepGraph> capture(const std::function<void()>& step) override;
+  int record_event() override;
+  double elapsed_ms(int from, int to) override;
+  std::pair<size_t, size_t> memory_used_total() override;
+  double copy_bandwidth() override;
   bool host_memory() const override { return false; }
+  DType kv_dtype() const override { return DType::BF16; }
 
   void embed(TensorView out, TensorView tokens, TensorView table) override;
   void rms_norm(TensorView out, TensorView x, TensorView w, float eps) override;
   void add(TensorView out, TensorView a, TensorView b) override;
+  void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
-  void rope(TensorView x, int offset, int pos0, const RopeParams& rope) override;
-  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, int pos0,
+  void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
+  void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                         const RopeParams& rope) override;
-  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, int pos0,
+  void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
+  void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
+                   TensorView history) override;
 
   void* stream() const;  // the cudaStream_t every op runs on
+  // attention_mla on the v1 kernels (f32 CUDA cores) even where the tensor-core ones apply: the ladder
+  // baseline for tests and bench/bench_attention.
+  void use_mla_v1(bool on);
 
   struct Impl;
 

@@ -14,35 +14,40 @@ void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n
 // out = x / rms(x) * w per row (out may alias x)
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s);
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);
+// h += y; out = h / rms(h) * w, per row (one kernel: the residual add fused with the next norm)
+void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s);
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
 // out[i, :] += bias for n rows of width d
 void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s);
 // f32 -> bf16 / f16 (for cuBLAS inputs)
 void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
-// Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos0+i.
-void rope(float* x, int n, int heads, int head_dim, int offset, int dim, int pos0, float theta, cudaStream_t s);
-// cache rows pos0.. = [rms_norm(kv[:, :rank]) | rope(kv[:, rank:])], cache width rank + rope_dim
-void mla_cache_append(float* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
-                      int pos0, float theta, cudaStream_t s);
+// Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos[i].
+void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s);
+// cache row pos[i] = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]), cache width rank + rope_dim
+void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
+                      const int32_t* pos, float theta, cudaStream_t s);
 
-// MLA attention (absorbed): q [n, H, nope+rope], cache [*, rank+rope], kv_b [H*(nope+v), rank] (BF16/F16/F32),
-// out [n, H*v]. work: f32 scratch of mla_absorbed_work_floats(n, H, rank, T) floats.
+// MLA attention over a bf16 latent cache [capacity, rank+rope]; query row i attends to rows [0, pos[i]].
+// bound: host-side upper bound on pos[i] + 1 (sizes grids). Absorbed: q [n, H, nope+rope], kv_b
+// [H*(nope+v), rank] (BF16/F16/F32), out [n, H*v]; work: mla_absorbed_work_floats(n, H, rank, bound) floats.
 struct MlaShape {
-  int n, heads, rank, rope, nope, v, pos0;
+  int n, heads, rank, rope, nope, v;
+  const int32_t* pos;
+  int bound;
   float scale;
 };
 size_t mla_absorbed_work_floats(int n, int heads, int rank, int T);
-void mla_absorbed(float* out, const float* q, const float* cache, const void* kv_b, DType kv_b_dtype, const MlaShape& m,
+void mla_absorbed(float* out, const float* q, const uint16_t* cache, const void* kv_b, DType kv_b_dtype, const MlaShape& m,
                   float* work, cudaStream_t s);
 // Expanded form, one key tile [t0, t0+nt): kvx [nt, H, nope+v] is that tile's kv_b expansion. Keeps an online
 // softmax state (max, sum, acc) per (query, head) across tiles; mla_expanded_finish divides.
-void mla_expanded_tile(const float* q, const float* cache, const float* kvx, int t0, int nt, const MlaShape& m,
+void mla_expanded_tile(const float* q, const uint16_t* cache, const float* kvx, int t0, int nt, const MlaShape& m,
                        float* acc, float* mx, float* den, cudaStream_t s);
 void mla_expanded_init(float* acc, float* mx, float* den, int rows, int v, cudaStream_t s);
 void mla_expanded_finish(float* out, const float* acc, const float* den, int rows, int v, cudaStream_t s);
 // Gathers the latent part of cache rows [t0, t0+nt) into a contiguous [nt, rank] buffer (cuBLAS input).
-void gather_latent(float* dst, const float* cache, int t0, int nt, int rank, int width, cudaStream_t s);
+void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, cudaStream_t s);
 
 // MoE router (semantics of CpuBackend::moe_route). gate [E, hidden] F32/F16/BF16, bias [E] f32 or null.
 void moe_route(const float* x, const void* gate, DType gate_dtype, const float* bias, int m, int hidden, int E,
@@ -73,4 +78,17 @@ namespace trellm::cuda {
 // y[n, out] = x[n, in] · Wᵀ (+ bias) with f32 activations and W [out, in] in F32/F16/BF16: a warp per output
 // row, rows of x in chunks of 8. For small n (decode); exact f32 accumulation like the CPU backend.
 void gemv_dense(float* y, const float* x, const void* w, DType dt, int n, int in, int out, const float* bias, cudaStream_t s);
+}  // namespace trellm::cuda
+
+namespace trellm::cuda {
+// Seeded counter-based random fill: floats uniform in [-scale, scale], integers random bits.
+void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s);
+}  // namespace trellm::cuda
+
+namespace trellm::cuda {
+// token[0] = the token sampled from logits[0..V) as cpu::sample_token does (greedy when temperature is 0), with
+// history[0] as the noise step; pos[0] += 1; history[1 + history[0]++] = token.
+// params: a device copy of trellm::SamplingParams (backend.h).
+void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
+                 int64_t history_cap, cudaStream_t s);
 }  // namespace trellm::cuda

@@ -57,7 +57,7 @@ __global__ void q_lat_kernel(float* q_lat, const float* q, const W* kvb, MlaShap
 }
 
 // scores[i,h,t] = (q_lat·c_kv[t] + q_rope·k_rope[t]) · scale for t <= pos0+i   grid (n*H, T/8), block 256
-__global__ void scores_kernel(float* scores, const float* q_lat, const float* q, const float* cache, MlaShape m, int T) {
+__global__ void scores_kernel(float* scores, const float* q_lat, const float* q, const __nv_bfloat16* cache, MlaShape m, int T) {
   __shared__ float ql[1024];
   const int ih = blockIdx.x, i = ih / m.heads, qd = m.nope + m.rope, width = m.rank + m.rope;
   for (int k = threadIdx.x; k < m.rank; k += blockDim.x) ql[k] = q_lat[int64_t(ih) * m.rank + k];
@@ -65,17 +65,17 @@ __global__ void scores_kernel(float* scores, const float* q_lat, const float* q,
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.y * (blockDim.x >> 5) + warp;
-  if (t >= T || t > m.pos0 + i) return;
-  const float* c = cache + int64_t(t) * width;
+  if (t >= T || t > m.pos[i]) return;
+  const __nv_bfloat16* c = cache + int64_t(t) * width;
   float s = 0;
-  for (int k = lane; k < width; k += 32) s += ql[k] * c[k];
+  for (int k = lane; k < width; k += 32) s += ql[k] * __bfloat162float(c[k]);
   s = warp_sum(s);
   if (lane == 0) scores[int64_t(ih) * T + t] = s * m.scale;
 }
 
 // softmax over t <= pos0+i, then o_lat[k] = Σ_t p_t c_kv[t][k]        grid n*H, block 256
-__global__ void softmax_olat_kernel(float* o_lat, float* scores, const float* cache, MlaShape m, int T) {
-  const int ih = blockIdx.x, i = ih / m.heads, last = m.pos0 + i, width = m.rank + m.rope;
+__global__ void softmax_olat_kernel(float* o_lat, float* scores, const __nv_bfloat16* cache, MlaShape m, int T) {
+  const int ih = blockIdx.x, i = ih / m.heads, last = m.pos[i], width = m.rank + m.rope;
   float* sc = scores + int64_t(ih) * T;
   float mx = -FLT_MAX;
   for (int t = threadIdx.x; t <= last; t += blockDim.x) mx = fmaxf(mx, sc[t]);
@@ -87,7 +87,7 @@ __global__ void softmax_olat_kernel(float* o_lat, float* scores, const float* ca
   const float inv = 1.0f / sum;
   for (int k = threadIdx.x; k < m.rank; k += blockDim.x) {
     float a = 0;
-    for (int t = 0; t <= last; t++) a += sc[t] * cache[int64_t(t) * width + k];
+    for (int t = 0; t <= last; t++) a += sc[t] * __bfloat162float(cache[int64_t(t) * width + k]);
     o_lat[int64_t(ih) * m.rank + k] = a * inv;
   }
 }
@@ -106,8 +106,8 @@ __global__ void out_kernel(float* out, const float* o_lat, const W* kvb, MlaShap
 }
 
 template <typename W>
-void absorbed(float* out, const float* q, const float* cache, const W* kvb, const MlaShape& m, float* work, cudaStream_t s) {
-  const int rows = m.n * m.heads, T = m.pos0 + m.n;
+void absorbed(float* out, const float* q, const __nv_bfloat16* cache, const W* kvb, const MlaShape& m, float* work, cudaStream_t s) {
+  const int rows = m.n * m.heads, T = m.bound;
   float* q_lat = work;
   float* o_lat = q_lat + int64_t(rows) * m.rank;
   float* scores = o_lat + int64_t(rows) * m.rank;
@@ -122,23 +122,23 @@ void absorbed(float* out, const float* q, const float* cache, const W* kvb, cons
 }
 
 // One key tile of the expanded form with an online softmax.        grid n*H, block 256
-__global__ void expanded_tile_kernel(const float* q, const float* cache, const float* kvx, int t0, int nt, MlaShape m,
+__global__ void expanded_tile_kernel(const float* q, const __nv_bfloat16* cache, const float* kvx, int t0, int nt, MlaShape m,
                                      float* acc, float* mx, float* den) {
   __shared__ float sc[kMaxTile];
   __shared__ float qs[1024];
   const int ih = blockIdx.x, i = ih / m.heads, h = ih % m.heads, qd = m.nope + m.rope, per = m.nope + m.v;
   const int width = m.rank + m.rope;
-  const int last = min(nt, m.pos0 + i + 1 - t0);  // keys t0 .. t0+last-1 are visible (causal)
+  const int last = min(nt, m.pos[i] + 1 - t0);  // keys t0 .. t0+last-1 are visible (causal)
   if (last <= 0) return;
   for (int d = threadIdx.x; d < qd; d += blockDim.x) qs[d] = q[int64_t(ih) * qd + d];
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int t = warp; t < last; t += nw) {
     const float* kh = kvx + (int64_t(t) * m.heads + h) * per;
-    const float* kr = cache + int64_t(t0 + t) * width + m.rank;
+    const __nv_bfloat16* kr = cache + int64_t(t0 + t) * width + m.rank;
     float s = 0;
     for (int d = lane; d < m.nope; d += 32) s += qs[d] * kh[d];
-    for (int d = lane; d < m.rope; d += 32) s += qs[m.nope + d] * kr[d];
+    for (int d = lane; d < m.rope; d += 32) s += qs[m.nope + d] * __bfloat162float(kr[d]);
     s = warp_sum(s);
     if (lane == 0) sc[t] = s * m.scale;
   }
@@ -178,8 +178,9 @@ __global__ void expanded_finish_kernel(float* out, const float* acc, const float
   for (int j = threadIdx.x; j < v; j += blockDim.x) out[int64_t(blockIdx.x) * v + j] = acc[int64_t(blockIdx.x) * v + j] / den[blockIdx.x];
 }
 
-__global__ void gather_latent_kernel(float* dst, const float* cache, int t0, int rank, int width) {
-  for (int k = threadIdx.x; k < rank; k += blockDim.x) dst[int64_t(blockIdx.x) * rank + k] = cache[int64_t(t0 + blockIdx.x) * width + k];
+__global__ void gather_latent_kernel(float* dst, const __nv_bfloat16* cache, int t0, int rank, int width) {
+  for (int k = threadIdx.x; k < rank; k += blockDim.x)
+    dst[int64_t(blockIdx.x) * rank + k] = __bfloat162float(cache[int64_t(t0 + blockIdx.x) * width + k]);
 }
 
 }  // namespace
@@ -188,9 +189,10 @@ size_t mla_absorbed_work_floats(int n, int heads, int rank, int T) {
   return size_t(n) * heads * (2 * size_t(rank) + size_t(T));
 }
 
-void mla_absorbed(float* out, const float* q, const float* cache, const void* kv_b, DType dt, const MlaShape& m,
+void mla_absorbed(float* out, const float* q, const uint16_t* cache_u16, const void* kv_b, DType dt, const MlaShape& m,
                   float* work, cudaStream_t s) {
   TRELLM_ASSERT(m.rank + m.rope <= 1024 && m.nope <= 512, "MLA dims too large for the v1 kernels");
+  const auto* cache = reinterpret_cast<const __nv_bfloat16*>(cache_u16);
   switch (dt) {
     case DType::BF16: return absorbed(out, q, cache, static_cast<const __nv_bfloat16*>(kv_b), m, work, s);
     case DType::F16: return absorbed(out, q, cache, static_cast<const __half*>(kv_b), m, work, s);
@@ -204,10 +206,10 @@ void mla_expanded_init(float* acc, float* mx, float* den, int rows, int v, cudaS
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
-void mla_expanded_tile(const float* q, const float* cache, const float* kvx, int t0, int nt, const MlaShape& m,
+void mla_expanded_tile(const float* q, const uint16_t* cache, const float* kvx, int t0, int nt, const MlaShape& m,
                        float* acc, float* mx, float* den, cudaStream_t s) {
   TRELLM_ASSERT(nt <= kMaxTile && m.nope + m.rope <= 1024);
-  expanded_tile_kernel<<<m.n * m.heads, 256, 0, s>>>(q, cache, kvx, t0, nt, m, acc, mx, den);
+  expanded_tile_kernel<<<m.n * m.heads, 256, 0, s>>>(q, reinterpret_cast<const __nv_bfloat16*>(cache), kvx, t0, nt, m, acc, mx, den);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
@@ -216,8 +218,8 @@ void mla_expanded_finish(float* out, const float* acc, const float* den, int row
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
-void gather_latent(float* dst, const float* cache, int t0, int nt, int rank, int width, cudaStream_t s) {
-  gather_latent_kernel<<<nt, 256, 0, s>>>(dst, cache, t0, rank, width);
+void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, cudaStream_t s) {
+  gather_latent_kernel<<<nt, 256, 0, s>>>(dst, reinterpret_cast<const __nv_bfloat16*>(cache), t0, rank, width);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

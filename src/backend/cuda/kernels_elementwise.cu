@@ -52,6 +52,21 @@ __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int 
   for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (xr[j] * r);
 }
 
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, int d, float eps) {
+  float* hr = h + int64_t(blockIdx.x) * d;
+  const float* yr = y + int64_t(blockIdx.x) * d;
+  float* orow = out + int64_t(blockIdx.x) * d;
+  float ss = 0;
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    const float v = hr[j] + yr[j];
+    hr[j] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(d) + eps);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (hr[j] * r);  // each thread rereads its own writes
+}
+
 __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
 }
@@ -87,28 +102,54 @@ __device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, f
   p[2 * i + 1] = b * c + a * s;
 }
 
-__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, int pos0, float theta) {
+__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
   // block = one row (token); threads over (head, pair)
   const int pairs = dim / 2;
   for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
     const int h = idx / pairs, i = idx % pairs;
-    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos0 + blockIdx.x, theta);
+    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos[blockIdx.x], theta);
   }
 }
 
-__global__ void cache_append_kernel(float* cache, const float* kv, const float* w, int rank, int rope_dim, float eps,
-                                    int pos0, float theta) {
-  const int width = rank + rope_dim;
+// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16.
+__global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
+                                    float eps, const int32_t* pos, float theta) {
+  __shared__ float kr[256];
+  const int width = rank + rope_dim, p = pos[blockIdx.x];
   const float* src = kv + int64_t(blockIdx.x) * width;
-  float* dst = cache + int64_t(pos0 + blockIdx.x) * width;
+  __nv_bfloat16* dst = cache + int64_t(p) * width;
   float ss = 0;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
   ss = block_sum(ss);
   const float r = rsqrtf(ss / float(rank) + eps);
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = w[j] * (src[j] * r);
-  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = src[rank + j];
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = __float2bfloat16_rn(w[j] * (src[j] * r));
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) kr[j] = src[rank + j];
   __syncthreads();
-  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(dst + rank, i, rope_dim, pos0 + blockIdx.x, theta);
+  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(kr, i, rope_dim, p, theta);
+  __syncthreads();
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
+}
+
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: a counter-based generator
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+__global__ void fill_random_kernel(void* p, DType dt, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const uint64_t r = mix64(seed + 0x9E3779B97F4A7C15ull * uint64_t(i + 1));
+    const float u = float(r >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+    switch (dt) {
+      case DType::F32: static_cast<float*>(p)[i] = u * scale; break;
+      case DType::F16: static_cast<__half*>(p)[i] = __float2half_rn(u * scale); break;
+      case DType::BF16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(u * scale); break;
+      case DType::I64: static_cast<uint64_t*>(p)[i] = r; break;
+      case DType::I32: static_cast<uint32_t*>(p)[i] = uint32_t(r); break;
+      case DType::I16: static_cast<uint16_t*>(p)[i] = uint16_t(r); break;
+      default: static_cast<uint8_t*>(p)[i] = uint8_t(r); break;
+    }
+  }
 }
 
 int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads - 1) / threads, 132 * 16)); }
@@ -121,6 +162,10 @@ void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n
 }
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s) {
   rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(out, x, w, d, eps);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s) {
+  add_rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(h, y, w, out, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {
@@ -143,13 +188,18 @@ void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
   to_f16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__half*>(out), x, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
-void rope(float* x, int n, int heads, int head_dim, int offset, int dim, int pos0, float theta, cudaStream_t s) {
-  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos0, theta);
+void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s) {
+  fill_random_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, dt, n, seed, scale);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
-void mla_cache_append(float* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
-                      int pos0, float theta, cudaStream_t s) {
-  cache_append_kernel<<<n, 256, 0, s>>>(cache, kv, norm_w, rank, rope_dim, eps, pos0, theta);
+void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s) {
+  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos, theta);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
+                      const int32_t* pos, float theta, cudaStream_t s) {
+  TRELLM_ASSERT(rope_dim <= 256);
+  cache_append_kernel<<<n, 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

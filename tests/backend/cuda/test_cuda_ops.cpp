@@ -2,7 +2,9 @@
 // poisoned (NaN) before each run so an unwritten element fails. Skips cleanly without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -47,6 +49,34 @@ class CudaOps : public ::testing::Test {
     return h;
   }
   static TensorView host(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
+  // Consecutive positions pos0 .. pos0+n-1: the host copy (for the CPU) and a device copy.
+  struct Pos {
+    std::vector<int32_t> v;
+    Positions host, dev;
+  };
+  Pos positions(int pos0, int n) {
+    Pos p;
+    for (int i = 0; i < n; i++) p.v.push_back(pos0 + i);
+    p.host = Positions{TensorView(p.v.data(), DType::I32, {n}), pos0 + n};
+    p.dev = Positions{up(p.v, DType::I32, {n}), pos0 + n};
+    return p;
+  }
+  // A bf16 device cache holding exactly `f` rounded to bf16; `f` is replaced by the rounded values.
+  TensorView bf16_cache(std::vector<float>& f, int rows, int width) {
+    std::vector<uint16_t> h(f.size());
+    for (size_t i = 0; i < f.size(); i++) {
+      h[i] = f32_to_bf16(f[i]);
+      f[i] = bf16_to_f32(h[i]);
+    }
+    return up(h, DType::BF16, {rows, width});
+  }
+  std::vector<float> down_bf16(TensorView v) {
+    std::vector<uint16_t> h(size_t(v.numel()));
+    gpu->to_host(h.data(), v.data, v.nbytes());
+    std::vector<float> f(h.size());
+    for (size_t i = 0; i < h.size(); i++) f[i] = bf16_to_f32(h[i]);
+    return f;
+  }
 
   std::unique_ptr<Backend> gpu;
   CpuBackend cpu;
@@ -86,6 +116,16 @@ TEST_F(CudaOps, ElementwiseNormRope) {
     gpu->rms_norm(o, gx, gw, 1e-5f);
     cpu.rms_norm(host(want, {n, d}), host(x, {n, d}), host(w, {d}), 1e-5f);
     EXPECT_LT(rel_err(down(o), want), 1e-6) << "rms_norm " << n << "x" << d;
+    // add_rms_norm: h += y, out = norm(h)
+    {
+      std::vector<float> h = x, hw(x.size());
+      TensorView gh = up(h, DType::F32, {n, d});
+      o = poisoned({n, d});
+      gpu->add_rms_norm(gh, gy, gw, 1e-5f, o);
+      cpu.add_rms_norm(host(h, {n, d}), host(y, {n, d}), host(w, {d}), 1e-5f, host(hw, {n, d}));
+      EXPECT_EQ(down(gh), h) << "add_rms_norm residual";
+      EXPECT_LT(rel_err(down(o), hw), 1e-6) << "add_rms_norm norm";
+    }
     // add
     o = poisoned({n, d});
     gpu->add(o, gx, gy);
@@ -101,8 +141,9 @@ TEST_F(CudaOps, ElementwiseNormRope) {
   const int n = 5, H = 3, hd = 40;
   auto x = randn(size_t(n) * H * hd);
   TensorView gx = up(x, DType::F32, {n, H, hd});
-  gpu->rope(gx, 8, 150000, RopeParams{1e6f, 32});
-  cpu.rope(host(x, {n, H, hd}), 8, 150000, RopeParams{1e6f, 32});
+  Pos p = positions(150000, n);
+  gpu->rope(gx, 8, p.dev, RopeParams{1e6f, 32});
+  cpu.rope(host(x, {n, H, hd}), 8, p.host, RopeParams{1e6f, 32});
   EXPECT_LT(rel_err(down(gx), x), 1e-6);
 }
 
@@ -118,13 +159,16 @@ TEST_F(CudaOps, EmbedAndCacheAppend) {
   cpu.embed(host(want, {n, d}), TensorView(tok.data(), DType::I32, {n}), TensorView(tb.data(), DType::BF16, {V, d}));
   EXPECT_EQ(down(o), want);
 
+  // The GPU cache is bf16: its rows are the CPU's f32 rows rounded once (relative error <= 2^-9).
   const int rank = 24, rope = 8, cap = 40, pos0 = 30;
   auto kv = randn(size_t(n) * (rank + rope)), w = randn(rank);
   std::vector<float> cache_h(size_t(cap) * (rank + rope), 0.0f);
-  TensorView gc = up(cache_h, DType::F32, {cap, rank + rope});
-  gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, pos0, RopeParams{1e4f, rope});
-  cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, pos0, RopeParams{1e4f, rope});
-  EXPECT_LT(rel_err(down(gc), cache_h), 1e-6);
+  TensorView gc = bf16_cache(cache_h, cap, rank + rope);
+  Pos p = positions(pos0, n);
+  gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, p.dev, RopeParams{1e4f, rope});
+  cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, p.host, RopeParams{1e4f, rope});
+  auto got = down_bf16(gc);
+  for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache_h[i], std::fabs(cache_h[i]) * 0.0040 + 1e-30) << i;
 }
 
 TEST_F(CudaOps, DenseMatmulGemvAndCublas) {
@@ -171,12 +215,13 @@ TEST_F(CudaOps, MlaAttentionBothForms) {
     lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
     lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
     auto cache = randn(size_t(cap) * d.cache_width()), q = randn(size_t(n) * d.heads * d.q_head_dim());
-    TensorView gc = up(cache, DType::F32, {cap, d.cache_width()}), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    TensorView gc = bf16_cache(cache, cap, d.cache_width()), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    Pos p = positions(pos0, n);
     for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
       std::vector<float> want(size_t(n) * d.heads * d.v_dim);
-      cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, pos0, d, mode);
+      cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, p.host, d, mode);
       TensorView o = poisoned({n, d.heads * d.v_dim});
-      gpu->attention_mla(o, gq, gc, lg, pos0, d, mode);
+      gpu->attention_mla(o, gq, gc, lg, p.dev, d, mode);
       EXPECT_LT(rel_err(down(o), want), 2e-5) << (mode == MlaMode::Absorbed ? "absorbed" : "expanded") << " n=" << n << " pos0=" << pos0;
     }
   }
@@ -233,6 +278,54 @@ TEST_F(CudaOps, MoeRouteAndDenseExperts) {
     gpu->moe_ffn(o, gx, gw, gi, eg, &sg);
     EXPECT_LT(rel_err(down(o), want), 1e-5) << "moe_ffn m=" << m;
   }
+}
+
+}  // namespace
+
+namespace {
+
+// The device sampler draws the same tokens as the CPU reference (same thresholds, same counter-based noise).
+// Float sums of the top-p mass differ from the CPU's double sums in the last bits, so a draw that lands exactly
+// on the top-p boundary could differ: we require >= 98% identical over 160 draws and every GPU token inside the
+// top-k set.
+TEST_F(CudaOps, SampleStepMatchesCpuReference) {
+  const int64_t V = 154880;
+  auto l = randn(size_t(V), 3.0f);
+  l[77] = NAN;
+  l[78] = -INFINITY;
+  TensorView gl = up(l, DType::F32, {1, V});
+  std::vector<SamplingParams> cases(4);
+  cases[0].temperature = 0;
+  cases[1].temperature = 1.0f;
+  cases[2].temperature = 0.7f, cases[2].top_k = 40, cases[2].top_p = 0.9f;
+  cases[3].temperature = 1.1f, cases[3].top_p = 0.95f, cases[3].min_p = 0.05f;
+  int same = 0, total = 0;
+  std::vector<int32_t> zero = {0};
+  for (size_t c = 0; c < cases.size(); c++) {
+    SamplingParams p = cases[c];
+    p.seed = 100 + c;
+    std::vector<uint8_t> pb(sizeof p);
+    std::memcpy(pb.data(), &p, sizeof p);
+    TensorView gp = up(pb, DType::U8, {int64_t(sizeof p)});
+    std::vector<int32_t> hist(64, 0);
+    TensorView gh = up(hist, DType::I32, {64}), gt = up(zero, DType::I32, {1}), gpos = up(zero, DType::I32, {1});
+    for (int s = 0; s < 40; s++) gpu->sample_step(gl, gp, gt, gpos, gh);
+    gpu->to_host(hist.data(), gh.data, hist.size() * 4);
+    ASSERT_EQ(hist[0], 40);
+    std::vector<float> sorted = l;
+    std::sort(sorted.begin(), sorted.end(), [](float a, float b) { return std::isnan(b) || (!std::isnan(a) && a > b); });
+    for (int s = 0; s < 40; s++) {
+      const int32_t want = cpu::sample_token(l.data(), V, p, uint64_t(s));
+      same += hist[1 + s] == want;
+      total++;
+      if (p.top_k > 0) EXPECT_GE(l[hist[1 + s]], sorted[p.top_k - 1]) << "outside the top-k";
+      EXPECT_TRUE(std::isfinite(l[hist[1 + s]]));
+    }
+    std::vector<int32_t> posv(1);
+    gpu->to_host(posv.data(), gpos.data, 4);
+    EXPECT_EQ(posv[0], 40);
+  }
+  EXPECT_GE(same, total * 98 / 100) << same << " of " << total << " draws identical";
 }
 
 }  // namespace

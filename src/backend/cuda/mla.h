@@ -1,0 +1,80 @@
+// Fast MLA attention on tensor cores (v2), GLM-4.7-Flash latent shapes: kv_rank 512, rope 64 (a cache row is
+// 576 bf16 = c_kv | k_rope). Heads, nope and v are runtime values. Shapes outside that (the tiny fixtures)
+// stay on the v1 kernels of kernels_attention.cu; the backend op decides (mla_fast_supported).
+//
+// Both forms here are the absorbed one (MQA-like): one shared 576-wide key and 512-wide value per cached token,
+// (query, head) pairs flattened into rows and tiled 32 rows per CTA on the MMA M dimension:
+//   Qb[r]   = bf16(W_UK[h]ᵀ q_nope[i,h] | q_rope[i,h])           r = i*heads + h
+//   o_lat[r] = softmax_t((Qb[r]·cache[t]) * scale) · cache[t][:512]  over t <= pos[i]
+//   out[i, h*v:(h+1)*v] = W_UV[h] · o_lat[r]
+// Decode (n <= 16 rows, CUDA-graph captured with bound = capacity): the grid depends only on (n, heads,
+// bound, SM count); every position is read from device memory, splits beyond the current position exit at
+// once. Prefill (n >= 17): the projections are cuBLAS batched GEMMs issued by the backend op; this header
+// gives the kernels around them.
+//
+// Framework-free: raw device pointers, sizes and a stream. Callers check shapes (CudaBackend::attention_mla).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace trellm::cuda::mla {
+
+constexpr int kRank = 512;            // c_kv width = value width
+constexpr int kRope = 64;             // k_rope width
+constexpr int kWidth = kRank + kRope; // cache row / score dot length
+constexpr int kRowsPerCta = 32;       // M rows per attention CTA (two m16 tiles: 20 heads + 12 padding at n = 1)
+constexpr int kKeysPerTile = 64;      // keys per pipelined smem stage
+constexpr int kMaxSplits = 1024;      // context splits per row group (combine keeps one weight per split in smem)
+constexpr int kDecodeMaxRows = 16;    // query rows the decode projection kernels take (smem sized for this)
+constexpr int kMaxNope = 256;         // q_lat kernel keeps <= 8 W_UK rows per thread
+
+// True when the fast kernels cover these dims (kv_b must also be dense bf16; the backend checks that).
+inline bool supported(int rank, int rope, int nope, int v) {
+  return rank == kRank && rope == kRope && nope >= 1 && nope <= kMaxNope && v >= 1;
+}
+
+// Launch geometry and workspace layout for one call. Everything depends on host-side sizes only (n, heads,
+// bound, SM count), never on positions: a captured graph stays valid at every position below bound.
+struct Plan {
+  int n = 0, heads = 0, rows = 0;  // rows = n * heads
+  int groups = 0;                  // ceil(rows / 32) row groups (attention grid x)
+  int splits = 1;                  // context splits per group (attention grid y); 1: attention writes o_lat directly
+  bool prefill = false;            // n > kDecodeMaxRows: cuBLAS projections, bf16 o_lat
+  // byte offsets into the workspace
+  size_t qb = 0;      // bf16 [rows, 576]
+  size_t q16 = 0;     // bf16 [n, heads, nope+rope]  (prefill: cuBLAS input)
+  size_t olat = 0;    // f32 [rows, 512] (decode) or bf16 (prefill)
+  size_t part_o = 0;  // bf16 [groups, splits, 32, 512]  (splits > 1)
+  size_t part_ml = 0; // f32 [groups, splits, 32, 2]     (running max in log2 units, sum)
+  size_t bytes = 0;   // total workspace
+};
+Plan make_plan(int n, int heads, int nope, int bound, int num_sms);
+
+// Everything one call needs. kv_b: bf16 [heads*(nope+v), 512], rows per head: W_UK[h] (nope) then W_UV[h] (v).
+struct Args {
+  float* out;               // [n, heads*v] f32
+  const float* q;           // [n, heads, nope+64] f32, rope applied
+  const uint16_t* cache;    // bf16 [capacity, 576]
+  const uint16_t* kv_b;     // bf16
+  const int32_t* pos;       // [n] device; row i attends to cache rows [0, pos[i]]
+  int n, heads, nope, v;
+  float scale;              // softmax scale (1/16 for GLM)
+  void* work;               // Plan::bytes, 256-byte aligned
+};
+
+// Decode (n <= 16): q_lat kernel -> attention -> (combine) -> output projection, four launches with
+// programmatic dependent launch (each kernel prefetches its kv_b rows before waiting on its predecessor).
+// No allocation, no synchronisation: capturable.
+void decode(const Args& a, const Plan& p, cudaStream_t s);
+
+// Prefill pieces (n > 16); the backend op runs the two cuBLAS GEMMs between them:
+//   prefill_prepare: q16 = bf16(q); Qb[:, 512:576] = bf16(q_rope)
+//   [cuBLAS: Qb[:, :512] = W_UKᵀ q_nope, batched over heads]
+//   attend: o_lat (bf16) via the tensor-core attention (+ combine when splits > 1)
+//   [cuBLAS: out = W_UV o_lat, batched over heads]
+void prefill_prepare(const Args& a, const Plan& p, cudaStream_t s);
+void attend(const Args& a, const Plan& p, cudaStream_t s);
+
+}  // namespace trellm::cuda::mla

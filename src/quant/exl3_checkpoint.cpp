@@ -1,0 +1,215 @@
+#include "quant/exl3_checkpoint.h"
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "core/error.h"
+#include "core/half.h"
+#include "format/safetensors.h"
+#include "quant/exl3_export.h"
+
+namespace trellm::trellis {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+// 64-bit FNV-1a over the source weight bytes: a resumed run must not reuse codes made from other weights.
+uint64_t fingerprint(const void* data, size_t n) {
+  const unsigned char* p = static_cast<const unsigned char*>(data);
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+std::vector<float> weight_f32(const TensorInfo& t) {
+  std::vector<float> w(static_cast<size_t>(t.numel()));
+  const TensorView v = t.view();
+  for (size_t i = 0; i < w.size(); i++) {
+    switch (t.dtype) {
+      case DType::F32: w[i] = v.ptr<float>()[i]; break;
+      case DType::F16: w[i] = f16_to_f32(v.ptr<uint16_t>()[i]); break;
+      case DType::BF16: w[i] = bf16_to_f32(v.ptr<uint16_t>()[i]); break;
+      default: fail(t.name, ": dtype ", dtype_name(t.dtype), " cannot be quantized (expected BF16, F16 or F32)");
+    }
+  }
+  return w;
+}
+
+std::map<std::string, std::string> qtensor_meta(const QuantizePlanEntry& e, uint64_t seed, uint64_t fp) {
+  return {{"key", e.key},          {"K", std::to_string(e.K)}, {"codebook", codebook_name(e.codebook)},
+          {"in", std::to_string(e.in)}, {"out", std::to_string(e.out)}, {"seed", std::to_string(seed)},
+          {"source_fnv1a", std::to_string(fp)}};
+}
+
+void write_json(const fs::path& path, const json& j) {
+  std::ofstream f(path);
+  if (!f) fail(path.string(), ": cannot open for writing");
+  f << j.dump(4) << "\n";
+  if (!f) fail(path.string(), ": write failed");
+}
+
+}  // namespace
+
+void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePlanEntry>& plan, Exl3QuantConfig qcfg,
+                         const CheckpointQuantizeOptions& opt) {
+  if (opt.out_dir.empty()) fail("quantize: no output directory");
+  const fs::path out(opt.out_dir), src(in_dir);
+  const fs::path partial = fs::path(opt.out_dir + ".partial"), qdir = partial / "qtensors";
+  if (fs::exists(out)) fail(out.string(), ": already exists (trellm never writes into an existing model directory)");
+  if (!fs::exists(src / "config.json")) fail(in_dir, ": no config.json");
+  json config;
+  {
+    std::ifstream f(src / "config.json");
+    try {
+      config = json::parse(f);
+    } catch (const json::parse_error& e) {
+      fail((src / "config.json").string(), ": invalid JSON: ", e.what());
+    }
+  }
+  const TensorStore store = TensorStore::open(in_dir);
+
+  // Validate the plan against the checkpoint before spending hours on it.
+  std::set<std::string> planned;
+  double numel = 0, bits = 0;
+  int64_t weights_total = 0;
+  for (const QuantizePlanEntry& e : plan) {
+    if (!planned.insert(e.key).second) fail("quantize plan: ", e.key, " appears twice");
+    const TensorInfo& t = store.get(e.key + ".weight");
+    if (t.shape != std::vector<int64_t>{e.out, e.in})
+      fail(in_dir, ": tensor \"", e.key, ".weight\" has shape ", shape_str(t.view()), ", the plan expects [", e.out,
+           ", ", e.in, "]");
+    if (e.K < kMinK || e.K > kMaxK) fail("quantize plan: ", e.key, ": K = ", e.K, " is outside 1..8");
+    const double n = double(round_up_128(e.in) * round_up_128(e.out));
+    numel += n;
+    bits += n * e.K;
+    weights_total += e.in * e.out;
+  }
+  if (qcfg.bits == 0 && numel > 0) qcfg.bits = bits / numel;
+  fs::create_directories(qdir);
+
+  // 1. Quantize every planned Linear into its own file (or reuse it from an interrupted run).
+  QuantizeProgress prog;
+  prog.total = int64_t(plan.size());
+  prog.weights_total = weights_total;
+  for (size_t i = 0; i < plan.size(); i++) {
+    const QuantizePlanEntry& e = plan[i];
+    const TensorInfo& wt = store.get(e.key + ".weight");
+    const uint64_t seed = opt.seed + i;
+    const auto meta = qtensor_meta(e, seed, fingerprint(wt.data, wt.nbytes));
+    const fs::path file = qdir / (e.key + ".safetensors");
+    bool reuse = false;
+    if (fs::exists(file)) {
+      try {
+        reuse = SafetensorsFile::open(file.string())->metadata() == meta;
+      } catch (const Error&) {
+        reuse = false;  // unreadable leftovers are simply redone
+      }
+    }
+    if (!reuse) {
+      EncodeOptions eo = opt.encode;
+      eo.K = e.K;
+      eo.codebook = e.codebook;
+      eo.seed = seed;
+      const std::vector<float> w = weight_f32(wt);
+      std::vector<float> h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
+      if (!h.empty() && int64_t(h.size()) != e.in * e.in)
+        fail("quantize: the Hessian for ", e.key, " has ", h.size(), " values, expected ", e.in * e.in);
+      EncodedLinear enc = quantize_linear(w.data(), e.out, e.in, h.empty() ? nullptr : h.data(), eo);
+      if (const TensorInfo* b = store.find(e.key + ".bias")) {
+        if (b->shape != std::vector<int64_t>{e.out}) fail(in_dir, ": tensor \"", e.key, ".bias\" is not [", e.out, "]");
+        const std::vector<float> bf = weight_f32(*b);
+        enc.bias = padded_bias_f16(bf.data(), e.out, enc.out_padded);
+      }
+      const fs::path tmp = qdir / (e.key + ".safetensors.tmp");
+      write_safetensors(tmp.string(), exl3_tensors(e.key, enc), meta);
+      fs::rename(tmp, file);  // a file under its final name is complete
+    }
+    prog.done = int64_t(i) + 1;
+    prog.weights_done += e.in * e.out;
+    prog.reused = reuse;
+    prog.key = &e.key;
+    if (opt.on_progress) opt.on_progress(prog);
+  }
+
+  // 2. Gather the output tensors in source order: a planned Linear's .weight/.bias become its EXL3 tensors.
+  std::vector<std::unique_ptr<SafetensorsFile>> qfiles;
+  std::map<std::string, const SafetensorsFile*> qfile_of;
+  for (const QuantizePlanEntry& e : plan) {
+    qfiles.push_back(SafetensorsFile::open((qdir / (e.key + ".safetensors")).string()));
+    qfile_of[e.key] = qfiles.back().get();
+  }
+  std::vector<const TensorInfo*> tensors;
+  std::set<std::string> emitted;
+  for (const std::string& name : store.names()) {
+    const size_t dot = name.rfind('.');
+    const std::string owner = dot == std::string::npos ? "" : name.substr(0, dot);
+    const std::string leaf = dot == std::string::npos ? name : name.substr(dot + 1);
+    if (planned.count(owner) && (leaf == "weight" || leaf == "bias")) {
+      if (emitted.insert(owner).second)
+        for (const TensorInfo& t : qfile_of[owner]->tensors()) tensors.push_back(&t);
+      continue;
+    }
+    tensors.push_back(store.find(name));
+  }
+
+  // 3. Shards (a new shard when the next tensor would overflow a non-empty one), index, configs, other files.
+  std::vector<std::vector<const TensorInfo*>> shards(1);
+  uint64_t cur = 0, total = 0;
+  for (const TensorInfo* t : tensors) {
+    if (cur + t->nbytes > opt.shard_bytes && cur > 0) shards.emplace_back(), cur = 0;
+    shards.back().push_back(t);
+    cur += t->nbytes;
+    total += t->nbytes;
+  }
+  json weight_map = json::object();
+  for (size_t s = 0; s < shards.size(); s++) {
+    char name[64];
+    if (shards.size() == 1) std::snprintf(name, sizeof name, "model.safetensors");
+    else std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
+    std::vector<TensorToWrite> w;
+    for (const TensorInfo* t : shards[s]) {
+      w.push_back({t->name, t->dtype, t->shape, t->data, t->nbytes});
+      weight_map[t->name] = name;
+    }
+    write_safetensors((partial / name).string(), w, {{"format", "pt"}});
+  }
+  if (shards.size() > 1)
+    write_json(partial / "model.safetensors.index.json", {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}});
+
+  apply_exl3_config(config, qcfg);
+  write_json(partial / "config.json", config);
+  json qc = config["quantization_config"];
+  json storage = json::object();
+  for (const QuantizePlanEntry& e : plan) {
+    json stored = json::object();
+    for (const TensorInfo& t : qfile_of[e.key]->tensors())
+      stored[t.name] = {{"shape", t.shape}, {"n_bytes", t.nbytes}, {"dtype", std::string(dtype_name(t.dtype))}};
+    json entry = {{"stored_tensors", stored}, {"quant_format", "exl3"}, {"bits_per_weight", e.K}};
+    if (e.codebook == Codebook::Mcg) entry["mcg_multiplier"] = kMcgMul;
+    if (e.codebook == Codebook::Mul1) entry["mul1_multiplier"] = kMul1Mul;
+    storage[e.key] = entry;
+  }
+  qc["tensor_storage"] = storage;
+  write_json(partial / "quantization_config.json", qc);
+
+  for (const auto& f : fs::directory_iterator(src)) {
+    if (!f.is_regular_file()) continue;
+    const std::string n = f.path().filename().string(), ext = f.path().extension().string();
+    if (ext == ".safetensors" || n == "model.safetensors.index.json" || n == "config.json") continue;
+    if (ext == ".bin" || ext == ".pt" || ext == ".pth" || ext == ".ckpt") continue;  // not model data we write
+    fs::copy_file(f.path(), partial / n, fs::copy_options::overwrite_existing);
+  }
+
+  // 4. Done: drop the work files and make the directory appear under its final name in one step.
+  qfiles.clear();
+  fs::remove_all(qdir);
+  fs::rename(partial, out);
+}
+
+}  // namespace trellm::trellis

@@ -1,0 +1,55 @@
+// Quantizing a whole checkpoint directory into an EXL3 one, given a plan from the caller (which Linears, their
+// dims, K and codebook: model knowledge lives in src/model and the CLI). What this adds over exl3_export.h is
+// the directory discipline of `trellm quantize`:
+//  - atomic: everything is built in "<out>.partial/" and renamed to <out> only when complete, so an
+//    interrupted run never leaves a directory that looks like a finished model;
+//  - resumable: each quantized Linear is written to "<out>.partial/qtensors/<key>.safetensors" through a
+//    temporary file and a rename; a rerun reuses every such file whose recorded K / codebook / seed / shape /
+//    source fingerprint still match the plan;
+//  - output like exllamav3's compile step (exllamav3/conversion/compile.py, read, not copied): shards
+//    model-XXXXX-of-YYYYY.safetensors (or model.safetensors) plus model.safetensors.index.json, config.json with
+//    quantization_config, quantization_config.json with tensor_storage, and the source's other files copied
+//    (tokenizer, chat template, generation_config; *.bin / *.pt / *.pth / *.ckpt are skipped).
+// Tensors not in the plan (embeddings, norms, router weights, ...) are copied byte for byte.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "quant/trellis_encode.h"
+#include "quant/trellis_weight.h"
+
+namespace trellm::trellis {
+
+struct QuantizePlanEntry {
+  std::string key;        // module key; the source holds key + ".weight" [out, in] (BF16, F16 or F32)
+  int64_t in = 0, out = 0;
+  int K = 4;
+  Codebook codebook = Codebook::Mcg;
+};
+
+struct QuantizeProgress {
+  int64_t done = 0, total = 0;        // Linears
+  int64_t weights_done = 0, weights_total = 0;
+  bool reused = false;                // this Linear came from an earlier, interrupted run
+  const std::string* key = nullptr;   // the Linear just finished
+};
+
+struct CheckpointQuantizeOptions {
+  std::string out_dir;
+  uint64_t seed = 0;                   // module i uses seed + i (sign flips), like exllamav3's per-module seed
+  uint64_t shard_bytes = 8192ull << 20;  // exllamav3's default shard size (8192 MB)
+  // Calibration Hessian of a Linear's input, (in, in); return an empty vector for plain Viterbi.
+  std::function<std::vector<float>(const QuantizePlanEntry&)> hessian;
+  std::function<void(const QuantizeProgress&)> on_progress;  // after each Linear
+  EncodeOptions encode;                // K and codebook are overridden per plan entry
+};
+
+// Quantizes `in_dir` (a directory readable by TensorStore, with config.json) into opt.out_dir. `qcfg.bits` is
+// filled in with the real average K of the plan (128-padded numel-weighted) when left at 0. Errors name the
+// tensor or file; on error the partial directory stays for a resume.
+void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePlanEntry>& plan, Exl3QuantConfig qcfg,
+                         const CheckpointQuantizeOptions& opt);
+
+}  // namespace trellm::trellis

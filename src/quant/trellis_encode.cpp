@@ -1,0 +1,322 @@
+#include "quant/trellis_encode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/half.h"
+#include "core/rng.h"
+#include "core/thread_pool.h"
+#include "quant/block_ldl.h"
+#include "quant/hadamard.h"
+#include "quant/trellis_pack.h"
+#include "quant/trellis_viterbi.h"
+
+namespace trellm::trellis {
+
+namespace {
+
+// fp16 of a channel factor, kept inside the normal range: a subnormal or zero suh would blow the weight
+// up when we divide by it (rows with RMS below ~6e-5 lose a little resolution instead).
+uint16_t factor_to_f16(float v) {
+  const float a = std::min(std::max(std::abs(v), 6.103515625e-05f), 65504.0f);
+  return f32_to_f16(v < 0 ? -a : a);
+}
+
+double tile_mse_at_scale(const std::vector<float>& tiles, int64_t n_tiles, int64_t stride, float s, int K, Codebook cb) {
+  const int64_t n = (n_tiles + stride - 1) / stride;
+  std::vector<float> scaled(size_t(n * kTileElems)), recon(scaled.size());
+  std::vector<uint16_t> states(scaled.size());
+  for (int64_t t = 0; t < n; t++)
+    for (int e = 0; e < kTileElems; e++) scaled[t * kTileElems + e] = tiles[t * stride * kTileElems + e] * s;
+  viterbi_encode_tiles(scaled.data(), n, K, cb, states.data(), recon.data());
+  double err = 0;
+  for (int64_t t = 0; t < n; t++)
+    for (int e = 0; e < kTileElems; e++) {
+      const double d = double(recon[t * kTileElems + e]) / s - tiles[t * stride * kTileElems + e];
+      err += d * d;
+    }
+  return err / double(n * kTileElems);
+}
+
+}  // namespace
+
+void gather_tile(const float* a, int64_t cols, int64_t tk, int64_t tn, float* dst) {
+  for (int p = 0; p < kTileElems; p++) dst[p] = a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)];
+}
+
+void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float* a) {
+  for (int p = 0; p < kTileElems; p++) a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)] = src[p];
+}
+
+float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb) {
+  const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim, width = 3;
+  TRELLM_ASSERT(tiles_k > 0 && tiles_n > 0);
+  // Sample: a wrapped diagonal (every tile row and column at least once: outliers tend to be whole channels)
+  // plus the highest- and lowest-RMS tiles.
+  std::vector<std::pair<int64_t, int64_t>> picks;
+  const int64_t diag_len = std::max(tiles_k, tiles_n);
+  for (int64_t i = 0; i < diag_len; i++)
+    for (int64_t j = 0; j < width; j++) picks.emplace_back(i % tiles_k, (i + j) % tiles_n);
+  const int64_t n_all = tiles_k * tiles_n;
+  const int64_t num_x = std::min(std::max<int64_t>(8, diag_len * width / 16), (n_all + 1) / 2);
+  std::vector<double> ms(static_cast<size_t>(n_all), 0.0);
+  parallel_for(n_all, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t tk = t / tiles_n, tn = t % tiles_n;
+      double s = 0;
+      for (int r = 0; r < kTileDim; r++)
+        for (int c = 0; c < kTileDim; c++) {
+          const double v = w[(tk * kTileDim + r) * n + tn * kTileDim + c];
+          s += v * v;
+        }
+      ms[t] = s;
+    }
+  });
+  std::vector<int64_t> order(static_cast<size_t>(n_all));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ms[a] > ms[b]; });
+  for (int64_t i = 0; i < num_x; i++) picks.emplace_back(order[i] / tiles_n, order[i] % tiles_n);
+  for (int64_t i = 0; i < num_x; i++) picks.emplace_back(order[n_all - 1 - i] / tiles_n, order[n_all - 1 - i] % tiles_n);
+
+  const int64_t ns = int64_t(picks.size());
+  std::vector<float> tiles(size_t(ns * kTileElems));
+  for (int64_t i = 0; i < ns; i++) gather_tile(w, n, picks[i].first, picks[i].second, tiles.data() + i * kTileElems);
+
+  // Coarse grid on every third tile, fine grid on all, parabolic refinement (the error curve is flat near the
+  // optimum but not strictly unimodal, so no golden-section search).
+  float best_c = 0.1f;
+  double best_mse = INFINITY;
+  for (int i = 0; i < 10; i++) {
+    const float s = 0.1f + 0.2f * i;
+    const double e = tile_mse_at_scale(tiles, ns, 3, s, K, cb);
+    if (e < best_mse) best_mse = e, best_c = s;
+  }
+  constexpr float step = 0.075f;
+  double y[5];
+  float fine[5];
+  for (int i = 0; i < 5; i++) {
+    fine[i] = std::max(best_c + step * float(i - 2), 0.01f);
+    y[i] = tile_mse_at_scale(tiles, ns, 1, fine[i], K, cb);
+  }
+  const int b = int(std::min_element(y, y + 5) - y);
+  double offset = 0;
+  if (b > 0 && b < 4) {
+    const double denom = y[b - 1] - 2.0 * y[b] + y[b + 1];
+    offset = denom > 0 ? std::clamp(0.5 * (y[b - 1] - y[b + 1]) / denom, -0.5, 0.5) : 0.0;
+  }
+  return std::max(float(fine[b] + offset * step), 0.01f);
+}
+
+double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+  const int64_t tiles_n = n / kTileDim, n_tiles = (k / kTileDim) * tiles_n;
+  std::vector<double> err(static_cast<size_t>(n_tiles));
+  parallel_for(n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    float in[kTileElems], out[kTileElems];
+    for (int64_t t = t0; t < t1; t++) {
+      gather_tile(w, n, t / tiles_n, t % tiles_n, in);
+      err[t] = viterbi_encode_tile(in, K, cb, states + t * kTileElems, out);
+      scatter_tile(out, n, t / tiles_n, t % tiles_n, recon);
+    }
+  });
+  return std::accumulate(err.begin(), err.end(), 0.0);
+}
+
+void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
+                   float* recon) {
+  const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
+  // prod[i] accumulates Σ_{s done} L[s, i]ᵀ E_s for every row i not yet quantized: k^2 n / 2 multiply-adds.
+  std::vector<float> prod(size_t(k * n), 0.0f), rows(size_t(kTileDim * n)), err(size_t(kTileDim * n));
+  for (int64_t r = tiles_k - 1; r >= 0; r--) {
+    const int64_t r0 = r * kTileDim;
+    for (int64_t i = 0; i < kTileDim * n; i++) rows[i] = w[r0 * n + i] + prod[r0 * n + i];
+    parallel_for(tiles_n, 1, [&](int64_t t0, int64_t t1) {
+      float in[kTileElems], out[kTileElems];
+      for (int64_t tn = t0; tn < t1; tn++) {
+        gather_tile(rows.data(), n, 0, tn, in);
+        viterbi_encode_tile(in, K, cb, states + (r * tiles_n + tn) * kTileElems, out);
+        scatter_tile(out, n, r, tn, recon);
+      }
+    });
+    if (r == 0) break;
+    for (int64_t i = 0; i < kTileDim * n; i++) err[i] = w[r0 * n + i] - recon[r0 * n + i];
+    parallel_for(r0, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++) {
+        float* pi = prod.data() + i * n;
+        for (int j = 0; j < kTileDim; j++) {
+          const float lji = l[(r0 + j) * k + i];
+          if (lji == 0.0f) continue;
+          const float* ej = err.data() + j * n;
+          for (int64_t c = 0; c < n; c++) pi[c] += lji * ej[c];
+        }
+      }
+    });
+  }
+}
+
+TrellisWeight EncodedLinear::view(const std::string& key) const {
+  TrellisWeight w;
+  w.key = key;
+  w.K = K;
+  w.codebook = codebook;
+  w.in = in, w.out = out, w.in_padded = in_padded, w.out_padded = out_padded;
+  w.trellis = trellis.data();
+  w.suh = suh.data();
+  w.svh = svh.data();
+  if (!bias.empty()) w.bias = TensorView(const_cast<uint16_t*>(bias.data()), DType::F16, {out_padded});
+  return w;
+}
+
+EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian,
+                              const EncodeOptions& opt) {
+  if (opt.K < kMinK || opt.K > kMaxK) fail("quantize_linear: K = ", opt.K, " is outside 1..8");
+  if (in <= 0 || out <= 0) fail("quantize_linear: invalid shape (", out, ", ", in, ")");
+  EncodedLinear enc;
+  enc.K = opt.K;
+  enc.codebook = opt.codebook;
+  enc.in = in, enc.out = out;
+  const int64_t kp = enc.in_padded = round_up_128(in), np = enc.out_padded = round_up_128(out);
+
+  // (in, out) orientation, zero-padded.
+  std::vector<float> w(size_t(kp * np), 0.0f);
+  parallel_for(out, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++)
+      for (int64_t i = 0; i < in; i++) w[i * np + j] = weight_hf[j * in + i];
+  });
+  for (float v : w)
+    if (!std::isfinite(v)) fail("quantize_linear: the weight has non-finite values");
+
+  Rng rng(opt.seed);
+  std::vector<float> su_sign(static_cast<size_t>(kp)), sv_sign(static_cast<size_t>(np));
+  for (auto& s : su_sign) s = rng.next_u32() & 1 ? -1.0f : 1.0f;
+  for (auto& s : sv_sign) s = rng.next_u32() & 1 ? -1.0f : 1.0f;
+
+  // Output channels: sv = sign · (column RMS / mean column RMS); all-zero columns keep 0.1 for the division
+  // and store 0.
+  std::vector<double> col(static_cast<size_t>(np), 0.0);
+  for (int64_t i = 0; i < kp; i++)
+    for (int64_t j = 0; j < np; j++) col[j] += double(w[i * np + j]) * w[i * np + j];
+  double mean_col = 0;
+  for (auto& c : col) mean_col += (c = std::sqrt(c / double(kp)));
+  mean_col /= double(np);
+  enc.svh.resize(static_cast<size_t>(np));
+  std::vector<float> sv_div(static_cast<size_t>(np));
+  for (int64_t j = 0; j < np; j++) {
+    const bool zero = col[j] < 1e-30;
+    float scale = 1.0f;
+    if (opt.out_scales && mean_col > 1e-30) scale = zero ? 0.1f : float(col[j] / mean_col);
+    const uint16_t h = factor_to_f16(sv_sign[j] * scale);
+    sv_div[j] = f16_to_f32(h);
+    enc.svh[j] = zero ? uint16_t(0) : h;
+  }
+  parallel_for(kp, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++)
+      for (int64_t j = 0; j < np; j++) w[i * np + j] /= sv_div[j];
+  });
+  hadamard_rows(w.data(), kp, np);  // W · Hblk
+
+  // Input channels: su = sign · row RMS / -codebook_scale, so rows land near the codebook's RMS.
+  std::vector<float> su(static_cast<size_t>(kp));
+  for (int64_t i = 0; i < kp; i++) {
+    double s = 0;
+    for (int64_t j = 0; j < np; j++) s += double(w[i * np + j]) * w[i * np + j];
+    double rms = std::sqrt(s / double(np));
+    if (rms < 1e-30) rms = 0.1;
+    su[i] = float(su_sign[i] * rms / -double(kCodebookScale3Inst));
+  }
+  auto rotate_in = [&](const std::vector<float>& factor, std::vector<float>& dst) {
+    dst.resize(w.size());
+    parallel_for(kp, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; i++)
+        for (int64_t j = 0; j < np; j++) dst[i * np + j] = w[i * np + j] / factor[i];
+    });
+    hadamard_cols(dst.data(), kp, np);  // Hblk · ...
+  };
+  std::vector<float> wr;
+  enc.g_scale = opt.fixed_scale;
+  if (opt.scale_search) {
+    rotate_in(su, wr);
+    enc.g_scale = global_scale_search(wr.data(), kp, np, opt.K, opt.codebook);
+  }
+  // suh = fp16(su / g); the rotated weight is rebuilt from the rounded factors.
+  enc.suh.resize(static_cast<size_t>(kp));
+  std::vector<float> su_div(static_cast<size_t>(kp));
+  for (int64_t i = 0; i < kp; i++) {
+    enc.suh[i] = factor_to_f16(su[i] / enc.g_scale);
+    su_div[i] = f16_to_f32(enc.suh[i]);
+  }
+  rotate_in(su_div, wr);
+
+  // Hessian of the rotated-domain weight: H' = Hblk·diag(suh)·(H + damping)·diag(suh)·Hblk.
+  std::vector<float> hr;
+  if (hessian) {
+    double mean_diag = 0;
+    for (int64_t i = 0; i < in; i++) mean_diag += hessian[i * in + i];
+    mean_diag /= double(kp);
+    if (std::isfinite(mean_diag) && mean_diag >= 1e-20) {
+      hr.assign(size_t(kp * kp), 0.0f);
+      for (int64_t i = 0; i < kp; i++)
+        for (int64_t j = 0; j < kp; j++) {
+          double h = i < in && j < in ? hessian[i * in + j] : 0.0;
+          if (i == j) h += opt.sigma_reg * mean_diag;
+          const double si = opt.hessian_signs_only ? (su_div[i] < 0 ? -1.0 : 1.0) : su_div[i];
+          const double sj = opt.hessian_signs_only ? (su_div[j] < 0 ? -1.0 : 1.0) : su_div[j];
+          hr[i * kp + j] = float(h * si * sj);
+        }
+      hadamard_rows(hr.data(), kp, kp);
+      hadamard_cols(hr.data(), kp, kp);
+    }
+  }
+
+  std::vector<uint16_t> states(size_t(kp * np));
+  std::vector<float> recon(size_t(kp * np));
+  if (!hr.empty()) {
+    std::vector<double> hd(hr.begin(), hr.end());
+    std::vector<float> l;
+    if (!block_ldl(hd, kp, opt.sigma_reg, opt.cholesky_retries, l))
+      fail("quantize_linear: the Hessian is not positive definite even after ", opt.cholesky_retries,
+           " damping retries");
+    quantize_ldlq(wr.data(), l.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data());
+    enc.used_hessian = true;
+    // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W): rows of H'·E and H'·W accumulated as saxpy over whole rows
+    // (vectorises over the out dimension), kp^2·np multiply-adds each, parallel over row blocks.
+    std::vector<double> num(static_cast<size_t>(kp), 0.0), den(static_cast<size_t>(kp), 0.0);
+    std::vector<float> e(wr.size());
+    for (size_t i = 0; i < e.size(); i++) e[i] = wr[i] - recon[i];
+    parallel_for(kp, 4, [&](int64_t i0, int64_t i1) {
+      std::vector<float> he(static_cast<size_t>(np)), hw(static_cast<size_t>(np));
+      for (int64_t i = i0; i < i1; i++) {
+        std::fill(he.begin(), he.end(), 0.0f);
+        std::fill(hw.begin(), hw.end(), 0.0f);
+        for (int64_t t = 0; t < kp; t++) {
+          const float h = hr[i * kp + t];
+          const float* et = e.data() + t * np;
+          const float* wt = wr.data() + t * np;
+          for (int64_t c = 0; c < np; c++) he[c] += h * et[c], hw[c] += h * wt[c];
+        }
+        double a = 0, b = 0;
+        for (int64_t c = 0; c < np; c++) a += double(e[i * np + c]) * he[c], b += double(wr[i * np + c]) * hw[c];
+        num[i] = a, den[i] = b;
+      }
+    });
+    enc.proxy_err = std::accumulate(num.begin(), num.end(), 0.0) /
+                    std::max(std::accumulate(den.begin(), den.end(), 0.0), 1e-30);
+  } else {
+    const double se = quantize_plain(wr.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data());
+    double ss = 0;
+    for (float v : wr) ss += double(v) * v;
+    enc.proxy_err = se / std::max(ss, 1e-30);
+  }
+
+  // Pack: tile (tk, tn) of the (in/16, out/16, 16K) tensor.
+  const int64_t n_tiles = (kp / kTileDim) * (np / kTileDim);
+  enc.trellis.assign(size_t(n_tiles * tile_u16(opt.K)), 0);
+  parallel_for(n_tiles, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++)
+      pack_tile(states.data() + t * kTileElems, opt.K, enc.trellis.data() + t * tile_u16(opt.K));
+  });
+  return enc;
+}
+
+}  // namespace trellm::trellis

@@ -1,0 +1,77 @@
+// The EXL3 encoder for one Linear (TRELLIS.md §4): incoherence processing (random signs, output and input
+// channel scales, 128-block Hadamards on both sides), the global scale search, then LDLQ with a Hessian
+// when calibration statistics are given, or plain per-tile Viterbi otherwise. Output: the EXL3 tensors.
+// Read from exllamav3 (not copied): exllamav3/modules/quant/exl3_lib/quantize.py (regularize,
+// g_scale_search_batch, sample_scale_tiles, ldlq, fallback_quant, quantize_exl3).
+//
+// Deliberate differences from exllamav3 (all format-compatible):
+//  - Viterbi costs are fp32, not fp16.
+//  - suh/svh are rounded to fp16 *before* the weight is divided by them, so the stored factors are exactly
+//    the ones the trellis was fitted to.
+//  - The LDLQ metric includes the input channel scales: H' = Hblk·diag(su)·H·diag(su)·Hblk, which is the
+//    Hessian of the rotated-domain weight (exllamav3 uses the signs only, §4.4 note).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "quant/trellis_weight.h"
+
+namespace trellm::trellis {
+
+struct EncodeOptions {
+  int K = 4;                          // bits per weight, 1..8
+  Codebook codebook = Codebook::Mcg;
+  uint64_t seed = 0;                  // random sign flips (exllamav3 seeds per module)
+  bool out_scales = true;             // output channel RMS scales ("always", exllamav3's default)
+  bool scale_search = true;           // global scale search; else `fixed_scale`
+  float fixed_scale = 1.0f;
+  float sigma_reg = 0.025f;           // Hessian damping, times mean(diag H)
+  int cholesky_retries = 10;
+  // exllamav3's LDLQ metric: H' built with the signs of su only (false: with the full su, our default).
+  bool hessian_signs_only = false;
+};
+
+// The EXL3 tensors of one Linear, owned.
+struct EncodedLinear {
+  int K = 0;
+  Codebook codebook = Codebook::Mcg;
+  int64_t in = 0, out = 0, in_padded = 0, out_padded = 0;
+  std::vector<uint16_t> trellis;      // (in_padded/16, out_padded/16, 16K) int16 bit patterns
+  std::vector<uint16_t> suh, svh;     // fp16 bits, (in_padded,) and (out_padded,)
+  std::vector<uint16_t> bias;         // optional fp16 (out_padded,), see padded_bias_f16 (exl3_export.h)
+  float g_scale = 1.0f;               // the global scale the search chose
+  bool used_hessian = false;          // LDLQ (true) or plain per-tile Viterbi (false)
+  double proxy_err = 0;               // tr(E H' Eᵀ)/tr(W H' Wᵀ) with LDLQ; relative MSE in the rotated domain otherwise
+
+  // A descriptor over these tensors (valid while *this lives and is not moved).
+  TrellisWeight view(const std::string& key = "") const;
+};
+
+// Quantizes one Linear. weight_hf: (out, in) row-major f32 (HF orientation, real dims). hessian: (in, in)
+// row-major f32, H = XᵀX / rows of calibration inputs, or nullptr for plain Viterbi. Multi-threaded.
+EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian,
+                              const EncodeOptions& opt);
+
+// --- building blocks (exposed for tests and the CUDA twin) ---
+
+// Tile (tk, tn) of a row-major (rows x cols) matrix, in walk order: dst[p] = a[16tk + walk_k(p)][16tn + walk_n(p)].
+void gather_tile(const float* a, int64_t cols, int64_t tk, int64_t tn, float* dst);
+void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float* a);
+
+// Global scale search on a rotated-domain weight (k x n, multiples of 16): samples tiles along a wrapped
+// diagonal of width 3 plus the highest- and lowest-RMS tiles; coarse grid 0.1..1.9 (step 0.2) on every third
+// sample tile, fine grid of 5 points 0.075 apart around the best on all of them, parabolic refinement.
+// Returns g such that the encoder quantizes g·W.
+float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb);
+
+// Plain per-tile Viterbi of a rotated-domain weight (k x n): states (tiles_k x tiles_n x 256) and the
+// reconstruction (k x n). Returns the squared error sum.
+double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
+
+// LDLQ of a rotated-domain weight (k x n) with the block-LDL factor L (k x k, unit diagonal blocks zeroed):
+// blocks of 16 rows from the last to the first, each quantized from W_r + Σ_{s>r} L[s,r]ᵀ(W_s − Ŵ_s).
+void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
+                   float* recon);
+
+}  // namespace trellm::trellis

@@ -1,0 +1,20 @@
+// CUDA twin of trellis_viterbi.h: the same two-pass tail-biting Viterbi, one thread block per tile, with the
+// same fp32 arithmetic (d = cb - w, c = fma(d, d, pred)), the same tie-breaking (lowest k, then lowest node
+// index for the pass-1 end node), so its states must equal the CPU encoder's bit for bit.
+// Compiled only when CUDA is found (TRELLM_HAVE_CUDA); tests labelled `cuda` compare it with the CPU.
+#pragma once
+#include <cstdint>
+
+#include "quant/trellis_decode.h"
+
+namespace trellm::trellis {
+
+// True when a CUDA device is present (tests skip otherwise).
+bool viterbi_cuda_available();
+
+// Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
+// Works through the tiles in chunks sized to a scratch budget (backpointers: 256 * 2^(16-K) bytes a tile).
+// Returns the total squared error. Throws trellm::Error on a CUDA failure.
+double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
+
+}  // namespace trellm::trellis

@@ -1,0 +1,237 @@
+// trellm bench: end-to-end speed of a model (a checkpoint, or a synthetic full-size GLM-4.7-Flash with random
+// trellis codes built on the GPU in seconds; speed does not depend on weight values). Prints load time,
+// prefill and decode speed, memory, bytes per token against the measured copy-bandwidth roofline, and time
+// by layer part; --json appends one JSON line per figure (BENCHMARKS.md "How to report a figure").
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "common.h"
+#include "core/error.h"
+#include "core/rng.h"
+#include "core/timer.h"
+#include "model/glm4_moe_lite.h"
+#include "runtime/generate.h"
+
+namespace trellm::cli {
+
+namespace {
+
+struct BenchArgs {
+  std::string model, synthetic, device = "auto", json, codebook = "mcg", prompt_lens = "512,2048,8192",
+              depths = "0,1024,4096,32768";
+  int bits = 3, head_bits = 6, decode_tokens = 64, repeats = 3, prefill_chunk = 2048;
+  std::string command;
+};
+
+std::vector<int> parse_list(const std::string& s, const char* flag) {
+  std::vector<int> out;
+  for (int32_t v : parse_ids(s)) out.push_back(v);
+  if (out.empty()) fail(flag, ": empty list");
+  return out;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+Config tiny_config() {  // a small GLM-shaped config for smoke tests on the CPU
+  Config c = Config::glm47_flash();
+  c.vocab_size = 512;
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.moe_intermediate_size = 64;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.n_routed_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.kv_lora_rank = 64;
+  c.q_lora_rank = 48;
+  c.qk_rope_head_dim = 16;
+  c.qk_nope_head_dim = 32;
+  c.v_head_dim = 32;
+  c.mlp_sparse = {false, true, true};
+  return c;
+}
+
+struct Reporter {
+  const BenchArgs& a;
+  std::string gpu, date, shape;
+  std::ofstream out;
+  explicit Reporter(const BenchArgs& args) : a(args) {
+    if (!a.json.empty()) {
+      out.open(a.json, std::ios::app);
+      if (!out) fail(a.json, ": cannot open for appending");
+    }
+    std::time_t t = std::time(nullptr);
+    char b[16];
+    std::strftime(b, sizeof b, "%Y-%m-%d", std::gmtime(&t));
+    date = b;
+  }
+  void figure(const std::string& bench, const std::string& metric, const std::string& detail, double value,
+              const std::string& unit, double limit = 0) {
+    if (!out.is_open()) return;
+    nlohmann::ordered_json j = {{"date", date}, {"gpu", gpu}, {"commit", TRELLM_GIT_COMMIT}, {"command", a.command},
+                                {"bench", bench}, {"metric", metric}, {"shape", shape + (detail.empty() ? "" : " " + detail)},
+                                {"value", value}, {"unit", unit}};
+    if (limit > 0) j["limit"] = limit;
+    out << j.dump() << "\n";
+  }
+};
+
+int run_bench(const BenchArgs& a) {
+  auto backend = make_backend(a.device);
+  Reporter rep(a);
+  rep.gpu = backend->name();
+  const auto prompt_lens = parse_list(a.prompt_lens, "--prompt-lens");
+  const auto depths = parse_list(a.depths, "--depths");
+  if (a.decode_tokens < 1 || a.repeats < 1) fail("--decode-tokens and --repeats must be >= 1");
+
+  // ---- load ----
+  Timer t;
+  std::unique_ptr<Model> model;
+  if (!a.model.empty() == !a.synthetic.empty()) fail("give exactly one of --model DIR and --synthetic glm-4.7-flash|tiny");
+  if (!a.model.empty()) {
+    model = Model::load(a.model, *backend);
+    rep.shape = a.model;
+  } else {
+    SyntheticSpec spec;
+    spec.bits = a.bits;
+    spec.head_bits = a.head_bits;
+    spec.codebook = trellis::parse_codebook(a.codebook, "--codebook");
+    Config c;
+    if (a.synthetic == "glm-4.7-flash") c = Config::glm47_flash();
+    else if (a.synthetic == "tiny") c = tiny_config();
+    else fail("--synthetic ", a.synthetic, ": unknown (glm-4.7-flash or tiny)");
+    model = Model::synthetic(c, *backend, spec);
+    rep.shape = a.synthetic + " synthetic " + std::to_string(a.bits) + "bpw head " + std::to_string(a.head_bits);
+  }
+  backend->synchronize();
+  const double load_s = t.seconds();
+  const auto mem_load = backend->memory_used_total();
+  const Config& c = model->config();
+  const double bw = backend->copy_bandwidth();  // bytes/s, read + written
+
+  std::printf("trellm bench: %s on %s\n", rep.shape.c_str(), backend->name().c_str());
+  std::printf("  load                 %.2f s\n", load_s);
+  rep.figure("load", "load_s", "", load_s, "s");
+  if (mem_load.second) {
+    std::printf("  GPU memory after load %.2f GB of %.2f GB (weights %.2f GB)\n", mem_load.first / 1e9, mem_load.second / 1e9,
+                model->weight_bytes_total() / 1e9);
+    rep.figure("memory", "gpu_mem_after_load_gb", "", mem_load.first / 1e9, "GB");
+  }
+  if (bw > 0) std::printf("  copy bandwidth       %.0f GB/s (read + write, 1 GiB device copy)\n", bw / 1e9);
+
+  const int max_prompt = *std::max_element(prompt_lens.begin(), prompt_lens.end());
+  const int max_depth = *std::max_element(depths.begin(), depths.end());
+  const int ctx = std::max(max_prompt, max_depth + a.decode_tokens) + 1;
+  if (ctx > c.max_position_embeddings) fail("the requested lengths exceed max_position_embeddings = ", c.max_position_embeddings);
+  Generator gen(*model, ctx, std::min(a.prefill_chunk, max_prompt));
+  Rng rng(7);
+
+  // ---- prefill ----
+  std::printf("\n  prefill      tokens    tok/s (median of %d)\n", a.repeats);
+  for (int L : prompt_lens) {
+    std::vector<int32_t> prompt(static_cast<size_t>(L));
+    for (auto& x : prompt) x = int32_t(rng.next_u32() % uint32_t(c.vocab_size));
+    gen.prefill(std::vector<int32_t>(prompt.begin(), prompt.begin() + std::min(L, 64)));  // warm-up
+    std::vector<double> rates;
+    for (int r = 0; r < a.repeats; r++) {
+      backend->synchronize();
+      Timer tp;
+      gen.prefill(prompt);
+      backend->synchronize();
+      rates.push_back(L / tp.seconds());
+    }
+    const double v = median(rates);
+    std::printf("  %12d %12.0f\n", L, v);
+    rep.figure("prefill", "prefill_tok_s", "prompt=" + std::to_string(L), v, "tok/s");
+  }
+  const auto mem_fwd = backend->memory_used_total();
+  if (mem_fwd.second) {
+    std::printf("  GPU memory after forward %.2f GB\n", mem_fwd.first / 1e9);
+    rep.figure("memory", "gpu_mem_after_forward_gb", "ctx=" + std::to_string(ctx), mem_fwd.first / 1e9, "GB");
+  }
+
+  // ---- decode at depth (cache rows past the prefills hold random values: speed does not depend on them) ----
+  for (TensorView layer : gen.kv_cache().layers) backend->fill_random(layer, 99, 1.0f);
+  const DType kvt = gen.kv_cache().layers[0].dtype;
+  std::printf("\n  decode       depth    tok/s     ms/tok   MB/tok   roofline tok/s   %% of roofline\n");
+  for (int D : depths) {
+    gen.decode_steps(1, D, std::min(4, a.decode_tokens));  // warm-up (captures the step once)
+    std::vector<double> rates;
+    for (int r = 0; r < a.repeats; r++) {
+      backend->synchronize();
+      Timer td;
+      gen.decode_steps(1, D, a.decode_tokens);
+      rates.push_back(a.decode_tokens / td.seconds());
+    }
+    const double v = median(rates);
+    const double bytes = model->weight_bytes_per_token() + model->kv_bytes_per_token(D, kvt);
+    const double limit = bw > 0 ? bw / bytes : 0;
+    std::printf("  %12d %8.1f %10.3f %8.1f %16.0f %14.1f\n", D, v, 1e3 / v, bytes / 1e6, limit, limit > 0 ? 100 * v / limit : 0);
+    rep.figure("decode", "decode_tok_s", "depth=" + std::to_string(D), v, "tok/s", limit);
+    rep.figure("decode", "bytes_per_token_mb", "depth=" + std::to_string(D), bytes / 1e6, "MB");
+  }
+
+  // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth ----
+  std::printf("\n  time by part (one decode step, ms)\n  %10s", "depth");
+  for (int p = 0; p < int(Part::Count); p++) std::printf(" %11s", part_name(Part(p)));
+  std::printf("\n");
+  PartTimer timer;
+  timer.backend = backend.get();
+  RunState& rs = gen.run_state();
+  for (int D : {0, max_depth}) {
+    const int32_t tok = 1;
+    backend->from_host(rs.tokens.data, &tok, 4);
+    backend->from_host(rs.pos.data, &D, 4);
+    rs.timer = &timer;
+    timer.begin();
+    model->forward_uploaded(rs, gen.kv_cache(), 1, D + 1, false);
+    rs.timer = nullptr;
+    auto ms = timer.collect();
+    std::printf("  %10d", D);
+    for (int p = 0; p < int(Part::Count); p++) {
+      std::printf(" %11.3f", ms[p]);
+      rep.figure("decode_parts", std::string("ms_") + part_name(Part(p)), "depth=" + std::to_string(D), ms[p], "ms");
+    }
+    std::printf("\n");
+  }
+  return 0;
+}
+
+}  // namespace
+
+static BenchArgs g_bench;
+
+void record_command_line(int argc, char** argv) {
+  std::string cmd = "trellm";
+  for (int i = 1; i < argc; i++) cmd += std::string(" ") + argv[i];
+  g_bench.command = cmd;
+}
+
+void add_bench(CLI::App& app) {
+  BenchArgs& a = g_bench;
+  auto* cmd = app.add_subcommand("bench", "End-to-end speed: load, prefill, decode at depth, memory, roofline");
+  cmd->add_option("-m,--model", a.model, "Model directory");
+  cmd->add_option("--synthetic", a.synthetic, "Random weights in a model's shapes instead: glm-4.7-flash or tiny");
+  cmd->add_option("--bits", a.bits, "Synthetic: trellis bits of the linear layers (0 = dense bf16)")->capture_default_str();
+  cmd->add_option("--head-bits", a.head_bits, "Synthetic: trellis bits of lm_head (0 = dense bf16)")->capture_default_str();
+  cmd->add_option("--codebook", a.codebook, "Synthetic: mcg, mul1 or 3inst")->capture_default_str();
+  cmd->add_option("--prompt-lens", a.prompt_lens, "Prefill prompt lengths")->capture_default_str();
+  cmd->add_option("--depths", a.depths, "Decode depths (tokens already in the cache)")->capture_default_str();
+  cmd->add_option("--decode-tokens", a.decode_tokens, "Tokens per decode measurement")->capture_default_str();
+  cmd->add_option("--repeats", a.repeats, "Repeats per figure (the median is reported)")->capture_default_str();
+  cmd->add_option("--prefill-chunk", a.prefill_chunk, "Rows per prefill forward")->capture_default_str();
+  cmd->add_option("--device", a.device, "cpu, cuda, cuda:N or auto")->capture_default_str();
+  cmd->add_option("--json", a.json, "Append one JSON line per figure to this file");
+  cmd->callback([] { std::exit(run_bench(a)); });
+}
+
+
+}  // namespace trellm::cli
