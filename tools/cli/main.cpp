@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   trellm::cli::add_run(app);
   trellm::cli::add_chat(app);
   trellm::cli::add_tokenize(app);
+  trellm::cli::add_quantize(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
