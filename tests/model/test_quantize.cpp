@@ -277,6 +277,43 @@ TEST(QuantizeModel, ExistingOutputNeedsForce) {
   EXPECT_FALSE(fs::exists(o.out_dir + ".partial"));
 }
 
+// A sharded source (index + two files) quantizes into a sharded EXL3 directory that loads and runs.
+TEST(QuantizeModel, ShardedInAndOut) {
+  TempDir tmp;
+  const std::string src = tmp / "sharded";
+  fs::create_directories(src);
+  for (const char* f : {"config.json", "generation_config.json"}) fs::copy(kData + "tiny_a/" + f, src + "/" + f);
+  {
+    auto f = SafetensorsFile::open(kData + "tiny_a/model.safetensors");
+    std::vector<TensorToWrite> a, b;
+    std::string index = R"({"metadata": {}, "weight_map": {)";
+    for (const TensorInfo& t : f->tensors()) {
+      const bool first = t.name.find("layers.1.") == std::string::npos;
+      (first ? a : b).push_back({t.name, t.dtype, t.shape, t.data, t.nbytes});
+      index += str_cat(a.size() + b.size() > 1 ? ", " : "", "\"", t.name, "\": \"",
+                       first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors", "\"");
+    }
+    write_safetensors(src + "/model-00001-of-00002.safetensors", a);
+    write_safetensors(src + "/model-00002-of-00002.safetensors", b);
+    trellm::testing::write_file(src + "/model.safetensors.index.json", index + "}}");
+  }
+  QuantizeModelOptions o;
+  o.out_dir = tmp / "out";
+  o.bits = 4;
+  o.head_bits = 16;
+  o.scale_search = false;
+  o.shard_bytes = 100000;
+  o.select = [](const LinearSpec& s) { return s.key == "model.layers.1.mlp.experts.3.down_proj"; };
+  quantize_model(src, o);
+  EXPECT_TRUE(fs::exists(o.out_dir + "/model.safetensors.index.json"));
+  EXPECT_TRUE(fs::exists(o.out_dir + "/model-00001-of-00004.safetensors"));
+  const TensorStore st = TensorStore::open(o.out_dir);
+  EXPECT_EQ(st.get("model.layers.1.mlp.experts.3.down_proj.trellis").shape, (std::vector<int64_t>{8, 8, 64}));
+  const std::vector<int32_t> ids = {1, 2, 3};
+  const std::vector<float> a = logits(o.out_dir, ids), b = logits(kData + "tiny_a", ids);
+  EXPECT_LT(mean_kl_divergence(b.data(), a.data(), 3, 320), 1e-3);
+}
+
 TEST(Metrics, KlDivergence) {
   const float a[3] = {0.0f, 0.0f, 0.0f};
   const float b[3] = {std::log(0.5f), std::log(0.25f), std::log(0.25f)};
