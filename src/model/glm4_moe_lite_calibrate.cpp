@@ -23,6 +23,9 @@ HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::ve
   const int64_t vocab = model_->config().vocab_size;
   for (size_t r = 0; r < rows_.size(); r++) {
     if (rows_[r].empty()) fail("calibration row ", r, " is empty");
+    if (int64_t(rows_[r].size()) > model_->config().max_position_embeddings)
+      fail("calibration row ", r, " has ", rows_[r].size(), " tokens, more than the model's max_position_embeddings (",
+           model_->config().max_position_embeddings, "); use a shorter --seq-len");
     for (int32_t t : rows_[r])
       if (t < 0 || t >= vocab) fail("calibration token id ", t, " (row ", r, ") is outside the vocabulary (", vocab, ")");
   }

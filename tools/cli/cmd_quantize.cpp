@@ -29,6 +29,7 @@ struct QuantizeArgs {
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
   uint64_t seed = 0;
   bool force = false, no_scale_search = false;
+  CLI::Option *rows_opt = nullptr, *seq_opt = nullptr;
 };
 
 // Token rows from a text file (tokenized with the model's tokenizer.json) or a .ids file (whitespace-separated
@@ -113,7 +114,7 @@ class ProgressBar {
 
 int run_quantize(const QuantizeArgs& a) {
   if (a.threads > 0) ThreadPool::set_global_threads(a.threads);
-  if (a.calibration.empty() && (a.calibration_rows != 250 || a.seq_len != 2048))
+  if (a.calibration.empty() && (a.rows_opt->count() || a.seq_opt->count()))
     fail("--calibration-rows / --seq-len need --calibration FILE");
   if (a.calibration_rows < 1) fail("--calibration-rows must be at least 1");
   if (a.seq_len < 1) fail("--seq-len must be at least 1");
@@ -173,8 +174,9 @@ void add_quantize(CLI::App& app) {
   cmd->add_option("--calibration", a.calibration,
                   "Calibration data for LDLQ: a text file (tokenized with the model's tokenizer.json) or a .ids "
                   "file of whitespace-separated token ids. Without it: plain per-tile Viterbi");
-  cmd->add_option("--calibration-rows", a.calibration_rows, "At most this many calibration rows")->capture_default_str();
-  cmd->add_option("--seq-len", a.seq_len, "Tokens per calibration row")->capture_default_str();
+  a.rows_opt = cmd->add_option("--calibration-rows", a.calibration_rows, "At most this many calibration rows")
+                   ->capture_default_str();
+  a.seq_opt = cmd->add_option("--seq-len", a.seq_len, "Tokens per calibration row")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
   cmd->add_flag("--force", a.force, "Replace OUT if it already holds a model");
