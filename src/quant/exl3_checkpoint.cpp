@@ -41,10 +41,15 @@ std::vector<float> weight_f32(const TensorInfo& t) {
   return w;
 }
 
-std::map<std::string, std::string> qtensor_meta(const QuantizePlanEntry& e, uint64_t seed, uint64_t fp) {
-  return {{"key", e.key},          {"K", std::to_string(e.K)}, {"codebook", codebook_name(e.codebook)},
-          {"in", std::to_string(e.in)}, {"out", std::to_string(e.out)}, {"seed", std::to_string(seed)},
-          {"source_fnv1a", std::to_string(fp)}};
+std::map<std::string, std::string> qtensor_meta(const QuantizePlanEntry& e, uint64_t seed, uint64_t fp,
+                                                const std::map<std::string, std::string>& extra) {
+  std::map<std::string, std::string> m = {
+      {"key", e.key},          {"K", std::to_string(e.K)}, {"codebook", codebook_name(e.codebook)},
+      {"in", std::to_string(e.in)}, {"out", std::to_string(e.out)}, {"seed", std::to_string(seed)},
+      {"source_fnv1a", std::to_string(fp)}};
+  for (const auto& [k, v] : extra)
+    if (!m.emplace(k, v).second) fail("quantize: extra metadata key \"", k, "\" clashes with a built-in one");
+  return m;
 }
 
 void write_json(const fs::path& path, const json& j) {
@@ -61,7 +66,8 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   if (opt.out_dir.empty()) fail("quantize: no output directory");
   const fs::path out(opt.out_dir), src(in_dir);
   const fs::path partial = fs::path(opt.out_dir + ".partial"), qdir = partial / "qtensors";
-  if (fs::exists(out)) fail(out.string(), ": already exists (trellm never writes into an existing model directory)");
+  if (fs::exists(out) && !opt.replace_existing)
+    fail(out.string(), ": already exists (trellm never writes into an existing model directory)");
   if (!fs::exists(src / "config.json")) fail(in_dir, ": no config.json");
   json config;
   {
@@ -101,7 +107,7 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     const QuantizePlanEntry& e = plan[i];
     const TensorInfo& wt = store.get(e.key + ".weight");
     const uint64_t seed = opt.seed + i;
-    const auto meta = qtensor_meta(e, seed, fingerprint(wt.data, wt.nbytes));
+    const auto meta = qtensor_meta(e, seed, fingerprint(wt.data, wt.nbytes), opt.extra_metadata);
     const fs::path file = qdir / (e.key + ".safetensors");
     bool reuse = false;
     if (fs::exists(file)) {
@@ -209,6 +215,7 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   // 4. Done: drop the work files and make the directory appear under its final name in one step.
   qfiles.clear();
   fs::remove_all(qdir);
+  if (opt.replace_existing && fs::exists(out)) fs::remove_all(out);
   fs::rename(partial, out);
 }
 

@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -38,12 +39,19 @@ struct QuantizeProgress {
 
 struct CheckpointQuantizeOptions {
   std::string out_dir;
+  // An existing out_dir is an error unless this is set; then it is replaced only at the very end, when the
+  // new directory is complete (the caller decides whether out_dir is something that may be replaced).
+  bool replace_existing = false;
   uint64_t seed = 0;                   // module i uses seed + i (sign flips), like exllamav3's per-module seed
   uint64_t shard_bytes = 8192ull << 20;  // exllamav3's default shard size (8192 MB)
   // Calibration Hessian of a Linear's input, (in, in); return an empty vector for plain Viterbi.
   std::function<std::vector<float>(const QuantizePlanEntry&)> hessian;
   std::function<void(const QuantizeProgress&)> on_progress;  // after each Linear
   EncodeOptions encode;                // K and codebook are overridden per plan entry
+  // Recorded with every finished Linear and compared on resume, next to K / codebook / seed / shape / source
+  // fingerprint: whatever else decides the codes (calibration data, encoder settings). Keys must not clash
+  // with those ("key", "K", "codebook", "in", "out", "seed", "source_fnv1a").
+  std::map<std::string, std::string> extra_metadata;
 };
 
 // Quantizes `in_dir` (a directory readable by TensorStore, with config.json) into opt.out_dir. `qcfg.bits` is

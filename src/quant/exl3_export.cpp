@@ -41,7 +41,7 @@ std::vector<TensorToWrite> exl3_tensors(const std::string& key, const EncodedLin
 nlohmann::json quantization_config_json(const Exl3QuantConfig& q) {
   nlohmann::json j = {{"quant_method", "exl3"}, {"version", q.version.empty() ? "trellm-0.1.0" : q.version},
                       {"bits", q.bits}, {"head_bits", q.head_bits}};
-  if (q.calibration_rows > 0) j["calibration"] = {{"rows", q.calibration_rows}, {"cols", q.calibration_cols}};
+  j["calibration"] = {{"rows", q.calibration_rows}, {"cols", q.calibration_cols}};
   if (!q.out_scales.empty()) j["out_scales"] = q.out_scales;
   if (q.codebook) j["codebook"] = codebook_name(*q.codebook);
   if (q.mtp_bits) j["mtp_bits"] = *q.mtp_bits;

@@ -24,7 +24,7 @@ std::vector<uint16_t> padded_bias_f16(const float* bias, int64_t out, int64_t ou
 std::vector<TensorToWrite> exl3_tensors(const std::string& key, const EncodedLinear& enc);
 
 // quantization_config for config.json: {"quant_method": "exl3", "version", "bits", "head_bits",
-// ["calibration": {rows, cols}], "out_scales", "codebook"}.
+// "calibration": {rows, cols} (0, 0: no calibration, plain per-tile Viterbi), "out_scales", "codebook"}.
 nlohmann::json quantization_config_json(const Exl3QuantConfig& q);
 
 // Turns a source config.json into the EXL3 one: sets quantization_config; an existing non-EXL3

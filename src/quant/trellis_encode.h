@@ -25,7 +25,7 @@ struct EncodeOptions {
   uint64_t seed = 0;                  // random sign flips (exllamav3 seeds per module)
   bool out_scales = true;             // output channel RMS scales ("always", exllamav3's default)
   bool scale_search = true;           // global scale search; else `fixed_scale`
-  float fixed_scale = 1.0f;
+  float fixed_scale = 1.0f;           // <= 0: gaussian_scale(K, codebook)
   float sigma_reg = 0.025f;           // Hessian damping, times mean(diag H)
   int cholesky_retries = 10;
   // exllamav3's LDLQ metric: H' built with the signs of su only (false: with the full su, our default).
@@ -64,6 +64,11 @@ void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float*
 // sample tile, fine grid of 5 points 0.075 apart around the best on all of them, parabolic refinement.
 // Returns g such that the encoder quantizes g·W.
 float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb);
+
+// The global scale the search finds for i.i.d. Gaussian weights after the encoder's row normalisation (rows at
+// the 3INST codebook RMS, 1.2437): bench/results/trellis_encoder.md's g divided by 1.2437. A cheap stand-in for
+// the search (which encodes ~340 sample tiles per Linear, more than small Linears hold).
+float gaussian_scale(int K, Codebook cb);
 
 // Plain per-tile Viterbi of a rotated-domain weight (k x n): states (tiles_k x tiles_n x 256) and the
 // reconstruction (k x n). Returns the squared error sum.

@@ -41,6 +41,10 @@ double token_nll(const float* logits, int64_t vocab, int32_t target) {
 }
 
 double kl_divergence(const float* ref_logits, const float* logits, int64_t vocab) {
+  if (vocab <= 0) fail("kl_divergence: empty distribution");
+  for (int64_t i = 0; i < vocab; i++)
+    if (!std::isfinite(ref_logits[i]) || !std::isfinite(logits[i]))
+      fail("kl_divergence: logit ", i, " is not finite (", ref_logits[i], ", ", logits[i], ")");
   const double lp = log_sum_exp(ref_logits, vocab), lq = log_sum_exp(logits, vocab);
   double kl = 0;
   for (int64_t i = 0; i < vocab; i++) {
@@ -49,6 +53,13 @@ double kl_divergence(const float* ref_logits, const float* logits, int64_t vocab
     if (p > 0) kl += p * (log_p - (double(logits[i]) - lq));
   }
   return std::max(kl, 0.0);  // rounding can leave a tiny negative sum for identical distributions
+}
+
+double mean_kl_divergence(const float* ref_logits, const float* logits, int64_t rows, int64_t vocab) {
+  if (rows <= 0) fail("mean_kl_divergence: no rows");
+  double s = 0;
+  for (int64_t r = 0; r < rows; r++) s += kl_divergence(ref_logits + r * vocab, logits + r * vocab, vocab);
+  return s / double(rows);
 }
 
 PerplexityResult evaluate_perplexity(Model& model, Model* ref, const std::vector<int32_t>& ids,

@@ -14,6 +14,8 @@ double token_nll(const float* logits, int64_t vocab, int32_t target);
 
 // KL(P || Q) = sum_i p_i (log p_i - log q_i) in nats, P = softmax(ref_logits) (the reference), Q = softmax(logits).
 double kl_divergence(const float* ref_logits, const float* logits, int64_t vocab);
+// Mean of kl_divergence over `rows` consecutive rows of `vocab` logits each.
+double mean_kl_divergence(const float* ref_logits, const float* logits, int64_t rows, int64_t vocab);
 
 struct PerplexityOptions {
   int ctx = 1024;  // window length: tokens [k*ctx, (k+1)*ctx) form window k, each window starts with an empty cache

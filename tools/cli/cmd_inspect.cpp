@@ -1,11 +1,15 @@
-// trellm inspect DIR: what a checkpoint holds, without loading it for inference.
+// trellm inspect DIR: what a checkpoint holds, without loading it for inference. For EXL3 checkpoints also
+// the trellis-coded Linears: K and codebook per part, the real bits per weight and the bytes a decoded token reads.
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include "common.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite.h"
+#include "model/glm4_moe_lite_quantize.h"
+#include "quant/trellis_weight.h"
 
 namespace trellm::cli {
 
@@ -44,7 +48,23 @@ std::string part_of(const std::string& name, const Config& c) {
   return "norms";
 }
 
-int run_inspect(const std::string& dir) {
+// Fraction of a part's weights a decoded token reads: top_k of the routed experts, one embedding row (all of
+// it when tied: it is the lm_head too), nothing of the MTP layer.
+double read_fraction(const std::string& part, const Config& c) {
+  if (part == "routed experts") return double(c.num_experts_per_tok) / double(c.n_routed_experts);
+  if (part == "embedding") return c.tie_word_embeddings ? 1.0 : 1.0 / double(c.vocab_size);
+  if (part == "mtp") return 0.0;
+  return 1.0;
+}
+
+struct QLinear {
+  LinearSpec spec;
+  int K = 0;
+  trellis::Codebook cb{};
+  double bytes = 0;  // every tensor of the module
+};
+
+int run_inspect(const std::string& dir, bool list_tensors) {
   Config c = Config::from_json_file((std::filesystem::path(dir) / "config.json").string());
   TensorStore store = TensorStore::open(dir);
   std::printf("%s\n", dir.c_str());
@@ -63,6 +83,23 @@ int run_inspect(const std::string& dir) {
   std::printf("  latent KV cache   %lld values per token per layer (%s per token in bf16)\n",
               (long long)(c.kv_lora_rank + c.qk_rope_head_dim),
               human(double(c.kv_lora_rank + c.qk_rope_head_dim) * 2 * c.num_hidden_layers).c_str());
+  if (c.exl3) {
+    const trellis::Exl3QuantConfig& q = *c.exl3;
+    std::printf("  quantization      EXL3 (%s): %.4g bpw, head %d bits, codebook %s, out_scales %s, calibration %lld x %lld\n",
+                q.version.empty() ? "no version" : q.version.c_str(), q.bits, q.head_bits,
+                q.codebook ? trellis::codebook_name(*q.codebook) : "-", q.out_scales.empty() ? "-" : q.out_scales.c_str(),
+                (long long)q.calibration_rows, (long long)q.calibration_cols);
+  }
+
+  // The trellis-coded Linears (read and validated like the loader does).
+  trellis::TrellisReader reader(store);
+  std::map<std::string, QLinear> qlin;  // by module key
+  for (const LinearSpec& s : linear_specs(c)) {
+    if (!reader.contains(s.key)) continue;
+    const trellis::TrellisWeight w = reader.read(s.key, s.in, s.out);
+    QLinear q{s, w.K, w.codebook, 0};
+    qlin.emplace(s.key, q);
+  }
 
   std::map<std::string, std::pair<int, size_t>> by_dtype;
   std::map<std::string, std::pair<double, double>> by_part;  // params, bytes
@@ -71,7 +108,14 @@ int run_inspect(const std::string& dir) {
     by_dtype[std::string(dtype_name(t.dtype))].first++;
     by_dtype[std::string(dtype_name(t.dtype))].second += t.nbytes;
     auto& p = by_part[part_of(name, c)];
-    p.first += double(t.numel());
+    const size_t dot = name.rfind('.');
+    auto q = dot == std::string::npos ? qlin.end() : qlin.find(name.substr(0, dot));
+    if (q != qlin.end()) {
+      q->second.bytes += double(t.nbytes);
+      if (name.compare(dot, std::string::npos, ".trellis") == 0) p.first += double(q->second.spec.in * q->second.spec.out);
+    } else {
+      p.first += double(t.numel());
+    }
     p.second += double(t.nbytes);
   }
   std::printf("\n  tensors by dtype\n");
@@ -80,12 +124,7 @@ int run_inspect(const std::string& dir) {
   double total = 0, total_bytes = 0, active = 0, active_bytes = 0;
   std::printf("\n  parameters by part            params          bytes   read per token\n");
   for (auto& [part, v] : by_part) {
-    // Per decoded token: top_k of the routed experts; one embedding row; nothing of the MTP layer.
-    double frac = part == "routed experts" ? double(c.num_experts_per_tok) / double(c.n_routed_experts)
-                  : part == "embedding"    ? 1.0 / double(c.vocab_size)
-                  : part == "mtp"          ? 0.0
-                                           : 1.0;
-    if (part == "embedding" && c.tie_word_embeddings) frac = 1.0;  // it is the lm_head too
+    const double frac = read_fraction(part, c);
     std::printf("    %-20s %14s %14s %14s\n", part.c_str(), count(v.first).c_str(), human(v.second).c_str(),
                 count(v.first * frac).c_str());
     total += v.first;
@@ -94,17 +133,73 @@ int run_inspect(const std::string& dir) {
     active_bytes += v.second * frac;
   }
   std::printf("    %-20s %14s %14s %14s\n", "total", count(total).c_str(), human(total_bytes).c_str(), count(active).c_str());
-  std::printf("\n  weight bytes read per decoded token: %s\n", human(active_bytes).c_str());
+
+  if (!qlin.empty()) {
+    // Count of Linears per part and (K, codebook); dense Linears counted apart.
+    std::set<std::pair<int, int>> cols;  // (K, codebook)
+    std::map<std::string, std::map<std::pair<int, int>, int>> table;
+    std::map<std::string, int> dense;
+    double dec_weights = 0, dec_bits = 0, dec_bytes = 0;
+    for (const LinearSpec& s : linear_specs(c)) {
+      const std::string part = linear_part_name(s.part);
+      auto it = qlin.find(s.key);
+      if (it == qlin.end()) {
+        dense[part]++;
+        continue;
+      }
+      const std::pair<int, int> col{it->second.K, int(it->second.cb)};
+      cols.insert(col);
+      table[part][col]++;
+      if (s.part != LinearPart::Head) {
+        dec_weights += double(s.in * s.out);
+        dec_bits += double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out)) * it->second.K;
+        dec_bytes += it->second.bytes;
+      }
+    }
+    std::printf("\n  trellis-coded Linears by part, K and codebook\n    %-16s", "part");
+    for (auto [k, cb] : cols) std::printf(" %9s", str_cat("K=", k, " ", trellis::codebook_name(trellis::Codebook(cb))).c_str());
+    std::printf(" %9s\n", "dense");
+    for (const char* part : {"attention", "dense mlp", "shared expert", "routed experts", "lm_head"}) {
+      if (!table.count(part) && !dense.count(part)) continue;
+      std::printf("    %-16s", part);
+      for (auto col : cols) std::printf(" %9d", table[part][col]);
+      std::printf(" %9d\n", dense[part]);
+    }
+    double dec_padded = 0;
+    for (const auto& [k, q] : qlin)
+      if (q.spec.part != LinearPart::Head)
+        dec_padded += double(trellis::round_up_128(q.spec.in) * trellis::round_up_128(q.spec.out));
+    std::printf("\n  decoder Linears   %.4f bits per stored weight (K, 128-padded numel-weighted); %.4f bits per real\n"
+                "                    weight including suh/svh and padding (%s in %s)\n",
+                dec_padded > 0 ? dec_bits / dec_padded : 0.0, dec_weights > 0 ? dec_bytes * 8 / dec_weights : 0.0,
+                human(dec_bytes).c_str(), count(dec_weights).c_str());
+    std::printf("  whole checkpoint  %.4f bits per parameter (%s for %s parameters)\n",
+                total > 0 ? total_bytes * 8 / total : 0.0, human(total_bytes).c_str(), count(total).c_str());
+    if (list_tensors) {
+      std::printf("\n  %-56s %-14s %3s %-6s %12s\n", "Linear", "part", "K", "cb", "bytes");
+      for (const LinearSpec& s : linear_specs(c)) {
+        auto it = qlin.find(s.key);
+        if (it == qlin.end()) continue;
+        std::printf("  %-56s %-14s %3d %-6s %12.0f\n", s.key.c_str(), linear_part_name(s.part), it->second.K,
+                    trellis::codebook_name(it->second.cb), it->second.bytes);
+      }
+    }
+  }
+  std::printf("\n  checkpoint bytes %s; weight bytes read per decoded token: %s\n", human(total_bytes).c_str(),
+              human(active_bytes).c_str());
   return 0;
 }
 
 }  // namespace
 
 void add_inspect(CLI::App& app) {
-  auto* cmd = app.add_subcommand("inspect", "Summarise a checkpoint: config, tensors by dtype, parameters per part");
+  auto* cmd = app.add_subcommand("inspect", "Summarise a checkpoint: config, tensors by dtype, parameters per part, "
+                                            "and for EXL3 the K / codebook of every Linear and the real bpw");
   static std::string dir;
+  static bool tensors = false;
   cmd->add_option("dir", dir, "Model directory (config.json + safetensors)")->required();
-  cmd->callback([] { std::exit(run_inspect(dir)); });
+  cmd->add_flag("--tensors", tensors, "EXL3: list every trellis-coded Linear with its K, codebook and bytes");
+  cmd->callback([] { std::exit(run_inspect(dir, tensors)); });
 }
 
 }  // namespace trellm::cli

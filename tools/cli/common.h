@@ -27,6 +27,7 @@ Tokenizer load_tokenizer(const std::string& dir);
 void add_inspect(CLI::App& app);
 void add_run(CLI::App& app);
 void add_tokenize(CLI::App& app);
+void add_quantize(CLI::App& app);
 void add_chat(CLI::App& app);
 void add_bench(CLI::App& app);
 void record_command_line(int argc, char** argv);  // for the "command" field of benchmark figures

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   trellm::cli::add_run(app);
   trellm::cli::add_chat(app);
   trellm::cli::add_tokenize(app);
+  trellm::cli::add_quantize(app);
   trellm::cli::add_perplexity(app);
   trellm::cli::add_bench(app);
   trellm::cli::record_command_line(argc, argv);

@@ -78,6 +78,7 @@ void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cac
 void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                                const MlaDims& d, MlaMode mode) {
   check_mla_shapes(out, q, cache, kv_b, pos, d);
+  if (observer_) observe_latents(kv_b, cache, pos, d.kv_rank);
   if (cache.dtype == DType::BF16) {  // the rows in use, as f32 (the reference math is the same for both)
     const int64_t rows = *std::max_element(pos.pos.ptr<int32_t>(), pos.pos.ptr<int32_t>() + q.dim(0)) + 1;
     float* f = scratch(5, size_t(rows * d.cache_width()));
@@ -86,6 +87,17 @@ void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, c
   }
   if (mode == MlaMode::Absorbed) return attention_absorbed(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
   attention_expanded(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
+}
+
+// The inputs kv_b_proj is applied to for this step's tokens: their normalised latents c_kv (cache rows pos[i]).
+void CpuBackend::observe_latents(const Linear& kv_b, TensorView cache, const Positions& pos, int rank) {
+  const int64_t n = pos.pos.numel(), W = cache.cols();
+  std::vector<float> lat(size_t(n * rank));
+  for (int64_t i = 0; i < n; i++) {
+    const int64_t row = pos.pos.ptr<int32_t>()[i];
+    to_f32(lat.data() + i * rank, static_cast<const char*>(cache.data) + row * W * dtype_size(cache.dtype), cache.dtype, rank);
+  }
+  observer_(kv_b, TensorView(lat.data(), DType::F32, {n, int64_t(rank)}));
 }
 
 void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b,
@@ -105,7 +117,8 @@ void CpuBackend::attention_expanded(TensorView out, TensorView q, TensorView cac
   for (int64_t t0 = 0; t0 < T; t0 += kTile) {
     const int64_t nt = std::min(kTile, T - t0);
     for (int64_t t = 0; t < nt; t++) std::memcpy(lat + t * rank, c + (t0 + t) * W, sizeof(float) * rank);
-    matmul(TensorView(kv, DType::F32, {nt, H * per_head}), TensorView(lat, DType::F32, {nt, rank}), kv_b);
+    // Unobserved: attention_mla already reported each token's latent to the observer once.
+    matmul_unobserved(TensorView(kv, DType::F32, {nt, H * per_head}), TensorView(lat, DType::F32, {nt, rank}), kv_b);
     parallel_for(n * H, 1, [&](int64_t b, int64_t e) {
       for (int64_t ih = b; ih < e; ih++) {
         const int64_t i = ih / H, h = ih % H, last = std::min(nt, int64_t(pos[i]) + 1 - t0);  // causal

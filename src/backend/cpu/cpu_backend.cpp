@@ -103,6 +103,11 @@ void CpuBackend::silu_mul(TensorView out, TensorView gate, TensorView up) {
 }
 
 void CpuBackend::matmul(TensorView out, TensorView x, const Linear& w) {
+  if (observer_) observer_(w, x);
+  matmul_unobserved(out, x, w);
+}
+
+void CpuBackend::matmul_unobserved(TensorView out, TensorView x, const Linear& w) {
   const int64_t n = x.rows(), in = x.cols(), outd = w.out;
   TRELLM_ASSERT(in == w.in && out.numel() == n * outd, "matmul shapes: x ", shape_str(x), " W [",
                 w.out, ", ", w.in, "] out ", shape_str(out));

@@ -1,0 +1,278 @@
+// GLM-4.7-Flash -> EXL3: the Linear table, bit allocation and the quantize pipeline. The Hessian capture
+// lives in glm4_moe_lite_calibrate.cpp.
+#include "model/glm4_moe_lite_quantize.h"
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "backend/cpu/cpu_backend.h"
+#include "core/error.h"
+#include "format/json_file.h"
+#include "format/safetensors.h"
+#include "quant/bit_allocation.h"
+
+namespace trellm {
+
+namespace fs = std::filesystem;
+
+const char* linear_part_name(LinearPart p) {
+  switch (p) {
+    case LinearPart::Attention: return "attention";
+    case LinearPart::DenseMlp: return "dense mlp";
+    case LinearPart::SharedExpert: return "shared expert";
+    case LinearPart::RoutedExpert: return "routed experts";
+    case LinearPart::Head: return "lm_head";
+  }
+  return "?";
+}
+
+namespace {
+
+// Walks the Linears of the model in forward order; `w` may be null (names and shapes only). The names are the
+// loader's (glm4_moe_lite_load.cpp); the per-expert layout is the one a quantized checkpoint stores.
+template <typename Fn>
+void for_each_linear(const Config& c, const Weights* w, Fn&& fn) {
+  const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
+  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
+    const LayerWeights* lw = w ? &w->layers[size_t(l)] : nullptr;
+    const std::string p = "model.layers." + std::to_string(l) + ".", a = p + "self_attn.";
+    auto add = [&](const std::string& key, int64_t out, int64_t in, LinearPart part, const std::string& group,
+                   const Linear* lin) {
+      fn(LinearSpec{key, in, out, part, l, group.empty() ? key : group}, lin);
+    };
+    const std::string attn_in = a + "in";
+    if (c.q_lora_rank > 0) {
+      add(a + "q_a_proj", c.q_lora_rank, hid, LinearPart::Attention, attn_in, lw ? &lw->q_a_proj : nullptr);
+      add(a + "q_b_proj", H * qk, c.q_lora_rank, LinearPart::Attention, "", lw ? &lw->q_b_proj : nullptr);
+    } else {
+      add(a + "q_proj", H * qk, hid, LinearPart::Attention, attn_in, lw ? &lw->q_proj : nullptr);
+    }
+    add(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid, LinearPart::Attention, attn_in,
+        lw ? &lw->kv_a_proj_with_mqa : nullptr);
+    add(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, LinearPart::Attention, "",
+        lw ? &lw->kv_b_proj : nullptr);
+    add(a + "o_proj", hid, H * c.v_head_dim, LinearPart::Attention, "", lw ? &lw->o_proj : nullptr);
+    auto ffn = [&](const std::string& m, int64_t inter, LinearPart part, const Linear* g, const Linear* u,
+                   const Linear* d) {
+      add(m + "gate_proj", inter, hid, part, m + "in", g);
+      add(m + "up_proj", inter, hid, part, m + "in", u);
+      add(m + "down_proj", hid, inter, part, "", d);
+    };
+    if (!c.mlp_sparse[size_t(l)]) {
+      ffn(p + "mlp.", c.intermediate_size, LinearPart::DenseMlp, lw ? &lw->mlp.gate_proj : nullptr,
+          lw ? &lw->mlp.up_proj : nullptr, lw ? &lw->mlp.down_proj : nullptr);
+      continue;
+    }
+    for (int64_t e = 0; e < c.n_routed_experts; e++) {
+      const Expert* ex = lw ? &lw->experts[size_t(e)] : nullptr;
+      ffn(p + "mlp.experts." + std::to_string(e) + ".", c.moe_intermediate_size, LinearPart::RoutedExpert,
+          ex ? &ex->gate : nullptr, ex ? &ex->up : nullptr, ex ? &ex->down : nullptr);
+    }
+    if (c.n_shared_experts > 0)
+      ffn(p + "mlp.shared_experts.", c.moe_intermediate_size * c.n_shared_experts, LinearPart::SharedExpert,
+          lw ? &lw->shared.gate : nullptr, lw ? &lw->shared.up : nullptr, lw ? &lw->shared.down : nullptr);
+  }
+  if (!c.tie_word_embeddings)
+    fn(LinearSpec{"lm_head", hid, c.vocab_size, LinearPart::Head, c.num_hidden_layers, "lm_head"},
+       w ? &w->lm_head : nullptr);
+}
+
+std::string alloc_group(const LinearSpec& s) {
+  const std::string p = "model.layers." + std::to_string(s.layer) + ".";
+  switch (s.part) {
+    case LinearPart::Attention: return p + "self_attn";
+    case LinearPart::SharedExpert: return p + "mlp.shared_experts";
+    case LinearPart::DenseMlp: return p + "mlp";
+    case LinearPart::RoutedExpert: return p + "mlp.experts";
+    case LinearPart::Head: return "lm_head";
+  }
+  return s.key;
+}
+
+int alloc_priority(LinearPart p) {
+  return p == LinearPart::Attention || p == LinearPart::SharedExpert ? 2 : p == LinearPart::DenseMlp ? 1 : 0;
+}
+
+// FNV-1a over the calibration token rows (recorded with every finished Linear: a resume with other data
+// re-encodes instead of mixing Hessians from two data sets).
+std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& rows) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) {
+    for (int i = 0; i < 8; i++) h = (h ^ ((v >> (8 * i)) & 0xff)) * 1099511628211ull;
+  };
+  for (const auto& r : rows) {
+    mix(r.size());
+    for (int32_t t : r) mix(uint64_t(uint32_t(t)));
+  }
+  return std::to_string(rows.size()) + " rows, fnv1a " + std::to_string(h);
+}
+
+// What may be at the output path before we start: nothing, an empty directory (removed), or, with force, a
+// finished model directory (replaced when the new one is complete). Anything else is refused.
+bool check_out_dir(const fs::path& out, bool force) {
+  if (!fs::exists(out)) return false;
+  if (!fs::is_directory(out)) fail(out.string(), ": exists and is not a directory");
+  if (fs::is_empty(out)) {
+    fs::remove(out);
+    return false;
+  }
+  if (!fs::exists(out / "config.json"))
+    fail(out.string(), ": exists and is not a model directory (no config.json); refusing to overwrite it");
+  if (!force) fail(out.string(), ": already holds a model; pass --force to replace it");
+  return true;
+}
+
+}  // namespace
+
+std::vector<LinearSpec> linear_specs(const Config& c) {
+  std::vector<LinearSpec> v;
+  for_each_linear(c, nullptr, [&](LinearSpec s, const Linear*) { v.push_back(std::move(s)); });
+  return v;
+}
+
+std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m) {
+  std::vector<std::pair<LinearSpec, const Linear*>> v;
+  for_each_linear(m.config(), &m.weights(), [&](LinearSpec s, const Linear* l) { v.emplace_back(std::move(s), l); });
+  return v;
+}
+
+BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_bits, trellis::Codebook codebook) {
+  std::vector<trellis::AllocTarget> targets;
+  for (const LinearSpec& s : linears)
+    if (s.part != LinearPart::Head)
+      targets.push_back({s.key, trellis::round_up_128(s.in) * trellis::round_up_128(s.out), alloc_group(s),
+                         alloc_priority(s.part), 0});
+  BitPlan plan;
+  const trellis::Allocation a = targets.empty() ? trellis::Allocation{} : trellis::allocate_bits(targets, bits);
+  double numel = 0, sum = 0;
+  for (const LinearSpec& s : linears) {
+    int K = s.part == LinearPart::Head ? head_bits : a.K.at(s.key);
+    if (s.part == LinearPart::Head && head_bits == 16) continue;  // kept unquantized
+    plan.entries.push_back({s.key, s.in, s.out, K, codebook});
+    const double n = double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out));
+    numel += n;
+    sum += n * K;
+  }
+  plan.decoder_bits = a.average_bits;
+  plan.all_bits = numel > 0 ? sum / numel : 0;
+  return plan;
+}
+
+QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeModelOptions& opt) {
+  auto note = [&](const std::string& s) {
+    if (opt.on_note) opt.on_note(s);
+  };
+  if (!(opt.bits >= 1.0 && opt.bits <= 8.0)) fail("--bits ", opt.bits, ": must be between 1 and 8");
+  if (!((opt.head_bits >= 1 && opt.head_bits <= 8) || opt.head_bits == 16))
+    fail("--head-bits ", opt.head_bits, ": must be 1..8, or 16 to keep lm_head unquantized");
+  if (opt.out_dir.empty()) fail("--out: no output directory given");
+  const fs::path src(in_dir), out(opt.out_dir);
+  if (!fs::is_directory(src)) fail(in_dir, ": not a model directory");
+  if (!fs::exists(src / "config.json")) fail(in_dir, ": no config.json");
+  if (fs::exists(out) && fs::equivalent(src, out)) fail("--out ", opt.out_dir, ": is the input directory");
+
+  // The source must be an unquantized glm4_moe_lite checkpoint with one tensor per expert Linear.
+  const std::string cfg_path = (src / "config.json").string();
+  {
+    const json raw = read_json_file(cfg_path);
+    if (raw.is_object() && raw.contains("quantization_config")) {
+      const json& q = raw["quantization_config"];
+      const std::string method = q.is_object() && q.contains("quant_method") && q["quant_method"].is_string()
+                                     ? q["quant_method"].get<std::string>()
+                                     : "?";
+      fail(cfg_path, ": the model is already quantized (quantization_config.quant_method = \"", method,
+           "\"); trellm quantize needs an unquantized BF16, F16 or F32 checkpoint");
+    }
+  }
+  const Config config = Config::from_json_file(cfg_path);  // model_type and every field checked
+  {
+    const TensorStore store = TensorStore::open(in_dir);
+    for (const std::string& n : store.names()) {
+      auto ends_with = [&](const std::string& tail) {
+        return n.size() >= tail.size() && n.compare(n.size() - tail.size(), tail.size(), tail) == 0;
+      };
+      if (ends_with(".mlp.experts.gate_up_proj") || ends_with(".mlp.experts.down_proj"))
+        fail(in_dir, ": tensor \"", n, "\": experts are stored fused (3-D, transformers' in-memory layout); "
+             "trellm quantize needs one tensor per expert Linear (transformers' save_pretrained writes that)");
+      if (ends_with(".trellis"))
+        fail(in_dir, ": tensor \"", n, "\" is already trellis-coded (EXL3); re-quantizing is not supported");
+    }
+  }
+  const bool replace = check_out_dir(out, opt.force);
+
+  std::vector<LinearSpec> all = linear_specs(config), chosen;
+  for (const LinearSpec& s : all)
+    if (!opt.select || opt.select(s)) chosen.push_back(s);
+  QuantizeModelResult res;
+  res.plan = plan_bits(chosen, opt.bits, opt.head_bits, opt.codebook);
+  {
+    // Every tensor the forward pass needs, with its shape and dtype, before hours of encoding: the loader's
+    // checks (a CPU backend maps the checkpoint in place).
+    CpuBackend cpu;
+    Model::load(in_dir, cpu);
+  }
+  std::map<int, int64_t> per_k;
+  for (const auto& e : res.plan.entries) per_k[e.K]++;
+  std::string ks;
+  for (auto [k, n] : per_k) ks += (ks.empty() ? "" : ", ") + std::to_string(n) + " at K=" + std::to_string(k);
+  note(str_cat(res.plan.entries.size(), " Linears to trellis-code (", ks, "), codebook ",
+               trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw"));
+
+  std::unique_ptr<HessianCapture> capture;
+  if (!opt.calibration.empty()) {
+    HessianCapture::Options co = opt.capture;
+    if (!co.on_note) co.on_note = opt.on_note;
+    capture = std::make_unique<HessianCapture>(in_dir, opt.calibration, co);
+    note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(),
+                 " tokens; Hessians from the unquantized model, LDLQ where a Linear saw >= ", co.min_rows_factor,
+                 " x in rows"));
+  } else {
+    note("no calibration data: plain per-tile Viterbi for every Linear (no LDLQ)");
+  }
+
+  trellis::Exl3QuantConfig q;
+  q.bits = res.plan.decoder_bits;
+  q.head_bits = opt.head_bits;
+  q.codebook = opt.codebook;
+  q.out_scales = "always";
+  q.calibration_rows = int64_t(opt.calibration.size());
+  q.calibration_cols = opt.calibration.empty() ? 0 : opt.calibration_cols;
+
+  trellis::CheckpointQuantizeOptions co;
+  co.out_dir = opt.out_dir;
+  co.replace_existing = replace;
+  co.seed = opt.seed;
+  co.shard_bytes = opt.shard_bytes;
+  co.encode.scale_search = opt.scale_search;
+  co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K
+  co.extra_metadata = {
+      {"calibration", opt.calibration.empty() ? "none" : calibration_fingerprint(opt.calibration)},
+      {"encoder", str_cat("scale_search=", opt.scale_search, " sigma_reg=", co.encode.sigma_reg,
+                          " min_rows_factor=", opt.capture.min_rows_factor)}};
+  if (capture) {
+    co.hessian = [&](const trellis::QuantizePlanEntry& e) {
+      std::vector<float> h = capture->hessian(e.key);
+      if (h.empty()) res.plain++, res.few_rows++;
+      else res.ldlq++;
+      return h;
+    };
+  }
+  int64_t encoded = 0;
+  struct Stop {};
+  co.on_progress = [&](const trellis::QuantizeProgress& p) {
+    if (p.reused) res.reused++;
+    else if (!capture) res.plain++;
+    if (opt.on_progress) opt.on_progress(p);
+    if (!p.reused && opt.stop_after > 0 && ++encoded >= opt.stop_after && p.done < p.total) throw Stop{};
+  };
+  try {
+    trellis::quantize_checkpoint(in_dir, res.plan.entries, q, co);
+  } catch (const Stop&) {
+    res.stopped = true;
+  }
+  return res;
+}
+
+}  // namespace trellm

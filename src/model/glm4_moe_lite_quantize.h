@@ -1,0 +1,136 @@
+// Quantizing a GLM-4.7-Flash checkpoint to EXL3 (`trellm quantize`): which Linears are trellis-coded, how the
+// bits are allocated among them, calibration Hessians captured with the model's own forward pass on the CPU
+// backend, and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
+//
+// Kept unquantized (copied byte for byte): embeddings, every norm, the router (mlp.gate.weight),
+// e_score_correction_bias and the MTP layer (model.layers.<num_hidden_layers>.*, which the forward pass does not
+// use). Trellis-coded: every Linear of the decoder (attention projections, dense MLP, routed and shared experts)
+// at the allocated K, and lm_head at head_bits (unless tied to the embedding, or head_bits = 16).
+//
+// Calibration (TRELLIS.md §4.1), what we do and why:
+//  - All Hessians come from the *unquantized* model, not from inputs produced by already-quantized layers as
+//    exllamav3 does. One capture serves every Linear, the codes of a Linear do not depend on the order or on
+//    which other Linears were already finished, so a resumed run writes exactly the files an uninterrupted run
+//    would; the error compensation exllamav3 gets from sequential capture is a second-order effect.
+//  - Captures run in windows of consecutive layers whose accumulators fit `hessian_memory` (one pass over the
+//    calibration tokens per window; one window for small models). The real GLM-4.7-Flash needs ~150 GB of
+//    double accumulators for all 47 layers at once, ~3.4 GB per MoE layer.
+//  - Each Linear sees exactly the rows it is applied to: routed experts only the tokens routed to them,
+//    kv_b_proj the normalised latents c_kv. Linears with one input share one Hessian (q_a/kv_a, gate/up).
+//  - A Linear that saw fewer than min_rows_factor·in rows (rare experts) falls back to plain per-tile Viterbi;
+//    we do not activate all experts during capture as exllamav3 does (the 64x expert compute is not affordable
+//    in a CPU capture, and the routing stays the model's own).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/glm4_moe_lite.h"
+#include "quant/exl3_checkpoint.h"
+
+namespace trellm {
+
+class CpuBackend;
+
+// Which part of the model a Linear belongs to (bit allocation groups, inspect tables).
+enum class LinearPart { Attention, DenseMlp, SharedExpert, RoutedExpert, Head };
+const char* linear_part_name(LinearPart p);  // "attention", "dense mlp", "shared expert", "routed experts", "lm_head"
+
+struct LinearSpec {
+  std::string key;          // module key: the checkpoint holds key + ".weight" [out, in]
+  int64_t in = 0, out = 0;
+  LinearPart part = LinearPart::Attention;
+  int64_t layer = 0;        // decoder layer; num_hidden_layers for lm_head
+  // Linears applied to the same activations share one Hessian: "<layer>.self_attn.in" for q_a/q (and
+  // kv_a_proj_with_mqa), "<expert>.in" for gate/up; every other Linear is its own group (its key).
+  std::string input_group;
+};
+
+// Every Linear of the model in forward order (layer by layer, lm_head last; omitted when tied).
+std::vector<LinearSpec> linear_specs(const Config& c);
+// The same, each with the model's Linear it describes (the objects the backend ops receive).
+std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m);
+
+// Bit allocation groups (TRELLIS.md §4.6), promoted in this order of priority: per layer the attention
+// projections ("model.layers.i.self_attn", priority 2), the shared expert ("….mlp.shared_experts", 2), the
+// dense MLP ("….mlp", 1), all routed experts of the layer together ("….mlp.experts", 0); within a priority the
+// layers nearest either end of the stack first. lm_head is outside the budget (head_bits).
+struct BitPlan {
+  std::vector<trellis::QuantizePlanEntry> entries;  // forward order
+  double decoder_bits = 0;  // the real average K of the decoder Linears, weighted by 128-padded numel
+  double all_bits = 0;      // the same including lm_head
+};
+BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_bits, trellis::Codebook codebook);
+
+// Hessians H = XᵀX / rows of each Linear's inputs over calibration token rows, from the unquantized model
+// running on a CPU backend with a Linear observer (see the file comment).
+class HessianCapture {
+ public:
+  struct Options {
+    int64_t chunk = 128;              // tokens per forward step
+    double min_rows_factor = 2.0;     // fewer rows than this × in: no Hessian (plain Viterbi)
+    uint64_t memory_budget = 8ull << 30;  // bytes of accumulators per capture window
+    std::function<void(const std::string&)> on_note;  // one line per capture pass
+  };
+  // Loads `model_dir` on its own CPU backend. Token ids must be < vocab_size (an Error otherwise).
+  HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt);
+  ~HessianCapture();
+  // (in, in) row-major for Linear `key` (a key of linear_specs), or empty when it saw too few rows.
+  // Captures the window holding key's layer first if needed (calls in forward order: one pass per window).
+  std::vector<float> hessian(const std::string& key);
+  int64_t rows_seen(const std::string& key);  // the rows behind hessian(key) (after capturing)
+  int passes() const { return passes_; }
+  int64_t tokens() const;
+
+ private:
+  void capture(int64_t first_layer);
+  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Model> model_;
+  std::vector<std::vector<int32_t>> rows_;
+  Options opt_;
+  std::vector<std::pair<LinearSpec, const Linear*>> linears_;
+  std::map<std::string, size_t> by_key_;
+  struct Window;
+  std::unique_ptr<Window> window_;
+  RunState rs_;            // sized at the first pass, reused (the model keeps its allocations)
+  KvCache kv_;
+  bool rs_ready_ = false;
+  int passes_ = 0;
+};
+
+struct QuantizeModelOptions {
+  std::string out_dir;
+  double bits = 4.0;                  // average K of the decoder Linears, 1..8 (fractional: allocated)
+  int head_bits = 6;                  // lm_head K, 1..8; 16 keeps it unquantized
+  trellis::Codebook codebook = trellis::Codebook::Mcg;
+  std::vector<std::vector<int32_t>> calibration;  // token rows; empty: plain per-tile Viterbi everywhere
+  int64_t calibration_cols = 0;       // the row length asked for (recorded in quantization_config)
+  HessianCapture::Options capture;
+  bool force = false;                 // replace an existing complete model at out_dir
+  bool scale_search = true;           // the encoder's global scale search (TRELLIS.md §4.3)
+  uint64_t seed = 0;                  // sign flips: Linear i uses seed + i
+  uint64_t shard_bytes = 8192ull << 20;
+  int64_t stop_after = 0;             // > 0: stop after encoding this many Linears (tests of resuming)
+  std::function<bool(const LinearSpec&)> select;  // quantize only these (tests); the others stay dense
+  std::function<void(const trellis::QuantizeProgress&)> on_progress;
+  std::function<void(const std::string&)> on_note;  // plan and calibration summaries, one line each
+};
+
+struct QuantizeModelResult {
+  BitPlan plan;
+  int64_t reused = 0;        // Linears taken from an interrupted earlier run
+  int64_t ldlq = 0;          // encoded with a Hessian (LDLQ)
+  int64_t plain = 0;         // encoded with plain per-tile Viterbi (no calibration)
+  int64_t few_rows = 0;      // of those, Linears whose calibration rows were too few
+  bool stopped = false;      // stop_after reached: out_dir + ".partial" holds the work so far
+};
+
+// Quantizes the HF checkpoint `in_dir` (bf16 / f16 / f32, sharded or not) into opt.out_dir. Errors (trellm::Error)
+// name the file, tensor or option: an already-quantized or unknown model, fused 3-D experts, missing tensors,
+// bits out of range, an existing out_dir (unless force and it holds a model).
+QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeModelOptions& opt);
+
+}  // namespace trellm
