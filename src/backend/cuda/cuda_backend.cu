@@ -7,6 +7,8 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/trellis_kernels.h"
+#include "quant/trellis_weight.h"
 #include "backend/cuda/mla.h"
 #include "core/log.h"
 
@@ -54,6 +56,15 @@ struct CudaBackend::Impl {
     return s.first;
   }
   float* scratch_f32(size_t slot, size_t floats) { return static_cast<float*>(scratch_bytes(slot, floats * 4)); }
+  // A scratch buffer that is zeroed whenever it is (re)allocated: the trellis kernels keep split-k arrival
+  // counters in their workspace and leave them at zero after every call.
+  void* scratch_zeroed(size_t slot, size_t bytes) {
+    const size_t before = slot < scratch.size() ? scratch[slot].second : 0;
+    void* p = scratch_bytes(slot, bytes);
+    if (scratch[slot].second != before) TRELLM_CUDA_CHECK(cudaMemsetAsync(p, 0, scratch[slot].second, stream));
+    return p;
+  }
+  std::unordered_map<const void*, void*> dense_kv_b;  // trellis kv_b -> its bf16 dequantization (absorbed MLA)
 };
 
 CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
@@ -77,6 +88,7 @@ CudaBackend::~CudaBackend() {
   for (auto& s : impl_->scratch)
     if (s.first) cudaFree(s.first);
   for (auto& t : impl_->moe_tables) cudaFree(t.second);
+  for (auto& t : impl_->dense_kv_b) cudaFree(t.second);
   for (auto e : impl_->events) cudaEventDestroy(e);
   cublasDestroy(impl_->cublas);
   cudaStreamDestroy(impl_->stream);
@@ -161,7 +173,7 @@ void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   TRELLM_ASSERT(in == w.in && out.numel() == n * w.out, "matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "]");
   cudaStream_t s = impl_->stream;
   const float* bias = w.bias.empty() ? nullptr : w.bias.ptr<float>();
-  if (w.exl3) fail("trellis-coded weights are not supported by the CUDA backend yet");
+  if (w.exl3) return matmul_trellis(out, x, w);
   const DType dt = w.weight.dtype;
   if (n <= kGemvMaxRows) {
     gemv_dense(out.ptr<float>(), x.ptr<float>(), w.weight.data, dt, int(n), int(in), int(w.out), bias, s);
@@ -184,8 +196,55 @@ void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
   if (bias) add_bias(out.ptr<float>(), bias, int(n), int(w.out), s);
 }
 
-void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
-                                const MlaDims& d, MlaMode mode) {
+namespace {
+cuda::DeviceTrellis device_trellis(const Linear& l) {
+  const trellis::TrellisWeight& t = *l.exl3;
+  return cuda::DeviceTrellis{t.trellis, t.suh, t.svh, l.bias.empty() ? nullptr : l.bias.ptr<float>(), t.K,
+                             int(t.codebook), int(t.in), int(t.out), int(t.in_padded), int(t.out_padded)};
+}
+}  // namespace
+
+// Few rows (decode): the fused trellis GEMV/GEMM. Many rows (prefill): dequantize to bf16 once per call and
+// use cuBLAS, which beats the fused tensor-core kernel from m = 32 on (bench/results/kernels.md: 2048x1536 at
+// m = 32: 13 µs vs 15 µs; at m = 128: 14 µs vs 35 µs on the H100).
+constexpr int64_t kTrellisFusedMaxRows = 32;
+
+void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) {
+  const int64_t n = x.rows();
+  const cuda::DeviceTrellis dt = device_trellis(w);
+  cudaStream_t s = impl_->stream;
+  if (n <= kTrellisFusedMaxRows) {
+    void* ws = impl_->scratch_zeroed(9, cuda::trellis_workspace_bytes(int(n), dt.in_padded, dt.out_padded));
+    cuda::trellis_matmul(dt, x.ptr<float>(), out.ptr<float>(), int(n), ws, s);
+    return;
+  }
+  uint16_t* wb = static_cast<uint16_t*>(impl_->scratch_bytes(10, size_t(w.out * w.in) * 2));
+  cuda::trellis_dequantize_bf16(dt, wb, s);
+  Linear dense = w;
+  dense.exl3 = nullptr;
+  dense.weight = TensorView(wb, DType::BF16, {w.out, w.in});
+  matmul(out, x, dense);
+}
+
+const Linear& CudaBackend::dense_bf16(const Linear& w, Linear& tmp) {
+  if (!w.exl3) return w;
+  void*& buf = impl_->dense_kv_b[w.exl3];
+  if (!buf) {  // first use happens in an uncaptured warm-up step
+    TRELLM_CUDA_CHECK(cudaMalloc(&buf, size_t(w.out * w.in) * 2));
+    cuda::trellis_dequantize_bf16(device_trellis(w), static_cast<uint16_t*>(buf), impl_->stream);
+  }
+  tmp = w;
+  tmp.exl3 = nullptr;
+  tmp.weight = TensorView(buf, DType::BF16, {w.out, w.in});
+  return tmp;
+}
+
+void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
+                                const Positions& pos, const MlaDims& d, MlaMode mode) {
+  // The absorbed products read kv_b per head, which the row-major trellis product cannot slice: a trellis kv_b
+  // is used as its bf16 dequantization (made once; 9.2 MB per GLM layer).
+  Linear kv_b_tmp;
+  const Linear& kv_b = dense_bf16(kv_b_in, kv_b_tmp);
   const int n = int(q.dim(0));
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
                 cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
@@ -218,7 +277,6 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   }
   MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
   if (mode == MlaMode::Absorbed) {
-    if (kv_b.exl3) fail("absorbed MLA with a trellis-coded kv_b_proj is not supported by the CUDA backend yet");
     float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));
     mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
     return;
@@ -238,6 +296,32 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
 }
 
+void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                                  std::span<const Expert> experts, const Expert* shared) {
+  const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
+  const int inter = int(experts[0].gate.out);
+  // Per layer, one device array of descriptors: 3 per expert (gate, up, down), then the shared expert's 3.
+  void*& table = impl_->moe_tables[experts.data()];
+  if (!table) {
+    std::vector<cuda::DeviceTrellis> d;
+    for (const Expert& e : experts) {
+      TRELLM_ASSERT(e.gate.exl3 && e.up.exl3 && e.down.exl3 && e.gate.out == inter, "experts must all be trellis-coded");
+      d.insert(d.end(), {device_trellis(e.gate), device_trellis(e.up), device_trellis(e.down)});
+    }
+    if (shared) {
+      TRELLM_ASSERT(shared->gate.exl3 && shared->up.exl3 && shared->down.exl3 && shared->gate.out == inter,
+                    "the fused MoE kernels need a trellis-coded shared expert of the routed experts' width");
+      d.insert(d.end(), {device_trellis(shared->gate), device_trellis(shared->up), device_trellis(shared->down)});
+    }
+    TRELLM_CUDA_CHECK(cudaMalloc(&table, d.size() * sizeof(cuda::DeviceTrellis)));
+    TRELLM_CUDA_CHECK(cudaMemcpy(table, d.data(), d.size() * sizeof(cuda::DeviceTrellis), cudaMemcpyHostToDevice));
+  }
+  const auto* dt = static_cast<const cuda::DeviceTrellis*>(table);
+  void* ws = impl_->scratch_zeroed(11, cuda::moe_workspace_bytes(m, K, hidden, inter, E));
+  cuda::moe_experts(dt, shared ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(),
+                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream);
+}
+
 void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                             const MoeRouting& r) {
   TRELLM_ASSERT(gate.dim(0) == r.n_experts && gate.dim(1) == x.cols() && ids.dtype == DType::I32 &&
@@ -251,7 +335,7 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
                           std::span<const Expert> experts, const Expert* shared) {
   const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
   TRELLM_ASSERT(out.numel() == x.numel() && out.data != x.data && ids.rows() == m && E > 0);
-  if (experts[0].gate.exl3) fail("trellis-coded experts are not supported by the CUDA backend yet");
+  if (experts[0].gate.exl3) return moe_ffn_trellis(out, x, weights, ids, experts, shared);
   // The per-layer device table of expert weight pointers, built on first use (outside graph capture).
   void*& table = impl_->moe_tables[experts.data()];
   if (!table) {

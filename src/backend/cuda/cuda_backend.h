@@ -53,6 +53,12 @@ class CudaBackend final : public Backend {
   struct Impl;
 
  private:
+  void matmul_trellis(TensorView out, TensorView x, const Linear& w);
+  void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
+                       const Expert* shared);
+  // w itself when dense; else its bf16 dequantization (cached), described in tmp.
+  const Linear& dense_bf16(const Linear& w, Linear& tmp);
+
   std::unique_ptr<Impl> impl_;
 };
 
