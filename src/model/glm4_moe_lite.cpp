@@ -160,18 +160,22 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
     } else {
       B.matmul(q, x, L.q_proj);
     }
-    B.rope(q, mla.nope_dim, pos, rope);                                             // q_rope of every head
     B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                        // c_kv | k_rope
+    if (rs.timer) rs.timer->mark(Part::AttnProj);
+    B.rope(q, mla.nope_dim, pos, rope);                                             // q_rope of every head
     B.mla_cache_append(kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
     B.attention_mla(attn, q, kv.layers[l], L.kv_b_proj, pos, mla, mode);
+    if (rs.timer) rs.timer->mark(Part::AttnCore);
     B.matmul(y, attn, L.o_proj);
     B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);                       // h += attn; x = norm(h)
-    if (rs.timer) rs.timer->mark(Part::Attention);
+    if (rs.timer) rs.timer->mark(Part::AttnOut);
     // ---- MLP: dense, or routed experts + shared expert ----
     if (c.mlp_sparse[l]) {
       TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
       B.moe_route(wts, ids, x, L.gate, L.e_score_correction_bias, c.routing());
+      if (rs.timer) rs.timer->mark(Part::Router);
       B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
+      if (rs.timer) rs.timer->mark(Part::Experts);
     } else {
       TensorView g(rs.mlp_gate.data, DType::F32, {n, c.intermediate_size});
       TensorView u(rs.mlp_up.data, DType::F32, {n, c.intermediate_size});
@@ -179,11 +183,12 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.matmul(u, x, L.mlp.up_proj);
       B.silu_mul(g, g, u);
       B.matmul(y, g, L.mlp.down_proj);
+      if (rs.timer) rs.timer->mark(Part::DenseMlp);
     }
     // h += mlp; x = the next layer's input norm of h (the final norm after the last layer)
     const bool last = l + 1 == c.num_hidden_layers;
     B.add_rms_norm(h, y, last ? w_.norm : w_.layers[l + 1].input_layernorm, eps, x);
-    if (rs.timer) rs.timer->mark(c.mlp_sparse[l] ? Part::Moe : Part::DenseMlp);
+    if (rs.timer) rs.timer->mark(Part::MlpNorm);
   }
 
   // ---- head: x holds model.norm(h); logits of all rows, or just the last ----

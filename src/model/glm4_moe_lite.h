@@ -92,9 +92,11 @@ struct Weights {
 
 // Optional per-part timing of a forward (benchmarks): the time between consecutive marks goes to the part
 // that just ended. Events are recorded in the backend's stream order; read after the forward with collect().
-enum class Part { Embed, Attention, DenseMlp, Moe, Head, Count };
+enum class Part { Embed, AttnProj, AttnCore, AttnOut, Router, Experts, DenseMlp, MlpNorm, Head, Count };
 constexpr const char* part_name(Part p) {
-  const char* n[] = {"embed", "attention", "dense mlp", "moe", "head"};
+  // attn_proj: q_a, q norm, q_b, kv_a;  attn_core: rope, cache append, attention;  attn_out: o_proj + add + norm;
+  // router; experts (routed + shared); dense_mlp; mlp_norm: add + next norm;  head: lm_head
+  const char* n[] = {"embed", "attn_proj", "attn_core", "attn_out", "router", "experts", "dense_mlp", "mlp_norm", "head"};
   return n[int(p)];
 }
 struct PartTimer {

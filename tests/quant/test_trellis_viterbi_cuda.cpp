@@ -25,7 +25,9 @@ TEST(ViterbiCuda, AgreesWithCpuEveryKAndCodebook) {
       const double e_gpu = viterbi_encode_tiles_cuda(w.data(), n, K, cb, s_gpu.data(), r_gpu.data());
       EXPECT_EQ(s_gpu, s_cpu) << "K=" << K << " " << codebook_name(cb);
       EXPECT_EQ(r_gpu, r_cpu) << "K=" << K << " " << codebook_name(cb);
-      EXPECT_DOUBLE_EQ(e_gpu, e_cpu);
+      // Codes and reconstructions are bit-identical (above); the total squared error is a double sum in another
+      // order on each side (seen on the H100: relative differences of ~1e-14).
+      EXPECT_NEAR(e_gpu, e_cpu, 1e-10 * e_cpu);
       for (int64_t t = 0; t < n; t++) EXPECT_TRUE(is_tail_biting(s_gpu.data() + t * 256, K));
     }
 }

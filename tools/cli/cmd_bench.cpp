@@ -181,7 +181,7 @@ int run_bench(const BenchArgs& a) {
 
   // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth ----
   std::printf("\n  time by part (one decode step, ms)\n  %10s", "depth");
-  for (int p = 0; p < int(Part::Count); p++) std::printf(" %11s", part_name(Part(p)));
+  for (int p = 0; p < int(Part::Count); p++) std::printf(" %10s", part_name(Part(p)));
   std::printf("\n");
   PartTimer timer;
   timer.backend = backend.get();
@@ -197,7 +197,7 @@ int run_bench(const BenchArgs& a) {
     auto ms = timer.collect();
     std::printf("  %10d", D);
     for (int p = 0; p < int(Part::Count); p++) {
-      std::printf(" %11.3f", ms[p]);
+      std::printf(" %10.3f", ms[p]);
       rep.figure("decode_parts", std::string("ms_") + part_name(Part(p)), "depth=" + std::to_string(D), ms[p], "ms");
     }
     std::printf("\n");
