@@ -326,9 +326,18 @@ void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, Te
                             const MoeRouting& r) {
   TRELLM_ASSERT(gate.dim(0) == r.n_experts && gate.dim(1) == x.cols() && ids.dtype == DType::I32 &&
                 weights.numel() == x.rows() * r.top_k && ids.numel() == x.rows() * r.top_k);
-  cuda::moe_route(x.ptr<float>(), gate.data, gate.dtype, bias.empty() ? nullptr : bias.ptr<float>(), int(x.rows()),
-                  int(x.cols()), r.n_experts, r.top_k, r.n_group, r.topk_group, r.norm_topk_prob, r.routed_scaling_factor,
-                  weights.ptr<float>(), ids.ptr<int32_t>(), impl_->stream);
+  const float* b = bias.empty() ? nullptr : bias.ptr<float>();
+  if (gate.dtype == DType::BF16 && r.n_experts <= 1024 && r.top_k <= 32 && r.n_group <= 32) {
+    // The cluster router of trellis_kernels.h: 5.9 us per layer at m = 1 on the H100, against 137 us for the
+    // one-block v1 kernel below (bench/results/e2e.md, part timing).
+    cuda::moe_route(x.ptr<float>(), gate.ptr<uint16_t>(), b, int(x.rows()), int(x.cols()), r.n_experts, r.top_k, r.n_group,
+                    r.topk_group, r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(), ids.ptr<int32_t>(),
+                    impl_->stream);
+    return;
+  }
+  cuda::moe_route(x.ptr<float>(), gate.data, gate.dtype, b, int(x.rows()), int(x.cols()), r.n_experts, r.top_k, r.n_group,
+                  r.topk_group, r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(), ids.ptr<int32_t>(),
+                  impl_->stream);
 }
 
 void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,

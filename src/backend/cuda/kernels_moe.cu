@@ -32,12 +32,23 @@ template <typename G>
 __global__ void route_kernel(const float* x, const G* gate, const float* bias, int hidden, int E, int top_k, int n_group,
                              int topk_group, bool norm, float scale, float* weights, int32_t* ids) {
   __shared__ float s[kMaxExperts], choice[kMaxExperts];
+  extern __shared__ float xs[];  // the token's activations, read by every warp
   const int i = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
-  const float* xi = x + int64_t(i) * hidden;
+  for (int k = threadIdx.x; k < hidden; k += blockDim.x) xs[k] = x[int64_t(i) * hidden + k];
+  __syncthreads();
   for (int e = warp; e < E; e += nw) {
-    float d = 0;
-    for (int k = lane; k < hidden; k += 32) d += ld(gate, int64_t(e) * hidden + k) * xi[k];
-    d = warp_sum(d);
+    // Four independent partial sums keep several weight loads in flight (one dependent chain was 137 us/layer).
+    float d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+    const int64_t row = int64_t(e) * hidden;
+    int k = lane;
+    for (; k + 96 < hidden; k += 128) {
+      d0 += ld(gate, row + k) * xs[k];
+      d1 += ld(gate, row + k + 32) * xs[k + 32];
+      d2 += ld(gate, row + k + 64) * xs[k + 64];
+      d3 += ld(gate, row + k + 96) * xs[k + 96];
+    }
+    for (; k < hidden; k += 32) d0 += ld(gate, row + k) * xs[k];
+    float d = warp_sum((d0 + d1) + (d2 + d3));
     if (lane == 0) {
       s[e] = 1.0f / (1.0f + expf(-d));
       choice[e] = s[e] + (bias ? bias[e] : 0.0f);
@@ -159,16 +170,17 @@ void run_dense(const DenseMoeArgs& a, const float* x, const int32_t* ids, const 
 
 void moe_route(const float* x, const void* gate, DType dt, const float* bias, int m, int hidden, int E, int top_k,
                int n_group, int topk_group, bool norm, float scale, float* weights, int32_t* ids, cudaStream_t s) {
-  TRELLM_ASSERT(E <= kMaxExperts && top_k <= 16 && n_group <= 64, "router limits: E ", E, " top_k ", top_k);
+  TRELLM_ASSERT(E <= kMaxExperts && top_k <= 16 && n_group <= 64 && hidden <= 8192, "router limits: E ", E, " top_k ", top_k);
+  const size_t smem = size_t(hidden) * sizeof(float);
   switch (dt) {
     case DType::BF16:
-      route_kernel<<<m, 256, 0, s>>>(x, static_cast<const __nv_bfloat16*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
+      route_kernel<<<m, 256, smem, s>>>(x, static_cast<const __nv_bfloat16*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
       break;
     case DType::F16:
-      route_kernel<<<m, 256, 0, s>>>(x, static_cast<const __half*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
+      route_kernel<<<m, 256, smem, s>>>(x, static_cast<const __half*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
       break;
     case DType::F32:
-      route_kernel<<<m, 256, 0, s>>>(x, static_cast<const float*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
+      route_kernel<<<m, 256, smem, s>>>(x, static_cast<const float*>(gate), bias, hidden, E, top_k, n_group, topk_group, norm, scale, weights, ids);
       break;
     default: TRELLM_ASSERT(false, "moe_route: gate dtype ", dtype_name(dt));
   }
