@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--gen-prompt", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--json", default="")
+    ap.add_argument("--commit", default="", help="trellm commit to record (default: git rev-parse, if available)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
@@ -58,10 +59,13 @@ def main():
     sync(dev)
     load_s = time.time() - t0
     mem_load = torch.cuda.memory_allocated() / 1e9 if dev.type == "cuda" else 0.0
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = args.commit
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    commit = commit or "unknown"
     figures = []
 
     def figure(bench, metric, shape, value, unit):

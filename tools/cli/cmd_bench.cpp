@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "common.h"
+#include "git_commit.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/timer.h"
