@@ -32,7 +32,8 @@ struct Buffers {
 };
 
 // Writes `exl3_dir` (trellis codes) and `dense_dir` (their dequantization as F32 .weight tensors).
-inline void write_exl3_and_dense(const std::string& exl3_dir, const std::string& dense_dir) {
+// fixed_k = 0: K cycles through 2..8 over the layers; else every Linear gets K = fixed_k.
+inline void write_exl3_and_dense(const std::string& exl3_dir, const std::string& dense_dir, int fixed_k = 0) {
   auto src = SafetensorsFile::open(kFixture + "/model.safetensors");
   Rng rng(2024);
   Buffers buf;
@@ -48,7 +49,7 @@ inline void write_exl3_and_dense(const std::string& exl3_dir, const std::string&
     const std::string key = t.name.substr(0, t.name.size() - 7);  // drop ".weight"
     const int64_t out = t.shape[0], in = t.shape[1];
     const int64_t inp = trellis::round_up_128(in), outp = trellis::round_up_128(out);
-    const int K = 2 + idx % 7;                    // 2..8
+    const int K = fixed_k ? fixed_k : 2 + idx % 7;  // 2..8
     const int cb = (idx / 7) % 3;                 // 3INST, MCG, MUL1
     idx++;
     auto& codes = buf.u16.emplace_back(size_t(inp / 16 * outp / 16 * 16 * K));

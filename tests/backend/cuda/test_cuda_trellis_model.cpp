@@ -71,3 +71,28 @@ TEST(CudaTrellisModel, MatchesCpuReference) {
 }
 
 }  // namespace
+
+namespace {
+
+// Issue 6: trellis models at 2, 3 and 4 bits give the same greedy tokens on CUDA as on the CPU (same bf16 latent
+// cache) for 32 steps.
+TEST(CudaTrellisModel, SameGreedyTokensAsCpuAt2To4Bits) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (int K : {2, 3, 4}) {
+    trellm::testing::TempDir d;
+    trellm::testing::write_exl3_and_dense(d / "exl3", d / "dense", K);
+    auto cpu = make_cpu_backend();
+    auto gpu = make_cuda_backend(0);
+    auto mc = Model::load(d / "exl3", *cpu);
+    auto mg = Model::load(d / "exl3", *gpu);
+    GenerateOptions o;
+    o.max_tokens = 32;
+    o.sampling.temperature = 0;
+    o.stop_at_eos = false;
+    Generator gc(*mc, 48, 512, DType::BF16), gg(*mg, 48);
+    const std::vector<int32_t> prompt = {17, 4, 250, 33, 8, 91};
+    EXPECT_EQ(gc.generate(prompt, o), gg.generate(prompt, o)) << "K = " << K;
+  }
+}
+
+}  // namespace
