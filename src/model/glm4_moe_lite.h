@@ -52,7 +52,8 @@ struct Config {
   std::optional<trellis::Exl3QuantConfig> exl3;  // quantization_config of an EXL3 checkpoint
 
   static Config from_json_file(const std::string& path);  // errors name the field
-  static Config glm47_flash();  // the released GLM-4.7-Flash's values (for synthetic benchmarks)
+  static Config glm47_flash();       // the released GLM-4.7-Flash's values (for synthetic benchmarks)
+  static Config glm47_flash_tiny();  // the same architecture shrunk to a few MB (smoke tests, CPU benches)
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   MlaDims mla() const;
   MoeRouting routing() const;

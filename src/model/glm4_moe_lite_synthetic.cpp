@@ -38,6 +38,25 @@ Config Config::glm47_flash() {
   return c;
 }
 
+Config Config::glm47_flash_tiny() {
+  Config c = glm47_flash();
+  c.vocab_size = 300;  // not a multiple of 128: exercises the trellis padding of lm_head
+  c.hidden_size = 128;
+  c.intermediate_size = 200;
+  c.moe_intermediate_size = 64;
+  c.num_hidden_layers = 3;
+  c.num_attention_heads = 4;
+  c.n_routed_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.kv_lora_rank = 64;
+  c.q_lora_rank = 48;
+  c.qk_rope_head_dim = 16;
+  c.qk_nope_head_dim = 24;
+  c.v_head_dim = 32;
+  c.mlp_sparse = {false, true, true};
+  return c;
+}
+
 namespace {
 
 struct Builder {

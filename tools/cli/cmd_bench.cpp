@@ -41,24 +41,6 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-Config tiny_config() {  // a small GLM-shaped config for smoke tests on the CPU
-  Config c = Config::glm47_flash();
-  c.vocab_size = 512;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.moe_intermediate_size = 64;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.n_routed_experts = 8;
-  c.num_experts_per_tok = 2;
-  c.kv_lora_rank = 64;
-  c.q_lora_rank = 48;
-  c.qk_rope_head_dim = 16;
-  c.qk_nope_head_dim = 32;
-  c.v_head_dim = 32;
-  c.mlp_sparse = {false, true, true};
-  return c;
-}
 
 struct Reporter {
   const BenchArgs& a;
@@ -107,7 +89,7 @@ int run_bench(const BenchArgs& a) {
     spec.codebook = trellis::parse_codebook(a.codebook, "--codebook");
     Config c;
     if (a.synthetic == "glm-4.7-flash") c = Config::glm47_flash();
-    else if (a.synthetic == "tiny") c = tiny_config();
+    else if (a.synthetic == "tiny") c = Config::glm47_flash_tiny();
     else fail("--synthetic ", a.synthetic, ": unknown (glm-4.7-flash or tiny)");
     model = Model::synthetic(c, *backend, spec);
     rep.shape = a.synthetic + " synthetic " + std::to_string(a.bits) + "bpw head " + std::to_string(a.head_bits);
