@@ -151,6 +151,8 @@ class Model {
   // Loads config.json and the weights under `dir` onto `backend`.
   static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
   static std::unique_ptr<Model> synthetic(const Config& config, Backend& backend, const SyntheticSpec& spec);
+  // Writes the weights as a checkpoint directory (EXL3 tensors for trellis-coded Linears) that load() reads.
+  void save(const std::string& dir) const;
   ~Model();
 
   const Config& config() const { return config_; }

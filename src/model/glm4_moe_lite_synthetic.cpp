@@ -54,6 +54,8 @@ Config Config::glm47_flash_tiny() {
   c.qk_nope_head_dim = 24;
   c.v_head_dim = 32;
   c.mlp_sparse = {false, true, true};
+  c.eos_token_id = {299};
+  c.pad_token_id = 299;
   return c;
 }
 

@@ -23,7 +23,7 @@ namespace trellm::cli {
 namespace {
 
 struct BenchArgs {
-  std::string model, synthetic, device = "auto", json, codebook = "mcg", prompt_lens = "512,2048,8192",
+  std::string model, synthetic, save, device = "auto", json, codebook = "mcg", prompt_lens = "512,2048,8192",
               depths = "0,1024,4096,32768";
   int bits = 3, head_bits = 6, decode_tokens = 64, repeats = 3, prefill_chunk = 2048;
   std::string command;
@@ -96,6 +96,13 @@ int run_bench(const BenchArgs& a) {
   }
   backend->synchronize();
   const double load_s = t.seconds();
+  if (!a.save.empty()) {  // write the model as a checkpoint and stop (then: trellm bench --model DIR)
+    Timer ts;
+    model->save(a.save);
+    std::printf("trellm bench: wrote %s (%.2f GB of weights) in %.1f s\n", a.save.c_str(), model->weight_bytes_total() / 1e9,
+                ts.seconds());
+    return 0;
+  }
   const auto mem_load = backend->memory_used_total();
   const Config& c = model->config();
   const double bw = backend->copy_bandwidth();  // bytes/s, read + written
@@ -206,6 +213,7 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--bits", a.bits, "Synthetic: trellis bits of the linear layers (0 = dense bf16)")->capture_default_str();
   cmd->add_option("--head-bits", a.head_bits, "Synthetic: trellis bits of lm_head (0 = dense bf16)")->capture_default_str();
   cmd->add_option("--codebook", a.codebook, "Synthetic: mcg, mul1 or 3inst")->capture_default_str();
+  cmd->add_option("--save", a.save, "Write the (synthetic) model to this directory as a checkpoint, then stop");
   cmd->add_option("--prompt-lens", a.prompt_lens, "Prefill prompt lengths")->capture_default_str();
   cmd->add_option("--depths", a.depths, "Decode depths (tokens already in the cache)")->capture_default_str();
   cmd->add_option("--decode-tokens", a.decode_tokens, "Tokens per decode measurement")->capture_default_str();
