@@ -21,6 +21,8 @@ float bias_at(const TensorView& b, int64_t j) {
   return 0;
 }
 
+}  // namespace
+
 // Decoded Q in f32, (in_padded, out_padded).
 std::vector<float> decode_inner_f32(const TrellisWeight& w) {
   const int64_t N = w.out_padded;
@@ -36,6 +38,8 @@ std::vector<float> decode_inner_f32(const TrellisWeight& w) {
   });
   return q;
 }
+
+namespace {
 
 // Padded original-basis W in f32, (in_padded, out_padded).
 std::vector<float> dequantize_padded(const TrellisWeight& w) {
@@ -85,20 +89,42 @@ void dequantize_hf_bf16(const TrellisWeight& w, uint16_t* out) {
     for (int64_t i = 0; i < w.in; i++) out[j * w.in + i] = f32_to_bf16(a[i * w.out_padded + j]);
 }
 
-void trellis_matmul_ref(const TrellisWeight& w, const float* x, int64_t m, float* y) {
-  const int64_t Kp = w.in_padded, Np = w.out_padded;
+void trellis_input_transform(const TrellisWeight& w, const float* x, int64_t m, float* xh) {
+  const int64_t Kp = w.in_padded;
   // 1-2: input scale and Hadamard, rounded to fp16 twice as exllamav3 does (kept as exact f32 values).
-  std::vector<float> xh(size_t(m * Kp), 0.0f);
   parallel_for(m, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
-      float* row = xh.data() + r * Kp;
+      float* row = xh + r * Kp;
       for (int64_t i = 0; i < w.in; i++) row[i] = f16_to_f32(f32_to_f16(x[r * w.in + i] * f16_to_f32(w.suh[i])));
+      for (int64_t i = w.in; i < Kp; i++) row[i] = 0.0f;
       for (int64_t c = 0; c < Kp; c += kHadamardDim) {
         fwht128(row + c);
         for (int i = 0; i < kHadamardDim; i++) row[c + i] = f16_to_f32(f32_to_f16(row[c + i] * kHadamardScale));
       }
     }
   });
+}
+
+void trellis_output_transform(const TrellisWeight& w, float* yh, int64_t m, float* y) {
+  const int64_t Np = w.out_padded;
+  // 4-5: output Hadamard, svh, bias; trim.
+  parallel_for(m, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+      float* row = yh + r * Np;
+      for (int64_t c = 0; c < Np; c += kHadamardDim) hadamard128(row + c);
+      for (int64_t j = 0; j < w.out; j++) {
+        float v = row[j] * f16_to_f32(w.svh[j]);
+        if (w.has_bias()) v += bias_at(w.bias, j);
+        y[r * w.out + j] = v;
+      }
+    }
+  });
+}
+
+void trellis_matmul_ref(const TrellisWeight& w, const float* x, int64_t m, float* y) {
+  const int64_t Kp = w.in_padded, Np = w.out_padded;
+  std::vector<float> xh(size_t(m * Kp), 0.0f);
+  trellis_input_transform(w, x, m, xh.data());
   // 3: y_h = x_h · Q, one task per 16-wide column strip: decode its tiles once, accumulate every row.
   std::vector<float> yh(size_t(m * Np), 0.0f);
   parallel_for(w.tiles_n(), 1, [&](int64_t n0, int64_t n1) {
@@ -121,18 +147,7 @@ void trellis_matmul_ref(const TrellisWeight& w, const float* x, int64_t m, float
       }
     }
   });
-  // 4-5: output Hadamard, svh, bias; trim.
-  parallel_for(m, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; r++) {
-      float* row = yh.data() + r * Np;
-      for (int64_t c = 0; c < Np; c += kHadamardDim) hadamard128(row + c);
-      for (int64_t j = 0; j < w.out; j++) {
-        float v = row[j] * f16_to_f32(w.svh[j]);
-        if (w.has_bias()) v += bias_at(w.bias, j);
-        y[r * w.out + j] = v;
-      }
-    }
-  });
+  trellis_output_transform(w, yh.data(), m, y);
 }
 
 }  // namespace trellm::trellis

@@ -4,6 +4,7 @@
 // (out, in) like a Hugging Face Linear.weight.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "quant/trellis_weight.h"
 
@@ -26,5 +27,11 @@ void dequantize_hf_bf16(const TrellisWeight& w, uint16_t* w_hf);
 //   4. y = (y_h · Hblk) ⊙ svh         fp32
 //   5. y += bias                      (the padded tail of x is zero; the padded tail of y is dropped)
 void trellis_matmul_ref(const TrellisWeight& w, const float* x, int64_t m, float* y);
+
+// The product's pieces, for backends that keep Q decoded: x (m, in) -> x_h (m, in_padded), steps 1-2 above;
+// y_h (m, out_padded, overwritten) -> y (m, out), steps 4-5. Q in f32 (in_padded, out_padded), row-major.
+void trellis_input_transform(const TrellisWeight& w, const float* x, int64_t m, float* xh);
+void trellis_output_transform(const TrellisWeight& w, float* yh, int64_t m, float* y);
+std::vector<float> decode_inner_f32(const TrellisWeight& w);
 
 }  // namespace trellm::trellis

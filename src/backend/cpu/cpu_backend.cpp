@@ -114,7 +114,7 @@ void CpuBackend::matmul_unobserved(TensorView out, TensorView x, const Linear& w
   const float* xp = x.ptr<float>();
   float* op = out.ptr<float>();
   if (w.exl3) {
-    trellis::trellis_matmul_ref(*w.exl3, xp, n, op);
+    matmul_trellis(out, x, w);
     add_bias(out, w);
     return;
   }
@@ -149,6 +149,39 @@ void CpuBackend::sample_step(TensorView logits, TensorView params, TensorView to
   int32_t* h = history.ptr<int32_t>();
   TRELLM_ASSERT(h[0] + 1 < history.numel(), "greedy history is full");
   h[1 + h[0]++] = best;
+}
+
+// The EXL3 product in the reference's order (trellis_ref.h): input transform, x_h · Q, output transform; Q comes
+// from the decoded cache when it fits, else the reference decodes it on the fly.
+void CpuBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) {
+  const trellis::TrellisWeight& t = *w.exl3;
+  auto it = decoded_.find(&t);
+  if (it == decoded_.end()) {
+    const size_t bytes = size_t(t.in_padded * t.out_padded) * sizeof(float);
+    if (decoded_bytes_ + bytes > kDecodedCacheBytes) return trellis::trellis_matmul_ref(t, x.ptr<float>(), x.rows(), out.ptr<float>());
+    decoded_bytes_ += bytes;
+    it = decoded_.emplace(&t, trellis::decode_inner_f32(t)).first;
+  }
+  const int64_t m = x.rows(), Kp = t.in_padded, Np = t.out_padded;
+  float* xh = scratch(6, size_t(m * Kp));
+  float* yh = scratch(7, size_t(m * Np));
+  trellis::trellis_input_transform(t, x.ptr<float>(), m, xh);
+  const float* q = it->second.data();
+  // y_h[r, :] = Σ_k x_h[r, k] · Q[k, :], k increasing (the reference's order), 64-column blocks across threads.
+  constexpr int64_t kCols = 64;
+  parallel_for((Np + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) {
+      const int64_t c0 = b * kCols, nc = std::min(kCols, Np - c0);
+      for (int64_t r = 0; r < m; r++) {
+        float* yr = yh + r * Np + c0;
+        std::fill(yr, yr + nc, 0.0f);
+        const float* xr = xh + r * Kp;
+        for (int64_t k = 0; k < Kp; k++)
+          if (xr[k] != 0.0f) axpy(yr, xr[k], q + k * Np + c0, nc);
+      }
+    }
+  });
+  trellis::trellis_output_transform(t, yh, m, out.ptr<float>());
 }
 
 void CpuBackend::add_bias(TensorView out, const Linear& w) {
