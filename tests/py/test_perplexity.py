@@ -1,8 +1,9 @@
 """trellm perplexity end to end: the math against numpy on transformers' own logits (tests/data/hf/*/reference
 .safetensors), KL against numpy on a model whose logits are exactly half the reference's, window bookkeeping,
-and the built-in model (models/tiny-glm): its perplexity equals what transformers measured when it was trained,
-and stays under a fixed bound on the held-out snippet (a regression in any kernel, loader or, once the default
-is the quantized model, the quantizer fails this)."""
+the bf16 model (models/tiny-glm): its perplexity equals what transformers measured when it was trained; and the
+built-in default, its 3-bit EXL3 quantization (models/tiny-glm-3bit): its perplexity on the held-out snippet
+stays under a fixed bound and within a fixed factor of the bf16 model's, with a small KL against it (a
+regression in the trellis CPU path, the EXL3 loader or the shipped file fails these)."""
 import json
 import math
 import os
@@ -17,12 +18,21 @@ from conftest import DATA, trellm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_GLM = os.path.join(ROOT, "models", "tiny-glm")
+TINY_GLM_3BIT = os.path.join(ROOT, "models", "tiny-glm-3bit")
 SNIPPET = os.path.join(DATA, "text", "austen_heldout_snippet.txt")
 
-# Measured with trellm on the CPU (f32 compute on the bf16 weights of models/tiny-glm, ctx 1024): 37.3335;
-# transformers on the H100 right after training (f32 compute, same windows): 37.333. The bound leaves 2 %.
-DEFAULT_SNIPPET_PPL = 37.3335
-DEFAULT_SNIPPET_BOUND = 38.1
+# The default-model checks score the first SNIPPET_TOKENS tokens of the snippet (511 predicted): the CPU
+# trellis matmul is the scalar reference (it decodes the weights on every call), ~200 tokens/s on 2 cores, so
+# the whole snippet (1013 predicted) would cost ~5 s per model; this costs ~2.5 s for both models together.
+SNIPPET_TOKENS = 512
+# Measured 2026-11-25 with trellm on the CPU (Intel Xeon, 2 threads; ctx 1024) on those 512 tokens:
+# models/tiny-glm-3bit 51.6839, models/tiny-glm (bf16) 51.1039: ratio 1.0114, mean KL 0.01189 nats, top-1
+# agreement 92.4 %. (Whole snippet: 37.8503 vs 37.3335, ratio 1.0138, KL 0.01094.)
+DEFAULT_SNIPPET_PPL = 51.6839
+DEFAULT_SNIPPET_BOUND = 52.7      # the measured value + 2 %
+DEFAULT_VS_BF16_FACTOR = 1.03     # the issue's target (3-bit within 3 % of bf16); measured 1.0114
+DEFAULT_KL_BOUND = 0.02           # 1.7 x the measured 0.01189; a wrong decode or scale gives KL >> 0.1
+DEFAULT_TOP1_BOUND = 0.88         # measured 0.924
 
 
 def log_softmax(x):
@@ -98,12 +108,39 @@ def test_shipped_model_matches_transformers_at_training_time():
     assert got["perplexity"] == pytest.approx(summary["snippet_ppl"], rel=2e-3)
 
 
-def test_default_model_perplexity_bound():
-    _, out, err = trellm("perplexity", "--text", SNIPPET, "--device", "cpu")
+@pytest.fixture(scope="module")
+def default_vs_bf16():
+    """One run of the built-in model on the snippet's first tokens with the bf16 model as --ref."""
+    _, out, err = trellm("perplexity", "--json", "--device", "cpu", "--text", SNIPPET, "--max-tokens", SNIPPET_TOKENS,
+                         "--ref", TINY_GLM)
+    return json.loads(out), err
+
+
+def test_default_model_is_the_3bit_quantization():
+    cfg = json.load(open(os.path.join(TINY_GLM_3BIT, "config.json")))
+    assert cfg["quantization_config"]["quant_method"] == "exl3" and cfg["quantization_config"]["bits"] == 3
+    _, out, err = trellm("tokenize", "--text", "Emma")
+    assert os.path.join("models", "tiny-glm-3bit") in err
+
+
+def test_default_model_perplexity_bound(default_vs_bf16):
+    got, err = default_vs_bf16
     assert "built-in model" in err
-    ppl = float(re.search(r"^perplexity\s+([0-9.]+)", out, re.M).group(1))
+    assert os.path.realpath(got["model"]) == os.path.realpath(TINY_GLM_3BIT)
+    assert got["predicted"] == SNIPPET_TOKENS - 1
+    ppl = got["perplexity"]
     assert ppl < DEFAULT_SNIPPET_BOUND, f"perplexity {ppl} on the held-out snippet (measured {DEFAULT_SNIPPET_PPL})"
-    assert "1013 tokens predicted" in out
+
+
+def test_default_3bit_model_stays_close_to_bf16(default_vs_bf16):
+    """The shipped 3-bit model against its bf16 original on the same tokens: perplexity within a fixed factor,
+    small KL and high top-1 agreement (numbers measured with the shipped files: see the constants)."""
+    got, _ = default_vs_bf16
+    ratio = got["perplexity"] / got["ref_perplexity"]
+    assert got["ref_perplexity"] == pytest.approx(51.1039, rel=2e-3)  # the bf16 model itself did not change
+    assert ratio < DEFAULT_VS_BF16_FACTOR, f"3-bit / bf16 perplexity {ratio:.4f} (measured 1.0114)"
+    assert got["mean_kl"] < DEFAULT_KL_BOUND, f"mean KL {got['mean_kl']} (measured 0.01189)"
+    assert got["top1_agree"] > DEFAULT_TOP1_BOUND, f"top-1 agreement {got['top1_agree']} (measured 0.924)"
 
 
 def test_default_model_writes_readable_text():

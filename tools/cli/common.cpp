@@ -14,7 +14,9 @@ namespace fs = std::filesystem;
 
 std::string default_model_dir() {
   // Next to the build tree (build/trellm -> ../<dir>), else the source tree this binary was built from.
-  const char* rel = "models/tiny-glm";
+  // The built-in model is the 3-bit EXL3 quantization of models/tiny-glm (made by `trellm quantize`,
+  // models/tiny-glm-3bit/README.md); the bf16 original stays in models/tiny-glm as the reference for --ref.
+  const char* rel = "models/tiny-glm-3bit";
   char buf[PATH_MAX];
   ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
   if (n > 0) {
@@ -28,7 +30,7 @@ std::string default_model_dir() {
 std::string resolve_model(const std::string& given) {
   if (!given.empty()) return given;
   std::string d = default_model_dir();
-  std::fprintf(stderr, "trellm: no --model given; using the built-in model %s (tiny-glm: 7.4 M parameters, the GLM-4.7-Flash architecture trained on Jane Austen)\n", d.c_str());
+  std::fprintf(stderr, "trellm: no --model given; using the built-in model %s (tiny-glm-3bit: 7.4 M parameters, the GLM-4.7-Flash architecture trained on Jane Austen, 3-bit EXL3)\n", d.c_str());
   return d;
 }
 
