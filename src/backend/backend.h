@@ -134,6 +134,19 @@ class Backend {
   virtual void add(TensorView out, TensorView a, TensorView b) = 0;
   // out = x · Wᵀ + b.  x: [n, in];  out: [n, out]
   virtual void matmul(TensorView out, TensorView x, const Linear& w) = 0;
+  // out = rms_norm(x, norm_w) · Wᵀ + b (MLA's q_a_layernorm before q_b), one kernel where the backend can fold
+  // the norm into the product's input transform. Afterwards x holds rms_norm(x) or is unchanged (backend's
+  // choice): callers must not read it. The default normalises in place, then multiplies.
+  virtual void rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) {
+    rms_norm(x, x, norm_w, eps);
+    matmul(out, x, w);
+  }
+  // Two products of one input: out1 = x · W1ᵀ + b1, out2 = x · W2ᵀ + b2 (MLA's q_a and kv_a). A backend may
+  // run them as one kernel; the default is two matmuls.
+  virtual void matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
+    matmul(out1, x, w1);
+    matmul(out2, x, w2);
+  }
   // out = silu(gate) * up.  all [n, d]
   virtual void silu_mul(TensorView out, TensorView gate, TensorView up) = 0;
   // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of
@@ -143,6 +156,13 @@ class Backend {
   // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim] f32
   virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                 const RopeParams& rope) = 0;
+  // The two steps between MLA's projections and its attention, as one op (a backend may run them as one kernel):
+  // rope(q, offset, pos, rope), then mla_cache_append(cache, kv, norm_w, eps, pos, rope).
+  virtual void mla_rope_append(TensorView q, int offset, TensorView cache, TensorView kv, TensorView norm_w, float eps,
+                               const Positions& pos, const RopeParams& rope) {
+    this->rope(q, offset, pos, rope);
+    mla_cache_append(cache, kv, norm_w, eps, pos, rope);
+  }
   // Causal MLA attention: query row i attends to cache rows [0, pos[i]].
   // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
   virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
@@ -151,6 +171,13 @@ class Backend {
   // bias [n_experts] f32 (may be empty) is added for selection only.
   virtual void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                          const MoeRouting& r) = 0;
+  // The residual step before a MoE block fused with its router (one kernel on the GPU): add_rms_norm(h, y, norm_w,
+  // eps, x), then moe_route(weights, ids, x, gate, bias, r).
+  virtual void add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x,
+                                  TensorView weights, TensorView ids, TensorView gate, TensorView bias, const MoeRouting& r) {
+    add_rms_norm(h, y, norm_w, eps, x);
+    moe_route(weights, ids, x, gate, bias, r);
+  }
   // out = Σ_k weights[:, k] · expert_{ids[:, k]}(x) + shared(x), expert(x) = down(silu(gate x) * up x).
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,

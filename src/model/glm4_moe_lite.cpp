@@ -154,29 +154,29 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
     // ---- attention (MLA); x = input_layernorm(h) ----
     if (c.q_lora_rank > 0) {
       TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
-      B.matmul(qa, x, L.q_a_proj);
-      B.rms_norm(qa, qa, L.q_a_layernorm, kLatentNormEps);
-      B.matmul(q, qa, L.q_b_proj);
+      B.matmul_pair(qa, kvr, x, L.q_a_proj, L.kv_a_proj_with_mqa);                 // kvr: c_kv | k_rope
+      B.rms_norm_matmul(q, qa, L.q_a_layernorm, kLatentNormEps, L.q_b_proj);        // q = q_b(norm(qa))
     } else {
       B.matmul(q, x, L.q_proj);
+      B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
     }
-    B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                        // c_kv | k_rope
     if (rs.timer) rs.timer->mark(Part::AttnProj);
-    B.rope(q, mla.nope_dim, pos, rope);                                             // q_rope of every head
-    B.mla_cache_append(kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
+    // q_rope of every head; cache row pos = [norm(c_kv) | rope(k_rope)]
+    B.mla_rope_append(q, mla.nope_dim, kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
     B.attention_mla(attn, q, kv.layers[l], L.kv_b_proj, pos, mla, mode);
     if (rs.timer) rs.timer->mark(Part::AttnCore);
     B.matmul(y, attn, L.o_proj);
-    B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);                       // h += attn; x = norm(h)
     if (rs.timer) rs.timer->mark(Part::AttnOut);
-    // ---- MLP: dense, or routed experts + shared expert ----
+    // ---- MLP: dense, or routed experts + shared expert; first h += attn, x = norm(h) ----
     if (c.mlp_sparse[l]) {
       TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
-      B.moe_route(wts, ids, x, L.gate, L.e_score_correction_bias, c.routing());
+      B.add_rms_norm_route(h, y, L.post_attention_layernorm, eps, x, wts, ids, L.gate, L.e_score_correction_bias,
+                           c.routing());
       if (rs.timer) rs.timer->mark(Part::Router);
       B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
       if (rs.timer) rs.timer->mark(Part::Experts);
     } else {
+      B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);
       TensorView g(rs.mlp_gate.data, DType::F32, {n, c.intermediate_size});
       TensorView u(rs.mlp_up.data, DType::F32, {n, c.intermediate_size});
       B.matmul(g, x, L.mlp.gate_proj);

@@ -164,6 +164,16 @@ void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView n
                          pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
 }
 
+void CudaBackend::mla_rope_append(TensorView q, int offset, TensorView cache, TensorView kv, TensorView norm_w, float eps,
+                                  const Positions& pos, const RopeParams& r) {
+  const int rank = int(norm_w.numel());
+  TRELLM_ASSERT(q.ndim == 3 && offset + r.dim <= q.dim(2) && pos.pos.numel() == q.dim(0) && kv.rows() == q.dim(0) &&
+                cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
+                pos.bound <= cache.rows());
+  cuda::mla_rope_append(q.ptr<float>(), int(q.dim(1)), int(q.dim(2)), offset, r.dim, cache.ptr<uint16_t>(), kv.ptr<float>(),
+                        norm_w.ptr<float>(), int(kv.rows()), rank, eps, pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
+}
+
 }  // namespace trellm
 
 namespace trellm {
@@ -224,6 +234,30 @@ void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) 
   dense.exl3 = nullptr;
   dense.weight = TensorView(wb, DType::BF16, {w.out, w.in});
   matmul(out, x, dense);
+}
+
+// q_a and kv_a of a decode step: one GEMV launch instead of two (trellis_matmul_pair decides whether the pair
+// fits one grid; otherwise it runs two products itself).
+void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
+  const int64_t n = x.rows();
+  if (!w1.exl3 || !w2.exl3 || n > 8) return Backend::matmul_pair(out1, out2, x, w1, w2);
+  TRELLM_ASSERT(x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out,
+                "matmul_pair shapes: x ", shape_str(x), " W1 [", w1.out, ", ", w1.in, "] W2 [", w2.out, ", ", w2.in, "]");
+  const cuda::DeviceTrellis d1 = device_trellis(w1), d2 = device_trellis(w2);
+  void* ws = impl_->scratch_zeroed(9, cuda::trellis_workspace_bytes(int(n), std::max(d1.in_padded, d2.in_padded),
+                                                                    d1.out_padded + d2.out_padded));
+  cuda::trellis_matmul_pair(d1, d2, x.ptr<float>(), out1.ptr<float>(), out2.ptr<float>(), int(n), ws, impl_->stream);
+}
+
+// q_b(norm(q_a)) of a decode step: the norm folded into the GEMV prologue (one launch fewer per layer).
+void CudaBackend::rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) {
+  const int64_t n = x.rows();
+  if (!w.exl3 || n > 8) return Backend::rms_norm_matmul(out, x, norm_w, eps, w);
+  TRELLM_ASSERT(x.cols() == w.in && out.numel() == n * w.out && norm_w.numel() == w.in && norm_w.dtype == DType::F32,
+                "rms_norm_matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "] norm ", shape_str(norm_w));
+  const cuda::DeviceTrellis d = device_trellis(w);
+  void* ws = impl_->scratch_zeroed(9, cuda::trellis_workspace_bytes(int(n), d.in_padded, d.out_padded));
+  cuda::trellis_matmul_normed(d, x.ptr<float>(), norm_w.ptr<float>(), eps, out.ptr<float>(), int(n), ws, impl_->stream);
 }
 
 const Linear& CudaBackend::dense_bf16(const Linear& w, Linear& tmp) {
@@ -318,8 +352,11 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   }
   const auto* dt = static_cast<const cuda::DeviceTrellis*>(table);
   void* ws = impl_->scratch_zeroed(11, cuda::moe_workspace_bytes(m, K, hidden, inter, E));
+  int max_k = 2;  // sizes the decode kernels' weight ring (K = 3 everywhere: 24 KB instead of 64 KB)
+  for (const Expert& e : experts) max_k = std::max({max_k, e.gate.exl3->K, e.up.exl3->K, e.down.exl3->K});
+  if (shared) max_k = std::max({max_k, shared->gate.exl3->K, shared->up.exl3->K, shared->down.exl3->K});
   cuda::moe_experts(dt, shared ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(),
-                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream);
+                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k);
 }
 
 void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
@@ -338,6 +375,20 @@ void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, Te
   cuda::moe_route(x.ptr<float>(), gate.data, gate.dtype, b, int(x.rows()), int(x.cols()), r.n_experts, r.top_k, r.n_group,
                   r.topk_group, r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(), ids.ptr<int32_t>(),
                   impl_->stream);
+}
+
+void CudaBackend::add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x,
+                                     TensorView weights, TensorView ids, TensorView gate, TensorView bias,
+                                     const MoeRouting& r) {
+  if (gate.dtype != DType::BF16 || r.n_experts > 1024 || r.top_k > 32 || r.n_group > 32 || h.cols() > 4096)
+    return Backend::add_rms_norm_route(h, y, norm_w, eps, x, weights, ids, gate, bias, r);
+  TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == x.numel() && norm_w.numel() == h.cols() &&
+                norm_w.dtype == DType::F32 && gate.dim(0) == r.n_experts && gate.dim(1) == h.cols() &&
+                ids.dtype == DType::I32 && weights.numel() == h.rows() * r.top_k && ids.numel() == h.rows() * r.top_k);
+  cuda::add_rms_norm_route(h.ptr<float>(), y.ptr<float>(), norm_w.ptr<float>(), eps, x.ptr<float>(), gate.ptr<uint16_t>(),
+                           bias.empty() ? nullptr : bias.ptr<float>(), int(h.rows()), int(h.cols()), r.n_experts, r.top_k,
+                           r.n_group, r.topk_group, r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(),
+                           ids.ptr<int32_t>(), impl_->stream);
 }
 
 void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,

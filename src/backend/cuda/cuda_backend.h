@@ -32,14 +32,20 @@ class CudaBackend final : public Backend {
   void add(TensorView out, TensorView a, TensorView b) override;
   void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
+  void matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
   void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
   void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                         const RopeParams& rope) override;
+  void mla_rope_append(TensorView q, int offset, TensorView cache, TensorView kv, TensorView norm_w, float eps,
+                       const Positions& pos, const RopeParams& rope) override;
+  void rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) override;
   void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;
+  void add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x, TensorView weights,
+                          TensorView ids, TensorView gate, TensorView bias, const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,

@@ -27,6 +27,9 @@ void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const i
 // cache row pos[i] = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]), cache width rank + rope_dim
 void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
                       const int32_t* pos, float theta, cudaStream_t s);
+// rope(q, ...) and mla_cache_append(cache, kv, ...) in one launch (rope dims = dim for both).
+void mla_rope_append(float* q, int heads, int head_dim, int offset, int dim, uint16_t* cache, const float* kv,
+                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, float theta, cudaStream_t s);
 
 // MLA attention over a bf16 latent cache [capacity, rank+rope]; query row i attends to rows [0, pos[i]].
 // bound: host-side upper bound on pos[i] + 1 (sizes grids). Absorbed: q [n, H, nope+rope], kv_b

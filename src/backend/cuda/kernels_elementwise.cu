@@ -1,10 +1,12 @@
 // Elementwise and row-wise kernels: embedding, RMSNorm, add, SwiGLU, bias, conversions, RoPE, cache append.
-// All are memory-bound and tiny next to the weight reads; they are written for clarity first.
+// All are memory-bound and tiny next to the weight reads; they are written for clarity first. Each starts with
+// grid_wait() (pdl.cuh): they are launched as programmatic dependents of the kernel before them.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace trellm::cuda {
 
@@ -38,11 +40,15 @@ __device__ __forceinline__ float load_as_f32(const void* p, DType t, int64_t i) 
 }
 
 __global__ void embed_kernel(float* out, const int32_t* tokens, const void* table, DType dt, int d) {
+  grid_wait();
+  grid_launch_dependents();
   const int64_t row = tokens[blockIdx.x];
   for (int j = threadIdx.x; j < d; j += blockDim.x) out[int64_t(blockIdx.x) * d + j] = load_as_f32(table, dt, row * d + j);
 }
 
 __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int d, float eps) {
+  grid_wait();
+  grid_launch_dependents();
   const float* xr = x + int64_t(blockIdx.x) * d;
   float* orow = out + int64_t(blockIdx.x) * d;
   float ss = 0;
@@ -53,6 +59,8 @@ __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int 
 }
 
 __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, int d, float eps) {
+  grid_wait();
+  grid_launch_dependents();
   float* hr = h + int64_t(blockIdx.x) * d;
   const float* yr = y + int64_t(blockIdx.x) * d;
   float* orow = out + int64_t(blockIdx.x) * d;
@@ -68,24 +76,34 @@ __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, fl
 }
 
 __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) out[i] = a[i] + b[i];
 }
 
 __global__ void silu_mul_kernel(float* out, const float* g, const float* u, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
 __global__ void add_bias_kernel(float* out, const float* bias, int d) {
+  grid_wait();
+  grid_launch_dependents();
   for (int j = threadIdx.x; j < d; j += blockDim.x) out[int64_t(blockIdx.x) * d + j] += bias[j];
 }
 
 __global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = __float2bfloat16_rn(x[i]);
 }
 
 __global__ void to_f16_kernel(__half* out, const float* x, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = __float2half_rn(x[i]);
 }
@@ -102,21 +120,21 @@ __device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, f
   p[2 * i + 1] = b * c + a * s;
 }
 
-__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
-  // block = one row (token); threads over (head, pair)
+// Row `row` of the interleaved RoPE (block-strided over (head, pair)).
+__device__ void rope_row(float* x, int row, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
   const int pairs = dim / 2;
   for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
     const int h = idx / pairs, i = idx % pairs;
-    rotate_pair(x + (int64_t(blockIdx.x) * heads + h) * head_dim + offset, i, dim, pos[blockIdx.x], theta);
+    rotate_pair(x + (int64_t(row) * heads + h) * head_dim + offset, i, dim, pos[row], theta);
   }
 }
 
-// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16.
-__global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
-                                    float eps, const int32_t* pos, float theta) {
+// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs the whole block.
+__device__ void append_row(__nv_bfloat16* cache, const float* kv, const float* w, int row, int rank, int rope_dim,
+                           float eps, const int32_t* pos, float theta) {
   __shared__ float kr[256];
-  const int width = rank + rope_dim, p = pos[blockIdx.x];
-  const float* src = kv + int64_t(blockIdx.x) * width;
+  const int width = rank + rope_dim, p = pos[row];
+  const float* src = kv + int64_t(row) * width;
   __nv_bfloat16* dst = cache + int64_t(p) * width;
   float ss = 0;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
@@ -128,6 +146,38 @@ __global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const
   for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(kr, i, rope_dim, p, theta);
   __syncthreads();
   for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
+}
+
+__global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
+  grid_wait();
+  grid_launch_dependents();
+  rope_row(x, blockIdx.x, heads, head_dim, offset, dim, pos, theta);  // block = one row (token)
+}
+
+__global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
+                                    float eps, const int32_t* pos, float theta) {
+  grid_wait();
+  grid_launch_dependents();
+  append_row(cache, kv, w, blockIdx.x, rank, rope_dim, eps, pos, theta);
+}
+
+// Both at once (MLA decode: one launch fewer per layer): grid (n, 2), y = 0 rotates q's row, y = 1 appends kv's.
+struct RopeAppendArgs {
+  float* q;
+  int heads, head_dim, offset, dim;
+  __nv_bfloat16* cache;
+  const float* kv;
+  const float* w;
+  int rank, rope_dim;
+  float eps;
+  const int32_t* pos;
+  float theta;
+};
+__global__ void rope_append_kernel(const RopeAppendArgs a) {
+  grid_wait();
+  grid_launch_dependents();
+  if (blockIdx.y == 0) rope_row(a.q, blockIdx.x, a.heads, a.head_dim, a.offset, a.dim, a.pos, a.theta);
+  else append_row(a.cache, a.kv, a.w, blockIdx.x, a.rank, a.rope_dim, a.eps, a.pos, a.theta);
 }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: a counter-based generator
@@ -157,35 +207,35 @@ int grid_for(int64_t n, int threads) { return int(std::min<int64_t>((n + threads
 }  // namespace
 
 void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n, int d, cudaStream_t s) {
-  embed_kernel<<<n, 256, 0, s>>>(out, tokens, table, dt, d);
+  launch(embed_kernel, dim3(n), dim3(256), 0, s, true, out, tokens, table, dt, d);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s) {
-  rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(out, x, w, d, eps);
+  launch(rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, out, x, w, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s) {
-  add_rms_norm_kernel<<<n, d >= 1024 ? 512 : 256, 0, s>>>(h, y, w, out, d, eps);
+  launch(add_rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, h, y, w, out, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {
-  add_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, a, b, n);
+  launch(add_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, out, a, b, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void silu_mul(float* out, const float* g, const float* u, int64_t n, cudaStream_t s) {
-  silu_mul_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, g, u, n);
+  launch(silu_mul_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, out, g, u, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s) {
-  add_bias_kernel<<<n, 256, 0, s>>>(out, bias, d);
+  launch(add_bias_kernel, dim3(n), dim3(256), 0, s, true, out, bias, d);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
-  to_bf16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(out), x, n);
+  launch(to_bf16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(out), x, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
-  to_f16_kernel<<<grid_for(n, 256), 256, 0, s>>>(reinterpret_cast<__half*>(out), x, n);
+  launch(to_f16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__half*>(out), x, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s) {
@@ -193,13 +243,21 @@ void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaS
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s) {
-  rope_kernel<<<n, 128, 0, s>>>(x, heads, head_dim, offset, dim, pos, theta);
+  launch(rope_kernel, dim3(n), dim3(128), 0, s, true, x, heads, head_dim, offset, dim, pos, theta);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void mla_rope_append(float* q, int heads, int head_dim, int offset, int dim, uint16_t* cache, const float* kv,
+                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, float theta, cudaStream_t s) {
+  TRELLM_ASSERT(dim <= 256);
+  const RopeAppendArgs a{q, heads, head_dim, offset, dim, reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, dim,
+                         eps, pos, theta};
+  launch(rope_append_kernel, dim3(n, 2), dim3(256), 0, s, true, a);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
                       const int32_t* pos, float theta, cudaStream_t s) {
   TRELLM_ASSERT(rope_dim <= 256);
-  cache_append_kernel<<<n, 256, 0, s>>>(reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
+  launch(cache_append_kernel, dim3(n), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

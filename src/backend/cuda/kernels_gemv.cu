@@ -4,6 +4,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace trellm::cuda {
 
@@ -17,6 +18,8 @@ template <> __device__ __forceinline__ float ld<__nv_bfloat16>(const __nv_bfloat
 
 template <typename W>
 __global__ void gemv_kernel(float* y, const float* x, const W* w, int n, int in, int out, const float* bias) {
+  grid_wait();  // a PDL dependent (pdl.cuh): x comes from the kernel before
+  grid_launch_dependents();
   const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (o >= out) return;
   const W* row = w + int64_t(o) * in;
@@ -44,9 +47,9 @@ __global__ void gemv_kernel(float* y, const float* x, const W* w, int n, int in,
 void gemv_dense(float* y, const float* x, const void* w, DType dt, int n, int in, int out, const float* bias, cudaStream_t s) {
   const dim3 grid((out + 7) / 8);
   switch (dt) {
-    case DType::BF16: gemv_kernel<<<grid, 256, 0, s>>>(y, x, static_cast<const __nv_bfloat16*>(w), n, in, out, bias); break;
-    case DType::F16: gemv_kernel<<<grid, 256, 0, s>>>(y, x, static_cast<const __half*>(w), n, in, out, bias); break;
-    case DType::F32: gemv_kernel<<<grid, 256, 0, s>>>(y, x, static_cast<const float*>(w), n, in, out, bias); break;
+    case DType::BF16: launch(gemv_kernel<__nv_bfloat16>, grid, dim3(256), 0, s, true, y, x, static_cast<const __nv_bfloat16*>(w), n, in, out, bias); break;
+    case DType::F16: launch(gemv_kernel<__half>, grid, dim3(256), 0, s, true, y, x, static_cast<const __half*>(w), n, in, out, bias); break;
+    case DType::F32: launch(gemv_kernel<float>, grid, dim3(256), 0, s, true, y, x, static_cast<const float*>(w), n, in, out, bias); break;
     default: TRELLM_ASSERT(false, "gemv_dense: dtype ", dtype_name(dt));
   }
   TRELLM_CUDA_LAUNCH_CHECK();

@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/backend.h"
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/pdl.cuh"
 
 namespace trellm::cuda {
 
@@ -107,6 +108,8 @@ __device__ uint32_t radix_select(const float* l, int64_t V, uint32_t floor, floa
 
 __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* params, int32_t* token, int32_t* pos,
                               int32_t* history, int64_t cap) {
+  grid_wait();  // a PDL dependent of the lm_head (pdl.cuh)
+  grid_launch_dependents();
   const float temperature = params->temperature, top_p = params->top_p, min_p = params->min_p;
   const int top_k = params->top_k;
   const uint64_t seed = params->seed;
@@ -161,7 +164,7 @@ __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* p
 
 void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
                  int64_t cap, cudaStream_t s) {
-  sample_kernel<<<1, kThreads, 0, s>>>(logits, V, static_cast<const SamplingParams*>(params), token, pos, history, cap);
+  launch(sample_kernel, dim3(1), dim3(kThreads), 0, s, true, logits, V, static_cast<const SamplingParams*>(params), token, pos, history, cap);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

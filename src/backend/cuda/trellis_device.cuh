@@ -19,6 +19,7 @@ using trellis::Codebook;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kGemvRows = 8;     // the GEMV kernels' largest m (one mma N dimension)
 constexpr int kGroupCols = 128;  // output columns per block
 constexpr int kChunk = 128;      // k rows per pipeline stage
 constexpr float kHs = 0.08838834764831845f;  // 1/sqrt(128), the same float as trellis::kHadamardScale
@@ -121,14 +122,16 @@ __device__ __forceinline__ void xform_regs_warp(float v[4], const uint16_t* suh,
   *reinterpret_cast<uint2*>(dst + 4 * lane) = pk;
 }
 
-// Same from an f32 row in memory: x_row real-dim (features >= in read as zero).
-__device__ __forceinline__ void xform_chunk_warp(__half* dst, const float* x_row, int in, const uint16_t* suh, int k0) {
+// Same from an f32 row in memory: x_row real-dim (features >= in read as zero). With norm_w, the row is first
+// RMS-normalised as the rms_norm kernels do it: norm_w[k] · (x[k] · rnorm).
+__device__ __forceinline__ void xform_chunk_warp(__half* dst, const float* x_row, int in, const uint16_t* suh, int k0,
+                                                 const float* norm_w = nullptr, float rnorm = 1.0f) {
   const int lane = threadIdx.x & 31;
   float v[4];
 #pragma unroll
   for (int i = 0; i < 4; i++) {
     const int k = k0 + 4 * lane + i;
-    v[i] = k < in ? x_row[k] : 0.0f;
+    v[i] = k < in ? (norm_w ? norm_w[k] * (x_row[k] * rnorm) : x_row[k]) : 0.0f;
   }
   xform_regs_warp(v, suh, k0, dst);
 }
@@ -195,20 +198,25 @@ __device__ __forceinline__ void sum_partials(float v[4], const float* p, int spl
 
 // ---- main loops ---------------------------------------------------------------------------------------------
 
-// Single-M-tile loop (m <= 8 rows): A (fp16, rows < m, `a_pitch` halves per row, chunk-relative columns
-// starting at 0) is already in shared memory for the whole k range; B streams through a kStagesGemv-deep
-// cp.async ring. acc0/acc1: the two n-subtiles of the warp's tile column (rows 0..7 in c0/c1).
+// GEMV loop (m <= 8 rows), operands swapped: D[n][token] += Wᵀ[n][k] · x_h[k][token], so the decoded tile is
+// the mma's A operand (16 output columns × 16 k) and the activations its B operand (16 k × 8 tokens). The
+// trellis walk order gives lane t exactly the A fragment's 8 positions (n = t/4 + {0, 8}, k = 2(t%4) +
+// {0, 1, 8, 9}), so a tile costs one mma.m16n8k16 for up to 8 rows, with no zero A rows to build.
+// (v3 had x as A: two mmas per tile, 15 of 16 A rows zero at m = 1, and 4 register moves per tile to
+// rebuild the zero A quads: ncu measured 90 executed instructions per tile and 8.6 cycles per issue.)
+// As: x_h of rows 0..m-1 and a zero row m (lanes of rows >= m all read it: a broadcast), `a_pitch` halves per
+// row (a_pitch/2 ≡ 4 mod 32 words: the lanes' B loads hit distinct banks), chunk-relative columns from 0. B streams through a kStagesGemv-deep
+// cp.async ring. acc: c0/c1 = column warp·16 + t/4 for rows 2(t%4), 2(t%4)+1; c2/c3 = column + 8.
+// The codebook is a template parameter (the caller switches once per block, not once per tile).
 constexpr int kStagesGemv = 4;
 
-template <int K>
-__device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
-                                              int a_pitch, int m, uint32_t* Bs, float acc0[4], float acc1[4]) {
+template <int K, Codebook CB>
+__device__ __forceinline__ void gemv_mainloop_cb(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
+                                                 int a_pitch, int m, uint32_t* Bs, float acc[4]) {
   constexpr int kCW = chunk_words<K>();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int tiles_n = w.out_padded / 16;
-  const int gr = lane >> 2, cq = lane & 3;
-  const bool row_ok = gr < m;  // rows >= m read row 0 and are zeroed by a select: no divergent branch per tile
-  const uint32_t* Arow = reinterpret_cast<const uint32_t*>(As + (row_ok ? gr : 0) * a_pitch) + cq;
+  const uint32_t* Xrow = reinterpret_cast<const uint32_t*>(As + min(lane >> 2, m) * a_pitch) + (lane & 3);
   for (int c = 0; c < nck; c++) {
     cp_wait<kStagesGemv - 2>();
     __syncthreads();
@@ -216,16 +224,29 @@ __device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group,
     if (nxt < nck) load_b_chunk<K>(Bs + (nxt % kStagesGemv) * kCW, w.trellis, tiles_n, (c0 + nxt) * 8, group * 8);
     cp_commit();
     const uint32_t* st = Bs + (c % kStagesGemv) * kCW + warp * 8 * K;
-#pragma unroll 4
+    const uint32_t* xc = Xrow + c * (kChunk / 2);
+#pragma unroll
     for (int kk = 0; kk < 8; kk++) {
-      uint32_t b[4];
-      decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
-      const uint32_t a0 = Arow[(c * kChunk + kk * 16) / 2], a2 = Arow[(c * kChunk + kk * 16 + 8) / 2];
-      const uint32_t a[4] = {row_ok ? a0 : 0u, 0u, row_ok ? a2 : 0u, 0u};
-      mma16816(acc0, a, b[0], b[1]);
-      mma16816(acc1, a, b[2], b[3]);
+      uint32_t s8[8], q[4];
+      trellis::lane_states(st + kk * 64 * K, K, lane, s8);
+      decode8<CB>(s8, q);  // q: (n, k) = (g, 2c..), (g, 2c+8..), (g+8, 2c..), (g+8, 2c+8..)
+      const uint32_t a[4] = {q[0], q[2], q[1], q[3]};
+      mma16816(acc, a, xc[kk * 8], xc[kk * 8 + 4]);
     }
   }
+}
+
+template <int K>
+__device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
+                                              int a_pitch, int m, uint32_t* Bs, float acc[4]) {
+  if (w.codebook == int(Codebook::Mcg)) gemv_mainloop_cb<K, Codebook::Mcg>(w, group, c0, nck, As, a_pitch, m, Bs, acc);
+  else if (w.codebook == int(Codebook::Inst3)) gemv_mainloop_cb<K, Codebook::Inst3>(w, group, c0, nck, As, a_pitch, m, Bs, acc);
+  else gemv_mainloop_cb<K, Codebook::Mul1>(w, group, c0, nck, As, a_pitch, m, Bs, acc);
+}
+
+// Zeroes row m of a GEMV A buffer (`halves` used, a multiple of 8): the row the loop above reads for rows >= m.
+__device__ __forceinline__ void zero_gemv_row(__half* As, int a_pitch, int m, int halves) {
+  for (int i = threadIdx.x; i < halves / 8; i += kThreads) reinterpret_cast<uint4*>(As + m * a_pitch)[i] = make_uint4(0, 0, 0, 0);
 }
 
 template <int K>

@@ -48,6 +48,17 @@ void trellis_workspace_init(void* workspace, size_t bytes, cudaStream_t s);
 //          per block, split-k when the grid would be small) with the same epilogue.
 void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s);
 
+// y1 = x · W1 + b1 and y2 = x · W2 + b2 in one GEMV launch (m <= 8, same K and in_padded: the blocks of both
+// outputs share one grid and one k-split plan); anything else runs as two trellis_matmul calls. Workspace:
+// trellis_workspace_bytes(m, in_padded, out_padded1 + out_padded2).
+// y = rms_norm(x, norm_w, eps) · W + bias for m <= 8: the norm is computed in every block's prologue (each
+// block reads its rows in full), so no separate norm kernel runs. x is not modified.
+void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* norm_w, float eps, float* y, int m,
+                           void* workspace, cudaStream_t s);
+
+void trellis_matmul_pair(const DeviceTrellis& w1, const DeviceTrellis& w2, const float* x, float* y1, float* y2, int m,
+                         void* workspace, cudaStream_t s);
+
 // w_hf_bf16[out, in] (HF orientation, real dims) = bf16(diag(suh)·H·Q·H·diag(svh))ᵀ. Same fp32 operation
 // order as trellis::dequantize_hf_bf16 (column FWHT exact, ·1/√128, row FWHT in stage order, ·1/√128,
 // ·suh, ·svh, round to nearest even): bit-identical in practice; see tests/backend/cuda for the bound.
@@ -64,6 +75,12 @@ void moe_route(const float* x /*[m,hidden]*/, const uint16_t* gate_bf16 /*[E,hid
                int m, int hidden, int E, int top_k, int n_group, int topk_group, bool norm, float scale,
                float* weights /*[m,top_k]*/, int* ids /*[m,top_k]*/, cudaStream_t s);
 
+// h += y; x = rms_norm(h, norm_w, eps) (as add_rms_norm), then moe_route on x, in one launch: every CTA of a
+// token's cluster forms the normalised row in shared memory (no separate norm kernel). hidden <= 4096.
+void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps, float* x, const uint16_t* gate_bf16,
+                        const float* bias, int m, int hidden, int E, int top_k, int n_group, int topk_group, bool norm,
+                        float scale, float* weights, int* ids, cudaStream_t s);
+
 // out[m,hidden] = Σ_k weights[i,k]·expert_{ids[i,k]}(x_i) + shared(x_i), expert(x) = down(silu(gate x) ⊙ up x).
 // experts: device array of 3·n_experts descriptors (gate, up, down per expert); shared: device array of 3
 // (or null). ids/weights live on the device. Each descriptor's K and codebook are read on the device (they
@@ -74,9 +91,11 @@ void moe_route(const float* x /*[m,hidden]*/, const uint16_t* gate_bf16 /*[E,hid
 //  m > 8 (prefill): tokens grouped by expert on the device (one 1-block kernel), then grouped tensor-core
 //          GEMMs (128-row tiles of one expert) for gate+up and down, and a deterministic combine.
 // workspace: moe_workspace_bytes(...) bytes, zeroed once after allocation (see trellis_workspace_bytes).
+// max_k: the largest K among the descriptors (sizes the decode kernels' shared-memory ring: a smaller ring
+// fits more blocks per SM); a descriptor with a larger K __trap()s.
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s);
+                 void* workspace, cudaStream_t s, int max_k = 8);
 size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts);
 
 }  // namespace trellm::cuda

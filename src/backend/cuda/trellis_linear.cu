@@ -12,6 +12,8 @@ namespace trellm::cuda {
 namespace tk {
 
 __global__ void __launch_bounds__(kThreads) xform_kernel(const LinearArgs p) {
+  grid_wait();  // PDL dependent: x comes from the kernel before
+  grid_launch_dependents();
   const int row = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5);
   if (chunk >= p.w.in_padded / kChunk) return;
   xform_chunk_warp(const_cast<__half*>(p.xh) + int64_t(row) * p.w.in_padded + chunk * kChunk,
@@ -27,6 +29,11 @@ int sm_count() {
   return n;
 }
 
+int even_splits(int chunks, int want) {
+  const int per = (chunks + std::clamp(want, 1, chunks) - 1) / std::clamp(want, 1, chunks);  // chunks per split
+  return (chunks + per - 1) / per;
+}
+
 LinearPlan plan_linear(int m, int in_padded, int out_padded) {
   LinearPlan p;
   p.groups = out_padded / kGroupCols;
@@ -35,10 +42,13 @@ LinearPlan plan_linear(int m, int in_padded, int out_padded) {
   if (m <= kGemvMaxRows) {
     p.gemv = true;
     p.mchunks = 1;
-    // ~2 blocks per SM: 2048x1536 (16 groups, 12 chunks) -> 12 splits; lm_head (1210 groups) -> 1.
-    int splits = std::clamp((2 * sms + p.groups - 1) / p.groups, 1, p.chunks);
+    // Up to one wave of 4 blocks per SM (64 registers, ≤ 57 KB of shared memory at K = 3: ncu showed the
+    // v3 plan's ~2 blocks per SM leave the schedulers idle half the time, each warp issuing every 8.6 cycles),
+    // with the same number of chunks in every block: 2048x1536 (12 groups, 16 chunks) -> 16 splits of 1;
+    // 5120-wide o_proj (16 groups, 40 chunks) -> 20 splits of 2; lm_head (1210 groups) -> 1.
+    int splits = even_splits(p.chunks, std::max(1, 4 * sms / p.groups));
     // A (x_h for the block's k range) must fit its shared-memory budget.
-    const int max_nck = std::max(1, (kGemvMaxABytes / (2 * m) - 8) / kChunk);
+    const int max_nck = std::max(1, (kGemvMaxABytes / (2 * (m + 1)) - 8) / kChunk);  // m rows + the zero row
     splits = std::max(splits, (p.chunks + max_nck - 1) / max_nck);
     p.splits = std::min(splits, p.chunks);
     p.a_pitch = (p.chunks + p.splits - 1) / p.splits * kChunk + 8;
@@ -102,27 +112,31 @@ static void check_desc(const DeviceTrellis& w) {
                 "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
 }
 
+static void launch_gemv_k(const LinearArgs& a, const LinearPlan& p, cudaStream_t s) {
+  const size_t smem = size_t(kStagesGemv) * 2048 * a.w.K + size_t(a.m + 1) * p.a_pitch * 2;  // rows + a zero row
+  switch (a.w.K) {
+    case 2: launch_gemv<2>(a, smem, s); break;
+    case 3: launch_gemv<3>(a, smem, s); break;
+    case 4: launch_gemv<4>(a, smem, s); break;
+    case 5: launch_gemv<5>(a, smem, s); break;
+    case 6: launch_gemv<6>(a, smem, s); break;
+    case 7: launch_gemv<7>(a, smem, s); break;
+    case 8: launch_gemv<8>(a, smem, s); break;
+    default: fail("trellis_matmul: K = ", a.w.K);
+  }
+}
+
 void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s) {
   check_desc(w);
   TRELLM_ASSERT(m >= 1, "trellis_matmul: m = ", m);
   const LinearPlan p = plan_linear(m, w.in_padded, w.out_padded);
   TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul: ", p.counters, " column groups exceed the counter area");
   const WorkspaceLayout l = linear_layout(p, workspace);
-  LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters};
+  LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, nullptr, 0.0f};
   if (p.gemv) {
-    const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m) * p.a_pitch * 2;
-    switch (w.K) {
-      case 2: launch_gemv<2>(a, smem, s); break;
-      case 3: launch_gemv<3>(a, smem, s); break;
-      case 4: launch_gemv<4>(a, smem, s); break;
-      case 5: launch_gemv<5>(a, smem, s); break;
-      case 6: launch_gemv<6>(a, smem, s); break;
-      case 7: launch_gemv<7>(a, smem, s); break;
-      case 8: launch_gemv<8>(a, smem, s); break;
-      default: fail("trellis_matmul: K = ", w.K);
-    }
+    launch_gemv_k(a, p, s);
   } else {
-    xform_kernel<<<dim3(m, (p.chunks + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
+    launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();
     switch (w.K) {
       case 2: launch_gemm<2>(a, p.mchunks, p.mt, s); break;
@@ -135,6 +149,38 @@ void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, voi
       default: fail("trellis_matmul: K = ", w.K);
     }
   }
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void trellis_matmul_pair(const DeviceTrellis& w1, const DeviceTrellis& w2, const float* x, float* y1, float* y2, int m,
+                         void* workspace, cudaStream_t s) {
+  check_desc(w1);
+  check_desc(w2);
+  if (m > kGemvMaxRows || w1.K != w2.K || w1.in_padded != w2.in_padded || w1.in != w2.in) {
+    trellis_matmul(w1, x, y1, m, workspace, s);
+    trellis_matmul(w2, x, y2, m, workspace, s);
+    return;
+  }
+  TRELLM_ASSERT(m >= 1, "trellis_matmul_pair: m = ", m);
+  const LinearPlan p = plan_linear(m, w1.in_padded, w1.out_padded + w2.out_padded);
+  TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul_pair: ", p.counters, " column groups exceed the counter area");
+  const WorkspaceLayout l = linear_layout(p, workspace);
+  const LinearArgs a{w1, x, l.xh, y1, m, p.splits, p.a_pitch, l.partial, l.counters, w2, y2, w1.out_padded / kGroupCols,
+                     w1.out_padded + w2.out_padded, nullptr, 0.0f};
+  launch_gemv_k(a, p, s);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* norm_w, float eps, float* y, int m,
+                           void* workspace, cudaStream_t s) {
+  check_desc(w);
+  TRELLM_ASSERT(m >= 1 && m <= kGemvMaxRows, "trellis_matmul_normed: m = ", m, " (the fused norm is a GEMV prologue: m <= ",
+                kGemvMaxRows, ")");
+  const LinearPlan p = plan_linear(m, w.in_padded, w.out_padded);
+  TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul_normed: too many column groups");
+  const WorkspaceLayout l = linear_layout(p, workspace);
+  const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, norm_w, eps};
+  launch_gemv_k(a, p, s);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <algorithm>
 
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/trellis_device.cuh"
 #include "backend/cuda/trellis_plan.h"
 
@@ -17,42 +18,74 @@ struct LinearArgs {
   int m;
   int splits;         // k-splits over blocks (>= 1)
   int a_pitch;        // GEMV: halves per A row in shared memory
-  float* partial;     // [splits, m, out_padded] f32
+  float* partial;     // [splits, m, ldp] f32
   int* counters;      // arrival counters (zero at rest)
+  // GEMV pair (trellis_matmul_pair): column groups >= groups1 belong to w2/y2 (same K and in_padded).
+  // A single product has groups1 = w.out_padded / 128 and ldp = w.out_padded.
+  DeviceTrellis w2;
+  float* y2;
+  int groups1;
+  int ldp;            // partial row stride: the padded widths of both products
+  // GEMV with the input RMS-normalised first (trellis_matmul_normed): x_row ← norm_w ⊙ x_row · rsqrt(mean x² + eps).
+  const float* norm_w;
+  float norm_eps;
 };
 
 // ---- GEMV: grid (out_padded/128, splits), 256 threads --------------------------------------------------------
 template <int K>
-__global__ void __launch_bounds__(kThreads, 3) gemv_kernel(const LinearArgs p) {
+__global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
-  const DeviceTrellis& w = p.w;
-  const int group = blockIdx.x, z = blockIdx.y, chunks = w.in_padded / kChunk;
+  const bool second = int(blockIdx.x) >= p.groups1;  // the pair's second product
+  const DeviceTrellis w = second ? p.w2 : p.w;
+  float* const y = second ? p.y2 : p.y;
+  const int gcol = blockIdx.x * kGroupCols;  // column offset in the partial rows (both products)
+  const int group = second ? blockIdx.x - p.groups1 : blockIdx.x, z = blockIdx.y, chunks = w.in_padded / kChunk;
   const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + kStagesGemv * chunk_words<K>() * 4);
-  gemv_prefetch<K>(w, group, c0, nck, Bs);
-  // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m.
+  gemv_prefetch<K>(w, group, c0, nck, Bs);  // weights only: may run before the previous kernel ends (PDL)
+  grid_launch_dependents();
+  grid_wait();  // x, the partials and the counters belong to the kernels before
+  // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m, and the zero row m.
+  __shared__ float rnorm[kGemvRows];
+  if (p.norm_w) {  // every block reads its rows in full for the RMS (768 floats for q_b: L2 hits)
+    if (warp < p.m) {
+      const float* xr = p.x + int64_t(warp) * w.in;
+      float ss = 0.0f;
+      for (int k = lane; k < w.in; k += 32) ss += xr[k] * xr[k];
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+      if (lane == 0) rnorm[warp] = rsqrtf(ss / float(w.in) + p.norm_eps);
+    }
+    __syncthreads();
+  }
   for (int t = warp; t < p.m * nck; t += kWarps) {
     const int r = t / nck, c = t - r * nck;
-    xform_chunk_warp(As + r * p.a_pitch + c * kChunk, p.x + int64_t(r) * w.in, w.in, w.suh, (c0 + c) * kChunk);
+    xform_chunk_warp(As + r * p.a_pitch + c * kChunk, p.x + int64_t(r) * w.in, w.in, w.suh, (c0 + c) * kChunk,
+                     p.norm_w, p.norm_w ? rnorm[r] : 1.0f);
   }
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc0, acc1);  // its first barrier publishes As
-  const int gr = lane >> 2, cq = lane & 3;
-  if (gr < p.m) {
-    float* pr = p.partial + (int64_t(z) * p.m + gr) * w.out_padded + group * kGroupCols + warp * 16 + 2 * cq;
-    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
-    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  zero_gemv_row(As, p.a_pitch, p.m, nck * kChunk);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc);  // its first barrier publishes As
+  // acc: columns warp·16 + lane/4 (+8) of rows 2(lane%4) and 2(lane%4) + 1
+  const int g = lane >> 2, cq = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int r = 2 * cq + h;
+    if (r < p.m) {
+      float* pr = p.partial + (int64_t(z) * p.m + r) * p.ldp + gcol + warp * 16 + g;
+      pr[0] = acc[h];
+      pr[8] = acc[2 + h];
+    }
   }
-  if (!arrive_last(p.counters + group, p.splits, &flag)) return;
+  if (!arrive_last(p.counters + blockIdx.x, p.splits, &flag)) return;
   for (int r = warp; r < p.m; r += kWarps) {
     float v[4];
-    sum_partials(v, p.partial + int64_t(r) * w.out_padded + group * kGroupCols + 4 * lane, p.splits,
-                 int64_t(p.m) * w.out_padded);
+    sum_partials(v, p.partial + int64_t(r) * p.ldp + gcol + 4 * lane, p.splits, int64_t(p.m) * p.ldp);
     out_transform(v, w, group * kGroupCols);
-    store_row4(p.y + int64_t(r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
+    store_row4(y + int64_t(r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
   }
 }
 
@@ -69,6 +102,8 @@ __global__ void __launch_bounds__(kThreads, MT == kMT ? 1 : 2) gemm_kernel(const
   const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
   const int row0 = mc * MT * 16, rows = min(MT * 16, p.m - row0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  grid_wait();  // PDL dependent of the input transform
+  grid_launch_dependents();
   float acc[MT][2][4];
   gemm_mainloop<K, MT>(w, p.xh + int64_t(row0) * w.in_padded, w.in_padded, rows, group, c0, nck, smem, acc);
   if (p.splits == 1) {
@@ -274,7 +309,7 @@ void launch_dequant(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s);
       return true;                                                                                            \
     }();                                                                                                      \
     (void)once;                                                                                               \
-    gemv_kernel<K><<<dim3(a.w.out_padded / kGroupCols, a.splits), kThreads, smem, s>>>(a);                    \
+    launch(gemv_kernel<K>, dim3(a.ldp / kGroupCols, a.splits), dim3(kThreads), smem, s, true, a);                       \
   }                                                                                                           \
   template <>                                                                                                 \
   void launch_gemm<K>(const LinearArgs& a, int mchunks, int mt, cudaStream_t s) {                             \
@@ -286,8 +321,8 @@ void launch_dequant(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s);
     }();                                                                                                      \
     (void)once;                                                                                               \
     const dim3 grid(a.w.out_padded / kGroupCols, mchunks, a.splits);                                          \
-    if (mt == kMT) gemm_kernel<K, kMT><<<grid, kThreads, gemm_smem_bytes<K, kMT>(), s>>>(a);                  \
-    else gemm_kernel<K, kMTSmall><<<grid, kThreads, gemm_smem_bytes<K, kMTSmall>(), s>>>(a);                  \
+    if (mt == kMT) launch(gemm_kernel<K, kMT>, grid, dim3(kThreads), gemm_smem_bytes<K, kMT>(), s, true, a);  \
+    else launch(gemm_kernel<K, kMTSmall>, grid, dim3(kThreads), gemm_smem_bytes<K, kMTSmall>(), s, true, a);  \
   }                                                                                                           \
   template <>                                                                                                 \
   void launch_dequant<K>(const DeviceTrellis& w, __nv_bfloat16* out, cudaStream_t s) {                        \

@@ -7,6 +7,7 @@
 #include <climits>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/trellis_moe.cuh"
 #include "backend/cuda/trellis_plan.h"
 #include "core/error.h"
@@ -36,7 +37,16 @@ struct RouteArgs {
   float scale;
   float* weights;
   int* ids;
+  // Fused residual step (add_rms_norm_route): with h set, x is not read; every CTA forms v = h + y and
+  // x = norm_w ⊙ v · rsqrt(mean v² + eps) in shared memory for its dot products, and CTA 0 writes h = v and
+  // x_out = x once the cluster is done reading h. hidden <= kRouteFuseMaxHidden.
+  float* h;
+  const float* y;
+  const float* norm_w;
+  float eps;
+  float* x_out;
 };
+constexpr int kRouteFuseMaxHidden = 4096;
 
 __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads) route_kernel(const RouteArgs a) {
   __shared__ float s_sig[kRouteMaxE], s_choice[kRouteMaxE];
@@ -45,7 +55,34 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
   cg::cluster_group cl = cg::this_cluster();
   const int rank = int(cl.block_rank()), token = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // Before the wait (PDL): pull this warp's gate rows into L2 while the previous kernel finishes.
+  if (lane == 0 && (a.hidden & 7) == 0)
+    for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) prefetch_l2(a.gate + int64_t(e) * a.hidden, uint32_t(a.hidden) * 2);
+  grid_launch_dependents();
+  grid_wait();
+  __shared__ float s_v[kRouteFuseMaxHidden], s_x[kRouteFuseMaxHidden], s_red[kWarps];
   const float* xr = a.x + int64_t(token) * a.hidden;
+  if (a.h) {  // the residual add and the norm, as add_rms_norm_kernel computes them
+    const float* hr = a.h + int64_t(token) * a.hidden;
+    const float* yr = a.y + int64_t(token) * a.hidden;
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < a.hidden; k += kThreads) {
+      const float v = hr[k] + yr[k];
+      s_v[k] = v;
+      ss += v * v;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if (lane == 0) s_red[warp] = ss;
+    __syncthreads();
+    ss = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; w++) ss += s_red[w];
+    const float r = rsqrtf(ss / float(a.hidden) + a.eps);
+    for (int k = threadIdx.x; k < a.hidden; k += kThreads) s_x[k] = a.norm_w[k] * (s_v[k] * r);
+    __syncthreads();
+    xr = s_x;
+  }
   float* dst_sig = cl.map_shared_rank(s_sig, 0);
   float* dst_choice = cl.map_shared_rank(s_choice, 0);
   for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) {
@@ -72,7 +109,12 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
       dst_choice[e] = sg + (a.bias ? a.bias[e] : 0.0f);  // the bias only steers selection
     }
   }
-  cl.sync();
+  cl.sync();  // after it, no CTA of the cluster reads h any more
+  if (a.h && rank == 0) {
+    float* hr = a.h + int64_t(token) * a.hidden;
+    float* xo = a.x_out + int64_t(token) * a.hidden;
+    for (int k = threadIdx.x; k < a.hidden; k += kThreads) hr[k] = s_v[k], xo[k] = s_x[k];
+  }
   if (rank != 0 || warp != 0) return;
   for (int e = lane; e < a.E; e += 32) taken[e] = 0;
   if (a.n_group > 1 && lane == 0) {  // keep the topk_group groups whose two best choices sum highest
@@ -219,9 +261,10 @@ static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has
   size_t off = kMoeCounterBytes;
   if (p.decode) {
     p.J = m * p.jpt;
-    // ~2 blocks per SM: m = 1, GLM (5 jobs, 12 + 16 groups) -> s_gu = 3 (16 chunks), s_d = 4 (12 chunks).
-    p.s_gu = std::clamp((2 * sms + 2 * p.J * gi - 1) / (2 * p.J * gi), 1, p.hidden_p / kChunk);
-    p.s_d = std::clamp((2 * sms + p.J * gh - 1) / (p.J * gh), 1, p.inter_p / kChunk);
+    // Up to one wave of 4 blocks per SM, equal chunks per split (as plan_linear): m = 1, GLM (5 jobs, 12 + 16
+    // groups) -> s_gu = 4 (16 chunks: 480 blocks), s_d = 6 (12 chunks: 480 blocks).
+    p.s_gu = even_splits(p.hidden_p / kChunk, 4 * sms / (2 * p.J * gi));
+    p.s_d = even_splits(p.inter_p / kChunk, 4 * sms / (p.J * gh));
     off += align256(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4);  // p_gu
     off += align256(size_t(p.J) * p.inter_p * 2);                // a_d
     off += align256(size_t(p.J) * p.s_d * p.hidden_p * 4);       // p_d
@@ -280,8 +323,22 @@ void moe_route(const float* x, const uint16_t* gate_bf16, const float* bias, int
                 "moe_route: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " topk_group ", topk_group);
   if (m == 0) return;
   RouteArgs a{x, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
-              norm, scale, weights, ids};
-  route_kernel<<<dim3(kRouteCluster, m), kThreads, 0, s>>>(a);
+              norm, scale, weights, ids, nullptr, nullptr, nullptr, 0.0f, nullptr};
+  launch(route_kernel, dim3(kRouteCluster, m), dim3(kThreads), 0, s, true, a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps, float* x, const uint16_t* gate_bf16,
+                        const float* bias, int m, int hidden, int E, int top_k, int n_group, int topk_group, bool norm,
+                        float scale, float* weights, int* ids, cudaStream_t s) {
+  TRELLM_ASSERT(E >= 1 && E <= kRouteMaxE && top_k >= 1 && top_k <= 32 && top_k <= E && n_group >= 1 &&
+                    n_group <= 32 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group &&
+                    hidden <= kRouteFuseMaxHidden,
+                "add_rms_norm_route: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " hidden ", hidden);
+  if (m == 0) return;
+  RouteArgs a{nullptr, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
+              norm, scale, weights, ids, h, y, norm_w, eps, x};
+  launch(route_kernel, dim3(kRouteCluster, m), dim3(kThreads), 0, s, true, a);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
@@ -295,7 +352,8 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
 
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s) {
+                 void* workspace, cudaStream_t s, int max_k) {
+  TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
   const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr);
@@ -314,11 +372,12 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     }();
     (void)once;
     const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
-    const size_t smem_gu = kMoeGemvBSmem + size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk * 2 + 16;
-    const size_t smem_d = kMoeGemvBSmem + size_t((ci + p.s_d - 1) / p.s_d) * kChunk * 2 + 16;
-    gateup_decode_kernel<<<dim3(p.J, gi, 2 * p.s_gu), kThreads, smem_gu, s>>>(a);
+    a.ring_bytes = int(moe_ring_bytes(max_k));
+    const size_t smem_gu = a.ring_bytes + 2 * (size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk + 8) * 2;  // A row + zero row
+    const size_t smem_d = a.ring_bytes + 2 * (size_t((ci + p.s_d - 1) / p.s_d) * kChunk + 8) * 2;
+    launch(gateup_decode_kernel, dim3(p.J, gi, 2 * p.s_gu), dim3(kThreads), smem_gu, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();
-    down_decode_kernel<<<dim3(p.J, gh, p.s_d), kThreads, smem_d, s>>>(a);
+    launch(down_decode_kernel, dim3(p.J, gh, p.s_d), dim3(kThreads), smem_d, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();
     return;
   }

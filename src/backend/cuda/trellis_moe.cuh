@@ -34,6 +34,7 @@ struct MoeArgs {
   float* out;                    // [m, hidden]
   // decode variant (one job per (token, slot))
   int s_gu, s_d;                 // k-splits of gate/up and of down
+  int ring_bytes;                // shared memory of the weight ring: kStagesGemv stages of the largest K's chunk
   float* p_gu;                   // [J, 2, s_gu, inter_p]
   __half* a_d;                   // [J or R, inter_p]   down input, transformed
   float* p_d;                    // [J, s_d, hidden_p]
@@ -61,8 +62,9 @@ __device__ __forceinline__ const DeviceTrellis* job_desc(const MoeArgs& a, int t
   return slot < a.top_k ? expert_desc(a, a.ids[token * a.top_k + slot]) : a.shared;
 }
 
-// Shared memory of the one-row GEMV bodies: B ring sized for K = 8, then one A row.
-constexpr size_t kMoeGemvBSmem = size_t(kStagesGemv) * chunk_words<8>() * 4;
+// Shared memory of the one-row GEMV bodies: the B ring (sized for the layer's largest K: 24 KB at K = 3, 64 KB
+// at K = 8, which bounds blocks per SM), then the A row and the zero row.
+constexpr size_t moe_ring_bytes(int max_k) { return size_t(kStagesGemv) * 2048 * size_t(max_k); }
 
 __global__ void gateup_decode_kernel(const MoeArgs a);
 __global__ void down_decode_kernel(const MoeArgs a);

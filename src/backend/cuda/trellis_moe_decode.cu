@@ -5,33 +5,49 @@
 //  down_decode_kernel    grid (J, hidden_p/128, s_d): the last of the jpt·s_d blocks of a (token, column
 //                        group) applies each job's output transform, its routing weight, and sums the
 //                        token's jobs in slot order -> out (no atomics on data: deterministic).
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/trellis_moe.cuh"
 
 namespace trellm::cuda::tk {
 
-__global__ void __launch_bounds__(kThreads, 3) gateup_decode_kernel(const MoeArgs a) {
+namespace {
+__device__ __forceinline__ void prefetch_job(const DeviceTrellis& w, int group, int c0, int nck, uint32_t* Bs) {
+  with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
+}
+}  // namespace
+
+__global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const int j = blockIdx.x, group = blockIdx.y, which = blockIdx.z / a.s_gu, z = blockIdx.z % a.s_gu;
   const int token = j / a.jpt, slot = j - token * a.jpt;
-  const DeviceTrellis* d3 = job_desc(a, token, slot);
-  const DeviceTrellis w = d3[which];
   const int chunks = a.hidden_p / kChunk;
   const int c0 = z * chunks / a.s_gu, nck = (z + 1) * chunks / a.s_gu - c0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
-  __half* As = reinterpret_cast<__half*>(smem + kMoeGemvBSmem);
-  with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
+  __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
+  const int a_pitch = (chunks + a.s_gu - 1) / a.s_gu * kChunk + 8;  // row 1: zeros (gemv_mainloop_cb)
+  // The shared expert's weights are known before the router has run: its blocks start loading them while
+  // the router is still running (PDL). Routed jobs need the router's ids, so they load after the wait.
+  const bool early = slot >= a.top_k;
+  if (early) prefetch_job(a.shared[which], group, c0, nck, Bs);
+  grid_launch_dependents();
+  grid_wait();
+  const DeviceTrellis* d3 = job_desc(a, token, slot);
+  const DeviceTrellis w = d3[which];
+  if (size_t(kStagesGemv) * 2048 * w.K > size_t(a.ring_bytes)) __trap();  // K above the host's max_k
+  if (!early) prefetch_job(w, group, c0, nck, Bs);
   for (int c = warp; c < nck; c += kWarps)
     xform_chunk_warp(As + c * kChunk, a.x + int64_t(token) * a.hidden, a.hidden, w.suh, (c0 + c) * kChunk);
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, 0, 1, Bs, acc0, acc1); });
+  zero_gemv_row(As, a_pitch, 1, nck * kChunk);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
   const int64_t zs = a.inter_p;  // split stride
   float* pbase = a.p_gu + (int64_t(j) * 2 * a.s_gu) * zs + group * kGroupCols;
-  if (lane < 4) {
-    float* pr = pbase + (int64_t(which) * a.s_gu + z) * zs + warp * 16 + 2 * lane;
-    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
-    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  if ((lane & 3) == 0) {  // row 0: acc[0] = column warp·16 + lane/4, acc[2] = that + 8
+    float* pr = pbase + (int64_t(which) * a.s_gu + z) * zs + warp * 16 + (lane >> 2);
+    pr[0] = acc[0];
+    pr[8] = acc[2];
   }
   const int groups = a.inter_p / kGroupCols;
   if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) return;
@@ -58,30 +74,37 @@ __global__ void __launch_bounds__(kThreads, 3) gateup_decode_kernel(const MoeArg
   xform_regs_warp(h, d3[2].suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
 }
 
-__global__ void __launch_bounds__(kThreads, 3) down_decode_kernel(const MoeArgs a) {
+__global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const int j = blockIdx.x, group = blockIdx.y, z = blockIdx.z;
   const int token = j / a.jpt, slot = j - token * a.jpt;
-  const DeviceTrellis w = job_desc(a, token, slot)[2];
   const int chunks = a.inter_p / kChunk;
   const int c0 = z * chunks / a.s_d, nck = (z + 1) * chunks / a.s_d - c0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
-  __half* As = reinterpret_cast<__half*>(smem + kMoeGemvBSmem);
-  with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
+  __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
+  const int a_pitch = (chunks + a.s_d - 1) / a.s_d * kChunk + 8;
+  const bool early = slot >= a.top_k;  // as in gateup_decode_kernel
+  if (early) prefetch_job(a.shared[2], group, c0, nck, Bs);
+  grid_launch_dependents();
+  grid_wait();
+  const DeviceTrellis w = job_desc(a, token, slot)[2];
+  if (size_t(kStagesGemv) * 2048 * w.K > size_t(a.ring_bytes)) __trap();
+  if (!early) prefetch_job(w, group, c0, nck, Bs);
   {  // A row: this job's transformed down input, k range [c0, c0 + nck) chunks (16 B per thread and step)
     const uint4* src = reinterpret_cast<const uint4*>(a.a_d + int64_t(j) * a.inter_p + c0 * kChunk);
     uint4* dst = reinterpret_cast<uint4*>(As);
     for (int i = threadIdx.x; i < nck * kChunk / 8; i += kThreads) dst[i] = src[i];
   }
-  float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, 0, 1, Bs, acc0, acc1); });
+  zero_gemv_row(As, a_pitch, 1, nck * kChunk);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
   const int64_t zs = a.hidden_p;
-  if (lane < 4) {
-    float* pr = a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols + warp * 16 + 2 * lane;
-    *reinterpret_cast<float2*>(pr) = make_float2(acc0[0], acc0[1]);
-    *reinterpret_cast<float2*>(pr + 8) = make_float2(acc1[0], acc1[1]);
+  if ((lane & 3) == 0) {  // as in gateup_decode_kernel
+    float* pr = a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols + warp * 16 + (lane >> 2);
+    pr[0] = acc[0];
+    pr[8] = acc[2];
   }
   const int groups = a.hidden_p / kGroupCols;
   if (!arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag)) return;
@@ -99,12 +122,12 @@ __global__ void __launch_bounds__(kThreads, 3) down_decode_kernel(const MoeArgs 
   }
   __syncthreads();
   if (warp != 0) return;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float sum[4] = {0.f, 0.f, 0.f, 0.f};
   for (int s = 0; s < a.jpt; s++) {
     const float4 c = *reinterpret_cast<const float4*>(contrib + s * kGroupCols + 4 * lane);
-    acc[0] += c.x, acc[1] += c.y, acc[2] += c.z, acc[3] += c.w;
+    sum[0] += c.x, sum[1] += c.y, sum[2] += c.z, sum[3] += c.w;
   }
-  store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, acc);
+  store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, sum);
 }
 
 }  // namespace trellm::cuda::tk

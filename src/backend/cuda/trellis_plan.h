@@ -29,6 +29,9 @@ struct WorkspaceLayout {
 };
 
 int sm_count();
+// The number of k-splits closest to `want` (clamped to [1, chunks]) that gives every split the same number
+// of chunks (ceil(chunks / splits) chunks each, so the last split is not the only long one).
+int even_splits(int chunks, int want);
 LinearPlan plan_linear(int m, int in_padded, int out_padded);
 WorkspaceLayout linear_layout(const LinearPlan& p, void* ws);
 

@@ -171,6 +171,28 @@ TEST_F(CudaOps, EmbedAndCacheAppend) {
   for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache_h[i], std::fabs(cache_h[i]) * 0.0040 + 1e-30) << i;
 }
 
+// The fused op (one kernel on the GPU) against the two CPU ops it replaces: q rotated, cache rows written, rows
+// outside [pos0, pos0 + n) untouched. GLM's decode shape (20 heads of 192 + 64, rank 512) and an odd one.
+TEST_F(CudaOps, MlaRopeAppendFused) {
+  struct Case { int n, H, nope, rope, rank, cap, pos0; };
+  for (const Case& c : {Case{1, 20, 192, 64, 512, 70, 64}, Case{3, 20, 192, 64, 512, 10, 7}, Case{5, 3, 24, 8, 40, 50, 41}}) {
+    const int hd = c.nope + c.rope, width = c.rank + c.rope;
+    auto q = randn(size_t(c.n) * c.H * hd), kv = randn(size_t(c.n) * width), w = randn(c.rank);
+    std::vector<float> cache_h = randn(size_t(c.cap) * width);  // old contents must survive outside the new rows
+    TensorView gc = bf16_cache(cache_h, c.cap, width);
+    TensorView gq = up(q, DType::F32, {c.n, c.H, hd});
+    Pos p = positions(c.pos0, c.n);
+    gpu->mla_rope_append(gq, c.nope, gc, up(kv, DType::F32, {c.n, width}), up(w, DType::F32, {c.rank}), 1e-6f, p.dev,
+                         RopeParams{1e4f, c.rope});
+    cpu.rope(host(q, {c.n, c.H, hd}), c.nope, p.host, RopeParams{1e4f, c.rope});
+    cpu.mla_cache_append(host(cache_h, {c.cap, width}), host(kv, {c.n, width}), host(w, {c.rank}), 1e-6f, p.host,
+                         RopeParams{1e4f, c.rope});
+    EXPECT_LT(rel_err(down(gq), q), 1e-6) << "q rope, H=" << c.H;
+    auto got = down_bf16(gc);
+    for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache_h[i], std::fabs(cache_h[i]) * 0.0040 + 1e-30) << i;
+  }
+}
+
 TEST_F(CudaOps, DenseMatmulGemvAndCublas) {
   for (DType dt : {DType::BF16, DType::F16, DType::F32})
     for (auto [n, in, out] : std::vector<std::tuple<int, int, int>>{{1, 64, 33}, {3, 127, 17}, {17, 333, 129}, {127, 256, 300}, {200, 96, 64}}) {

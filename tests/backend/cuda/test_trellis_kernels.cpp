@@ -229,16 +229,101 @@ TEST_F(TrellisCuda, MatmulGraphReplay) {
   cudaGraphDestroy(g);
 }
 
+// The GEMV pair (MLA's q_a + kv_a in one launch), then a product that reads the pair's first output through the
+// same workspace: with programmatic dependent launch on (pdl.cuh, sm_90), the second kernel's weight loads
+// start before the pair ends, so a missing grid_wait would show up here as a wrong or NaN row. Pairs of
+// different K (or m > 8) take the two-launch fallback, checked the same way.
+TEST_F(TrellisCuda, MatmulPairThenDependent) {
+  struct Case { int in, out1, out2, K1, K2, cb; };
+  const Case cases[] = {{2048, 768, 576, 3, 3, 1}, {136, 200, 333, 4, 4, 0}, {517, 130, 1000, 2, 2, 2}, {300, 128, 256, 3, 5, 1}};
+  for (const Case& c : cases) {
+    RandomTrellis w1(rng, c.in, c.out1, c.K1, c.cb, true), w2(rng, c.in, c.out2, c.K2, c.cb, false);
+    RandomTrellis w3(rng, c.out1, 257, c.K1, c.cb, true);
+    for (int m : {1, 3, 8, 17}) {
+      const size_t ws_bytes = std::max(cuda::trellis_workspace_bytes(m, w1.dev.in_padded, w1.dev.out_padded + w2.dev.out_padded),
+                                       cuda::trellis_workspace_bytes(m, w3.dev.in_padded, w3.dev.out_padded));
+      void* ws = alloc_zero(ws_bytes);
+      const std::vector<float> x = randn(size_t(m) * c.in);
+      std::vector<float> r1(size_t(m) * c.out1), r2(size_t(m) * c.out2), r3(size_t(m) * 257);
+      trellis::trellis_matmul_ref(w1.host, x.data(), m, r1.data());
+      trellis::trellis_matmul_ref(w2.host, x.data(), m, r2.data());
+      trellis::trellis_matmul_ref(w3.host, r1.data(), m, r3.data());
+      float* dx = upload(x);
+      float* d1 = upload(std::vector<float>(r1.size(), kNaN));
+      float* d2 = upload(std::vector<float>(r2.size(), kNaN));
+      float* d3 = upload(std::vector<float>(r3.size(), kNaN));
+      for (int rep = 0; rep < 2; rep++) {
+        cuda::trellis_matmul_pair(w1.dev, w2.dev, dx, d1, d2, m, ws, stream);
+        cuda::trellis_matmul(w3.dev, d1, d3, m, ws, stream);
+        TT_CHECK(cudaStreamSynchronize(stream));
+        const auto g1 = dev_download(d1, r1.size()), g2 = dev_download(d2, r2.size()), g3 = dev_download(d3, r3.size());
+        EXPECT_LE(max_rel_err(g1, r1), 1e-4) << "pair first, in " << c.in << " m=" << m;
+        EXPECT_LE(max_rel_err(g2, r2), 1e-4) << "pair second, in " << c.in << " m=" << m;
+        // d3 is computed from the GPU's d1, which differs from r1 by rounding (a flipped fp16 rounding of x_h
+        // here and there): 1e-3; reading d1 too early gives NaN (poison) or values off by O(1).
+        EXPECT_LE(max_rel_err(g3, r3), 1e-3) << "dependent, in " << c.in << " m=" << m;
+        TT_CHECK(cudaMemset(d1, 0xFF, r1.size() * 4));
+        TT_CHECK(cudaMemset(d2, 0xFF, r2.size() * 4));
+        TT_CHECK(cudaMemset(d3, 0xFF, r3.size() * 4));
+      }
+    }
+  }
+}
+
+// The GEMV with the RMS norm folded into its prologue (MLA's q_b(norm(q_a))) against rms_norm on the CPU, then
+// the reference product. The GPU's sum of squares runs in another order, so its rsqrt may differ in the last
+// bit, which flips an fp16 rounding of x_h here and there: 1e-3 of the output RMS, as for the dependent product
+// above (a missing or wrong norm is off by O(1): the rows' RMS is 3 here). x must come back unchanged.
+TEST_F(TrellisCuda, MatmulNormedPrologue) {
+  struct Case { int in, out, K, cb; };
+  for (const Case& c : {Case{768, 5120, 3, 1}, Case{136, 200, 4, 0}, Case{517, 130, 2, 2}}) {
+    RandomTrellis w(rng, c.in, c.out, c.K, c.cb, c.in == 136);
+    for (int m : {1, 3, 8}) {
+      void* ws = alloc_zero(cuda::trellis_workspace_bytes(m, w.dev.in_padded, w.dev.out_padded));
+      std::vector<float> x = randn(size_t(m) * c.in), nw = randn(c.in), xn(x.size());
+      for (auto& v : x) v *= 3.0f;
+      for (int r = 0; r < m; r++) {  // rms_norm as CpuBackend::rms_norm: w * (x * rsqrt(mean x² + eps))
+        double ss = 0;
+        for (int k = 0; k < c.in; k++) ss += double(x[size_t(r) * c.in + k]) * x[size_t(r) * c.in + k];
+        const float rn = 1.0f / std::sqrt(float(ss / c.in) + 1e-6f);
+        for (int k = 0; k < c.in; k++) xn[size_t(r) * c.in + k] = nw[k] * (x[size_t(r) * c.in + k] * rn);
+      }
+      std::vector<float> ref(size_t(m) * c.out);
+      trellis::trellis_matmul_ref(w.host, xn.data(), m, ref.data());
+      float* dx = upload(x);
+      float* dw = upload(nw);
+      float* dy = upload(std::vector<float>(ref.size(), kNaN));
+      cuda::trellis_matmul_normed(w.dev, dx, dw, 1e-6f, dy, m, ws, stream);
+      TT_CHECK(cudaStreamSynchronize(stream));
+      const double err = max_rel_err(dev_download(dy, ref.size()), ref);
+      EXPECT_LE(err, 1e-3) << c.out << "x" << c.in << " m=" << m;
+      std::printf("normed %dx%d K=%d m=%d: max err %.3g of rms\n", c.out, c.in, c.K, m, err);
+      EXPECT_EQ(0, std::memcmp(dev_download(dx, x.size()).data(), x.data(), x.size() * 4)) << "x modified";
+    }
+  }
+}
+
 // ---- router ----------------------------------------------------------------------------------------------------
 
+// fused: the router with the residual step before it (add_rms_norm_route): x = norm(h + y) is formed on the GPU
+// and compared, h must become h + y exactly, and the routing is checked against the CPU's x as below.
 void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, int n_group, int topk_group,
-                 cudaStream_t s) {
+                 cudaStream_t s, bool fused = false) {
   std::vector<float> x(size_t(m) * hidden), bias(E);
   for (auto& v : x) v = rng.normal();
   for (auto& v : bias) v = rng.uniform(-0.05f, 0.05f);
   std::vector<uint16_t> gate(size_t(E) * hidden);
   for (auto& v : gate) v = f32_to_bf16(rng.normal() * 0.03f);
   CpuBackend cpu;
+  std::vector<float> h(x.size()), y(x.size()), nw(hidden), h_ref;
+  if (fused) {
+    for (auto& v : h) v = rng.normal() * 4.0f;
+    for (auto& v : y) v = rng.normal();
+    for (auto& v : nw) v = rng.uniform(0.5f, 1.5f);
+    h_ref = h;
+    cpu.add_rms_norm(TensorView(h_ref.data(), DType::F32, {m, hidden}), TensorView(y.data(), DType::F32, {m, hidden}),
+                     TensorView(nw.data(), DType::F32, {hidden}), 1e-5f, TensorView(x.data(), DType::F32, {m, hidden}));
+  }
   MoeRouting r;
   r.n_experts = E, r.top_k = top_k, r.n_group = n_group, r.topk_group = topk_group, r.norm_topk_prob = true;
   r.routed_scaling_factor = 1.8f;
@@ -252,8 +337,20 @@ void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, 
   float* db = dev_upload(bias);
   float* dw = dev_upload(std::vector<float>(wref.size(), kNaN));
   int* di = dev_upload(std::vector<int>(iref.size(), -1));
-  cuda::moe_route(dx, dg, db, m, hidden, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
+  float* dh = dev_upload(h);
+  float* dy = dev_upload(y);
+  float* dn = dev_upload(nw);
+  if (fused) {
+    TT_CHECK(cudaMemset(dx, 0xFF, x.size() * 4));  // x is output only here
+    cuda::add_rms_norm_route(dh, dy, dn, 1e-5f, dx, dg, db, m, hidden, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
+  } else {
+    cuda::moe_route(dx, dg, db, m, hidden, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
+  }
   TT_CHECK(cudaStreamSynchronize(s));
+  if (fused) {
+    EXPECT_EQ(0, std::memcmp(dev_download(dh, h.size()).data(), h_ref.data(), h.size() * 4)) << "h += y";
+    EXPECT_LE(max_rel_err(dev_download(dx, x.size()), x), 1e-6) << "x = norm(h)";
+  }
   const auto w = dev_download(dw, wref.size());
   const auto id = dev_download(di, iref.size());
   // The CPU's choice values, to find near-ties (where summation order may legitimately flip the pick).
@@ -281,11 +378,15 @@ void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, 
     checked = m;
   }
   EXPECT_GE(checked, m * 3 / 4);
-  for (auto p : {(void*)dx, (void*)dg, (void*)db, (void*)dw, (void*)di}) cudaFree(p);
+  for (auto p : {(void*)dx, (void*)dg, (void*)db, (void*)dw, (void*)di, (void*)dh, (void*)dy, (void*)dn}) cudaFree(p);
 }
 
 TEST_F(TrellisCuda, RouteGlm) {
   for (int m : {1, 3, 17, 33, 127}) check_route(this, rng, m, 2048, 64, 4, 1, 1, stream);
+}
+TEST_F(TrellisCuda, RouteFusedWithResidualNorm) {
+  for (int m : {1, 3, 17}) check_route(this, rng, m, 2048, 64, 4, 1, 1, stream, true);
+  check_route(this, rng, 5, 300, 40, 3, 1, 1, stream, true);
 }
 TEST_F(TrellisCuda, RouteGroupedOdd) {
   check_route(this, rng, 17, 2048, 64, 6, 8, 4, stream);
@@ -299,8 +400,10 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
   std::vector<std::unique_ptr<RandomTrellis>> ws_;
   std::vector<Expert> experts(E);
   std::vector<cuda::DeviceTrellis> dexp(3 * E);
+  int max_k = 2;  // passed to moe_experts: the decode kernels' ring is sized for it (K = 3: 24 KB, not 64)
   auto make = [&](int in, int out, int idx) {
     const int K = mixed_k ? 2 + int(rng.next_u32() % 7) : 3;
+    max_k = std::max(max_k, K);
     const int cb = mixed_k ? int(rng.next_u32() % 3) : 1;
     ws_.push_back(std::make_unique<RandomTrellis>(rng, in, out, K, cb, false));
     Linear l;
@@ -351,7 +454,7 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
   std::vector<float> first;
   for (int r = 0; r < reps; r++) {
     TT_CHECK(cudaMemset(dout, 0xFF, ref.size() * 4));
-    cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s);
+    cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s, max_k);
     TT_CHECK(cudaStreamSynchronize(s));
     const auto got = dev_download(dout, ref.size());
     const double err = max_rel_err(got, ref), l2 = rel_l2(got, ref);

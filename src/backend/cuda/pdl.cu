@@ -1,0 +1,20 @@
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cuda/pdl.cuh"
+
+namespace trellm::cuda {
+
+bool pdl_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("TRELLM_PDL");
+    if (e && std::strcmp(e, "0") == 0) return false;
+    int dev = 0, major = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+      return false;
+    return major >= 9;
+  }();
+  return on;
+}
+
+}  // namespace trellm::cuda

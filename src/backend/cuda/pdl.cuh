@@ -1,0 +1,77 @@
+// Programmatic dependent launch (PDL, sm_90): how the decode step's ~16 kernels per layer overlap.
+//
+// A kernel launched with the PDL attribute may start while its predecessor is still running. Its blocks first
+// do what does not depend on the predecessor (issue their weight loads into shared memory or L2), then call
+// grid_wait(), which returns once the predecessor has finished and its writes are visible. Every kernel that
+// is launched this way calls grid_wait() before it reads an activation or writes any global memory, and every
+// grid has blocks that wait before they end, so the chain stays ordered transitively (kernel n finishing
+// implies kernel n-1 finished). grid_launch_dependents() lets the next kernel's blocks be scheduled early;
+// without it they start when this grid ends. Both are no-ops when the launch carried no PDL attribute.
+//
+// Why: a decode step is ~750 small dependent kernels (bench/results/e2e.md); without PDL each pays its launch
+// and its first weight round trip on the critical path.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "backend/cuda/cuda_check.h"
+
+namespace trellm::cuda {
+
+__device__ __forceinline__ void grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Asks L2 to fetch [p, p + bytes) (16-byte aligned, bytes a multiple of 16) without waiting: a hint, no
+// data dependence. sm_90 bulk prefetch; nothing on older targets.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// True on sm_90+ unless the environment sets TRELLM_PDL=0 (A/B timing, debugging).
+bool pdl_enabled();
+
+// Launches kernel<<<grid, block, smem, s>>>(args...) with the PDL attribute when pdl && pdl_enabled(), and
+// with a thread-block cluster of cluster_x blocks along x when cluster_x > 1.
+template <typename... Params, typename... Actual>
+void launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, int cluster_x,
+               Actual... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl && pdl_enabled()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n].val.programmaticStreamSerializationAllowed = 1;
+    n++;
+  }
+  if (cluster_x > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = unsigned(cluster_x);
+    attr[n].val.clusterDim.y = 1;
+    attr[n].val.clusterDim.z = 1;
+    n++;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = unsigned(n);
+  TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
+}
+
+// The common case: PDL, no cluster.
+template <typename... Params, typename... Actual>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {
+  launch_ex(kernel, grid, block, smem, s, pdl, 1, args...);
+}
+
+}  // namespace trellm::cuda
