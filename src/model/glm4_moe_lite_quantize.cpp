@@ -218,7 +218,8 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   std::string ks;
   for (auto [k, n] : per_k) ks += (ks.empty() ? "" : ", ") + std::to_string(n) + " at K=" + std::to_string(k);
   note(str_cat(res.plan.entries.size(), " Linears to trellis-code (", ks, "), codebook ",
-               trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw"));
+               trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw; Viterbi on ",
+               opt.device == trellis::EncodeDevice::Cuda ? "the GPU (CUDA)" : "the CPU"));
 
   std::unique_ptr<HessianCapture> capture;
   if (!opt.calibration.empty()) {
@@ -246,6 +247,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.seed = opt.seed;
   co.shard_bytes = opt.shard_bytes;
   co.encode.scale_search = opt.scale_search;
+  co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch
   co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K
   co.extra_metadata = {
       {"calibration", opt.calibration.empty() ? "none" : calibration_fingerprint(opt.calibration)},

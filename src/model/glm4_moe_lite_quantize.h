@@ -111,6 +111,7 @@ struct QuantizeModelOptions {
   HessianCapture::Options capture;
   bool force = false;                 // replace an existing complete model at out_dir
   bool scale_search = true;           // the encoder's global scale search (TRELLIS.md §4.3)
+  trellis::EncodeDevice device = trellis::EncodeDevice::Cpu;  // where the Viterbi runs (same codes on both)
   uint64_t seed = 0;                  // sign flips: Linear i uses seed + i
   uint64_t shard_bytes = 8192ull << 20;
   int64_t stop_after = 0;             // > 0: stop after encoding this many Linears (tests of resuming)

@@ -23,7 +23,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct QuantizeArgs {
-  std::string model, out, codebook = "mcg", calibration;
+  std::string model, out, codebook = "mcg", calibration, device = "auto";
   double bits = 0;
   int head_bits = 6, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
@@ -126,6 +126,7 @@ int run_quantize(const QuantizeArgs& a) {
   o.force = a.force;
   o.seed = a.seed;
   o.scale_search = !a.no_scale_search;
+  o.device = trellis::parse_encode_device(a.device, "--device " + a.device);
   o.stop_after = a.stop_after;
   if (!a.calibration.empty()) {
     if (!fs::is_directory(a.model)) fail(a.model, ": not a model directory");
@@ -177,6 +178,9 @@ void add_quantize(CLI::App& app) {
   a.rows_opt = cmd->add_option("--calibration-rows", a.calibration_rows, "At most this many calibration rows")
                    ->capture_default_str();
   a.seq_opt = cmd->add_option("--seq-len", a.seq_len, "Tokens per calibration row")->capture_default_str();
+  cmd->add_option("--device", a.device,
+                  "Where the Viterbi encoder runs: cpu, cuda, or auto (the GPU when there is one; ~100x faster). "
+                  "Both write the same files; Hessians are always captured on the CPU")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
   cmd->add_flag("--force", a.force, "Replace OUT if it already holds a model");
