@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The measurements behind bench/results/default_model_quality.md, in one run on a machine with a GPU:
-#   - trellis K = 4, 3, 2, 5, 6, 8: `trellm quantize` of models/tiny-glm with calibration (LDLQ), the Viterbi on
+#   - trellis K = 4, 3, 8, 2, 5, 6: `trellm quantize` of models/tiny-glm with calibration (LDLQ), the Viterbi on
 #     the GPU (--device cuda), the 6-bit lm_head of the shipped model. K = 4 captures the calibration Hessians
 #     (a CPU forward pass over 262,144 tokens) into a cache the other five reuse (same f32 Hessians, same files).
 #   - K = 3 again and compared byte for byte with the shipped models/tiny-glm-3bit (made with the CPU encoder):
@@ -15,13 +15,18 @@
 #
 # Usage (from the repository root):
 #   scripts/quality_table.sh TRELLM OUT CALIB_IDS [WORK]
-#     TRELLM     trellm built with CUDA (e.g. .q7build/trellm)
+#     TRELLM     trellm built with CUDA (e.g. .q7build/trellm); test_trellis_viterbi_cuda and
+#                test_trellis_encode_cuda beside it, if present, run at the end as diagnostics
 #     OUT        results: summary.txt, results.jsonl (one record per variant), table.md, logs.tar.gz (<= 8 files,
 #                rewritten as each step ends, so a run cut short still leaves what was finished)
 #     CALIB_IDS  the calibration rows: 256 x 1024 token ids of the Austen training split, made by
-#                scripts/austen_calibration.py (see docs/default_model.md); checked against its sha256 below
-#     WORK       quantized models and the Hessian cache (default /tmp/trellm_quality; ~60 MB)
-# Measured on the H100 machine: see bench/results/default_model_quality.md (time per step in summary.txt).
+#                scripts/austen_calibration.py (models/tiny-glm-3bit/README.md); checked against its sha256 below
+#     WORK       quantized models and the Hessian cache (default /tmp/trellm_quality; ~100 MB)
+# Settings from the environment: KS (the trellis K, in order), PPL_JOBS, PPL_THREADS, Q_THREADS, QUANT_DEADLINE
+# (no quantize starts after this many seconds, so that a 10-minute limit still sees every perplexity finish).
+# Time: estimated 3-5 min on a 16-core H100 machine (the first quantize's capture ~30 s of CPU, then the GPU
+# Viterbi: ~3,600 calls a model, each 16-row LDLQ block one latency-bound launch, K = 8 slowest); summary.txt
+# has the time of every step.
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
@@ -164,7 +169,18 @@ fi
 # An ablation row: K = 3 without calibration (plain per-tile Viterbi; no Hessians, GPU only).
 if quantize k3_plain 3; then perplexity k3_plain "$WORK/k3_plain"; fi
 
-say "waiting for ${#ppl_pids[@]} perplexity jobs"
+# Diagnostics, if the cuda-labelled encoder tests were carried next to the binary (no test data needed): the
+# CUDA Viterbi and quantize_linear on the GPU against the CPU, bit for bit.
+for t in test_trellis_viterbi_cuda test_trellis_encode_cuda; do
+  exe="$(dirname "$TRELLM")/$t"
+  [ -x "$exe" ] || continue
+  ( if timeout 300 "$exe" > "$WORK/logs/$t.log" 2>&1; then say "$t: $(grep -E '^\[  (PASSED  |SKIPPED )\] [0-9]+ test' "$WORK/logs/$t.log" | tr '\n' ' ')"
+    else say "$t: FAILED (see $t.log)"; fi
+    publish ) &
+  ppl_pids+=($!)
+done
+
+say "waiting for ${#ppl_pids[@]} background jobs"
 for p in ${ppl_pids[@]+"${ppl_pids[@]}"}; do wait "$p" || true; done
 publish
 say "done in $(( $(date +%s) - T0 )) s; results in $OUT"
