@@ -77,11 +77,11 @@ say "perplexity: $PPL_JOBS jobs x $PPL_THREADS threads; quantize: $Q_THREADS thr
 # Several background jobs publish: one at a time (flock).
 publish() {
   (
-    flock 9
+    flock 9 2> /dev/null || true
     (cd "$WORK/logs" && tar czf "$OUT/logs.tar.gz.tmp" --exclude='*.tmp' . && mv "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz") || true
     python3 scripts/quality_table.py --logs "$WORK/logs" --jsonl "$OUT/results.jsonl" --markdown "$OUT/table.md" \
       > /dev/null 2>> "$WORK/logs/quality_table_py.log" || true
-  ) 9> "$WORK/publish.lock"
+  ) 9> "$WORK/publish.lock" || true
 }
 
 # perplexity NAME DIR, in the background (at most PPL_JOBS at once); then the weight error and the record.
