@@ -15,7 +15,7 @@
 #
 # Usage (from the repository root):
 #   scripts/quality_table.sh TRELLM OUT CALIB_IDS [WORK]
-#     TRELLM     trellm built with CUDA (e.g. .q7build/trellm); test_trellis_viterbi_cuda and
+#     TRELLM     trellm built with CUDA (e.g. build-q7/trellm); test_trellis_viterbi_cuda and
 #                test_trellis_encode_cuda beside it, if present, run at the end as diagnostics
 #     OUT        results: summary.txt, results.jsonl (one record per variant), table.md, logs.tar.gz (<= 8 files,
 #                rewritten as each step ends, so a run cut short still leaves what was finished)
