@@ -2,6 +2,7 @@
 // backend whose Linear observer feeds each Linear's input rows into a HessianAccumulator (see
 // glm4_moe_lite_quantize.h for what is captured and why).
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -18,8 +19,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// 64-bit FNV-1a over config.json and every tensor (name, dtype, shape, bytes) of the model, 8 bytes a step: the
-// Hessians depend on all of them. ~5 GB/s, so a few seconds for a 60 GB checkpoint; computed only with a cache.
+// 64-bit FNV-1a over config.json and every tensor (name, dtype, shape, bytes) of the model, 8 bytes a step (one
+// multiply each): the Hessians depend on all of them. Computed only when a cache is used; a pass over the weights
+// is small next to the capture, which runs the whole model over every calibration token.
 std::string model_fingerprint(const std::string& model_dir) {
   uint64_t h = 1469598103934665603ull;
   auto mix = [&](const void* data, size_t n) {
