@@ -206,7 +206,7 @@ EncodeDevice parse_encode_device(const std::string& name, const std::string& wha
   if (name == "auto") return cuda_encoder_available() ? EncodeDevice::Cuda : EncodeDevice::Cpu;
   if (name != "cuda") fail(what, ": unknown device \"", name, "\" (cpu, cuda or auto)");
 #ifndef TRELLM_HAVE_CUDA
-  fail(what, ": this trellm was built without CUDA (no nvcc at configure time); use --device cpu");
+  fail(what, ": this trellm was built without CUDA (TRELLM_CUDA=OFF or no nvcc); use --device cpu");
 #else
   if (!viterbi_cuda_available()) fail(what, ": no CUDA device found (the driver reports none); use --device cpu");
   return EncodeDevice::Cuda;
