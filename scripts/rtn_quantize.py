@@ -46,7 +46,10 @@ def rtn(w, bits, group):
 
 
 def is_quantized(name, shape):
-    return (name.startswith("model.layers.") and name.endswith("_proj.weight") and len(shape) == 2)
+    """Every 2-D weight of the decoder layers but the router: the Linears `trellm quantize` trellis-codes
+    (attention projections including kv_a_proj_with_mqa, dense MLP, routed and shared experts)."""
+    return (name.startswith("model.layers.") and name.endswith(".weight") and len(shape) == 2
+            and not name.endswith(".mlp.gate.weight"))
 
 
 def main():

@@ -2,14 +2,61 @@
 // backend whose Linear observer feeds each Linear's input rows into a HessianAccumulator (see
 // glm4_moe_lite_quantize.h for what is captured and why).
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <map>
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "format/safetensors.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "quant/hessian.h"
 
 namespace trellm {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// 64-bit FNV-1a over config.json and every tensor (name, dtype, shape, bytes) of the model, 8 bytes a step (one
+// multiply each): the Hessians depend on all of them. Computed only when a cache is used; a pass over the weights
+// is small next to the capture, which runs the whole model over every calibration token.
+std::string model_fingerprint(const std::string& model_dir) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](const void* data, size_t n) {
+    const unsigned char* p = static_cast<const unsigned char*>(data);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t v;
+      std::memcpy(&v, p + i, 8);
+      h = (h ^ v) * 1099511628211ull;
+    }
+    for (; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+  };
+  const std::string cfg = (fs::path(model_dir) / "config.json").string();
+  {
+    std::FILE* f = std::fopen(cfg.c_str(), "rb");
+    if (!f) fail(cfg, ": cannot open");
+    char buf[4096];
+    size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) mix(buf, n);
+    std::fclose(f);
+  }
+  const TensorStore store = TensorStore::open(model_dir);
+  for (const std::string& name : store.names()) {
+    const TensorInfo& t = store.get(name);
+    const std::string head = str_cat(name, " ", dtype_name(t.dtype), " ", t.shape.size());
+    mix(head.data(), head.size());
+    mix(t.shape.data(), t.shape.size() * sizeof(int64_t));
+    mix(t.data, t.nbytes);
+  }
+  char out[17];
+  std::snprintf(out, sizeof out, "%016llx", (unsigned long long)h);
+  return out;
+}
+
+}  // namespace
 
 // The accumulators of one window of consecutive layers [first, last].
 struct HessianCapture::Window {
@@ -32,6 +79,11 @@ HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::ve
   if (opt_.chunk < 1) fail("calibration: chunk must be positive");
   linears_ = model_linears(*model_);
   for (size_t i = 0; i < linears_.size(); i++) by_key_[linears_[i].first.key] = i;
+  if (!opt_.cache_dir.empty()) {
+    fs::create_directories(opt_.cache_dir);
+    cache_key_ = str_cat("trellm hessians v1; model ", model_fingerprint(model_dir), "; calibration ",
+                         calibration_fingerprint(rows_), "; chunk ", opt_.chunk);
+  }
 }
 
 HessianCapture::~HessianCapture() {
@@ -102,23 +154,75 @@ void HessianCapture::capture(int64_t first_layer) {
   backend_->set_linear_observer(nullptr);
   window_ = std::move(w);
   passes_++;
+  if (!cache_key_.empty()) save_window();
+}
+
+// Cache files: <cache_dir>/<input group>.safetensors holding "hessian" (in, in) F32, XᵀX / rows as hessian()
+// returns it, with metadata {"trellm_hessians": cache_key_, "rows": rows}. Written through a temporary name, so a
+// file under its final name is complete; any mismatch or unreadable file is a miss (the window is captured again).
+void HessianCapture::save_window() const {
+  for (const auto& [group, acc] : window_->acc) {
+    const std::vector<float> h = acc.hessian();
+    const fs::path file = fs::path(opt_.cache_dir) / (group + ".safetensors");
+    const fs::path tmp = fs::path(opt_.cache_dir) / (group + ".safetensors.tmp");
+    write_safetensors(tmp.string(), {{"hessian", DType::F32, {acc.in(), acc.in()}, h.data(), h.size() * sizeof(float)}},
+                      {{"trellm_hessians", cache_key_}, {"rows", std::to_string(acc.rows())}});
+    fs::rename(tmp, file);
+  }
+}
+
+bool HessianCapture::load_cached(const LinearSpec& s, std::vector<float>& h, int64_t& rows) {
+  if (cache_key_.empty()) return false;
+  const fs::path file = fs::path(opt_.cache_dir) / (s.input_group + ".safetensors");
+  if (!fs::exists(file)) return false;
+  try {
+    const auto f = SafetensorsFile::open(file.string());
+    const auto& meta = f->metadata();
+    const auto key = meta.find("trellm_hessians"), r = meta.find("rows");
+    const TensorInfo* t = f->find("hessian");
+    if (key == meta.end() || key->second != cache_key_ || r == meta.end() || !t || t->dtype != DType::F32 ||
+        t->shape != std::vector<int64_t>{s.in, s.in})
+      return false;
+    rows = std::stoll(r->second);
+    h.assign(static_cast<const float*>(t->data), static_cast<const float*>(t->data) + s.in * s.in);
+  } catch (const std::exception&) {
+    return false;
+  }
+  if (cache_hits_++ == 0 && opt_.on_note)
+    opt_.on_note(str_cat("calibration: Hessians from the cache ", opt_.cache_dir, " (same model, rows and chunk)"));
+  return true;
+}
+
+const LinearSpec& HessianCapture::spec(const std::string& key) const {
+  auto it = by_key_.find(key);
+  if (it == by_key_.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
+  return linears_[it->second].first;
+}
+
+bool HessianCapture::in_window(const LinearSpec& s) const {
+  return window_ && s.layer >= window_->first && s.layer <= window_->last;
 }
 
 std::vector<float> HessianCapture::hessian(const std::string& key) {
-  auto it = by_key_.find(key);
-  if (it == by_key_.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
-  const LinearSpec& s = linears_[it->second].first;
-  if (!window_ || s.layer < window_->first || s.layer > window_->last) capture(s.layer);
+  const LinearSpec& s = spec(key);
+  std::vector<float> h;
+  int64_t rows = 0;
+  if (!in_window(s) && load_cached(s, h, rows)) {
+    if (double(rows) < opt_.min_rows_factor * double(s.in)) return {};
+    return h;
+  }
+  if (!in_window(s)) capture(s.layer);
   const trellis::HessianAccumulator& acc = window_->acc.at(s.input_group);
   if (double(acc.rows()) < opt_.min_rows_factor * double(s.in)) return {};
   return acc.hessian();
 }
 
 int64_t HessianCapture::rows_seen(const std::string& key) {
-  auto it = by_key_.find(key);
-  if (it == by_key_.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
-  const LinearSpec& s = linears_[it->second].first;
-  if (!window_ || s.layer < window_->first || s.layer > window_->last) capture(s.layer);
+  const LinearSpec& s = spec(key);
+  std::vector<float> h;
+  int64_t rows = 0;
+  if (!in_window(s) && load_cached(s, h, rows)) return rows;
+  if (!in_window(s)) capture(s.layer);
   return window_->acc.at(s.input_group).rows();
 }
 

@@ -95,20 +95,6 @@ int alloc_priority(LinearPart p) {
   return p == LinearPart::Attention || p == LinearPart::SharedExpert ? 2 : p == LinearPart::DenseMlp ? 1 : 0;
 }
 
-// FNV-1a over the calibration token rows (recorded with every finished Linear: a resume with other data
-// re-encodes instead of mixing Hessians from two data sets).
-std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& rows) {
-  uint64_t h = 1469598103934665603ull;
-  auto mix = [&](uint64_t v) {
-    for (int i = 0; i < 8; i++) h = (h ^ ((v >> (8 * i)) & 0xff)) * 1099511628211ull;
-  };
-  for (const auto& r : rows) {
-    mix(r.size());
-    for (int32_t t : r) mix(uint64_t(uint32_t(t)));
-  }
-  return std::to_string(rows.size()) + " rows, fnv1a " + std::to_string(h);
-}
-
 // What may be at the output path before we start: nothing, an empty directory (removed), or, with force, a
 // finished model directory (replaced when the new one is complete). Anything else is refused.
 bool check_out_dir(const fs::path& out, bool force) {
@@ -125,6 +111,20 @@ bool check_out_dir(const fs::path& out, bool force) {
 }
 
 }  // namespace
+
+// FNV-1a over the calibration token rows (recorded with every finished Linear: a resume with other data
+// re-encodes instead of mixing Hessians from two data sets).
+std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& rows) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) {
+    for (int i = 0; i < 8; i++) h = (h ^ ((v >> (8 * i)) & 0xff)) * 1099511628211ull;
+  };
+  for (const auto& r : rows) {
+    mix(r.size());
+    for (int32_t t : r) mix(uint64_t(uint32_t(t)));
+  }
+  return std::to_string(rows.size()) + " rows, fnv1a " + std::to_string(h);
+}
 
 std::vector<LinearSpec> linear_specs(const Config& c) {
   std::vector<LinearSpec> v;
@@ -218,7 +218,8 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   std::string ks;
   for (auto [k, n] : per_k) ks += (ks.empty() ? "" : ", ") + std::to_string(n) + " at K=" + std::to_string(k);
   note(str_cat(res.plan.entries.size(), " Linears to trellis-code (", ks, "), codebook ",
-               trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw"));
+               trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw; Viterbi on ",
+               opt.device == trellis::EncodeDevice::Cuda ? "the GPU (CUDA)" : "the CPU"));
 
   std::unique_ptr<HessianCapture> capture;
   if (!opt.calibration.empty()) {
@@ -246,6 +247,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.seed = opt.seed;
   co.shard_bytes = opt.shard_bytes;
   co.encode.scale_search = opt.scale_search;
+  co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch
   co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K
   co.extra_metadata = {
       {"calibration", opt.calibration.empty() ? "none" : calibration_fingerprint(opt.calibration)},

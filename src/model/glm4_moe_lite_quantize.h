@@ -73,7 +73,12 @@ class HessianCapture {
     int64_t chunk = 128;              // tokens per forward step
     double min_rows_factor = 2.0;     // fewer rows than this × in: no Hessian (plain Viterbi)
     uint64_t memory_budget = 8ull << 30;  // bytes of accumulators per capture window
-    std::function<void(const std::string&)> on_note;  // one line per capture pass
+    // Non-empty: keep the Hessians in this folder (one f32 safetensors file per input group) and reuse them when
+    // the model's tensors, the calibration rows and `chunk` are the same. The capture is a CPU forward pass over
+    // every calibration token (3 min for 256 x 1024 tokens of the built-in model on 2 cores), the same for every
+    // bit width; a cached Hessian is the same f32 matrix, so the codes are too.
+    std::string cache_dir;
+    std::function<void(const std::string&)> on_note;  // one line per capture pass (and the first cache hit)
   };
   // Loads `model_dir` on its own CPU backend. Token ids must be < vocab_size (an Error otherwise).
   HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt);
@@ -82,11 +87,18 @@ class HessianCapture {
   // Captures the window holding key's layer first if needed (calls in forward order: one pass per window).
   std::vector<float> hessian(const std::string& key);
   int64_t rows_seen(const std::string& key);  // the rows behind hessian(key) (after capturing)
-  int passes() const { return passes_; }
+  int passes() const { return passes_; }      // capture passes run (not counting Hessians from the cache)
+  int64_t cache_hits() const { return cache_hits_; }
   int64_t tokens() const;
 
  private:
   void capture(int64_t first_layer);
+  const LinearSpec& spec(const std::string& key) const;
+  bool in_window(const LinearSpec& s) const;
+  bool load_cached(const LinearSpec& s, std::vector<float>& h, int64_t& rows);
+  void save_window() const;
+  std::string cache_key_;  // what a cached Hessian depends on (model tensors, calibration rows, chunk)
+  int64_t cache_hits_ = 0;
   std::unique_ptr<CpuBackend> backend_;
   std::unique_ptr<Model> model_;
   std::vector<std::vector<int32_t>> rows_;
@@ -101,6 +113,9 @@ class HessianCapture {
   int passes_ = 0;
 };
 
+// "<rows> rows, fnv1a <hash>" of calibration token rows (recorded with quantized Linears and cached Hessians).
+std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& rows);
+
 struct QuantizeModelOptions {
   std::string out_dir;
   double bits = 4.0;                  // average K of the decoder Linears, 1..8 (fractional: allocated)
@@ -111,6 +126,7 @@ struct QuantizeModelOptions {
   HessianCapture::Options capture;
   bool force = false;                 // replace an existing complete model at out_dir
   bool scale_search = true;           // the encoder's global scale search (TRELLIS.md §4.3)
+  trellis::EncodeDevice device = trellis::EncodeDevice::Cpu;  // where the Viterbi runs (same codes on both)
   uint64_t seed = 0;                  // sign flips: Linear i uses seed + i
   uint64_t shard_bytes = 8192ull << 20;
   int64_t stop_after = 0;             // > 0: stop after encoding this many Linears (tests of resuming)

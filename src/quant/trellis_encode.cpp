@@ -24,20 +24,30 @@ uint16_t factor_to_f16(float v) {
   return f32_to_f16(v < 0 ? -a : a);
 }
 
-double tile_mse_at_scale(const std::vector<float>& tiles, int64_t n_tiles, int64_t stride, float s, int K, Codebook cb) {
+// Mean squared error (in the unscaled domain) of the sample tiles 0, stride, 2·stride, … at each scale: every scale's
+// copy of the tiles goes into one encode_tiles call, so the GPU gets 10 x 22 or 5 x 64 tiles at once rather than
+// one small call per scale (the codes, hence the errors, are the same either way).
+std::vector<double> tile_mse_at_scales(const std::vector<float>& tiles, int64_t n_tiles, int64_t stride,
+                                       const float* scales, int n_scales, int K, Codebook cb, EncodeDevice dev) {
   const int64_t n = (n_tiles + stride - 1) / stride;
-  std::vector<float> scaled(size_t(n * kTileElems)), recon(scaled.size());
+  std::vector<float> scaled(size_t(n_scales * n * kTileElems)), recon(scaled.size());
   std::vector<uint16_t> states(scaled.size());
-  for (int64_t t = 0; t < n; t++)
-    for (int e = 0; e < kTileElems; e++) scaled[t * kTileElems + e] = tiles[t * stride * kTileElems + e] * s;
-  viterbi_encode_tiles(scaled.data(), n, K, cb, states.data(), recon.data());
-  double err = 0;
-  for (int64_t t = 0; t < n; t++)
-    for (int e = 0; e < kTileElems; e++) {
-      const double d = double(recon[t * kTileElems + e]) / s - tiles[t * stride * kTileElems + e];
-      err += d * d;
-    }
-  return err / double(n * kTileElems);
+  for (int i = 0; i < n_scales; i++)
+    for (int64_t t = 0; t < n; t++)
+      for (int e = 0; e < kTileElems; e++)
+        scaled[(i * n + t) * kTileElems + e] = tiles[t * stride * kTileElems + e] * scales[i];
+  encode_tiles(scaled.data(), n_scales * n, K, cb, dev, states.data(), recon.data());
+  std::vector<double> mse(static_cast<size_t>(n_scales));
+  for (int i = 0; i < n_scales; i++) {
+    double err = 0;
+    for (int64_t t = 0; t < n; t++)
+      for (int e = 0; e < kTileElems; e++) {
+        const double d = double(recon[(i * n + t) * kTileElems + e]) / scales[i] - tiles[t * stride * kTileElems + e];
+        err += d * d;
+      }
+    mse[i] = err / double(n * kTileElems);
+  }
+  return mse;
 }
 
 }  // namespace
@@ -50,7 +60,7 @@ void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float*
   for (int p = 0; p < kTileElems; p++) a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)] = src[p];
 }
 
-float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb) {
+float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb, EncodeDevice dev) {
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim, width = 3;
   TRELLM_ASSERT(tiles_k > 0 && tiles_n > 0);
   // Sample: a wrapped diagonal (every tile row and column at least once: outliers tend to be whole channels)
@@ -86,20 +96,18 @@ float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook 
 
   // Coarse grid on every third tile, fine grid on all, parabolic refinement (the error curve is flat near the
   // optimum but not strictly unimodal, so no golden-section search).
+  float coarse[10];
+  for (int i = 0; i < 10; i++) coarse[i] = 0.1f + 0.2f * i;
+  const std::vector<double> yc = tile_mse_at_scales(tiles, ns, 3, coarse, 10, K, cb, dev);
   float best_c = 0.1f;
   double best_mse = INFINITY;
-  for (int i = 0; i < 10; i++) {
-    const float s = 0.1f + 0.2f * i;
-    const double e = tile_mse_at_scale(tiles, ns, 3, s, K, cb);
-    if (e < best_mse) best_mse = e, best_c = s;
-  }
+  for (int i = 0; i < 10; i++)
+    if (yc[i] < best_mse) best_mse = yc[i], best_c = coarse[i];
   constexpr float step = 0.075f;
-  double y[5];
   float fine[5];
-  for (int i = 0; i < 5; i++) {
-    fine[i] = std::max(best_c + step * float(i - 2), 0.01f);
-    y[i] = tile_mse_at_scale(tiles, ns, 1, fine[i], K, cb);
-  }
+  for (int i = 0; i < 5; i++) fine[i] = std::max(best_c + step * float(i - 2), 0.01f);
+  const std::vector<double> yf = tile_mse_at_scales(tiles, ns, 1, fine, 5, K, cb, dev);
+  const double* y = yf.data();
   const int b = int(std::min_element(y, y + 5) - y);
   double offset = 0;
   if (b > 0 && b < 4) {
@@ -117,36 +125,41 @@ float gaussian_scale(int K, Codebook cb) {
   return cb == Codebook::Mul1 ? kMul1[K - 1] : kMcg[K - 1];  // 3INST and MCG agree within 1 %
 }
 
-double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon,
+                      EncodeDevice dev) {
   const int64_t tiles_n = n / kTileDim, n_tiles = (k / kTileDim) * tiles_n;
-  std::vector<double> err(static_cast<size_t>(n_tiles));
-  parallel_for(n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    float in[kTileElems], out[kTileElems];
-    for (int64_t t = t0; t < t1; t++) {
-      gather_tile(w, n, t / tiles_n, t % tiles_n, in);
-      err[t] = viterbi_encode_tile(in, K, cb, states + t * kTileElems, out);
-      scatter_tile(out, n, t / tiles_n, t % tiles_n, recon);
-    }
-  });
-  return std::accumulate(err.begin(), err.end(), 0.0);
+  // Batches of 16384 tiles (16 MiB of f32 each way), so a large Linear needs no second full-size copy.
+  constexpr int64_t kBatch = 16384;
+  std::vector<float> in, out;
+  double err = 0;
+  for (int64_t b0 = 0; b0 < n_tiles; b0 += kBatch) {
+    const int64_t nb = std::min(kBatch, n_tiles - b0);
+    in.resize(size_t(nb * kTileElems));
+    out.resize(in.size());
+    parallel_for(nb, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) gather_tile(w, n, (b0 + t) / tiles_n, (b0 + t) % tiles_n, in.data() + t * kTileElems);
+    });
+    err += encode_tiles(in.data(), nb, K, cb, dev, states + b0 * kTileElems, out.data());
+    parallel_for(nb, 64, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) scatter_tile(out.data() + t * kTileElems, n, (b0 + t) / tiles_n, (b0 + t) % tiles_n, recon);
+    });
+  }
+  return err;
 }
 
 void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
-                   float* recon) {
+                   float* recon, EncodeDevice dev) {
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
   // prod[i] accumulates Σ_{s done} L[s, i]ᵀ E_s for every row i not yet quantized: k^2 n / 2 multiply-adds.
   std::vector<float> prod(size_t(k * n), 0.0f), rows(size_t(kTileDim * n)), err(size_t(kTileDim * n));
+  std::vector<float> in(size_t(tiles_n * kTileElems)), out(in.size());
   for (int64_t r = tiles_k - 1; r >= 0; r--) {
     const int64_t r0 = r * kTileDim;
     for (int64_t i = 0; i < kTileDim * n; i++) rows[i] = w[r0 * n + i] + prod[r0 * n + i];
-    parallel_for(tiles_n, 1, [&](int64_t t0, int64_t t1) {
-      float in[kTileElems], out[kTileElems];
-      for (int64_t tn = t0; tn < t1; tn++) {
-        gather_tile(rows.data(), n, 0, tn, in);
-        viterbi_encode_tile(in, K, cb, states + (r * tiles_n + tn) * kTileElems, out);
-        scatter_tile(out, n, r, tn, recon);
-      }
-    });
+    // The block's tiles_n tiles in one call (one kernel launch on the GPU).
+    for (int64_t tn = 0; tn < tiles_n; tn++) gather_tile(rows.data(), n, 0, tn, in.data() + tn * kTileElems);
+    encode_tiles(in.data(), tiles_n, K, cb, dev, states + r * tiles_n * kTileElems, out.data());
+    for (int64_t tn = 0; tn < tiles_n; tn++) scatter_tile(out.data() + tn * kTileElems, n, r, tn, recon);
     if (r == 0) break;
     for (int64_t i = 0; i < kTileDim * n; i++) err[i] = w[r0 * n + i] - recon[r0 * n + i];
     parallel_for(r0, 16, [&](int64_t i0, int64_t i1) {
@@ -245,7 +258,7 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
   enc.g_scale = opt.fixed_scale > 0 ? opt.fixed_scale : gaussian_scale(opt.K, opt.codebook);
   if (opt.scale_search) {
     rotate_in(su, wr);
-    enc.g_scale = global_scale_search(wr.data(), kp, np, opt.K, opt.codebook);
+    enc.g_scale = global_scale_search(wr.data(), kp, np, opt.K, opt.codebook, opt.device);
   }
   // suh = fp16(su / g); the rotated weight is rebuilt from the rounded factors.
   enc.suh.resize(static_cast<size_t>(kp));
@@ -285,7 +298,7 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
     if (!block_ldl(hd, kp, opt.sigma_reg, opt.cholesky_retries, l))
       fail("quantize_linear: the Hessian is not positive definite even after ", opt.cholesky_retries,
            " damping retries");
-    quantize_ldlq(wr.data(), l.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data());
+    quantize_ldlq(wr.data(), l.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data(), opt.device);
     enc.used_hessian = true;
     // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W): rows of H'·E and H'·W accumulated as saxpy over whole rows
     // (vectorises over the out dimension), kp^2·np multiply-adds each, parallel over row blocks.
@@ -311,7 +324,7 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
     enc.proxy_err = std::accumulate(num.begin(), num.end(), 0.0) /
                     std::max(std::accumulate(den.begin(), den.end(), 0.0), 1e-30);
   } else {
-    const double se = quantize_plain(wr.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data());
+    const double se = quantize_plain(wr.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data(), opt.device);
     double ss = 0;
     for (float v : wr) ss += double(v) * v;
     enc.proxy_err = se / std::max(ss, 1e-30);

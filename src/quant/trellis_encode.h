@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "quant/trellis_viterbi.h"
 #include "quant/trellis_weight.h"
 
 namespace trellm::trellis {
@@ -30,6 +31,8 @@ struct EncodeOptions {
   int cholesky_retries = 10;
   // exllamav3's LDLQ metric: H' built with the signs of su only (false: with the full su, our default).
   bool hessian_signs_only = false;
+  // Where the Viterbi runs (scale search, plain and LDLQ encoding). The codes are the same on both.
+  EncodeDevice device = EncodeDevice::Cpu;
 };
 
 // The EXL3 tensors of one Linear, owned.
@@ -62,8 +65,9 @@ void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float*
 // Global scale search on a rotated-domain weight (k x n, multiples of 16): samples tiles along a wrapped
 // diagonal of width 3 plus the highest- and lowest-RMS tiles; coarse grid 0.1..1.9 (step 0.2) on every third
 // sample tile, fine grid of 5 points 0.075 apart around the best on all of them, parabolic refinement.
-// Returns g such that the encoder quantizes g·W.
-float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb);
+// Returns g such that the encoder quantizes g·W. Each grid is one batch of Viterbi calls (all its scales at once).
+float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb,
+                          EncodeDevice dev = EncodeDevice::Cpu);
 
 // The global scale the search finds for i.i.d. Gaussian weights after the encoder's row normalisation (rows at
 // the 3INST codebook RMS, 1.2437): bench/results/trellis_encoder.md's g divided by 1.2437. A cheap stand-in for
@@ -72,11 +76,13 @@ float gaussian_scale(int K, Codebook cb);
 
 // Plain per-tile Viterbi of a rotated-domain weight (k x n): states (tiles_k x tiles_n x 256) and the
 // reconstruction (k x n). Returns the squared error sum.
-double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
+double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states, float* recon,
+                      EncodeDevice dev = EncodeDevice::Cpu);
 
 // LDLQ of a rotated-domain weight (k x n) with the block-LDL factor L (k x k, unit diagonal blocks zeroed):
-// blocks of 16 rows from the last to the first, each quantized from W_r + Σ_{s>r} L[s,r]ᵀ(W_s − Ŵ_s).
+// blocks of 16 rows from the last to the first, each quantized from W_r + Σ_{s>r} L[s,r]ᵀ(W_s − Ŵ_s): one Viterbi
+// call of n/16 tiles per block (the blocks depend on each other, so k/16 calls one after another).
 void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
-                   float* recon);
+                   float* recon, EncodeDevice dev = EncodeDevice::Cpu);
 
 }  // namespace trellm::trellis

@@ -9,6 +9,9 @@
 #include "core/error.h"
 #include "core/half.h"
 #include "core/thread_pool.h"
+#ifdef TRELLM_HAVE_CUDA
+#include "quant/trellis_viterbi_cuda.h"
+#endif
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -186,6 +189,37 @@ double viterbi_encode_tiles(const float* w, int64_t n, int K, Codebook cb, uint1
   double total = 0;
   for (double e : err) total += e;
   return total;
+}
+
+const char* encode_device_name(EncodeDevice d) { return d == EncodeDevice::Cuda ? "cuda" : "cpu"; }
+
+bool cuda_encoder_available() {
+#ifdef TRELLM_HAVE_CUDA
+  return viterbi_cuda_available();
+#else
+  return false;
+#endif
+}
+
+EncodeDevice parse_encode_device(const std::string& name, const std::string& what) {
+  if (name == "cpu") return EncodeDevice::Cpu;
+  if (name == "auto") return cuda_encoder_available() ? EncodeDevice::Cuda : EncodeDevice::Cpu;
+  if (name != "cuda") fail(what, ": unknown device \"", name, "\" (cpu, cuda or auto)");
+#ifndef TRELLM_HAVE_CUDA
+  fail(what, ": this trellm was built without CUDA (TRELLM_CUDA=OFF or no nvcc); use --device cpu");
+#else
+  if (!viterbi_cuda_available()) fail(what, ": no CUDA device found (the driver reports none); use --device cpu");
+  return EncodeDevice::Cuda;
+#endif
+}
+
+double encode_tiles(const float* w, int64_t n, int K, Codebook cb, EncodeDevice dev, uint16_t* states, float* recon) {
+  if (dev == EncodeDevice::Cpu) return viterbi_encode_tiles(w, n, K, cb, states, recon);
+#ifdef TRELLM_HAVE_CUDA
+  return viterbi_encode_tiles_cuda(w, n, K, cb, states, recon);
+#else
+  fail("encode_tiles: the CUDA encoder is not in this build (TRELLM_HAVE_CUDA is off)");
+#endif
 }
 
 }  // namespace trellm::trellis

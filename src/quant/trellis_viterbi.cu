@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <mutex>
 #include <vector>
 
 #include "core/error.h"
@@ -131,53 +132,86 @@ bool viterbi_cuda_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+namespace {
+
+// Device buffers kept from one call to the next: `trellm quantize` makes thousands of small calls (LDLQ encodes one
+// 16-row block of a Linear per call: out/16 tiles, 8-16 on the built-in model), and a cudaMalloc + cudaFree of the
+// backpointers (up to 1 GiB) per call would cost more than the kernel. Buffers grow to the largest call seen and
+// live until the process exits (the driver frees them then); calls are serialised by the mutex.
+struct DeviceScratch {
+  std::mutex mu;
+  const float* cb[3] = {};  // the codebook tables, uploaded once each
+  float *w = nullptr, *recon = nullptr, *costs = nullptr;
+  uint16_t* states = nullptr;
+  uint8_t* bp = nullptr;
+  size_t w_bytes = 0, recon_bytes = 0, states_bytes = 0, costs_bytes = 0, bp_bytes = 0;
+  std::vector<float> rec;  // host copy of the reconstruction (for the error sum)
+};
+
+DeviceScratch& device_scratch() {
+  static DeviceScratch* s = new DeviceScratch;  // never destroyed: no CUDA calls after the runtime shuts down
+  return *s;
+}
+
+template <typename T>
+void grow(T*& p, size_t& have, size_t need) {
+  if (need <= have) return;
+  if (p) TRELLM_QUANT_CUDA_CHECK(cudaFree(p));
+  p = nullptr;
+  have = 0;
+  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), need));
+  have = need;
+}
+
+}  // namespace
+
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
   if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
   if (n <= 0) return 0.0;
   const int64_t nodes = int64_t(1) << (16 - K);
   // Chunk so backpointers stay under ~1 GiB (K = 1: 8 MiB a tile -> 128 tiles; K = 8: 64 KiB -> 16384).
   const int64_t chunk = std::min<int64_t>(n, std::max<int64_t>(1, (int64_t(1) << 30) / (kTileElems * nodes)));
-  float *d_cb = nullptr, *d_w = nullptr, *d_recon = nullptr, *d_costs = nullptr;
-  uint16_t* d_states = nullptr;
-  uint8_t* d_bp = nullptr;
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_cb, 65536 * sizeof(float)));
-  TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_cb, codebook_table(cb), 65536 * sizeof(float), cudaMemcpyHostToDevice));
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_w, size_t(chunk) * kTileElems * sizeof(float)));
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_recon, size_t(chunk) * kTileElems * sizeof(float)));
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_states, size_t(chunk) * kTileElems * sizeof(uint16_t)));
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_costs, size_t(chunk) * 2 * nodes * sizeof(float)));
-  TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d_bp, size_t(chunk) * kTileElems * nodes));
-  std::vector<float> rec(size_t(chunk) * kTileElems);
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  const int ci = int(cb);
+  if (!sc.cb[ci]) {
+    float* d = nullptr;
+    TRELLM_QUANT_CUDA_CHECK(cudaMalloc(&d, 65536 * sizeof(float)));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d, codebook_table(cb), 65536 * sizeof(float), cudaMemcpyHostToDevice));
+    sc.cb[ci] = d;
+  }
+  const size_t chunk_elems = size_t(chunk) * kTileElems;
+  grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
+  grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
+  grow(sc.states, sc.states_bytes, chunk_elems * sizeof(uint16_t));
+  if (sc.rec.size() < chunk_elems) sc.rec.resize(chunk_elems);
+  grow(sc.costs, sc.costs_bytes, size_t(chunk) * 2 * size_t(nodes) * sizeof(float));
+  grow(sc.bp, sc.bp_bytes, size_t(chunk) * kTileElems * size_t(nodes));
+  const float* d_cb = sc.cb[ci];
   double err = 0;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));
     const size_t elems = size_t(tiles) * kTileElems;
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
     switch (K) {
-      case 1: launch<1>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 2: launch<2>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 3: launch<3>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 4: launch<4>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 5: launch<5>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 6: launch<6>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      case 7: launch<7>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
-      default: launch<8>(d_cb, d_w, d_states, d_recon, d_costs, d_bp, tiles); break;
+      case 1: launch<1>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 2: launch<2>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 3: launch<3>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 4: launch<4>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 5: launch<5>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 6: launch<6>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 7: launch<7>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      default: launch<8>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
     }
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, d_states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(rec.data(), d_recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.rec.data(), sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < elems; i++) {
-      const double d = double(rec[i]) - w[t0 * kTileElems + int64_t(i)];
+      const double d = double(sc.rec[i]) - w[t0 * kTileElems + int64_t(i)];
       err += d * d;
-      if (recon) recon[t0 * kTileElems + int64_t(i)] = rec[i];
+      if (recon) recon[t0 * kTileElems + int64_t(i)] = sc.rec[i];
     }
   }
-  cudaFree(d_cb);
-  cudaFree(d_w);
-  cudaFree(d_recon);
-  cudaFree(d_states);
-  cudaFree(d_costs);
-  cudaFree(d_bp);
   return err;
 }
 

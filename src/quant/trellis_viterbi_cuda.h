@@ -13,8 +13,10 @@ namespace trellm::trellis {
 bool viterbi_cuda_available();
 
 // Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
-// Works through the tiles in chunks sized to a scratch budget (backpointers: 256 * 2^(16-K) bytes a tile).
-// Returns the total squared error. Throws trellm::Error on a CUDA failure.
+// Works through the tiles in chunks sized to a scratch budget (backpointers: 256 * 2^(16-K) bytes a tile, at most
+// ~1 GiB); the device buffers are kept for the next call (grown as needed, one set per process, calls serialised).
+// Returns the total squared error. Throws trellm::Error on a CUDA failure. Callers that may run without CUDA use
+// encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
 }  // namespace trellm::trellis

@@ -210,6 +210,65 @@ TEST(Calibration, RowCountsAndWindowsAndAttentionForms) {
   EXPECT_EQ(a.rows_seen("lm_head"), tokens);
 }
 
+// The Hessian cache: a second capture with the same model, rows and chunk reads every Hessian back (no forward
+// pass) bit for bit; other rows, or a damaged file, are misses that capture again.
+TEST(Calibration, CacheReusesHessiansOfTheSameModelAndRows) {
+  TempDir tmp;
+  const auto rows = random_rows(2, 48, 384, 9);
+  HessianCapture::Options o;
+  o.cache_dir = tmp / "hessians";
+  const Config c = config_of("tiny_b");
+  HessianCapture a(kData + "tiny_b", rows, o), b(kData + "tiny_b", rows, o);
+  for (const LinearSpec& s : linear_specs(c)) a.hessian(s.key);
+  EXPECT_EQ(a.passes(), 1);
+  for (const LinearSpec& s : linear_specs(c)) {
+    SCOPED_TRACE(s.key);
+    EXPECT_EQ(b.hessian(s.key), a.hessian(s.key));
+    EXPECT_EQ(b.rows_seen(s.key), a.rows_seen(s.key));
+  }
+  EXPECT_EQ(b.passes(), 0);
+  EXPECT_GT(b.cache_hits(), 0);
+
+  HessianCapture other(kData + "tiny_b", random_rows(2, 48, 384, 10), o);  // other rows: every file is a miss
+  other.hessian("model.layers.0.self_attn.q_a_proj");
+  EXPECT_EQ(other.passes(), 1);
+  EXPECT_EQ(other.cache_hits(), 0);
+
+  // `other` rewrote the files for its rows; damage one of them: a miss, captured again, then the same Hessian.
+  HessianCapture first(kData + "tiny_b", random_rows(2, 48, 384, 10), o);
+  const std::string f = o.cache_dir + "/model.layers.1.self_attn.in.safetensors";
+  ASSERT_TRUE(fs::exists(f));
+  fs::resize_file(f, fs::file_size(f) / 2);
+  const std::vector<float> h = first.hessian("model.layers.1.self_attn.q_a_proj");
+  EXPECT_EQ(first.passes(), 1);
+  EXPECT_EQ(h, other.hessian("model.layers.1.self_attn.q_a_proj"));
+}
+
+// quantize_model with o.capture.cache_dir: the second run reads the Hessians and writes the same files.
+TEST(QuantizeModel, HessianCacheGivesTheSameFiles) {
+  TempDir tmp;
+  for (const char* run : {"a", "b"}) {
+    QuantizeModelOptions o;
+    o.out_dir = tmp / run;
+    o.bits = 3;
+    o.head_bits = 16;
+    o.scale_search = false;
+    o.calibration = random_rows(2, 64, 320, 4);
+    o.calibration_cols = 64;
+    o.capture.cache_dir = tmp / "hessians";
+    o.select = [](const LinearSpec& s) { return s.layer == 0; };
+    std::vector<std::string> notes;
+    o.on_note = [&](const std::string& n) { notes.push_back(n); };
+    const QuantizeModelResult r = quantize_model(kData + "tiny_a", o);
+    EXPECT_GT(r.ldlq, 0);
+    bool from_cache = false;
+    for (const std::string& n : notes) from_cache |= n.find("Hessians from the cache") != std::string::npos;
+    EXPECT_EQ(from_cache, run[0] == 'b');
+  }
+  EXPECT_TRUE(trellm::testing::read_file(tmp / "a/model.safetensors") ==
+              trellm::testing::read_file(tmp / "b/model.safetensors"));
+}
+
 TEST(Calibration, RejectsTokensOutsideTheVocabulary) {
   EXPECT_ERROR_CONTAINS(HessianCapture(kData + "tiny_a", {{1, 2, 320}}, {}), "320", "vocabulary");
 }

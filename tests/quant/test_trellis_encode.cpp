@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/error.h"
 #include "core/half.h"
 #include "core/rng.h"
 #include "quant/block_ldl.h"
@@ -291,4 +292,21 @@ TEST(Hessian, AccumulatesXtXOverFiniteRows) {
     }
   HessianAccumulator empty(8);
   for (float v : empty.hessian()) EXPECT_EQ(v, 0.0f);
+}
+
+TEST(Encoder, DeviceChoice) {
+  EXPECT_EQ(parse_encode_device("cpu", "--device cpu"), EncodeDevice::Cpu);
+  EXPECT_EQ(parse_encode_device("auto", "--device auto"),
+            cuda_encoder_available() ? EncodeDevice::Cuda : EncodeDevice::Cpu);
+  EXPECT_THROW(parse_encode_device("gpu", "--device gpu"), Error);
+  if (!cuda_encoder_available()) {
+    try {
+      parse_encode_device("cuda", "--device cuda");
+      FAIL() << "--device cuda without a GPU must fail";
+    } catch (const Error& e) {
+      const std::string m = e.what();
+      EXPECT_EQ(m.rfind("--device cuda: ", 0), 0u) << m;
+      EXPECT_TRUE(m.find("without CUDA") != std::string::npos || m.find("no CUDA device") != std::string::npos) << m;
+    }
+  }
 }

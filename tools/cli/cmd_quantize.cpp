@@ -23,7 +23,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct QuantizeArgs {
-  std::string model, out, codebook = "mcg", calibration;
+  std::string model, out, codebook = "mcg", calibration, device = "auto", hessian_cache;
   double bits = 0;
   int head_bits = 6, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
@@ -116,6 +116,7 @@ int run_quantize(const QuantizeArgs& a) {
   if (a.threads > 0) ThreadPool::set_global_threads(a.threads);
   if (a.calibration.empty() && (a.rows_opt->count() || a.seq_opt->count()))
     fail("--calibration-rows / --seq-len need --calibration FILE");
+  if (a.calibration.empty() && !a.hessian_cache.empty()) fail("--hessian-cache needs --calibration FILE");
   if (a.calibration_rows < 1) fail("--calibration-rows must be at least 1");
   if (a.seq_len < 1) fail("--seq-len must be at least 1");
   QuantizeModelOptions o;
@@ -126,11 +127,13 @@ int run_quantize(const QuantizeArgs& a) {
   o.force = a.force;
   o.seed = a.seed;
   o.scale_search = !a.no_scale_search;
+  o.device = trellis::parse_encode_device(a.device, "--device " + a.device);
   o.stop_after = a.stop_after;
   if (!a.calibration.empty()) {
     if (!fs::is_directory(a.model)) fail(a.model, ": not a model directory");
     o.calibration = load_calibration(a.calibration, a.model, a.calibration_rows, a.seq_len);
     o.calibration_cols = a.seq_len;
+    o.capture.cache_dir = a.hessian_cache;
   }
   ProgressBar bar;
   o.on_note = [&](const std::string& s) {
@@ -177,6 +180,13 @@ void add_quantize(CLI::App& app) {
   a.rows_opt = cmd->add_option("--calibration-rows", a.calibration_rows, "At most this many calibration rows")
                    ->capture_default_str();
   a.seq_opt = cmd->add_option("--seq-len", a.seq_len, "Tokens per calibration row")->capture_default_str();
+  cmd->add_option("--hessian-cache", a.hessian_cache,
+                  "Keep the calibration Hessians in this folder and reuse them in later runs with the same model and "
+                  "calibration rows (e.g. at other --bits): the capture, a CPU forward pass over every calibration "
+                  "token, is then skipped; the output is the same");
+  cmd->add_option("--device", a.device,
+                  "Where the Viterbi encoder runs: cpu, cuda, or auto (the GPU when there is one; ~100x faster). "
+                  "Both write the same files; Hessians are always captured on the CPU")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
   cmd->add_flag("--force", a.force, "Replace OUT if it already holds a model");
