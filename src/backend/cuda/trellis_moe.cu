@@ -55,6 +55,9 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
   cg::cluster_group cl = cg::this_cluster();
   const int rank = int(cl.block_rank()), token = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // A CTA may write another's shared memory only once that CTA is running: arrive now, wait right before the
+  // first remote write (compute-sanitizer racecheck: "block that might not have entered yet" without it).
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   // Before the wait (PDL): pull this warp's gate rows into L2 while the previous kernel finishes.
   if (lane == 0 && (a.hidden & 7) == 0)
     for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) prefetch_l2(a.gate + int64_t(e) * a.hidden, uint32_t(a.hidden) * 2);
@@ -83,6 +86,7 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
     __syncthreads();
     xr = s_x;
   }
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every CTA of the cluster has started
   float* dst_sig = cl.map_shared_rank(s_sig, 0);
   float* dst_choice = cl.map_shared_rank(s_choice, 0);
   for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) {
