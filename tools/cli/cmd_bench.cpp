@@ -169,29 +169,38 @@ int run_bench(const BenchArgs& a) {
     rep.figure("decode", "bytes_per_token_mb", "depth=" + std::to_string(D), bytes / 1e6, "MB");
   }
 
-  // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth ----
-  std::printf("\n  time by part (one decode step, ms)\n  %10s", "depth");
-  for (int p = 0; p < int(Part::Count); p++) std::printf(" %10s", part_name(Part(p)));
-  std::printf("\n");
+  // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth, and
+  // one prefill forward of the longest prompt's first chunk (events between the parts: launches are not
+  // overlapped, so the parts add up to more than a captured step) ----
   PartTimer timer;
   timer.backend = backend.get();
   RunState& rs = gen.run_state();
-  for (int D : {0, max_depth}) {
-    const int32_t tok = 1;
-    backend->from_host(rs.tokens.data, &tok, 4);
-    backend->from_host(rs.pos.data, &D, 4);
+  auto part_row = [&](const char* what, int n, int pos0, const std::string& label) {
+    std::vector<int32_t> toks(static_cast<size_t>(n)), pos(static_cast<size_t>(n));
+    for (int i = 0; i < n; i++) toks[size_t(i)] = int32_t(rng.next_u32() % uint32_t(c.vocab_size)), pos[size_t(i)] = pos0 + i;
+    backend->from_host(rs.tokens.data, toks.data(), 4 * size_t(n));
+    backend->from_host(rs.pos.data, pos.data(), 4 * size_t(n));
     rs.timer = &timer;
     timer.begin();
-    model->forward_uploaded(rs, gen.kv_cache(), 1, D + 1, false);
+    model->forward_uploaded(rs, gen.kv_cache(), n, pos0 + n, false);
     rs.timer = nullptr;
     auto ms = timer.collect();
-    std::printf("  %10d", D);
+    std::printf("  %10d", n == 1 ? pos0 : n);
     for (int p = 0; p < int(Part::Count); p++) {
       std::printf(" %10.3f", ms[p]);
-      rep.figure("decode_parts", std::string("ms_") + part_name(Part(p)), "depth=" + std::to_string(D), ms[p], "ms");
+      rep.figure(what, std::string("ms_") + part_name(Part(p)), label, ms[p], "ms");
     }
     std::printf("\n");
-  }
+  };
+  std::printf("\n  time by part (one decode step, ms)\n  %10s", "depth");
+  for (int p = 0; p < int(Part::Count); p++) std::printf(" %10s", part_name(Part(p)));
+  std::printf("\n");
+  for (int D : {0, max_depth}) part_row("decode_parts", 1, D, "depth=" + std::to_string(D));
+  const int pn = std::min(max_prompt, std::min(a.prefill_chunk, rs.max_tokens));
+  std::printf("\n  time by part (one prefill forward from position 0, ms)\n  %10s", "tokens");
+  for (int p = 0; p < int(Part::Count); p++) std::printf(" %10s", part_name(Part(p)));
+  std::printf("\n");
+  part_row("prefill_parts", pn, 0, "tokens=" + std::to_string(pn));
   return 0;
 }
 
