@@ -182,14 +182,6 @@ class Backend {
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
                        std::span<const Expert> experts, const Expert* shared) = 0;
-  // moe_ffn into out, then the residual step after the block: h += out; x = rms_norm(h, norm_w, eps). x is the
-  // MoE's input and is overwritten last. On the GPU the norm runs in the MoE's last block (one kernel fewer).
-  virtual void moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids,
-                                    std::span<const Expert> experts, const Expert* shared, TensorView h,
-                                    TensorView norm_w, float eps) {
-    moe_ffn(out, x, weights, ids, experts, shared);
-    add_rms_norm(h, out, norm_w, eps, x);
-  }
   // Decoding without the host: token[0] = the token sampled from logits[0, :] (greedy: argmax, ties to the lowest
   // id) with step = history[0] as the noise counter, pos[0] += 1, and the token appended to history (I32
   // [1 + cap]: history[0] counts the tokens written, which follow it). params: one SamplingParams in the

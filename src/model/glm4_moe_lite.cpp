@@ -167,15 +167,13 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
     if (rs.timer) rs.timer->mark(Part::AttnCore);
     B.matmul(y, attn, L.o_proj);
     if (rs.timer) rs.timer->mark(Part::AttnOut);
-    // ---- MLP: dense, or routed experts + shared expert; h += attn, x = norm(h) before it, and after it
-    // h += mlp, x = the next layer's input norm of h (model.norm after the last layer) ----
-    const TensorView next_norm = l + 1 == c.num_hidden_layers ? w_.norm : w_.layers[l + 1].input_layernorm;
+    // ---- MLP: dense, or routed experts + shared expert; first h += attn, x = norm(h) ----
     if (c.mlp_sparse[l]) {
       TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
       B.add_rms_norm_route(h, y, L.post_attention_layernorm, eps, x, wts, ids, L.gate, L.e_score_correction_bias,
                            c.routing());
       if (rs.timer) rs.timer->mark(Part::Router);
-      B.moe_ffn_add_rms_norm(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr, h, next_norm, eps);
+      B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
       if (rs.timer) rs.timer->mark(Part::Experts);
     } else {
       B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);
@@ -185,9 +183,12 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.matmul(u, x, L.mlp.up_proj);
       B.silu_mul(g, g, u);
       B.matmul(y, g, L.mlp.down_proj);
-      B.add_rms_norm(h, y, next_norm, eps, x);
       if (rs.timer) rs.timer->mark(Part::DenseMlp);
     }
+    // h += mlp; x = the next layer's input norm of h (the final norm after the last layer)
+    const bool last = l + 1 == c.num_hidden_layers;
+    B.add_rms_norm(h, y, last ? w_.norm : w_.layers[l + 1].input_layernorm, eps, x);
+    if (rs.timer) rs.timer->mark(Part::MlpNorm);
   }
 
   // ---- head: x holds model.norm(h); logits of all rows, or just the last ----

@@ -93,12 +93,12 @@ struct Weights {
 
 // Optional per-part timing of a forward (benchmarks): the time between consecutive marks goes to the part
 // that just ended. Events are recorded in the backend's stream order; read after the forward with collect().
-enum class Part { Embed, AttnProj, AttnCore, AttnOut, Router, Experts, DenseMlp, Head, Count };
+enum class Part { Embed, AttnProj, AttnCore, AttnOut, Router, Experts, DenseMlp, MlpNorm, Head, Count };
 constexpr const char* part_name(Part p) {
   // attn_proj: q_a + kv_a, q norm, q_b;  attn_core: rope, cache append, attention;  attn_out: o_proj;
-  // router: residual add + post-attention norm + router;  experts: routed + shared experts + residual add + the
-  // next layer's input norm;  dense_mlp: the same for the dense layer;  head: lm_head
-  const char* n[] = {"embed", "attn_proj", "attn_core", "attn_out", "router", "experts", "dense_mlp", "head"};
+  // router: residual add + post-attention norm + router (MoE layers; the dense layer counts them in dense_mlp);
+  // experts (routed + shared); dense_mlp; mlp_norm: residual add + the next layer's norm;  head: lm_head
+  const char* n[] = {"embed", "attn_proj", "attn_core", "attn_out", "router", "experts", "dense_mlp", "mlp_norm", "head"};
   return n[int(p)];
 }
 struct PartTimer {

@@ -331,7 +331,7 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
 }
 
 void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids,
-                                  std::span<const Expert> experts, const Expert* shared, const void* residual) {
+                                  std::span<const Expert> experts, const Expert* shared) {
   const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
   const int inter = int(experts[0].gate.out);
   // Per layer, one device array of descriptors: 3 per expert (gate, up, down), then the shared expert's 3.
@@ -356,21 +356,7 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   for (const Expert& e : experts) max_k = std::max({max_k, e.gate.exl3->K, e.up.exl3->K, e.down.exl3->K});
   if (shared) max_k = std::max({max_k, shared->gate.exl3->K, shared->up.exl3->K, shared->down.exl3->K});
   cuda::moe_experts(dt, shared ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(),
-                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k,
-                    static_cast<const cuda::MoeResidual*>(residual));
-}
-
-// Decode (m <= 8) with trellis experts: the residual add and the next norm run in the MoE down kernel's last
-// block of each token. Anything else: moe_ffn, then add_rms_norm.
-void CudaBackend::moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids,
-                                       std::span<const Expert> experts, const Expert* shared, TensorView h,
-                                       TensorView norm_w, float eps) {
-  if (x.rows() > 8 || experts.empty() || !experts[0].gate.exl3)
-    return Backend::moe_ffn_add_rms_norm(out, x, weights, ids, experts, shared, h, norm_w, eps);
-  TRELLM_ASSERT(h.numel() == x.numel() && out.numel() == x.numel() && out.data != x.data && norm_w.numel() == x.cols() &&
-                norm_w.dtype == DType::F32, "moe_ffn_add_rms_norm shapes");
-  const cuda::MoeResidual res{h.ptr<float>(), norm_w.ptr<float>(), eps, x.ptr<float>()};
-  moe_ffn_trellis(out, x, weights, ids, experts, shared, &res);
+                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k);
 }
 
 void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,

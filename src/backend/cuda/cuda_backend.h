@@ -46,8 +46,6 @@ class CudaBackend final : public Backend {
                  const MoeRouting& r) override;
   void add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x, TensorView weights,
                           TensorView ids, TensorView gate, TensorView bias, const MoeRouting& r) override;
-  void moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
-                            const Expert* shared, TensorView h, TensorView norm_w, float eps) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
@@ -63,7 +61,7 @@ class CudaBackend final : public Backend {
  private:
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
-                       const Expert* shared, const void* residual = nullptr);  // residual: cuda::MoeResidual
+                       const Expert* shared);
   // w itself when dense; else its bf16 dequantization (cached), described in tmp.
   const Linear& dense_bf16(const Linear& w, Linear& tmp);
 

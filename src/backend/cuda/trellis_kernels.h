@@ -93,17 +93,9 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // workspace: moe_workspace_bytes(...) bytes, zeroed once after allocation (see trellis_workspace_bytes).
 // max_k: the largest K among the descriptors (sizes the decode kernels' shared-memory ring: a smaller ring
 // fits more blocks per SM); a descriptor with a larger K __trap()s.
-// res (m <= 8 only): also the residual step after the block, h += out; x_next = rms_norm(h, norm_w, eps), done by
-// the last block of each token (x_next may be x).
-struct MoeResidual {
-  float* h;
-  const float* norm_w;
-  float eps;
-  float* x_next;
-};
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k = 8, const MoeResidual* res = nullptr);
+                 void* workspace, cudaStream_t s, int max_k = 8);
 size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts);
 
 }  // namespace trellm::cuda

@@ -298,8 +298,7 @@ static void moe_layout(const MoePlan& p, void* ws, MoeArgs& a) {
   if (p.decode) {
     a.cnt_gu = reinterpret_cast<int*>(base);
     a.cnt_d = a.cnt_gu + p.J * gi;
-    a.cnt_tok = a.cnt_d + a.m * gh;
-    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh + a.m) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
+    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
     a.p_gu = reinterpret_cast<float*>(take(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4));
     a.a_d = reinterpret_cast<__half*>(take(size_t(p.J) * p.inter_p * 2));
     a.p_d = reinterpret_cast<float*>(take(size_t(p.J) * p.s_d * p.hidden_p * 4));
@@ -357,9 +356,8 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
 
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k, const MoeResidual* res) {
+                 void* workspace, cudaStream_t s, int max_k) {
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
-  TRELLM_ASSERT(!res || m <= kMoeDecodeMaxTokens, "moe_experts: the fused residual step is for m <= ", kMoeDecodeMaxTokens);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
   const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr);
@@ -368,7 +366,6 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   a.hidden = hidden, a.inter = inter, a.hidden_p = p.hidden_p, a.inter_p = p.inter_p;
   a.x = x, a.ids = ids, a.wts = weights, a.out = out;
   a.s_gu = p.s_gu, a.s_d = p.s_d, a.R = p.R;
-  if (res) a.h = res->h, a.norm_w = res->norm_w, a.eps = res->eps, a.x_next = res->x_next;
   moe_layout(p, workspace, a);
   const int gh = p.hidden_p / kGroupCols, gi = p.inter_p / kGroupCols;
   if (p.decode) {

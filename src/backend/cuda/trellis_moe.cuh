@@ -40,13 +40,6 @@ struct MoeArgs {
   float* p_d;                    // [J, s_d, hidden_p]
   int* cnt_gu;                   // [J, inter_p/128]
   int* cnt_d;                    // [m, hidden_p/128]
-  // decode variant, optional residual step after the block (moe_experts' h/norm_w): the last of a token's
-  // hidden_p/128 down column groups to finish does h += out, x_next = norm_w ⊙ h · rsqrt(mean h² + eps).
-  float* h;                      // [m, hidden] or null
-  const float* norm_w;           // [hidden]
-  float eps;
-  float* x_next;                 // [m, hidden] (may be x: nothing reads x in the down kernel)
-  int* cnt_tok;                  // [m]
   // prefill variant (rows grouped by expert)
   int R;                         // rows = m * jpt (routed rows first, then the shared expert's)
   int* row_token;                // [R]

@@ -128,29 +128,6 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
     sum[0] += c.x, sum[1] += c.y, sum[2] += c.z, sum[3] += c.w;
   }
   store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, sum);
-  if (!a.h) return;
-  // The residual step, by this warp in the last column group of the token to finish (one kernel fewer per
-  // layer than a separate add_rms_norm; the same arithmetic as add_rms_norm_kernel, summed in another order).
-  __threadfence();
-  int t = 0;
-  if (lane == 0) t = atomicAdd(a.cnt_tok + token, 1);
-  t = __shfl_sync(0xffffffffu, t, 0);
-  if (t != groups - 1) return;
-  if (lane == 0) atomicExch(a.cnt_tok + token, 0);  // left at zero for the next call (graph replays)
-  __threadfence();
-  float* hr = a.h + int64_t(token) * a.hidden;
-  const float* orow = a.out + int64_t(token) * a.hidden;
-  float ss = 0.0f;
-  for (int k = lane; k < a.hidden; k += 32) {
-    const float v = hr[k] + __ldcg(orow + k);  // out columns of other blocks: read through L2
-    hr[k] = v;
-    ss += v * v;
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-  const float r = rsqrtf(ss / float(a.hidden) + a.eps);
-  float* xr = a.x_next + int64_t(token) * a.hidden;
-  for (int k = lane; k < a.hidden; k += 32) xr[k] = a.norm_w[k] * (hr[k] * r);  // each lane rereads its own h
 }
 
 }  // namespace trellm::cuda::tk
