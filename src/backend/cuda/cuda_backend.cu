@@ -65,6 +65,7 @@ struct CudaBackend::Impl {
     return p;
   }
   std::unordered_map<const void*, void*> dense_kv_b;  // trellis kv_b -> its bf16 dequantization (absorbed MLA)
+  std::unordered_map<const void*, float*> gate_f32;   // bf16 router gate -> f32 copy (prefill router GEMM)
 };
 
 CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
@@ -89,6 +90,7 @@ CudaBackend::~CudaBackend() {
     if (s.first) cudaFree(s.first);
   for (auto& t : impl_->moe_tables) cudaFree(t.second);
   for (auto& t : impl_->dense_kv_b) cudaFree(t.second);
+  for (auto& t : impl_->gate_f32) cudaFree(t.second);
   for (auto e : impl_->events) cudaEventDestroy(e);
   cublasDestroy(impl_->cublas);
   cudaStreamDestroy(impl_->stream);
@@ -330,6 +332,10 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
 }
 
+// Rows from which the shared expert of a trellis MoE runs as dense products (dequantize + cuBLAS) instead of
+// inside the grouped expert GEMM.
+constexpr int kSharedDenseMinRows = 128;
+
 void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids,
                                   std::span<const Expert> experts, const Expert* shared) {
   const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
@@ -355,8 +361,42 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   int max_k = 2;  // sizes the decode kernels' weight ring (K = 3 everywhere: 24 KB instead of 64 KB)
   for (const Expert& e : experts) max_k = std::max({max_k, e.gate.exl3->K, e.up.exl3->K, e.down.exl3->K});
   if (shared) max_k = std::max({max_k, shared->gate.exl3->K, shared->up.exl3->K, shared->down.exl3->K});
-  cuda::moe_experts(dt, shared ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(),
-                    out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k);
+  // Prefill: the shared expert sees every row, so in the grouped GEMM its weights would be decoded once per
+  // 128-row tile (16 times at 2,048 rows); as dense products (dequantize once + cuBLAS) it is one decode and
+  // three tensor-core GEMMs, added to the routed experts' sum afterwards.
+  const bool shared_dense = shared && m >= kSharedDenseMinRows;
+  cuda::moe_experts(dt, shared && !shared_dense ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(),
+                    weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k);
+  if (!shared_dense) return;
+  const int64_t si = shared->gate.out;
+  TensorView g(impl_->scratch_f32(13, size_t(m) * si), DType::F32, {m, si});
+  TensorView u(impl_->scratch_f32(14, size_t(m) * si), DType::F32, {m, si});
+  TensorView d(impl_->scratch_f32(15, size_t(m) * hidden), DType::F32, {m, hidden});
+  matmul(g, x, shared->gate);
+  matmul(u, x, shared->up);
+  silu_mul(g, g, u);
+  matmul(d, g, shared->down);
+  add(out, out, d);
+}
+
+// Rows from which the router's scores come from a GEMM instead of CUDA-core dot products in the cluster kernel.
+constexpr int64_t kRouteGemmMinRows = 17;
+
+void CudaBackend::route_by_gemm(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
+                                const MoeRouting& r) {
+  const int m = int(x.rows()), H = int(x.cols()), E = r.n_experts;
+  float*& g32 = impl_->gate_f32[gate.data];
+  if (!g32) {  // first use happens in an uncaptured step (prefill is never captured)
+    TRELLM_CUDA_CHECK(cudaMalloc(&g32, size_t(E) * H * 4));
+    cuda::bf16_to_f32(g32, gate.ptr<uint16_t>(), int64_t(E) * H, impl_->stream);
+  }
+  float* logits = impl_->scratch_f32(12, size_t(m) * E);
+  // column-major: logitsᵀ [E, m] = gate32 [E, H] (row-major = op T of col-major H x E) · xᵀ [H, m]
+  const float one = 1.0f, zero = 0.0f;
+  TRELLM_CUBLAS_CHECK(cublasSgemm(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, E, m, H, &one, g32, H, x.ptr<float>(), H, &zero,
+                                  logits, E));
+  cuda::moe_route_logits(logits, bias.empty() ? nullptr : bias.ptr<float>(), m, E, r.top_k, r.n_group, r.topk_group,
+                         r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(), ids.ptr<int32_t>(), impl_->stream);
 }
 
 void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
@@ -365,6 +405,7 @@ void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, Te
                 weights.numel() == x.rows() * r.top_k && ids.numel() == x.rows() * r.top_k);
   const float* b = bias.empty() ? nullptr : bias.ptr<float>();
   if (gate.dtype == DType::BF16 && r.n_experts <= 1024 && r.top_k <= 32 && r.n_group <= 32) {
+    if (x.rows() >= kRouteGemmMinRows) return route_by_gemm(weights, ids, x, gate, bias, r);
     // The cluster router of trellis_kernels.h: 5.9 us per layer at m = 1 on the H100, against 137 us for the
     // one-block v1 kernel below (bench/results/e2e.md, part timing).
     cuda::moe_route(x.ptr<float>(), gate.ptr<uint16_t>(), b, int(x.rows()), int(x.cols()), r.n_experts, r.top_k, r.n_group,
@@ -380,7 +421,9 @@ void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, Te
 void CudaBackend::add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x,
                                      TensorView weights, TensorView ids, TensorView gate, TensorView bias,
                                      const MoeRouting& r) {
-  if (gate.dtype != DType::BF16 || r.n_experts > 1024 || r.top_k > 32 || r.n_group > 32 || h.cols() > 4096)
+  // Prefill takes the unfused pair (norm kernel, then the GEMM router of moe_route).
+  if (gate.dtype != DType::BF16 || r.n_experts > 1024 || r.top_k > 32 || r.n_group > 32 || h.cols() > 4096 ||
+      h.rows() >= kRouteGemmMinRows)
     return Backend::add_rms_norm_route(h, y, norm_w, eps, x, weights, ids, gate, bias, r);
   TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == x.numel() && norm_w.numel() == h.cols() &&
                 norm_w.dtype == DType::F32 && gate.dim(0) == r.n_experts && gate.dim(1) == h.cols() &&

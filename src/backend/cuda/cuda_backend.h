@@ -62,6 +62,8 @@ class CudaBackend final : public Backend {
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                        const Expert* shared);
+  // Prefill router: logits by cuBLAS SGEMM against an f32 copy of the bf16 gate (made once), then selection.
+  void route_by_gemm(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias, const MoeRouting& r);
   // w itself when dense; else its bf16 dequantization (cached), described in tmp.
   const Linear& dense_bf16(const Linear& w, Linear& tmp);
 

@@ -22,6 +22,8 @@ void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s);
 // f32 -> bf16 / f16 (for cuBLAS inputs)
 void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
+// bf16 -> f32
+void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s);
 // Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos[i].
 void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s);
 // cache row pos[i] = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]), cache width rank + rope_dim

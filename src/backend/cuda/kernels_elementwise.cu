@@ -108,6 +108,11 @@ __global__ void to_f16_kernel(__half* out, const float* x, int64_t n) {
     out[i] = __float2half_rn(x[i]);
 }
 
+__global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __bfloat162float(x[i]);
+}
+
 // Same arithmetic as cpu::rope_rotate: f32 angle = f32(pos) * f32(inv_freq), cos/sin in double.
 __device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, float theta) {
   const float inv_freq = float(1.0 / pow(double(theta), double(2 * i) / double(dim)));
@@ -236,6 +241,10 @@ void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
 }
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
   launch(to_f16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__half*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s) {
+  bf16_to_f32_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, reinterpret_cast<const __nv_bfloat16*>(x), n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s) {

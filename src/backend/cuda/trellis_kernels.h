@@ -75,6 +75,11 @@ void moe_route(const float* x /*[m,hidden]*/, const uint16_t* gate_bf16 /*[E,hid
                int m, int hidden, int E, int top_k, int n_group, int topk_group, bool norm, float scale,
                float* weights /*[m,top_k]*/, int* ids /*[m,top_k]*/, cudaStream_t s);
 
+// The router from precomputed scores (prefill: logits [m, E] = x · gateᵀ in f32 by a GEMM): sigmoid, bias,
+// selection and weights exactly as moe_route; one warp per token.
+void moe_route_logits(const float* logits, const float* bias, int m, int E, int top_k, int n_group, int topk_group,
+                      bool norm, float scale, float* weights, int* ids, cudaStream_t s);
+
 // h += y; x = rms_norm(h, norm_w, eps) (as add_rms_norm), then moe_route on x, in one launch: every CTA of a
 // token's cluster forms the normalised row in shared memory (no separate norm kernel). hidden <= 4096.
 void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps, float* x, const uint16_t* gate_bf16,

@@ -12,8 +12,6 @@ namespace trellm::cuda {
 namespace tk {
 
 __global__ void __launch_bounds__(kThreads) xform_kernel(const LinearArgs p) {
-  grid_wait();  // PDL dependent: x comes from the kernel before
-  grid_launch_dependents();
   const int row = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5);
   if (chunk >= p.w.in_padded / kChunk) return;
   xform_chunk_warp(const_cast<__half*>(p.xh) + int64_t(row) * p.w.in_padded + chunk * kChunk,
@@ -136,7 +134,7 @@ void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, voi
   if (p.gemv) {
     launch_gemv_k(a, p, s);
   } else {
-    launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, true, a);
+    launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, false, a);  // no PDL: see launch_gemm
     TRELLM_CUDA_LAUNCH_CHECK();
     switch (w.K) {
       case 2: launch_gemm<2>(a, p.mchunks, p.mt, s); break;

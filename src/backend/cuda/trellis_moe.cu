@@ -48,6 +48,62 @@ struct RouteArgs {
 };
 constexpr int kRouteFuseMaxHidden = 4096;
 
+// The selection after the scores, by one warp (same rule and tie order as CpuBackend::moe_route): s_sig holds
+// sigmoid(logit), s_choice sigmoid + bias (overwritten: groups not kept become -inf), taken E bytes of scratch.
+__device__ void route_select(const RouteArgs& a, int token, float* s_sig, float* s_choice, unsigned char* taken,
+                             int* picked) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < a.E; e += 32) taken[e] = 0;
+  if (a.n_group > 1 && lane == 0) {  // keep the topk_group groups whose two best choices sum highest
+    const int gs = a.E / a.n_group;
+    float gscore[32];
+    bool keep[32];
+    for (int g = 0; g < a.n_group; g++) {
+      float b1 = -FLT_MAX, b2 = -FLT_MAX;
+      for (int e = g * gs; e < (g + 1) * gs; e++) {
+        const float c = s_choice[e];
+        if (c > b1) b2 = b1, b1 = c;
+        else if (c > b2) b2 = c;
+      }
+      gscore[g] = b1 + (gs > 1 ? b2 : 0.0f);
+      keep[g] = false;
+    }
+    for (int r = 0; r < a.topk_group; r++) {  // ties keep the lower group index (stable sort on the CPU)
+      int best = -1;
+      for (int g = 0; g < a.n_group; g++)
+        if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
+      keep[best] = true;
+    }
+    for (int g = 0; g < a.n_group; g++)
+      if (!keep[g])
+        for (int e = g * gs; e < (g + 1) * gs; e++) s_choice[e] = -INFINITY;
+  }
+  __syncwarp();
+  float sum = 0.0f;
+  for (int k = 0; k < a.top_k; k++) {  // highest choice first; ties to the lower expert index
+    float bv = 0.0f;
+    int bi = INT_MAX;
+    for (int e = lane; e < a.E; e += 32) {
+      const float c = s_choice[e];
+      if (!taken[e] && (bi == INT_MAX || c > bv || (c == bv && e < bi))) bv = c, bi = e;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
+    }
+    if (lane == 0) taken[bi] = 1, picked[k] = bi;
+    sum += s_sig[bi];
+    __syncwarp();
+  }
+  const float nrm = a.norm ? 1.0f / (sum + 1e-20f) : 1.0f;
+  for (int k = lane; k < a.top_k; k += 32) {
+    a.ids[int64_t(token) * a.top_k + k] = picked[k];
+    a.weights[int64_t(token) * a.top_k + k] = __fmul_rn(__fmul_rn(s_sig[picked[k]], nrm), a.scale);
+  }
+}
+
 __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads) route_kernel(const RouteArgs a) {
   __shared__ float s_sig[kRouteMaxE], s_choice[kRouteMaxE];
   __shared__ unsigned char taken[kRouteMaxE];
@@ -120,55 +176,26 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
     for (int k = threadIdx.x; k < a.hidden; k += kThreads) hr[k] = s_v[k], xo[k] = s_x[k];
   }
   if (rank != 0 || warp != 0) return;
-  for (int e = lane; e < a.E; e += 32) taken[e] = 0;
-  if (a.n_group > 1 && lane == 0) {  // keep the topk_group groups whose two best choices sum highest
-    const int gs = a.E / a.n_group;
-    float gscore[32];
-    bool keep[32];
-    for (int g = 0; g < a.n_group; g++) {
-      float b1 = -FLT_MAX, b2 = -FLT_MAX;
-      for (int e = g * gs; e < (g + 1) * gs; e++) {
-        const float c = s_choice[e];
-        if (c > b1) b2 = b1, b1 = c;
-        else if (c > b2) b2 = c;
-      }
-      gscore[g] = b1 + (gs > 1 ? b2 : 0.0f);
-      keep[g] = false;
-    }
-    for (int r = 0; r < a.topk_group; r++) {  // ties keep the lower group index (stable sort on the CPU)
-      int best = -1;
-      for (int g = 0; g < a.n_group; g++)
-        if (!keep[g] && (best < 0 || gscore[g] > gscore[best])) best = g;
-      keep[best] = true;
-    }
-    for (int g = 0; g < a.n_group; g++)
-      if (!keep[g])
-        for (int e = g * gs; e < (g + 1) * gs; e++) s_choice[e] = -INFINITY;
+  route_select(a, token, s_sig, s_choice, taken, picked);
+}
+
+// Prefill (many tokens): the scores come from a GEMM (logits [m, E] = x · gateᵀ, f32, cuBLAS); one warp per
+// token turns them into weights and ids. At 2,048 tokens the cluster router above spent ~230 µs per layer on
+// CUDA-core dot products (trellm bench's prefill part timing on the H200).
+__global__ void __launch_bounds__(32) route_logits_kernel(const RouteArgs a, const float* logits) {
+  __shared__ float s_sig[kRouteMaxE], s_choice[kRouteMaxE];
+  __shared__ unsigned char taken[kRouteMaxE];
+  __shared__ int picked[32];
+  grid_wait();
+  grid_launch_dependents();
+  const int token = blockIdx.x;
+  for (int e = threadIdx.x; e < a.E; e += 32) {
+    const float sg = 1.0f / (1.0f + expf(-logits[int64_t(token) * a.E + e]));
+    s_sig[e] = sg;
+    s_choice[e] = sg + (a.bias ? a.bias[e] : 0.0f);
   }
   __syncwarp();
-  float sum = 0.0f;
-  for (int k = 0; k < a.top_k; k++) {  // highest choice first; ties to the lower expert index
-    float bv = 0.0f;
-    int bi = INT_MAX;
-    for (int e = lane; e < a.E; e += 32) {
-      const float c = s_choice[e];
-      if (!taken[e] && (bi == INT_MAX || c > bv || (c == bv && e < bi))) bv = c, bi = e;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (oi != INT_MAX && (bi == INT_MAX || ov > bv || (ov == bv && oi < bi))) bv = ov, bi = oi;
-    }
-    if (lane == 0) taken[bi] = 1, picked[k] = bi;
-    sum += s_sig[bi];
-    __syncwarp();
-  }
-  const float nrm = a.norm ? 1.0f / (sum + 1e-20f) : 1.0f;
-  for (int k = lane; k < a.top_k; k += 32) {
-    a.ids[int64_t(token) * a.top_k + k] = picked[k];
-    a.weights[int64_t(token) * a.top_k + k] = __fmul_rn(__fmul_rn(s_sig[picked[k]], nrm), a.scale);
-  }
+  route_select(a, token, s_sig, s_choice, taken, picked);
 }
 
 // ---- prefill: grouping ---------------------------------------------------------------------------------------------
@@ -343,6 +370,18 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
   RouteArgs a{nullptr, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
               norm, scale, weights, ids, h, y, norm_w, eps, x};
   launch(route_kernel, dim3(kRouteCluster, m), dim3(kThreads), 0, s, true, a);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void moe_route_logits(const float* logits, const float* bias, int m, int E, int top_k, int n_group, int topk_group,
+                      bool norm, float scale, float* weights, int* ids, cudaStream_t s) {
+  TRELLM_ASSERT(E >= 1 && E <= kRouteMaxE && top_k >= 1 && top_k <= 32 && top_k <= E && n_group >= 1 &&
+                    n_group <= 32 && E % n_group == 0 && topk_group >= 1 && topk_group <= n_group,
+                "moe_route_logits: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " topk_group ", topk_group);
+  if (m == 0) return;
+  RouteArgs a{nullptr, nullptr, bias, 0, E, top_k, n_group, topk_group, norm, scale, weights, ids, nullptr, nullptr,
+              nullptr, 0.0f, nullptr};
+  launch(route_logits_kernel, dim3(m), dim3(32), 0, s, true, a, logits);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

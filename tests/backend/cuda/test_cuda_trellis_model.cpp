@@ -33,7 +33,9 @@ TEST(CudaTrellisModel, MatchesCpuReference) {
   auto mc = Model::load(d / "exl3", *cpu);
   auto mg = Model::load(d / "exl3", *gpu);
   const int64_t V = mc->config().vocab_size;
-  for (int P : {20, 40}) {  // 20 rows: fused trellis kernels; 40: dequantize + cuBLAS (bf16 activations)
+  // 20 rows: fused trellis kernels; 40: dequantize + cuBLAS (bf16 activations) and the GEMM router; 160: also the
+  // shared expert as dense products beside the grouped expert GEMM (>= 128 rows)
+  for (int P : {20, 40, 160}) {
     std::vector<int32_t> prompt(static_cast<size_t>(P));
     for (int i = 0; i < P; i++) prompt[i] = (i * 37 + 11) % int32_t(V);
     RunState rc = mc->make_run_state(P), rg = mg->make_run_state(P);

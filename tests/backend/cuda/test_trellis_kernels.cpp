@@ -307,8 +307,10 @@ TEST_F(TrellisCuda, MatmulNormedPrologue) {
 
 // fused: the router with the residual step before it (add_rms_norm_route): x = norm(h + y) is formed on the GPU
 // and compared, h must become h + y exactly, and the routing is checked against the CPU's x as below.
+// by_logits: the prefill router (moe_route_logits) from scores computed here in double and rounded to f32, as
+// the backend's SGEMM would give them.
 void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, int n_group, int topk_group,
-                 cudaStream_t s, bool fused = false) {
+                 cudaStream_t s, bool fused = false, bool by_logits = false) {
   std::vector<float> x(size_t(m) * hidden), bias(E);
   for (auto& v : x) v = rng.normal();
   for (auto& v : bias) v = rng.uniform(-0.05f, 0.05f);
@@ -340,7 +342,18 @@ void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, 
   float* dh = dev_upload(h);
   float* dy = dev_upload(y);
   float* dn = dev_upload(nw);
-  if (fused) {
+  float* dl = nullptr;
+  if (by_logits) {
+    std::vector<float> logits(size_t(m) * E);
+    for (int i = 0; i < m; i++)
+      for (int e = 0; e < E; e++) {
+        double d = 0;
+        for (int k = 0; k < hidden; k++) d += double(bf16_to_f32(gate[size_t(e) * hidden + k])) * x[size_t(i) * hidden + k];
+        logits[size_t(i) * E + e] = float(d);
+      }
+    dl = dev_upload(logits);
+    cuda::moe_route_logits(dl, db, m, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
+  } else if (fused) {
     TT_CHECK(cudaMemset(dx, 0xFF, x.size() * 4));  // x is output only here
     cuda::add_rms_norm_route(dh, dy, dn, 1e-5f, dx, dg, db, m, hidden, E, top_k, n_group, topk_group, true, 1.8f, dw, di, s);
   } else {
@@ -378,7 +391,7 @@ void check_route(TrellisCuda* t, Rng& rng, int m, int hidden, int E, int top_k, 
     checked = m;
   }
   EXPECT_GE(checked, m * 3 / 4);
-  for (auto p : {(void*)dx, (void*)dg, (void*)db, (void*)dw, (void*)di, (void*)dh, (void*)dy, (void*)dn}) cudaFree(p);
+  for (auto p : {(void*)dx, (void*)dg, (void*)db, (void*)dw, (void*)di, (void*)dh, (void*)dy, (void*)dn, (void*)dl}) cudaFree(p);
 }
 
 TEST_F(TrellisCuda, RouteGlm) {
@@ -387,6 +400,11 @@ TEST_F(TrellisCuda, RouteGlm) {
 TEST_F(TrellisCuda, RouteFusedWithResidualNorm) {
   for (int m : {1, 3, 17}) check_route(this, rng, m, 2048, 64, 4, 1, 1, stream, true);
   check_route(this, rng, 5, 300, 40, 3, 1, 1, stream, true);
+}
+TEST_F(TrellisCuda, RouteFromLogits) {
+  for (int m : {17, 300}) check_route(this, rng, m, 2048, 64, 4, 1, 1, stream, false, true);
+  check_route(this, rng, 33, 2048, 64, 6, 8, 4, stream, false, true);
+  check_route(this, rng, 20, 300, 40, 3, 1, 1, stream, false, true);
 }
 TEST_F(TrellisCuda, RouteGroupedOdd) {
   check_route(this, rng, 17, 2048, 64, 6, 8, 4, stream);
