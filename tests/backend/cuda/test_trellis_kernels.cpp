@@ -493,6 +493,7 @@ TEST_F(TrellisCuda, MoeSmallMixedK) {
   for (int m : {1, 3, 8, 17, 33}) check_moe(this, rng, m, 320, 200, 8, 3, true, true, stream, 2);
   check_moe(this, rng, 5, 256, 128, 6, 2, false, true, stream);
   check_moe(this, rng, 20, 256, 128, 6, 2, false, true, stream);
+  check_moe(this, rng, 500, 256, 128, 8, 3, true, true, stream);  // ~190 rows per expert: two grouped tiles each
 }
 
 TEST_F(TrellisCuda, MoeGlmDims) {
