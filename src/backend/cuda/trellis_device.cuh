@@ -205,8 +205,9 @@ __device__ __forceinline__ void sum_partials(float v[4], const float* p, int spl
 // (v3 had x as A: two mmas per tile, 15 of 16 A rows zero at m = 1, and 4 register moves per tile to
 // rebuild the zero A quads: ncu measured 90 executed instructions per tile and 8.6 cycles per issue.)
 // As: x_h of rows 0..m-1 and a zero row m (lanes of rows >= m all read it: a broadcast), `a_pitch` halves per
-// row (a_pitch/2 ≡ 4 mod 32 words: the lanes' B loads hit distinct banks), chunk-relative columns from 0. B streams through a kStagesGemv-deep
-// cp.async ring. acc: c0/c1 = column warp·16 + t/4 for rows 2(t%4), 2(t%4)+1; c2/c3 = column + 8.
+// row (a_pitch/2 ≡ 4 mod 32 words: the lanes' B loads hit distinct banks), chunk-relative columns from 0. The
+// trellis words stream through a kStagesGemv-deep cp.async ring. acc: c0/c1 = column warp·16 + t/4 for rows
+// 2(t%4), 2(t%4)+1; c2/c3 = column + 8.
 // The codebook is a template parameter (the caller switches once per block, not once per tile).
 constexpr int kStagesGemv = 4;
 
