@@ -268,9 +268,9 @@ constexpr int kAPitch = kChunk + 8;            // halves: rows 16 B apart mod 12
 template <int MT>
 constexpr int a_stage_halves() { return MT * 16 * kAPitch; }
 
-template <int K, int MT = kMT>
+template <int K, int MT = kMT, int STAGES = kStagesGemm>
 constexpr size_t gemm_smem_bytes() {
-  const size_t ring = size_t(kStagesGemm) * (a_stage_halves<MT>() * 2 + chunk_words<K>() * 4);
+  const size_t ring = size_t(STAGES) * (a_stage_halves<MT>() * 2 + chunk_words<K>() * 4);
   const size_t ytile = size_t(MT) * 16 * (kGroupCols + 4) * 4;  // the epilogue's f32 tile reuses the ring
   return ring > ytile ? ring : ytile;
 }
@@ -286,13 +286,13 @@ __device__ __forceinline__ void gemm_load_stage(const DeviceTrellis& w, const __
   }
 }
 
-template <int K, int MT>
+template <int K, int MT, int STAGES = kStagesGemm>
 __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
                                               int c0, int nck, unsigned char* smem, float acc[MT][2][4]) {
   constexpr int kCW = chunk_words<K>();
   constexpr int kAStageHalves = a_stage_halves<MT>();
   __half* As = reinterpret_cast<__half*>(smem);
-  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem + size_t(kStagesGemm) * kAStageHalves * 2);
+  uint32_t* Bs = reinterpret_cast<uint32_t*>(smem + size_t(STAGES) * kAStageHalves * 2);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int mt = 0; mt < MT; mt++)
@@ -300,22 +300,22 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
     for (int n = 0; n < 2; n++)
 #pragma unroll
       for (int i = 0; i < 4; i++) acc[mt][n][i] = 0.0f;
-  for (int s = 0; s < kStagesGemm - 1; s++) {
+  for (int s = 0; s < STAGES - 1; s++) {
     if (s < nck) gemm_load_stage<K, MT>(w, A, lda, rows, group, c0 + s, As + s * kAStageHalves, Bs + s * kCW);
     cp_commit();
   }
   const int mtiles = (rows + 15) >> 4;
   const int lrow = lane & 15, lcol = (lane >> 4) * 8;
   for (int c = 0; c < nck; c++) {
-    cp_wait<kStagesGemm - 2>();
+    cp_wait<STAGES - 2>();
     __syncthreads();
-    const int nxt = c + kStagesGemm - 1;
+    const int nxt = c + STAGES - 1;
     if (nxt < nck)
-      gemm_load_stage<K, MT>(w, A, lda, rows, group, c0 + nxt, As + (nxt % kStagesGemm) * kAStageHalves,
-                         Bs + (nxt % kStagesGemm) * kCW);
+      gemm_load_stage<K, MT>(w, A, lda, rows, group, c0 + nxt, As + (nxt % STAGES) * kAStageHalves,
+                         Bs + (nxt % STAGES) * kCW);
     cp_commit();
-    const __half* as = As + (c % kStagesGemm) * kAStageHalves;
-    const uint32_t* st = Bs + (c % kStagesGemm) * kCW + warp * 8 * K;
+    const __half* as = As + (c % STAGES) * kAStageHalves;
+    const uint32_t* st = Bs + (c % STAGES) * kCW + warp * 8 * K;
 #pragma unroll 1
     for (int kk = 0; kk < 8; kk++) {
       uint32_t b[4];

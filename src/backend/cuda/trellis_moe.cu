@@ -425,7 +425,7 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     return;
   }
   static const bool once = [] {
-    cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8>()));
+    cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8, kMT, kGroupedStages>()));
     return true;
   }();
   (void)once;
@@ -433,12 +433,12 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm_kernel<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8>(), s>>>(
+  grouped_gemm_kernel<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm_kernel<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8>(), s>>>(
+  grouped_gemm_kernel<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);

@@ -62,6 +62,10 @@ __device__ __forceinline__ const DeviceTrellis* job_desc(const MoeArgs& a, int t
   return slot < a.top_k ? expert_desc(a, a.ids[token * a.top_k + slot]) : a.shared;
 }
 
+// The prefill's grouped GEMM: a double-buffered ring (2 stages, ≤ 100 KB at K = 8) so that two 8-warp blocks fit
+// an SM (3 stages, 1 block per SM: 10 % of the tensor peak at 2K tokens, latency-bound).
+constexpr int kGroupedStages = 2;
+
 // Shared memory of the one-row GEMV bodies: the B ring (sized for the layer's largest K: 24 KB at K = 3, 64 KB
 // at K = 8, which bounds blocks per SM), then the A row and the zero row.
 constexpr size_t moe_ring_bytes(int max_k) { return size_t(kStagesGemv) * 2048 * size_t(max_k); }

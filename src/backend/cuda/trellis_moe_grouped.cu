@@ -6,7 +6,7 @@
 
 namespace trellm::cuda::tk {
 
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     grouped_gemm_kernel(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,
                         int ldy, int which_base, int chunks) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -18,7 +18,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const __half* At = A + zz * a_zstride + int64_t(tile.y) * lda;
   float* Yt = Y + zz * y_zstride + int64_t(tile.y) * ldy;
   float acc[kMT][2][4];
-  with_k(w.K, [&](auto kc) { gemm_mainloop<decltype(kc)::value, kMT>(w, At, lda, rows, group, 0, chunks, smem, acc); });
+  with_k(w.K, [&](auto kc) {
+    gemm_mainloop<decltype(kc)::value, kMT, kGroupedStages>(w, At, lda, rows, group, 0, chunks, smem, acc);
+  });
   float* Ys = reinterpret_cast<float*>(smem);
   store_acc_tile<kMT>(acc, Ys, kYPitch, rows);
   __syncthreads();
