@@ -167,6 +167,15 @@ class Backend {
   // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
   virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                              const MlaDims& dims, MlaMode mode) = 0;
+  // MLA from the projections to the attention output, as one op: mla_rope_append(q, offset, cache, kv, norm_w, eps,
+  // pos, rope), then attention_mla(out, q, cache, kv_b, pos, dims, mode). The GPU folds the first step into the
+  // attention's first kernel for decode; q's contents afterwards are unspecified (rotated or not).
+  virtual void attention_mla_append(TensorView out, TensorView q, int offset, TensorView cache, TensorView kv,
+                                    TensorView norm_w, float eps, const Linear& kv_b, const Positions& pos,
+                                    const MlaDims& dims, const RopeParams& rope, MlaMode mode) {
+    mla_rope_append(q, offset, cache, kv, norm_w, eps, pos, rope);
+    attention_mla(out, q, cache, kv_b, pos, dims, mode);
+  }
   // Router: weights/ids [n, top_k] (f32 / I32) from x [n, hidden] and gate [n_experts, hidden];
   // bias [n_experts] f32 (may be empty) is added for selection only.
   virtual void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,

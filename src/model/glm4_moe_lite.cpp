@@ -161,9 +161,9 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
     }
     if (rs.timer) rs.timer->mark(Part::AttnProj);
-    // q_rope of every head; cache row pos = [norm(c_kv) | rope(k_rope)]
-    B.mla_rope_append(q, mla.nope_dim, kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, pos, rope);
-    B.attention_mla(attn, q, kv.layers[l], L.kv_b_proj, pos, mla, mode);
+    // rope on q_rope of every head; cache row pos = [norm(c_kv) | rope(k_rope)]; the attention
+    B.attention_mla_append(attn, q, mla.nope_dim, kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, L.kv_b_proj, pos,
+                           mla, rope, mode);
     if (rs.timer) rs.timer->mark(Part::AttnCore);
     B.matmul(y, attn, L.o_proj);
     if (rs.timer) rs.timer->mark(Part::AttnOut);

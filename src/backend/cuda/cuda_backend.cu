@@ -275,6 +275,33 @@ const Linear& CudaBackend::dense_bf16(const Linear& w, Linear& tmp) {
   return tmp;
 }
 
+bool CudaBackend::mla_fast(TensorView out, const Linear& kv_b, const Positions& pos, const MlaDims& d, int n) const {
+  return !impl_->mla_v1 && !kv_b.exl3 && kv_b.weight.dtype == DType::BF16 &&
+         kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim) && mla::supported(d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim) &&
+         out.numel() == int64_t(n) * d.heads * d.v_dim && pos.bound >= 1;
+}
+
+// Decode on the tensor-core path: the rope + cache append run inside the q_lat kernel (mla::RopeAppend), one
+// launch fewer per layer. Everything else: the two ops.
+void CudaBackend::attention_mla_append(TensorView out, TensorView q, int offset, TensorView cache, TensorView kv,
+                                       TensorView norm_w, float eps, const Linear& kv_b_in, const Positions& pos,
+                                       const MlaDims& d, const RopeParams& rope, MlaMode mode) {
+  Linear kv_b_tmp;
+  const Linear& kv_b = dense_bf16(kv_b_in, kv_b_tmp);
+  const int n = int(q.dim(0));
+  if (!mla_fast(out, kv_b, pos, d, n) || n > mla::kDecodeMaxRows || offset != d.nope_dim || rope.dim != d.rope_dim)
+    return Backend::attention_mla_append(out, q, offset, cache, kv, norm_w, eps, kv_b_in, pos, d, rope, mode);
+  TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
+                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv.rows() == n && kv.cols() == cache.cols() &&
+                norm_w.numel() == d.kv_rank && norm_w.dtype == DType::F32 && pos.pos.numel() == n,
+                "attention_mla_append shapes: q ", shape_str(q), " kv ", shape_str(kv), " cache ", shape_str(cache));
+  const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
+  const mla::RopeAppend ra{kv.ptr<float>(), norm_w.ptr<float>(), eps, cache.ptr<uint16_t>(), rope.theta};
+  mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
+              n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes), &ra};
+  mla::decode(a, p, impl_->stream);
+}
+
 void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
                                 const Positions& pos, const MlaDims& d, MlaMode mode) {
   // The absorbed products read kv_b per head, which the row-major trellis product cannot slice: a trellis kv_b
@@ -288,9 +315,7 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
   // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (both absorbed,
   // the same function as either mode). Other shapes (the tiny fixtures) run the v1 kernels below.
-  if (!impl_->mla_v1 && !kv_b.exl3 && kv_b.weight.dtype == DType::BF16 &&
-      kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim) && mla::supported(d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim) &&
-      out.numel() == int64_t(n) * d.heads * d.v_dim && pos.bound >= 1) {
+  if (mla_fast(out, kv_b, pos, d, n)) {
     const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
     mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
                 n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};

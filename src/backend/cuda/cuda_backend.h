@@ -42,6 +42,9 @@ class CudaBackend final : public Backend {
   void rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) override;
   void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                      const MlaDims& dims, MlaMode mode) override;
+  void attention_mla_append(TensorView out, TensorView q, int offset, TensorView cache, TensorView kv, TensorView norm_w,
+                            float eps, const Linear& kv_b, const Positions& pos, const MlaDims& dims,
+                            const RopeParams& rope, MlaMode mode) override;
   void moe_route(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                  const MoeRouting& r) override;
   void add_rms_norm_route(TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x, TensorView weights,
@@ -66,6 +69,8 @@ class CudaBackend final : public Backend {
   void route_by_gemm(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias, const MoeRouting& r);
   // w itself when dense; else its bf16 dequantization (cached), described in tmp.
   const Linear& dense_bf16(const Linear& w, Linear& tmp);
+  // The tensor-core MLA kernels apply (GLM's latent dims, a dense bf16 kv_b after dense_bf16).
+  bool mla_fast(TensorView out, const Linear& kv_b, const Positions& pos, const MlaDims& d, int n) const;
 
   std::unique_ptr<Impl> impl_;
 };

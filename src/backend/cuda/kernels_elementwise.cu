@@ -7,6 +7,7 @@
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope.cuh"
 
 namespace trellm::cuda {
 
@@ -113,16 +114,8 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n
     out[i] = __bfloat162float(x[i]);
 }
 
-// Same arithmetic as cpu::rope_rotate: f32 angle = f32(pos) * f32(inv_freq), cos/sin in double.
 __device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, float theta) {
-  const float inv_freq = float(1.0 / pow(double(theta), double(2 * i) / double(dim)));
-  const float ang = float(pos) * inv_freq;
-  double sn, cs;
-  sincos(double(ang), &sn, &cs);
-  const float c = float(cs), s = float(sn);
-  const float a = p[2 * i], b = p[2 * i + 1];
-  p[2 * i] = a * c - b * s;
-  p[2 * i + 1] = b * c + a * s;
+  rope_rotate(p[2 * i], p[2 * i + 1], i, dim, pos, theta);
 }
 
 // Row `row` of the interleaved RoPE (block-strided over (head, pair)).

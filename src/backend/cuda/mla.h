@@ -52,6 +52,18 @@ struct Plan {
 };
 Plan make_plan(int n, int heads, int nope, int bound, int num_sms);
 
+// Decode with the two steps before the attention folded into its first kernel (one launch fewer per layer):
+// q arrives before RoPE (the q_lat kernel rotates q_rope while copying it), and one of its blocks writes the new
+// cache rows, cache[pos[i]] = bf16([rms_norm(kv[i, :512], norm_w, eps) | rope(kv[i, 512:])]), which the attention
+// kernel after it reads. The same arithmetic as the rope and cache-append kernels.
+struct RopeAppend {
+  const float* kv;          // [n, 576] f32
+  const float* norm_w;      // [512]
+  float eps;
+  uint16_t* cache;          // the cache below, writable
+  float theta;
+};
+
 // Everything one call needs. kv_b: bf16 [heads*(nope+v), 512], rows per head: W_UK[h] (nope) then W_UV[h] (v).
 struct Args {
   float* out;               // [n, heads*v] f32
@@ -62,6 +74,7 @@ struct Args {
   int n, heads, nope, v;
   float scale;              // softmax scale (1/16 for GLM)
   void* work;               // Plan::bytes, 256-byte aligned
+  const RopeAppend* ra = nullptr;  // decode only: q before RoPE, cache rows appended by the first kernel
 };
 
 // Decode (n <= 16): q_lat kernel -> attention -> (combine) -> output projection, four launches with

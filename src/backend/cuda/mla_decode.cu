@@ -10,6 +10,7 @@
 
 #include "backend/cuda/mla.h"
 #include "backend/cuda/mla_common.cuh"
+#include "backend/cuda/rope.cuh"
 
 namespace trellm::cuda::mla {
 
@@ -21,10 +22,12 @@ using namespace dev;
 // grid (heads, 512/64), 256 threads = 8 column octets x 32 row lanes: thread (cg, dg) holds W_UK[h] rows
 // dg, dg+32, ... (<= 8 for nope <= 256) at columns c0+8cg..+8 in registers (16-byte loads, 128 contiguous bytes
 // per 8 threads), loaded before the PDL wait; the 32 row lanes are summed through smem per query row.
+// With ra.kv set (RopeAppend): q_rope is rotated on its way into Qb, and block (0, 1) appends the cache rows.
 __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float* q, const uint16_t* kvb, int n, int heads,
-                                                          int nope, int v) {
+                                                          int nope, int v, const RopeAppend ra, const int32_t* pos) {
   __shared__ float qs[kDecodeMaxRows * kMaxNope];
   __shared__ __align__(16) float red[32][64];
+  __shared__ float red8[8];
   const int h = blockIdx.x, c0 = blockIdx.y * 64, tid = threadIdx.x, cg = tid & 7, dg = tid >> 3;
   const int per = nope + v, qd = nope + kRope;
   uint4 w[8];
@@ -46,10 +49,42 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
     const int i = idx / nope, d = idx % nope;
     qs[i * kMaxNope + d] = q[(size_t(i) * heads + h) * qd + d];
   }
-  if (blockIdx.y == 0)
+  if (blockIdx.y == 0 && !ra.kv)
     for (int idx = tid; idx < n * kRope; idx += 256) {
       const int i = idx / kRope, k = idx % kRope;
       qb[(size_t(i) * heads + h) * kWidth + kRank + k] = __float2bfloat16_rn(q[(size_t(i) * heads + h) * qd + nope + k]);
+    }
+  if (blockIdx.y == 0 && ra.kv)  // the rope kernel's rotation, then bf16
+    for (int idx = tid; idx < n * (kRope / 2); idx += 256) {
+      const int i = idx / (kRope / 2), k = idx % (kRope / 2);
+      const float* qr = q + (size_t(i) * heads + h) * qd + nope;
+      float a = qr[2 * k], b = qr[2 * k + 1];
+      rope_rotate(a, b, k, kRope, pos[i], ra.theta);
+      bf16* dst = qb + (size_t(i) * heads + h) * kWidth + kRank + 2 * k;
+      dst[0] = __float2bfloat16_rn(a);
+      dst[1] = __float2bfloat16_rn(b);
+    }
+  if (ra.kv && h == 0 && blockIdx.y == 1)  // the cache append kernel's work, row by row
+    for (int i = 0; i < n; i++) {
+      const float* src = ra.kv + size_t(i) * kWidth;
+      bf16* dst = reinterpret_cast<bf16*>(ra.cache) + size_t(pos[i]) * kWidth;
+      float ss = 0.0f;
+      for (int j = tid; j < kRank; j += 256) ss += src[j] * src[j];
+      ss = warp_sum(ss);
+      if ((tid & 31) == 0) red8[tid >> 5] = ss;
+      __syncthreads();
+      ss = 0.0f;
+#pragma unroll
+      for (int w8 = 0; w8 < 8; w8++) ss += red8[w8];
+      const float r = rsqrtf(ss / float(kRank) + ra.eps);
+      for (int j = tid; j < kRank; j += 256) dst[j] = __float2bfloat16_rn(ra.norm_w[j] * (src[j] * r));
+      if (tid < kRope / 2) {
+        float a = src[kRank + 2 * tid], b = src[kRank + 2 * tid + 1];
+        rope_rotate(a, b, tid, kRope, pos[i], ra.theta);
+        dst[kRank + 2 * tid] = __float2bfloat16_rn(a);
+        dst[kRank + 2 * tid + 1] = __float2bfloat16_rn(b);
+      }
+      __syncthreads();  // red8 is reused by the next row
     }
   __syncthreads();
   for (int i = 0; i < n; i++) {
@@ -128,7 +163,9 @@ void decode(const Args& a, const Plan& p, cudaStream_t s) {
   char* w = static_cast<char*>(a.work);
   bf16* qb = reinterpret_cast<bf16*>(w + p.qb);
   const float* olat = reinterpret_cast<const float*>(w + p.olat);
-  launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v);
+  const RopeAppend ra = a.ra ? *a.ra : RopeAppend{nullptr, nullptr, 0.0f, nullptr, 0.0f};
+  launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v,
+         ra, a.pos);
   attend(a, p, s);
   launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, olat, a.kv_b,
          a.n, a.heads, a.nope, a.v);

@@ -193,6 +193,46 @@ TEST_F(CudaOps, MlaRopeAppendFused) {
   }
 }
 
+// MLA from the projections on: rope + cache append + attention as one op. With GLM's latent dims the GPU folds
+// the first two into the attention's q_lat kernel for decode (n <= 16); checked against the three CPU ops on
+// fresh inputs: the output (the tensor-core path's bf16 rounding, see test_cuda_mla: 1.5e-2) and every cache
+// row (the new rows as the append kernel writes them, the old ones untouched). n = 17 takes the unfused ops.
+TEST_F(CudaOps, MlaAttentionWithRopeAppendGlm) {
+  MlaDims d;
+  d.heads = 20;
+  d.kv_rank = 512;
+  d.rope_dim = 64;
+  d.nope_dim = 192;
+  d.v_dim = 256;
+  d.scale = 1.0f / 16.0f;
+  const RopeParams rp{1e6f, 64};
+  for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 300}, {3, 41}, {17, 5}}) {
+    const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 3, W = d.cache_width();
+    auto wb = to_bf16(randn(size_t(d.heads) * per * d.kv_rank, 0.05f));
+    Linear lc, lg;
+    lc.in = lg.in = d.kv_rank;
+    lc.out = lg.out = int64_t(d.heads) * per;
+    lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
+    lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
+    auto cache = randn(size_t(cap) * W), q = randn(size_t(n) * d.heads * d.q_head_dim()), kv = randn(size_t(n) * W);
+    auto nw = randn(d.kv_rank);
+    TensorView gc = bf16_cache(cache, cap, W), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    Pos p = positions(pos0, n);
+    TensorView o = poisoned({n, d.heads * d.v_dim});
+    gpu->attention_mla_append(o, gq, d.nope_dim, gc, up(kv, DType::F32, {n, W}), up(nw, DType::F32, {d.kv_rank}), 1e-6f, lg,
+                              p.dev, d, rp, MlaMode::Absorbed);
+    std::vector<float> want(size_t(n) * d.heads * d.v_dim);
+    cpu.rope(host(q, {n, d.heads, d.q_head_dim()}), d.nope_dim, p.host, rp);
+    cpu.mla_cache_append(host(cache, {cap, W}), host(kv, {n, W}), host(nw, {d.kv_rank}), 1e-6f, p.host, rp);
+    for (auto& v : cache) v = bf16_to_f32(f32_to_bf16(v));  // the GPU cache holds bf16 rows
+    cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, W}), lc,
+                      p.host, d, MlaMode::Absorbed);
+    EXPECT_LT(rel_err(down(o), want), 1.5e-2) << "n=" << n << " pos0=" << pos0;
+    auto got = down_bf16(gc);
+    for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache[i], std::fabs(cache[i]) * 0.0080 + 1e-30) << i;
+  }
+}
+
 TEST_F(CudaOps, DenseMatmulGemvAndCublas) {
   for (DType dt : {DType::BF16, DType::F16, DType::F32})
     for (auto [n, in, out] : std::vector<std::tuple<int, int, int>>{{1, 64, 33}, {3, 127, 17}, {17, 333, 129}, {127, 256, 300}, {200, 96, 64}}) {
