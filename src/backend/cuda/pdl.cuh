@@ -39,39 +39,20 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 // True on sm_90+ unless the environment sets TRELLM_PDL=0 (A/B timing, debugging).
 bool pdl_enabled();
 
-// Launches kernel<<<grid, block, smem, s>>>(args...) with the PDL attribute when pdl && pdl_enabled(), and
-// with a thread-block cluster of cluster_x blocks along x when cluster_x > 1.
+// Launches kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when pdl && pdl_enabled().
 template <typename... Params, typename... Actual>
-void launch_ex(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, int cluster_x,
-               Actual... args) {
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (pdl && pdl_enabled()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    n++;
-  }
-  if (cluster_x > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = unsigned(cluster_x);
-    attr[n].val.clusterDim.y = 1;
-    attr[n].val.clusterDim.z = 1;
-    n++;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = unsigned(n);
+  cfg.numAttrs = pdl && pdl_enabled() ? 1 : 0;
   TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
-}
-
-// The common case: PDL, no cluster.
-template <typename... Params, typename... Actual>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {
-  launch_ex(kernel, grid, block, smem, s, pdl, 1, args...);
 }
 
 }  // namespace trellm::cuda
