@@ -242,7 +242,7 @@ void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) 
 // fits one grid; otherwise it runs two products itself).
 void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
   const int64_t n = x.rows();
-  if (!w1.exl3 || !w2.exl3 || n > 8) return Backend::matmul_pair(out1, out2, x, w1, w2);
+  if (!w1.exl3 || !w2.exl3 || n > cuda::kTrellisGemvMaxRows) return Backend::matmul_pair(out1, out2, x, w1, w2);
   TRELLM_ASSERT(x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out,
                 "matmul_pair shapes: x ", shape_str(x), " W1 [", w1.out, ", ", w1.in, "] W2 [", w2.out, ", ", w2.in, "]");
   const cuda::DeviceTrellis d1 = device_trellis(w1), d2 = device_trellis(w2);
@@ -254,7 +254,7 @@ void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, co
 // q_b(norm(q_a)) of a decode step: the norm folded into the GEMV prologue (one launch fewer per layer).
 void CudaBackend::rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) {
   const int64_t n = x.rows();
-  if (!w.exl3 || n > 8) return Backend::rms_norm_matmul(out, x, norm_w, eps, w);
+  if (!w.exl3 || n > cuda::kTrellisGemvMaxRows) return Backend::rms_norm_matmul(out, x, norm_w, eps, w);
   TRELLM_ASSERT(x.cols() == w.in && out.numel() == n * w.out && norm_w.numel() == w.in && norm_w.dtype == DType::F32,
                 "rms_norm_matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "] norm ", shape_str(norm_w));
   const cuda::DeviceTrellis d = device_trellis(w);
@@ -407,6 +407,11 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
 // Rows from which the router's scores come from a GEMM instead of CUDA-core dot products in the cluster kernel.
 constexpr int64_t kRouteGemmMinRows = 17;
 
+// The routers of trellis_kernels.h (cluster kernel, logits kernel) cover a bf16 gate within these limits.
+static bool fast_router(TensorView gate, const MoeRouting& r) {
+  return gate.dtype == DType::BF16 && r.n_experts <= 1024 && r.top_k <= 32 && r.n_group <= 32;
+}
+
 void CudaBackend::route_by_gemm(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias,
                                 const MoeRouting& r) {
   const int m = int(x.rows()), H = int(x.cols()), E = r.n_experts;
@@ -429,7 +434,7 @@ void CudaBackend::moe_route(TensorView weights, TensorView ids, TensorView x, Te
   TRELLM_ASSERT(gate.dim(0) == r.n_experts && gate.dim(1) == x.cols() && ids.dtype == DType::I32 &&
                 weights.numel() == x.rows() * r.top_k && ids.numel() == x.rows() * r.top_k);
   const float* b = bias.empty() ? nullptr : bias.ptr<float>();
-  if (gate.dtype == DType::BF16 && r.n_experts <= 1024 && r.top_k <= 32 && r.n_group <= 32) {
+  if (fast_router(gate, r)) {
     if (x.rows() >= kRouteGemmMinRows) return route_by_gemm(weights, ids, x, gate, bias, r);
     // The cluster router of trellis_kernels.h: 5.9 us per layer at m = 1 on the H100, against 137 us for the
     // one-block v1 kernel below (bench/results/e2e.md, part timing).
@@ -447,8 +452,7 @@ void CudaBackend::add_rms_norm_route(TensorView h, TensorView y, TensorView norm
                                      TensorView weights, TensorView ids, TensorView gate, TensorView bias,
                                      const MoeRouting& r) {
   // Prefill takes the unfused pair (norm kernel, then the GEMM router of moe_route).
-  if (gate.dtype != DType::BF16 || r.n_experts > 1024 || r.top_k > 32 || r.n_group > 32 || h.cols() > 4096 ||
-      h.rows() >= kRouteGemmMinRows)
+  if (!fast_router(gate, r) || h.cols() > 4096 || h.rows() >= kRouteGemmMinRows)
     return Backend::add_rms_norm_route(h, y, norm_w, eps, x, weights, ids, gate, bias, r);
   TRELLM_ASSERT(h.numel() == y.numel() && h.numel() == x.numel() && norm_w.numel() == h.cols() &&
                 norm_w.dtype == DType::F32 && gate.dim(0) == r.n_experts && gate.dim(1) == h.cols() &&

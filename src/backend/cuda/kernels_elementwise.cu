@@ -13,25 +13,6 @@ namespace trellm::cuda {
 
 namespace {
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Sum over a block of up to 1024 threads; every thread gets the result.
-__device__ float block_sum(float v) {
-  __shared__ float part[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  __syncthreads();  // part[] may still be read by a previous call
-  if (lane == 0) part[warp] = v;
-  __syncthreads();
-  const int nw = (blockDim.x + 31) >> 5;
-  v = lane < nw ? part[lane] : 0.0f;
-  return warp_sum(v);
-}
-
 __device__ __forceinline__ float load_as_f32(const void* p, DType t, int64_t i) {
   switch (t) {
     case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -114,36 +95,14 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n
     out[i] = __bfloat162float(x[i]);
 }
 
-__device__ __forceinline__ void rotate_pair(float* p, int i, int dim, int pos, float theta) {
-  rope_rotate(p[2 * i], p[2 * i + 1], i, dim, pos, theta);
-}
-
 // Row `row` of the interleaved RoPE (block-strided over (head, pair)).
 __device__ void rope_row(float* x, int row, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
   const int pairs = dim / 2;
   for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
     const int h = idx / pairs, i = idx % pairs;
-    rotate_pair(x + (int64_t(row) * heads + h) * head_dim + offset, i, dim, pos[row], theta);
+    float* p = x + (int64_t(row) * heads + h) * head_dim + offset;
+    rope_rotate(p[2 * i], p[2 * i + 1], i, dim, pos[row], theta);
   }
-}
-
-// The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs the whole block.
-__device__ void append_row(__nv_bfloat16* cache, const float* kv, const float* w, int row, int rank, int rope_dim,
-                           float eps, const int32_t* pos, float theta) {
-  __shared__ float kr[256];
-  const int width = rank + rope_dim, p = pos[row];
-  const float* src = kv + int64_t(row) * width;
-  __nv_bfloat16* dst = cache + int64_t(p) * width;
-  float ss = 0;
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
-  ss = block_sum(ss);
-  const float r = rsqrtf(ss / float(rank) + eps);
-  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = __float2bfloat16_rn(w[j] * (src[j] * r));
-  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) kr[j] = src[rank + j];
-  __syncthreads();
-  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rotate_pair(kr, i, rope_dim, p, theta);
-  __syncthreads();
-  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
 }
 
 __global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
@@ -156,7 +115,7 @@ __global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const
                                     float eps, const int32_t* pos, float theta) {
   grid_wait();
   grid_launch_dependents();
-  append_row(cache, kv, w, blockIdx.x, rank, rope_dim, eps, pos, theta);
+  append_cache_row(cache, kv, w, blockIdx.x, rank, rope_dim, eps, pos, theta);
 }
 
 // Both at once (MLA decode: one launch fewer per layer): grid (n, 2), y = 0 rotates q's row, y = 1 appends kv's.
@@ -175,7 +134,7 @@ __global__ void rope_append_kernel(const RopeAppendArgs a) {
   grid_wait();
   grid_launch_dependents();
   if (blockIdx.y == 0) rope_row(a.q, blockIdx.x, a.heads, a.head_dim, a.offset, a.dim, a.pos, a.theta);
-  else append_row(a.cache, a.kv, a.w, blockIdx.x, a.rank, a.rope_dim, a.eps, a.pos, a.theta);
+  else append_cache_row(a.cache, a.kv, a.w, blockIdx.x, a.rank, a.rope_dim, a.eps, a.pos, a.theta);
 }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: a counter-based generator

@@ -27,7 +27,6 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
                                                           int nope, int v, const RopeAppend ra, const int32_t* pos) {
   __shared__ float qs[kDecodeMaxRows * kMaxNope];
   __shared__ __align__(16) float red[32][64];
-  __shared__ float red8[8];
   const int h = blockIdx.x, c0 = blockIdx.y * 64, tid = threadIdx.x, cg = tid & 7, dg = tid >> 3;
   const int per = nope + v, qd = nope + kRope;
   uint4 w[8];
@@ -49,43 +48,19 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
     const int i = idx / nope, d = idx % nope;
     qs[i * kMaxNope + d] = q[(size_t(i) * heads + h) * qd + d];
   }
-  if (blockIdx.y == 0 && !ra.kv)
-    for (int idx = tid; idx < n * kRope; idx += 256) {
-      const int i = idx / kRope, k = idx % kRope;
-      qb[(size_t(i) * heads + h) * kWidth + kRank + k] = __float2bfloat16_rn(q[(size_t(i) * heads + h) * qd + nope + k]);
-    }
-  if (blockIdx.y == 0 && ra.kv)  // the rope kernel's rotation, then bf16
+  if (blockIdx.y == 0)  // q_rope into Qb, rotated first when the rope is folded in (RopeAppend)
     for (int idx = tid; idx < n * (kRope / 2); idx += 256) {
       const int i = idx / (kRope / 2), k = idx % (kRope / 2);
       const float* qr = q + (size_t(i) * heads + h) * qd + nope;
       float a = qr[2 * k], b = qr[2 * k + 1];
-      rope_rotate(a, b, k, kRope, pos[i], ra.theta);
+      if (ra.kv) rope_rotate(a, b, k, kRope, pos[i], ra.theta);
       bf16* dst = qb + (size_t(i) * heads + h) * kWidth + kRank + 2 * k;
       dst[0] = __float2bfloat16_rn(a);
       dst[1] = __float2bfloat16_rn(b);
     }
-  if (ra.kv && h == 0 && blockIdx.y == 1)  // the cache append kernel's work, row by row
-    for (int i = 0; i < n; i++) {
-      const float* src = ra.kv + size_t(i) * kWidth;
-      bf16* dst = reinterpret_cast<bf16*>(ra.cache) + size_t(pos[i]) * kWidth;
-      float ss = 0.0f;
-      for (int j = tid; j < kRank; j += 256) ss += src[j] * src[j];
-      ss = warp_sum(ss);
-      if ((tid & 31) == 0) red8[tid >> 5] = ss;
-      __syncthreads();
-      ss = 0.0f;
-#pragma unroll
-      for (int w8 = 0; w8 < 8; w8++) ss += red8[w8];
-      const float r = rsqrtf(ss / float(kRank) + ra.eps);
-      for (int j = tid; j < kRank; j += 256) dst[j] = __float2bfloat16_rn(ra.norm_w[j] * (src[j] * r));
-      if (tid < kRope / 2) {
-        float a = src[kRank + 2 * tid], b = src[kRank + 2 * tid + 1];
-        rope_rotate(a, b, tid, kRope, pos[i], ra.theta);
-        dst[kRank + 2 * tid] = __float2bfloat16_rn(a);
-        dst[kRank + 2 * tid + 1] = __float2bfloat16_rn(b);
-      }
-      __syncthreads();  // red8 is reused by the next row
-    }
+  if (ra.kv && h == 0 && blockIdx.y == 1)  // the cache rows, as the append kernel writes them
+    for (int i = 0; i < n; i++)
+      append_cache_row(reinterpret_cast<bf16*>(ra.cache), ra.kv, ra.norm_w, i, kRank, kRope, ra.eps, pos, ra.theta);
   __syncthreads();
   for (int i = 0; i < n; i++) {
     float acc[8];

@@ -1,7 +1,11 @@
-// Interleaved RoPE on the GPU, with the CPU backend's arithmetic (cpu::rope_rotate): f32 angle = f32(pos) *
-// f32(inv_freq), inv_freq from a double pow, cos/sin in double, the rotation in f32. Shared by the rope and cache
-// append kernels (kernels_elementwise.cu) and the MLA decode kernel that folds them in (mla_decode.cu).
+// RoPE and the MLA latent-cache row on the GPU, with the CPU backend's arithmetic: cpu::rope_rotate (f32 angle =
+// f32(pos) * f32(inv_freq), inv_freq from a double pow, cos/sin in double, the rotation in f32) and
+// CpuBackend::mla_cache_append (RMS norm of c_kv, rope of k_rope, one rounding to bf16). Shared by the rope and
+// cache-append kernels (kernels_elementwise.cu) and the MLA decode kernel that folds them in (mla_decode.cu).
 #pragma once
+#include <cuda_bf16.h>
+
+#include <cstdint>
 
 namespace trellm::cuda {
 
@@ -15,6 +19,43 @@ __device__ __forceinline__ void rope_rotate(float& a, float& b, int i, int dim, 
   const float x = a, y = b;
   a = x * c - y * s;
   b = y * c + x * s;
+}
+
+// Sum over a block of up to 1024 threads; every thread gets the result.
+__device__ inline float block_sum(float v) {
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();  // part[] may still be read by a previous call
+  if (lane == 0) part[warp] = v;
+  __syncthreads();
+  const int nw = (blockDim.x + 31) >> 5;
+  v = lane < nw ? part[lane] : 0.0f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// cache row pos[row] = bf16([rms_norm(kv[row, :rank], w) | rope(kv[row, rank:])]), cache width rank + rope_dim
+// (rope_dim <= 256). The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs
+// the whole block.
+__device__ inline void append_cache_row(__nv_bfloat16* cache, const float* kv, const float* w, int row, int rank,
+                                        int rope_dim, float eps, const int32_t* pos, float theta) {
+  __shared__ float kr[256];
+  const int width = rank + rope_dim, p = pos[row];
+  const float* src = kv + int64_t(row) * width;
+  __nv_bfloat16* dst = cache + int64_t(p) * width;
+  float ss = 0;
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(rank) + eps);
+  for (int j = threadIdx.x; j < rank; j += blockDim.x) dst[j] = __float2bfloat16_rn(w[j] * (src[j] * r));
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) kr[j] = src[rank + j];
+  __syncthreads();
+  for (int i = threadIdx.x; i < rope_dim / 2; i += blockDim.x) rope_rotate(kr[2 * i], kr[2 * i + 1], i, rope_dim, p, theta);
+  __syncthreads();
+  for (int j = threadIdx.x; j < rope_dim; j += blockDim.x) dst[rank + j] = __float2bfloat16_rn(kr[j]);
 }
 
 }  // namespace trellm::cuda

@@ -19,7 +19,6 @@ using trellis::Codebook;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGemvRows = 8;     // the GEMV kernels' largest m (one mma N dimension)
 constexpr int kGroupCols = 128;  // output columns per block
 constexpr int kChunk = 128;      // k rows per pipeline stage
 constexpr float kHs = 0.08838834764831845f;  // 1/sqrt(128), the same float as trellis::kHadamardScale

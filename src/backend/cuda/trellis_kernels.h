@@ -23,6 +23,10 @@
 
 namespace trellm::cuda {
 
+// Rows up to which the dense product is one fused GEMV kernel (one mma N dimension); also the limit of the pair
+// and norm-prologue variants.
+constexpr int kTrellisGemvMaxRows = 8;
+
 struct DeviceTrellis {            // POD; every pointer is device memory
   const uint16_t* trellis;        // (in_padded/16, out_padded/16, 16K) uint16
   const uint16_t* suh;            // (in_padded) fp16 bits

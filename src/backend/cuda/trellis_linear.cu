@@ -1,6 +1,7 @@
 // Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
 // K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
 #include <algorithm>
+#include <type_traits>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_linear.cuh"
@@ -110,43 +111,48 @@ static void check_desc(const DeviceTrellis& w) {
                 "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
 }
 
-static void launch_gemv_k(const LinearArgs& a, const LinearPlan& p, cudaStream_t s) {
-  const size_t smem = size_t(kStagesGemv) * 2048 * a.w.K + size_t(a.m + 1) * p.a_pitch * 2;  // rows + a zero row
-  switch (a.w.K) {
-    case 2: launch_gemv<2>(a, smem, s); break;
-    case 3: launch_gemv<3>(a, smem, s); break;
-    case 4: launch_gemv<4>(a, smem, s); break;
-    case 5: launch_gemv<5>(a, smem, s); break;
-    case 6: launch_gemv<6>(a, smem, s); break;
-    case 7: launch_gemv<7>(a, smem, s); break;
-    case 8: launch_gemv<8>(a, smem, s); break;
-    default: fail("trellis_matmul: K = ", a.w.K);
+// Calls f(std::integral_constant<int, K>{}) for K = 2..8 (check_desc has rejected anything else).
+template <class F>
+static void with_k_host(int K, F&& f) {
+  switch (K) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: fail("trellis kernels: K = ", K);
   }
+}
+
+// The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
+// its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
+static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
+                     const float* norm_w, float eps, void* workspace, cudaStream_t s) {
+  const int out_all = w.out_padded + (w2 ? w2->out_padded : 0);
+  const LinearPlan p = plan_linear(m, w.in_padded, out_all);
+  TRELLM_ASSERT(p.gemv && size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis GEMV: m = ", m, ", ", p.counters,
+                " column groups (counter area: ", kLinearCounterBytes / 4, ")");
+  const WorkspaceLayout l = linear_layout(p, workspace);
+  const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
+                     w.out_padded / kGroupCols, out_all, norm_w, eps};
+  const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2;  // ring, rows + a zero row
+  with_k_host(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
+  TRELLM_CUDA_LAUNCH_CHECK();
 }
 
 void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s) {
   check_desc(w);
   TRELLM_ASSERT(m >= 1, "trellis_matmul: m = ", m);
+  if (m <= kGemvMaxRows) return run_gemv(w, nullptr, x, y, nullptr, m, nullptr, 0.0f, workspace, s);
   const LinearPlan p = plan_linear(m, w.in_padded, w.out_padded);
   TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul: ", p.counters, " column groups exceed the counter area");
   const WorkspaceLayout l = linear_layout(p, workspace);
-  LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, nullptr, 0.0f};
-  if (p.gemv) {
-    launch_gemv_k(a, p, s);
-  } else {
-    launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, false, a);  // no PDL: see launch_gemm
-    TRELLM_CUDA_LAUNCH_CHECK();
-    switch (w.K) {
-      case 2: launch_gemm<2>(a, p.mchunks, p.mt, s); break;
-      case 3: launch_gemm<3>(a, p.mchunks, p.mt, s); break;
-      case 4: launch_gemm<4>(a, p.mchunks, p.mt, s); break;
-      case 5: launch_gemm<5>(a, p.mchunks, p.mt, s); break;
-      case 6: launch_gemm<6>(a, p.mchunks, p.mt, s); break;
-      case 7: launch_gemm<7>(a, p.mchunks, p.mt, s); break;
-      case 8: launch_gemm<8>(a, p.mchunks, p.mt, s); break;
-      default: fail("trellis_matmul: K = ", w.K);
-    }
-  }
+  const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, nullptr, 0.0f};
+  launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, false, a);  // no PDL: see launch_gemm
+  TRELLM_CUDA_LAUNCH_CHECK();
+  with_k_host(w.K, [&](auto kc) { launch_gemm<decltype(kc)::value>(a, p.mchunks, p.mt, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
@@ -154,19 +160,13 @@ void trellis_matmul_pair(const DeviceTrellis& w1, const DeviceTrellis& w2, const
                          void* workspace, cudaStream_t s) {
   check_desc(w1);
   check_desc(w2);
+  TRELLM_ASSERT(m >= 1, "trellis_matmul_pair: m = ", m);
   if (m > kGemvMaxRows || w1.K != w2.K || w1.in_padded != w2.in_padded || w1.in != w2.in) {
     trellis_matmul(w1, x, y1, m, workspace, s);
     trellis_matmul(w2, x, y2, m, workspace, s);
     return;
   }
-  TRELLM_ASSERT(m >= 1, "trellis_matmul_pair: m = ", m);
-  const LinearPlan p = plan_linear(m, w1.in_padded, w1.out_padded + w2.out_padded);
-  TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul_pair: ", p.counters, " column groups exceed the counter area");
-  const WorkspaceLayout l = linear_layout(p, workspace);
-  const LinearArgs a{w1, x, l.xh, y1, m, p.splits, p.a_pitch, l.partial, l.counters, w2, y2, w1.out_padded / kGroupCols,
-                     w1.out_padded + w2.out_padded, nullptr, 0.0f};
-  launch_gemv_k(a, p, s);
-  TRELLM_CUDA_LAUNCH_CHECK();
+  run_gemv(w1, &w2, x, y1, y2, m, nullptr, 0.0f, workspace, s);
 }
 
 void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* norm_w, float eps, float* y, int m,
@@ -174,27 +174,13 @@ void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* 
   check_desc(w);
   TRELLM_ASSERT(m >= 1 && m <= kGemvMaxRows, "trellis_matmul_normed: m = ", m, " (the fused norm is a GEMV prologue: m <= ",
                 kGemvMaxRows, ")");
-  const LinearPlan p = plan_linear(m, w.in_padded, w.out_padded);
-  TRELLM_ASSERT(size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis_matmul_normed: too many column groups");
-  const WorkspaceLayout l = linear_layout(p, workspace);
-  const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, norm_w, eps};
-  launch_gemv_k(a, p, s);
-  TRELLM_CUDA_LAUNCH_CHECK();
+  run_gemv(w, nullptr, x, y, nullptr, m, norm_w, eps, workspace, s);
 }
 
 void trellis_dequantize_bf16(const DeviceTrellis& w, uint16_t* w_hf_bf16, cudaStream_t s) {
   check_desc(w);
   auto* out = reinterpret_cast<__nv_bfloat16*>(w_hf_bf16);
-  switch (w.K) {
-    case 2: launch_dequant<2>(w, out, s); break;
-    case 3: launch_dequant<3>(w, out, s); break;
-    case 4: launch_dequant<4>(w, out, s); break;
-    case 5: launch_dequant<5>(w, out, s); break;
-    case 6: launch_dequant<6>(w, out, s); break;
-    case 7: launch_dequant<7>(w, out, s); break;
-    case 8: launch_dequant<8>(w, out, s); break;
-    default: fail("trellis_dequantize_bf16: K = ", w.K);
-  }
+  with_k_host(w.K, [&](auto kc) { launch_dequant<decltype(kc)::value>(w, out, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

@@ -49,7 +49,7 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
   grid_launch_dependents();
   grid_wait();  // x, the partials and the counters belong to the kernels before
   // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m, and the zero row m.
-  __shared__ float rnorm[kGemvRows];
+  __shared__ float rnorm[kGemvMaxRows];
   if (p.norm_w) {  // every block reads its rows in full for the RMS (768 floats for q_b: L2 hits)
     if (warp < p.m) {
       const float* xr = p.x + int64_t(warp) * w.in;

@@ -14,6 +14,30 @@ namespace {
 __device__ __forceinline__ void prefetch_job(const DeviceTrellis& w, int group, int c0, int nck, uint32_t* Bs) {
   with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
 }
+
+// The start of a job's block, around the PDL wait: the shared expert's weights are known before the router has
+// run, so its blocks start loading them while the router is still running; a routed job needs the router's ids
+// and loads after the wait. Returns the job's (gate, up, down) descriptors; projection `which` is loading.
+__device__ __forceinline__ const DeviceTrellis* start_job(const MoeArgs& a, int token, int slot, int which, int group,
+                                                          int c0, int nck, uint32_t* Bs) {
+  const bool early = slot >= a.top_k;
+  if (early) prefetch_job(a.shared[which], group, c0, nck, Bs);
+  grid_launch_dependents();
+  grid_wait();
+  const DeviceTrellis* d3 = job_desc(a, token, slot);
+  if (size_t(kStagesGemv) * 2048 * d3[which].K > size_t(a.ring_bytes)) __trap();  // K above the host's max_k
+  if (!early) prefetch_job(d3[which], group, c0, nck, Bs);
+  return d3;
+}
+
+// A one-row GEMV block's partial (row 0 of gemv_mainloop's acc: column warp·16 + lane/4, and + 8) at row `pr`.
+__device__ __forceinline__ void store_partial_row0(float* pr, const float acc[4]) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if ((lane & 3) == 0) {
+    pr[warp * 16 + (lane >> 2)] = acc[0];
+    pr[warp * 16 + (lane >> 2) + 8] = acc[2];
+  }
+}
 }  // namespace
 
 __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArgs a) {
@@ -27,16 +51,8 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
   const int a_pitch = (chunks + a.s_gu - 1) / a.s_gu * kChunk + 8;  // row 1: zeros (gemv_mainloop_cb)
-  // The shared expert's weights are known before the router has run: its blocks start loading them while
-  // the router is still running (PDL). Routed jobs need the router's ids, so they load after the wait.
-  const bool early = slot >= a.top_k;
-  if (early) prefetch_job(a.shared[which], group, c0, nck, Bs);
-  grid_launch_dependents();
-  grid_wait();
-  const DeviceTrellis* d3 = job_desc(a, token, slot);
+  const DeviceTrellis* d3 = start_job(a, token, slot, which, group, c0, nck, Bs);
   const DeviceTrellis w = d3[which];
-  if (size_t(kStagesGemv) * 2048 * w.K > size_t(a.ring_bytes)) __trap();  // K above the host's max_k
-  if (!early) prefetch_job(w, group, c0, nck, Bs);
   for (int c = warp; c < nck; c += kWarps)
     xform_chunk_warp(As + c * kChunk, a.x + int64_t(token) * a.hidden, a.hidden, w.suh, (c0 + c) * kChunk);
   zero_gemv_row(As, a_pitch, 1, nck * kChunk);
@@ -44,11 +60,7 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
   with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
   const int64_t zs = a.inter_p;  // split stride
   float* pbase = a.p_gu + (int64_t(j) * 2 * a.s_gu) * zs + group * kGroupCols;
-  if ((lane & 3) == 0) {  // row 0: acc[0] = column warp·16 + lane/4, acc[2] = that + 8
-    float* pr = pbase + (int64_t(which) * a.s_gu + z) * zs + warp * 16 + (lane >> 2);
-    pr[0] = acc[0];
-    pr[8] = acc[2];
-  }
+  store_partial_row0(pbase + (int64_t(which) * a.s_gu + z) * zs, acc);
   const int groups = a.inter_p / kGroupCols;
   if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) return;
   // Warp 0: gate, warp 1: up (in parallel: each is a chain of dependent L2 round trips), then SwiGLU and
@@ -85,13 +97,7 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
   const int a_pitch = (chunks + a.s_d - 1) / a.s_d * kChunk + 8;
-  const bool early = slot >= a.top_k;  // as in gateup_decode_kernel
-  if (early) prefetch_job(a.shared[2], group, c0, nck, Bs);
-  grid_launch_dependents();
-  grid_wait();
-  const DeviceTrellis w = job_desc(a, token, slot)[2];
-  if (size_t(kStagesGemv) * 2048 * w.K > size_t(a.ring_bytes)) __trap();
-  if (!early) prefetch_job(w, group, c0, nck, Bs);
+  const DeviceTrellis w = start_job(a, token, slot, 2, group, c0, nck, Bs)[2];
   {  // A row: this job's transformed down input, k range [c0, c0 + nck) chunks (16 B per thread and step)
     const uint4* src = reinterpret_cast<const uint4*>(a.a_d + int64_t(j) * a.inter_p + c0 * kChunk);
     uint4* dst = reinterpret_cast<uint4*>(As);
@@ -101,11 +107,7 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
   const int64_t zs = a.hidden_p;
-  if ((lane & 3) == 0) {  // as in gateup_decode_kernel
-    float* pr = a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols + warp * 16 + (lane >> 2);
-    pr[0] = acc[0];
-    pr[8] = acc[2];
-  }
+  store_partial_row0(a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols, acc);
   const int groups = a.hidden_p / kGroupCols;
   if (!arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag)) return;
   // One warp per job of the token (each a chain of dependent loads: id -> descriptor -> svh), weighted

@@ -6,7 +6,7 @@
 
 namespace trellm::cuda::tk {
 
-constexpr int kGemvMaxRows = 8;
+constexpr int kGemvMaxRows = kTrellisGemvMaxRows;
 constexpr int kGemmSmallMaxRows = 32;         // m <= 32: GEMM blocks of 32 rows (2 M sub-tiles)               // m <= 8: fused GEMV; above: xform + tensor-core GEMM
 constexpr int kGemvMaxABytes = 48 * 1024;     // GEMV's x_h slice in shared memory (bounds the k range per block)
 constexpr size_t kLinearCounterBytes = 16384; // fixed counter area at the workspace start (4096 groups)

@@ -12,6 +12,7 @@
 #include "backend/cpu/cpu_backend.h"
 #include "core/half.h"
 #include "core/rng.h"
+#include "model/glm4_moe_lite.h"
 
 using namespace trellm;
 
@@ -69,6 +70,15 @@ class CudaOps : public ::testing::Test {
       f[i] = bf16_to_f32(h[i]);
     }
     return up(h, DType::BF16, {rows, width});
+  }
+  // MLA's kv_b [heads * (nope + v), kv_rank] in bf16: the CPU's view of wb and a device copy.
+  std::pair<Linear, Linear> kv_b_linears(std::vector<uint16_t>& wb, const MlaDims& d) {
+    Linear lc, lg;
+    lc.in = lg.in = d.kv_rank;
+    lc.out = lg.out = int64_t(d.heads) * (d.nope_dim + d.v_dim);
+    lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
+    lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
+    return {lc, lg};
   }
   std::vector<float> down_bf16(TensorView v) {
     std::vector<uint16_t> h(size_t(v.numel()));
@@ -198,22 +208,13 @@ TEST_F(CudaOps, MlaRopeAppendFused) {
 // fresh inputs: the output (the tensor-core path's bf16 rounding, see test_cuda_mla: 1.5e-2) and every cache
 // row (the new rows as the append kernel writes them, the old ones untouched). n = 17 takes the unfused ops.
 TEST_F(CudaOps, MlaAttentionWithRopeAppendGlm) {
-  MlaDims d;
-  d.heads = 20;
-  d.kv_rank = 512;
-  d.rope_dim = 64;
-  d.nope_dim = 192;
-  d.v_dim = 256;
-  d.scale = 1.0f / 16.0f;
-  const RopeParams rp{1e6f, 64};
+  const Config glm = Config::glm47_flash();  // 20 heads, nope 192, v 256, rank 512, rope 64, theta 1e6
+  const MlaDims d = glm.mla();
+  const RopeParams rp = glm.rope();
   for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 300}, {3, 41}, {17, 5}}) {
     const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 3, W = d.cache_width();
     auto wb = to_bf16(randn(size_t(d.heads) * per * d.kv_rank, 0.05f));
-    Linear lc, lg;
-    lc.in = lg.in = d.kv_rank;
-    lc.out = lg.out = int64_t(d.heads) * per;
-    lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
-    lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
+    const auto [lc, lg] = kv_b_linears(wb, d);
     auto cache = randn(size_t(cap) * W), q = randn(size_t(n) * d.heads * d.q_head_dim()), kv = randn(size_t(n) * W);
     auto nw = randn(d.kv_rank);
     TensorView gc = bf16_cache(cache, cap, W), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
@@ -271,11 +272,7 @@ TEST_F(CudaOps, MlaAttentionBothForms) {
     const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 2;
     auto w = randn(size_t(d.heads) * per * d.kv_rank, 0.2f);
     auto wb = to_bf16(w);
-    Linear lc, lg;
-    lc.in = lg.in = d.kv_rank;
-    lc.out = lg.out = int64_t(d.heads) * per;
-    lc.weight = TensorView(wb.data(), DType::BF16, {lc.out, lc.in});
-    lg.weight = up(wb, DType::BF16, {lg.out, lg.in});
+    const auto [lc, lg] = kv_b_linears(wb, d);
     auto cache = randn(size_t(cap) * d.cache_width()), q = randn(size_t(n) * d.heads * d.q_head_dim());
     TensorView gc = bf16_cache(cache, cap, d.cache_width()), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
     Pos p = positions(pos0, n);
