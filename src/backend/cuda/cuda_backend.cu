@@ -295,7 +295,7 @@ void CudaBackend::attention_mla_append(TensorView out, TensorView q, int offset,
                 cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv.rows() == n && kv.cols() == cache.cols() &&
                 norm_w.numel() == d.kv_rank && norm_w.dtype == DType::F32 && pos.pos.numel() == n,
                 "attention_mla_append shapes: q ", shape_str(q), " kv ", shape_str(kv), " cache ", shape_str(cache));
-  const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
+  const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
   const mla::RopeAppend ra{kv.ptr<float>(), norm_w.ptr<float>(), eps, cache.ptr<uint16_t>(), rope.theta};
   mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
               n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes), &ra};
@@ -316,14 +316,22 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (both absorbed,
   // the same function as either mode). Other shapes (the tiny fixtures) run the v1 kernels below.
   if (mla_fast(out, kv_b, pos, d, n)) {
-    const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, pos.bound, impl_->num_sms);
+    const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
     mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
                 n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};
     if (!p.prefill) return mla::decode(a, p, s);
-    mla::prefill_prepare(a, p, s);
     const int H = d.heads, per = d.nope_dim + d.v_dim, qd = d.q_head_dim(), R = mla::kRank, W = mla::kWidth;
     char* w = static_cast<char*>(a.work);
     const float one = 1.0f, zero = 0.0f;
+    if (p.expanded) {
+      // Column-major: KVx[j, t] = Σ_k kv_b[j][k] c_kv[t][k]  (m = heads*(nope+v), n = bound, k = 512; c_kv is
+      // the first 512 columns of a 576-wide cache row)
+      TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, H * per, pos.bound, R, &one, kv_b.weight.data,
+                                       CUDA_R_16BF, R, cache.data, CUDA_R_16BF, W, &zero, w + p.kvx, CUDA_R_16BF, H * per,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      return mla::expanded_attend(a, p, s);
+    }
+    mla::prefill_prepare(a, p, s);
     // Column-major views per head h: Qb_lat[k, i] = Σ_d W_UK[h][d][k] q[i,h,d]  (m = 512, n = n, k = nope)
     TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
         impl_->cublas, CUBLAS_OP_N, CUBLAS_OP_N, R, n, d.nope_dim, &one, kv_b.weight.data, CUDA_R_16BF, R, int64_t(per) * R,

@@ -29,6 +29,9 @@ constexpr int kKeysPerTile = 64;      // keys per pipelined smem stage
 constexpr int kMaxSplits = 1024;      // context splits per row group (combine keeps one weight per split in smem)
 constexpr int kDecodeMaxRows = 16;    // query rows the decode projection kernels take (smem sized for this)
 constexpr int kMaxNope = 256;         // q_lat kernel keeps <= 8 W_UK rows per thread
+constexpr int kXDim = 256;            // expanded prefill: q/k head dim (nope + rope) and v head dim it takes
+constexpr int kXMaxKeys = 16384;      // expanded prefill: most keys expanded at once (bf16 [keys, heads, nope + v]:
+                                      // 294 MB at GLM's 20 heads); longer contexts run absorbed
 
 // True when the fast kernels cover these dims (kv_b must also be dense bf16; the backend checks that).
 inline bool supported(int rank, int rope, int nope, int v) {
@@ -42,15 +45,23 @@ struct Plan {
   int groups = 0;                  // ceil(rows / 32) row groups (attention grid x)
   int splits = 1;                  // context splits per group (attention grid y); 1: attention writes o_lat directly
   bool prefill = false;            // n > kDecodeMaxRows: cuBLAS projections, bf16 o_lat
+  bool expanded = false;           // prefill in the expanded form (expanded_attend) instead of the absorbed one
+  int bound = 0;
   // byte offsets into the workspace
   size_t qb = 0;      // bf16 [rows, 576]
   size_t q16 = 0;     // bf16 [n, heads, nope+rope]  (prefill: cuBLAS input)
   size_t olat = 0;    // f32 [rows, 512] (decode) or bf16 (prefill)
   size_t part_o = 0;  // bf16 [groups, splits, 32, 512]  (splits > 1)
   size_t part_ml = 0; // f32 [groups, splits, 32, 2]     (running max in log2 units, sum)
+  size_t kvx = 0;     // bf16 [bound, heads, nope + v]    (expanded: K_nope | V per key and head)
   size_t bytes = 0;   // total workspace
 };
-Plan make_plan(int n, int heads, int nope, int bound, int num_sms);
+// Prefill picks the expanded form when its dims fit (nope + 64 = v = 256), bound <= kXMaxKeys, and it costs
+// fewer tensor-core MACs: expanding every key costs heads * (nope + v) * 512 per key; per (query, visible key,
+// head) the absorbed form spends 576 + 512 MACs against nope + 64 + v, plus its two projections per query (the
+// same heads * (nope + v) * 512). A causal prompt from position 0 always expands; a short chunk after a long
+// prefix (n < ~400 at GLM dims) stays absorbed.
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms);
 
 // Decode with the two steps before the attention folded into its first kernel (one launch fewer per layer):
 // q arrives before RoPE (the q_lat kernel rotates q_rope while copying it), and one of its blocks writes the new
@@ -89,5 +100,9 @@ void decode(const Args& a, const Plan& p, cudaStream_t s);
 //   [cuBLAS: out = W_UV o_lat, batched over heads]
 void prefill_prepare(const Args& a, const Plan& p, cudaStream_t s);
 void attend(const Args& a, const Plan& p, cudaStream_t s);
+
+// Expanded prefill (Plan::expanded): out = causal flash attention per head over K = [K_nope | k_rope] and V,
+// with KVx (the workspace at Plan::kvx) already holding kv_b[h] · c_kv[t] for t < bound (cuBLAS, backend op).
+void expanded_attend(const Args& a, const Plan& p, cudaStream_t s);
 
 }  // namespace trellm::cuda::mla

@@ -14,6 +14,8 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string_view>
 #include <atomic>
 
 #include "backend/cuda/mla.h"
@@ -373,12 +375,13 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-Plan make_plan(int n, int heads, int nope, int bound, int num_sms) {
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms) {
   TRELLM_ASSERT(n >= 1 && heads >= 1 && bound >= 1 && num_sms >= 1, "mla plan: n ", n, " heads ", heads, " bound ", bound);
   Plan p;
   p.n = n;
   p.heads = heads;
   p.rows = n * heads;
+  p.bound = bound;
   p.groups = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
   const int tiles = (bound + kKeysPerTile - 1) / kKeysPerTile;
   // At most one CTA per SM in total (one fits per SM; 10 groups x 14 splits = 140 CTAs for n = 16 ran as two
@@ -386,12 +389,28 @@ Plan make_plan(int n, int heads, int nope, int bound, int num_sms) {
   // big prefills one split per group and no combine.
   p.splits = std::clamp(num_sms / p.groups, 1, std::min(tiles, kMaxSplits));
   p.prefill = n > kDecodeMaxRows;
+  if (p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
+    // MACs per head (see mla.h): expansion bound * (nope + v) * 512 against n * (absorbed extra per visible key
+    // * (bound - n/2) keys on average + the two projections).
+    const double expand = double(bound) * (nope + v) * kRank;
+    const double saved = double(n) * ((kWidth + kRank - (nope + kRope + v)) * std::max(1.0, bound - n / 2.0) + (nope + v) * double(kRank));
+    p.expanded = expand < saved;
+    // TRELLM_MLA_PREFILL=absorbed|expanded overrides the choice (A/B measurements in one process).
+    static const char* force = std::getenv("TRELLM_MLA_PREFILL");
+    if (force && std::string_view(force) == "absorbed") p.expanded = false;
+    if (force && std::string_view(force) == "expanded") p.expanded = true;
+  }
   size_t off = 0;
   auto take = [&](size_t bytes) {
     const size_t at = off;
     off += align256(bytes);
     return at;
   };
+  if (p.expanded) {
+    p.kvx = take(size_t(bound) * heads * (nope + v) * 2);
+    p.bytes = off;
+    return p;
+  }
   p.qb = take(size_t(p.rows) * kWidth * 2);
   p.q16 = take(p.prefill ? size_t(p.rows) * (nope + kRope) * 2 : 0);
   p.olat = take(size_t(p.rows) * kRank * (p.prefill ? 2 : 4));

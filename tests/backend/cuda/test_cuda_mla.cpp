@@ -19,6 +19,7 @@
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/mla.h"
 #include "core/half.h"
 #include "core/rng.h"
 
@@ -46,6 +47,7 @@ struct Dims {
 };
 
 const Dims kGlm{"glm", 20, 512, 64, 192, 256, true};
+const Dims kGlmH3{"glm-heads3", 3, 512, 64, 192, 256, true};
 const Dims kOddA{"h3-nope24-v40", 3, 512, 64, 24, 40, true};
 const Dims kOddB{"h5-nope100-v72", 5, 512, 64, 100, 72, true};
 const Dims kTiny{"h5-rank48-rope16 (v1)", 5, 48, 16, 24, 40, false};
@@ -186,6 +188,28 @@ TEST_F(CudaMla, SplitsAndEarlyExits) {
     EXPECT_LT(e, kFastTol) << "n=" << c.n << " ctx=" << c.ctx << " bound=" << c.bound;
   }
   std::printf("[ mla splits/early-exit ] worst relative L2 error: %.3g\n", worst);
+}
+
+// The expanded prefill (KVx by cuBLAS, flash attention per head): query blocks of 64 rows with a ragged last
+// block, repeated positions (ctx < n), a prefix before the chunk, and the plan's choice checked so each case
+// really runs the expanded kernel (the absorbed form is covered above).
+TEST_F(CudaMla, ExpandedPrefillMatchesCpu) {
+  struct Case {
+    const Dims* dims;
+    int n, ctx;
+  };
+  double worst = 0;
+  for (Case c : {Case{&kGlm, 17, 17}, Case{&kGlm, 64, 64}, Case{&kGlm, 65, 65}, Case{&kGlm, 64, 40}, Case{&kGlm, 200, 237},
+                 Case{&kGlm, 300, 300}, Case{&kGlmH3, 1000, 1000}, Case{&kGlmH3, 500, 2000}, Case{&kGlmH3, 129, 131}}) {
+    const cuda::mla::Plan p = cuda::mla::make_plan(c.n, c.dims->heads, c.dims->nope, c.dims->v, c.ctx, 132);
+    ASSERT_TRUE(p.expanded) << c.dims->name << " n=" << c.n << " ctx=" << c.ctx;
+    const double e = check(*c.dims, c.n, c.ctx, c.ctx, c.ctx + 3);
+    worst = std::max(worst, e);
+    EXPECT_LT(e, kFastTol) << c.dims->name << " n=" << c.n << " ctx=" << c.ctx;
+  }
+  // A short chunk after a long prefix stays absorbed (expanding 2,000 keys costs more than it saves).
+  EXPECT_FALSE(cuda::mla::make_plan(100, 20, 192, 256, 2000, 132).expanded);
+  std::printf("[ mla expanded prefill ] worst relative L2 error: %.3g\n", worst);
 }
 
 // The decode step as the engine runs it: captured once in a CUDA graph with bound = capacity, replayed at
