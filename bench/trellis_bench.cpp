@@ -221,7 +221,7 @@ void bench_moe(Ctx& c) {
       const Layer& l = L[i % layers];
       const float* xi = x + size_t(i % layers) * max_m * hidden;
       cuda::moe_route(xi, l.gate, l.bias, m, hidden, E, top_k, 1, 1, true, 1.8f, wts, ids, c.s);
-      if (experts_too) cuda::moe_experts(l.experts, l.shared, E, xi, ids, wts, out, m, top_k, hidden, inter, ws, c.s, 3);  // max_k = 3: every expert is K = 3 here
+      if (experts_too) cuda::moe_experts(l.experts, l.shared, E, xi, ids, wts, out, m, top_k, hidden, inter, ws, c.s, 3, 3, 1);  // every expert K = 3 MCG
     };
     const double us = time_graph(c, layers * 2, [&](int i) { layer(i, true); });
     const double route = time_graph(c, layers * 2, [&](int i) { layer(i, false); });

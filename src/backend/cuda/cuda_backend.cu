@@ -391,15 +391,21 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   }
   const auto* dt = static_cast<const cuda::DeviceTrellis*>(table);
   void* ws = impl_->scratch_zeroed(11, cuda::moe_workspace_bytes(m, K, hidden, inter, E));
-  int max_k = 2;  // sizes the decode kernels' weight ring (K = 3 everywhere: 24 KB instead of 64 KB)
-  for (const Expert& e : experts) max_k = std::max({max_k, e.gate.exl3->K, e.up.exl3->K, e.down.exl3->K});
-  if (shared) max_k = std::max({max_k, shared->gate.exl3->K, shared->up.exl3->K, shared->down.exl3->K});
+  // max_k sizes the decode kernels' weight ring (K = 3 everywhere: 24 KB instead of 64 KB); a K and codebook
+  // shared by every expert select the prefill GEMM specialised for them.
+  int max_k = 2, uniform_k = experts[0].gate.exl3->K, uniform_cb = int(experts[0].gate.exl3->codebook);
+  auto note = [&](const Linear& l) {
+    max_k = std::max(max_k, l.exl3->K);
+    if (l.exl3->K != uniform_k || int(l.exl3->codebook) != uniform_cb) uniform_k = 0, uniform_cb = -1;
+  };
+  for (const Expert& e : experts) note(e.gate), note(e.up), note(e.down);
+  if (shared) note(shared->gate), note(shared->up), note(shared->down);
   // Prefill: the shared expert sees every row, so in the grouped GEMM its weights would be decoded once per
   // 128-row tile (16 times at 2,048 rows); as dense products (dequantize once + cuBLAS) it is one decode and
   // three tensor-core GEMMs, added to the routed experts' sum afterwards.
   const bool shared_dense = shared && m >= kSharedDenseMinRows;
   cuda::moe_experts(dt, shared && !shared_dense ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(),
-                    weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k);
+                    weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k, uniform_k, uniform_cb);
   if (!shared_dense) return;
   const int64_t si = shared->gate.out;
   TensorView g(impl_->scratch_f32(13, size_t(m) * si), DType::F32, {m, si});

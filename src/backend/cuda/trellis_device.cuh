@@ -285,9 +285,13 @@ __device__ __forceinline__ void gemm_load_stage(const DeviceTrellis& w, const __
   }
 }
 
-template <int K, int MT, int STAGES = kStagesGemm>
-__device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
-                                              int c0, int nck, unsigned char* smem, float acc[MT][2][4]) {
+// The codebook is a template parameter (one switch per block, in gemm_mainloop below); UNROLL k-steps of the
+// loop may be in flight per warp. Why: the grouped MoE GEMM is issue-bound on dependent ALU chains (ncu, 2K
+// prompt: "wait" 2.6 and short-scoreboard 1.4 stall cycles per issue, 58 % issue-active, 123 instructions per
+// k-step and warp of which 16 mma); UNROLL = 2 helps there at 32-512 tokens (trellis_moe_grouped.cu).
+template <int K, Codebook CB, int MT, int STAGES, int UNROLL = 1>
+__device__ __forceinline__ void gemm_mainloop_cb(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
+                                                 int c0, int nck, unsigned char* smem, float acc[MT][2][4]) {
   constexpr int kCW = chunk_words<K>();
   constexpr int kAStageHalves = a_stage_halves<MT>();
   __half* As = reinterpret_cast<__half*>(smem);
@@ -315,10 +319,11 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
     cp_commit();
     const __half* as = As + (c % STAGES) * kAStageHalves;
     const uint32_t* st = Bs + (c % STAGES) * kCW + warp * 8 * K;
-#pragma unroll 1
+#pragma unroll UNROLL
     for (int kk = 0; kk < 8; kk++) {
-      uint32_t b[4];
-      decode_frag<K>(st + kk * 64 * K, lane, w.codebook, b);
+      uint32_t s8[8], b[4];
+      trellis::lane_states(st + kk * 64 * K, K, lane, s8);
+      decode8<CB>(s8, b);
 #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
         if (mt < mtiles) {
@@ -332,6 +337,15 @@ __device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __ha
   }
   cp_wait<0>();
   __syncthreads();  // the ring may now be reused (epilogue staging)
+}
+
+template <int K, int MT, int STAGES = kStagesGemm>
+__device__ __forceinline__ void gemm_mainloop(const DeviceTrellis& w, const __half* A, int64_t lda, int rows, int group,
+                                              int c0, int nck, unsigned char* smem, float acc[MT][2][4]) {
+  if (w.codebook == int(Codebook::Mcg)) gemm_mainloop_cb<K, Codebook::Mcg, MT, STAGES>(w, A, lda, rows, group, c0, nck, smem, acc);
+  else if (w.codebook == int(Codebook::Inst3))
+    gemm_mainloop_cb<K, Codebook::Inst3, MT, STAGES>(w, A, lda, rows, group, c0, nck, smem, acc);
+  else gemm_mainloop_cb<K, Codebook::Mul1, MT, STAGES>(w, A, lda, rows, group, c0, nck, smem, acc);
 }
 
 // Writes a block's accumulators as an f32 [128 rows][128 cols] tile: to shared memory (pitch kYPitch) or to

@@ -101,10 +101,14 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 //          GEMMs (128-row tiles of one expert) for gate+up and down, and a deterministic combine.
 // workspace: moe_workspace_bytes(...) bytes, zeroed once after allocation (see trellis_workspace_bytes).
 // max_k: the largest K among the descriptors (sizes the decode kernels' shared-memory ring: a smaller ring
-// fits more blocks per SM); a descriptor with a larger K __trap()s.
+// fits more blocks per SM); a descriptor with a larger K __trap()s. uniform_k / uniform_cb: the K and codebook
+// every descriptor shares, if they do (prefill then runs a grouped GEMM specialised for them); 0 / -1 if not.
+// Token rows below which uniform codes get the specialised grouped GEMM (H200: faster at 32-512 tokens, 3 %
+// slower at 2,048; trellis_moe_grouped.cu).
+constexpr int kMoeSpecialMaxRows = 1024;
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k = 8);
+                 void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1);
 size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts);
 
 }  // namespace trellm::cuda

@@ -395,7 +395,7 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
 
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k) {
+                 void* workspace, cudaStream_t s, int max_k, int uniform_k, int uniform_cb) {
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
@@ -424,21 +424,17 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     TRELLM_CUDA_LAUNCH_CHECK();
     return;
   }
-  static const bool once = [] {
-    cudaFuncSetAttribute(grouped_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8, kMT, kGroupedStages>()));
-    return true;
-  }();
-  (void)once;
+  const GroupedGemmFn grouped_gemm = m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb) : grouped_gemm_for(0, -1);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm_kernel<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm_kernel<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);

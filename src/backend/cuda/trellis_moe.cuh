@@ -72,7 +72,10 @@ constexpr size_t moe_ring_bytes(int max_k) { return size_t(kStagesGemv) * 2048 *
 
 __global__ void gateup_decode_kernel(const MoeArgs a);
 __global__ void down_decode_kernel(const MoeArgs a);
-__global__ void grouped_gemm_kernel(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y,
-                                    int64_t y_zstride, int ldy, int which_base, int chunks);
+// The grouped GEMM for experts that all have this K and codebook (k = 0 or -1 codebook: mixed, the generic
+// kernel that reads K per tile), its shared-memory opt-in done.
+using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,
+                               int ldy, int which_base, int chunks);
+GroupedGemmFn grouped_gemm_for(int k, int codebook);
 
 }  // namespace trellm::cuda::tk

@@ -414,15 +414,18 @@ TEST_F(TrellisCuda, RouteGroupedOdd) {
 // ---- MoE experts -----------------------------------------------------------------------------------------------
 
 void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, int top_k, bool with_shared, bool mixed_k,
-               cudaStream_t s, int reps = 1) {
+               cudaStream_t s, int reps = 1, int the_k = 3, int the_cb = 1) {
   std::vector<std::unique_ptr<RandomTrellis>> ws_;
   std::vector<Expert> experts(E);
   std::vector<cuda::DeviceTrellis> dexp(3 * E);
   int max_k = 2;  // passed to moe_experts: the decode kernels' ring is sized for it (K = 3: 24 KB, not 64)
+  // Not mixed: one (K, codebook) for every matrix, given to moe_experts as the backend does (the prefill then runs
+  // the grouped GEMM specialised for it).
+  const int uni_k = the_k, uni_cb = the_cb;
   auto make = [&](int in, int out, int idx) {
-    const int K = mixed_k ? 2 + int(rng.next_u32() % 7) : 3;
+    const int K = mixed_k ? 2 + int(rng.next_u32() % 7) : uni_k;
     max_k = std::max(max_k, K);
-    const int cb = mixed_k ? int(rng.next_u32() % 3) : 1;
+    const int cb = mixed_k ? int(rng.next_u32() % 3) : uni_cb;
     ws_.push_back(std::make_unique<RandomTrellis>(rng, in, out, K, cb, false));
     Linear l;
     l.in = in, l.out = out, l.exl3 = &ws_.back()->host;
@@ -472,16 +475,29 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
   std::vector<float> first;
   for (int r = 0; r < reps; r++) {
     TT_CHECK(cudaMemset(dout, 0xFF, ref.size() * 4));
-    cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s, max_k);
+    cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s, max_k, mixed_k ? 0 : uni_k,
+                      mixed_k ? -1 : uni_cb);
     TT_CHECK(cudaStreamSynchronize(s));
     const auto got = dev_download(dout, ref.size());
     const double err = max_rel_err(got, ref), l2 = rel_l2(got, ref);
+    // Max error 4e-3 of the rms: the fp16 activations (x and the SwiGLU output h, 2^-11 relative each) move a rare
+    // element by up to 3e-3 at K = 4 and 8 (measured; the L2 error stays ~6e-5). A wrong row or tile is O(1).
     EXPECT_LE(l2, 5e-4) << "moe m=" << m << " hidden " << hidden;
-    EXPECT_LE(err, 2e-3) << "moe m=" << m << " hidden " << hidden << " inter " << inter << " E " << E << " rep " << r;
+    EXPECT_LE(err, 4e-3) << "moe m=" << m << " hidden " << hidden << " inter " << inter << " E " << E << " rep " << r;
+    if (!mixed_k && m > 8 && m < cuda::kMoeSpecialMaxRows && r == 0) {
+      // The grouped GEMM specialised for (K, codebook) computes exactly what the generic one does, bit for bit.
+      float* dgen = dev_upload(std::vector<float>(ref.size(), kNaN));
+      cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dgen, m, top_k, hidden, inter, ws, s, max_k, 0, -1);
+      TT_CHECK(cudaStreamSynchronize(s));
+      EXPECT_EQ(0, std::memcmp(dev_download(dgen, ref.size()).data(), got.data(), got.size() * 4))
+          << "specialised grouped GEMM differs from the generic one, m=" << m;
+      cudaFree(dgen);
+    }
     if (r == 0) {
       first = got;
-      std::printf("moe m=%d hidden=%d inter=%d E=%d top_k=%d shared=%d mixedK=%d: max err %.3g of rms, rel L2 %.3g\n", m,
-                  hidden, inter, E, top_k, int(with_shared), int(mixed_k), err, l2);
+      std::printf("moe m=%d hidden=%d inter=%d E=%d top_k=%d shared=%d %s: max err %.3g of rms, rel L2 %.3g\n", m, hidden,
+                  inter, E, top_k, int(with_shared), mixed_k ? "mixed K" : ("K=" + std::to_string(uni_k) + " cb=" + std::to_string(uni_cb)).c_str(),
+                  err, l2);
     } else {
       EXPECT_EQ(0, std::memcmp(got.data(), first.data(), got.size() * 4)) << "not deterministic, rep " << r;
     }
@@ -494,6 +510,12 @@ TEST_F(TrellisCuda, MoeSmallMixedK) {
   check_moe(this, rng, 5, 256, 128, 6, 2, false, true, stream);
   check_moe(this, rng, 20, 256, 128, 6, 2, false, true, stream);
   check_moe(this, rng, 500, 256, 128, 8, 3, true, true, stream);  // ~190 rows per expert: two grouped tiles each
+}
+
+// Every (K, codebook) instance of the specialised grouped GEMM at a prefill-sized m (~110 rows per expert).
+TEST_F(TrellisCuda, MoeUniformCodesPrefill) {
+  for (int K = 2; K <= 8; K++)
+    for (int cb = 0; cb < 3; cb++) check_moe(this, rng, 290 + K, 256, 128, 8, 3, cb == 1, false, stream, 1, K, cb);
 }
 
 TEST_F(TrellisCuda, MoeGlmDims) {
