@@ -18,8 +18,15 @@ using namespace cuda;
 
 namespace {
 // Dense products with at most this many rows use the f32-activation GEMV kernel (memory-bound, exact in
-// f32 like the CPU); larger ones convert activations to the weight dtype and use cuBLAS tensor cores.
-constexpr int64_t kGemvMaxRows = 64;
+// f32 like the CPU); larger ones convert activations to the weight dtype and use cuBLAS tensor cores. The GEMV
+// walks the rows 8 at a time on CUDA cores: at 64 rows it took 500 us for a 768x2048 bf16 product and 2.4 ms
+// for 2048x10240 (ncu, H200, the 3-bit model's 64-token warm-up: dequantized trellis weights land here for
+// 33-64 rows), where cuBLAS takes ~10 us. Hence 8, the trellis GEMV's row limit too. Up to kSplitMaxRows the
+// cuBLAS product keeps near-f32 activations by splitting them into two 16-bit terms (twice the rows, still
+// ~10 us): short prompts then match the CPU's greedy tokens as the GEMV did (bf16 rounding of 9..64-row
+// prompts flipped a near-tie of the tiny_groups fixture at step 25); longer prompts round to the weight type.
+constexpr int64_t kGemvMaxRows = 8;
+constexpr int64_t kSplitMaxRows = 64;
 constexpr int kExpandTile = 256;  // keys per expanded-attention tile
 }  // namespace
 
@@ -197,13 +204,18 @@ void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
     TRELLM_CUBLAS_CHECK(cublasSgemm(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(in), &one,
                                     w.weight.ptr<float>(), int(in), x.ptr<float>(), int(in), &zero, out.ptr<float>(), int(w.out)));
   } else {
-    uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(n * in) * 2));
-    if (dt == DType::BF16) to_bf16(xh, x.ptr<float>(), n * in, s);
+    const bool split = n <= kSplitMaxRows;
+    const int64_t rows = split ? 2 * n : n;
+    uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(rows * in) * 2));
+    if (split) split_half(xh, x.ptr<float>(), n * in, dt == DType::BF16, s);
+    else if (dt == DType::BF16) to_bf16(xh, x.ptr<float>(), n * in, s);
     else to_f16(xh, x.ptr<float>(), n * in, s);
+    float* y = split ? impl_->scratch_f32(16, size_t(rows * w.out)) : out.ptr<float>();
     const cudaDataType_t t = dt == DType::BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(in), &one,
-                                     w.weight.data, t, int(in), xh, t, int(in), &zero, out.data, CUDA_R_32F, int(w.out),
+    TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(rows), int(in), &one,
+                                     w.weight.data, t, int(in), xh, t, int(in), &zero, y, CUDA_R_32F, int(w.out),
                                      CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (split) return add_halves(out.ptr<float>(), y, n * w.out, bias, int(w.out), s);
   }
   if (bias) add_bias(out.ptr<float>(), bias, int(n), int(w.out), s);
 }

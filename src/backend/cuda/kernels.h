@@ -22,6 +22,10 @@ void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s);
 // f32 -> bf16 / f16 (for cuBLAS inputs)
 void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s);
+// out[0, n) = half(x), out[n, 2n) = half(x - half(x)) (bf16 or fp16): x in two 16-bit terms for a near-f32 product.
+void split_half(uint16_t* out, const float* x, int64_t n, bool bf16, cudaStream_t s);
+// out[i] = y[i] + y[n + i] (+ bias[i % d]): the two terms' products summed.
+void add_halves(float* out, const float* y, int64_t n, const float* bias, int d, cudaStream_t s);
 // bf16 -> f32
 void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s);
 // Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos[i].

@@ -83,6 +83,33 @@ __global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, int64_t n) {
     out[i] = __float2bfloat16_rn(x[i]);
 }
 
+// x = hi + lo in the 16-bit type, hi at [0, n) and lo at [n, 2n): a product over both halves carries ~16
+// significand bits of x instead of 8 (bf16) or 11 (fp16).
+template <typename T>
+__device__ __forceinline__ T to_half_t(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 to_half_t<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half to_half_t<__half>(float v) { return __float2half_rn(v); }
+template <typename T>
+__device__ __forceinline__ float from_half_t(T v) { return float(v); }
+
+template <typename T>
+__global__ void split_half_kernel(T* out, const float* x, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const T hi = to_half_t<T>(x[i]);
+    out[i] = hi;
+    out[n + i] = to_half_t<T>(x[i] - from_half_t(hi));
+  }
+}
+
+__global__ void add_halves_kernel(float* out, const float* y, int64_t n, const float* bias, int d) {
+  grid_wait();
+  grid_launch_dependents();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = y[i] + y[n + i] + (bias ? bias[i % d] : 0.0f);
+}
+
 __global__ void to_f16_kernel(__half* out, const float* x, int64_t n) {
   grid_wait();
   grid_launch_dependents();
@@ -193,6 +220,15 @@ void to_bf16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
 }
 void to_f16(uint16_t* out, const float* x, int64_t n, cudaStream_t s) {
   launch(to_f16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__half*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void split_half(uint16_t* out, const float* x, int64_t n, bool bf16, cudaStream_t s) {
+  if (bf16) launch(split_half_kernel<__nv_bfloat16>, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(out), x, n);
+  else launch(split_half_kernel<__half>, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__half*>(out), x, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void add_halves(float* out, const float* y, int64_t n, const float* bias, int d, cudaStream_t s) {
+  launch(add_halves_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, out, y, n, bias, d);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s) {
