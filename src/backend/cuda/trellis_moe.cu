@@ -216,12 +216,12 @@ __global__ void __launch_bounds__(1024) prep_kernel(const MoeArgs a) {
     int o = 0, nt = 0;
     for (int e = 0; e < a.E; e++) {
       off[e] = o;
-      for (int r = 0; r < cnt[e]; r += kMT * 16) a.tiles[nt++] = make_int4(e, o + r, min(kMT * 16, cnt[e] - r), 0);
+      for (int r = 0; r < cnt[e]; r += a.tile_rows) a.tiles[nt++] = make_int4(e, o + r, min(a.tile_rows, cnt[e] - r), 0);
       o += cnt[e];
       cnt[e] = 0;
     }
     if (a.shared)
-      for (int r = 0; r < a.m; r += kMT * 16) a.tiles[nt++] = make_int4(a.E, nj + r, min(kMT * 16, a.m - r), 0);
+      for (int r = 0; r < a.m; r += a.tile_rows) a.tiles[nt++] = make_int4(a.E, nj + r, min(a.tile_rows, a.m - r), 0);
     *a.n_tiles = nt;
   }
   __syncthreads();
@@ -276,7 +276,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MoeArgs a) {
 
 struct MoePlan {
   bool decode;
-  int jpt, J, R, hidden_p, inter_p, s_gu, s_d, max_tiles;
+  int jpt, J, R, hidden_p, inter_p, s_gu, s_d, max_tiles, mt;
   size_t bytes;
 };
 
@@ -302,7 +302,9 @@ static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has
   } else {
     p.R = m * p.jpt;
     const int nj = m * top_k;
-    p.max_tiles = nj / (kMT * 16) + std::min(E, nj) + (m + kMT * 16 - 1) / (kMT * 16) + 1;
+    p.mt = nj <= kSmallTileMaxRowsPerExpert * E ? 1 : kMT;
+    const int tr = 16 * p.mt;
+    p.max_tiles = nj / tr + std::min(E, nj) + (m + tr - 1) / tr + 1;
     off += align256(size_t(p.R) * 4) * 2 + align256(size_t(nj) * 4) + align256(size_t(p.max_tiles) * 16) + 256;
     off += align256(size_t(2) * p.R * p.hidden_p * 2);  // a_gu
     off += align256(size_t(2) * p.R * p.inter_p * 4);   // gu
@@ -390,6 +392,10 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
   for (int m = 1; m <= std::min(max_m, kMoeDecodeMaxTokens); m++)
     best = std::max(best, plan_moe(m, top_k, hidden, inter, n_experts, true).bytes);
   if (max_m > kMoeDecodeMaxTokens) best = std::max(best, plan_moe(max_m, top_k, hidden, inter, n_experts, true).bytes);
+  // The largest m with 16-row tiles has the longest tile list; cover it too when it lies below max_m.
+  const int m_small = kSmallTileMaxRowsPerExpert * n_experts / top_k;
+  if (m_small > kMoeDecodeMaxTokens && m_small < max_m)
+    best = std::max(best, plan_moe(m_small, top_k, hidden, inter, n_experts, true).bytes);
   return best;
 }
 
@@ -424,17 +430,20 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     TRELLM_CUDA_LAUNCH_CHECK();
     return;
   }
-  const GroupedGemmFn grouped_gemm = m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb) : grouped_gemm_for(0, -1);
+  a.tile_rows = 16 * p.mt;
+  const GroupedGemmFn grouped_gemm =
+      m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt) : grouped_gemm_for(0, -1, p.mt);
+  const size_t gsmem = grouped_smem_bytes(p.mt);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(p.max_tiles, gi, 2), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gi, 2), kThreads, gsmem, s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(p.max_tiles, gh, 1), kThreads, gemm_smem_bytes<8, kMT, kGroupedStages>(), s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gh, 1), kThreads, gsmem, s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);

@@ -45,6 +45,7 @@ struct MoeArgs {
   int* row_token;                // [R]
   int* row_expert;               // [R]  (E = shared)
   int* pos;                      // [m * top_k] grouped row of (token, slot)
+  int tile_rows;                 // rows per grouped tile: 16 * kMT, or 16 when experts average few rows
   int4* tiles;                   // [max_tiles] (expert, row0, rows, 0)
   int* n_tiles;
   __half* a_gu;                  // [2, R, hidden_p]
@@ -76,6 +77,12 @@ __global__ void down_decode_kernel(const MoeArgs a);
 // kernel that reads K per tile), its shared-memory opt-in done.
 using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,
                                int ldy, int which_base, int chunks);
-GroupedGemmFn grouped_gemm_for(int k, int codebook);
+// mt: 16-row M sub-tiles per block, kMT (128-row tiles) or 1 (16-row tiles: a 4x smaller ring, 4 blocks per SM).
+GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt);
+// Shared memory of a grouped block with mt sub-tiles (ring sized for K = 8, or the epilogue's f32 tile).
+size_t grouped_smem_bytes(int mt);
+// Routed rows per expert (on average) up to which the grouped GEMM takes 16-row tiles: below ~16 rows a 128-row
+// tile is mostly zero-filled A and its 82 KB ring allows 2 blocks per SM, where 16-row tiles allow 4.
+constexpr int kSmallTileMaxRowsPerExpert = 16;
 
 }  // namespace trellm::cuda::tk

@@ -16,8 +16,8 @@
 
 namespace trellm::cuda::tk {
 
-template <int K, int CB, int UNROLL>
-__global__ void __launch_bounds__(kThreads, 2)
+template <int K, int CB, int UNROLL, int MT>
+__global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2)
     grouped_gemm_kernel(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,
                         int ldy, int which_base, int chunks) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -28,16 +28,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rows = tile.z;
   const __half* At = A + zz * a_zstride + int64_t(tile.y) * lda;
   float* Yt = Y + zz * y_zstride + int64_t(tile.y) * ldy;
-  float acc[kMT][2][4];
+  float acc[MT][2][4];
   if constexpr (K == 0) {
     with_k(w.K, [&](auto kc) {
-      gemm_mainloop<decltype(kc)::value, kMT, kGroupedStages>(w, At, lda, rows, group, 0, chunks, smem, acc);
+      gemm_mainloop<decltype(kc)::value, MT, kGroupedStages>(w, At, lda, rows, group, 0, chunks, smem, acc);
     });
   } else {
-    gemm_mainloop_cb<K, Codebook(CB), kMT, kGroupedStages, UNROLL>(w, At, lda, rows, group, 0, chunks, smem, acc);
+    gemm_mainloop_cb<K, Codebook(CB), MT, kGroupedStages, UNROLL>(w, At, lda, rows, group, 0, chunks, smem, acc);
   }
   float* Ys = reinterpret_cast<float*>(smem);
-  store_acc_tile<kMT>(acc, Ys, kYPitch, rows);
+  store_acc_tile<MT>(acc, Ys, kYPitch, rows);
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int r = warp; r < rows; r += kWarps) {
@@ -51,29 +51,32 @@ __global__ void __launch_bounds__(kThreads, 2)
 namespace {
 
 // The kernel with its > 48 KB dynamic shared memory opted in (once per instance).
-template <int K, int CB, int U>
+template <int K, int CB, int U, int MT>
 GroupedGemmFn set_up() {
   static const GroupedGemmFn f = [] {
-    GroupedGemmFn g = grouped_gemm_kernel<K, CB, U>;
-    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(g, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8, kMT, kGroupedStages>())));
+    GroupedGemmFn g = grouped_gemm_kernel<K, CB, U, MT>;
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(g, cudaFuncAttributeMaxDynamicSharedMemorySize, int(gemm_smem_bytes<8, MT, kGroupedStages>())));
     return g;
   }();
   return f;
 }
 
-template <int... Ks>
+template <int MT, int... Ks>
 GroupedGemmFn pick(int k, int cb, std::integer_sequence<int, Ks...>) {
   GroupedGemmFn f = nullptr;
-  ((k == Ks ? (f = cb == 0 ? set_up<Ks, 0, 2>() : cb == 1 ? set_up<Ks, 1, 2>() : set_up<Ks, 2, 2>()) : nullptr), ...);
+  ((k == Ks ? (f = cb == 0 ? set_up<Ks, 0, 2, MT>() : cb == 1 ? set_up<Ks, 1, 2, MT>() : set_up<Ks, 2, 2, MT>()) : nullptr), ...);
   return f;
 }
 
 }  // namespace
 
-GroupedGemmFn grouped_gemm_for(int k, int codebook) {
-  GroupedGemmFn f = nullptr;
-  if (k >= 2 && k <= 8 && codebook >= 0 && codebook <= 2) f = pick(k, codebook, std::integer_sequence<int, 2, 3, 4, 5, 6, 7, 8>{});
-  return f ? f : set_up<0, 0, 1>();
+GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt) {
+  const bool ok = k >= 2 && k <= 8 && codebook >= 0 && codebook <= 2;
+  constexpr auto ks = std::integer_sequence<int, 2, 3, 4, 5, 6, 7, 8>{};
+  if (mt == 1) return ok ? pick<1>(k, codebook, ks) : set_up<0, 0, 1, 1>();
+  return ok ? pick<kMT>(k, codebook, ks) : set_up<0, 0, 1, kMT>();
 }
+
+size_t grouped_smem_bytes(int mt) { return mt == 1 ? gemm_smem_bytes<8, 1, kGroupedStages>() : gemm_smem_bytes<8, kMT, kGroupedStages>(); }
 
 }  // namespace trellm::cuda::tk

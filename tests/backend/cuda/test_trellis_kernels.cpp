@@ -512,14 +512,18 @@ TEST_F(TrellisCuda, MoeSmallMixedK) {
   check_moe(this, rng, 500, 256, 128, 8, 3, true, true, stream);  // ~190 rows per expert: two grouped tiles each
 }
 
-// Every (K, codebook) instance of the specialised grouped GEMM at a prefill-sized m (~110 rows per expert).
+// Every (K, codebook) instance of the specialised grouped GEMM, with 128-row tiles (m ~ 295: ~110 rows per expert)
+// and with 16-row tiles (m = 20..41: <= 16 rows per expert on average).
 TEST_F(TrellisCuda, MoeUniformCodesPrefill) {
   for (int K = 2; K <= 8; K++)
-    for (int cb = 0; cb < 3; cb++) check_moe(this, rng, 290 + K, 256, 128, 8, 3, cb == 1, false, stream, 1, K, cb);
+    for (int cb = 0; cb < 3; cb++) {
+      check_moe(this, rng, 290 + K, 256, 128, 8, 3, cb == 1, false, stream, 1, K, cb);
+      check_moe(this, rng, 20 + 3 * K + cb, 256, 128, 8, 3, cb != 1, false, stream, 1, K, cb);
+    }
 }
 
 TEST_F(TrellisCuda, MoeGlmDims) {
-  for (int m : {1, 8, 33, 127}) check_moe(this, rng, m, 2048, 1536, 8, 4, true, false, stream);
+  for (int m : {1, 8, 9, 31, 33, 127}) check_moe(this, rng, m, 2048, 1536, 8, 4, true, false, stream);
 }
 
 }  // namespace
