@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <climits>
-#include <cstdlib>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
@@ -278,15 +277,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MoeArgs a) {
 struct MoePlan {
   bool decode;
   int jpt, J, R, hidden_p, inter_p, s_gu, s_d, max_tiles, mt;
-  bool wg;  // grouped GEMM on wgmma, kWgRows-row tiles
   size_t bytes;
 };
 
 static int r128(int n) { return (n + 127) / 128 * 128; }
 
-// wgmma: the caller has a wgmma kernel for the layer's codes (the tile list then takes kWgRows-row tiles once
-// experts average kMoeWgmmaMinRowsPerExpert rows); without it the plan is never smaller, so it sizes the workspace.
-static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has_shared, bool wgmma = false) {
+static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has_shared) {
   MoePlan p{};
   p.jpt = top_k + (has_shared ? 1 : 0);
   p.hidden_p = r128(hidden), p.inter_p = r128(inter);
@@ -307,8 +303,7 @@ static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has
     p.R = m * p.jpt;
     const int nj = m * top_k;
     p.mt = nj <= kSmallTileMaxRowsPerExpert * E ? 1 : kMT;
-    p.wg = wgmma && nj >= kMoeWgmmaMinRowsPerExpert * E;
-    const int tr = p.wg ? kWgRows : 16 * p.mt;
+    const int tr = 16 * p.mt;
     p.max_tiles = nj / tr + std::min(E, nj) + (m + tr - 1) / tr + 1;
     off += align256(size_t(p.R) * 4) * 2 + align256(size_t(nj) * 4) + align256(size_t(p.max_tiles) * 16) + 256;
     off += align256(size_t(2) * p.R * p.hidden_p * 2);  // a_gu
@@ -410,9 +405,7 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
-  static const char* wg_env = std::getenv("TRELLM_MOE_WGMMA");  // 0: keep the mma.sync kernels (A/B runs)
-  const GroupedGemmFn wg_fn = m > kMoeDecodeMaxTokens && !(wg_env && wg_env[0] == '0') ? grouped_wgmma_for(uniform_k, uniform_cb) : nullptr;
-  const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr, wg_fn != nullptr);
+  const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr);
   MoeArgs a{};
   a.experts = experts, a.shared = shared, a.E = n_experts, a.m = m, a.top_k = top_k, a.jpt = p.jpt;
   a.hidden = hidden, a.inter = inter, a.hidden_p = p.hidden_p, a.inter_p = p.inter_p;
@@ -437,22 +430,20 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     TRELLM_CUDA_LAUNCH_CHECK();
     return;
   }
-  a.tile_rows = p.wg ? kWgRows : 16 * p.mt;
-  const GroupedGemmFn grouped_gemm = p.wg                    ? wg_fn
-                                     : m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt)
-                                                              : grouped_gemm_for(0, -1, p.mt);
-  const size_t gsmem = p.wg ? grouped_wgmma_smem_bytes() : grouped_smem_bytes(p.mt);
-  const int gthreads = p.wg ? 512 : kThreads;
+  a.tile_rows = 16 * p.mt;
+  const GroupedGemmFn grouped_gemm =
+      m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt) : grouped_gemm_for(0, -1, p.mt);
+  const size_t gsmem = grouped_smem_bytes(p.mt);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(p.max_tiles, gi, 2), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gi, 2), kThreads, gsmem, s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(p.max_tiles, gh, 1), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(p.max_tiles, gh, 1), kThreads, gsmem, s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);

@@ -81,11 +81,6 @@ using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstri
 GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt);
 // Shared memory of a grouped block with mt sub-tiles (ring sized for K = 8, or the epilogue's f32 tile).
 size_t grouped_smem_bytes(int mt);
-// The wgmma grouped GEMM (trellis_moe_wgmma.cu, sm_90a) for experts that all share (K, codebook): tiles of up to
-// kWgRows rows; nullptr for codes it does not cover.
-constexpr int kWgRows = 256;
-GroupedGemmFn grouped_wgmma_for(int k, int codebook);
-size_t grouped_wgmma_smem_bytes();
 // Routed rows per expert (on average) up to which the grouped GEMM takes 16-row tiles: below ~16 rows a 128-row
 // tile is mostly zero-filled A and its 82 KB ring allows 2 blocks per SM, where 16-row tiles allow 4.
 constexpr int kSmallTileMaxRowsPerExpert = 16;
