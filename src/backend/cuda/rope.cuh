@@ -9,16 +9,24 @@
 
 namespace trellm::cuda {
 
-// (a, b) = pair i of a `dim`-wide rope vector at position pos, rotated in place.
-__device__ __forceinline__ void rope_rotate(float& a, float& b, int i, int dim, int pos, float theta) {
+// cos and sin of pair i of a `dim`-wide rope vector at position pos.
+__device__ __forceinline__ void rope_cos_sin(int i, int dim, int pos, float theta, float& c, float& s) {
   const float inv_freq = float(1.0 / pow(double(theta), double(2 * i) / double(dim)));
   const float ang = float(pos) * inv_freq;
   double sn, cs;
   sincos(double(ang), &sn, &cs);
-  const float c = float(cs), s = float(sn);
+  c = float(cs), s = float(sn);
+}
+__device__ __forceinline__ void rope_apply(float& a, float& b, float c, float s) {
   const float x = a, y = b;
   a = x * c - y * s;
   b = y * c + x * s;
+}
+// (a, b) = pair i of a `dim`-wide rope vector at position pos, rotated in place.
+__device__ __forceinline__ void rope_rotate(float& a, float& b, int i, int dim, int pos, float theta) {
+  float c, s;
+  rope_cos_sin(i, dim, pos, theta, c, s);
+  rope_apply(a, b, c, s);
 }
 
 // Sum over a block of up to 1024 threads; every thread gets the result.
