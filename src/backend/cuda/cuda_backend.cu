@@ -62,6 +62,13 @@ struct CudaBackend::Impl {
     }
     return s.first;
   }
+  // Whether scratch_bytes(slot, bytes) can succeed with room to spare (for optional, memory-hungry fast paths).
+  bool scratch_fits(size_t slot, size_t bytes) {
+    if (slot < scratch.size() && scratch[slot].second >= bytes) return true;
+    size_t free_b = 0, total_b = 0;
+    TRELLM_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    return free_b >= bytes * 3 / 2 + (size_t(512) << 20);
+  }
   float* scratch_f32(size_t slot, size_t floats) { return static_cast<float*>(scratch_bytes(slot, floats * 4)); }
   // A scratch buffer that is zeroed whenever it is (re)allocated: the trellis kernels keep split-k arrival
   // counters in their workspace and leave them at zero after every call.
@@ -325,10 +332,14 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
                 cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
   cudaStream_t s = impl_->stream;
   // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
-  // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (both absorbed,
-  // the same function as either mode). Other shapes (the tiny fixtures) run the v1 kernels below.
+  // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (absorbed or
+  // expanded, whichever make_plan finds cheaper; the same function either way, and whatever the mode). The
+  // expanded form's key buffer (up to 294 MB) is optional: without room for it the prefill stays absorbed.
+  // Other shapes (the tiny fixtures) run the v1 kernels below.
   if (mla_fast(out, kv_b, pos, d, n)) {
-    const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
+    mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
+    if (p.expanded && !impl_->scratch_fits(8, p.bytes))
+      p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, /*allow_expanded=*/false);
     mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
                 n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};
     if (!p.prefill) return mla::decode(a, p, s);

@@ -61,7 +61,7 @@ struct Plan {
 // head) the absorbed form spends 576 + 512 MACs against nope + 64 + v, plus its two projections per query (the
 // same heads * (nope + v) * 512). A causal prompt from position 0 always expands; a short chunk after a long
 // prefix (n < ~400 at GLM dims) stays absorbed.
-Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms);
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool allow_expanded = true);
 
 // Decode with the two steps before the attention folded into its first kernel (one launch fewer per layer):
 // q arrives before RoPE (the q_lat kernel rotates q_rope while copying it), and one of its blocks writes the new

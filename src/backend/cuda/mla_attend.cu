@@ -375,7 +375,7 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms) {
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool allow_expanded) {
   TRELLM_ASSERT(n >= 1 && heads >= 1 && bound >= 1 && num_sms >= 1, "mla plan: n ", n, " heads ", heads, " bound ", bound);
   Plan p;
   p.n = n;
@@ -389,7 +389,7 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms) {
   // big prefills one split per group and no combine.
   p.splits = std::clamp(num_sms / p.groups, 1, std::min(tiles, kMaxSplits));
   p.prefill = n > kDecodeMaxRows;
-  if (p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
+  if (allow_expanded && p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
     // MACs per head (see mla.h): expansion bound * (nope + v) * 512 against n * (absorbed extra per visible key
     // * (bound - n/2) keys on average + the two projections).
     const double expand = double(bound) * (nope + v) * kRank;
@@ -421,13 +421,8 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms) {
 }
 
 void attend(const Args& a, const Plan& p, cudaStream_t s) {
-  static std::atomic<uint32_t> smem_set{0};  // per device: the >48 KB dynamic smem opt-in, set once
-  int dev = 0;
-  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 32 && !(smem_set.load() & (1u << dev))) {
-    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kSmem)));
-    smem_set.fetch_or(1u << dev);
-  }
+  static std::atomic<uint32_t> smem_set{0};
+  opt_in_smem(attend_kernel, kSmem, smem_set);
   char* w = static_cast<char*>(a.work);
   AttendParams P;
   P.qb = reinterpret_cast<const bf16*>(w + p.qb);
@@ -437,7 +432,7 @@ void attend(const Args& a, const Plan& p, cudaStream_t s) {
   P.heads = p.heads;
   P.groups = p.groups;
   P.splits = p.splits;
-  P.scale_log2 = a.scale * 1.4426950408889634f;
+  P.scale_log2 = a.scale * kLog2e;
   P.reverse = p.prefill ? 1 : 0;
   P.part_o = reinterpret_cast<bf16*>(w + p.part_o);
   P.part_ml = reinterpret_cast<float*>(w + p.part_ml);

@@ -4,10 +4,29 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
+
+namespace trellm::cuda::mla {
+
+constexpr float kLog2e = 1.4426950408889634f;  // softmax scores live in the log2 domain (exp2f)
+
+// Raises `kernel`'s dynamic shared-memory limit to `bytes` (the > 48 KB opt-in) once per device; `done` is the
+// kernel's own set of devices already raised (bit d for device d < 32).
+template <typename Kernel>
+inline void opt_in_smem(Kernel kernel, size_t bytes, std::atomic<uint32_t>& done) {
+  int dev = 0;
+  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 32 && !(done.load() & (1u << dev))) {
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    done.fetch_or(1u << dev);
+  }
+}
+
+}  // namespace trellm::cuda::mla
 
 namespace trellm::cuda::mla::dev {
 

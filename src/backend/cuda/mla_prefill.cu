@@ -272,13 +272,8 @@ void prefill_prepare(const Args& a, const Plan& p, cudaStream_t s) {
 void expanded_attend(const Args& a, const Plan& p, cudaStream_t s) {
   TRELLM_ASSERT(p.expanded && a.n == p.n && a.nope + kRope == kXDim && a.v == kXDim && a.nope % 8 == 0,
                 "mla expanded_attend: plan or dims (nope ", a.nope, ", v ", a.v, ") outside the expanded kernel");
-  static std::atomic<uint32_t> smem_set{0};  // per device: the >48 KB dynamic smem opt-in, set once
-  int dev = 0;
-  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 32 && !(smem_set.load() & (1u << dev))) {
-    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(expanded_attend_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kXSmem)));
-    smem_set.fetch_or(1u << dev);
-  }
+  static std::atomic<uint32_t> smem_set{0};
+  opt_in_smem(expanded_attend_kernel, kXSmem, smem_set);
   XParams P;
   P.q = a.q;
   P.kvx = reinterpret_cast<const bf16*>(static_cast<char*>(a.work) + p.kvx);
@@ -290,7 +285,7 @@ void expanded_attend(const Args& a, const Plan& p, cudaStream_t s) {
   P.nope = a.nope;
   P.qblocks = (a.n + kXRows - 1) / kXRows;
   P.bound = p.bound;
-  P.scale_log2 = a.scale * 1.4426950408889634f;
+  P.scale_log2 = a.scale * kLog2e;
   expanded_attend_kernel<<<P.qblocks * P.heads, kXThreads, kXSmem, s>>>(P);
   TRELLM_CUDA_LAUNCH_CHECK();
 }

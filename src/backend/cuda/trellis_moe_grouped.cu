@@ -1,14 +1,15 @@
 // MoE prefill variant: grouped tensor-core GEMM. grid (max_tiles, out_padded/128, Z): block t takes tile
-// tiles[t] = (expert, first grouped row, rows <= 128) when t < *n_tiles (the tile list is built on the device,
+// tiles[t] = (expert, first grouped row, rows <= 16·MT) when t < *n_tiles (the tile list is built on the device,
 // so the grid is sized by its host-side bound and surplus blocks exit at once). z selects gate/up (Z = 2) or
 // down (Z = 1, which_base = 2). No k-split: prefill grids are large.
 //
-// One kernel per (K, codebook) for layers whose experts all share them (every GLM layer), with the k-step loop
-// unrolled by two: its own register allocation per path (the kernel that switches on K per tile spills 48-144
-// bytes at 128 registers, a specialised one none) and two decode chains in flight per warp. Measured on the
-// H200 (MoE layer, 4 of 64 experts + shared): 32 tokens 615 -> 447 us, 128 tokens 736 -> 604 us, but 2,048
-// tokens 1,774 -> 1,837 us (unroll 1: 2,217 us), so the host uses it below kMoeSpecialMaxRows only.
-// K = 0 is the generic kernel, for layers that mix K or codebooks and for large m.
+// Instances: MT = kMT (128-row tiles, 2 blocks per SM) or MT = 1 (16-row tiles, 4 blocks per SM, when experts
+// average <= kSmallTileMaxRowsPerExpert rows); and per (K, codebook) for layers whose experts all share them
+// (every GLM layer), with the k-step loop unrolled by two: its own register allocation per path (the kernel that
+// switches on K per tile spills 48-144 bytes at 128 registers, a specialised one none) and two decode chains in
+// flight per warp. Measured on the H200 (MoE layer, 4 of 64 experts + shared, 128-row tiles): 32 tokens 615 ->
+// 447 us, 128 tokens 736 -> 604 us, but 2,048 tokens 1,774 -> 1,837 us (unroll 1: 2,217 us), so the host uses it
+// below kMoeSpecialMaxRows only. K = 0 is the generic kernel, for layers that mix K or codebooks and for large m.
 #include <utility>
 
 #include "backend/cuda/cuda_check.h"
