@@ -1,7 +1,9 @@
-// MoE prefill variant: grouped tensor-core GEMM. grid (max_tiles, out_padded/128, Z): block t takes tile
-// tiles[t] = (expert, first grouped row, rows <= 16·MT) when t < *n_tiles (the tile list is built on the device,
-// so the grid is sized by its host-side bound and surplus blocks exit at once). z selects gate/up (Z = 2) or
-// down (Z = 1, which_base = 2). No k-split: prefill grids are large.
+// MoE prefill variant: grouped tensor-core GEMM. grid (out_padded/128, max_tiles, Z): block (group, t, z) takes
+// tile tiles[t] = (expert, first grouped row, rows <= 16·MT) when t < *n_tiles (the tile list is built on the
+// device, so the grid is sized by its host-side bound and surplus blocks exit at once); z selects gate/up (Z = 2)
+// or down (Z = 1, which_base = 2). The column groups are the fastest grid dimension, so the blocks of one tile run
+// together and read its A rows while they are in L2 (at 2K tokens the transformed A of one layer is 67 MB, more
+// than the L2). No k-split: prefill grids are large.
 //
 // Instances: MT = kMT (128-row tiles, 2 blocks per SM) or MT = 1 (16-row tiles, 4 blocks per SM, when experts
 // average <= kSmallTileMaxRowsPerExpert rows); and per (K, codebook) for layers whose experts all share them
@@ -22,7 +24,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2)
     grouped_gemm_kernel(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,
                         int ldy, int which_base, int chunks) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int t = blockIdx.x, group = blockIdx.y, zz = blockIdx.z;
+  const int t = blockIdx.y, group = blockIdx.x, zz = blockIdx.z;  // see the grid note above
   if (t >= *a.n_tiles) return;
   const int4 tile = a.tiles[t];
   const DeviceTrellis w = expert_desc(a, tile.x)[which_base + zz];
