@@ -431,23 +431,19 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     return;
   }
   a.tile_rows = 16 * p.mt;
-  static const char* ws_env = std::getenv("TRELLM_MOE_WS");  // 0: the mma.sync kernels only (A/B runs)
-  const GroupedGemmFn ws = p.mt == kMT && !(ws_env && ws_env[0] == '0') ? grouped_ws_for(uniform_k, uniform_cb) : nullptr;
-  const GroupedGemmFn grouped_gemm = ws                       ? ws
-                                     : m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt)
-                                                              : grouped_gemm_for(0, -1, p.mt);
-  const size_t gsmem = ws ? grouped_ws_smem_bytes() : grouped_smem_bytes(p.mt);
-  const int gthreads = ws ? kWsThreadsPerBlock : kThreads;
+  const GroupedGemmFn grouped_gemm =
+      m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt) : grouped_gemm_for(0, -1, p.mt);
+  const size_t gsmem = grouped_smem_bytes(p.mt);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(gi, p.max_tiles, 2), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(gi, p.max_tiles, 2), kThreads, gsmem, s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(gh, p.max_tiles, 1), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(gh, p.max_tiles, 1), kThreads, gsmem, s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);
