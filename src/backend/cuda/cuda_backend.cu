@@ -257,10 +257,30 @@ void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) 
   matmul(out, x, dense);
 }
 
-// q_a and kv_a of a decode step: one GEMV launch instead of two (trellis_matmul_pair decides whether the pair
-// fits one grid; otherwise it runs two products itself).
+void CudaBackend::gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta) {
+  TRELLM_ASSERT(w.exl3 && w.bias.empty(), "gemm_dequantized: a trellis linear without bias");
+  uint16_t* wb = static_cast<uint16_t*>(impl_->scratch_bytes(10, size_t(w.out * w.in) * 2));
+  cuda::trellis_dequantize_bf16(device_trellis(w), wb, impl_->stream);
+  // column-major: outᵀ [w.out, n] = W [w.out, w.in] (row-major = op T) · xhᵀ [w.in, n]
+  const float one = 1.0f;
+  TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(w.in), &one, wb,
+                                   CUDA_R_16BF, int(w.in), xh, CUDA_R_16BF, int(w.in), &beta, out, CUDA_R_32F, int(w.out),
+                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// q_a and kv_a: a decode step runs one GEMV launch instead of two (trellis_matmul_pair decides whether the pair
+// fits one grid; otherwise it runs two products itself); a prefill converts the shared input to bf16 once for
+// the two dequantize + cuBLAS products.
 void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
   const int64_t n = x.rows();
+  if (w1.exl3 && w2.exl3 && w1.bias.empty() && w2.bias.empty() && n > kTrellisFusedMaxRows && n > kSplitMaxRows &&
+      x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out) {
+    uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(n * x.cols()) * 2));
+    to_bf16(xh, x.ptr<float>(), n * x.cols(), impl_->stream);
+    gemm_dequantized(out1.ptr<float>(), xh, n, w1, 0.0f);
+    gemm_dequantized(out2.ptr<float>(), xh, n, w2, 0.0f);
+    return;
+  }
   if (!w1.exl3 || !w2.exl3 || n > cuda::kTrellisGemvMaxRows) return Backend::matmul_pair(out1, out2, x, w1, w2);
   TRELLM_ASSERT(x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out,
                 "matmul_pair shapes: x ", shape_str(x), " W1 [", w1.out, ", ", w1.in, "] W2 [", w2.out, ", ", w2.in, "]");
@@ -430,15 +450,28 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   cuda::moe_experts(dt, shared && !shared_dense ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(),
                     weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k, uniform_k, uniform_cb);
   if (!shared_dense) return;
+  // out += down(silu(gate(x)) * up(x)): x converted to bf16 once for gate and up, the SwiGLU written in bf16 for
+  // down, and down accumulated into the routed sum by cuBLAS (beta = 1): the same arithmetic as three matmuls, a
+  // silu_mul and an add, with three conversion / add passes fewer (~50 us per layer at 2,048 rows).
   const int64_t si = shared->gate.out;
-  TensorView g(impl_->scratch_f32(13, size_t(m) * si), DType::F32, {m, si});
-  TensorView u(impl_->scratch_f32(14, size_t(m) * si), DType::F32, {m, si});
-  TensorView d(impl_->scratch_f32(15, size_t(m) * hidden), DType::F32, {m, hidden});
-  matmul(g, x, shared->gate);
-  matmul(u, x, shared->up);
-  silu_mul(g, g, u);
-  matmul(d, g, shared->down);
-  add(out, out, d);
+  float* g = impl_->scratch_f32(13, size_t(m) * si);
+  float* u = impl_->scratch_f32(14, size_t(m) * si);
+  uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(m) * std::max<int64_t>(hidden, si) * 2));
+  const bool bias = !shared->gate.bias.empty() || !shared->up.bias.empty() || !shared->down.bias.empty();
+  if (bias) {  // not GLM's: the plain ops
+    TensorView gv(g, DType::F32, {m, si}), uv(u, DType::F32, {m, si});
+    TensorView d(impl_->scratch_f32(15, size_t(m) * hidden), DType::F32, {m, hidden});
+    matmul(gv, x, shared->gate);
+    matmul(uv, x, shared->up);
+    silu_mul(gv, gv, uv);
+    matmul(d, gv, shared->down);
+    return add(out, out, d);
+  }
+  to_bf16(xh, x.ptr<float>(), int64_t(m) * hidden, impl_->stream);
+  gemm_dequantized(g, xh, m, shared->gate, 0.0f);
+  gemm_dequantized(u, xh, m, shared->up, 0.0f);
+  cuda::silu_mul_bf16(xh, g, u, int64_t(m) * si, impl_->stream);
+  gemm_dequantized(out.ptr<float>(), xh, m, shared->down, 1.0f);
 }
 
 // Rows from which the router's scores come from a GEMM instead of CUDA-core dot products in the cluster kernel.

@@ -63,6 +63,9 @@ class CudaBackend final : public Backend {
 
  private:
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
+  // out[n, w.out] = xh · Wᵀ (+ beta · out) with W a trellis linear without bias, dequantized to bf16 for this call and
+  // xh the bf16 activations [n, w.in] (converted once by the caller when several products share them).
+  void gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta);
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                        const Expert* shared);
   // Prefill router: logits by cuBLAS SGEMM against an f32 copy of the bf16 gate (made once), then selection.

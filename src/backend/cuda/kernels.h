@@ -17,6 +17,8 @@ void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);
 // h += y; out = h / rms(h) * w, per row (one kernel: the residual add fused with the next norm)
 void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s);
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
+// The same, rounded to bf16 (the input of the next cuBLAS product).
+void silu_mul_bf16(uint16_t* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
 // out[i, :] += bias for n rows of width d
 void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s);
 // f32 -> bf16 / f16 (for cuBLAS inputs)

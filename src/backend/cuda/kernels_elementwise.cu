@@ -70,6 +70,13 @@ __global__ void silu_mul_kernel(float* out, const float* g, const float* u, int6
     out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+__global__ void silu_mul_bf16_kernel(__nv_bfloat16* out, const float* g, const float* u, int64_t n) {
+  grid_wait();
+  grid_launch_dependents();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(g[i] / (1.0f + expf(-g[i])) * u[i]);
+}
+
 __global__ void add_bias_kernel(float* out, const float* bias, int d) {
   grid_wait();
   grid_launch_dependents();
@@ -221,6 +228,10 @@ void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) 
 }
 void silu_mul(float* out, const float* g, const float* u, int64_t n, cudaStream_t s) {
   launch(silu_mul_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, out, g, u, n);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+void silu_mul_bf16(uint16_t* out, const float* g, const float* u, int64_t n, cudaStream_t s) {
+  launch(silu_mul_bf16_kernel, dim3(grid_for(n, 256)), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(out), g, u, n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add_bias(float* out, const float* bias, int n, int d, cudaStream_t s) {
