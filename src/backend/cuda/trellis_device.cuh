@@ -107,11 +107,31 @@ __device__ __forceinline__ void fwht128_warp(float v[4]) {
 
 // Input transform of one 128-chunk held by a warp (lane l: features k0 + 4l + i, values v = x, f32):
 // dst[0..127] = fp16(FWHT(fp16(x ⊙ suh)) · 1/√128), bit-identical to trellis_matmul_ref's steps 1-2.
+// Four consecutive f32 of a row, k .. k+3, zero past `in`: one 16-byte load when they are in range and aligned
+// (four scalar loads strided by 16 bytes across the warp cost four times the L1 requests).
+__device__ __forceinline__ void load_row4(const float* row, int k, int in, float v[4]) {
+  if (k + 3 < in && (reinterpret_cast<uintptr_t>(row + k) & 15) == 0) {
+    const float4 q = *reinterpret_cast<const float4*>(row + k);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; i++) v[i] = k + i < in ? row[k + i] : 0.0f;
+  }
+}
+
 __device__ __forceinline__ void xform_regs_warp(float v[4], const uint16_t* suh, int k0, __half* dst) {
   const int lane = threadIdx.x & 31;
+  const uint16_t* sp = suh + k0 + 4 * lane;
+  uint16_t sv[4];
+  if ((reinterpret_cast<uintptr_t>(sp) & 7) == 0) {
+    const uint2 q = *reinterpret_cast<const uint2*>(sp);
+    sv[0] = uint16_t(q.x), sv[1] = uint16_t(q.x >> 16), sv[2] = uint16_t(q.y), sv[3] = uint16_t(q.y >> 16);
+  } else {
 #pragma unroll
-  for (int i = 0; i < 4; i++)
-    v[i] = __half2float(__float2half_rn(__fmul_rn(v[i], __half2float(__ushort_as_half(suh[k0 + 4 * lane + i])))));
+    for (int i = 0; i < 4; i++) sv[i] = sp[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; i++) v[i] = __half2float(__float2half_rn(__fmul_rn(v[i], __half2float(__ushort_as_half(sv[i])))));
   fwht128_warp(v);
   __half2 h01 = __halves2half2(__float2half_rn(__fmul_rn(v[0], kHs)), __float2half_rn(__fmul_rn(v[1], kHs)));
   __half2 h23 = __halves2half2(__float2half_rn(__fmul_rn(v[2], kHs)), __float2half_rn(__fmul_rn(v[3], kHs)));
@@ -127,10 +147,13 @@ __device__ __forceinline__ void xform_chunk_warp(__half* dst, const float* x_row
                                                  const float* norm_w = nullptr, float rnorm = 1.0f) {
   const int lane = threadIdx.x & 31;
   float v[4];
+  load_row4(x_row, k0 + 4 * lane, in, v);
+  if (norm_w) {
 #pragma unroll
-  for (int i = 0; i < 4; i++) {
-    const int k = k0 + 4 * lane + i;
-    v[i] = k < in ? (norm_w ? norm_w[k] * (x_row[k] * rnorm) : x_row[k]) : 0.0f;
+    for (int i = 0; i < 4; i++) {
+      const int k = k0 + 4 * lane + i;
+      v[i] = k < in ? norm_w[k] * (v[i] * rnorm) : 0.0f;
+    }
   }
   xform_regs_warp(v, suh, k0, dst);
 }

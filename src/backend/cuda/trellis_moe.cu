@@ -235,13 +235,19 @@ __global__ void __launch_bounds__(1024) prep_kernel(const MoeArgs a) {
     for (int i = threadIdx.x; i < a.m; i += blockDim.x) a.row_token[nj + i] = i, a.row_expert[nj + i] = a.E;
 }
 
-// grid (R, ceil(chunks/8), 2): a_gu[z][row] = transform of x[token(row)] with the row's expert's gate/up suh.
+// grid (R, ceil(chunks/8)): a_gu[z][row] = transform of x[token(row)] with the row's expert's gate (z = 0) and up
+// (z = 1) suh; a warp reads its chunk of x once for both.
 __global__ void __launch_bounds__(kThreads) xform_moe_kernel(const MoeArgs a) {
-  const int r = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5), z = blockIdx.z;
+  const int r = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (chunk >= a.hidden_p / kChunk) return;
   const DeviceTrellis* d3 = expert_desc(a, a.row_expert[r]);
-  xform_chunk_warp(a.a_gu + (int64_t(z) * a.R + r) * a.hidden_p + chunk * kChunk, a.x + int64_t(a.row_token[r]) * a.hidden,
-                   a.hidden, d3[z].suh, chunk * kChunk);
+  float x4[4];
+  load_row4(a.x + int64_t(a.row_token[r]) * a.hidden, chunk * kChunk + 4 * lane, a.hidden, x4);
+#pragma unroll
+  for (int z = 0; z < 2; z++) {
+    float v[4] = {x4[0], x4[1], x4[2], x4[3]};
+    xform_regs_warp(v, d3[z].suh, chunk * kChunk, a.a_gu + (int64_t(z) * a.R + r) * a.hidden_p + chunk * kChunk);
+  }
 }
 
 // grid (R, ceil(inter chunks/8)): a_d[row] = transform of silu(gate)·up with the row's expert's down suh.
@@ -249,13 +255,13 @@ __global__ void __launch_bounds__(kThreads) swiglu_xform_kernel(const MoeArgs a)
   const int r = blockIdx.x, chunk = blockIdx.y * kWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (chunk >= a.inter_p / kChunk) return;
   const DeviceTrellis* d3 = expert_desc(a, a.row_expert[r]);
-  const float* g = a.gu + int64_t(r) * a.inter_p;
-  const float* u = a.gu + (int64_t(a.R) + r) * a.inter_p;
-  float h[4];
+  float g[4], u[4], h[4];
+  load_row4(a.gu + int64_t(r) * a.inter_p, chunk * kChunk + 4 * lane, a.inter, g);
+  load_row4(a.gu + (int64_t(a.R) + r) * a.inter_p, chunk * kChunk + 4 * lane, a.inter, u);
 #pragma unroll
   for (int i = 0; i < 4; i++) {
     const int c = chunk * kChunk + 4 * lane + i;
-    h[i] = c < a.inter ? g[c] / (1.0f + expf(-g[c])) * u[c] : 0.0f;
+    h[i] = c < a.inter ? g[i] / (1.0f + expf(-g[i])) * u[i] : 0.0f;
   }
   xform_regs_warp(h, d3[2].suh, chunk * kChunk, a.a_d + int64_t(r) * a.inter_p + chunk * kChunk);
 }
@@ -436,7 +442,7 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   const size_t gsmem = grouped_smem_bytes(p.mt);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps, 2), kThreads, 0, s>>>(a);
+  xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   grouped_gemm<<<dim3(gi, p.max_tiles, 2), kThreads, gsmem, s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
