@@ -105,8 +105,6 @@ __device__ __forceinline__ void fwht128_warp(float v[4]) {
   }
 }
 
-// Input transform of one 128-chunk held by a warp (lane l: features k0 + 4l + i, values v = x, f32):
-// dst[0..127] = fp16(FWHT(fp16(x ⊙ suh)) · 1/√128), bit-identical to trellis_matmul_ref's steps 1-2.
 // Four consecutive f32 of a row, k .. k+3, zero past `in`: one 16-byte load when they are in range and aligned
 // (four scalar loads strided by 16 bytes across the warp cost four times the L1 requests).
 __device__ __forceinline__ void load_row4(const float* row, int k, int in, float v[4]) {
@@ -119,6 +117,8 @@ __device__ __forceinline__ void load_row4(const float* row, int k, int in, float
   }
 }
 
+// Input transform of one 128-chunk held by a warp (lane l: features k0 + 4l + i, values v = x, f32):
+// dst[0..127] = fp16(FWHT(fp16(x ⊙ suh)) · 1/√128), bit-identical to trellis_matmul_ref's steps 1-2.
 __device__ __forceinline__ void xform_regs_warp(float v[4], const uint16_t* suh, int k0, __half* dst) {
   const int lane = threadIdx.x & 31;
   const uint16_t* sp = suh + k0 + 4 * lane;
