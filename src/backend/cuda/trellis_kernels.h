@@ -106,8 +106,6 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // Token rows below which uniform codes get the specialised grouped GEMM (H200: faster at 32-512 tokens, 3 %
 // slower at 2,048; trellis_moe_grouped.cu).
 constexpr int kMoeSpecialMaxRows = 1024;
-// Routed rows per expert (on average) from which uniform codes get the wgmma grouped GEMM with 256-row tiles.
-constexpr int kMoeWsMinRowsPerExpert = 64;
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
                  void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1);

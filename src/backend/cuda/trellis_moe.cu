@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <climits>
-#include <cstdlib>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
@@ -284,15 +283,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const MoeArgs a) {
 struct MoePlan {
   bool decode;
   int jpt, J, R, hidden_p, inter_p, s_gu, s_d, max_tiles, mt;
-  bool ws;  // the warp-specialised wgmma grouped GEMM, kWsTileRows-row tiles
   size_t bytes;
 };
 
 static int r128(int n) { return (n + 127) / 128 * 128; }
 
-// ws: the caller has a warp-specialised wgmma kernel for the layer's codes (the tile list then takes kWsTileRows-row
-// tiles once experts average kMoeWsMinRowsPerExpert rows); without it the plan is never smaller (it sizes the workspace).
-static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has_shared, bool ws = false) {
+static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has_shared) {
   MoePlan p{};
   p.jpt = top_k + (has_shared ? 1 : 0);
   p.hidden_p = r128(hidden), p.inter_p = r128(inter);
@@ -313,8 +309,7 @@ static MoePlan plan_moe(int m, int top_k, int hidden, int inter, int E, bool has
     p.R = m * p.jpt;
     const int nj = m * top_k;
     p.mt = nj <= kSmallTileMaxRowsPerExpert * E ? 1 : kMT;
-    p.ws = ws && nj >= kMoeWsMinRowsPerExpert * E;
-    const int tr = p.ws ? kWsTileRows : 16 * p.mt;
+    const int tr = 16 * p.mt;
     p.max_tiles = nj / tr + std::min(E, nj) + (m + tr - 1) / tr + 1;
     off += align256(size_t(p.R) * 4) * 2 + align256(size_t(nj) * 4) + align256(size_t(p.max_tiles) * 16) + 256;
     off += align256(size_t(2) * p.R * p.hidden_p * 2);  // a_gu
@@ -416,9 +411,7 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
-  static const char* ws_env = std::getenv("TRELLM_MOE_WS");  // 0: the mma.sync kernels only (A/B runs)
-  const GroupedGemmFn ws_fn = m > kMoeDecodeMaxTokens && !(ws_env && ws_env[0] == '0') ? grouped_ws_for(uniform_k, uniform_cb) : nullptr;
-  const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr, ws_fn != nullptr);
+  const MoePlan p = plan_moe(m, top_k, hidden, inter, n_experts, shared != nullptr);
   MoeArgs a{};
   a.experts = experts, a.shared = shared, a.E = n_experts, a.m = m, a.top_k = top_k, a.jpt = p.jpt;
   a.hidden = hidden, a.inter = inter, a.hidden_p = p.hidden_p, a.inter_p = p.inter_p;
@@ -443,22 +436,20 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     TRELLM_CUDA_LAUNCH_CHECK();
     return;
   }
-  a.tile_rows = p.ws ? kWsTileRows : 16 * p.mt;
-  const GroupedGemmFn grouped_gemm = p.ws                     ? ws_fn
-                                     : m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt)
-                                                              : grouped_gemm_for(0, -1, p.mt);
-  const size_t gsmem = p.ws ? grouped_ws_smem_bytes() : grouped_smem_bytes(p.mt);
-  const int gthreads = p.ws ? kWsThreadsPerBlock : kThreads;
+  a.tile_rows = 16 * p.mt;
+  const GroupedGemmFn grouped_gemm =
+      m < kMoeSpecialMaxRows ? grouped_gemm_for(uniform_k, uniform_cb, p.mt) : grouped_gemm_for(0, -1, p.mt);
+  const size_t gsmem = grouped_smem_bytes(p.mt);
   prep_kernel<<<1, 1024, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
   xform_moe_kernel<<<dim3(p.R, (p.hidden_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(gi, p.max_tiles, 2), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(gi, p.max_tiles, 2), kThreads, gsmem, s>>>(
       a, a.a_gu, int64_t(p.R) * p.hidden_p, p.hidden_p, a.gu, int64_t(p.R) * p.inter_p, p.inter_p, 0, p.hidden_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   swiglu_xform_kernel<<<dim3(p.R, (p.inter_p / kChunk + kWarps - 1) / kWarps), kThreads, 0, s>>>(a);
   TRELLM_CUDA_LAUNCH_CHECK();
-  grouped_gemm<<<dim3(gh, p.max_tiles, 1), gthreads, gsmem, s>>>(
+  grouped_gemm<<<dim3(gh, p.max_tiles, 1), kThreads, gsmem, s>>>(
       a, a.a_d, 0, p.inter_p, a.ys, 0, p.hidden_p, 2, p.inter_p / kChunk);
   TRELLM_CUDA_LAUNCH_CHECK();
   combine_kernel<<<m, kThreads, 0, s>>>(a);

@@ -81,12 +81,6 @@ using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstri
 GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt);
 // Shared memory of a grouped block with mt sub-tiles (ring sized for K = 8, or the epilogue's f32 tile).
 size_t grouped_smem_bytes(int mt);
-// The warp-specialised wgmma grouped GEMM (trellis_moe_ws.cu, sm_90a, 640 threads, tiles of kWsTileRows rows) for
-// experts that all share (K, codebook); nullptr for codes it does not cover.
-GroupedGemmFn grouped_ws_for(int k, int codebook);
-size_t grouped_ws_smem_bytes();
-constexpr int kWsThreadsPerBlock = 640;
-constexpr int kWsTileRows = 256;
 // Routed rows per expert (on average) up to which the grouped GEMM takes 16-row tiles: below ~16 rows a 128-row
 // tile is mostly zero-filled A and its 82 KB ring allows 2 blocks per SM, where 16-row tiles allow 4.
 constexpr int kSmallTileMaxRowsPerExpert = 16;
