@@ -147,17 +147,6 @@ class Backend {
     matmul(out1, x, w1);
     matmul(out2, x, w2);
   }
-  // The residual step of the previous block and the next attention's two input projections as one op:
-  // h_out = h + y, x = rms_norm(h_out, norm_w), out1 = x · W1ᵀ + b1, out2 = x · W2ᵀ + b2. h_out must not alias h or
-  // y (the model alternates two residual buffers), because a backend may run this as one kernel whose blocks all
-  // read h and y while one of them writes h_out; x is scratch that may or may not be written (callers must not
-  // read it). The default: add, rms_norm, matmul_pair.
-  virtual void add_rms_norm_matmul_pair(TensorView h_out, TensorView h, TensorView y, TensorView norm_w, float eps,
-                                        TensorView x, TensorView out1, TensorView out2, const Linear& w1, const Linear& w2) {
-    add(h_out, h, y);
-    rms_norm(x, h_out, norm_w, eps);
-    matmul_pair(out1, out2, x, w1, w2);
-  }
   // out = silu(gate) * up.  all [n, d]
   virtual void silu_mul(TensorView out, TensorView gate, TensorView up) = 0;
   // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of

@@ -100,7 +100,6 @@ RunState Model::make_run_state(int max_tokens, int logit_rows) {
   s.pos = alloc(DType::I32, {T});
   s.host_pos.resize(size_t(T));
   s.h = alloc(DType::F32, {T, c.hidden_size});
-  s.h2 = alloc(DType::F32, {T, c.hidden_size});
   s.x = alloc(DType::F32, {T, c.hidden_size});
   s.q_a = alloc(DType::F32, {T, std::max<int64_t>(c.q_lora_rank, 1)});
   s.q = alloc(DType::F32, {T, c.num_attention_heads, c.qk_head_dim()});
@@ -142,8 +141,7 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
 
   TensorView tok = rows(rs.tokens, n);
   const Positions pos{rows(rs.pos, n), kv_bound};
-  TensorView hbuf[2] = {rows(rs.h, n), rows(rs.h2, n)};                          // residual stream, alternating
-  TensorView h = hbuf[0], x = rows(rs.x, n), y = rows(rs.y, n);                    // [n, hidden]
+  TensorView h = rows(rs.h, n), x = rows(rs.x, n), y = rows(rs.y, n);            // [n, hidden]
   TensorView q = rows(rs.q, n);                                                     // [n, heads, nope+rope]
   TensorView kvr = rows(rs.kv, n);                                                  // [n, kv_rank+rope]
   TensorView attn = rows(rs.attn, n);                                               // [n, heads*v]
@@ -151,23 +149,14 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
   if (rs.timer) rs.timer->mark(Part::Embed);
 
   B.rms_norm(x, h, w_.layers[0].input_layernorm, eps);
-  bool pending = false;  // the previous layer's h += y is still to be done (folded into this layer's projections)
   for (int64_t l = 0; l < c.num_hidden_layers; l++) {
     const LayerWeights& L = w_.layers[l];
-    // ---- attention (MLA); x = input_layernorm(h), after the previous layer's residual step when pending ----
+    // ---- attention (MLA); x = input_layernorm(h) ----
     if (c.q_lora_rank > 0) {
       TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
-      if (pending) {  // h' = h + y into the other buffer, then q_a and kv_a of input_layernorm(h')
-        TensorView next = h.data == hbuf[0].data ? hbuf[1] : hbuf[0];
-        B.add_rms_norm_matmul_pair(next, h, y, L.input_layernorm, eps, x, qa, kvr, L.q_a_proj, L.kv_a_proj_with_mqa);
-        h = next;
-        pending = false;
-      } else {
-        B.matmul_pair(qa, kvr, x, L.q_a_proj, L.kv_a_proj_with_mqa);               // kvr: c_kv | k_rope
-      }
+      B.matmul_pair(qa, kvr, x, L.q_a_proj, L.kv_a_proj_with_mqa);                 // kvr: c_kv | k_rope
       B.rms_norm_matmul(q, qa, L.q_a_layernorm, kLatentNormEps, L.q_b_proj);        // q = q_b(norm(qa))
     } else {
-      if (pending) B.add_rms_norm(h, y, L.input_layernorm, eps, x), pending = false;
       B.matmul(q, x, L.q_proj);
       B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
     }
@@ -196,14 +185,10 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.matmul(y, g, L.mlp.down_proj);
       if (rs.timer) rs.timer->mark(Part::DenseMlp);
     }
-    // h += mlp: after the last layer with the final norm; otherwise left to the next layer's first op, which folds
-    // it (and its input norm) into the q_a + kv_a product
-    if (l + 1 == c.num_hidden_layers) {
-      B.add_rms_norm(h, y, w_.norm, eps, x);
-      if (rs.timer) rs.timer->mark(Part::MlpNorm);
-    } else {
-      pending = true;
-    }
+    // h += mlp; x = the next layer's input norm of h (the final norm after the last layer)
+    const bool last = l + 1 == c.num_hidden_layers;
+    B.add_rms_norm(h, y, last ? w_.norm : w_.layers[l + 1].input_layernorm, eps, x);
+    if (rs.timer) rs.timer->mark(Part::MlpNorm);
   }
 
   // ---- head: x holds model.norm(h); logits of all rows, or just the last ----

@@ -117,8 +117,7 @@ struct RunState {
   int logit_rows = 0;
   TensorView tokens;      // I32 [max_tokens]
   TensorView pos;         // I32 [max_tokens] position of each row in its sequence
-  TensorView h, h2;       // residual stream [max_tokens, hidden], two buffers: a layer's residual step writes the
-                          // other one (add_rms_norm_matmul_pair must not write the h it reads)
+  TensorView h;           // residual stream [max_tokens, hidden]
   TensorView x;           // normed input [max_tokens, hidden]
   TensorView q_a;         // [max_tokens, q_lora_rank]
   TensorView q;           // [max_tokens, heads, nope+rope]

@@ -290,29 +290,6 @@ void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, co
   cuda::trellis_matmul_pair(d1, d2, x.ptr<float>(), out1.ptr<float>(), out2.ptr<float>(), int(n), ws, impl_->stream);
 }
 
-// The residual step after a MoE block and the next layer's q_a + kv_a: one GEMV for a decode step (the add and the
-// norm in every block's prologue, one block storing h_out); otherwise add_rms_norm into h_out, then the pair.
-void CudaBackend::add_rms_norm_matmul_pair(TensorView h_out, TensorView h, TensorView y, TensorView norm_w, float eps,
-                                           TensorView x, TensorView out1, TensorView out2, const Linear& w1, const Linear& w2) {
-  const int64_t n = h.rows(), d = h.cols();
-  TRELLM_ASSERT(h_out.numel() == h.numel() && y.numel() == h.numel() && x.numel() == h.numel() && norm_w.numel() == d &&
-                    h_out.data != h.data && h_out.data != y.data,
-                "add_rms_norm_matmul_pair: h ", shape_str(h), " y ", shape_str(y), " h_out ", shape_str(h_out),
-                " (h_out must be a buffer of its own)");
-  if (w1.exl3 && w2.exl3 && n <= cuda::kTrellisGemvMaxRows && w1.in == d && w2.in == d && out1.numel() == n * w1.out &&
-      out2.numel() == n * w2.out) {
-    const cuda::DeviceTrellis d1 = device_trellis(w1), d2 = device_trellis(w2);
-    void* ws = impl_->scratch_zeroed(9, cuda::trellis_workspace_bytes(int(n), std::max(d1.in_padded, d2.in_padded),
-                                                                      d1.out_padded + d2.out_padded));
-    if (cuda::trellis_matmul_pair_add_normed(d1, d2, h.ptr<float>(), y.ptr<float>(), norm_w.ptr<float>(), eps, h_out.ptr<float>(),
-                                             out1.ptr<float>(), out2.ptr<float>(), int(n), ws, impl_->stream))
-      return;
-  }
-  cuda::add_rms_norm(h.ptr<float>(), y.ptr<float>(), norm_w.ptr<float>(), x.ptr<float>(), int(n), int(d), eps, impl_->stream,
-                     h_out.ptr<float>());
-  matmul_pair(out1, out2, x, w1, w2);
-}
-
 // q_b(norm(q_a)) of a decode step: the norm folded into the GEMV prologue (one launch fewer per layer).
 void CudaBackend::rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) {
   const int64_t n = x.rows();

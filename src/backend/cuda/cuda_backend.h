@@ -33,8 +33,6 @@ class CudaBackend final : public Backend {
   void add_rms_norm(TensorView h, TensorView y, TensorView w, float eps, TensorView out) override;
   void matmul(TensorView out, TensorView x, const Linear& w) override;
   void matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) override;
-  void add_rms_norm_matmul_pair(TensorView h_out, TensorView h, TensorView y, TensorView norm_w, float eps, TensorView x,
-                                TensorView out1, TensorView out2, const Linear& w1, const Linear& w2) override;
   void silu_mul(TensorView out, TensorView gate, TensorView up) override;
   void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) override;
   void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,

@@ -15,9 +15,7 @@ void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s);
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);
 // h += y; out = h / rms(h) * w, per row (one kernel: the residual add fused with the next norm)
-// h_out (default: h, in place) = h + y; out = rms_norm(h_out) * w, per row.
-void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s,
-                  float* h_out = nullptr);
+void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s);
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
 // The same, rounded to bf16 (the input of the next cuBLAS product).
 void silu_mul_bf16(uint16_t* out, const float* gate, const float* up, int64_t n, cudaStream_t s);

@@ -40,16 +40,15 @@ __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int 
   for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (xr[j] * r);
 }
 
-__global__ void add_rms_norm_kernel(float* h_out, const float* h, const float* y, const float* w, float* out, int d, float eps) {
+__global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, int d, float eps) {
   grid_wait();
   grid_launch_dependents();
-  float* hr = h_out + int64_t(blockIdx.x) * d;
-  const float* hin = h + int64_t(blockIdx.x) * d;
+  float* hr = h + int64_t(blockIdx.x) * d;
   const float* yr = y + int64_t(blockIdx.x) * d;
   float* orow = out + int64_t(blockIdx.x) * d;
   float ss = 0;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    const float v = hin[j] + yr[j];
+    const float v = hr[j] + yr[j];
     hr[j] = v;
     ss += v * v;
   }
@@ -219,10 +218,8 @@ void rms_norm(float* out, const float* x, const float* w, int n, int d, float ep
   launch(rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, out, x, w, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
-void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s,
-                  float* h_out) {
-  launch(add_rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, h_out ? h_out : h, static_cast<const float*>(h),
-         y, w, out, d, eps);
+void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s) {
+  launch(add_rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, h, y, w, out, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {

@@ -141,21 +141,13 @@ __device__ __forceinline__ void xform_regs_warp(float v[4], const uint16_t* suh,
   *reinterpret_cast<uint2*>(dst + 4 * lane) = pk;
 }
 
-// Same from an f32 row in memory: x_row real-dim (features >= in read as zero). With add_row, the row is
-// x_row + add_row (the residual step, in f32 as the add kernels do it); with norm_w, it is then RMS-normalised as
-// the rms_norm kernels do it: norm_w[k] · (x[k] · rnorm).
+// Same from an f32 row in memory: x_row real-dim (features >= in read as zero). With norm_w, the row is first
+// RMS-normalised as the rms_norm kernels do it: norm_w[k] · (x[k] · rnorm).
 __device__ __forceinline__ void xform_chunk_warp(__half* dst, const float* x_row, int in, const uint16_t* suh, int k0,
-                                                 const float* norm_w = nullptr, float rnorm = 1.0f,
-                                                 const float* add_row = nullptr) {
+                                                 const float* norm_w = nullptr, float rnorm = 1.0f) {
   const int lane = threadIdx.x & 31;
   float v[4];
   load_row4(x_row, k0 + 4 * lane, in, v);
-  if (add_row) {
-    float a[4];
-    load_row4(add_row, k0 + 4 * lane, in, a);
-#pragma unroll
-    for (int i = 0; i < 4; i++) v[i] += a[i];
-  }
   if (norm_w) {
 #pragma unroll
     for (int i = 0; i < 4; i++) {

@@ -63,15 +63,6 @@ void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* 
 void trellis_matmul_pair(const DeviceTrellis& w1, const DeviceTrellis& w2, const float* x, float* y1, float* y2, int m,
                          void* workspace, cudaStream_t s);
 
-// The residual step before the pair, in the same GEMV: h_out = h + y (stored by one block), then y1, y2 =
-// rms_norm(h_out, norm_w, eps) · W1, W2 with the norm in every block's prologue (MLA's next q_a + kv_a after a
-// MoE block: one launch instead of add_rms_norm + pair). h_out must not alias h or y. Returns false (nothing
-// launched) where the pair would not run as one GEMV (m > 8, different K or input width): the caller then runs
-// the separate ops.
-bool trellis_matmul_pair_add_normed(const DeviceTrellis& w1, const DeviceTrellis& w2, const float* h, const float* y,
-                                    const float* norm_w, float eps, float* h_out, float* y1, float* y2, int m, void* workspace,
-                                    cudaStream_t s);
-
 // w_hf_bf16[out, in] (HF orientation, real dims) = bf16(diag(suh)·H·Q·H·diag(svh))ᵀ. Same fp32 operation
 // order as trellis::dequantize_hf_bf16 (column FWHT exact, ·1/√128, row FWHT in stage order, ·1/√128,
 // ·suh, ·svh, round to nearest even): bit-identical in practice; see tests/backend/cuda for the bound.

@@ -127,18 +127,16 @@ static void with_k_host(int K, F&& f) {
 }
 
 // The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
-// its column groups after w's), trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue) and
-// trellis_matmul_pair_add_normed (x_add / x_sum: the residual step before the norm).
+// its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
 static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
-                     const float* norm_w, float eps, void* workspace, cudaStream_t s, const float* x_add = nullptr,
-                     float* x_sum = nullptr) {
+                     const float* norm_w, float eps, void* workspace, cudaStream_t s) {
   const int out_all = w.out_padded + (w2 ? w2->out_padded : 0);
   const LinearPlan p = plan_linear(m, w.in_padded, out_all);
   TRELLM_ASSERT(p.gemv && size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis GEMV: m = ", m, ", ", p.counters,
                 " column groups (counter area: ", kLinearCounterBytes / 4, ")");
   const WorkspaceLayout l = linear_layout(p, workspace);
   const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
-                     w.out_padded / kGroupCols, out_all, norm_w, eps, x_add, x_sum};
+                     w.out_padded / kGroupCols, out_all, norm_w, eps};
   const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2;  // ring, rows + a zero row
   with_k_host(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
@@ -177,17 +175,6 @@ void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* 
   TRELLM_ASSERT(m >= 1 && m <= kGemvMaxRows, "trellis_matmul_normed: m = ", m, " (the fused norm is a GEMV prologue: m <= ",
                 kGemvMaxRows, ")");
   run_gemv(w, nullptr, x, y, nullptr, m, norm_w, eps, workspace, s);
-}
-
-bool trellis_matmul_pair_add_normed(const DeviceTrellis& w1, const DeviceTrellis& w2, const float* h, const float* y,
-                                    const float* norm_w, float eps, float* h_out, float* y1, float* y2, int m, void* workspace,
-                                    cudaStream_t s) {
-  check_desc(w1);
-  check_desc(w2);
-  TRELLM_ASSERT(m >= 1 && h_out != h && h_out != y, "trellis_matmul_pair_add_normed: m = ", m, ", h_out must not alias h or y");
-  if (m > kGemvMaxRows || w1.K != w2.K || w1.in_padded != w2.in_padded || w1.in != w2.in) return false;
-  run_gemv(w1, &w2, h, y1, y2, m, norm_w, eps, workspace, s, y, h_out);
-  return true;
 }
 
 void trellis_dequantize_bf16(const DeviceTrellis& w, uint16_t* w_hf_bf16, cudaStream_t s) {

@@ -29,10 +29,6 @@ struct LinearArgs {
   // GEMV with the input RMS-normalised first (trellis_matmul_normed): x_row ← norm_w ⊙ x_row · rsqrt(mean x² + eps).
   const float* norm_w;
   float norm_eps;
-  // ... and with a residual step before the norm (trellis_matmul_pair_add_normed): the input is x + x_add, which
-  // block (0, 0) also stores to x_sum (a buffer distinct from x and x_add: every block reads those).
-  const float* x_add = nullptr;
-  float* x_sum = nullptr;
 };
 
 // ---- GEMV: grid (out_padded/128, splits), 256 threads --------------------------------------------------------
@@ -54,17 +50,11 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
   grid_wait();  // x, the partials and the counters belong to the kernels before
   // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m, and the zero row m.
   __shared__ float rnorm[kGemvMaxRows];
-  if (p.x_sum && blockIdx.x == 0 && blockIdx.y == 0)  // the residual stream after the step, written once
-    for (int64_t i = threadIdx.x; i < int64_t(p.m) * w.in; i += kThreads) p.x_sum[i] = p.x[i] + p.x_add[i];
   if (p.norm_w) {  // every block reads its rows in full for the RMS (768 floats for q_b: L2 hits)
     if (warp < p.m) {
       const float* xr = p.x + int64_t(warp) * w.in;
-      const float* ar = p.x_add ? p.x_add + int64_t(warp) * w.in : nullptr;
       float ss = 0.0f;
-      for (int k = lane; k < w.in; k += 32) {
-        const float v = ar ? xr[k] + ar[k] : xr[k];
-        ss += v * v;
-      }
+      for (int k = lane; k < w.in; k += 32) ss += xr[k] * xr[k];
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
       if (lane == 0) rnorm[warp] = rsqrtf(ss / float(w.in) + p.norm_eps);
@@ -74,7 +64,7 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
   for (int t = warp; t < p.m * nck; t += kWarps) {
     const int r = t / nck, c = t - r * nck;
     xform_chunk_warp(As + r * p.a_pitch + c * kChunk, p.x + int64_t(r) * w.in, w.in, w.suh, (c0 + c) * kChunk,
-                     p.norm_w, p.norm_w ? rnorm[r] : 1.0f, p.x_add ? p.x_add + int64_t(r) * w.in : nullptr);
+                     p.norm_w, p.norm_w ? rnorm[r] : 1.0f);
   }
   zero_gemv_row(As, p.a_pitch, p.m, nck * kChunk);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};

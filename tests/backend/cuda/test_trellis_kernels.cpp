@@ -522,49 +522,6 @@ TEST_F(TrellisCuda, MoeUniformCodesPrefill) {
     }
 }
 
-// The residual step folded into the pair (the next layer's q_a + kv_a after a MoE block): h_out = h + y exactly
-// (f32 adds, stored by one block), then both products of rms_norm(h_out) against the CPU: 1e-3 of the output RMS
-// as for the norm-in-prologue GEMV above. h and y must come back unchanged (every block reads them while h_out
-// is written). Different K takes no fused path (false, nothing written).
-TEST_F(TrellisCuda, MatmulPairAddNormed) {
-  struct Case { int in, out1, out2, K, cb; };
-  for (const Case& c : {Case{2048, 768, 576, 3, 1}, Case{136, 200, 333, 4, 0}, Case{517, 130, 256, 2, 2}}) {
-    RandomTrellis w1(rng, c.in, c.out1, c.K, c.cb, c.in == 136), w2(rng, c.in, c.out2, c.K, c.cb, false);
-    for (int m : {1, 3, 8}) {
-      void* ws = alloc_zero(cuda::trellis_workspace_bytes(m, w1.dev.in_padded, w1.dev.out_padded + w2.dev.out_padded));
-      std::vector<float> h = randn(size_t(m) * c.in), y = randn(size_t(m) * c.in), nw = randn(c.in);
-      std::vector<float> hs(h.size()), xn(h.size());
-      for (size_t i = 0; i < h.size(); i++) hs[i] = h[i] + y[i];
-      for (int r = 0; r < m; r++) {  // rms_norm as CpuBackend::rms_norm: w * (x * rsqrt(mean x² + eps))
-        double ss = 0;
-        for (int k = 0; k < c.in; k++) ss += double(hs[size_t(r) * c.in + k]) * hs[size_t(r) * c.in + k];
-        const float rn = 1.0f / std::sqrt(float(ss / c.in) + 1e-5f);
-        for (int k = 0; k < c.in; k++) xn[size_t(r) * c.in + k] = nw[k] * (hs[size_t(r) * c.in + k] * rn);
-      }
-      std::vector<float> r1(size_t(m) * c.out1), r2(size_t(m) * c.out2);
-      trellis::trellis_matmul_ref(w1.host, xn.data(), m, r1.data());
-      trellis::trellis_matmul_ref(w2.host, xn.data(), m, r2.data());
-      float *dh = upload(h), *dy = upload(y), *dw = upload(nw);
-      float* dho = upload(std::vector<float>(h.size(), kNaN));
-      float* d1 = upload(std::vector<float>(r1.size(), kNaN));
-      float* d2 = upload(std::vector<float>(r2.size(), kNaN));
-      ASSERT_TRUE(cuda::trellis_matmul_pair_add_normed(w1.dev, w2.dev, dh, dy, dw, 1e-5f, dho, d1, d2, m, ws, stream));
-      TT_CHECK(cudaStreamSynchronize(stream));
-      EXPECT_EQ(0, std::memcmp(dev_download(dho, hs.size()).data(), hs.data(), hs.size() * 4)) << "h_out, m=" << m;
-      EXPECT_EQ(0, std::memcmp(dev_download(dh, h.size()).data(), h.data(), h.size() * 4)) << "h changed, m=" << m;
-      EXPECT_EQ(0, std::memcmp(dev_download(dy, y.size()).data(), y.data(), y.size() * 4)) << "y changed, m=" << m;
-      const double e1 = max_rel_err(dev_download(d1, r1.size()), r1), e2 = max_rel_err(dev_download(d2, r2.size()), r2);
-      EXPECT_LE(e1, 1e-3) << "first, in " << c.in << " m=" << m;
-      EXPECT_LE(e2, 1e-3) << "second, in " << c.in << " m=" << m;
-      std::printf("pair+add+norm in=%d m=%d: max err %.3g / %.3g of rms\n", c.in, m, e1, e2);
-    }
-  }
-  RandomTrellis a(rng, 136, 64, 3, 1, false), b(rng, 136, 64, 4, 1, false);  // different K: no fused path
-  void* ws = alloc_zero(cuda::trellis_workspace_bytes(1, a.dev.in_padded, a.dev.out_padded + b.dev.out_padded));
-  float* buf = upload(std::vector<float>(4 * 136, 1.0f));
-  EXPECT_FALSE(cuda::trellis_matmul_pair_add_normed(a.dev, b.dev, buf, buf + 136, buf + 272, 1e-5f, buf + 408, buf, buf, 1, ws, stream));
-}
-
 // Uniform codes with experts past one 128-row tile (m = 800: ~300 rows per expert) and with one partial tile
 // (m = 150: ~56 rows per expert).
 TEST_F(TrellisCuda, MoeMultiTileExperts) {
