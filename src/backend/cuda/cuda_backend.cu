@@ -249,23 +249,27 @@ void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) 
     cuda::trellis_matmul(dt, x.ptr<float>(), out.ptr<float>(), int(n), ws, s);
     return;
   }
+  matmul(out, x, dequantized(w));
+}
+
+Linear CudaBackend::dequantized(const Linear& w) {
   uint16_t* wb = static_cast<uint16_t*>(impl_->scratch_bytes(10, size_t(w.out * w.in) * 2));
-  cuda::trellis_dequantize_bf16(dt, wb, s);
+  cuda::trellis_dequantize_bf16(device_trellis(w), wb, impl_->stream);
   Linear dense = w;
   dense.exl3 = nullptr;
   dense.weight = TensorView(wb, DType::BF16, {w.out, w.in});
-  matmul(out, x, dense);
+  return dense;
 }
 
 void CudaBackend::gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta) {
-  TRELLM_ASSERT(w.exl3 && w.bias.empty(), "gemm_dequantized: a trellis linear without bias");
-  uint16_t* wb = static_cast<uint16_t*>(impl_->scratch_bytes(10, size_t(w.out * w.in) * 2));
-  cuda::trellis_dequantize_bf16(device_trellis(w), wb, impl_->stream);
+  TRELLM_ASSERT(w.exl3, "gemm_dequantized: a trellis linear");
+  const Linear d = dequantized(w);
   // column-major: outᵀ [w.out, n] = W [w.out, w.in] (row-major = op T) · xhᵀ [w.in, n]
   const float one = 1.0f;
-  TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(w.in), &one, wb,
+  TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, int(w.out), int(n), int(w.in), &one, d.weight.data,
                                    CUDA_R_16BF, int(w.in), xh, CUDA_R_16BF, int(w.in), &beta, out, CUDA_R_32F, int(w.out),
                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (!w.bias.empty()) add_bias(out, w.bias.ptr<float>(), int(n), int(w.out), impl_->stream);
 }
 
 // q_a and kv_a: a decode step runs one GEMV launch instead of two (trellis_matmul_pair decides whether the pair
@@ -273,7 +277,7 @@ void CudaBackend::gemm_dequantized(float* out, const uint16_t* xh, int64_t n, co
 // the two dequantize + cuBLAS products.
 void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
   const int64_t n = x.rows();
-  if (w1.exl3 && w2.exl3 && w1.bias.empty() && w2.bias.empty() && n > kTrellisFusedMaxRows && n > kSplitMaxRows &&
+  if (w1.exl3 && w2.exl3 && n > kTrellisFusedMaxRows && n > kSplitMaxRows &&
       x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out) {
     uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(n * x.cols()) * 2));
     to_bf16(xh, x.ptr<float>(), n * x.cols(), impl_->stream);
@@ -457,16 +461,6 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   float* g = impl_->scratch_f32(13, size_t(m) * si);
   float* u = impl_->scratch_f32(14, size_t(m) * si);
   uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(m) * std::max<int64_t>(hidden, si) * 2));
-  const bool bias = !shared->gate.bias.empty() || !shared->up.bias.empty() || !shared->down.bias.empty();
-  if (bias) {  // not GLM's: the plain ops
-    TensorView gv(g, DType::F32, {m, si}), uv(u, DType::F32, {m, si});
-    TensorView d(impl_->scratch_f32(15, size_t(m) * hidden), DType::F32, {m, hidden});
-    matmul(gv, x, shared->gate);
-    matmul(uv, x, shared->up);
-    silu_mul(gv, gv, uv);
-    matmul(d, gv, shared->down);
-    return add(out, out, d);
-  }
   to_bf16(xh, x.ptr<float>(), int64_t(m) * hidden, impl_->stream);
   gemm_dequantized(g, xh, m, shared->gate, 0.0f);
   gemm_dequantized(u, xh, m, shared->up, 0.0f);

@@ -63,8 +63,11 @@ class CudaBackend final : public Backend {
 
  private:
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
-  // out[n, w.out] = xh · Wᵀ (+ beta · out) with W a trellis linear without bias, dequantized to bf16 for this call and
-  // xh the bf16 activations [n, w.in] (converted once by the caller when several products share them).
+  // The trellis linear w dequantized to bf16 in a scratch buffer (valid until the next call), as a dense Linear
+  // with w's bias.
+  Linear dequantized(const Linear& w);
+  // out[n, w.out] = xh · Wᵀ + b (+ beta · out) with W the trellis linear w dequantized for this call and xh the bf16
+  // activations [n, w.in] (converted once by the caller when several products share them).
   void gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta);
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                        const Expert* shared);

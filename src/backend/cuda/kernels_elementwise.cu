@@ -131,24 +131,22 @@ __global__ void bf16_to_f32_kernel(float* out, const __nv_bfloat16* x, int64_t n
 
 // Row `row` of the interleaved RoPE (block-strided over (head, pair)).
 // The heads of a row share their angles: cos/sin once per pair (the double-precision pow and sincos dominated
-// the prefill rope: 42 us per layer at 2,048 rows, 20 heads, ncu on the H200), then every head's rotation.
+// the prefill rope: 42 us per layer at 2,048 rows, 20 heads, ncu on the H200), then every head's rotation; pairs
+// in slices of kMaxPairs (GLM's 32 pairs take one).
 __device__ void rope_row(float* x, int row, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta) {
   constexpr int kMaxPairs = 128;
   __shared__ float cs[2][kMaxPairs];
   const int pairs = dim / 2, p = pos[row];
-  if (pairs > kMaxPairs) {  // wider than any model here: per element
-    for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
-      float* q = x + (int64_t(row) * heads + idx / pairs) * head_dim + offset;
-      rope_rotate(q[2 * (idx % pairs)], q[2 * (idx % pairs) + 1], idx % pairs, dim, p, theta);
+  for (int base = 0; base < pairs; base += kMaxPairs) {
+    const int np = min(kMaxPairs, pairs - base);
+    for (int i = threadIdx.x; i < np; i += blockDim.x) rope_cos_sin(base + i, dim, p, theta, cs[0][i], cs[1][i]);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < heads * np; idx += blockDim.x) {
+      const int h = idx / np, i = idx % np;
+      float* q = x + (int64_t(row) * heads + h) * head_dim + offset + 2 * (base + i);
+      rope_apply(q[0], q[1], cs[0][i], cs[1][i]);
     }
-    return;
-  }
-  for (int i = threadIdx.x; i < pairs; i += blockDim.x) rope_cos_sin(i, dim, p, theta, cs[0][i], cs[1][i]);
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < heads * pairs; idx += blockDim.x) {
-    const int h = idx / pairs, i = idx % pairs;
-    float* q = x + (int64_t(row) * heads + h) * head_dim + offset;
-    rope_apply(q[2 * i], q[2 * i + 1], cs[0][i], cs[1][i]);
+    __syncthreads();  // cs is rewritten by the next slice
   }
 }
 

@@ -14,9 +14,9 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <string_view>
-#include <atomic>
 
 #include "backend/cuda/mla.h"
 #include "backend/cuda/mla_common.cuh"
@@ -395,10 +395,16 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool a
     const double expand = double(bound) * (nope + v) * kRank;
     const double saved = double(n) * ((kWidth + kRank - (nope + kRope + v)) * std::max(1.0, bound - n / 2.0) + (nope + v) * double(kRank));
     p.expanded = expand < saved;
-    // TRELLM_MLA_PREFILL=absorbed|expanded overrides the choice (A/B measurements in one process).
-    static const char* force = std::getenv("TRELLM_MLA_PREFILL");
-    if (force && std::string_view(force) == "absorbed") p.expanded = false;
-    if (force && std::string_view(force) == "expanded") p.expanded = true;
+    // TRELLM_MLA_PREFILL=absorbed|expanded overrides the choice (A/B measurements in one process); auto or unset:
+    // the MAC count decides.
+    static const std::string_view force = [] {
+      const char* e = std::getenv("TRELLM_MLA_PREFILL");
+      const std::string_view v = e ? e : "auto";
+      if (v != "auto" && v != "absorbed" && v != "expanded")
+        fail("environment variable TRELLM_MLA_PREFILL=", v, ": expected auto, absorbed or expanded");
+      return v;
+    }();
+    if (force != "auto") p.expanded = force == "expanded";
   }
   size_t off = 0;
   auto take = [&](size_t bytes) {

@@ -9,13 +9,38 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "backend/cuda/trellis_kernels.h"
+#include "core/error.h"
 #include "quant/trellis_decode.h"
 
 namespace trellm::cuda::tk {
 
 using trellis::Codebook;
+
+// Calls f(std::integral_constant<int, K>{}) for K = 2..8, on the host (picking a kernel instance) or on the device
+// (the MoE kernels read K per expert). Anything else fails on the host and traps on the device; the descriptor
+// checks reject it before a launch.
+#pragma nv_exec_check_disable
+template <class F>
+__host__ __device__ __forceinline__ void with_k(int K, F&& f) {
+  switch (K) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default:
+#ifdef __CUDA_ARCH__
+      __trap();
+#else
+      fail("trellis kernels: K = ", K, " not supported (2..8)");
+#endif
+  }
+}
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;

@@ -1,7 +1,6 @@
 // Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
 // K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
 #include <algorithm>
-#include <type_traits>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_linear.cuh"
@@ -111,21 +110,6 @@ static void check_desc(const DeviceTrellis& w) {
                 "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
 }
 
-// Calls f(std::integral_constant<int, K>{}) for K = 2..8 (check_desc has rejected anything else).
-template <class F>
-static void with_k_host(int K, F&& f) {
-  switch (K) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: fail("trellis kernels: K = ", K);
-  }
-}
-
 // The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
 // its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
 static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
@@ -138,7 +122,7 @@ static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const floa
   const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
                      w.out_padded / kGroupCols, out_all, norm_w, eps};
   const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2;  // ring, rows + a zero row
-  with_k_host(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
+  with_k(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
@@ -152,7 +136,7 @@ void trellis_matmul(const DeviceTrellis& w, const float* x, float* y, int m, voi
   const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w, y, p.groups, w.out_padded, nullptr, 0.0f};
   launch(xform_kernel, dim3(m, (p.chunks + kWarps - 1) / kWarps), dim3(kThreads), 0, s, false, a);  // no PDL: see launch_gemm
   TRELLM_CUDA_LAUNCH_CHECK();
-  with_k_host(w.K, [&](auto kc) { launch_gemm<decltype(kc)::value>(a, p.mchunks, p.mt, s); });
+  with_k(w.K, [&](auto kc) { launch_gemm<decltype(kc)::value>(a, p.mchunks, p.mt, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
@@ -180,7 +164,7 @@ void trellis_matmul_normed(const DeviceTrellis& w, const float* x, const float* 
 void trellis_dequantize_bf16(const DeviceTrellis& w, uint16_t* w_hf_bf16, cudaStream_t s) {
   check_desc(w);
   auto* out = reinterpret_cast<__nv_bfloat16*>(w_hf_bf16);
-  with_k_host(w.K, [&](auto kc) { launch_dequant<decltype(kc)::value>(w, out, s); });
+  with_k(w.K, [&](auto kc) { launch_dequant<decltype(kc)::value>(w, out, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

@@ -1,27 +1,10 @@
 // MoE kernels over trellis experts (internal). K and the codebook are read from each expert's descriptor
 // on the device (the host never sees ids or descriptors): every kernel switches once per block into a
-// K-templated body (with_k), so one launch serves experts of different K.
+// K-templated body (with_k, trellis_device.cuh), so one launch serves experts of different K.
 #pragma once
-#include <type_traits>
-
 #include "backend/cuda/trellis_device.cuh"
 
 namespace trellm::cuda::tk {
-
-// Calls f(std::integral_constant<int, K>{}) for the runtime K; anything outside 2..8 traps.
-template <class F>
-__device__ __forceinline__ void with_k(int K, F&& f) {
-  switch (K) {
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: __trap();
-  }
-}
 
 struct MoeArgs {
   const DeviceTrellis* experts;  // [3E] gate, up, down

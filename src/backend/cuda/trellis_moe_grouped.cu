@@ -12,8 +12,6 @@
 // flight per warp. Measured on the H200 (MoE layer, 4 of 64 experts + shared, 128-row tiles): 32 tokens 615 ->
 // 447 us, 128 tokens 736 -> 604 us, but 2,048 tokens 1,774 -> 1,837 us (unroll 1: 2,217 us), so the host uses it
 // below kMoeSpecialMaxRows only. K = 0 is the generic kernel, for layers that mix K or codebooks and for large m.
-#include <utility>
-
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_moe.cuh"
 
@@ -37,6 +35,7 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2)
       gemm_mainloop<decltype(kc)::value, MT, kGroupedStages>(w, At, lda, rows, group, 0, chunks, smem, acc);
     });
   } else {
+    if (w.K != K || w.codebook != CB) __trap();  // the host's uniform codes disagree with a descriptor: fail loudly
     gemm_mainloop_cb<K, Codebook(CB), MT, kGroupedStages, UNROLL>(w, At, lda, rows, group, 0, chunks, smem, acc);
   }
   float* Ys = reinterpret_cast<float*>(smem);
@@ -64,21 +63,22 @@ GroupedGemmFn set_up() {
   return f;
 }
 
-template <int MT, int... Ks>
-GroupedGemmFn pick(int k, int cb, std::integer_sequence<int, Ks...>) {
+// The instance for (k, codebook), or the generic one (K = 0) when the codes are mixed (k outside 2..8 or codebook
+// outside 0..2).
+template <int MT>
+GroupedGemmFn pick(int k, int cb) {
+  if (k < 2 || k > 8 || cb < 0 || cb > 2) return set_up<0, 0, 1, MT>();
   GroupedGemmFn f = nullptr;
-  ((k == Ks ? (f = cb == 0 ? set_up<Ks, 0, 2, MT>() : cb == 1 ? set_up<Ks, 1, 2, MT>() : set_up<Ks, 2, 2, MT>()) : nullptr), ...);
+  with_k(k, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    f = cb == 0 ? set_up<K, 0, 2, MT>() : cb == 1 ? set_up<K, 1, 2, MT>() : set_up<K, 2, 2, MT>();
+  });
   return f;
 }
 
 }  // namespace
 
-GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt) {
-  const bool ok = k >= 2 && k <= 8 && codebook >= 0 && codebook <= 2;
-  constexpr auto ks = std::integer_sequence<int, 2, 3, 4, 5, 6, 7, 8>{};
-  if (mt == 1) return ok ? pick<1>(k, codebook, ks) : set_up<0, 0, 1, 1>();
-  return ok ? pick<kMT>(k, codebook, ks) : set_up<0, 0, 1, kMT>();
-}
+GroupedGemmFn grouped_gemm_for(int k, int codebook, int mt) { return mt == 1 ? pick<1>(k, codebook) : pick<kMT>(k, codebook); }
 
 size_t grouped_smem_bytes(int mt) { return mt == 1 ? gemm_smem_bytes<8, 1, kGroupedStages>() : gemm_smem_bytes<8, kMT, kGroupedStages>(); }
 
