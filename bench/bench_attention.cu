@@ -6,7 +6,12 @@
 //           Roofline: (T*1152 B of cache + 9.18 MB of kv_b) at the copy bandwidth measured in this run.
 //   prefill causal prompts of 512/2K/8K tokens, one layer, event-timed calls (prefill is not graph-captured);
 //           FLOPs counted for the absorbed form: pairs*20*(576+512)*2 + projections.
-// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N] [--profile]   (--profile: one call per shape, for ncu)
+//   batched decode (--batched: only this) B decode rows of B different sequences, each at context T, their cache
+//           blocks scattered over one pool (per-row groups, one call), against B single-row calls of the same
+//           rows in the same run; graph-captured, 12 layers of distinct pools and kv_b, median replay / 12.
+// The caches are paged (backend.h): one sequence over an identity block table unless said otherwise.
+// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N] [--profile] [--batched]
+//        (--profile: one call per shape, for ncu)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -42,6 +47,31 @@ __global__ void fill_f32(float* p, size_t n, uint32_t seed, float scale) {
   }
 }
 
+// The block table of one sequence over `rows` pool rows in order (0, 1, 2, ...), and `n` rows' seq ids (all 0).
+struct Identity {
+  void* table = nullptr;
+  void* seq = nullptr;
+  int blocks = 0, n = 0;
+  CudaBackend* gpu_;
+  Identity(CudaBackend& gpu, int rows, int n_rows) : blocks(rows / kKvBlockTokens), n(n_rows), gpu_(&gpu) {
+    std::vector<int32_t> t(static_cast<size_t>(blocks)), z(static_cast<size_t>(n), 0);
+    for (int b = 0; b < blocks; b++) t[size_t(b)] = b;
+    table = gpu.alloc(t.size() * 4);
+    seq = gpu.alloc(z.size() * 4);
+    gpu.from_host(table, t.data(), t.size() * 4);
+    gpu.from_host(seq, z.data(), z.size() * 4);
+  }
+  Identity(const Identity&) = delete;
+  ~Identity() {
+    gpu_->release(table);
+    gpu_->release(seq);
+  }
+  Positions positions(void* pos, int rows, int bound) const {
+    return Positions{TensorView(pos, DType::I32, {rows}), bound, TensorView(seq, DType::I32, {rows}),
+                     TensorView(table, DType::I32, {1, blocks}), {}};
+  }
+};
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
@@ -50,13 +80,14 @@ double median(std::vector<double> v) {
 struct Out {
   FILE* json = nullptr;
   std::string date, gpu, commit, command;
-  void line(const char* metric, const std::string& shape, double value, const char* unit, double base, double limit) {
+  void line(const char* metric, const std::string& shape, double value, const char* unit, double base, double limit,
+            const char* baseline = "v1 (f32 CUDA cores)") {
     if (!json) return;
     std::fprintf(json,
                  "{\"date\": \"%s\", \"gpu\": \"%s\", \"commit\": \"%s\", \"command\": \"%s\", \"bench\": \"mla_attention\", "
-                 "\"metric\": \"%s\", \"shape\": \"%s\", \"value\": %.4g, \"unit\": \"%s\", \"baseline\": \"v1 (f32 CUDA cores)\", "
+                 "\"metric\": \"%s\", \"shape\": \"%s\", \"value\": %.4g, \"unit\": \"%s\", \"baseline\": \"%s\", "
                  "\"baseline_value\": %.4g, \"limit\": %.4g}\n",
-                 date.c_str(), gpu.c_str(), commit.c_str(), command.c_str(), metric, shape.c_str(), value, unit, base, limit);
+                 date.c_str(), gpu.c_str(), commit.c_str(), command.c_str(), metric, shape.c_str(), value, unit, baseline, base, limit);
     std::fflush(json);
   }
 };
@@ -66,7 +97,7 @@ struct Out {
 int main(int argc, char** argv) {
   Out out;
   int reps = 30;
-  bool profile = false;
+  bool profile = false, batched = false;
   for (int i = 0; i < argc; i++) {
     if (i) out.command += ' ';
     out.command += argv[i];
@@ -76,6 +107,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--commit") && i + 1 < argc) out.commit = argv[++i];
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(3, std::atoi(argv[++i]));
     else if (!std::strcmp(argv[i], "--profile")) profile = true;  // one call per shape, for ncu
+    else if (!std::strcmp(argv[i], "--batched")) batched = true;
   }
   if (!cuda_available()) {
     std::printf("no CUDA device\n");
@@ -125,6 +157,7 @@ int main(int argc, char** argv) {
     float* q = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.q_head_dim() * 4));
     float* o = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.v_dim * 4));
     int32_t* pos = static_cast<int32_t*>(gpu.alloc(NMAX * 4));
+    const Identity id(gpu, C, NMAX);
     fill16(cache, size_t(C) * W, 11, 1.7f);
     fill16(kvb, kvb_elems, 12, 0.17f);
     fill32(q, size_t(NMAX) * H * d.q_head_dim(), 13, 1.7f);
@@ -140,7 +173,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < sh.n; i++) hp[i] = sh.T - sh.n + i;
       gpu.from_host(pos, hp.data(), hp.size() * 4);
       gpu.attention_mla(TensorView(o, DType::F32, {sh.n, int64_t(H) * d.v_dim}), TensorView(q, DType::F32, {sh.n, H, d.q_head_dim()}),
-                        TensorView(cache, DType::BF16, {C, W}), lin, Positions{TensorView(pos, DType::I32, {sh.n}), sh.bound}, d,
+                        TensorView(cache, DType::BF16, {C, W}), lin, id.positions(pos, sh.n, sh.bound), d,
                         sh.n <= 16 ? MlaMode::Absorbed : MlaMode::Expanded);
       gpu.synchronize();
       std::printf("profiled n=%d T=%d bound=%d\n", sh.n, sh.T, sh.bound);
@@ -163,6 +196,91 @@ int main(int argc, char** argv) {
   std::printf("GPU %s (%d SMs), %s, commit %s\ncopy bandwidth (read+write): %.0f GB/s\n\n", prop.name, prop.multiProcessorCount,
               out.date.c_str(), out.commit.c_str(), copy_gbs);
 
+  // ---------------- batched decode: rows of different sequences ----------------
+  if (batched) {
+    const int NL = 12, BMAX = 64, TMAX = 4096;
+    const size_t pool_rows = size_t(BMAX) * TMAX;
+    std::vector<void*> pools(NL), kvbs(NL);
+    std::vector<Linear> lin(NL);
+    for (int l = 0; l < NL; l++) {
+      pools[l] = gpu.alloc(pool_rows * W * 2);
+      kvbs[l] = gpu.alloc(kvb_bytes);
+      fill16(pools[l], pool_rows * W, 6000 + l, 1.7f);
+      fill16(kvbs[l], kvb_elems, 7000 + l, 0.17f);
+      lin[l].in = d.kv_rank;
+      lin[l].out = int64_t(H) * per;
+      lin[l].weight = TensorView(kvbs[l], DType::BF16, {lin[l].out, lin[l].in});
+    }
+    float* q = static_cast<float*>(gpu.alloc(size_t(BMAX) * H * d.q_head_dim() * 4));
+    float* o = static_cast<float*>(gpu.alloc(size_t(BMAX) * H * d.v_dim * 4));
+    int32_t* pos = static_cast<int32_t*>(gpu.alloc(BMAX * 4));
+    int32_t* seq = static_cast<int32_t*>(gpu.alloc(BMAX * 4));
+    int32_t* tables = static_cast<int32_t*>(gpu.alloc(pool_rows / kKvBlockTokens * 4));
+    fill32(q, size_t(BMAX) * H * d.q_head_dim(), 8, 1.7f);
+    std::printf("## batched decode, per layer: B rows of B sequences at context T each, blocks scattered (graph of %d layers)\n\n", NL);
+    std::printf("| B | T | B single-row calls µs | one per-row call µs | speed-up | bytes/layer | per-row GB/s | %% of copy BW |\n");
+    std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (int B : {1, 16, 32, 64})
+      for (int T : {1024, TMAX}) {
+        const int nb = T / kKvBlockTokens;
+        std::vector<int32_t> t(static_cast<size_t>(B) * nb), sq(static_cast<size_t>(B)), ps(static_cast<size_t>(B), T - 1);
+        for (size_t i = 0; i < t.size(); i++) t[i] = int32_t(i);
+        uint64_t r = 88172645463325252ull;  // xorshift: a scattered block order
+        for (size_t i = t.size() - 1; i > 0; i--) {
+          r ^= r << 13, r ^= r >> 7, r ^= r << 17;
+          std::swap(t[i], t[r % (i + 1)]);
+        }
+        for (int i = 0; i < B; i++) sq[size_t(i)] = i;
+        gpu.from_host(tables, t.data(), t.size() * 4);
+        gpu.from_host(seq, sq.data(), sq.size() * 4);
+        gpu.from_host(pos, ps.data(), ps.size() * 4);
+        const std::vector<int> runs(size_t(B), 1), one = {1};
+        const TensorView tt(tables, DType::I32, {B, nb});
+        auto step = [&](bool per_row) {
+          for (int l = 0; l < NL; l++) {
+            const TensorView pool(pools[l], DType::BF16, {int64_t(pool_rows), W});
+            if (per_row) {
+              gpu.attention_mla(TensorView(o, DType::F32, {B, int64_t(H) * d.v_dim}), TensorView(q, DType::F32, {B, H, d.q_head_dim()}),
+                                pool, lin[l], Positions{TensorView(pos, DType::I32, {B}), T, TensorView(seq, DType::I32, {B}), tt, runs},
+                                d, MlaMode::Absorbed);
+              continue;
+            }
+            for (int i = 0; i < B; i++)
+              gpu.attention_mla(TensorView(o + size_t(i) * H * d.v_dim, DType::F32, {1, int64_t(H) * d.v_dim}),
+                                TensorView(q + size_t(i) * H * d.q_head_dim(), DType::F32, {1, H, d.q_head_dim()}), pool, lin[l],
+                                Positions{TensorView(pos + i, DType::I32, {1}), T, TensorView(seq + i, DType::I32, {1}), tt, one},
+                                d, MlaMode::Absorbed);
+          }
+        };
+        double us[2];
+        for (int v = 0; v < 2; v++) {
+          step(v == 1);
+          gpu.synchronize();
+          cudaGraph_t g;
+          cudaGraphExec_t ge;
+          TRELLM_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+          step(v == 1);
+          TRELLM_CUDA_CHECK(cudaStreamEndCapture(s, &g));
+          TRELLM_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+          for (int rep = 0; rep < 3; rep++) TRELLM_CUDA_CHECK(cudaGraphLaunch(ge, s));
+          std::vector<double> tm;
+          for (int rep = 0; rep < reps; rep++) tm.push_back(time_ms([&] { TRELLM_CUDA_CHECK(cudaGraphLaunch(ge, s)); }));
+          us[v] = median(tm) * 1e3 / NL;
+          TRELLM_CUDA_CHECK(cudaGraphExecDestroy(ge));
+          TRELLM_CUDA_CHECK(cudaGraphDestroy(g));
+        }
+        const double bytes = double(B) * T * W * 2 + double(kvb_bytes);
+        const double gbs = bytes / (us[1] * 1e-6) / 1e9;
+        std::printf("| %d | %d | %.1f | %.1f | %.2fx | %.1f MB | %.0f | %.0f%% |\n", B, T, us[0], us[1], us[0] / us[1], bytes / 1e6,
+                    gbs, 100.0 * gbs / copy_gbs);
+        out.line("batched_decode_layer_us",
+                 "glm-4.7-flash attention per-row B=" + std::to_string(B) + " ctx=" + std::to_string(T) + " scattered blocks",
+                 us[1], "us", us[0], bytes / (copy_gbs * 1e9) * 1e6, "B single-row calls");
+      }
+    if (out.json) std::fclose(out.json);
+    return 0;
+  }
+
   // ---------------- decode ----------------
   {
     const int C = 32768, NL = 12;
@@ -181,6 +299,7 @@ int main(int argc, char** argv) {
     float* q = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.q_head_dim() * 4));
     float* o = static_cast<float*>(gpu.alloc(size_t(NMAX) * H * d.v_dim * 4));
     int32_t* pos = static_cast<int32_t*>(gpu.alloc(NMAX * 4));
+    const Identity id(gpu, C, NMAX);
     fill32(q, size_t(NMAX) * H * d.q_head_dim(), 7, 1.7f);
 
     std::printf("## decode, per layer (graph of %d layers, bound = capacity = %d)\n\n", NL, C);
@@ -190,7 +309,7 @@ int main(int argc, char** argv) {
       for (int T : {1024, 4096, 8192, 32768}) {
         if (n > 1 && (T == 4096 || T == 8192)) continue;
         const TensorView tq(q, DType::F32, {n, H, d.q_head_dim()}), to(o, DType::F32, {n, int64_t(H) * d.v_dim});
-        const Positions P{TensorView(pos, DType::I32, {n}), C};
+        const Positions P = id.positions(pos, n, C);
         std::vector<int32_t> hp(n);
         for (int i = 0; i < n; i++) hp[i] = T - n + i;  // speculative/batched rows: consecutive positions
         gpu.from_host(pos, hp.data(), hp.size() * 4);
@@ -246,6 +365,7 @@ int main(int argc, char** argv) {
       float* q = static_cast<float*>(gpu.alloc(size_t(Pn) * H * d.q_head_dim() * 4));
       float* o = static_cast<float*>(gpu.alloc(size_t(Pn) * H * d.v_dim * 4));
       int32_t* pos = static_cast<int32_t*>(gpu.alloc(size_t(Pn) * 4));
+      const Identity id(gpu, Pn, Pn);
       fill16(cache, size_t(Pn) * W, 4000 + Pn, 1.7f);
       fill32(q, size_t(Pn) * H * d.q_head_dim(), 5000 + Pn, 1.7f);
       std::vector<int32_t> hp(Pn);
@@ -253,7 +373,7 @@ int main(int argc, char** argv) {
       gpu.from_host(pos, hp.data(), hp.size() * 4);
       const TensorView tq(q, DType::F32, {Pn, H, d.q_head_dim()}), to(o, DType::F32, {Pn, int64_t(H) * d.v_dim}),
           tc(cache, DType::BF16, {Pn, W});
-      const Positions P{TensorView(pos, DType::I32, {Pn}), Pn};
+      const Positions P = id.positions(pos, Pn, Pn);
       double ms[2];
       for (int v = 0; v < 2; v++) {
         gpu.use_mla_v1(v == 0);

@@ -136,8 +136,10 @@ class LoadBalancer:
     """DeepSeek-V3 auxiliary-loss-free balancing: counts each router's picks in a step, then nudges the
     selection bias of under-loaded experts up and of over-loaded ones down by gamma."""
 
-    def __init__(self, model):
-        self.routers = [l.mlp.gate for l in model.model.layers if hasattr(l.mlp, "gate")]
+    def __init__(self, model, layers=None):
+        """Balances the routers of `layers` (default: the model's decoder layers)."""
+        layers = model.model.layers if layers is None else layers
+        self.routers = [l.mlp.gate for l in layers if hasattr(l.mlp, "gate")]
         E = self.routers[0].num_experts if self.routers else 1
         dev = next(model.parameters()).device
         self.counts = torch.zeros(len(self.routers), E, device=dev)

@@ -71,12 +71,28 @@ struct SamplingParams {
   uint64_t seed = 0;         // 0 = from the clock (resolved by the caller before it reaches a backend)
 };
 
-// Where the rows of a step sit in their sequence. pos is I32 [n] in the backend's memory (so a captured
-// CUDA graph reads the current positions at replay); bound is a host-side upper bound on pos[i] + 1 for
-// every row, used to size grids and tiles (a graph captured with bound = cache capacity serves every step).
+// The paged latent KV cache. Each layer's cache is one pool of fixed-size blocks, [num_blocks * kKvBlockTokens,
+// kv_rank + rope_dim] in kv_dtype(); a sequence owns a block table (pool block ids), and its token p lives at pool row
+//   table[p / kKvBlockTokens] * kKvBlockTokens + p % kKvBlockTokens.
+// 64 tokens per block = the attention kernels' key tile, so one key tile is one contiguous block (FlashMLA's choice
+// too); a block of GLM-4.7-Flash's 47 layers holds 64 x 54,144 B = 3.47 MB in bf16.
+constexpr int kKvBlockTokens = 64;
+inline int64_t kv_pool_row(const int32_t* table, int64_t p) {
+  return int64_t(table[p / kKvBlockTokens]) * kKvBlockTokens + p % kKvBlockTokens;
+}
+
+// Where the rows of a step sit: each row's position in its sequence and that sequence's block table. The device
+// data (pos, seq, tables) is read at run time, so a captured CUDA graph serves every step; the host data (bound,
+// runs) only sizes grids and picks kernels.
 struct Positions {
-  TensorView pos;
-  int bound = 0;
+  TensorView pos;     // I32 [n]: position of row i in its sequence
+  int bound = 0;      // host: an upper bound on pos[i] + 1 over the rows (a graph captured once: the tables' capacity)
+  TensorView seq;     // I32 [n]: row i reads and writes the cache through block table tables[seq[i]]
+  TensorView tables;  // I32 [n_tables, max_blocks]: pool block ids (entries past a sequence's length are unused)
+  // host: rows [0, n) as consecutive runs of one sequence each (a prompt chunk; a decode row is a run of 1), sizes
+  // summing to n. Empty: one run of all n rows. Rows of one run have consecutive positions.
+  std::span<const int> runs;
+  int max_blocks() const { return int(tables.cols()); }
 };
 
 enum class MlaMode {
@@ -119,6 +135,9 @@ class Backend {
   // Measured device-to-device copy bandwidth in bytes/s counting bytes read + written (0 if not measurable).
   virtual double copy_bandwidth() { return 0; }
 
+  // Changes whenever the backend reallocates memory that captured graphs may point to (its grow-only scratch):
+  // a graph captured under another epoch must be captured again before it is launched.
+  virtual uint64_t memory_epoch() const { return 0; }
   // Records step() once; launch() replays it. The step must not allocate, synchronise or copy from the host,
   // and must have run once before (so scratch buffers have their final size).
   virtual std::unique_ptr<StepGraph> capture(const std::function<void()>& step);
@@ -152,7 +171,8 @@ class Backend {
   // Interleaved RoPE in place on x: [n, heads, head_dim], rotating dims [offset, offset + rope.dim) of
   // every head; row i is at position pos[i].
   virtual void rope(TensorView x, int offset, const Positions& pos, const RopeParams& rope) = 0;
-  // Writes n tokens into one layer's latent cache [capacity, kv_rank + rope_dim] (kv_dtype()) at rows pos[i]:
+  // Writes n tokens into one layer's latent cache pool [blocks * kKvBlockTokens, kv_rank + rope_dim] (kv_dtype()),
+  // row i at position pos[i] of its sequence (kv_pool_row of tables[seq[i]]):
   // c_kv = rms_norm(kv[:, :kv_rank], norm_w), k_rope = rope(kv[:, kv_rank:]).  kv: [n, kv_rank + rope_dim] f32
   virtual void mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                 const RopeParams& rope) = 0;
@@ -163,7 +183,7 @@ class Backend {
     this->rope(q, offset, pos, rope);
     mla_cache_append(cache, kv, norm_w, eps, pos, rope);
   }
-  // Causal MLA attention: query row i attends to cache rows [0, pos[i]].
+  // Causal MLA attention: query row i attends to positions [0, pos[i]] of its sequence (block table tables[seq[i]]).
   // q: [n, heads, nope+rope] (rope applied);  out: [n, heads * v_dim];  kv_b: [heads*(nope+v), kv_rank]
   virtual void attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const Positions& pos,
                              const MlaDims& dims, MlaMode mode) = 0;
@@ -197,6 +217,13 @@ class Backend {
   // backend's memory (U8 [sizeof(SamplingParams)]), so a captured step serves any settings.
   virtual void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
                            TensorView history) = 0;
+  // Batched sampling (the batched engine): tokens[i] = the token sampled from logits[i, :] with params[i] and noise
+  // counter steps[i] (a request's count of tokens generated so far), the function sample_step computes for one row.
+  // logits: [n, vocab] f32;  params: n SamplingParams in the backend's memory (U8 [n * sizeof(SamplingParams)]);
+  // steps, tokens: I32 [n].
+  virtual void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) = 0;
+  // out[i, :] = x[idx[i], :] (the rows whose logits a step wants).  x: [n, d];  out: [m, d];  idx: I32 [m]
+  virtual void gather_rows(TensorView out, TensorView x, TensorView idx) = 0;
 
  private:
   std::vector<std::chrono::steady_clock::time_point> host_events_;

@@ -13,9 +13,6 @@ TensorView rows(TensorView t, int64_t n) {
   t.shape[0] = n;
   return t;
 }
-// Prompts up to this many tokens use the absorbed form; longer ones expand K/V per tile (fewer FLOPs once
-// the query count approaches the per-head expansion cost).
-constexpr int kAbsorbedMaxTokens = 16;
 // transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps (1e-6), not rms_norm_eps.
 constexpr float kLatentNormEps = 1e-6f;
 }  // namespace
@@ -75,6 +72,14 @@ double Model::weight_bytes_total() const {
   return b;
 }
 
+double Model::routed_expert_bytes_total() const {
+  double b = 0;
+  for (size_t l = 0; l < w_.layers.size(); l++)
+    if (config_.mlp_sparse[l])
+      for (const Expert& e : w_.layers[l].experts) b += expert_bytes(e);
+  return b;
+}
+
 double Model::kv_bytes_per_token(int depth, DType kv_dtype) const {
   return double(depth) * double(config_.kv_lora_rank + config_.qk_rope_head_dim) * double(dtype_size(kv_dtype)) *
          double(config_.num_hidden_layers);
@@ -90,15 +95,22 @@ TensorView Model::alloc(DType t, std::initializer_list<int64_t> shape) {
   return v;
 }
 
-RunState Model::make_run_state(int max_tokens, int logit_rows) {
+RunState Model::make_run_state(int max_tokens, int logit_rows, int max_seqs, int max_blocks) {
   const Config& c = config_;
   const int64_t T = max_tokens;
   RunState s;
   s.max_tokens = max_tokens;
   s.logit_rows = logit_rows < 0 ? max_tokens : std::max(1, std::min(logit_rows, max_tokens));
+  s.max_seqs = std::max(1, max_seqs);
+  s.max_blocks = max_blocks > 0 ? max_blocks
+                                : int(std::max<int64_t>(1, (c.max_position_embeddings + kKvBlockTokens - 1) / kKvBlockTokens));
   s.tokens = alloc(DType::I32, {T});
   s.pos = alloc(DType::I32, {T});
+  s.seq = alloc(DType::I32, {T});
+  s.tables = alloc(DType::I32, {int64_t(s.max_seqs) * s.max_blocks});
+  s.logit_idx = alloc(DType::I32, {s.logit_rows});
   s.host_pos.resize(size_t(T));
+  s.host_seq.resize(size_t(T));
   s.h = alloc(DType::F32, {T, c.hidden_size});
   s.x = alloc(DType::F32, {T, c.hidden_size});
   s.q_a = alloc(DType::F32, {T, std::max<int64_t>(c.q_lora_rank, 1)});
@@ -114,33 +126,101 @@ RunState Model::make_run_state(int max_tokens, int logit_rows) {
   return s;
 }
 
-KvCache Model::make_kv_cache(int capacity, std::optional<DType> dtype) {
+double Model::kv_bytes_per_cached_token(DType kv_dtype) const {
+  return double(config_.kv_lora_rank + config_.qk_rope_head_dim) * double(dtype_size(kv_dtype)) *
+         double(config_.num_hidden_layers);
+}
+
+KvCache Model::make_kv_cache_blocks(int blocks, std::optional<DType> dtype) {
+  TRELLM_ASSERT(blocks >= 1, "a KV cache needs at least one block");
   KvCache kv;
-  kv.capacity = capacity;
+  kv.blocks = blocks;
+  const int64_t rows = int64_t(blocks) * kKvBlockTokens;
   for (int64_t l = 0; l < config_.num_hidden_layers; l++)
-    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()), {capacity, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()), {rows, config_.kv_lora_rank + config_.qk_rope_head_dim}));
   return kv;
 }
 
-void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
-  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.capacity);
-  for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i;
-  backend_->from_host(rs.tokens.data, tokens, sizeof(int32_t) * size_t(n));
-  backend_->from_host(rs.pos.data, rs.host_pos.data(), sizeof(int32_t) * size_t(n));
-  forward_uploaded(rs, kv, n, pos + n, all_logits);
+KvCache Model::make_kv_cache(int capacity, std::optional<DType> dtype) {
+  return make_kv_cache_blocks(std::max(1, (capacity + kKvBlockTokens - 1) / kKvBlockTokens), dtype);
 }
 
-void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, bool all_logits) {
+void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.token_capacity());
+  const int blocks = int((pos + n + kKvBlockTokens - 1) / kKvBlockTokens);  // the table entries this step reads
+  rs.host_table.resize(size_t(blocks));
+  for (int b = 0; b < blocks; b++) rs.host_table[b] = b;
+  for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i, rs.host_seq[i] = 0;
+  StepBatch b;
+  b.tokens = {tokens, size_t(n)};
+  b.pos = {rs.host_pos.data(), size_t(n)};
+  b.seq = {rs.host_seq.data(), size_t(n)};
+  b.tables = rs.host_table;
+  b.table_stride = blocks;
+  b.logits = all_logits ? Logits::All : Logits::Last;
+  forward(rs, kv, b);
+}
+
+void Model::forward(RunState& rs, KvCache& kv, const StepBatch& b) {
+  const int n = int(b.tokens.size());
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && b.pos.size() == size_t(n) && b.seq.size() == size_t(n),
+                "step of ", n, " rows for a run state of ", rs.max_tokens);
+  TRELLM_ASSERT(b.table_stride >= 1 && b.table_stride <= rs.max_blocks && b.tables.size() % size_t(b.table_stride) == 0,
+                "block tables of stride ", b.table_stride, " (run state: ", rs.max_blocks, " entries)");
+  const int n_tables = int(b.tables.size() / size_t(b.table_stride));
+  TRELLM_ASSERT(n_tables >= 1 && n_tables <= rs.max_seqs, "", n_tables, " block tables for a run state of ", rs.max_seqs);
+  int bound = 0;
+  for (int i = 0; i < n; i++) {
+    const int32_t p = b.pos[i], sq = b.seq[i];
+    TRELLM_ASSERT(p >= 0 && sq >= 0 && sq < n_tables && p / kKvBlockTokens < b.table_stride, "row ", i, ": position ", p,
+                  " of table ", sq, " outside the step's tables");
+    const int32_t blk = b.tables[size_t(sq) * b.table_stride + p / kKvBlockTokens];
+    TRELLM_ASSERT(blk >= 0 && blk < kv.blocks, "row ", i, ": block ", blk, " outside the cache of ", kv.blocks);
+    bound = std::max(bound, p + 1);
+  }
+  Backend& B = *backend_;
+  B.from_host(rs.tokens.data, b.tokens.data(), sizeof(int32_t) * size_t(n));
+  B.from_host(rs.pos.data, b.pos.data(), sizeof(int32_t) * size_t(n));
+  B.from_host(rs.seq.data, b.seq.data(), sizeof(int32_t) * size_t(n));
+  B.from_host(rs.tables.data, b.tables.data(), sizeof(int32_t) * b.tables.size());
+  Layout l;
+  l.n = n;
+  l.bound = bound;
+  l.n_tables = n_tables;
+  l.table_stride = b.table_stride;
+  l.runs = b.runs;
+  l.logits = b.logits;
+  if (b.logits == Logits::Rows) {
+    TRELLM_ASSERT(!b.logit_rows.empty() && b.logit_rows.size() <= size_t(rs.logit_rows), "", b.logit_rows.size(),
+                  " logit rows for a run state of ", rs.logit_rows);
+    for (int32_t r : b.logit_rows) TRELLM_ASSERT(r >= 0 && r < n, "logit row ", r, " outside the step's ", n, " rows");
+    B.from_host(rs.logit_idx.data, b.logit_rows.data(), sizeof(int32_t) * b.logit_rows.size());
+    l.n_logits = int(b.logit_rows.size());
+  }
+  forward_uploaded(rs, kv, l);
+}
+
+void Model::forward_uploaded(RunState& rs, KvCache& kv, const Layout& lay) {
   const Config& c = config_;
   Backend& B = *backend_;
-  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && kv_bound <= kv.capacity);
+  const int n = lay.n;
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && lay.bound >= 1 && lay.bound <= int64_t(lay.table_stride) * kKvBlockTokens &&
+                lay.n_tables >= 1 && lay.n_tables <= rs.max_seqs && lay.table_stride <= rs.max_blocks);
   const MlaDims mla = c.mla();
   const RopeParams rope = c.rope();
   const float eps = float(c.rms_norm_eps);
-  const MlaMode mode = n <= kAbsorbedMaxTokens ? MlaMode::Absorbed : MlaMode::Expanded;
+  // The CPU reference computes every row in the absorbed form, so that a row's result does not depend on how its
+  // prompt was chunked or what else shared the step (bit-exact batch invariance; the expanded CPU form stays a
+  // tested op). The GPU picks its form per call by tensor-core FLOPs (mla::make_plan) whatever this says.
+  const MlaMode mode = MlaMode::Absorbed;
 
   TensorView tok = rows(rs.tokens, n);
-  const Positions pos{rows(rs.pos, n), kv_bound};
+  Positions pos;
+  pos.pos = rows(rs.pos, n);
+  pos.bound = lay.bound;
+  pos.seq = rows(rs.seq, n);
+  pos.tables = TensorView(rs.tables.data, DType::I32, {lay.n_tables, lay.table_stride});
+  pos.runs = lay.runs;
   TensorView h = rows(rs.h, n), x = rows(rs.x, n), y = rows(rs.y, n);            // [n, hidden]
   TensorView q = rows(rs.q, n);                                                     // [n, heads, nope+rope]
   TensorView kvr = rows(rs.kv, n);                                                  // [n, kv_rank+rope]
@@ -161,7 +241,7 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
       B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
     }
     if (rs.timer) rs.timer->mark(Part::AttnProj);
-    // rope on q_rope of every head; cache row pos = [norm(c_kv) | rope(k_rope)]; the attention
+    // rope on q_rope of every head; each row's cache slot = [norm(c_kv) | rope(k_rope)]; the attention
     B.attention_mla_append(attn, q, mla.nope_dim, kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, L.kv_b_proj, pos,
                            mla, rope, mode);
     if (rs.timer) rs.timer->mark(Part::AttnCore);
@@ -191,9 +271,20 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, boo
     if (rs.timer) rs.timer->mark(Part::MlpNorm);
   }
 
-  // ---- head: x holds model.norm(h); logits of all rows, or just the last ----
-  TRELLM_ASSERT(!all_logits || n <= rs.logit_rows, "all_logits needs a run state with >= ", n, " logit rows");
-  TensorView xl = all_logits ? x : TensorView(x[n - 1].data, DType::F32, {1, c.hidden_size});
+  // ---- head: x holds model.norm(h); logits of the rows asked for ----
+  TensorView xl;
+  switch (lay.logits) {
+    case Logits::All:
+      TRELLM_ASSERT(n <= rs.logit_rows, "all logits need a run state with >= ", n, " logit rows");
+      xl = x;
+      break;
+    case Logits::Last: xl = TensorView(x[n - 1].data, DType::F32, {1, c.hidden_size}); break;
+    case Logits::Rows:  // y is free after the last layer: the wanted rows of x, gathered
+      TRELLM_ASSERT(lay.n_logits >= 1 && lay.n_logits <= rs.logit_rows && lay.n_logits <= rs.max_tokens);
+      xl = rows(rs.y, lay.n_logits);
+      B.gather_rows(xl, x, rows(rs.logit_idx, lay.n_logits));
+      break;
+  }
   B.matmul(rows(rs.logits, xl.rows()), xl, w_.lm_head);
   if (rs.timer) rs.timer->mark(Part::Head);
 }

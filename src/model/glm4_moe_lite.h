@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -111,12 +112,17 @@ struct PartTimer {
   std::vector<double> collect();
 };
 
-// Scratch for one forward of up to max_tokens rows; sized once, reused by every step.
+// Scratch for one forward of up to max_tokens rows from up to max_seqs sequences; sized once, reused by every step.
 struct RunState {
   int max_tokens = 0;
   int logit_rows = 0;
+  int max_seqs = 0;       // block tables per step
+  int max_blocks = 0;     // entries per block table (positions / kKvBlockTokens)
   TensorView tokens;      // I32 [max_tokens]
   TensorView pos;         // I32 [max_tokens] position of each row in its sequence
+  TensorView seq;         // I32 [max_tokens] block table of each row (an index into tables)
+  TensorView tables;      // I32 [max_seqs * max_blocks] the step's block tables (row stride: the step's table_stride)
+  TensorView logit_idx;   // I32 [logit_rows] rows whose logits a step computes (Logits::Rows)
   TensorView h;           // residual stream [max_tokens, hidden]
   TensorView x;           // normed input [max_tokens, hidden]
   TensorView q_a;         // [max_tokens, q_lora_rank]
@@ -128,14 +134,37 @@ struct RunState {
   TensorView moe_w;       // [max_tokens, top_k] f32
   TensorView moe_ids;     // [max_tokens, top_k] I32
   TensorView logits;      // [logit_rows, vocab]
-  std::vector<int32_t> host_pos;  // staging for positions, [max_tokens]
+  std::vector<int32_t> host_pos, host_seq;  // staging, [max_tokens]
+  std::vector<int32_t> host_table;          // the identity table of the single-sequence forward()
   PartTimer* timer = nullptr;     // set by benchmarks to time the parts of a forward
 };
 
-// The latent KV cache of one sequence: per layer [capacity, kv_rank + rope] (576 values per token).
+// The paged latent KV cache: per layer one pool of `blocks` blocks of kKvBlockTokens tokens, [blocks *
+// kKvBlockTokens, kv_rank + rope] (576 values per token). Sequences address it through block tables
+// (backend.h, Positions); the runtime's BlockManager decides which sequence owns which block.
 struct KvCache {
-  int capacity = 0;
+  int blocks = 0;
   std::vector<TensorView> layers;
+  int64_t token_capacity() const { return int64_t(blocks) * kKvBlockTokens; }
+};
+
+// Which rows of a step get logits (written to rs.logits[0..m) in this order).
+enum class Logits {
+  Last,  // the last row only (a single prompt chunk)
+  All,   // every row (perplexity, teacher forcing; n <= rs.logit_rows)
+  Rows,  // the rows listed in StepBatch::logit_rows (rs.logit_idx on the backend)
+};
+
+// One forward's rows as the host sees them: rows may come from many sequences (decode rows and prompt chunks).
+// Row i is token tokens[i] at position pos[i] of the sequence whose block table is
+// tables[seq[i] * table_stride .. + table_stride).
+struct StepBatch {
+  std::span<const int32_t> tokens, pos, seq;  // [n] each
+  std::span<const int32_t> tables;            // [n_tables * table_stride]
+  int table_stride = 0;
+  std::span<const int> runs;                  // consecutive rows of one sequence (Positions::runs); empty: one run
+  Logits logits = Logits::Last;
+  std::span<const int32_t> logit_rows;        // Logits::Rows: row indices, each < n
 };
 
 // A model with random weights in a given format, built directly on the backend (no checkpoint): speed does
@@ -161,23 +190,39 @@ class Model {
   Backend& backend() const { return *backend_; }
 
   // logit_rows: rows of rs.logits (max_tokens by default; 1 when only the last row's logits are wanted, which
-  // saves max_tokens x vocab floats: 5 GB for an 8K chunk of GLM-4.7-Flash).
-  RunState make_run_state(int max_tokens, int logit_rows = -1);
+  // saves max_tokens x vocab floats: 5 GB for an 8K chunk of GLM-4.7-Flash). max_seqs: block tables per step;
+  // max_blocks: entries per table (default: enough for max_position_embeddings).
+  RunState make_run_state(int max_tokens, int logit_rows = -1, int max_seqs = 1, int max_blocks = 0);
   // Bytes one decoded token reads: weights (routed experts at top_k / n_experts of their total, one embedding
   // row) plus, at `depth` cached tokens, the latent cache rows of every layer in `kv_dtype`.
   double weight_bytes_per_token() const;
   double kv_bytes_per_token(int depth, DType kv_dtype) const;
   double weight_bytes_total() const;
-  // A latent cache for `capacity` tokens; dtype defaults to the backend's (CPU F32, CUDA BF16).
+  double routed_expert_bytes_total() const;  // every routed expert of every layer (what batching reads more of)
+  // Bytes of cache one token takes over all layers (576 values per layer in `kv_dtype`).
+  double kv_bytes_per_cached_token(DType kv_dtype) const;
+  // A paged latent cache of `blocks` blocks; dtype defaults to the backend's (CPU F32, CUDA BF16).
+  KvCache make_kv_cache_blocks(int blocks, std::optional<DType> dtype = std::nullopt);
+  // A paged cache with room for `capacity` tokens (ceil(capacity / kKvBlockTokens) blocks).
   KvCache make_kv_cache(int capacity, std::optional<DType> dtype = std::nullopt);
 
-  // Runs tokens at positions pos..pos+n-1 of the sequence cached in `kv` (n <= rs.max_tokens), appending
-  // them to the cache. Writes logits of every row to rs.logits when all_logits, else of the last row only
+  // Runs one step: the rows of `b` (n <= rs.max_tokens, at most rs.max_seqs tables), appending each row to its
+  // sequence's cache, then the logits `b.logits` asks for. Host data is uploaded here.
+  void forward(RunState& rs, KvCache& kv, const StepBatch& b);
+  // The single-sequence case: tokens at positions pos..pos+n-1 of one sequence that owns the whole cache
+  // (block table 0, 1, 2, ...). Writes logits of every row to rs.logits when all_logits, else of the last row only
   // (into rs.logits[0]). `tokens` is on the host.
   void forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits);
-  // The same with rs.tokens[0..n) and rs.pos[0..n) already on the backend; kv_bound bounds pos[i] + 1 (the
-  // cache capacity when the step is captured once as a CUDA graph and replayed at every position).
-  void forward_uploaded(RunState& rs, KvCache& kv, int n, int kv_bound, bool all_logits);
+  // The step with rs.tokens, rs.pos, rs.seq, rs.tables (and rs.logit_idx) already on the backend: a captured CUDA
+  // graph replays this. bound: > every pos[i] (the tables' capacity when captured once for every position);
+  // n_tables x table_stride: the tables' layout; runs: as in StepBatch; n_logits: rows of rs.logit_idx (Rows).
+  struct Layout {
+    int n = 0, bound = 0, n_tables = 1, table_stride = 0;
+    std::span<const int> runs;
+    Logits logits = Logits::Last;
+    int n_logits = 0;
+  };
+  void forward_uploaded(RunState& rs, KvCache& kv, const Layout& l);
 
  private:
   Model() = default;

@@ -20,11 +20,29 @@ TensorView first(TensorView t, int64_t n) {
 
 Generator::Generator(Model& model, int context, int prefill_chunk, std::optional<DType> kv_dtype)
     : model_(model),
-      rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)), 1)),
+      context_(context),
+      rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)), 1, 1,
+                               std::max(1, (context + kKvBlockTokens - 1) / kKvBlockTokens))),
       kv_(model.make_kv_cache(context, kv_dtype)),
       logits_(size_t(model.config().vocab_size)) {
   history_ = TensorView(model.backend().alloc(size_t(context + 1) * 4), DType::I32, {context + 1});
   params_ = TensorView(model.backend().alloc(sizeof(SamplingParams)), DType::U8, {int64_t(sizeof(SamplingParams))});
+  // The one sequence owns the whole cache: block table 0, 1, 2, ... (the captured decode step reads it at every
+  // position; single-sequence forward() calls rewrite its prefix with the same ids).
+  std::vector<int32_t> table(size_t(kv_.blocks));
+  for (int b = 0; b < kv_.blocks; b++) table[size_t(b)] = b;
+  TRELLM_ASSERT(kv_.blocks <= rs_.max_blocks, "context of ", context, " tokens beyond the run state's block tables");
+  model.backend().from_host(rs_.tables.data, table.data(), table.size() * 4);
+  const int32_t zero = 0;
+  model.backend().from_host(rs_.seq.data, &zero, 4);
+}
+
+Model::Layout Generator::decode_layout() const {
+  Model::Layout l;
+  l.n = 1;
+  l.bound = context();
+  l.table_stride = kv_.blocks;
+  return l;
 }
 
 Generator::~Generator() {
@@ -49,13 +67,13 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
   if (prompt.empty()) fail("the prompt is empty");
   for (int32_t t : prompt)
     if (t < 0 || t >= c.vocab_size) fail("prompt token id ", t, " is outside the vocabulary (0..", c.vocab_size - 1, ")");
-  if (int64_t(prompt.size()) >= kv_.capacity)
-    fail("the prompt has ", prompt.size(), " tokens but the context holds ", kv_.capacity,
+  if (int64_t(prompt.size()) >= context())
+    fail("the prompt has ", prompt.size(), " tokens but the context holds ", context(),
          " (raise --ctx, up to max_position_embeddings = ", c.max_position_embeddings, ")");
   GenerateStats st;
   st.prompt_tokens = int(prompt.size());
   const int P = int(prompt.size());
-  const int limit = int(std::min<int64_t>(opt.max_tokens, kv_.capacity - P));
+  const int limit = int(std::min<int64_t>(opt.max_tokens, context() - P));
   Backend& B = model_.backend();
   Timer t;
   prefill(prompt);
@@ -93,20 +111,23 @@ std::vector<int32_t> Generator::generate(const std::vector<int32_t>& prompt, con
 }
 
 void Generator::ensure_step_captured() {
-  if (step_) return;
+  // Captured once; again when the backend reallocated scratch the graph points to (a longer prefill since).
+  if (step_ && step_epoch_ == model_.backend().memory_epoch()) return;
+  step_.reset();
   // One uncaptured run at the full bound sizes every scratch buffer; the capture then records the step. The
   // warm-up computes the same step the first replay recomputes (same token, same position), so it is harmless.
   TensorView tok = first(rs_.tokens, 1), pos = first(rs_.pos, 1);
-  const int bound = kv_.capacity;
-  model_.forward_uploaded(rs_, kv_, 1, bound, false);
-  step_ = model_.backend().capture([this, tok, pos, bound] {
-    model_.forward_uploaded(rs_, kv_, 1, bound, false);
+  const Model::Layout l = decode_layout();
+  model_.forward_uploaded(rs_, kv_, l);
+  step_epoch_ = model_.backend().memory_epoch();
+  step_ = model_.backend().capture([this, tok, pos, l] {
+    model_.forward_uploaded(rs_, kv_, l);
     model_.backend().sample_step(first(rs_.logits, 1), params_, tok, pos, history_);
   });
 }
 
 std::vector<int32_t> Generator::decode_steps(int32_t token, int pos, int steps) {
-  TRELLM_ASSERT(pos >= 0 && pos + steps <= kv_.capacity && steps >= 1);
+  TRELLM_ASSERT(pos >= 0 && pos + steps <= context() && steps >= 1);
   Backend& B = model_.backend();
   const int32_t zero = 0;
   SamplingParams greedy;

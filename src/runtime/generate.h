@@ -42,7 +42,7 @@ class Generator {
   std::vector<int32_t> generate(const std::vector<int32_t>& prompt, const GenerateOptions& opt,
                                 const std::function<bool(int32_t)>& on_token = nullptr,
                                 GenerateStats* stats = nullptr);
-  int context() const { return kv_.capacity; }
+  int context() const { return context_; }
   // Runs the prompt through the model (cache rows 0..P-1); the last row's logits are left in run_state().
   void prefill(const std::vector<int32_t>& prompt);
   RunState& run_state() { return rs_; }
@@ -55,14 +55,17 @@ class Generator {
   std::vector<int32_t> generate_graph(int P, int limit, const GenerateOptions& opt, const SamplingParams& sp,
                                       const std::function<bool(int32_t)>& on_token, GenerateStats& st);
   void ensure_step_captured();
+  Model::Layout decode_layout() const;  // the captured step: one row of sequence 0 at any position below context
 
   Model& model_;
+  int context_;
   RunState rs_;
   KvCache kv_;
   std::vector<float> logits_;        // host copy of one row
   TensorView history_;               // I32 [1 + context] on the backend: count, then sampled tokens
   TensorView params_;                // SamplingParams on the backend, read by the captured step
   std::unique_ptr<StepGraph> step_;  // captured decode step (built on first use)
+  uint64_t step_epoch_ = 0;          // Backend::memory_epoch() when it was captured
 };
 
 }  // namespace trellm

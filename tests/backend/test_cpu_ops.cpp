@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <complex>
 #include <limits>
 #include <vector>
@@ -25,16 +26,38 @@ std::vector<float> randn(Rng& r, size_t n, float std = 1.0f) {
 
 TensorView view(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
 
-// Rows at consecutive positions pos0 .. pos0+n-1, held in host memory.
+// Rows at consecutive positions pos0 .. pos0+n-1 of one sequence, held in host memory. Its block table maps
+// the sequence onto a pool of 2 * blocks + 1 blocks in a random order (when rng is given), so a kernel that
+// addresses the pool as if it were contiguous reads the wrong rows.
 struct HostPositions {
-  std::vector<int32_t> v;
+  std::vector<int32_t> v, seq, table;
   Positions p;
-  HostPositions(int pos0, int n) : v(size_t(n)) {
+  int pool_blocks = 0;
+  HostPositions(int pos0, int n, Rng* rng = nullptr) : v(size_t(n)), seq(size_t(n), 0) {
     for (int i = 0; i < n; i++) v[i] = pos0 + i;
+    const int blocks = (pos0 + n + kKvBlockTokens - 1) / kKvBlockTokens;
+    pool_blocks = rng ? 2 * blocks + 1 : blocks;
+    std::vector<int32_t> ids(static_cast<size_t>(pool_blocks));
+    for (int b = 0; b < pool_blocks; b++) ids[size_t(b)] = b;
+    if (rng)
+      for (int b = pool_blocks - 1; b > 0; b--) std::swap(ids[size_t(b)], ids[rng->next_u32() % uint32_t(b + 1)]);
+    table.assign(ids.begin(), ids.begin() + blocks);
     p.pos = TensorView(v.data(), DType::I32, {n});
     p.bound = pos0 + n;
+    p.seq = TensorView(seq.data(), DType::I32, {n});
+    p.tables = TensorView(table.data(), DType::I32, {1, blocks});
   }
+  int64_t pool_rows() const { return int64_t(pool_blocks) * kKvBlockTokens; }
+  int64_t row(int t) const { return kv_pool_row(table.data(), t); }
 };
+
+// A sequence's contiguous cache rows [rows, W] scattered into a NaN-poisoned pool through its block table.
+std::vector<float> scatter(const std::vector<float>& rows, int W, const HostPositions& hp) {
+  std::vector<float> pool(size_t(hp.pool_rows()) * W, std::numeric_limits<float>::quiet_NaN());
+  for (size_t t = 0; t < rows.size() / size_t(W); t++)
+    std::copy_n(&rows[t * size_t(W)], W, &pool[size_t(hp.row(int(t))) * W]);
+  return pool;
+}
 
 double max_rel_err(const std::vector<float>& got, const std::vector<double>& want) {
   double num = 0, den = 1e-30;
@@ -291,40 +314,147 @@ TEST(CpuOps, AttentionAbsorbedAndExpandedAgreeWithNaive) {
   d.v_dim = 10;
   d.scale = 1.0f / std::sqrt(20.0f);
   for (DType t : {DType::F32, DType::BF16})
-    for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 70}, {3, 5}, {17, 0}, {33, 40}, {70, 1}}) {
+    for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 70}, {3, 5}, {17, 0}, {33, 40}, {70, 1}, {5, 127}}) {
       Weight kvb(r, d.heads * (d.nope_dim + d.v_dim), d.kv_rank, t);
-      const int cap = pos0 + n + 3;
-      std::vector<float> cache = randn(r, size_t(cap) * d.cache_width());
+      const int T = pos0 + n;
+      std::vector<float> rows = randn(r, size_t(T) * d.cache_width());
       std::vector<float> q = randn(r, size_t(n) * d.heads * d.q_head_dim());
-      std::vector<double> want = naive_mla(q, cache, kvb, n, pos0, d);
+      std::vector<double> want = naive_mla(q, rows, kvb, n, pos0, d);
+      HostPositions hp(pos0, n, &r);  // scattered blocks; every row outside the sequence is NaN
+      std::vector<float> pool = scatter(rows, d.cache_width(), hp);
       for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
         std::vector<float> out(size_t(n) * d.heads * d.v_dim, kNaN);
         be.attention_mla(view(out, {n, d.heads * d.v_dim}), view(q, {n, d.heads, d.q_head_dim()}),
-                         view(cache, {cap, d.cache_width()}), kvb.lin, HostPositions(pos0, n).p, d, mode);
+                         view(pool, {hp.pool_rows(), d.cache_width()}), kvb.lin, hp.p, d, mode);
         EXPECT_LT(max_rel_err(out, want), 2e-5)
             << (mode == MlaMode::Absorbed ? "absorbed" : "expanded") << " " << dtype_name(t) << " n=" << n << " pos0=" << pos0;
       }
     }
 }
 
+// One call over rows of several sequences: decode rows of different sequences at different depths (runs of one),
+// then a prompt chunk; the sequences' tables share their first blocks (what the prefix cache hands out) and the
+// rest are scattered over one pool. Each row must see exactly its own sequence.
+TEST(CpuOps, AttentionOverSharedScatteredBlockTablesOfManySequences) {
+  CpuBackend be;
+  Rng r(18);
+  MlaDims d;
+  d.heads = 2;
+  d.kv_rank = 16;
+  d.rope_dim = 4;
+  d.nope_dim = 8;
+  d.v_dim = 6;
+  d.scale = 0.3f;
+  const int W = d.cache_width(), B = kKvBlockTokens;
+  const int shared_blocks = 2;                        // every sequence starts with the same 128 tokens
+  const std::vector<int> lens = {129, 200, 300, 140};  // positions [0, len) of each sequence exist
+  const int chunk = 11;                                // the last sequence's last 11 rows are a prompt chunk
+  int pool_blocks = shared_blocks;
+  std::vector<std::vector<int32_t>> tables(lens.size());
+  for (size_t s = 0; s < lens.size(); s++) {
+    for (int b = 0; b < shared_blocks; b++) tables[s].push_back(b);
+    for (int b = shared_blocks; b < (lens[s] + B - 1) / B; b++) tables[s].push_back(pool_blocks++);
+  }
+  pool_blocks += 3;  // unused blocks
+  std::vector<int32_t> perm(static_cast<size_t>(pool_blocks));
+  for (int b = 0; b < pool_blocks; b++) perm[size_t(b)] = b;
+  for (int b = pool_blocks - 1; b > 0; b--) std::swap(perm[size_t(b)], perm[r.next_u32() % uint32_t(b + 1)]);
+  const int stride = (lens[2] + B - 1) / B;
+  std::vector<int32_t> flat(lens.size() * size_t(stride), -1);
+  for (size_t s = 0; s < lens.size(); s++)
+    for (size_t b = 0; b < tables[s].size(); b++) flat[s * size_t(stride) + b] = perm[size_t(tables[s][b])];
+  // Logical rows per sequence (the shared head identical across sequences), scattered into the pool.
+  std::vector<std::vector<float>> rows(lens.size());
+  std::vector<float> pool(size_t(pool_blocks) * B * W, kNaN);
+  const std::vector<float> head = randn(r, size_t(shared_blocks) * B * W);
+  for (size_t s = 0; s < lens.size(); s++) {
+    rows[s] = randn(r, size_t(lens[s]) * W);
+    std::copy(head.begin(), head.end(), rows[s].begin());
+    for (int t = 0; t < lens[s]; t++)
+      std::copy_n(&rows[s][size_t(t) * W], W, &pool[size_t(kv_pool_row(&flat[s * size_t(stride)], t)) * W]);
+  }
+  // Rows: the last position of sequences 0..2 (decode), then the chunk of sequence 3.
+  std::vector<int32_t> pos, seq;
+  std::vector<int> runs;
+  for (int s = 0; s < 3; s++) pos.push_back(lens[size_t(s)] - 1), seq.push_back(s), runs.push_back(1);
+  for (int i = 0; i < chunk; i++) pos.push_back(lens[3] - chunk + i), seq.push_back(3);
+  runs.push_back(chunk);
+  const int n = int(pos.size());
+  Weight kvb(r, d.heads * (d.nope_dim + d.v_dim), d.kv_rank, DType::F32);
+  std::vector<float> q = randn(r, size_t(n) * d.heads * d.q_head_dim());
+  Positions p;
+  p.pos = TensorView(pos.data(), DType::I32, {n});
+  p.bound = *std::max_element(pos.begin(), pos.end()) + 1;
+  p.seq = TensorView(seq.data(), DType::I32, {n});
+  p.tables = TensorView(flat.data(), DType::I32, {int64_t(lens.size()), stride});
+  p.runs = runs;
+  std::vector<float> out(size_t(n) * d.heads * d.v_dim, kNaN);
+  be.attention_mla(view(out, {n, d.heads * d.v_dim}), view(q, {n, d.heads, d.q_head_dim()}),
+                   view(pool, {int64_t(pool_blocks) * B, W}), kvb.lin, p, d, MlaMode::Absorbed);
+  const size_t per_row = size_t(d.heads) * d.v_dim;
+  auto check = [&](int row0, int count, int s) {
+    const int pos0 = pos[size_t(row0)];
+    std::vector<float> qs(q.begin() + ptrdiff_t(size_t(row0) * d.heads * d.q_head_dim()),
+                          q.begin() + ptrdiff_t(size_t(row0 + count) * d.heads * d.q_head_dim()));
+    std::vector<float> ctx(rows[size_t(s)].begin(), rows[size_t(s)].begin() + ptrdiff_t(size_t(pos0 + count) * W));
+    const std::vector<double> want = naive_mla(qs, ctx, kvb, count, pos0, d);
+    std::vector<float> got(out.begin() + ptrdiff_t(row0 * per_row), out.begin() + ptrdiff_t((row0 + count) * per_row));
+    EXPECT_LT(max_rel_err(got, want), 2e-5) << "sequence " << s;
+  };
+  for (int s = 0; s < 3; s++) check(s, 1, s);
+  check(3, chunk, 3);
+}
+
 TEST(CpuOps, CacheAppendNormsAndRotates) {
   CpuBackend be;
   Rng r(17);
-  const int rank = 6, rope = 4, n = 2, pos0 = 3, cap = 8;
-  std::vector<float> kv = randn(r, n * (rank + rope)), w = randn(r, rank), cache(cap * (rank + rope), kNaN);
-  be.mla_cache_append(view(cache, {cap, rank + rope}), view(kv, {n, rank + rope}), view(w, {rank}), 1e-6f, HostPositions(pos0, n).p,
-                      RopeParams{1e4f, rope});
-  for (int i = 0; i < n; i++) {
-    const float* src = &kv[i * (rank + rope)];
-    const float* dst = &cache[(pos0 + i) * (rank + rope)];
-    double ss = 0;
-    for (int j = 0; j < rank; j++) ss += double(src[j]) * src[j];
-    for (int j = 0; j < rank; j++) EXPECT_NEAR(dst[j], w[j] * src[j] / std::sqrt(ss / rank + 1e-6), 1e-5);
-    std::vector<float> k(src + rank, src + rank + rope);
-    cpu::rope_rotate(k.data(), rope, pos0 + i, 1e4f);
-    for (int j = 0; j < rope; j++) EXPECT_EQ(dst[rank + j], k[j]);
+  const int rank = 6, rope = 4, n = 3, W = rank + rope;
+  for (int pos0 : {3, 62}) {  // 62: the rows straddle two scattered blocks
+    HostPositions hp(pos0, n, &r);
+    std::vector<float> kv = randn(r, n * W), w = randn(r, rank), cache(size_t(hp.pool_rows()) * W, kNaN);
+    be.mla_cache_append(view(cache, {hp.pool_rows(), W}), view(kv, {n, W}), view(w, {rank}), 1e-6f, hp.p,
+                        RopeParams{1e4f, rope});
+    std::vector<bool> written(static_cast<size_t>(hp.pool_rows()), false);
+    for (int i = 0; i < n; i++) {
+      const float* src = &kv[i * W];
+      const float* dst = &cache[size_t(hp.row(pos0 + i)) * W];
+      written[size_t(hp.row(pos0 + i))] = true;
+      double ss = 0;
+      for (int j = 0; j < rank; j++) ss += double(src[j]) * src[j];
+      for (int j = 0; j < rank; j++) EXPECT_NEAR(dst[j], w[j] * src[j] / std::sqrt(ss / rank + 1e-6), 1e-5);
+      std::vector<float> k(src + rank, src + rank + rope);
+      cpu::rope_rotate(k.data(), rope, pos0 + i, 1e4f);
+      for (int j = 0; j < rope; j++) EXPECT_EQ(dst[rank + j], k[j]);
+    }
+    for (int64_t row = 0; row < hp.pool_rows(); row++) {
+      if (!written[size_t(row)]) ASSERT_TRUE(std::isnan(cache[size_t(row) * W])) << "pool row " << row << " written";
+    }
   }
-  EXPECT_TRUE(std::isnan(cache[0])) << "rows outside [pos0, pos0+n) must stay untouched";
+}
+
+TEST(CpuOps, GatherRowsAndSampleRows) {
+  CpuBackend be;
+  Rng r(19);
+  const int n = 5, V = 37;
+  std::vector<float> x = randn(r, size_t(n) * V), g(3 * V, kNaN);
+  std::vector<int32_t> idx = {4, 0, 2};
+  be.gather_rows(view(g, {3, V}), view(x, {n, V}), TensorView(idx.data(), DType::I32, {3}));
+  for (int i = 0; i < 3; i++)
+    for (int j = 0; j < V; j++) ASSERT_EQ(g[size_t(i) * V + j], x[size_t(idx[size_t(i)]) * V + j]);
+  // Every row sampled with its own parameters and step equals cpu::sample_token on that row alone.
+  std::vector<SamplingParams> ps(n);
+  std::vector<int32_t> steps(n), toks(n, -1);
+  for (int i = 0; i < n; i++) {
+    ps[size_t(i)].temperature = i == 0 ? 0.0f : 0.5f + 0.3f * i;
+    ps[size_t(i)].top_k = i == 2 ? 5 : 0;
+    ps[size_t(i)].top_p = i == 3 ? 0.8f : 1.0f;
+    ps[size_t(i)].seed = 1000 + uint64_t(i);
+    steps[size_t(i)] = 7 * i;
+  }
+  be.sample_rows(view(x, {n, V}), TensorView(ps.data(), DType::U8, {int64_t(sizeof(SamplingParams)) * n}),
+                 TensorView(steps.data(), DType::I32, {n}), TensorView(toks.data(), DType::I32, {n}));
+  for (int i = 0; i < n; i++)
+    EXPECT_EQ(toks[size_t(i)], cpu::sample_token(&x[size_t(i) * V], V, ps[size_t(i)], uint64_t(steps[size_t(i)]))) << "row " << i;
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // by layer part; --json appends one JSON line per figure (BENCHMARKS.md "How to report a figure").
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <fstream>
@@ -16,6 +17,7 @@
 #include "core/rng.h"
 #include "core/timer.h"
 #include "model/glm4_moe_lite.h"
+#include "runtime/engine.h"
 #include "runtime/generate.h"
 
 namespace trellm::cli {
@@ -26,6 +28,9 @@ struct BenchArgs {
   std::string model, synthetic, save, device = "auto", json, codebook = "mcg", prompt_lens = "512,2048,8192",
               depths = "0,1024,4096,32768";
   int bits = 3, head_bits = 6, decode_tokens = 64, repeats = 3, prefill_chunk = 2048;
+  std::string batch;          // batched engine: batch sizes, e.g. "1,8,32,64" (then the single-sequence parts are skipped)
+  int batch_depth = 1024;     // prompt tokens per sequence before the measured decode steps
+  int prefix_prompt = 8192;   // prefix-cache TTFT: prompt length (0: skip)
   std::string command;
 };
 
@@ -66,6 +71,115 @@ struct Reporter {
     out << j.dump() << "\n";
   }
 };
+
+// Bytes one decode step of `batch` rows at `depth` reads: every weight but the routed experts once, the routed
+// experts each layer's rows picked at least once (random tokens: 1 - (1 - k/E)^batch of them), and every row's
+// cache.
+double step_bytes(const Model& m, int batch, int depth, DType kv_dtype) {
+  const Config& c = m.config();
+  const double k_over_e = double(c.num_experts_per_tok) / double(std::max<int64_t>(1, c.n_routed_experts));
+  const double routed = m.routed_expert_bytes_total();
+  const double rest = m.weight_bytes_per_token() - routed * k_over_e;
+  return rest + routed * (1.0 - std::pow(1.0 - k_over_e, batch)) + double(batch) * m.kv_bytes_per_token(depth, kv_dtype);
+}
+
+// The batched engine: total decode tok/s at each batch size with every sequence `depth` tokens deep, and the
+// time to first token of a long prompt cold and then warm from the prefix cache.
+void run_batch_bench(const BenchArgs& a, Model& model, Backend& backend, Reporter& rep, double bw) {
+  const Config& c = model.config();
+  Rng rng(11);
+  auto random_prompt = [&](int n) {
+    std::vector<int32_t> p(static_cast<size_t>(n));
+    for (auto& x : p) x = int32_t(rng.next_u32() % uint32_t(c.vocab_size));
+    return p;
+  };
+  std::printf("\n  batched decode   depth %d, %d steps measured (median of %d)\n", a.batch_depth, a.decode_tokens, a.repeats);
+  std::printf("  %6s %12s %14s %10s %16s %14s\n", "batch", "total tok/s", "per-stream", "ms/step", "roofline tok/s", "% of roofline");
+  for (int B : parse_list(a.batch, "--batch")) {
+    EngineOptions o;
+    o.max_seqs = B;
+    o.max_step_tokens = a.prefill_chunk;
+    o.context = a.batch_depth + a.decode_tokens * (a.repeats + 1) + 8;
+    o.kv_blocks = B * ((int(o.context) + kKvBlockTokens - 1) / kKvBlockTokens) + 1;
+    o.prefix_caching = false;
+    Engine e(model, o);
+    GenParams p;
+    p.sampling.temperature = 0;
+    p.ignore_eos = true;
+    p.max_tokens = a.decode_tokens * (a.repeats + 1) + 4;
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (int i = 0; i < B; i++) reqs.push_back(e.submit(random_prompt(a.batch_depth), p));
+    // Until every sequence has its first token: prompts are in, every later step is decode only.
+    std::vector<size_t> got(reqs.size(), 0);
+    std::vector<GenToken> sink;
+    auto all_started = [&] {
+      bool all = true;
+      for (size_t i = 0; i < reqs.size(); i++) {
+        sink.clear();
+        reqs[i]->wait(sink, std::chrono::milliseconds(0));
+        got[i] += sink.size();
+        all = all && got[i] > 0;
+      }
+      return all;
+    };
+    while (!all_started()) e.step();
+    for (int w = 0; w < 3; w++) e.step();  // graph capture of this bucket
+    std::vector<double> rates;
+    for (int r = 0; r < a.repeats; r++) {
+      const int64_t g0 = e.stats().generation_tokens;
+      backend.synchronize();
+      Timer t;
+      for (int s = 0; s < a.decode_tokens; s++) e.step();
+      rates.push_back(double(e.stats().generation_tokens - g0) / t.seconds());
+    }
+    const double v = median(rates);
+    const double bytes = step_bytes(model, B, a.batch_depth, backend.kv_dtype());
+    const double limit = bw > 0 ? double(B) * bw / bytes : 0;
+    std::printf("  %6d %12.1f %14.1f %10.3f %16.0f %14.1f\n", B, v, v / B, 1e3 * B / v, limit, limit > 0 ? 100 * v / limit : 0);
+    const std::string shape = "batch=" + std::to_string(B) + " depth=" + std::to_string(a.batch_depth);
+    rep.figure("batched_decode", "decode_tok_s_total", shape, v, "tok/s", limit);
+    rep.figure("batched_decode", "decode_tok_s_per_stream", shape, v / B, "tok/s");
+    for (auto& r : reqs) r->cancel();
+    e.step();
+  }
+  if (a.prefix_prompt <= 0) return;
+  // ---- prefix cache: the same long prompt twice; the second finds its full blocks cached ----
+  EngineOptions o;
+  o.max_seqs = 2;
+  o.max_step_tokens = a.prefill_chunk;
+  o.context = a.prefix_prompt + 16;
+  o.kv_blocks = 2 * ((int(o.context) + kKvBlockTokens - 1) / kKvBlockTokens) + 1;
+  Engine e(model, o);
+  GenParams p;
+  p.sampling.temperature = 0;
+  p.max_tokens = 1;
+  const std::vector<int32_t> prompt = random_prompt(a.prefix_prompt);
+  auto ttft = [&] {
+    backend.synchronize();
+    Timer t;
+    auto r = e.submit(prompt, p);
+    e.run_until_idle();
+    r->wait_all();
+    return t.seconds();
+  };
+  ttft();  // warm-up: scratch, cuBLAS, and the cache now holds the prompt's blocks
+  const double warm = ttft();
+  // Cold: a prompt the cache has not seen (same length).
+  const std::vector<int32_t> other = random_prompt(a.prefix_prompt);
+  backend.synchronize();
+  Timer t;
+  auto r = e.submit(other, p);
+  e.run_until_idle();
+  r->wait_all();
+  const double cold = t.seconds();
+  std::printf("\n  prefix cache: %d-token prompt, time to first token cold %.1f ms, warm %.1f ms (%.1f %% of cold; %lld of %lld "
+              "prompt tokens hit)\n",
+              a.prefix_prompt, 1e3 * cold, 1e3 * warm, 100 * warm / cold, (long long)e.stats().prefix_hit_tokens,
+              (long long)e.stats().prefix_query_tokens);
+  const std::string shape = "prompt=" + std::to_string(a.prefix_prompt);
+  rep.figure("prefix_cache", "ttft_cold_ms", shape, 1e3 * cold, "ms");
+  rep.figure("prefix_cache", "ttft_warm_ms", shape, 1e3 * warm, "ms");
+}
 
 int run_bench(const BenchArgs& a) {
   auto backend = make_backend(a.device);
@@ -117,6 +231,10 @@ int run_bench(const BenchArgs& a) {
   }
   if (bw > 0) std::printf("  copy bandwidth       %.0f GB/s (read + write, 1 GiB device copy)\n", bw / 1e9);
 
+  if (!a.batch.empty()) {
+    run_batch_bench(a, *model, *backend, rep, bw);
+    return 0;
+  }
   const int max_prompt = *std::max_element(prompt_lens.begin(), prompt_lens.end());
   const int max_depth = *std::max_element(depths.begin(), depths.end());
   const int ctx = std::max(max_prompt, max_depth + a.decode_tokens) + 1;
@@ -178,11 +296,17 @@ int run_bench(const BenchArgs& a) {
   auto part_row = [&](const char* what, int n, int pos0, const std::string& label) {
     std::vector<int32_t> toks(static_cast<size_t>(n)), pos(static_cast<size_t>(n));
     for (int i = 0; i < n; i++) toks[size_t(i)] = int32_t(rng.next_u32() % uint32_t(c.vocab_size)), pos[size_t(i)] = pos0 + i;
+    const std::vector<int32_t> seq(static_cast<size_t>(n), 0);  // the generator's one sequence (its table is on the backend)
     backend->from_host(rs.tokens.data, toks.data(), 4 * size_t(n));
     backend->from_host(rs.pos.data, pos.data(), 4 * size_t(n));
+    backend->from_host(rs.seq.data, seq.data(), 4 * size_t(n));
+    Model::Layout lay;
+    lay.n = n;
+    lay.bound = pos0 + n;
+    lay.table_stride = gen.kv_cache().blocks;
     rs.timer = &timer;
     timer.begin();
-    model->forward_uploaded(rs, gen.kv_cache(), n, pos0 + n, false);
+    model->forward_uploaded(rs, gen.kv_cache(), lay);
     rs.timer = nullptr;
     auto ms = timer.collect();
     std::printf("  %10d", n == 1 ? pos0 : n);
@@ -228,6 +352,11 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--decode-tokens", a.decode_tokens, "Tokens per decode measurement")->capture_default_str();
   cmd->add_option("--repeats", a.repeats, "Repeats per figure (the median is reported)")->capture_default_str();
   cmd->add_option("--prefill-chunk", a.prefill_chunk, "Rows per prefill forward")->capture_default_str();
+  cmd->add_option("--batch", a.batch, "Batched engine instead: total decode tok/s at these batch sizes (e.g. 1,8,32,64), then "
+                  "the prefix-cache time to first token");
+  cmd->add_option("--batch-depth", a.batch_depth, "Batched: prompt tokens per sequence before decoding")->capture_default_str();
+  cmd->add_option("--prefix-prompt", a.prefix_prompt, "Batched: prompt length of the prefix-cache TTFT (0: skip)")
+      ->capture_default_str();
   cmd->add_option("--device", a.device, "cpu, cuda, cuda:N or auto")->capture_default_str();
   cmd->add_option("--json", a.json, "Append one JSON line per figure to this file");
   cmd->callback([] { std::exit(run_bench(a)); });

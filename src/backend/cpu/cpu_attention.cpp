@@ -26,11 +26,34 @@ void check_mla_shapes(TensorView out, TensorView q, TensorView cache, const Line
   TRELLM_ASSERT(cache.cols() == d.cache_width() && (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
                 "cache ", shape_str(cache));
   TRELLM_ASSERT(kv_b.in == d.kv_rank && kv_b.out == int64_t(d.heads) * (d.nope_dim + d.v_dim));
-  TRELLM_ASSERT(pos.pos.numel() == q.dim(0));
-  for (int64_t i = 0; i < q.dim(0); i++)
-    TRELLM_ASSERT(pos.pos.ptr<int32_t>()[i] >= 0 && pos.pos.ptr<int32_t>()[i] < cache.rows(), "position outside the cache");
+  check_cache_rows(pos, q.dim(0), cache.rows());
 }
 }  // namespace
+
+// Every row's position and block must lie inside its table and the pool: a bad table is a bug in the caller.
+void check_cache_rows(const Positions& pos, int64_t n, int64_t pool_rows) {
+  TRELLM_ASSERT(pos.pos.numel() == n && pos.seq.numel() == n && pos.tables.ndim == 2, "positions for ", n, " rows");
+  const int32_t* p = pos.pos.ptr<int32_t>();
+  const int32_t* sq = pos.seq.ptr<int32_t>();
+  for (int64_t i = 0; i < n; i++) {
+    TRELLM_ASSERT(p[i] >= 0 && p[i] < pos.bound && sq[i] >= 0 && sq[i] < pos.tables.rows() &&
+                      p[i] / kKvBlockTokens < pos.max_blocks(),
+                  "row ", i, ": position ", p[i], " of table ", sq[i], " outside the step's tables");
+    const int64_t row = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(sq[i]) * pos.max_blocks(), p[i]);
+    TRELLM_ASSERT(row >= 0 && row < pool_rows, "row ", i, ": pool row ", row, " outside the cache of ", pool_rows);
+  }
+}
+
+// Rows [0, rows) of the sequence with block table `table`, gathered from the pool into contiguous f32 [rows, width].
+void CpuBackend::gather_sequence(float* dst, TensorView cache, const int32_t* table, int64_t rows) {
+  const int64_t W = cache.cols();
+  const size_t esz = dtype_size(cache.dtype);
+  for (int64_t t0 = 0; t0 < rows; t0 += kKvBlockTokens) {
+    const int64_t nt = std::min<int64_t>(kKvBlockTokens, rows - t0);
+    const char* src = static_cast<const char*>(cache.data) + kv_pool_row(table, t0) * W * esz;
+    to_f32(dst + t0 * W, src, cache.dtype, nt * W);
+  }
+}
 
 void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
                                     const int32_t* pos, const MlaDims& d) {
@@ -79,22 +102,38 @@ void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, c
                                const MlaDims& d, MlaMode mode) {
   check_mla_shapes(out, q, cache, kv_b, pos, d);
   if (observer_) observe_latents(kv_b, cache, pos, d.kv_rank);
-  if (cache.dtype == DType::BF16) {  // the rows in use, as f32 (the reference math is the same for both)
-    const int64_t rows = *std::max_element(pos.pos.ptr<int32_t>(), pos.pos.ptr<int32_t>() + q.dim(0)) + 1;
-    float* f = scratch(5, size_t(rows * d.cache_width()));
-    to_f32(f, cache.data, DType::BF16, rows * d.cache_width());
-    cache = TensorView(f, DType::F32, {rows, d.cache_width()});
+  // Run by run: the run's sequence, rows [0, last position] gathered contiguous in f32 (the reference math is the
+  // same for f32 and bf16 caches), then the attention of the run's query rows over them.
+  const int64_t n = q.dim(0), W = d.cache_width();
+  const int32_t* p = pos.pos.ptr<int32_t>();
+  const int32_t* sq = pos.seq.ptr<int32_t>();
+  int64_t r0 = 0;
+  for (size_t k = 0; r0 < n; k++) {
+    const int64_t len = pos.runs.empty() ? n : pos.runs[k];
+    TRELLM_ASSERT(len >= 1 && r0 + len <= n, "runs of the step do not add up to its ", n, " rows");
+    int64_t rows = 0;
+    for (int64_t i = r0; i < r0 + len; i++) {
+      TRELLM_ASSERT(sq[i] == sq[r0], "row ", i, " is not of its run's sequence");
+      rows = std::max<int64_t>(rows, p[i] + 1);
+    }
+    float* c = scratch(5, size_t(rows * W));
+    gather_sequence(c, cache, pos.tables.ptr<int32_t>() + int64_t(sq[r0]) * pos.max_blocks(), rows);
+    const TensorView seq_cache(c, DType::F32, {rows, W});
+    const TensorView qr(q[r0].data, DType::F32, {len, q.dim(1), q.dim(2)});
+    const TensorView orr(out[r0].data, DType::F32, {len, out.cols()});
+    if (mode == MlaMode::Absorbed) attention_absorbed(orr, qr, seq_cache, kv_b, p + r0, d);
+    else attention_expanded(orr, qr, seq_cache, kv_b, p + r0, d);
+    r0 += len;
   }
-  if (mode == MlaMode::Absorbed) return attention_absorbed(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
-  attention_expanded(out, q, cache, kv_b, pos.pos.ptr<int32_t>(), d);
 }
 
-// The inputs kv_b_proj is applied to for this step's tokens: their normalised latents c_kv (cache rows pos[i]).
+// The inputs kv_b_proj is applied to for this step's tokens: their normalised latents c_kv (their cache rows).
 void CpuBackend::observe_latents(const Linear& kv_b, TensorView cache, const Positions& pos, int rank) {
   const int64_t n = pos.pos.numel(), W = cache.cols();
   std::vector<float> lat(size_t(n * rank));
   for (int64_t i = 0; i < n; i++) {
-    const int64_t row = pos.pos.ptr<int32_t>()[i];
+    const int64_t row = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(pos.seq.ptr<int32_t>()[i]) * pos.max_blocks(),
+                                    pos.pos.ptr<int32_t>()[i]);
     to_f32(lat.data() + i * rank, static_cast<const char*>(cache.data) + row * W * dtype_size(cache.dtype), cache.dtype, rank);
   }
   observer_(kv_b, TensorView(lat.data(), DType::F32, {n, int64_t(rank)}));

@@ -151,6 +151,29 @@ void CpuBackend::sample_step(TensorView logits, TensorView params, TensorView to
   h[1 + h[0]++] = best;
 }
 
+void CpuBackend::sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) {
+  const int64_t n = logits.rows();
+  TRELLM_ASSERT(params.nbytes() == size_t(n) * sizeof(SamplingParams) && steps.numel() == n && tokens.numel() == n,
+                "sample_rows: ", n, " rows");
+  const auto* p = static_cast<const SamplingParams*>(params.data);
+  parallel_for(n, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i++)
+      tokens.ptr<int32_t>()[i] =
+          sample_token(logits.ptr<float>() + i * logits.cols(), logits.cols(), p[i], uint64_t(steps.ptr<int32_t>()[i]));
+  });
+}
+
+void CpuBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {
+  TRELLM_ASSERT(out.cols() == x.cols() && idx.numel() == out.rows() && out.dtype == x.dtype, "gather_rows shapes");
+  const size_t row_bytes = size_t(x.cols()) * dtype_size(x.dtype);
+  for (int64_t i = 0; i < out.rows(); i++) {
+    const int32_t r = idx.ptr<int32_t>()[i];
+    TRELLM_ASSERT(r >= 0 && r < x.rows(), "gather_rows: row ", r, " of ", x.rows());
+    std::memmove(static_cast<char*>(out.data) + size_t(i) * row_bytes, static_cast<const char*>(x.data) + size_t(r) * row_bytes,
+                 row_bytes);
+  }
+}
+
 // The EXL3 product in the reference's order (trellis_ref.h): input transform, x_h · Q, output transform; Q comes
 // from the decoded cache when it fits, else the reference decodes it on the fly.
 void CpuBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) {
@@ -233,22 +256,22 @@ void CpuBackend::rope(TensorView x, int offset, const Positions& pos, const Rope
 void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                   const RopeParams& rope) {
   const int64_t n = kv.rows(), width = kv.cols(), rank = norm_w.numel();
-  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && pos.pos.numel() == n &&
-                    (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
+  TRELLM_ASSERT(cache.cols() == width && rank + rope.dim == width && (cache.dtype == DType::F32 || cache.dtype == DType::BF16),
                 "cache ", shape_str(cache), " kv ", shape_str(kv));
+  check_cache_rows(pos, n, cache.rows());
   const int32_t* p = pos.pos.ptr<int32_t>();
   std::vector<float> row(static_cast<size_t>(width));
   for (int64_t i = 0; i < n; i++) {
-    TRELLM_ASSERT(p[i] >= 0 && p[i] < cache.rows(), "position ", p[i], " outside the cache of ", cache.rows());
+    const int64_t slot = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(pos.seq.ptr<int32_t>()[i]) * pos.max_blocks(), p[i]);
     const float* src = kv.ptr<float>() + i * width;
     TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(row.data(), DType::F32, {1, rank});
     rms_norm(d, s, norm_w, eps);
     std::memcpy(row.data() + rank, src + rank, sizeof(float) * rope.dim);
     rope_rotate(row.data() + rank, rope.dim, p[i], rope.theta);
     if (cache.dtype == DType::F32) {
-      std::memcpy(cache.ptr<float>() + int64_t(p[i]) * width, row.data(), sizeof(float) * width);
+      std::memcpy(cache.ptr<float>() + slot * width, row.data(), sizeof(float) * width);
     } else {  // a bf16 cache (what the GPU keeps): the f32 row rounded once
-      uint16_t* dst = cache.ptr<uint16_t>() + int64_t(p[i]) * width;
+      uint16_t* dst = cache.ptr<uint16_t>() + slot * width;
       for (int64_t j = 0; j < width; j++) dst[j] = f32_to_bf16(row[j]);
     }
   }

@@ -42,6 +42,8 @@ class CpuBackend final : public Backend {
                const Expert* shared) override;
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
                    TensorView history) override;
+  void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) override;
+  void gather_rows(TensorView out, TensorView x, TensorView idx) override;
 
  private:
   void add_bias(TensorView out, const Linear& w);
@@ -64,12 +66,16 @@ class CpuBackend final : public Backend {
   std::unordered_map<const trellis::TrellisWeight*, std::vector<float>> decoded_;
   size_t decoded_bytes_ = 0;
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
+  void gather_sequence(float* dst, TensorView cache, const int32_t* table, int64_t rows);
   void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
   void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
   // Grow-only scratch (the forward pass stops allocating after its first step).
   float* scratch(size_t slot, size_t floats);
   std::vector<std::vector<float>> scratch_;
 };
+
+// Asserts that every row of `pos` (n rows) maps to a pool row below pool_rows through its block table.
+void check_cache_rows(const Positions& pos, int64_t n, int64_t pool_rows);
 
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).

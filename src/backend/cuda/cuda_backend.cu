@@ -28,6 +28,10 @@ namespace {
 constexpr int64_t kGemvMaxRows = 8;
 constexpr int64_t kSplitMaxRows = 64;
 constexpr int kExpandTile = 256;  // keys per expanded-attention tile
+// cuBLAS's workspace, set explicitly so a captured step (batched decode: the MLA projections of 17+ rows and the
+// dense products run through cuBLAS) never makes cuBLAS allocate inside the capture; 32 MiB is NVIDIA's
+// recommendation for Hopper.
+constexpr size_t kCublasWorkspace = size_t(32) << 20;
 }  // namespace
 
 struct CudaBackend::Impl {
@@ -36,8 +40,10 @@ struct CudaBackend::Impl {
   bool mla_v1 = false;  // route attention_mla to the v1 kernels (tests, benchmark baseline)
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  void* cublas_workspace = nullptr;                            // kCublasWorkspace bytes, owned
   std::string name;
   std::vector<std::pair<void*, size_t>> scratch;               // grow-only device buffers
+  uint64_t epoch = 0;                                          // scratch reallocations (Backend::memory_epoch)
   std::unordered_map<const void*, void*> moe_tables;           // experts span -> device pointer table
   std::vector<cudaEvent_t> events;                             // record_event() handles
 
@@ -50,6 +56,7 @@ struct CudaBackend::Impl {
       TRELLM_ASSERT(st == cudaStreamCaptureStatusNone, "scratch must not grow while a CUDA graph is captured");
       TRELLM_CUDA_CHECK(cudaStreamSynchronize(stream));
       if (s.first) TRELLM_CUDA_CHECK(cudaFree(s.first));
+      epoch++;  // graphs captured before point to the freed buffer
       size_t want = std::max(bytes, s.second * 3 / 2);
       cudaError_t e = cudaMalloc(&s.first, want);
       if (e != cudaSuccess) {
@@ -95,7 +102,9 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
   impl_->num_sms = p.multiProcessorCount;
   TRELLM_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
   TRELLM_CUBLAS_CHECK(cublasCreate(&impl_->cublas));
-  TRELLM_CUBLAS_CHECK(cublasSetStream(impl_->cublas, impl_->stream));
+  TRELLM_CUBLAS_CHECK(cublasSetStream(impl_->cublas, impl_->stream));  // (resets the workspace: set it after)
+  TRELLM_CUDA_CHECK(cudaMalloc(&impl_->cublas_workspace, kCublasWorkspace));
+  TRELLM_CUBLAS_CHECK(cublasSetWorkspace(impl_->cublas, impl_->cublas_workspace, kCublasWorkspace));
 }
 
 CudaBackend::~CudaBackend() {
@@ -107,6 +116,7 @@ CudaBackend::~CudaBackend() {
   for (auto& t : impl_->gate_f32) cudaFree(t.second);
   for (auto e : impl_->events) cudaEventDestroy(e);
   cublasDestroy(impl_->cublas);
+  cudaFree(impl_->cublas_workspace);
   cudaStreamDestroy(impl_->stream);
 }
 
@@ -171,23 +181,40 @@ void CudaBackend::rope(TensorView x, int offset, const Positions& pos, const Rop
              impl_->stream);
 }
 
+namespace {
+static_assert(cuda::kPageTokens == kKvBlockTokens, "kv_pages.h and backend.h must agree on the cache block size");
+
+// The paged-cache view of a step's n rows (backend.h Positions), checked once per op: a bf16 pool of whole blocks
+// and block tables that cover the bound.
+cuda::KvPages kv_pages(TensorView cache, const Positions& p, int64_t n) {
+  TRELLM_ASSERT(cache.ndim == 2 && cache.dtype == DType::BF16 && cache.rows() % kKvBlockTokens == 0,
+                "latent cache pool: bf16 [blocks * ", kKvBlockTokens, ", width], not ", shape_str(cache));
+  TRELLM_ASSERT(p.pos.dtype == DType::I32 && p.pos.numel() == n && p.seq.dtype == DType::I32 && p.seq.numel() == n,
+                "positions: pos and seq I32 [", n, "], not ", shape_str(p.pos), " and ", shape_str(p.seq));
+  TRELLM_ASSERT(p.tables.data && p.tables.ndim == 2 && p.tables.dtype == DType::I32 &&
+                    int64_t(p.bound) <= int64_t(p.max_blocks()) * kKvBlockTokens,
+                "block tables I32 [n_tables, max_blocks] covering bound ", p.bound, ", not ", shape_str(p.tables));
+  return cuda::KvPages{p.tables.ptr<int32_t>(), p.seq.ptr<int32_t>(), p.max_blocks()};
+}
+}  // namespace
+
 void CudaBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView norm_w, float eps, const Positions& pos,
                                    const RopeParams& r) {
   const int rank = int(norm_w.numel());
-  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
-                pos.bound <= cache.rows() && pos.pos.numel() == kv.rows());
+  TRELLM_ASSERT(cache.cols() == kv.cols() && rank + r.dim == kv.cols());
+  const cuda::KvPages pages = kv_pages(cache, pos, kv.rows());
   cuda::mla_cache_append(cache.ptr<uint16_t>(), kv.ptr<float>(), norm_w.ptr<float>(), int(kv.rows()), rank, r.dim, eps,
-                         pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
+                         pos.pos.ptr<int32_t>(), pages, r.theta, impl_->stream);
 }
 
 void CudaBackend::mla_rope_append(TensorView q, int offset, TensorView cache, TensorView kv, TensorView norm_w, float eps,
                                   const Positions& pos, const RopeParams& r) {
   const int rank = int(norm_w.numel());
-  TRELLM_ASSERT(q.ndim == 3 && offset + r.dim <= q.dim(2) && pos.pos.numel() == q.dim(0) && kv.rows() == q.dim(0) &&
-                cache.cols() == kv.cols() && rank + r.dim == kv.cols() && cache.dtype == DType::BF16 &&
-                pos.bound <= cache.rows());
+  TRELLM_ASSERT(q.ndim == 3 && offset + r.dim <= q.dim(2) && kv.rows() == q.dim(0) && cache.cols() == kv.cols() &&
+                rank + r.dim == kv.cols());
+  const cuda::KvPages pages = kv_pages(cache, pos, kv.rows());
   cuda::mla_rope_append(q.ptr<float>(), int(q.dim(1)), int(q.dim(2)), offset, r.dim, cache.ptr<uint16_t>(), kv.ptr<float>(),
-                        norm_w.ptr<float>(), int(kv.rows()), rank, eps, pos.pos.ptr<int32_t>(), r.theta, impl_->stream);
+                        norm_w.ptr<float>(), int(kv.rows()), rank, eps, pos.pos.ptr<int32_t>(), pages, r.theta, impl_->stream);
 }
 
 }  // namespace trellm
@@ -324,8 +351,73 @@ bool CudaBackend::mla_fast(TensorView out, const Linear& kv_b, const Positions& 
          out.numel() == int64_t(n) * d.heads * d.v_dim && pos.bound >= 1;
 }
 
-// Decode on the tensor-core path: the rope + cache append run inside the q_lat kernel (mla::RopeAppend), one
-// launch fewer per layer. Everything else: the two ops.
+namespace {
+// The kernel calls one MLA op makes (Positions::runs): each maximal stretch of one-row runs (decode rows, each of
+// its own sequence) is one PerRow call, each longer run one Run call with its sequence's table. A decode batch of
+// 64 sequences is one call; 64 decode rows + a prompt chunk are two. With more than 32 heads (no PerRow groups) a
+// one-row run is a Run call of its own.
+struct MlaPart {
+  int row0, n;
+  mla::Grouping grouping;
+};
+std::vector<MlaPart> mla_parts(const Positions& pos, int n, int heads) {
+  if (pos.runs.empty()) return {MlaPart{0, n, mla::Grouping::Run}};
+  const bool per_row = heads <= mla::kRowsPerCta;
+  std::vector<MlaPart> parts;
+  int row = 0;
+  for (int len : pos.runs) {
+    TRELLM_ASSERT(len >= 1 && row + len <= n, "positions: run of ", len, " rows at row ", row, " of ", n);
+    MlaPart* last = parts.empty() ? nullptr : &parts.back();
+    if (len == 1 && per_row && last && last->grouping == mla::Grouping::PerRow) last->n++;
+    else parts.push_back(MlaPart{row, len, len == 1 && per_row ? mla::Grouping::PerRow : mla::Grouping::Run});
+    row += len;
+  }
+  TRELLM_ASSERT(row == n, "positions: runs cover ", row, " rows, not ", n);
+  return parts;
+}
+
+// The tensor-core kernels on rows [part.row0, part.row0 + part.n): q, out, pos and seq as pointer offsets. n <= 16
+// rows take the graph-capturable decode kernels (ra: the rope + cache append folded in); more rows the cuBLAS
+// projections around the tensor-core attention (a PerRow batch of decode rows too: no allocation, no sync, so
+// it captures), or the expanded form where the plan says so.
+void mla_fast_part(CudaBackend::Impl& impl, TensorView out, TensorView q, TensorView cache, const Linear& kv_b,
+                   const Positions& pos, const cuda::KvPages& pages, const MlaDims& d, int row0, const mla::Plan& p, void* work,
+                   const mla::RopeAppend* ra) {
+  cudaStream_t s = impl.stream;
+  const int n = p.n, H = d.heads, per = d.nope_dim + d.v_dim, qd = d.q_head_dim(), R = mla::kRank, W = mla::kWidth;
+  const mla::Args a{out.ptr<float>() + size_t(row0) * H * d.v_dim, q.ptr<float>() + size_t(row0) * H * qd,
+                    cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>() + row0, pages.from(row0),
+                    n, H, d.nope_dim, d.v_dim, d.scale, work, ra};
+  if (!p.prefill) return mla::decode(a, p, s);
+  TRELLM_ASSERT(!ra, "the folded rope + append is for decode plans");
+  char* w = static_cast<char*>(work);
+  const float one = 1.0f, zero = 0.0f;
+  if (p.expanded) {
+    // The sequence's rows [0, bound) into one contiguous buffer, then column-major: KVx[j, t] = Σ_k kv_b[j][k] c_kv[t][k]
+    // (m = heads*(nope+v), n = bound, k = 512; c_kv is the first 512 columns of a 576-wide row)
+    mla::gather_sequence(a, p, s);
+    TRELLM_CUBLAS_CHECK(cublasGemmEx(impl.cublas, CUBLAS_OP_T, CUBLAS_OP_N, H * per, p.bound, R, &one, kv_b.weight.data,
+                                     CUDA_R_16BF, R, w + p.seq_rows, CUDA_R_16BF, W, &zero, w + p.kvx, CUDA_R_16BF, H * per,
+                                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return mla::expanded_attend(a, p, s);
+  }
+  mla::prefill_prepare(a, p, s);
+  // Column-major views per head h: Qb_lat[k, i] = Σ_d W_UK[h][d][k] q[i,h,d]  (m = 512, n = n, k = nope)
+  TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      impl.cublas, CUBLAS_OP_N, CUBLAS_OP_N, R, n, d.nope_dim, &one, kv_b.weight.data, CUDA_R_16BF, R, int64_t(per) * R,
+      w + p.q16, CUDA_R_16BF, H * qd, qd, &zero, w + p.qb, CUDA_R_16BF, H * W, W, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  mla::attend(a, p, s);
+  // out[i, h*v + j] = Σ_k W_UV[h][j][k] o_lat[i*H+h][k]  (m = v, n = n, k = 512; W_UV row-major = op T)
+  TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      impl.cublas, CUBLAS_OP_T, CUBLAS_OP_N, d.v_dim, n, R, &one,
+      static_cast<const uint16_t*>(kv_b.weight.data) + size_t(d.nope_dim) * R, CUDA_R_16BF, R, int64_t(per) * R, w + p.olat,
+      CUDA_R_16BF, H * R, R, &zero, a.out, CUDA_R_32F, H * d.v_dim, d.v_dim, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+}  // namespace
+
+// Decode on the tensor-core path, one kernel call (a single run or one stretch of decode rows, n <= 16): the rope +
+// cache append run inside the q_lat kernel (mla::RopeAppend), one launch fewer per layer. Everything else: the
+// rope + append kernel over all rows, then the attention per part.
 void CudaBackend::attention_mla_append(TensorView out, TensorView q, int offset, TensorView cache, TensorView kv,
                                        TensorView norm_w, float eps, const Linear& kv_b_in, const Positions& pos,
                                        const MlaDims& d, const RopeParams& rope, MlaMode mode) {
@@ -334,15 +426,15 @@ void CudaBackend::attention_mla_append(TensorView out, TensorView q, int offset,
   const int n = int(q.dim(0));
   if (!mla_fast(out, kv_b, pos, d, n) || n > mla::kDecodeMaxRows || offset != d.nope_dim || rope.dim != d.rope_dim)
     return Backend::attention_mla_append(out, q, offset, cache, kv, norm_w, eps, kv_b_in, pos, d, rope, mode);
+  const std::vector<MlaPart> parts = mla_parts(pos, n, d.heads);
+  if (parts.size() != 1) return Backend::attention_mla_append(out, q, offset, cache, kv, norm_w, eps, kv_b_in, pos, d, rope, mode);
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
-                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv.rows() == n && kv.cols() == cache.cols() &&
-                norm_w.numel() == d.kv_rank && norm_w.dtype == DType::F32 && pos.pos.numel() == n,
+                kv.rows() == n && kv.cols() == cache.cols() && norm_w.numel() == d.kv_rank && norm_w.dtype == DType::F32,
                 "attention_mla_append shapes: q ", shape_str(q), " kv ", shape_str(kv), " cache ", shape_str(cache));
-  const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
+  const cuda::KvPages pages = kv_pages(cache, pos, n);
+  const mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, parts[0].grouping);
   const mla::RopeAppend ra{kv.ptr<float>(), norm_w.ptr<float>(), eps, cache.ptr<uint16_t>(), rope.theta};
-  mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
-              n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes), &ra};
-  mla::decode(a, p, impl_->stream);
+  mla_fast_part(*impl_, out, q, cache, kv_b, pos, pages, d, 0, p, impl_->scratch_bytes(8, p.bytes), &ra);
 }
 
 void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
@@ -353,63 +445,67 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   const Linear& kv_b = dense_bf16(kv_b_in, kv_b_tmp);
   const int n = int(q.dim(0));
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
-                cache.dtype == DType::BF16 && pos.bound <= cache.rows() && kv_b.in == d.kv_rank && pos.pos.numel() == n);
+                kv_b.in == d.kv_rank, "attention_mla shapes: q ", shape_str(q), " cache ", shape_str(cache));
+  const cuda::KvPages pages = kv_pages(cache, pos, n);
+  const std::vector<MlaPart> parts = mla_parts(pos, n, d.heads);
   cudaStream_t s = impl_->stream;
   // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
-  // mode: n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (absorbed or
+  // mode: per part, n <= 16 rows take the graph-capturable decode path, longer ones the prefill path (absorbed or
   // expanded, whichever make_plan finds cheaper; the same function either way, and whatever the mode). The
   // expanded form's key buffer (up to 294 MB) is optional: without room for it the prefill stays absorbed.
   // Other shapes (the tiny fixtures) run the v1 kernels below.
   if (mla_fast(out, kv_b, pos, d, n)) {
-    mla::Plan p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms);
-    if (p.expanded && !impl_->scratch_fits(8, p.bytes))
-      p = mla::make_plan(n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, /*allow_expanded=*/false);
-    mla::Args a{out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.ptr<uint16_t>(), pos.pos.ptr<int32_t>(),
-                n, d.heads, d.nope_dim, d.v_dim, d.scale, impl_->scratch_bytes(8, p.bytes)};
-    if (!p.prefill) return mla::decode(a, p, s);
-    const int H = d.heads, per = d.nope_dim + d.v_dim, qd = d.q_head_dim(), R = mla::kRank, W = mla::kWidth;
-    char* w = static_cast<char*>(a.work);
-    const float one = 1.0f, zero = 0.0f;
-    if (p.expanded) {
-      // Column-major: KVx[j, t] = Σ_k kv_b[j][k] c_kv[t][k]  (m = heads*(nope+v), n = bound, k = 512; c_kv is
-      // the first 512 columns of a 576-wide cache row)
-      TRELLM_CUBLAS_CHECK(cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, H * per, pos.bound, R, &one, kv_b.weight.data,
-                                       CUDA_R_16BF, R, cache.data, CUDA_R_16BF, W, &zero, w + p.kvx, CUDA_R_16BF, H * per,
-                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      return mla::expanded_attend(a, p, s);
+    // The parts run one after another on the stream, so they share one workspace, sized for the largest.
+    std::vector<mla::Plan> plans;
+    size_t bytes = 0;
+    for (const MlaPart& part : parts) {
+      mla::Plan p = mla::make_plan(part.n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, part.grouping);
+      if (p.expanded && !impl_->scratch_fits(8, p.bytes))
+        p = mla::make_plan(part.n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, part.grouping,
+                           /*allow_expanded=*/false);
+      bytes = std::max(bytes, p.bytes);
+      plans.push_back(p);
     }
-    mla::prefill_prepare(a, p, s);
-    // Column-major views per head h: Qb_lat[k, i] = Σ_d W_UK[h][d][k] q[i,h,d]  (m = 512, n = n, k = nope)
-    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        impl_->cublas, CUBLAS_OP_N, CUBLAS_OP_N, R, n, d.nope_dim, &one, kv_b.weight.data, CUDA_R_16BF, R, int64_t(per) * R,
-        w + p.q16, CUDA_R_16BF, H * qd, qd, &zero, w + p.qb, CUDA_R_16BF, H * W, W, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    mla::attend(a, p, s);
-    // out[i, h*v + j] = Σ_k W_UV[h][j][k] o_lat[i*H+h][k]  (m = v, n = n, k = 512; W_UV row-major = op T)
-    TRELLM_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-        impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, d.v_dim, n, R, &one,
-        static_cast<const uint16_t*>(kv_b.weight.data) + size_t(d.nope_dim) * R, CUDA_R_16BF, R, int64_t(per) * R, w + p.olat,
-        CUDA_R_16BF, H * R, R, &zero, out.data, CUDA_R_32F, H * d.v_dim, d.v_dim, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    void* work = impl_->scratch_bytes(8, bytes);
+    for (size_t i = 0; i < parts.size(); i++)
+      mla_fast_part(*impl_, out, q, cache, kv_b, pos, pages, d, parts[i].row0, plans[i], work, nullptr);
     return;
   }
-  MlaShape m{n, d.heads, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>(), pos.bound, d.scale};
-  if (mode == MlaMode::Absorbed) {
-    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(n, d.heads, d.kv_rank, pos.bound));
-    mla_absorbed(out.ptr<float>(), q.ptr<float>(), cache.ptr<uint16_t>(), kv_b.weight.data, kv_b.weight.dtype, m, work, s);
-    return;
-  }
-  const int rows = n * d.heads, per = d.nope_dim + d.v_dim, T = pos.bound;
+  // v1: the absorbed form takes every row at once (each reads its own table); the expanded form runs per
+  // sequence (a run), and decode rows of different sequences run absorbed (the same function).
+  const int H = d.heads, qd = d.q_head_dim();
+  auto shape = [&](int row0, int rows_n) {
+    return MlaShape{rows_n, H, d.kv_rank, d.rope_dim, d.nope_dim, d.v_dim, pos.pos.ptr<int32_t>() + row0, pos.bound, d.scale,
+                    pages.from(row0)};
+  };
+  auto absorbed = [&](int row0, int rows_n) {
+    float* work = impl_->scratch_f32(1, mla_absorbed_work_floats(rows_n, H, d.kv_rank, pos.bound));
+    mla_absorbed(out.ptr<float>() + size_t(row0) * H * d.v_dim, q.ptr<float>() + size_t(row0) * H * qd, cache.ptr<uint16_t>(),
+                 kv_b.weight.data, kv_b.weight.dtype, shape(row0, rows_n), work, s);
+  };
+  if (mode == MlaMode::Absorbed) return absorbed(0, n);
+  const int per = d.nope_dim + d.v_dim, T = pos.bound;
   float* lat = impl_->scratch_f32(2, size_t(kExpandTile) * d.kv_rank);
   float* kvx = impl_->scratch_f32(3, size_t(kExpandTile) * d.heads * per);
-  float* acc = impl_->scratch_f32(4, size_t(rows) * d.v_dim);
-  float* st = impl_->scratch_f32(5, size_t(rows) * 2);
-  mla_expanded_init(acc, st, st + rows, rows, d.v_dim, s);
-  for (int t0 = 0; t0 < T; t0 += kExpandTile) {
-    const int nt = std::min(kExpandTile, T - t0);
-    gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), s);
-    matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
-    mla_expanded_tile(q.ptr<float>(), cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
+  float* acc = impl_->scratch_f32(4, size_t(n) * H * d.v_dim);
+  float* st = impl_->scratch_f32(5, size_t(n) * H * 2);
+  for (const MlaPart& part : parts) {
+    if (part.grouping == mla::Grouping::PerRow) {
+      absorbed(part.row0, part.n);
+      continue;
+    }
+    const int rows = part.n * H;
+    const MlaShape m = shape(part.row0, part.n);
+    const float* qp = q.ptr<float>() + size_t(part.row0) * H * qd;
+    mla_expanded_init(acc, st, st + rows, rows, d.v_dim, s);
+    for (int t0 = 0; t0 < T; t0 += kExpandTile) {
+      const int nt = std::min(kExpandTile, T - t0);
+      gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), m.pages, m.pos + part.n - 1, s);
+      matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
+      mla_expanded_tile(qp, cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
+    }
+    mla_expanded_finish(out.ptr<float>() + size_t(part.row0) * H * d.v_dim, acc, st + rows, rows, d.v_dim, s);
   }
-  mla_expanded_finish(out.ptr<float>(), acc, st + rows, rows, d.v_dim, s);
 }
 
 // Rows from which the shared expert of a trellis MoE runs as dense products (dequantize + cuBLAS) instead of
@@ -574,6 +670,23 @@ void CudaBackend::sample_step(TensorView logits, TensorView params, TensorView t
                     history.ptr<int32_t>(), history.numel(), impl_->stream);
 }
 
+void CudaBackend::sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) {
+  const int64_t n = logits.rows();
+  TRELLM_ASSERT(logits.dtype == DType::F32 && steps.dtype == DType::I32 && tokens.dtype == DType::I32 && steps.numel() == n &&
+                    tokens.numel() == n && params.nbytes() == size_t(n) * sizeof(SamplingParams),
+                "sample_rows: logits ", shape_str(logits), " params ", params.nbytes(), " B, steps ", shape_str(steps),
+                " tokens ", shape_str(tokens));
+  cuda::sample_rows(logits.ptr<float>(), logits.cols(), int(n), params.data, steps.ptr<int32_t>(), tokens.ptr<int32_t>(),
+                    impl_->stream);
+}
+
+void CudaBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {
+  TRELLM_ASSERT(idx.dtype == DType::I32 && out.dtype == x.dtype && out.rows() == idx.numel() && out.cols() == x.cols(),
+                "gather_rows: out ", shape_str(out), " x ", shape_str(x), " idx ", shape_str(idx));
+  cuda::gather_rows(out.data, x.data, idx.ptr<int32_t>(), int(idx.numel()), x.cols() * int64_t(dtype_size(x.dtype)),
+                    impl_->stream);
+}
+
 namespace {
 class CudaStepGraph final : public StepGraph {
  public:
@@ -586,6 +699,8 @@ class CudaStepGraph final : public StepGraph {
   cudaStream_t stream_;
 };
 }  // namespace
+
+uint64_t CudaBackend::memory_epoch() const { return impl_->epoch; }
 
 std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& step) {
   cudaStream_t s = impl_->stream;

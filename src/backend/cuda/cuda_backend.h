@@ -20,6 +20,7 @@ class CudaBackend final : public Backend {
   void fill_random(TensorView t, uint64_t seed, float scale) override;
   void synchronize() override;
   std::unique_ptr<StepGraph> capture(const std::function<void()>& step) override;
+  uint64_t memory_epoch() const override;
   int record_event() override;
   double elapsed_ms(int from, int to) override;
   std::pair<size_t, size_t> memory_used_total() override;
@@ -53,6 +54,8 @@ class CudaBackend final : public Backend {
                const Expert* shared) override;
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
                    TensorView history) override;
+  void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) override;
+  void gather_rows(TensorView out, TensorView x, TensorView idx) override;
 
   void* stream() const;  // the cudaStream_t every op runs on
   // attention_mla on the v1 kernels (f32 CUDA cores) even where the tensor-core ones apply: the ladder

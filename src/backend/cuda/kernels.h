@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "backend/cuda/kv_pages.h"
 #include "core/dtype.h"
 
 namespace trellm::cuda {
@@ -32,21 +33,27 @@ void add_halves(float* out, const float* y, int64_t n, const float* bias, int d,
 void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s);
 // Interleaved RoPE in place on x [n, heads, head_dim], dims [offset, offset+dim), row i at position pos[i].
 void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const int32_t* pos, float theta, cudaStream_t s);
-// cache row pos[i] = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]), cache width rank + rope_dim
+// The cache pool row of row i's position pos[i] (kv_pages.h) = bf16([rms_norm(kv[i, :rank]) | rope(kv[i, rank:])]),
+// cache width rank + rope_dim.
 void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
-                      const int32_t* pos, float theta, cudaStream_t s);
+                      const int32_t* pos, const KvPages& pages, float theta, cudaStream_t s);
 // rope(q, ...) and mla_cache_append(cache, kv, ...) in one launch (rope dims = dim for both).
 void mla_rope_append(float* q, int heads, int head_dim, int offset, int dim, uint16_t* cache, const float* kv,
-                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, float theta, cudaStream_t s);
+                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, const KvPages& pages, float theta,
+                     cudaStream_t s);
+// out[i, :] = x[idx[i], :] for m rows of row_bytes bytes each.
+void gather_rows(void* out, const void* x, const int32_t* idx, int m, int64_t row_bytes, cudaStream_t s);
 
-// MLA attention over a bf16 latent cache [capacity, rank+rope]; query row i attends to rows [0, pos[i]].
-// bound: host-side upper bound on pos[i] + 1 (sizes grids). Absorbed: q [n, H, nope+rope], kv_b
-// [H*(nope+v), rank] (BF16/F16/F32), out [n, H*v]; work: mla_absorbed_work_floats(n, H, rank, bound) floats.
+// MLA attention over a paged bf16 latent cache pool [blocks * 64, rank+rope]: query row i attends to positions
+// [0, pos[i]] of its sequence (pages.table(i)). bound: host-side upper bound on pos[i] + 1 (sizes grids).
+// Absorbed: q [n, H, nope+rope], kv_b [H*(nope+v), rank] (BF16/F16/F32), out [n, H*v]; work:
+// mla_absorbed_work_floats(n, H, rank, bound) floats; any mix of sequences. Expanded: the rows of one sequence.
 struct MlaShape {
   int n, heads, rank, rope, nope, v;
   const int32_t* pos;
   int bound;
   float scale;
+  KvPages pages;
 };
 size_t mla_absorbed_work_floats(int n, int heads, int rank, int T);
 void mla_absorbed(float* out, const float* q, const uint16_t* cache, const void* kv_b, DType kv_b_dtype, const MlaShape& m,
@@ -57,8 +64,11 @@ void mla_expanded_tile(const float* q, const uint16_t* cache, const float* kvx, 
                        float* acc, float* mx, float* den, cudaStream_t s);
 void mla_expanded_init(float* acc, float* mx, float* den, int rows, int v, cudaStream_t s);
 void mla_expanded_finish(float* out, const float* acc, const float* den, int rows, int v, cudaStream_t s);
-// Gathers the latent part of cache rows [t0, t0+nt) into a contiguous [nt, rank] buffer (cuBLAS input).
-void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, cudaStream_t s);
+// Gathers the latent part of positions [t0, t0+nt) of query row 0's sequence (pages.table(0)) into a contiguous
+// f32 [nt, rank] buffer (cuBLAS input); positions past *last (the last position of the run: rows of a run have
+// consecutive positions) are zeros, so no block table entry past the sequence is read.
+void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, const KvPages& pages,
+                   const int32_t* last, cudaStream_t s);
 
 // MoE router (semantics of CpuBackend::moe_route). gate [E, hidden] F32/F16/BF16, bias [E] f32 or null.
 void moe_route(const float* x, const void* gate, DType gate_dtype, const float* bias, int m, int hidden, int E,
@@ -102,4 +112,8 @@ namespace trellm::cuda {
 // params: a device copy of trellm::SamplingParams (backend.h).
 void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
                  int64_t history_cap, cudaStream_t s);
+// tokens[i] = the token sampled from logits[i, 0..V) with params[i] (n device SamplingParams) and noise step
+// steps[i], the function of sample_step for every row; one block per row.
+void sample_rows(const float* logits, int64_t V, int n, const void* params, const int32_t* steps, int32_t* tokens,
+                 cudaStream_t s);
 }  // namespace trellm::cuda

@@ -1,6 +1,7 @@
 // MLA attention kernels, version 1: straightforward f32 CUDA-core kernels that mirror the CPU reference
 // (absorbed for decode, expanded per key tile for prefill). They are the correctness baseline that the
 // tensor-core versions (heads on the MMA M dimension, split-K over the context) are measured against.
+// The cache is paged (kv_pages.h): every key's pool row is looked up in its query row's block table.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -56,7 +57,7 @@ __global__ void q_lat_kernel(float* q_lat, const float* q, const W* kvb, MlaShap
   q_lat[int64_t(ih) * m.rank + k] = s;
 }
 
-// scores[i,h,t] = (q_lat·c_kv[t] + q_rope·k_rope[t]) · scale for t <= pos0+i   grid (n*H, T/8), block 256
+// scores[i,h,t] = (q_lat·c_kv[t] + q_rope·k_rope[t]) · scale for t <= pos[i]   grid (n*H, T/8), block 256
 __global__ void scores_kernel(float* scores, const float* q_lat, const float* q, const __nv_bfloat16* cache, MlaShape m, int T) {
   __shared__ float ql[1024];
   const int ih = blockIdx.x, i = ih / m.heads, qd = m.nope + m.rope, width = m.rank + m.rope;
@@ -66,16 +67,17 @@ __global__ void scores_kernel(float* scores, const float* q_lat, const float* q,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.y * (blockDim.x >> 5) + warp;
   if (t >= T || t > m.pos[i]) return;
-  const __nv_bfloat16* c = cache + int64_t(t) * width;
+  const __nv_bfloat16* c = cache + pool_row(m.pages.table(i), t) * width;
   float s = 0;
   for (int k = lane; k < width; k += 32) s += ql[k] * __bfloat162float(c[k]);
   s = warp_sum(s);
   if (lane == 0) scores[int64_t(ih) * T + t] = s * m.scale;
 }
 
-// softmax over t <= pos0+i, then o_lat[k] = Σ_t p_t c_kv[t][k]        grid n*H, block 256
+// softmax over t <= pos[i], then o_lat[k] = Σ_t p_t c_kv[t][k]        grid n*H, block 256
 __global__ void softmax_olat_kernel(float* o_lat, float* scores, const __nv_bfloat16* cache, MlaShape m, int T) {
   const int ih = blockIdx.x, i = ih / m.heads, last = m.pos[i], width = m.rank + m.rope;
+  const int32_t* table = m.pages.table(i);
   float* sc = scores + int64_t(ih) * T;
   float mx = -FLT_MAX;
   for (int t = threadIdx.x; t <= last; t += blockDim.x) mx = fmaxf(mx, sc[t]);
@@ -87,7 +89,7 @@ __global__ void softmax_olat_kernel(float* o_lat, float* scores, const __nv_bflo
   const float inv = 1.0f / sum;
   for (int k = threadIdx.x; k < m.rank; k += blockDim.x) {
     float a = 0;
-    for (int t = 0; t <= last; t++) a += sc[t] * __bfloat162float(cache[int64_t(t) * width + k]);
+    for (int t = 0; t <= last; t++) a += sc[t] * __bfloat162float(cache[pool_row(table, t) * width + k]);
     o_lat[int64_t(ih) * m.rank + k] = a * inv;
   }
 }
@@ -135,7 +137,7 @@ __global__ void expanded_tile_kernel(const float* q, const __nv_bfloat16* cache,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int t = warp; t < last; t += nw) {
     const float* kh = kvx + (int64_t(t) * m.heads + h) * per;
-    const __nv_bfloat16* kr = cache + int64_t(t0 + t) * width + m.rank;
+    const __nv_bfloat16* kr = cache + pool_row(m.pages.table(i), t0 + t) * width + m.rank;
     float s = 0;
     for (int d = lane; d < m.nope; d += 32) s += qs[d] * kh[d];
     for (int d = lane; d < m.rope; d += 32) s += qs[m.nope + d] * __bfloat162float(kr[d]);
@@ -178,9 +180,13 @@ __global__ void expanded_finish_kernel(float* out, const float* acc, const float
   for (int j = threadIdx.x; j < v; j += blockDim.x) out[int64_t(blockIdx.x) * v + j] = acc[int64_t(blockIdx.x) * v + j] / den[blockIdx.x];
 }
 
-__global__ void gather_latent_kernel(float* dst, const __nv_bfloat16* cache, int t0, int rank, int width) {
+__global__ void gather_latent_kernel(float* dst, const __nv_bfloat16* cache, int t0, int rank, int width, KvPages pages,
+                                     const int32_t* last) {
+  const int t = t0 + int(blockIdx.x);
+  const bool inside = t <= *last;  // the table holds no block for positions past the sequence's last
+  const __nv_bfloat16* src = inside ? cache + pool_row(pages.table(0), t) * width : nullptr;
   for (int k = threadIdx.x; k < rank; k += blockDim.x)
-    dst[int64_t(blockIdx.x) * rank + k] = __bfloat162float(cache[int64_t(t0 + blockIdx.x) * width + k]);
+    dst[int64_t(blockIdx.x) * rank + k] = inside ? __bfloat162float(src[k]) : 0.0f;
 }
 
 }  // namespace
@@ -218,8 +224,9 @@ void mla_expanded_finish(float* out, const float* acc, const float* den, int row
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
-void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, cudaStream_t s) {
-  gather_latent_kernel<<<nt, 256, 0, s>>>(dst, reinterpret_cast<const __nv_bfloat16*>(cache), t0, rank, width);
+void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, const KvPages& pages,
+                   const int32_t* last, cudaStream_t s) {
+  gather_latent_kernel<<<nt, 256, 0, s>>>(dst, reinterpret_cast<const __nv_bfloat16*>(cache), t0, rank, width, pages, last);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

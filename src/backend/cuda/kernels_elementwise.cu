@@ -157,10 +157,10 @@ __global__ void rope_kernel(float* x, int heads, int head_dim, int offset, int d
 }
 
 __global__ void cache_append_kernel(__nv_bfloat16* cache, const float* kv, const float* w, int rank, int rope_dim,
-                                    float eps, const int32_t* pos, float theta) {
+                                    float eps, const int32_t* pos, const KvPages pages, float theta) {
   grid_wait();
   grid_launch_dependents();
-  append_cache_row(cache, kv, w, blockIdx.x, rank, rope_dim, eps, pos, theta);
+  append_cache_row(cache, kv, w, blockIdx.x, rank, rope_dim, eps, pos, pages, theta);
 }
 
 // Both at once (MLA decode: one launch fewer per layer): grid (n, 2), y = 0 rotates q's row, y = 1 appends kv's.
@@ -173,13 +173,25 @@ struct RopeAppendArgs {
   int rank, rope_dim;
   float eps;
   const int32_t* pos;
+  KvPages pages;
   float theta;
 };
 __global__ void rope_append_kernel(const RopeAppendArgs a) {
   grid_wait();
   grid_launch_dependents();
   if (blockIdx.y == 0) rope_row(a.q, blockIdx.x, a.heads, a.head_dim, a.offset, a.dim, a.pos, a.theta);
-  else append_cache_row(a.cache, a.kv, a.w, blockIdx.x, a.rank, a.rope_dim, a.eps, a.pos, a.theta);
+  else append_cache_row(a.cache, a.kv, a.w, blockIdx.x, a.rank, a.rope_dim, a.eps, a.pos, a.pages, a.theta);
+}
+
+// Row copy, a block per output row: 16-byte words when the rows allow it (f32 logits rows: 154,880 x 4 B), else
+// bytes.
+template <typename Word>
+__global__ void gather_rows_kernel(Word* out, const Word* x, const int32_t* idx, int64_t words) {
+  grid_wait();
+  grid_launch_dependents();
+  const Word* src = x + int64_t(idx[blockIdx.x]) * words;
+  Word* dst = out + int64_t(blockIdx.x) * words;
+  for (int64_t j = threadIdx.x; j < words; j += blockDim.x) dst[j] = src[j];
 }
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {  // splitmix64 finaliser: a counter-based generator
@@ -257,6 +269,17 @@ void bf16_to_f32(float* out, const uint16_t* x, int64_t n, cudaStream_t s) {
   bf16_to_f32_kernel<<<grid_for(n, 256), 256, 0, s>>>(out, reinterpret_cast<const __nv_bfloat16*>(x), n);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
+void gather_rows(void* out, const void* x, const int32_t* idx, int m, int64_t row_bytes, cudaStream_t s) {
+  if (m == 0) return;
+  const bool wide = row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  if (wide)
+    launch(gather_rows_kernel<uint4>, dim3(m), dim3(256), 0, s, true, static_cast<uint4*>(out), static_cast<const uint4*>(x),
+           idx, row_bytes / 16);
+  else
+    launch(gather_rows_kernel<uint8_t>, dim3(m), dim3(256), 0, s, true, static_cast<uint8_t*>(out),
+           static_cast<const uint8_t*>(x), idx, row_bytes);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
 void fill_random(void* p, DType dt, int64_t n, uint64_t seed, float scale, cudaStream_t s) {
   fill_random_kernel<<<grid_for(n, 256), 256, 0, s>>>(p, dt, n, seed, scale);
   TRELLM_CUDA_LAUNCH_CHECK();
@@ -266,17 +289,19 @@ void rope(float* x, int n, int heads, int head_dim, int offset, int dim, const i
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void mla_rope_append(float* q, int heads, int head_dim, int offset, int dim, uint16_t* cache, const float* kv,
-                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, float theta, cudaStream_t s) {
+                     const float* norm_w, int n, int rank, float eps, const int32_t* pos, const KvPages& pages, float theta,
+                     cudaStream_t s) {
   TRELLM_ASSERT(dim <= 256);
   const RopeAppendArgs a{q, heads, head_dim, offset, dim, reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, dim,
-                         eps, pos, theta};
+                         eps, pos, pages, theta};
   launch(rope_append_kernel, dim3(n, 2), dim3(256), 0, s, true, a);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void mla_cache_append(uint16_t* cache, const float* kv, const float* norm_w, int n, int rank, int rope_dim, float eps,
-                      const int32_t* pos, float theta, cudaStream_t s) {
+                      const int32_t* pos, const KvPages& pages, float theta, cudaStream_t s) {
   TRELLM_ASSERT(rope_dim <= 256);
-  launch(cache_append_kernel, dim3(n), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank, rope_dim, eps, pos, theta);
+  launch(cache_append_kernel, dim3(n), dim3(256), 0, s, true, reinterpret_cast<__nv_bfloat16*>(cache), kv, norm_w, rank,
+         rope_dim, eps, pos, pages, theta);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

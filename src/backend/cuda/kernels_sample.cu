@@ -1,7 +1,8 @@
 // Token selection on the device, so a captured decode step needs no host round trip. Same function as
 // cpu::sample_token: the filters become one logit threshold (top-k and top-p by 4-pass 8-bit radix selection
 // over order-preserving keys of the logits; min-p in closed form), then a Gumbel-max draw with the same
-// counter-based noise. One block of 1024 threads: 154,880 logits are 152 per thread, read from L2 once per pass.
+// counter-based noise. One block of 1024 threads per row: 154,880 logits are 152 per thread, read from L2 once per
+// pass; sample_rows runs one such block per row of a batch.
 #include <cfloat>
 
 #include "backend/cuda/cuda_check.h"
@@ -106,10 +107,9 @@ __device__ uint32_t radix_select(const float* l, int64_t V, uint32_t floor, floa
   return s_prefix;
 }
 
-__global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* params, int32_t* token, int32_t* pos,
-                              int32_t* history, int64_t cap) {
-  grid_wait();  // a PDL dependent of the lm_head (pdl.cuh)
-  grid_launch_dependents();
+// The token cpu::sample_token picks from l[0, V) with *params and noise step `step`; the whole block calls it and
+// every thread gets the result.
+__device__ int64_t sample_row(const float* l, int64_t V, const SamplingParams* params, uint64_t step) {
   const float temperature = params->temperature, top_p = params->top_p, min_p = params->min_p;
   const int top_k = params->top_k;
   const uint64_t seed = params->seed;
@@ -140,7 +140,6 @@ __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* p
     if (min_p > 0.0f) floor = max(floor, key_of(float(double(m) + double(temperature) * log(double(min_p)))));
     double top = -DBL_MAX;
     int64_t ti = V;
-    const uint64_t step = uint64_t(history[0]);
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
       const float x = l[i];
       if (!usable(x) || key_of(x) < floor) continue;
@@ -150,6 +149,14 @@ __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* p
     block_argmax(top, ti);
     if (ti < V) pick = ti;
   }
+  return pick;
+}
+
+__global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* params, int32_t* token, int32_t* pos,
+                              int32_t* history, int64_t cap) {
+  grid_wait();  // a PDL dependent of the lm_head (pdl.cuh)
+  grid_launch_dependents();
+  const int64_t pick = sample_row(l, V, params, uint64_t(history[0]));
   if (threadIdx.x != 0) return;
   token[0] = int32_t(pick);
   pos[0] += 1;
@@ -160,11 +167,30 @@ __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* p
   }
 }
 
+// Batched decode: block i samples row i with its own params and step (64 rows: 64 blocks of 1024 threads, each
+// reading its 620 KB row from L2 a few times).
+__global__ void sample_rows_kernel(const float* l, int64_t V, const SamplingParams* params, const int32_t* steps,
+                                   int32_t* tokens) {
+  grid_wait();
+  grid_launch_dependents();
+  const int i = blockIdx.x;
+  const int64_t pick = sample_row(l + int64_t(i) * V, V, params + i, uint64_t(steps[i]));
+  if (threadIdx.x == 0) tokens[i] = int32_t(pick);
+}
+
 }  // namespace
 
 void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
                  int64_t cap, cudaStream_t s) {
   launch(sample_kernel, dim3(1), dim3(kThreads), 0, s, true, logits, V, static_cast<const SamplingParams*>(params), token, pos, history, cap);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void sample_rows(const float* logits, int64_t V, int n, const void* params, const int32_t* steps, int32_t* tokens,
+                 cudaStream_t s) {
+  if (n == 0) return;
+  launch(sample_rows_kernel, dim3(n), dim3(kThreads), 0, s, true, logits, V, static_cast<const SamplingParams*>(params), steps,
+         tokens);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

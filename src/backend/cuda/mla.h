@@ -3,14 +3,18 @@
 // stay on the v1 kernels of kernels_attention.cu; the backend op decides (mla_fast_supported).
 //
 // Both forms here are the absorbed one (MQA-like): one shared 576-wide key and 512-wide value per cached token,
-// (query, head) pairs flattened into rows and tiled 32 rows per CTA on the MMA M dimension:
+// (query, head) pairs flattened into rows and tiled on the MMA M dimension (32 rows per CTA):
 //   Qb[r]   = bf16(W_UK[h]ᵀ q_nope[i,h] | q_rope[i,h])           r = i*heads + h
-//   o_lat[r] = softmax_t((Qb[r]·cache[t]) * scale) · cache[t][:512]  over t <= pos[i]
+//   o_lat[r] = softmax_t((Qb[r]·cache[t]) * scale) · cache[t][:512]  over positions t <= pos[i] of row i's sequence
 //   out[i, h*v:(h+1)*v] = W_UV[h] · o_lat[r]
+// The cache is a paged pool (kv_pages.h): key tile j of a row group is block table entry j of the group's
+// sequence (64 keys = one block). Row groups come in two kinds (Grouping): the rows of one sequence's run, 32
+// (query, head) rows per CTA (a prompt chunk, or speculative rows: every CTA shares the sequence's keys), or one
+// query row per CTA (decode rows of different sequences: `heads` rows + padding, each CTA its own table).
 // Decode (n <= 16 rows, CUDA-graph captured with bound = capacity): the grid depends only on (n, heads,
 // bound, SM count); every position is read from device memory, splits beyond the current position exit at
-// once. Prefill (n >= 17): the projections are cuBLAS batched GEMMs issued by the backend op; this header
-// gives the kernels around them.
+// once. Prefill (n >= 17; also a batch of 17+ decode rows, PerRow, which stays capturable): the projections are
+// cuBLAS batched GEMMs issued by the backend op; this header gives the kernels around them.
 //
 // Framework-free: raw device pointers, sizes and a stream. Callers check shapes (CudaBackend::attention_mla).
 #pragma once
@@ -18,6 +22,8 @@
 
 #include <cstddef>
 #include <cstdint>
+
+#include "backend/cuda/kv_pages.h"
 
 namespace trellm::cuda::mla {
 
@@ -32,6 +38,13 @@ constexpr int kMaxNope = 256;         // q_lat kernel keeps <= 8 W_UK rows per t
 constexpr int kXDim = 256;            // expanded prefill: q/k head dim (nope + rope) and v head dim it takes
 constexpr int kXMaxKeys = 16384;      // expanded prefill: most keys expanded at once (bf16 [keys, heads, nope + v]:
                                       // 294 MB at GLM's 20 heads); longer contexts run absorbed
+static_assert(kKeysPerTile == kPageTokens, "one key tile must be one cache block");
+
+// How (query, head) rows are grouped into attention CTAs.
+enum class Grouping {
+  Run,     // all rows belong to one sequence (one run): 32 consecutive (query, head) rows per CTA
+  PerRow,  // each query row its own sequence: a CTA = the `heads` rows of one query row (heads <= 32)
+};
 
 // True when the fast kernels cover these dims (kv_b must also be dense bf16; the backend checks that).
 inline bool supported(int rank, int rope, int nope, int v) {
@@ -42,7 +55,9 @@ inline bool supported(int rank, int rope, int nope, int v) {
 // bound, SM count), never on positions: a captured graph stays valid at every position below bound.
 struct Plan {
   int n = 0, heads = 0, rows = 0;  // rows = n * heads
-  int groups = 0;                  // ceil(rows / 32) row groups (attention grid x)
+  Grouping grouping = Grouping::Run;
+  int group_rows = kRowsPerCta;    // (query, head) rows per CTA: 32 (Run) or heads (PerRow)
+  int groups = 0;                  // ceil(rows / group_rows) row groups (attention grid x)
   int splits = 1;                  // context splits per group (attention grid y); 1: attention writes o_lat directly
   bool prefill = false;            // n > kDecodeMaxRows: cuBLAS projections, bf16 o_lat
   bool expanded = false;           // prefill in the expanded form (expanded_attend) instead of the absorbed one
@@ -54,19 +69,22 @@ struct Plan {
   size_t part_o = 0;  // bf16 [groups, splits, 32, 512]  (splits > 1)
   size_t part_ml = 0; // f32 [groups, splits, 32, 2]     (running max in log2 units, sum)
   size_t kvx = 0;     // bf16 [bound, heads, nope + v]    (expanded: K_nope | V per key and head)
+  size_t seq_rows = 0;  // bf16 [bound, 576]               (expanded: the sequence's cache rows, contiguous)
   size_t bytes = 0;   // total workspace
 };
 // Prefill picks the expanded form when its dims fit (nope + 64 = v = 256), bound <= kXMaxKeys, and it costs
 // fewer tensor-core MACs: expanding every key costs heads * (nope + v) * 512 per key; per (query, visible key,
 // head) the absorbed form spends 576 + 512 MACs against nope + 64 + v, plus its two projections per query (the
 // same heads * (nope + v) * 512). A causal prompt from position 0 always expands; a short chunk after a long
-// prefix (n < ~400 at GLM dims) stays absorbed.
-Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool allow_expanded = true);
+// prefix (n < ~400 at GLM dims) stays absorbed. PerRow plans are never expanded (the expansion is per sequence).
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Grouping grouping = Grouping::Run,
+               bool allow_expanded = true);
 
 // Decode with the two steps before the attention folded into its first kernel (one launch fewer per layer):
 // q arrives before RoPE (the q_lat kernel rotates q_rope while copying it), and one of its blocks writes the new
 // cache rows, cache[pos[i]] = bf16([rms_norm(kv[i, :512], norm_w, eps) | rope(kv[i, 512:])]), which the attention
-// kernel after it reads. The same arithmetic as the rope and cache-append kernels.
+// kernel after it reads. The same arithmetic as the rope and cache-append kernels; rows land at their pool rows
+// (Args::pages).
 struct RopeAppend {
   const float* kv;          // [n, 576] f32
   const float* norm_w;      // [512]
@@ -79,9 +97,10 @@ struct RopeAppend {
 struct Args {
   float* out;               // [n, heads*v] f32
   const float* q;           // [n, heads, nope+64] f32, rope applied
-  const uint16_t* cache;    // bf16 [capacity, 576]
+  const uint16_t* cache;    // bf16 pool [blocks * 64, 576]
   const uint16_t* kv_b;     // bf16
-  const int32_t* pos;       // [n] device; row i attends to cache rows [0, pos[i]]
+  const int32_t* pos;       // [n] device; row i attends to positions [0, pos[i]] of its sequence
+  KvPages pages;            // row i's block table: pages.table(i) (Grouping::Run: the same for every row)
   int n, heads, nope, v;
   float scale;              // softmax scale (1/16 for GLM)
   void* work;               // Plan::bytes, 256-byte aligned
@@ -101,8 +120,13 @@ void decode(const Args& a, const Plan& p, cudaStream_t s);
 void prefill_prepare(const Args& a, const Plan& p, cudaStream_t s);
 void attend(const Args& a, const Plan& p, cudaStream_t s);
 
-// Expanded prefill (Plan::expanded): out = causal flash attention per head over K = [K_nope | k_rope] and V,
-// with KVx (the workspace at Plan::kvx) already holding kv_b[h] · c_kv[t] for t < bound (cuBLAS, backend op).
+// Expanded prefill (Plan::expanded), one sequence:
+//   gather_sequence: Plan::seq_rows[t] = the sequence's cache row at position t, t < bound (zeros past the run's
+//                    last position, whose blocks the table need not have)
+//   [cuBLAS: KVx = kv_b · c_kv of those rows, issued by the backend op]
+//   expanded_attend: out = causal flash attention per head over K = [K_nope | k_rope] and V, with KVx (the
+//                    workspace at Plan::kvx) holding kv_b[h] · c_kv[t] and k_rope read from Plan::seq_rows.
+void gather_sequence(const Args& a, const Plan& p, cudaStream_t s);
 void expanded_attend(const Args& a, const Plan& p, cudaStream_t s);
 
 }  // namespace trellm::cuda::mla

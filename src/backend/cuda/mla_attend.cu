@@ -11,6 +11,10 @@
 //               smem tile as K (c_kv columns), read with ldmatrix.trans.
 // Splits: the grid is (groups, splits) from host sizes only; each CTA reads its group's positions from device
 // memory, and splits past the last tile exit at once (what a decode graph captured at bound = capacity needs).
+// Paged cache: key tile j is block table entry j of the group's sequence (a tile is one 64-row block), so a tile
+// is one block id read + 72 contiguous KB; the next tile's block id is loaded one tile ahead. Rows of a group
+// share one sequence: 32 (query, head) rows of one run (Grouping::Run) or the heads of one query row (PerRow,
+// 20 of 32 M rows used at GLM: decode rows of different sequences each read only their own keys).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -47,9 +51,10 @@ static_assert(kSmem <= 227 * 1024, "attention smem over the sm_90 per-block limi
 
 struct AttendParams {
   const bf16* qb;       // [rows, 576]
-  const bf16* cache;    // [capacity, 576]
+  const bf16* cache;    // pool [blocks * 64, 576]
   const int32_t* pos;   // [n]
-  int rows, heads, groups, splits;
+  KvPages pages;        // query row i's block table: pages.table(i)
+  int rows, heads, group_rows, groups, splits;  // group g = rows [g * group_rows, (g + 1) * group_rows)
   float scale_log2;     // softmax scale * log2(e): scores live in the log2 domain (exp2f)
   int reverse;          // 1: heaviest (latest) row groups first, for causal prefill load balance
   bf16* part_o;         // [groups, splits, 32, 512] unnormalised partial outputs (bf16: half the traffic)
@@ -85,14 +90,15 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int group = P.reverse ? P.groups - 1 - int(blockIdx.x) : int(blockIdx.x);
   const int split = blockIdx.y;
-  const int row0 = group * kRowsPerCta;
+  const int row0 = group * P.group_rows;
+  const int nrows = min(P.group_rows, P.rows - row0);  // M rows [nrows, 32) are padding (zero Q, not stored)
 
   grid_wait();  // q_lat (and the cache rows of this step) come from the preceding kernels
   grid_launch_dependents();
 
   // Softmax role: 8 threads per row, each owning 8 consecutive keys of the tile.
   const int sr = tid >> 3, sc = tid & 7;
-  const int prow = row0 + sr < P.rows ? __ldg(P.pos + (row0 + sr) / P.heads) : -1;  // -1: padding row
+  const int prow = sr < nrows ? __ldg(P.pos + (row0 + sr) / P.heads) : -1;  // -1: padding row
   int pm = prow;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) pm = max(pm, __shfl_xor_sync(0xffffffffu, pm, o));
@@ -106,23 +112,27 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
   const int tb = split * sr_.tps;
   if (tb >= sr_.ntiles) return;  // a split past the current context: nothing to do (uniform per CTA)
   const int te = min(sr_.ntiles, tb + sr_.tps);
+  // The group's block table: entries [tb, te) all hold keys < T, i.e. blocks the sequence owns.
+  const int32_t* table = P.pages.table(row0 / P.heads);
 
   // Q rows (zero for padding rows) and the first key tile, one cp.async group.
   for (int c = tid; c < kRowsPerCta * (kWidth / 8); c += kThreads) {
     const int r = c / (kWidth / 8), ch = c % (kWidth / 8);
-    const bool ok = row0 + r < P.rows;
+    const bool ok = r < nrows;
     cp_async16(smem_u32(qs + r * kStride + ch * 8), P.qb + size_t(ok ? row0 + r : 0) * kWidth + ch * 8, ok);
   }
-  auto load_tile = [&](int j, int st) {
+  // Tile j = pool block `blk`: keys j*64 + r at pool rows blk*64 + r; keys >= T are zero-filled, never read.
+  auto load_tile = [&](int j, int blk, int st) {
     bf16* dst = kv + st * kKeysPerTile * kStride;
+    const bf16* src = P.cache + size_t(blk) * kKeysPerTile * kWidth;
     for (int c = tid; c < kKeysPerTile * (kWidth / 8); c += kThreads) {
       const int r = c / (kWidth / 8), ch = c % (kWidth / 8);
-      const int key = j * kKeysPerTile + r;
-      const bool ok = key < T;
-      cp_async16(smem_u32(dst + r * kStride + ch * 8), P.cache + size_t(ok ? key : 0) * kWidth + ch * 8, ok);
+      const bool ok = j * kKeysPerTile + r < T;
+      cp_async16(smem_u32(dst + r * kStride + ch * 8), src + size_t(ok ? r : 0) * kWidth + ch * 8, ok);
     }
   };
-  load_tile(tb, 0);
+  load_tile(tb, __ldg(table + tb), 0);
+  int blk_next = tb + 1 < te ? __ldg(table + tb + 1) : 0;  // one tile ahead: its latency hides behind a tile
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
@@ -149,8 +159,9 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
   for (int j = tb; j < te; j++) {
     const int st = (j - tb) & 1;
     if (j + 1 < te) {
-      load_tile(j + 1, st ^ 1);  // that stage was last read before the previous iteration's final barrier
+      load_tile(j + 1, blk_next, st ^ 1);  // that stage was last read before the previous iteration's final barrier
       cp_async_commit();
+      if (j + 2 < te) blk_next = __ldg(table + j + 2);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
@@ -270,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = 16 * mt + g + 8 * hf, grow = row0 + r;
-        if (grow >= P.rows) continue;
+        if (r >= nrows) continue;
         const float inv = 1.0f / fin_l[r];
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
@@ -287,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
 #pragma unroll
       for (int hf = 0; hf < 2; hf++) {
         const int r = 16 * mt + g + 8 * hf;
-        if (row0 + r >= P.rows) continue;
+        if (r >= nrows) continue;
         bf16* dst = P.part_o + (base + r) * kRank;
 #pragma unroll
         for (int nt = 0; nt < 8; nt++) {
@@ -307,7 +318,7 @@ struct CombineParams {
   const bf16* part_o;
   const float* part_ml;
   const int32_t* pos;
-  int rows, heads, splits;
+  int rows, heads, group_rows, splits;
   float* out_f32;
   bf16* out_bf16;
 };
@@ -318,12 +329,12 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams C) {
   __shared__ float red4[4];
   __shared__ int t_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int row = blockIdx.x, group = row / kRowsPerCta, r = row % kRowsPerCta;
+  const int row = blockIdx.x, group = row / C.group_rows, r = row % C.group_rows;  // the attention's grouping
   grid_wait();
   grid_launch_dependents();
   if (warp == 0) {
-    const int gr = group * kRowsPerCta + lane;
-    int pm = gr < C.rows ? __ldg(C.pos + gr / C.heads) : -1;
+    const int gr = group * C.group_rows + lane;
+    int pm = lane < C.group_rows && gr < C.rows ? __ldg(C.pos + gr / C.heads) : -1;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) pm = max(pm, __shfl_xor_sync(0xffffffffu, pm, o));
     if (lane == 0) t_s = pm + 1;
@@ -375,21 +386,24 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool allow_expanded) {
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Grouping grouping, bool allow_expanded) {
   TRELLM_ASSERT(n >= 1 && heads >= 1 && bound >= 1 && num_sms >= 1, "mla plan: n ", n, " heads ", heads, " bound ", bound);
+  TRELLM_ASSERT(grouping == Grouping::Run || heads <= kRowsPerCta, "mla plan: per-row groups take <= 32 heads, not ", heads);
   Plan p;
   p.n = n;
   p.heads = heads;
   p.rows = n * heads;
   p.bound = bound;
-  p.groups = (p.rows + kRowsPerCta - 1) / kRowsPerCta;
+  p.grouping = grouping;
+  p.group_rows = grouping == Grouping::PerRow ? heads : kRowsPerCta;
+  p.groups = (p.rows + p.group_rows - 1) / p.group_rows;
   const int tiles = (bound + kKeysPerTile - 1) / kKeysPerTile;
   // At most one CTA per SM in total (one fits per SM; 10 groups x 14 splits = 140 CTAs for n = 16 ran as two
-  // waves: 251 us at 32K): n = 1 gets up to 132 splits (at 32K: 4 tiles = 256 keys each), n = 16 gets 13,
-  // big prefills one split per group and no combine.
+  // waves: 251 us at 32K): n = 1 gets up to 132 splits (at 32K: 4 tiles = 256 keys each), n = 16 gets 13 (8 per
+  // row), 64 decode rows of different sequences 2, big prefills one split per group and no combine.
   p.splits = std::clamp(num_sms / p.groups, 1, std::min(tiles, kMaxSplits));
   p.prefill = n > kDecodeMaxRows;
-  if (allow_expanded && p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
+  if (allow_expanded && grouping == Grouping::Run && p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
     // MACs per head (see mla.h): expansion bound * (nope + v) * 512 against n * (absorbed extra per visible key
     // * (bound - n/2) keys on average + the two projections).
     const double expand = double(bound) * (nope + v) * kRank;
@@ -414,6 +428,7 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, bool a
   };
   if (p.expanded) {
     p.kvx = take(size_t(bound) * heads * (nope + v) * 2);
+    p.seq_rows = take(size_t(bound) * kWidth * 2);
     p.bytes = off;
     return p;
   }
@@ -434,12 +449,14 @@ void attend(const Args& a, const Plan& p, cudaStream_t s) {
   P.qb = reinterpret_cast<const bf16*>(w + p.qb);
   P.cache = reinterpret_cast<const bf16*>(a.cache);
   P.pos = a.pos;
+  P.pages = a.pages;
   P.rows = p.rows;
   P.heads = p.heads;
+  P.group_rows = p.group_rows;
   P.groups = p.groups;
   P.splits = p.splits;
   P.scale_log2 = a.scale * kLog2e;
-  P.reverse = p.prefill ? 1 : 0;
+  P.reverse = p.prefill && p.grouping == Grouping::Run ? 1 : 0;  // causal rows: the latest groups are the longest
   P.part_o = reinterpret_cast<bf16*>(w + p.part_o);
   P.part_ml = reinterpret_cast<float*>(w + p.part_ml);
   P.out_f32 = p.prefill ? nullptr : reinterpret_cast<float*>(w + p.olat);
@@ -447,7 +464,7 @@ void attend(const Args& a, const Plan& p, cudaStream_t s) {
   const bool pdl = !p.prefill;
   launch(attend_kernel, dim3(p.groups, p.splits), dim3(kThreads), kSmem, s, pdl, P);
   if (p.splits > 1) {
-    CombineParams C{P.part_o, P.part_ml, a.pos, p.rows, p.heads, p.splits, P.out_f32, P.out_bf16};
+    CombineParams C{P.part_o, P.part_ml, a.pos, p.rows, p.heads, p.group_rows, p.splits, P.out_f32, P.out_bf16};
     launch(combine_kernel, dim3(p.rows, kRank / 64), dim3(128), 0, s, pdl, C);
   }
 }

@@ -24,7 +24,8 @@ using namespace dev;
 // per 8 threads), loaded before the PDL wait; the 32 row lanes are summed through smem per query row.
 // With ra.kv set (RopeAppend): q_rope is rotated on its way into Qb, and block (0, 1) appends the cache rows.
 __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float* q, const uint16_t* kvb, int n, int heads,
-                                                          int nope, int v, const RopeAppend ra, const int32_t* pos) {
+                                                          int nope, int v, const RopeAppend ra, const int32_t* pos,
+                                                          const KvPages pages) {
   __shared__ float qs[kDecodeMaxRows * kMaxNope];
   __shared__ __align__(16) float red[32][64];
   const int h = blockIdx.x, c0 = blockIdx.y * 64, tid = threadIdx.x, cg = tid & 7, dg = tid >> 3;
@@ -58,9 +59,9 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
       dst[0] = __float2bfloat16_rn(a);
       dst[1] = __float2bfloat16_rn(b);
     }
-  if (ra.kv && h == 0 && blockIdx.y == 1)  // the cache rows, as the append kernel writes them
+  if (ra.kv && h == 0 && blockIdx.y == 1)  // the cache rows, as the append kernel writes them (at their pool rows)
     for (int i = 0; i < n; i++)
-      append_cache_row(reinterpret_cast<bf16*>(ra.cache), ra.kv, ra.norm_w, i, kRank, kRope, ra.eps, pos, ra.theta);
+      append_cache_row(reinterpret_cast<bf16*>(ra.cache), ra.kv, ra.norm_w, i, kRank, kRope, ra.eps, pos, pages, ra.theta);
   __syncthreads();
   for (int i = 0; i < n; i++) {
     float acc[8];
@@ -140,7 +141,7 @@ void decode(const Args& a, const Plan& p, cudaStream_t s) {
   const float* olat = reinterpret_cast<const float*>(w + p.olat);
   const RopeAppend ra = a.ra ? *a.ra : RopeAppend{nullptr, nullptr, 0.0f, nullptr, 0.0f};
   launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v,
-         ra, a.pos);
+         ra, a.pos, a.pages);
   attend(a, p, s);
   launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, olat, a.kv_b,
          a.n, a.heads, a.nope, a.v);

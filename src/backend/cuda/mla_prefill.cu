@@ -2,9 +2,11 @@
 // one with fewer tensor-core FLOPs (mla.h, Plan::expanded):
 //
 // Expanded (GLM dims: nope + rope = v = 256), the usual choice for a prompt:
+//   gather_sequence  the sequence's cache rows [0, bound) from their pool blocks into one contiguous bf16 buffer
+//                    (1152 B per key: 2.4 MB at a 2K prompt, against 62 GFLOP of attention)
 //   cuBLAS           KVx[t, h] = kv_b[h] · c_kv[t]   (K_nope 192 | V 256 per key and head; issued by the backend op)
 //   expanded_attend  flash attention per (64 query rows, head): S = [q_nope | q_rope]·[K_nope | k_rope]ᵀ (256 dims,
-//                    k_rope read from the cache), online softmax, O += P·V (256 dims), O written as the output
+//                    k_rope read from the gathered rows), online softmax, O += P·V (256 dims), O written as the output
 // Per (query, key, head): 256 + 256 MACs, against 576 + 512 absorbed; the expansion costs 20·448·512 MACs per key,
 // i.e. what the absorbed form spends on its two projections per query. At a 2K prompt: 62 vs 110 GFLOP a layer.
 //
@@ -30,6 +32,19 @@ namespace {
 using bf16 = __nv_bfloat16;
 using namespace dev;
 
+// dst[t] = the cache row at position t of row 0's sequence for t <= *last, zeros for *last < t < bound (the table
+// need not hold those blocks). 16-byte copies, 72 per row, grid-stride.
+__global__ void gather_sequence_kernel(uint4* dst, const uint4* cache, KvPages pages, const int32_t* last, int bound) {
+  constexpr int kChunks = kWidth * 2 / 16;
+  const int32_t* table = pages.table(0);
+  const int lastp = *last;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < int64_t(bound) * kChunks;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int t = int(idx / kChunks), c = int(idx % kChunks);
+    dst[idx] = t <= lastp ? cache[pool_row(table, t) * kChunks + c] : make_uint4(0, 0, 0, 0);
+  }
+}
+
 __global__ void prefill_prepare_kernel(bf16* q16, bf16* qb, const float* q, int64_t total, int qd, int nope) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
     const bf16 x = __float2bfloat16_rn(q[idx]);
@@ -54,7 +69,7 @@ constexpr size_t kXSmem = size_t(kXRows) * kXStride * 2 + 4 * kXTile; // Q + 2 x
 struct XParams {
   const float* q;        // [n, heads, 256] f32, rope applied
   const bf16* kvx;       // [bound, heads, nope + 256]: K_nope then V per (key, head)
-  const bf16* cache;     // [capacity, 576]: k_rope at 512..575
+  const bf16* cache;     // [bound, 576] the sequence's rows, contiguous (gather_sequence): k_rope at 512..575
   const int32_t* pos;    // [n]
   float* out;            // [n, heads * 256]
   int n, heads, nope, qblocks, bound;  // bound: keys [0, bound) are expanded
@@ -269,6 +284,15 @@ void prefill_prepare(const Args& a, const Plan& p, cudaStream_t s) {
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
+void gather_sequence(const Args& a, const Plan& p, cudaStream_t s) {
+  TRELLM_ASSERT(p.expanded && a.n == p.n, "mla gather_sequence: plan is not an expanded plan");
+  const int64_t chunks = int64_t(p.bound) * (kWidth * 2 / 16);
+  const int blocks = int(std::min<int64_t>((chunks + 255) / 256, 4096));
+  gather_sequence_kernel<<<blocks, 256, 0, s>>>(reinterpret_cast<uint4*>(static_cast<char*>(a.work) + p.seq_rows),
+                                                reinterpret_cast<const uint4*>(a.cache), a.pages, a.pos + (a.n - 1), p.bound);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
 void expanded_attend(const Args& a, const Plan& p, cudaStream_t s) {
   TRELLM_ASSERT(p.expanded && a.n == p.n && a.nope + kRope == kXDim && a.v == kXDim && a.nope % 8 == 0,
                 "mla expanded_attend: plan or dims (nope ", a.nope, ", v ", a.v, ") outside the expanded kernel");
@@ -277,7 +301,7 @@ void expanded_attend(const Args& a, const Plan& p, cudaStream_t s) {
   XParams P;
   P.q = a.q;
   P.kvx = reinterpret_cast<const bf16*>(static_cast<char*>(a.work) + p.kvx);
-  P.cache = reinterpret_cast<const bf16*>(a.cache);
+  P.cache = reinterpret_cast<const bf16*>(static_cast<char*>(a.work) + p.seq_rows);  // gather_sequence's rows
   P.pos = a.pos;
   P.out = a.out;
   P.n = a.n;

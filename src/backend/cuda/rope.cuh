@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "backend/cuda/kv_pages.h"
+
 namespace trellm::cuda {
 
 // cos and sin of pair i of a `dim`-wide rope vector at position pos.
@@ -45,15 +47,15 @@ __device__ inline float block_sum(float v) {
   return v;
 }
 
-// cache row pos[row] = bf16([rms_norm(kv[row, :rank], w) | rope(kv[row, rank:])]), cache width rank + rope_dim
-// (rope_dim <= 256). The rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs
-// the whole block.
+// The cache row of query row `row` (pool row kv_pool_row(table of seq[row], pos[row])) =
+// bf16([rms_norm(kv[row, :rank], w) | rope(kv[row, rank:])]), cache width rank + rope_dim (rope_dim <= 256). The
+// rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs the whole block.
 __device__ inline void append_cache_row(__nv_bfloat16* cache, const float* kv, const float* w, int row, int rank,
-                                        int rope_dim, float eps, const int32_t* pos, float theta) {
+                                        int rope_dim, float eps, const int32_t* pos, const KvPages& pages, float theta) {
   __shared__ float kr[256];
   const int width = rank + rope_dim, p = pos[row];
   const float* src = kv + int64_t(row) * width;
-  __nv_bfloat16* dst = cache + int64_t(p) * width;
+  __nv_bfloat16* dst = cache + pool_row(pages.table(row), p) * width;
   float ss = 0;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
   ss = block_sum(ss);

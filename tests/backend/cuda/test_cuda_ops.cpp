@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/paged_test_util.h"
 #include "core/half.h"
 #include "core/rng.h"
 #include "model/glm4_moe_lite.h"
@@ -50,16 +51,25 @@ class CudaOps : public ::testing::Test {
     return h;
   }
   static TensorView host(std::vector<float>& v, std::initializer_list<int64_t> shape) { return TensorView(v.data(), DType::F32, shape); }
-  // Consecutive positions pos0 .. pos0+n-1: the host copy (for the CPU) and a device copy.
+  // Consecutive positions pos0 .. pos0+n-1 of one sequence whose blocks lie scattered over a pool of `cap` rows
+  // (ceil((pos0 + n) / 64) + 1 blocks in a seeded order): the host copy (for the CPU) and a device copy.
   struct Pos {
-    std::vector<int32_t> v;
+    std::vector<int32_t> v, seq, table;
+    int cap = 0;  // pool rows
     Positions host, dev;
   };
   Pos positions(int pos0, int n) {
     Pos p;
     for (int i = 0; i < n; i++) p.v.push_back(pos0 + i);
-    p.host = Positions{TensorView(p.v.data(), DType::I32, {n}), pos0 + n};
-    p.dev = Positions{up(p.v, DType::I32, {n}), pos0 + n};
+    p.seq.assign(size_t(n), 0);
+    const int blocks = (pos0 + n + kKvBlockTokens - 1) / kKvBlockTokens + 1;
+    p.cap = blocks * kKvBlockTokens;
+    p.table.resize(size_t(blocks));
+    for (int b = 0; b < blocks; b++) p.table[size_t(b)] = b;
+    for (int b = blocks - 1; b > 0; b--) std::swap(p.table[size_t(b)], p.table[rng.next_u64() % uint64_t(b + 1)]);
+    p.host = Positions{TensorView(p.v.data(), DType::I32, {n}), pos0 + n, TensorView(p.seq.data(), DType::I32, {n}),
+                       TensorView(p.table.data(), DType::I32, {1, blocks}), {}};
+    p.dev = Positions{up(p.v, DType::I32, {n}), pos0 + n, up(p.seq, DType::I32, {n}), up(p.table, DType::I32, {1, blocks}), {}};
     return p;
   }
   // A bf16 device cache holding exactly `f` rounded to bf16; `f` is replaced by the rounded values.
@@ -169,12 +179,14 @@ TEST_F(CudaOps, EmbedAndCacheAppend) {
   cpu.embed(host(want, {n, d}), TensorView(tok.data(), DType::I32, {n}), TensorView(tb.data(), DType::BF16, {V, d}));
   EXPECT_EQ(down(o), want);
 
-  // The GPU cache is bf16: its rows are the CPU's f32 rows rounded once (relative error <= 2^-9).
-  const int rank = 24, rope = 8, cap = 40, pos0 = 30;
+  // The GPU cache is bf16: its rows are the CPU's f32 rows rounded once (relative error <= 2^-9). Positions
+  // 60..65 cross a block boundary of the scattered table.
+  const int rank = 24, rope = 8, pos0 = 60;
+  Pos p = positions(pos0, n);
+  const int cap = p.cap;
   auto kv = randn(size_t(n) * (rank + rope)), w = randn(rank);
   std::vector<float> cache_h(size_t(cap) * (rank + rope), 0.0f);
   TensorView gc = bf16_cache(cache_h, cap, rank + rope);
-  Pos p = positions(pos0, n);
   gpu->mla_cache_append(gc, up(kv, DType::F32, {n, rank + rope}), up(w, DType::F32, {rank}), 1e-6f, p.dev, RopeParams{1e4f, rope});
   cpu.mla_cache_append(host(cache_h, {cap, rank + rope}), host(kv, {n, rank + rope}), host(w, {rank}), 1e-6f, p.host, RopeParams{1e4f, rope});
   auto got = down_bf16(gc);
@@ -184,18 +196,19 @@ TEST_F(CudaOps, EmbedAndCacheAppend) {
 // The fused op (one kernel on the GPU) against the two CPU ops it replaces: q rotated, cache rows written, rows
 // outside [pos0, pos0 + n) untouched. GLM's decode shape (20 heads of 192 + 64, rank 512) and an odd one.
 TEST_F(CudaOps, MlaRopeAppendFused) {
-  struct Case { int n, H, nope, rope, rank, cap, pos0; };
-  for (const Case& c : {Case{1, 20, 192, 64, 512, 70, 64}, Case{3, 20, 192, 64, 512, 10, 7}, Case{5, 3, 24, 8, 40, 50, 41}}) {
+  struct Case { int n, H, nope, rope, rank, pos0; };
+  for (const Case& c : {Case{1, 20, 192, 64, 512, 64}, Case{3, 20, 192, 64, 512, 7}, Case{5, 3, 24, 8, 40, 61}}) {
     const int hd = c.nope + c.rope, width = c.rank + c.rope;
-    auto q = randn(size_t(c.n) * c.H * hd), kv = randn(size_t(c.n) * width), w = randn(c.rank);
-    std::vector<float> cache_h = randn(size_t(c.cap) * width);  // old contents must survive outside the new rows
-    TensorView gc = bf16_cache(cache_h, c.cap, width);
-    TensorView gq = up(q, DType::F32, {c.n, c.H, hd});
     Pos p = positions(c.pos0, c.n);
+    const int cap = p.cap;
+    auto q = randn(size_t(c.n) * c.H * hd), kv = randn(size_t(c.n) * width), w = randn(c.rank);
+    std::vector<float> cache_h = randn(size_t(cap) * width);  // old contents must survive outside the new rows
+    TensorView gc = bf16_cache(cache_h, cap, width);
+    TensorView gq = up(q, DType::F32, {c.n, c.H, hd});
     gpu->mla_rope_append(gq, c.nope, gc, up(kv, DType::F32, {c.n, width}), up(w, DType::F32, {c.rank}), 1e-6f, p.dev,
                          RopeParams{1e4f, c.rope});
     cpu.rope(host(q, {c.n, c.H, hd}), c.nope, p.host, RopeParams{1e4f, c.rope});
-    cpu.mla_cache_append(host(cache_h, {c.cap, width}), host(kv, {c.n, width}), host(w, {c.rank}), 1e-6f, p.host,
+    cpu.mla_cache_append(host(cache_h, {cap, width}), host(kv, {c.n, width}), host(w, {c.rank}), 1e-6f, p.host,
                          RopeParams{1e4f, c.rope});
     EXPECT_LT(rel_err(down(gq), q), 1e-6) << "q rope, H=" << c.H;
     auto got = down_bf16(gc);
@@ -212,13 +225,13 @@ TEST_F(CudaOps, MlaAttentionWithRopeAppendGlm) {
   const MlaDims d = glm.mla();
   const RopeParams rp = glm.rope();
   for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 300}, {3, 41}, {17, 5}}) {
-    const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 3, W = d.cache_width();
+    Pos p = positions(pos0, n);
+    const int per = d.nope_dim + d.v_dim, cap = p.cap, W = d.cache_width();
     auto wb = to_bf16(randn(size_t(d.heads) * per * d.kv_rank, 0.05f));
     const auto [lc, lg] = kv_b_linears(wb, d);
     auto cache = randn(size_t(cap) * W), q = randn(size_t(n) * d.heads * d.q_head_dim()), kv = randn(size_t(n) * W);
     auto nw = randn(d.kv_rank);
     TensorView gc = bf16_cache(cache, cap, W), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
-    Pos p = positions(pos0, n);
     TensorView o = poisoned({n, d.heads * d.v_dim});
     gpu->attention_mla_append(o, gq, d.nope_dim, gc, up(kv, DType::F32, {n, W}), up(nw, DType::F32, {d.kv_rank}), 1e-6f, lg,
                               p.dev, d, rp, MlaMode::Absorbed);
@@ -231,6 +244,80 @@ TEST_F(CudaOps, MlaAttentionWithRopeAppendGlm) {
     EXPECT_LT(rel_err(down(o), want), 1.5e-2) << "n=" << n << " pos0=" << pos0;
     auto got = down_bf16(gc);
     for (size_t i = 0; i < got.size(); i++) ASSERT_NEAR(got[i], cache[i], std::fabs(cache[i]) * 0.0080 + 1e-30) << i;
+  }
+}
+
+// The rows of a batched step (decode rows of different sequences, some sharing a prefix block, and prompt chunks,
+// on scattered blocks) through the cache append kernel and the attention op with the rope + append folded in (one
+// stretch of <= 16 decode rows or one short run) or not (more rows, mixed runs), against the CPU ops on the same
+// bf16 pool: the output, and every pool row (the new rows at their pool rows; all others, NaN rows included,
+// untouched).
+TEST_F(CudaOps, PagedAppendAndAttentionOfBatchedRows) {
+  const Config glm = Config::glm47_flash();
+  const MlaDims d = glm.mla();
+  const RopeParams rp = glm.rope();
+  const int W = d.cache_width(), per = d.nope_dim + d.v_dim;
+  auto wb = to_bf16(randn(size_t(d.heads) * per * d.kv_rank, 0.05f));
+  const auto [lc, lg] = kv_b_linears(wb, d);
+  auto nw = randn(d.kv_rank);
+  const TensorView gnw = up(nw, DType::F32, {d.kv_rank});
+  auto check_pool = [&](const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, const char* what) {
+    for (size_t i = 0; i < got.size(); i++) {
+      const float g = bf16_to_f32(got[i]), w = bf16_to_f32(want[i]);
+      if (std::isnan(w)) ASSERT_TRUE(std::isnan(g)) << what << ": pool value " << i << " was written";
+      else ASSERT_NEAR(g, w, std::fabs(w) * 0.0080 + 1e-30) << what << ": pool value " << i;
+    }
+  };
+  for (const std::vector<int>& runs : {std::vector<int>{1}, std::vector<int>{1, 1, 1, 1, 1}, std::vector<int>(16, 1),
+                                       std::vector<int>(20, 1), std::vector<int>{1, 1, 30}, std::vector<int>{7},
+                                       std::vector<int>{40}}) {
+    const int S = int(runs.size());
+    std::vector<int> len(static_cast<size_t>(S));
+    for (int s = 0; s < S; s++) len[size_t(s)] = runs[size_t(s)] + 64 + int(rng.next_u64() % 700);
+    std::vector<test::Share> share;
+    if (S >= 2) share.push_back({1, 0, 1});  // both are >= 65 tokens long: the first block is common
+    test::PagedLayout L = test::make_layout(len, rng, share);
+    test::StepRows rows;
+    for (int s = 0; s < S; s++) {
+      if (runs[size_t(s)] == 1) rows.decode(L, s);
+      else rows.chunk(L, s, runs[size_t(s)]);
+    }
+    const int n = rows.n(), bound = rows.bound();
+    auto pool = test::make_pool(L, W, rng);
+    auto q = randn(size_t(n) * d.heads * d.q_head_dim()), kv = randn(size_t(n) * W);
+    Positions hp = test::host_positions(rows, L, bound);
+    Positions dp = hp;
+    dp.pos = up(rows.pos, DType::I32, {n});
+    dp.seq = up(rows.seq, DType::I32, {n});
+    dp.tables = up(L.tables, DType::I32, {L.sequences(), L.max_blocks});
+    const TensorView gkv = up(kv, DType::F32, {n, W});
+
+    // The append kernel alone.
+    {
+      TensorView gpool = up(pool, DType::BF16, {L.pool_rows(), W});
+      std::vector<uint16_t> want = pool;
+      gpu->mla_cache_append(gpool, gkv, gnw, 1e-6f, dp, rp);
+      cpu.mla_cache_append(TensorView(want.data(), DType::BF16, {L.pool_rows(), W}), host(kv, {n, W}), host(nw, {d.kv_rank}),
+                           1e-6f, hp, rp);
+      std::vector<uint16_t> got(pool.size());
+      gpu->to_host(got.data(), gpool.data, got.size() * 2);
+      check_pool(got, want, "mla_cache_append");
+    }
+    // Rope + append + attention as one op.
+    TensorView gpool = up(pool, DType::BF16, {L.pool_rows(), W});
+    TensorView gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
+    TensorView o = poisoned({n, d.heads * d.v_dim});
+    gpu->attention_mla_append(o, gq, d.nope_dim, gpool, gkv, gnw, 1e-6f, lg, dp, d, rp, MlaMode::Absorbed);
+    std::vector<float> want(size_t(n) * d.heads * d.v_dim);
+    cpu.rope(host(q, {n, d.heads, d.q_head_dim()}), d.nope_dim, hp, rp);
+    const TensorView hpool(pool.data(), DType::BF16, {L.pool_rows(), W});
+    cpu.mla_cache_append(hpool, host(kv, {n, W}), host(nw, {d.kv_rank}), 1e-6f, hp, rp);
+    cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), hpool, lc, hp, d,
+                      MlaMode::Absorbed);
+    EXPECT_LT(rel_err(down(o), want), 1.5e-2) << "runs=" << S << " rows=" << n;
+    std::vector<uint16_t> got(pool.size());
+    gpu->to_host(got.data(), gpool.data, got.size() * 2);
+    check_pool(got, pool, "attention_mla_append");
   }
 }
 
@@ -270,13 +357,13 @@ TEST_F(CudaOps, MlaAttentionBothForms) {
   d.v_dim = 40;
   d.scale = 1.0f / std::sqrt(40.0f);
   for (auto [n, pos0] : std::vector<std::pair<int, int>>{{1, 0}, {1, 300}, {3, 7}, {17, 0}, {33, 250}, {127, 1}}) {
-    const int per = d.nope_dim + d.v_dim, cap = pos0 + n + 2;
+    Pos p = positions(pos0, n);
+    const int per = d.nope_dim + d.v_dim, cap = p.cap;
     auto w = randn(size_t(d.heads) * per * d.kv_rank, 0.2f);
     auto wb = to_bf16(w);
     const auto [lc, lg] = kv_b_linears(wb, d);
     auto cache = randn(size_t(cap) * d.cache_width()), q = randn(size_t(n) * d.heads * d.q_head_dim());
     TensorView gc = bf16_cache(cache, cap, d.cache_width()), gq = up(q, DType::F32, {n, d.heads, d.q_head_dim()});
-    Pos p = positions(pos0, n);
     for (MlaMode mode : {MlaMode::Absorbed, MlaMode::Expanded}) {
       std::vector<float> want(size_t(n) * d.heads * d.v_dim);
       cpu.attention_mla(host(want, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), host(cache, {cap, d.cache_width()}), lc, p.host, d, mode);
@@ -386,6 +473,66 @@ TEST_F(CudaOps, SampleStepMatchesCpuReference) {
     EXPECT_EQ(posv[0], 40);
   }
   EXPECT_GE(same, total * 98 / 100) << same << " of " << total << " draws identical";
+}
+
+// Batched sampling: every row with its own params and noise step, greedy and sampled rows in one call, the same
+// tokens as cpu::sample_token per row (greedy rows exactly; sampled rows >= 98% identical, as for sample_step).
+TEST_F(CudaOps, SampleRowsMatchesCpuPerRow) {
+  for (int64_t V : {int64_t(154880), int64_t(1000)}) {
+    std::vector<SamplingParams> p(7);
+    p[0].temperature = 0;
+    p[1].temperature = 1.0f;
+    p[2].temperature = 0.7f, p[2].top_k = 40, p[2].top_p = 0.9f;
+    p[3].temperature = 0;
+    p[4].temperature = 1.1f, p[4].top_p = 0.95f, p[4].min_p = 0.05f;
+    p[5].temperature = 0.5f, p[5].top_k = 1;
+    p[6].temperature = 1.3f, p[6].top_k = 5;
+    const int n = int(p.size());
+    for (int i = 0; i < n; i++) p[size_t(i)].seed = 1000 + uint64_t(i);
+    std::vector<uint8_t> pb(p.size() * sizeof(SamplingParams));
+    std::memcpy(pb.data(), p.data(), pb.size());
+    const TensorView gp = up(pb, DType::U8, {int64_t(pb.size())});
+    int same = 0, total = 0;
+    for (int round = 0; round < 20; round++) {
+      auto l = randn(size_t(n) * V, 3.0f);
+      l[77] = NAN, l[78] = -INFINITY, l[size_t(3 * V + 5)] = INFINITY;
+      std::vector<int32_t> steps(static_cast<size_t>(n)), minus(size_t(n), -1);
+      for (auto& s : steps) s = int32_t(rng.next_u64() % 5000);
+      TensorView gt = up(minus, DType::I32, {n});
+      gpu->sample_rows(up(l, DType::F32, {n, V}), gp, up(steps, DType::I32, {n}), gt);
+      std::vector<int32_t> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+      gpu->to_host(got.data(), gt.data, got.size() * 4);
+      cpu.sample_rows(host(l, {n, V}), TensorView(pb.data(), DType::U8, {int64_t(pb.size())}),
+                      TensorView(steps.data(), DType::I32, {n}), TensorView(want.data(), DType::I32, {n}));
+      for (int i = 0; i < n; i++) {
+        ASSERT_GE(got[size_t(i)], 0) << "row " << i << " not written";
+        ASSERT_LT(got[size_t(i)], V);
+        EXPECT_TRUE(std::isfinite(l[size_t(i) * V + got[size_t(i)]])) << "row " << i;
+        if (p[size_t(i)].temperature == 0 || p[size_t(i)].top_k == 1) {
+          EXPECT_EQ(got[size_t(i)], want[size_t(i)]) << "greedy row " << i << " V=" << V;
+        } else {
+          same += got[size_t(i)] == want[size_t(i)];
+          total++;
+        }
+      }
+    }
+    EXPECT_GE(same, total * 98 / 100) << same << " of " << total << " sampled draws identical, V=" << V;
+  }
+}
+
+TEST_F(CudaOps, GatherRows) {
+  // Rows of 4096 floats (the 16-byte path), 333 and 3 (the byte path); repeated and reordered indices.
+  const std::vector<int32_t> idx = {8, 0, 0, 5, 3};
+  const int m = int(idx.size());
+  const TensorView gi = up(idx, DType::I32, {m});
+  for (int d : {333, 3, 4096}) {
+    auto x = randn(size_t(9) * d);
+    std::vector<float> want(size_t(m) * d);
+    cpu.gather_rows(host(want, {m, d}), host(x, {9, d}), TensorView(const_cast<int32_t*>(idx.data()), DType::I32, {m}));
+    TensorView o = poisoned({m, d});
+    gpu->gather_rows(o, up(x, DType::F32, {9, d}), gi);
+    EXPECT_EQ(down(o), want) << "d=" << d;
+  }
 }
 
 }  // namespace
