@@ -32,5 +32,7 @@ void add_chat(CLI::App& app);
 void add_bench(CLI::App& app);
 void record_command_line(int argc, char** argv);  // for the "command" field of benchmark figures
 void add_perplexity(CLI::App& app);
+void add_serve(CLI::App& app);
+void add_batch(CLI::App& app);
 
 }  // namespace trellm::cli

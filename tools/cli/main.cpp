@@ -28,6 +28,8 @@ int main(int argc, char** argv) {
   trellm::cli::add_quantize(app);
   trellm::cli::add_perplexity(app);
   trellm::cli::add_bench(app);
+  trellm::cli::add_serve(app);
+  trellm::cli::add_batch(app);
   trellm::cli::record_command_line(argc, argv);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,44 @@
+// The server's Prometheus metrics (text exposition format 0.0.4), named like vLLM's with the prefix `trellm:`:
+// gauges and counters read from the engine at scrape time, histograms of latencies observed by the server.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "runtime/engine.h"
+
+namespace trellm::server {
+
+class Histogram {
+ public:
+  explicit Histogram(std::vector<double> upper_bounds);
+  void observe(double v);
+  // Appends the _bucket (cumulative, with +Inf), _sum and _count lines of metric `name`.
+  void render(std::string& out, const std::string& name) const;
+
+ private:
+  std::vector<double> bounds_;
+  std::vector<uint64_t> counts_;  // per bucket, not cumulative; the last is +Inf
+  double sum_ = 0;
+  uint64_t count_ = 0;
+};
+
+class Metrics {
+ public:
+  Metrics();
+  void first_token(double seconds);     // time to first token of a request (arrival -> first token)
+  void inter_token(double seconds);     // time between two tokens of one request
+  void finished(const std::string& reason, double e2e_seconds);  // one finished request ("stop", "length", ...)
+  void rejected();                      // a request answered with an error before it ran
+  std::string render(const Engine::Stats& engine, const std::string& model_name) const;
+
+ private:
+  mutable std::mutex mu_;
+  Histogram ttft_, itl_, e2e_;
+  std::map<std::string, uint64_t> finished_;
+  uint64_t rejected_ = 0;
+};
+
+}  // namespace trellm::server
