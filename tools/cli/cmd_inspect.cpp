@@ -35,13 +35,17 @@ std::string count(double n) {
 std::string part_of(const std::string& name, const Config& c) {
   if (name.rfind("model.layers.", 0) == 0) {
     int layer = std::atoi(name.c_str() + 13);
-    if (layer >= c.num_hidden_layers) return "mtp";
-    if (name.find(".self_attn.") != std::string::npos) return "attention";
-    if (name.find(".mlp.shared_experts.") != std::string::npos) return "shared expert";
-    if (name.find(".mlp.experts.") != std::string::npos) return "routed experts";
-    if (name.find(".mlp.gate.") != std::string::npos) return "router";
-    if (name.find(".mlp.") != std::string::npos) return "dense mlp";
-    return "norms";
+    // The MTP layer(s) after the decoder layers, split like a decoder layer plus their own projection and head.
+    const std::string mtp = layer >= c.num_hidden_layers ? "mtp " : "";
+    if (name.find(".self_attn.") != std::string::npos) return mtp + "attention";
+    if (name.find(".mlp.shared_experts.") != std::string::npos) return mtp + "shared expert";
+    if (name.find(".mlp.experts.") != std::string::npos) return mtp + "routed experts";
+    if (name.find(".mlp.gate.") != std::string::npos) return mtp + "router";
+    if (name.find(".mlp.") != std::string::npos) return mtp + "dense mlp";
+    if (!mtp.empty() && name.find(".eh_proj.") != std::string::npos) return "mtp eh_proj";
+    if (!mtp.empty() && name.find(".shared_head.head.") != std::string::npos) return "mtp shared_head";
+    if (!mtp.empty() && name.find(".embed_tokens.") != std::string::npos) return "mtp embedding";
+    return mtp + "norms";
   }
   if (name == "model.embed_tokens.weight") return "embedding";
   if (name.rfind("lm_head", 0) == 0) return "lm_head";
@@ -49,11 +53,11 @@ std::string part_of(const std::string& name, const Config& c) {
 }
 
 // Fraction of a part's weights a decoded token reads: top_k of the routed experts, one embedding row (all of
-// it when tied: it is the lm_head too), nothing of the MTP layer.
+// it when tied: it is the lm_head too), nothing of the MTP layer (it runs only when drafting).
 double read_fraction(const std::string& part, const Config& c) {
+  if (part.rfind("mtp", 0) == 0) return 0.0;
   if (part == "routed experts") return double(c.num_experts_per_tok) / double(c.n_routed_experts);
   if (part == "embedding") return c.tie_word_embeddings ? 1.0 : 1.0 / double(c.vocab_size);
-  if (part == "mtp") return 0.0;
   return 1.0;
 }
 
@@ -94,7 +98,9 @@ int run_inspect(const std::string& dir, bool list_tensors) {
   // The trellis-coded Linears (read and validated like the loader does).
   trellis::TrellisReader reader(store);
   std::map<std::string, QLinear> qlin;  // by module key
-  for (const LinearSpec& s : linear_specs(c)) {
+  std::vector<LinearSpec> all_linears = linear_specs(c);
+  for (LinearSpec& s : mtp_linear_specs(c)) all_linears.push_back(std::move(s));
+  for (const LinearSpec& s : all_linears) {
     if (!reader.contains(s.key)) continue;
     const trellis::TrellisWeight w = reader.read(s.key, s.in, s.out);
     QLinear q{s, w.K, w.codebook, 0};
@@ -134,23 +140,52 @@ int run_inspect(const std::string& dir, bool list_tensors) {
   }
   std::printf("    %-20s %14s %14s %14s\n", "total", count(total).c_str(), human(total_bytes).c_str(), count(active).c_str());
 
+  // The MTP layers: what the loader reads as MtpWeights (glm4_moe_lite_load.cpp), by the same names.
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; k++) {
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
+    double params = 0, bytes = 0;
+    int tensors = 0;
+    std::map<std::string, int> dtypes;
+    for (const auto& name : store.names()) {
+      if (name.rfind(p, 0) != 0) continue;
+      const TensorInfo& t = store.get(name);
+      tensors++, bytes += double(t.nbytes), dtypes[std::string(dtype_name(t.dtype))]++;
+      const size_t dot = name.rfind('.');
+      auto q = qlin.find(name.substr(0, dot));
+      if (q == qlin.end()) params += double(t.numel());
+      else if (name.compare(dot, std::string::npos, ".trellis") == 0) params += double(q->second.spec.in * q->second.spec.out);
+    }
+    if (!tensors) {
+      std::printf("\n  MTP layer %lld      absent (no %s* tensors): the model runs without it\n", (long long)k, p.c_str());
+      continue;
+    }
+    std::string dts;
+    for (auto& [dt, n] : dtypes) dts += str_cat(dts.empty() ? "" : ", ", n, " ", dt);
+    std::printf("\n  MTP layer %lld      %s*: %d tensors (%s), %s parameters, %s\n", (long long)k, p.c_str(), tensors,
+                dts.c_str(), count(params).c_str(), human(bytes).c_str());
+    std::printf("                    x = eh_proj(concat(enorm(embed(t+1)), hnorm(h_t))), a %s decoder layer, "
+                "logits = shared_head.head(shared_head.norm(x))\n",
+                store.contains(p + "mlp.gate.weight") ? "MoE" : "dense");
+  }
+
   if (!qlin.empty()) {
     // Count of Linears per part and (K, codebook); dense Linears counted apart.
     std::set<std::pair<int, int>> cols;  // (K, codebook)
     std::map<std::string, std::map<std::pair<int, int>, int>> table;
     std::map<std::string, int> dense;
     double dec_weights = 0, dec_bits = 0, dec_bytes = 0;
-    for (const LinearSpec& s : linear_specs(c)) {
-      const std::string part = linear_part_name(s.part);
+    for (const LinearSpec& s : all_linears) {
+      const bool mtp = s.layer >= c.num_hidden_layers && s.part != LinearPart::Head;
+      const std::string part = mtp ? "mtp" : linear_part_name(s.part);
       auto it = qlin.find(s.key);
       if (it == qlin.end()) {
-        dense[part]++;
+        if (!mtp || store.contains(s.key + ".weight")) dense[part]++;
         continue;
       }
       const std::pair<int, int> col{it->second.K, int(it->second.cb)};
       cols.insert(col);
       table[part][col]++;
-      if (s.part != LinearPart::Head) {
+      if (s.part != LinearPart::Head && !mtp) {
         dec_weights += double(s.in * s.out);
         dec_bits += double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out)) * it->second.K;
         dec_bytes += it->second.bytes;
@@ -159,7 +194,7 @@ int run_inspect(const std::string& dir, bool list_tensors) {
     std::printf("\n  trellis-coded Linears by part, K and codebook\n    %-16s", "part");
     for (auto [k, cb] : cols) std::printf(" %9s", str_cat("K=", k, " ", trellis::codebook_name(trellis::Codebook(cb))).c_str());
     std::printf(" %9s\n", "dense");
-    for (const char* part : {"attention", "dense mlp", "shared expert", "routed experts", "lm_head"}) {
+    for (const char* part : {"attention", "dense mlp", "shared expert", "routed experts", "lm_head", "mtp"}) {
       if (!table.count(part) && !dense.count(part)) continue;
       std::printf("    %-16s", part);
       for (auto col : cols) std::printf(" %9d", table[part][col]);
@@ -167,7 +202,7 @@ int run_inspect(const std::string& dir, bool list_tensors) {
     }
     double dec_padded = 0;
     for (const auto& [k, q] : qlin)
-      if (q.spec.part != LinearPart::Head)
+      if (q.spec.part != LinearPart::Head && q.spec.layer < c.num_hidden_layers)
         dec_padded += double(trellis::round_up_128(q.spec.in) * trellis::round_up_128(q.spec.out));
     std::printf("\n  decoder Linears   %.4f bits per stored weight (K, 128-padded numel-weighted); %.4f bits per real\n"
                 "                    weight including suh/svh and padding (%s in %s)\n",
@@ -177,7 +212,7 @@ int run_inspect(const std::string& dir, bool list_tensors) {
                 total > 0 ? total_bytes * 8 / total : 0.0, human(total_bytes).c_str(), count(total).c_str());
     if (list_tensors) {
       std::printf("\n  %-56s %-14s %3s %-6s %12s\n", "Linear", "part", "K", "cb", "bytes");
-      for (const LinearSpec& s : linear_specs(c)) {
+      for (const LinearSpec& s : all_linears) {
         auto it = qlin.find(s.key);
         if (it == qlin.end()) continue;
         std::printf("  %-56s %-14s %3d %-6s %12.0f\n", s.key.c_str(), linear_part_name(s.part), it->second.K,

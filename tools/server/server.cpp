@@ -86,7 +86,10 @@ void Server::finished(Generation& g, const std::string& id, const char* endpoint
     metrics_.finished(c->finish_reason(), g.seconds());
   }
   std::string reasons;
-  for (auto& c : g.choices()) reasons += (reasons.empty() ? "" : ",") + c->finish_reason();
+  for (auto& c : g.choices()) {
+    if (!reasons.empty()) reasons += ',';
+    reasons += c->finish_reason();
+  }
   std::fprintf(stderr, "trellm serve: %s %s prompt %lld (cached %lld) completion %lld finish %s %.3f s\n", id.c_str(), endpoint,
                (long long)g.prompt_tokens(), (long long)g.cached_tokens(), (long long)g.completion_tokens(), reasons.c_str(),
                g.seconds());
