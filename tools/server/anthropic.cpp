@@ -5,6 +5,7 @@
 #include <httplib.h>
 
 #include "server.h"
+#include "sse.h"
 
 namespace trellm::server {
 
@@ -258,14 +259,7 @@ void add_anthropic_routes(Server& s, httplib::Server& http) {
                        {"usage", usage_of(*g)}});
         return;
       }
-      auto st = std::make_shared<MessageStream>(s, std::move(g), id, model);
-      res.set_header("Cache-Control", "no-cache");
-      res.set_chunked_content_provider(
-          "text/event-stream", [st](size_t, httplib::DataSink& sink) { return st->next(sink); },
-          [st](bool success) {
-            if (!success) st->g->cancel();
-            st->log();
-          });
+      send_stream(res, std::make_shared<MessageStream>(s, std::move(g), id, model));
     });
   });
 }

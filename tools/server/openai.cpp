@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "server.h"
+#include "sse.h"
 
 namespace trellm::server {
 
@@ -184,14 +185,7 @@ void handle(Server& s, const httplib::Request& req, httplib::Response& res, Kind
       send_json(res, 200, kind == Kind::Chat ? chat_response(*g, out, id, model) : completion_response(*g, out, id, model));
       return;
     }
-    auto st = std::make_shared<Stream>(s, std::move(g), id, model);
-    res.set_header("Cache-Control", "no-cache");
-    res.set_chunked_content_provider(
-        "text/event-stream", [st](size_t, httplib::DataSink& sink) { return st->next(sink); },
-        [st](bool success) {
-          if (!success) st->g->cancel();
-          st->log();
-        });
+    send_stream(res, std::make_shared<Stream>(s, std::move(g), id, model));
   });
 }
 
