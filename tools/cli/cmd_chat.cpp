@@ -2,6 +2,7 @@
 // shown dimmed, or hidden with --hide-thinking; tool calls are printed as JSON.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 
@@ -64,7 +65,14 @@ int run_chat(const ChatArgs& a) {
     // The generation prompt ends with <think> when thinking is on: the reply starts inside the reasoning.
     const bool thinking_open = prompt_text.size() >= 7 && prompt_text.compare(prompt_text.size() - 7, 7, "<think>") == 0;
     GlmOutputParser parser(thinking_open);
-    StreamDecoder dec(tok, /*skip_special_tokens=*/true);
+    // GLM's <think>, <tool_call>, <arg_key>, ... are special tokens the parser needs: keep special tokens in the
+    // text, and leave out only the stop tokens that end the reply.
+    StreamDecoder dec(tok, /*skip_special_tokens=*/false);
+    auto is_stop = [&](int32_t t) {
+      const auto& c = model->config().eos_token_id;
+      return std::find(c.begin(), c.end(), int64_t(t)) != c.end() ||
+             std::find(opt.extra_stop_ids.begin(), opt.extra_stop_ids.end(), int64_t(t)) != opt.extra_stop_ids.end();
+    };
     std::string content, reasoning;
     bool in_reasoning = false;
     auto show = [&](const std::vector<GlmEvent>& evs) {
@@ -88,7 +96,7 @@ int run_chat(const ChatArgs& a) {
     };
     GenerateStats st;
     gen.generate(prompt, opt, [&](int32_t t) {
-      show(parser.feed(dec.push(t)));
+      if (!is_stop(t)) show(parser.feed(dec.push(t)));
       return true;
     }, &st);
     show(parser.feed(dec.finish()));

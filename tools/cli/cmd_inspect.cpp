@@ -156,12 +156,12 @@ int run_inspect(const std::string& dir, bool list_tensors) {
       else if (name.compare(dot, std::string::npos, ".trellis") == 0) params += double(q->second.spec.in * q->second.spec.out);
     }
     if (!tensors) {
-      std::printf("\n  MTP layer %lld      absent (no %s* tensors): the model runs without it\n", (long long)k, p.c_str());
+      std::printf("\n  %-18sabsent (no %s* tensors): the model runs without it\n", str_cat("MTP layer ", k).c_str(), p.c_str());
       continue;
     }
     std::string dts;
     for (auto& [dt, n] : dtypes) dts += str_cat(dts.empty() ? "" : ", ", n, " ", dt);
-    std::printf("\n  MTP layer %lld      %s*: %d tensors (%s), %s parameters, %s\n", (long long)k, p.c_str(), tensors,
+    std::printf("\n  %-18s%s*: %d tensors (%s), %s parameters, %s\n", str_cat("MTP layer ", k).c_str(), p.c_str(), tensors,
                 dts.c_str(), count(params).c_str(), human(bytes).c_str());
     std::printf("                    x = eh_proj(concat(enorm(embed(t+1)), hnorm(h_t))), a %s decoder layer, "
                 "logits = shared_head.head(shared_head.norm(x))\n",

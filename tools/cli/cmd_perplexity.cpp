@@ -20,7 +20,7 @@ struct PplArgs {
   std::string model, ref, text, ids, device = "auto";
   int ctx = 1024, chunk = 0;
   int64_t max_tokens = 0;
-  bool json = false;
+  bool json = false, mtp = false;
 };
 
 std::string read_file(const std::string& path, const char* what) {
@@ -61,6 +61,8 @@ int run_perplexity(const PplArgs& a) {
   opt.ctx = int(std::min<int64_t>(a.ctx, model->config().max_position_embeddings));
   opt.chunk = a.chunk;
   PerplexityResult r = evaluate_perplexity(*model, ref.get(), ids, opt);
+  MtpAgreement mr;
+  if (a.mtp) mr = evaluate_mtp(*model, ids, opt);
 
   if (a.json) {
     nlohmann::ordered_json j = {{"model", dir}, {"text", a.text.empty() ? a.ids : a.text}, {"bytes", bytes},
@@ -73,6 +75,12 @@ int run_perplexity(const PplArgs& a) {
       j["mean_kl"] = r.mean_kl;
       j["max_kl"] = r.max_kl;
       j["top1_agree"] = r.top1_agree;
+    }
+    if (a.mtp) {
+      j["mtp_positions"] = mr.positions;
+      j["mtp_agreement"] = mr.agreement;
+      j["mtp_accuracy"] = mr.accuracy;
+      j["mtp_seconds"] = mr.seconds;
     }
     std::printf("%s\n", j.dump().c_str());
     return 0;
@@ -91,6 +99,9 @@ int run_perplexity(const PplArgs& a) {
     std::printf("KL(ref||m)   mean %.6f nats/token, max %.4f; top-1 agreement %.2f %%\n", r.mean_kl, r.max_kl,
                 100.0 * r.top1_agree);
   }
+  if (a.mtp)
+    std::printf("MTP draft    top-1 agreement with the model's greedy next token %.2f %%, accuracy on the text %.2f %% "
+                "(%lld positions, %.2f s)\n", 100.0 * mr.agreement, 100.0 * mr.accuracy, (long long)mr.positions, mr.seconds);
   std::printf("time         %.2f s (%.0f tokens/s) [%s, %d threads]\n", r.seconds,
               r.seconds > 0 ? double(r.predicted) / r.seconds : 0.0, backend->name().c_str(), ThreadPool::global().size());
   return 0;
@@ -110,6 +121,8 @@ void add_perplexity(CLI::App& app) {
   cmd->add_option("--max-tokens", a.max_tokens, "Score only the first N tokens of the text (0 = all)");
   cmd->add_option("--chunk", a.chunk, "Rows per forward pass (0 = automatic)");
   cmd->add_option("--device", a.device, "cpu, cuda, cuda:N, or auto (the GPU when there is one)")->capture_default_str();
+  cmd->add_flag("--mtp", a.mtp, "Also score the MTP layer as a drafter: its token at p vs the model's greedy token "
+                                 "at p+1, on the same windows");
   cmd->add_flag("--json", a.json, "Print one JSON object instead of the table");
   cmd->callback([] { std::exit(run_perplexity(a)); });
 }

@@ -89,6 +89,7 @@ Loaded load(const ServeArgs& a) {
   sp.top_p = float(gc.top_p.value_or(1.0));
   sp.min_p = float(gc.min_p.value_or(0.0));
   for (int64_t id : gc.eos_token_id) L.mc.defaults.stop_ids.push_back(int32_t(id));
+  for (int64_t id : c.eos_token_id) L.mc.eos_ids.push_back(int32_t(id));
   std::fprintf(stderr, "trellm serve: model %s (%s) on %s; %s\n", L.mc.served_name.c_str(), dir.empty() ? "synthetic" : dir.c_str(),
                L.backend->name().c_str(), L.engine->describe().c_str());
   return L;

@@ -237,7 +237,7 @@ struct MessageStream {
 
 void add_anthropic_routes(Server& s, httplib::Server& http) {
   http.Post("/v1/messages", [&s](const httplib::Request& req, httplib::Response& res) {
-    guarded(s, res, true, [&] {
+    guarded(s, req, res, true, [&] {
       GenRequest gr = parse_messages(parse_body(req), s.model());
       const std::string id = random_id("msg_"), model = gr.model;
       const bool stream = gr.stream;

@@ -1,5 +1,6 @@
 #include "choice.h"
 
+#include <algorithm>
 #include <random>
 
 #include "runtime/sampler.h"
@@ -17,7 +18,9 @@ std::string call_id() {
 }  // namespace
 
 Choice::Choice(const GenRequest& req, const Tokenizer& tok, std::shared_ptr<Request> r, int index)
-    : gen_(req), tok_(tok), req_(std::move(r)), index_(index), dec_(tok, /*skip_special_tokens=*/true), stops_(req.stop) {
+    // Chat keeps special tokens in the text: GLM's <think>, </think>, <tool_call>, <arg_key>, ... are special
+    // tokens, and the output parser needs them; the stop tokens (hidden_ids) are left out of the text either way.
+    : gen_(req), tok_(tok), req_(std::move(r)), index_(index), dec_(tok, /*skip_special_tokens=*/!req.glm_parse), stops_(req.stop) {
   start_ = last_token_ = std::chrono::steady_clock::now();
   if (req.glm_parse) {
     parser_.emplace(req.thinking_open);
@@ -73,7 +76,7 @@ ChoiceDelta Choice::poll(std::chrono::milliseconds timeout) {
       }
       d.logprobs.push_back(std::move(lp));
     }
-    text_in(dec_.push(g.id), d, false);
+    if (std::find(gen_.hidden_ids.begin(), gen_.hidden_ids.end(), g.id) == gen_.hidden_ids.end()) text_in(dec_.push(g.id), d, false);
     if (stops_.stopped()) {
       stopped_by_string_ = true;
       req_->cancel();  // the engine frees the sequence at its next step
@@ -91,7 +94,7 @@ std::string Choice::finish_reason() const {
   switch (engine_finish_) {
     case FinishReason::Stop: return saw_tool_call_ ? "tool_calls" : "stop";
     case FinishReason::Length: return "length";
-    case FinishReason::Cancelled: return "cancelled";
+    case FinishReason::Cancelled: return "abort";  // as vLLM: the request was cancelled (shutdown)
     case FinishReason::Error: return "error";
     case FinishReason::None: return "";
   }

@@ -44,7 +44,7 @@ class Choice {
   // its text was returned.
   ChoiceDelta poll(std::chrono::milliseconds timeout);
   bool done() const { return done_; }
-  // "stop", "length", "tool_calls"; "cancelled" / "error" when the engine ended it so.
+  // "stop", "length", "tool_calls"; "abort" (cancelled: shutdown) / "error" when the engine ended it so.
   std::string finish_reason() const;
   std::string error() const { return req_->error(); }
   int64_t completion_tokens() const { return tokens_; }

@@ -88,7 +88,7 @@ std::string Metrics::render(const Engine::Stats& st, const std::string& model) c
   counter("num_preemptions", "Sequences preempted (recomputed later) when the cache ran out.", double(st.preemptions));
   std::lock_guard lk(mu_);
   family(o, "trellm:request_success", "counter", "Finished requests by finish reason.");
-  for (const char* r : {"stop", "length", "tool_calls", "cancelled", "error"}) {
+  for (const char* r : {"stop", "length", "tool_calls", "abort", "error"}) {
     auto it = finished_.find(r);
     sample(o, "trellm:request_success_total", ml + ",finished_reason=\"" + r + "\"", it == finished_.end() ? 0.0 : double(it->second));
   }

@@ -170,7 +170,7 @@ struct Stream {
 };
 
 void handle(Server& s, const httplib::Request& req, httplib::Response& res, Kind kind) {
-  guarded(s, res, false, [&] {
+  guarded(s, req, res, false, [&] {
     const json body = parse_body(req);
     GenRequest gr = kind == Kind::Chat ? parse_chat(body, s.model()) : parse_completion(body, s.model());
     const std::string id = random_id(kind == Kind::Chat ? "chatcmpl-" : "cmpl-");

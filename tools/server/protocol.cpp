@@ -6,8 +6,9 @@
 
 namespace trellm::server {
 
-json error_body(int status, const std::string& message, const std::string& type, const std::string& param) {
-  json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", status}};
+json error_body(int /*status: the HTTP status carries it; OpenAI's "code" is a string or null*/, const std::string& message,
+                const std::string& type, const std::string& param) {
+  json e = {{"message", message}, {"type", type}, {"param", nullptr}, {"code", nullptr}};
   if (!param.empty()) e["param"] = param;
   return json{{"error", e}};
 }
@@ -231,6 +232,8 @@ void finish_params(GenRequest& r, const ModelContext& m, const json* mt, const c
     r.params.max_tokens = m.context - P;
   }
   r.params.logprobs = r.logprobs ? r.top_logprobs : -1;
+  r.hidden_ids = m.eos_ids;
+  r.hidden_ids.insert(r.hidden_ids.end(), r.params.stop_ids.begin(), r.params.stop_ids.end());
 }
 
 GenRequest parse_chat(const json& body, const ModelContext& m) {

@@ -32,6 +32,7 @@ struct ModelContext {
   int64_t context = 0;      // positions per request (prompt + output)
   int64_t vocab = 0;
   GenParams defaults;       // sampling defaults (generation_config.json) and its extra stop ids
+  std::vector<int32_t> eos_ids;  // config.json's eos_token_id
   int max_n = 16;
 };
 
@@ -50,6 +51,7 @@ struct GenRequest {
   bool thinking_open = false;       // the prompt ends inside <think>: the output starts as reasoning
   std::string forced_prefix;        // generated-text prefix the prompt already holds (tool_choice required / named)
   bool tools = false;               // tool calls are parsed (tools given, tool_choice not "none")
+  std::vector<int32_t> hidden_ids;  // stop tokens: they end the output but are not part of its text
 };
 
 // Body of POST /v1/chat/completions and /v1/completions.

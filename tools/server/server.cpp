@@ -43,13 +43,24 @@ json anthropic_error(const ApiError& e) {
 }
 }  // namespace
 
-void guarded(Server& s, httplib::Response& res, bool anthropic, const std::function<void()>& fn) {
+void Server::check_auth(const httplib::Request& req) const {
+  if (opt_.api_key.empty()) return;
+  const std::string auth = req.get_header_value("Authorization"), key = req.get_header_value("x-api-key");
+  if (auth == "Bearer " + opt_.api_key || key == opt_.api_key) return;
+  throw ApiError(401, auth.empty() && key.empty() ? "missing API key (Authorization: Bearer KEY, or x-api-key)" : "invalid API key", "",
+                 "authentication_error");
+}
+
+// The check runs in the handler, once httplib has read the body: a refusal before it would leave the body on a
+// keep-alive connection, to be read as the next request.
+void guarded(Server& s, const httplib::Request& req, httplib::Response& res, bool anthropic, const std::function<void()>& fn) {
   auto fail_with = [&](const ApiError& e) {
     s.metrics().rejected();
     if (anthropic) send_json(res, e.status, anthropic_error(e));
     else send_error(res, e);
   };
   try {
+    s.check_auth(req);
     if (!s.admitting()) throw ApiError(503, "the server is shutting down", "", "service_unavailable");
     fn();
   } catch (const ApiError& e) {
@@ -97,17 +108,6 @@ void Server::finished(Generation& g, const std::string& id, const char* endpoint
 
 void Server::routes() {
   httplib::Server& h = *http_;
-  // Authentication of the API routes (health and metrics stay open): Bearer (OpenAI) or x-api-key (Anthropic).
-  h.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-    if (opt_.api_key.empty() || req.path == "/health" || req.path == "/metrics") return httplib::Server::HandlerResponse::Unhandled;
-    const std::string auth = req.get_header_value("Authorization"), key = req.get_header_value("x-api-key");
-    if (auth == "Bearer " + opt_.api_key || key == opt_.api_key) return httplib::Server::HandlerResponse::Unhandled;
-    const ApiError e(401, auth.empty() && key.empty() ? "missing API key (Authorization: Bearer KEY)" : "invalid API key", "",
-                     "authentication_error");
-    metrics_.rejected();
-    send_error(res, e);
-    return httplib::Server::HandlerResponse::Handled;
-  });
   // Statuses httplib produces itself (413 for an oversize body, 404 for an unknown path, 400 for a bad request
   // line) get an OpenAI-style body too.
   h.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
@@ -123,14 +123,16 @@ void Server::routes() {
   h.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
     res.set_content(metrics_.render(engine_.stats(), mc_.served_name), "text/plain; version=0.0.4; charset=utf-8");
   });
-  h.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+  h.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
+    guarded(*this, req, res, false, [&] {
     send_json(res, 200,
               json{{"object", "list"},
                    {"data", json::array({json{{"id", mc_.served_name}, {"object", "model"}, {"created", 0}, {"owned_by", "trellm"},
                                               {"max_model_len", mc_.context}}})}});
+    });
   });
   h.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) {
-    guarded(*this, res, false, [&] {
+    guarded(*this, req, res, false, [&] {
       const json body = parse_body(req);
       if (!body.is_object()) throw ApiError(400, "the request body must be a JSON object");
       reject_unknown(body, {"model", "prompt", "messages", "tools", "chat_template_kwargs", "add_special_tokens"}, "tokenize");
@@ -146,7 +148,7 @@ void Server::routes() {
     });
   });
   h.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
-    guarded(*this, res, false, [&] {
+    guarded(*this, req, res, false, [&] {
       const json body = parse_body(req);
       if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array())
         throw ApiError(400, "'tokens' must be an array of token ids", "tokens");
@@ -176,6 +178,7 @@ int Server::run() {
   std::fprintf(stderr, "trellm serve: listening on http://%s:%d\n", opt_.host.c_str(), port);
   std::fflush(stderr);
   http_->listen_after_bind();
+  listen_done_ = true;
   return 0;
 }
 
@@ -186,9 +189,13 @@ void Server::shutdown() {
   const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(opt_.shutdown_grace_s);
   while (in_flight_.load() > 0 && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  engine_.stop();  // cancels what is left: their streams end with finish_reason "cancelled"
+  engine_.stop();  // cancels what is left: their streams end with finish_reason "abort"
   for (int i = 0; i < 250 && in_flight_.load() > 0; i++) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  http_->stop();
+  // stop() before httplib's listen loop has started is lost: repeat it until listening has returned.
+  while (bound_port_.load() != 0 && !listen_done_.load()) {
+    http_->stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 }  // namespace trellm::server

@@ -46,6 +46,7 @@ class Server {
   // Records a finished generation: metrics and the one log line per request.
   void finished(Generation& g, const std::string& id, const char* endpoint);
   void observe(Generation& g);  // latencies of the tokens seen since the last call
+  void check_auth(const httplib::Request& req) const;  // ApiError 401 unless the key matches (when one is set)
 
  private:
   void routes();
@@ -57,6 +58,7 @@ class Server {
   std::atomic<bool> stopping_{false};
   std::atomic<int> bound_port_{0};
   std::atomic<int> in_flight_{0};
+  std::atomic<bool> listen_done_{false};
   friend struct InFlight;
 };
 
@@ -76,7 +78,8 @@ json parse_body(const httplib::Request& req);
 void send_json(httplib::Response& res, int status, const json& body);
 void send_error(httplib::Response& res, const ApiError& e);
 // Runs `fn`, turning ApiError / trellm::Error / other exceptions into error responses (`anthropic` style or not).
-void guarded(Server& s, httplib::Response& res, bool anthropic, const std::function<void()>& fn);
+// Checks the API key first.
+void guarded(Server& s, const httplib::Request& req, httplib::Response& res, bool anthropic, const std::function<void()>& fn);
 std::string random_id(const char* prefix);
 
 // Non-streaming bodies (also `trellm batch`).
