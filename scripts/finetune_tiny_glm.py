@@ -656,6 +656,11 @@ def main():
     log(f"saved chat model: held-out prose ppl {math.exp(vl0):.3f} -> {math.exp(vl1):.3f} "
         f"({100 * (math.exp(vl1) / math.exp(vl0) - 1):+.2f} %), held-out chat loss {cl0:.4f} -> {cl1:.4f}")
     summary["after"] = {"prose_loss": round(vl1, 4), "prose_ppl": round(math.exp(vl1), 3), "chat_loss": round(cl1, 4)}
+    snippet = os.path.join(args.data, "heldout_snippet.txt")  # the CI snippet (tests/py/test_perplexity.py)
+    if os.path.exists(snippet):
+        sl, sn = T.evaluate(ref, tok.encode(open(snippet, encoding="utf-8").read()).ids, args.seq, device)
+        summary["after"].update({"heldout_ctx": args.seq, "snippet_ppl": round(math.exp(sl), 4), "snippet_tokens": sn})
+        log(f"saved chat model: snippet perplexity {math.exp(sl):.4f} over {sn} tokens")
     gen = generation_checks(ref, tok, fixtures, device, args.gen_tokens, [eot, user, obs])
     n_ok = sum(r["ok"] for r in gen["tool_calls"])
     n_name = sum(r["name_ok"] for r in gen["tool_calls"])

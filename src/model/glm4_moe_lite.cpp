@@ -161,7 +161,7 @@ void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int
   forward(rs, kv, b);
 }
 
-void Model::forward(RunState& rs, KvCache& kv, const StepBatch& b) {
+Model::Layout Model::upload(RunState& rs, const KvCache& kv, const StepBatch& b) {
   const int n = int(b.tokens.size());
   TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && b.pos.size() == size_t(n) && b.seq.size() == size_t(n),
                 "step of ", n, " rows for a run state of ", rs.max_tokens);
@@ -197,15 +197,20 @@ void Model::forward(RunState& rs, KvCache& kv, const StepBatch& b) {
     B.from_host(rs.logit_idx.data, b.logit_rows.data(), sizeof(int32_t) * b.logit_rows.size());
     l.n_logits = int(b.logit_rows.size());
   }
-  forward_uploaded(rs, kv, l);
+  return l;
 }
 
-void Model::forward_uploaded(RunState& rs, KvCache& kv, const Layout& lay) {
+void Model::forward(RunState& rs, KvCache& kv, const StepBatch& b) {
+  forward_uploaded(rs, kv, upload(rs, kv, b));
+}
+
+// One decoder layer on rows 0..n of rs: x = input_layernorm(h) on entry; h += attention(x), h += mlp(norm(h)),
+// and on exit x = next_norm(h) (the next layer's input norm, model.norm after the last, shared_head.norm in the
+// MTP layer). `cache` is this layer's latent cache pool. Written only in backend ops.
+void Model::decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, RunState& rs, int n, const Positions& pos,
+                          TensorView next_norm) {
   const Config& c = config_;
   Backend& B = *backend_;
-  const int n = lay.n;
-  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && lay.bound >= 1 && lay.bound <= int64_t(lay.table_stride) * kKvBlockTokens &&
-                lay.n_tables >= 1 && lay.n_tables <= rs.max_seqs && lay.table_stride <= rs.max_blocks);
   const MlaDims mla = c.mla();
   const RopeParams rope = c.rope();
   const float eps = float(c.rms_norm_eps);
@@ -213,65 +218,64 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, const Layout& lay) {
   // prompt was chunked or what else shared the step (bit-exact batch invariance; the expanded CPU form stays a
   // tested op). The GPU picks its form per call by tensor-core FLOPs (mla::make_plan) whatever this says.
   const MlaMode mode = MlaMode::Absorbed;
-
-  TensorView tok = rows(rs.tokens, n);
-  Positions pos;
-  pos.pos = rows(rs.pos, n);
-  pos.bound = lay.bound;
-  pos.seq = rows(rs.seq, n);
-  pos.tables = TensorView(rs.tables.data, DType::I32, {lay.n_tables, lay.table_stride});
-  pos.runs = lay.runs;
   TensorView h = rows(rs.h, n), x = rows(rs.x, n), y = rows(rs.y, n);            // [n, hidden]
   TensorView q = rows(rs.q, n);                                                     // [n, heads, nope+rope]
   TensorView kvr = rows(rs.kv, n);                                                  // [n, kv_rank+rope]
   TensorView attn = rows(rs.attn, n);                                               // [n, heads*v]
-  B.embed(h, tok, w_.embed_tokens);
-  if (rs.timer) rs.timer->mark(Part::Embed);
-
-  B.rms_norm(x, h, w_.layers[0].input_layernorm, eps);
-  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
-    const LayerWeights& L = w_.layers[l];
-    // ---- attention (MLA); x = input_layernorm(h) ----
-    if (c.q_lora_rank > 0) {
-      TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
-      B.matmul_pair(qa, kvr, x, L.q_a_proj, L.kv_a_proj_with_mqa);                 // kvr: c_kv | k_rope
-      B.rms_norm_matmul(q, qa, L.q_a_layernorm, kLatentNormEps, L.q_b_proj);        // q = q_b(norm(qa))
-    } else {
-      B.matmul(q, x, L.q_proj);
-      B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
-    }
-    if (rs.timer) rs.timer->mark(Part::AttnProj);
-    // rope on q_rope of every head; each row's cache slot = [norm(c_kv) | rope(k_rope)]; the attention
-    B.attention_mla_append(attn, q, mla.nope_dim, kv.layers[l], kvr, L.kv_a_layernorm, kLatentNormEps, L.kv_b_proj, pos,
-                           mla, rope, mode);
-    if (rs.timer) rs.timer->mark(Part::AttnCore);
-    B.matmul(y, attn, L.o_proj);
-    if (rs.timer) rs.timer->mark(Part::AttnOut);
-    // ---- MLP: dense, or routed experts + shared expert; first h += attn, x = norm(h) ----
-    if (c.mlp_sparse[l]) {
-      TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
-      B.add_rms_norm_route(h, y, L.post_attention_layernorm, eps, x, wts, ids, L.gate, L.e_score_correction_bias,
-                           c.routing());
-      if (rs.timer) rs.timer->mark(Part::Router);
-      B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
-      if (rs.timer) rs.timer->mark(Part::Experts);
-    } else {
-      B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);
-      TensorView g(rs.mlp_gate.data, DType::F32, {n, c.intermediate_size});
-      TensorView u(rs.mlp_up.data, DType::F32, {n, c.intermediate_size});
-      B.matmul(g, x, L.mlp.gate_proj);
-      B.matmul(u, x, L.mlp.up_proj);
-      B.silu_mul(g, g, u);
-      B.matmul(y, g, L.mlp.down_proj);
-      if (rs.timer) rs.timer->mark(Part::DenseMlp);
-    }
-    // h += mlp; x = the next layer's input norm of h (the final norm after the last layer)
-    const bool last = l + 1 == c.num_hidden_layers;
-    B.add_rms_norm(h, y, last ? w_.norm : w_.layers[l + 1].input_layernorm, eps, x);
-    if (rs.timer) rs.timer->mark(Part::MlpNorm);
+  // ---- attention (MLA); x = input_layernorm(h) ----
+  if (c.q_lora_rank > 0) {
+    TensorView qa = rows(rs.q_a, n);                                              // [n, q_lora_rank]
+    B.matmul_pair(qa, kvr, x, L.q_a_proj, L.kv_a_proj_with_mqa);                 // kvr: c_kv | k_rope
+    B.rms_norm_matmul(q, qa, L.q_a_layernorm, kLatentNormEps, L.q_b_proj);        // q = q_b(norm(qa))
+  } else {
+    B.matmul(q, x, L.q_proj);
+    B.matmul(kvr, x, L.kv_a_proj_with_mqa);                                      // c_kv | k_rope
   }
+  if (rs.timer) rs.timer->mark(Part::AttnProj);
+  // rope on q_rope of every head; each row's cache slot = [norm(c_kv) | rope(k_rope)]; the attention
+  B.attention_mla_append(attn, q, mla.nope_dim, cache, kvr, L.kv_a_layernorm, kLatentNormEps, L.kv_b_proj, pos,
+                         mla, rope, mode);
+  if (rs.timer) rs.timer->mark(Part::AttnCore);
+  B.matmul(y, attn, L.o_proj);
+  if (rs.timer) rs.timer->mark(Part::AttnOut);
+  // ---- MLP: dense, or routed experts + shared expert; first h += attn, x = norm(h) ----
+  if (sparse) {
+    TensorView wts = rows(rs.moe_w, n), ids = rows(rs.moe_ids, n);                // [n, top_k]
+    B.add_rms_norm_route(h, y, L.post_attention_layernorm, eps, x, wts, ids, L.gate, L.e_score_correction_bias,
+                         c.routing());
+    if (rs.timer) rs.timer->mark(Part::Router);
+    B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
+    if (rs.timer) rs.timer->mark(Part::Experts);
+  } else {
+    B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);
+    TensorView g(rs.mlp_gate.data, DType::F32, {n, c.intermediate_size});
+    TensorView u(rs.mlp_up.data, DType::F32, {n, c.intermediate_size});
+    B.matmul(g, x, L.mlp.gate_proj);
+    B.matmul(u, x, L.mlp.up_proj);
+    B.silu_mul(g, g, u);
+    B.matmul(y, g, L.mlp.down_proj);
+    if (rs.timer) rs.timer->mark(Part::DenseMlp);
+  }
+  B.add_rms_norm(h, y, next_norm, eps, x);
+  if (rs.timer) rs.timer->mark(Part::MlpNorm);
+}
 
-  // ---- head: x holds model.norm(h); logits of the rows asked for ----
+Positions Model::positions(const RunState& rs, const Layout& lay) {
+  Positions pos;
+  pos.pos = rows(rs.pos, lay.n);
+  pos.bound = lay.bound;
+  pos.seq = rows(rs.seq, lay.n);
+  pos.tables = TensorView(rs.tables.data, DType::I32, {lay.n_tables, lay.table_stride});
+  pos.runs = lay.runs;
+  return pos;
+}
+
+// The logits of the rows `lay` asks for, from rs.x (the final norm of every row) through `head`, into rs.logits.
+void Model::logits_of(RunState& rs, const Layout& lay, const Linear& head) {
+  const Config& c = config_;
+  Backend& B = *backend_;
+  const int n = lay.n;
+  TensorView x = rows(rs.x, n);
   TensorView xl;
   switch (lay.logits) {
     case Logits::All:
@@ -285,8 +289,101 @@ void Model::forward_uploaded(RunState& rs, KvCache& kv, const Layout& lay) {
       B.gather_rows(xl, x, rows(rs.logit_idx, lay.n_logits));
       break;
   }
-  B.matmul(rows(rs.logits, xl.rows()), xl, w_.lm_head);
+  B.matmul(rows(rs.logits, xl.rows()), xl, head);
   if (rs.timer) rs.timer->mark(Part::Head);
+}
+
+void Model::forward_uploaded(RunState& rs, KvCache& kv, const Layout& lay) {
+  const Config& c = config_;
+  Backend& B = *backend_;
+  const int n = lay.n;
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && lay.bound >= 1 && lay.bound <= int64_t(lay.table_stride) * kKvBlockTokens &&
+                lay.n_tables >= 1 && lay.n_tables <= rs.max_seqs && lay.table_stride <= rs.max_blocks);
+  const float eps = float(c.rms_norm_eps);
+
+  TensorView tok = rows(rs.tokens, n);
+  const Positions pos = positions(rs, lay);
+  TensorView h = rows(rs.h, n), x = rows(rs.x, n);                                // [n, hidden]
+  B.embed(h, tok, w_.embed_tokens);
+  if (rs.timer) rs.timer->mark(Part::Embed);
+
+  B.rms_norm(x, h, w_.layers[0].input_layernorm, eps);
+  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
+    // h += attn(x); h += mlp(norm(h)); x = the next layer's input norm of h (the final norm after the last layer)
+    const bool last = l + 1 == c.num_hidden_layers;
+    decoder_layer(w_.layers[l], c.mlp_sparse[l], kv.layers[l], rs, n, pos, last ? w_.norm : w_.layers[l + 1].input_layernorm);
+  }
+
+  // ---- head: x holds model.norm(h) ----
+  logits_of(rs, lay, w_.lm_head);
+}
+
+// ---- the MTP layer (multi-token prediction; shared/GLM47FLASH.md, "Speculative decoding material") ----
+
+void Model::add_mtp_state(RunState& rs) {
+  TRELLM_ASSERT(!w_.mtp.empty(), "the model has no MTP layer");
+  if (!rs.mtp_in.empty()) return;
+  const int64_t T = rs.max_tokens, H = config_.hidden_size;
+  rs.mtp_stage = alloc(DType::F32, {2 * T, H});
+  rs.mtp_in = alloc(DType::F32, {T, 2 * H});
+  // The concatenation as one gather: row 2i of mtp_in (as [2T, H]) is stage row i (the embedding half), row 2i+1
+  // is stage row T + i (the hidden half); independent of the step's row count, so uploaded once.
+  std::vector<int32_t> idx(size_t(2 * T));
+  for (int64_t i = 0; i < T; i++) idx[size_t(2 * i)] = int32_t(i), idx[size_t(2 * i + 1)] = int32_t(T + i);
+  rs.mtp_idx = alloc(DType::I32, {2 * T});
+  backend_->from_host(rs.mtp_idx.data, idx.data(), idx.size() * sizeof(int32_t));
+  const std::vector<float> zero(size_t(H), 0.0f);
+  rs.mtp_zero = alloc(DType::F32, {1, H});
+  backend_->from_host(rs.mtp_zero.data, zero.data(), zero.size() * sizeof(float));
+  const int32_t z = 0;
+  rs.mtp_zero_idx = alloc(DType::I32, {1});
+  backend_->from_host(rs.mtp_zero_idx.data, &z, sizeof z);
+}
+
+KvCache Model::make_mtp_kv_cache_blocks(int blocks, std::optional<DType> dtype) {
+  TRELLM_ASSERT(blocks >= 1, "a KV cache needs at least one block");
+  KvCache kv;
+  kv.blocks = blocks;
+  for (size_t k = 0; k < w_.mtp.size(); k++)
+    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()),
+                              {int64_t(blocks) * kKvBlockTokens, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+  return kv;
+}
+
+void Model::forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k) {
+  const Config& c = config_;
+  Backend& B = *backend_;
+  TRELLM_ASSERT(k >= 0 && size_t(k) < w_.mtp.size(), "MTP layer ", k, " of ", w_.mtp.size());
+  TRELLM_ASSERT(size_t(k) < mtp_kv.layers.size(), "the MTP cache has ", mtp_kv.layers.size(), " layers");
+  TRELLM_ASSERT(!rs.mtp_in.empty(), "forward_mtp needs add_mtp_state(rs)");
+  const MtpWeights& m = w_.mtp[size_t(k)];
+  const Layout lay = upload(rs, mtp_kv, b);
+  const int n = lay.n;
+  const int64_t T = rs.max_tokens, H = c.hidden_size;
+  TRELLM_ASSERT(hidden.dtype == DType::F32 && hidden.rows() == n && hidden.cols() == H, "MTP hidden input ",
+                shape_str(hidden), " for ", n, " rows of ", H);
+  const float eps = float(c.rms_norm_eps);
+  TensorView stage_e(rs.mtp_stage.data, DType::F32, {n, H});
+  TensorView stage_h(rs.mtp_stage[T].data, DType::F32, {n, H});
+  // hnorm(h_p) first: `hidden` may be rs.x, which the rest overwrites
+  B.rms_norm(stage_h, hidden, m.hnorm, eps);
+  TensorView e = rows(rs.y, n);
+  B.embed(e, rows(rs.tokens, n), m.embed_tokens.empty() ? w_.embed_tokens : m.embed_tokens);
+  B.rms_norm(stage_e, e, m.enorm, eps);
+  // No token precedes position 0, so its embedding half is zero (vLLM's deepseek_mtp, SGLang's NextN).
+  for (int i = 0; i < n; i++)
+    if (b.pos[size_t(i)] == 0) B.gather_rows(TensorView(stage_e[i].data, DType::F32, {1, H}), rs.mtp_zero, rs.mtp_zero_idx);
+  // x = eh_proj(concat(enorm(e), hnorm(h))), the embedding half first
+  TensorView cat(rs.mtp_in.data, DType::F32, {2 * int64_t(n), H});
+  B.gather_rows(cat, rs.mtp_stage, rows(rs.mtp_idx, 2 * int64_t(n)));
+  TensorView h = rows(rs.h, n);
+  B.matmul(h, TensorView(rs.mtp_in.data, DType::F32, {n, 2 * H}), m.eh_proj);
+  if (rs.timer) rs.timer->mark(Part::Embed);
+  // one decoder layer on its own latent cache (positions and block tables as the main model's rows)
+  B.rms_norm(rows(rs.x, n), h, m.layer.input_layernorm, eps);
+  decoder_layer(m.layer, m.sparse, mtp_kv.layers[size_t(k)], rs, n, positions(rs, lay), m.shared_head_norm);
+  // rs.h: the layer's output; rs.x: shared_head.norm of it; logits predict the token after b.tokens' own
+  logits_of(rs, lay, m.shared_head);
 }
 
 }  // namespace trellm

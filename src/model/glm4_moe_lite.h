@@ -85,11 +85,30 @@ struct LayerWeights {
   Expert shared;                        // mlp.shared_experts (intermediate = moe_inter * n_shared)
 };
 
+// One multi-token-prediction (MTP) module, stored as model.layers.<num_hidden_layers + k>.* (GLM-4.7-Flash and
+// DeepSeek-V3 name it so; shared/GLM47FLASH.md): at position p it reads h_p (the main model's final hidden state
+// after model.norm) and the embedding of token p+1, and predicts token p+2:
+//   x = eh_proj(concat(enorm(embed(t[p+1])), hnorm(h_p)));  x = layer(x);  logits = shared_head(shared_head_norm(x))
+struct MtpWeights {
+  TensorView enorm;             // enorm.weight [hidden]
+  TensorView hnorm;             // hnorm.weight [hidden]
+  Linear eh_proj;               // eh_proj.weight [hidden, 2*hidden] (embedding half first)
+  LayerWeights layer;           // a full decoder layer under the usual names (its own MLA latent cache)
+  bool sparse = true;           // the layer's MLP is MoE (mlp.gate + experts), as in every released MTP layer
+  TensorView shared_head_norm;  // shared_head.norm.weight [hidden]
+  Linear shared_head;           // shared_head.head.weight [vocab, hidden]
+  TensorView embed_tokens;      // embed_tokens.weight [vocab, hidden] when the checkpoint repeats it; else empty
+                                // (the main model's model.embed_tokens is used)
+};
+
 struct Weights {
   TensorView embed_tokens;  // model.embed_tokens.weight [vocab, hidden]
   std::vector<LayerWeights> layers;
   TensorView norm;          // model.norm.weight [hidden]
   Linear lm_head;           // [vocab, hidden] (the embedding when tied)
+  // config.num_nextn_predict_layers entries when the checkpoint holds them; empty when it does not (the model
+  // runs without: nothing in forward() reads them)
+  std::vector<MtpWeights> mtp;
 };
 
 // Optional per-part timing of a forward (benchmarks): the time between consecutive marks goes to the part
@@ -134,6 +153,12 @@ struct RunState {
   TensorView moe_w;       // [max_tokens, top_k] f32
   TensorView moe_ids;     // [max_tokens, top_k] I32
   TensorView logits;      // [logit_rows, vocab]
+  // The MTP layer's (Model::add_mtp_state; empty otherwise)
+  TensorView mtp_stage;   // [2 * max_tokens, hidden] enorm(embed(t+1)) rows, then hnorm(h) rows from max_tokens on
+  TensorView mtp_in;      // [max_tokens, 2 * hidden] their concatenation, eh_proj's input
+  TensorView mtp_idx;     // I32 [2 * max_tokens] the gather that interleaves the two halves
+  TensorView mtp_zero;    // [1, hidden] zeros (the embedding half at position 0)
+  TensorView mtp_zero_idx;  // I32 [1] = 0
   std::vector<int32_t> host_pos, host_seq;  // staging, [max_tokens]
   std::vector<int32_t> host_table;          // the identity table of the single-sequence forward()
   PartTimer* timer = nullptr;     // set by benchmarks to time the parts of a forward
@@ -224,9 +249,27 @@ class Model {
   };
   void forward_uploaded(RunState& rs, KvCache& kv, const Layout& l);
 
+  // ---- the MTP layer(s), when the checkpoint has them (weights().mtp) ----
+  // Sizes the MTP scratch in `rs` (once; 4 x hidden floats per row of rs.max_tokens).
+  void add_mtp_state(RunState& rs);
+  // The MTP layers' own latent caches, one pool per layer in the main cache's block layout (the same block tables
+  // address both).
+  KvCache make_mtp_kv_cache_blocks(int blocks, std::optional<DType> dtype = std::nullopt);
+  // MTP layer k on the rows of `b`: row i is token t[p+1] = b.tokens[i] at position p = b.pos[i], with `hidden`
+  // row i = h_p, the main model's final hidden state after model.norm ([n, hidden] f32 on the backend; rs.x after
+  // forward() holds it for every row of that step, and may be passed as is). Appends each row to layer k's latent
+  // cache in mtp_kv, writes the logits b.logits asks for (predicting t[p+2]) to rs.logits; rs.h keeps the layer's
+  // output before shared_head.norm (what chained drafts feed back as h).
+  void forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k = 0);
+
  private:
   Model() = default;
   TensorView alloc(DType t, std::initializer_list<int64_t> shape);
+  Layout upload(RunState& rs, const KvCache& kv, const StepBatch& b);  // checks b, copies it to rs
+  static Positions positions(const RunState& rs, const Layout& lay);
+  void decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, RunState& rs, int n, const Positions& pos,
+                     TensorView next_norm);
+  void logits_of(RunState& rs, const Layout& lay, const Linear& head);
 
   Config config_;
   Weights w_;

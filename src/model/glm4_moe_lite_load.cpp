@@ -1,6 +1,7 @@
 // Loading GLM-4.7-Flash weights. One name table drives loading and checks every tensor's name, dtype and
 // shape; small vectors (norms, biases) become f32 copies, matrices stay in their checkpoint dtype (used in
 // place from the mapping on the CPU, uploaded once on a GPU).
+#include <algorithm>
 #include <filesystem>
 #include <set>
 
@@ -120,6 +121,69 @@ struct Loader {
     return exl3.back().get();
   }
 
+  // One decoder layer under `p` ("model.layers.<i>."): the table shared by the main layers and the MTP layer.
+  void layer(LayerWeights& lw, const std::string& p, const Config& c, bool sparse, const std::string& dir) {
+    const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
+    lw.input_layernorm = vec(p + "input_layernorm.weight", hid);
+    lw.post_attention_layernorm = vec(p + "post_attention_layernorm.weight", hid);
+    const std::string a = p + "self_attn.";
+    if (c.q_lora_rank > 0) {
+      lw.q_a_proj = linear(a + "q_a_proj", c.q_lora_rank, hid);
+      lw.q_a_layernorm = vec(a + "q_a_layernorm.weight", c.q_lora_rank);
+      lw.q_b_proj = linear(a + "q_b_proj", H * qk, c.q_lora_rank);
+    } else {
+      lw.q_proj = linear(a + "q_proj", H * qk, hid);
+    }
+    lw.kv_a_proj_with_mqa = linear(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid);
+    lw.kv_a_layernorm = vec(a + "kv_a_layernorm.weight", c.kv_lora_rank);
+    lw.kv_b_proj = linear(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
+    lw.o_proj = linear(a + "o_proj", hid, H * c.v_head_dim);
+
+    const std::string mp = p + "mlp.";
+    if (!sparse) {
+      lw.mlp.gate_proj = linear(mp + "gate_proj", c.intermediate_size, hid);
+      lw.mlp.up_proj = linear(mp + "up_proj", c.intermediate_size, hid);
+      lw.mlp.down_proj = linear(mp + "down_proj", hid, c.intermediate_size);
+      return;
+    }
+    const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
+    lw.gate = matrix(mp + "gate.weight", {E, hid});
+    lw.e_score_correction_bias = vec(mp + "gate.e_score_correction_bias", E);
+    lw.experts.resize(size_t(E));
+    if (store.contains(mp + "experts.gate_up_proj")) {
+      // transformers 5 in-memory layout: gate_up_proj [E, 2I, hidden] (gate rows first), down_proj [E, hidden, I].
+      if (!fused_logged) log_info(dir, ": experts stored fused (3-D gate_up_proj / down_proj)");
+      fused_logged = true;
+      TensorView gu = matrix(mp + "experts.gate_up_proj", {E, 2 * I, hid});
+      TensorView dn = matrix(mp + "experts.down_proj", {E, hid, I});
+      for (int64_t e = 0; e < E; e++) {
+        TensorView g = gu[e];
+        Expert& ex = lw.experts[e];
+        ex.gate.in = ex.up.in = hid;
+        ex.gate.out = ex.up.out = I;
+        ex.gate.weight = TensorView(g.data, g.dtype, {I, hid});
+        ex.up.weight = TensorView(static_cast<char*>(g.data) + I * hid * dtype_size(g.dtype), g.dtype, {I, hid});
+        ex.down.in = I;
+        ex.down.out = hid;
+        ex.down.weight = dn[e];
+      }
+    } else {
+      for (int64_t e = 0; e < E; e++) {
+        const std::string ep = mp + "experts." + std::to_string(e) + ".";
+        lw.experts[e].gate = linear(ep + "gate_proj", I, hid);
+        lw.experts[e].up = linear(ep + "up_proj", I, hid);
+        lw.experts[e].down = linear(ep + "down_proj", hid, I);
+      }
+    }
+    if (c.n_shared_experts > 0) {
+      const int64_t SI = I * c.n_shared_experts;
+      lw.shared.gate = linear(mp + "shared_experts.gate_proj", SI, hid);
+      lw.shared.up = linear(mp + "shared_experts.up_proj", SI, hid);
+      lw.shared.down = linear(mp + "shared_experts.down_proj", hid, SI);
+    }
+  }
+  bool fused_logged = false;
+
   static float cpu_value(const TensorView& t, int64_t i) {
     switch (t.dtype) {
       case DType::F32: return t.ptr<float>()[i];
@@ -129,6 +193,43 @@ struct Loader {
   }
 };
 
+
+// Whether any tensor name starts with `prefix` (names are sorted).
+bool has_prefix(const std::vector<std::string>& names, const std::string& prefix) {
+  auto it = std::lower_bound(names.begin(), names.end(), prefix);
+  return it != names.end() && it->compare(0, prefix.size(), prefix) == 0;
+}
+
+// The MTP layers (model.layers.<num_hidden_layers + k>.*), through the same table as the decoder layers plus
+// enorm, hnorm, eh_proj and shared_head. Absent altogether: the model runs without them. Present: every tensor
+// is required and checked (name, dtype, shape), bf16/f16/f32 or EXL3 like any Linear.
+void load_mtp(Loader& L, const Config& c, Weights& w, const std::string& dir) {
+  if (c.num_nextn_predict_layers <= 0) return;  // tensors there, if any, are reported below as unused
+  const int64_t hid = c.hidden_size;
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; k++) {
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + k) + ".";
+    if (!has_prefix(L.names, p)) {
+      if (k == 0)
+        log_info(dir, ": config.json has num_nextn_predict_layers ", c.num_nextn_predict_layers,
+                 " but the checkpoint holds no MTP tensors (", p, "*); running without the MTP layer");
+      else
+        fail(dir, ": num_nextn_predict_layers is ", c.num_nextn_predict_layers, " but only ", k,
+             " MTP layer(s) are stored (no tensor under \"", p, "\")");
+      return;
+    }
+    MtpWeights& m = w.mtp.emplace_back();
+    m.enorm = L.vec(p + "enorm.weight", hid);
+    m.hnorm = L.vec(p + "hnorm.weight", hid);
+    m.eh_proj = L.linear(p + "eh_proj", hid, 2 * hid);
+    // The released MTP layers are MoE; a dense one (mlp.gate_proj, no router) is read as such.
+    m.sparse = !L.store.contains(p + "mlp.gate_proj.weight") && !L.store.contains(p + "mlp.gate_proj.trellis");
+    if (m.sparse && c.n_routed_experts <= 0) fail(dir, ": MTP layer ", p, "* has no dense MLP and the model has no experts");
+    L.layer(m.layer, p, c, m.sparse, dir);
+    m.shared_head_norm = L.vec(p + "shared_head.norm.weight", hid);
+    m.shared_head = L.linear(p + "shared_head.head", c.vocab_size, hid);
+    if (L.store.contains(p + "embed_tokens.weight")) m.embed_tokens = L.matrix(p + "embed_tokens.weight", {c.vocab_size, hid});
+  }
+}
 
 }  // namespace
 
@@ -144,7 +245,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   Loader L{*m->store_, backend, m->arena_, m->exl3_, m->store_->names(), {}};
   Weights& w = m->w_;
 
-  const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
+  const int64_t hid = c.hidden_size;
   w.embed_tokens = L.matrix("model.embed_tokens.weight", {c.vocab_size, hid});
   w.norm = L.vec("model.norm.weight", hid);
   if (c.tie_word_embeddings) {
@@ -155,83 +256,27 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
     w.lm_head = L.linear("lm_head", c.vocab_size, hid);
   }
 
-  bool fused_logged = false;
   w.layers.resize(size_t(c.num_hidden_layers));
-  for (int64_t i = 0; i < c.num_hidden_layers; i++) {
-    LayerWeights& lw = w.layers[i];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    lw.input_layernorm = L.vec(p + "input_layernorm.weight", hid);
-    lw.post_attention_layernorm = L.vec(p + "post_attention_layernorm.weight", hid);
-    const std::string a = p + "self_attn.";
-    if (c.q_lora_rank > 0) {
-      lw.q_a_proj = L.linear(a + "q_a_proj", c.q_lora_rank, hid);
-      lw.q_a_layernorm = L.vec(a + "q_a_layernorm.weight", c.q_lora_rank);
-      lw.q_b_proj = L.linear(a + "q_b_proj", H * qk, c.q_lora_rank);
-    } else {
-      lw.q_proj = L.linear(a + "q_proj", H * qk, hid);
-    }
-    lw.kv_a_proj_with_mqa = L.linear(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid);
-    lw.kv_a_layernorm = L.vec(a + "kv_a_layernorm.weight", c.kv_lora_rank);
-    lw.kv_b_proj = L.linear(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank);
-    lw.o_proj = L.linear(a + "o_proj", hid, H * c.v_head_dim);
+  for (int64_t i = 0; i < c.num_hidden_layers; i++)
+    L.layer(w.layers[i], "model.layers." + std::to_string(i) + ".", c, c.mlp_sparse[i], dir);
+  load_mtp(L, c, w, dir);
 
-    const std::string mp = p + "mlp.";
-    if (!c.mlp_sparse[i]) {
-      lw.mlp.gate_proj = L.linear(mp + "gate_proj", c.intermediate_size, hid);
-      lw.mlp.up_proj = L.linear(mp + "up_proj", c.intermediate_size, hid);
-      lw.mlp.down_proj = L.linear(mp + "down_proj", hid, c.intermediate_size);
-      continue;
-    }
-    const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
-    lw.gate = L.matrix(mp + "gate.weight", {E, hid});
-    lw.e_score_correction_bias = L.vec(mp + "gate.e_score_correction_bias", E);
-    lw.experts.resize(size_t(E));
-    if (L.store.contains(mp + "experts.gate_up_proj")) {
-      // transformers 5 in-memory layout: gate_up_proj [E, 2I, hidden] (gate rows first), down_proj [E, hidden, I].
-      if (!fused_logged) log_info(dir, ": experts stored fused (3-D gate_up_proj / down_proj)");
-      fused_logged = true;
-      TensorView gu = L.matrix(mp + "experts.gate_up_proj", {E, 2 * I, hid});
-      TensorView dn = L.matrix(mp + "experts.down_proj", {E, hid, I});
-      for (int64_t e = 0; e < E; e++) {
-        TensorView g = gu[e];
-        Expert& ex = lw.experts[e];
-        ex.gate.in = ex.up.in = hid;
-        ex.gate.out = ex.up.out = I;
-        ex.gate.weight = TensorView(g.data, g.dtype, {I, hid});
-        ex.up.weight = TensorView(static_cast<char*>(g.data) + I * hid * dtype_size(g.dtype), g.dtype, {I, hid});
-        ex.down.in = I;
-        ex.down.out = hid;
-        ex.down.weight = dn[e];
-      }
-    } else {
-      for (int64_t e = 0; e < E; e++) {
-        const std::string ep = mp + "experts." + std::to_string(e) + ".";
-        lw.experts[e].gate = L.linear(ep + "gate_proj", I, hid);
-        lw.experts[e].up = L.linear(ep + "up_proj", I, hid);
-        lw.experts[e].down = L.linear(ep + "down_proj", hid, I);
-      }
-    }
-    if (c.n_shared_experts > 0) {
-      const int64_t SI = I * c.n_shared_experts;
-      lw.shared.gate = L.linear(mp + "shared_experts.gate_proj", SI, hid);
-      lw.shared.up = L.linear(mp + "shared_experts.up_proj", SI, hid);
-      lw.shared.down = L.linear(mp + "shared_experts.down_proj", hid, SI);
-    }
-  }
-
-  // Tensors the table did not consume: the MTP layer(s) are expected; anything else is reported.
+  // Tensors the table did not consume: MTP layers the config does not announce are expected (and unused);
+  // anything else is reported.
   std::vector<std::string> unknown;
-  int mtp = 0;
+  int mtp_unused = 0;
   const std::string mtp_prefix = "model.layers." + std::to_string(c.num_hidden_layers) + ".";
   for (const std::string& name : L.store.names()) {
     if (L.used.count(name)) continue;
-    if (name.rfind(mtp_prefix, 0) == 0) {
-      mtp++;
+    if (w.mtp.empty() && name.rfind(mtp_prefix, 0) == 0) {
+      mtp_unused++;
       continue;
     }
     unknown.push_back(name);
   }
-  if (mtp) log_debug(dir, ": ", mtp, " MTP-layer tensors (", mtp_prefix, "*) not used by the forward pass");
+  if (mtp_unused)
+    log_debug(dir, ": ", mtp_unused, " MTP-layer tensors (", mtp_prefix, "*) not loaded: num_nextn_predict_layers is 0");
+  if (!w.mtp.empty()) log_debug(dir, ": ", w.mtp.size(), " MTP layer(s) loaded");
   log_debug(dir, ": ", L.dense_linears, " dense and ", L.trellis_linears, " trellis-coded (EXL3) linear layers");
   if (!unknown.empty())
     log_warn(dir, ": ", unknown.size(), " tensors not used by glm4_moe_lite, e.g. \"", unknown[0], "\"");

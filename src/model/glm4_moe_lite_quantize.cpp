@@ -24,58 +24,67 @@ const char* linear_part_name(LinearPart p) {
     case LinearPart::SharedExpert: return "shared expert";
     case LinearPart::RoutedExpert: return "routed experts";
     case LinearPart::Head: return "lm_head";
+    case LinearPart::Mtp: return "mtp";
   }
   return "?";
 }
 
 namespace {
 
+int64_t hid_of(const Config& c) { return c.hidden_size; }
+
+// Walks the Linears of the model in forward order; `w` may be null (names and shapes only). The names are the
+// loader's (glm4_moe_lite_load.cpp); the per-expert layout is the one a quantized checkpoint stores.
+// The Linears of one decoder layer under "model.layers.<l>." (`lw` may be null: names and shapes only).
+template <typename Fn>
+void for_each_layer_linear(const Config& c, int64_t l, const LayerWeights* lw, bool sparse, Fn&& fn) {
+  const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
+  const std::string p = "model.layers." + std::to_string(l) + ".", a = p + "self_attn.";
+  auto add = [&](const std::string& key, int64_t out, int64_t in, LinearPart part, const std::string& group,
+                 const Linear* lin) {
+    fn(LinearSpec{key, in, out, part, l, group.empty() ? key : group}, lin);
+  };
+  const std::string attn_in = a + "in";
+  if (c.q_lora_rank > 0) {
+    add(a + "q_a_proj", c.q_lora_rank, hid, LinearPart::Attention, attn_in, lw ? &lw->q_a_proj : nullptr);
+    add(a + "q_b_proj", H * qk, c.q_lora_rank, LinearPart::Attention, "", lw ? &lw->q_b_proj : nullptr);
+  } else {
+    add(a + "q_proj", H * qk, hid, LinearPart::Attention, attn_in, lw ? &lw->q_proj : nullptr);
+  }
+  add(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid, LinearPart::Attention, attn_in,
+      lw ? &lw->kv_a_proj_with_mqa : nullptr);
+  add(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, LinearPart::Attention, "",
+      lw ? &lw->kv_b_proj : nullptr);
+  add(a + "o_proj", hid, H * c.v_head_dim, LinearPart::Attention, "", lw ? &lw->o_proj : nullptr);
+  auto ffn = [&](const std::string& m, int64_t inter, LinearPart part, const Linear* g, const Linear* u,
+                 const Linear* d) {
+    add(m + "gate_proj", inter, hid, part, m + "in", g);
+    add(m + "up_proj", inter, hid, part, m + "in", u);
+    add(m + "down_proj", hid, inter, part, "", d);
+  };
+  if (!sparse) {
+    ffn(p + "mlp.", c.intermediate_size, LinearPart::DenseMlp, lw ? &lw->mlp.gate_proj : nullptr,
+        lw ? &lw->mlp.up_proj : nullptr, lw ? &lw->mlp.down_proj : nullptr);
+    return;
+  }
+  for (int64_t e = 0; e < c.n_routed_experts; e++) {
+    const Expert* ex = lw ? &lw->experts[size_t(e)] : nullptr;
+    ffn(p + "mlp.experts." + std::to_string(e) + ".", c.moe_intermediate_size, LinearPart::RoutedExpert,
+        ex ? &ex->gate : nullptr, ex ? &ex->up : nullptr, ex ? &ex->down : nullptr);
+  }
+  if (c.n_shared_experts > 0)
+    ffn(p + "mlp.shared_experts.", c.moe_intermediate_size * c.n_shared_experts, LinearPart::SharedExpert,
+        lw ? &lw->shared.gate : nullptr, lw ? &lw->shared.up : nullptr, lw ? &lw->shared.down : nullptr);
+}
+
 // Walks the Linears of the model in forward order; `w` may be null (names and shapes only). The names are the
 // loader's (glm4_moe_lite_load.cpp); the per-expert layout is the one a quantized checkpoint stores.
 template <typename Fn>
 void for_each_linear(const Config& c, const Weights* w, Fn&& fn) {
-  const int64_t hid = c.hidden_size, H = c.num_attention_heads, qk = c.qk_head_dim();
-  for (int64_t l = 0; l < c.num_hidden_layers; l++) {
-    const LayerWeights* lw = w ? &w->layers[size_t(l)] : nullptr;
-    const std::string p = "model.layers." + std::to_string(l) + ".", a = p + "self_attn.";
-    auto add = [&](const std::string& key, int64_t out, int64_t in, LinearPart part, const std::string& group,
-                   const Linear* lin) {
-      fn(LinearSpec{key, in, out, part, l, group.empty() ? key : group}, lin);
-    };
-    const std::string attn_in = a + "in";
-    if (c.q_lora_rank > 0) {
-      add(a + "q_a_proj", c.q_lora_rank, hid, LinearPart::Attention, attn_in, lw ? &lw->q_a_proj : nullptr);
-      add(a + "q_b_proj", H * qk, c.q_lora_rank, LinearPart::Attention, "", lw ? &lw->q_b_proj : nullptr);
-    } else {
-      add(a + "q_proj", H * qk, hid, LinearPart::Attention, attn_in, lw ? &lw->q_proj : nullptr);
-    }
-    add(a + "kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, hid, LinearPart::Attention, attn_in,
-        lw ? &lw->kv_a_proj_with_mqa : nullptr);
-    add(a + "kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, LinearPart::Attention, "",
-        lw ? &lw->kv_b_proj : nullptr);
-    add(a + "o_proj", hid, H * c.v_head_dim, LinearPart::Attention, "", lw ? &lw->o_proj : nullptr);
-    auto ffn = [&](const std::string& m, int64_t inter, LinearPart part, const Linear* g, const Linear* u,
-                   const Linear* d) {
-      add(m + "gate_proj", inter, hid, part, m + "in", g);
-      add(m + "up_proj", inter, hid, part, m + "in", u);
-      add(m + "down_proj", hid, inter, part, "", d);
-    };
-    if (!c.mlp_sparse[size_t(l)]) {
-      ffn(p + "mlp.", c.intermediate_size, LinearPart::DenseMlp, lw ? &lw->mlp.gate_proj : nullptr,
-          lw ? &lw->mlp.up_proj : nullptr, lw ? &lw->mlp.down_proj : nullptr);
-      continue;
-    }
-    for (int64_t e = 0; e < c.n_routed_experts; e++) {
-      const Expert* ex = lw ? &lw->experts[size_t(e)] : nullptr;
-      ffn(p + "mlp.experts." + std::to_string(e) + ".", c.moe_intermediate_size, LinearPart::RoutedExpert,
-          ex ? &ex->gate : nullptr, ex ? &ex->up : nullptr, ex ? &ex->down : nullptr);
-    }
-    if (c.n_shared_experts > 0)
-      ffn(p + "mlp.shared_experts.", c.moe_intermediate_size * c.n_shared_experts, LinearPart::SharedExpert,
-          lw ? &lw->shared.gate : nullptr, lw ? &lw->shared.up : nullptr, lw ? &lw->shared.down : nullptr);
-  }
+  for (int64_t l = 0; l < c.num_hidden_layers; l++)
+    for_each_layer_linear(c, l, w ? &w->layers[size_t(l)] : nullptr, c.mlp_sparse[size_t(l)], fn);
   if (!c.tie_word_embeddings)
-    fn(LinearSpec{"lm_head", hid, c.vocab_size, LinearPart::Head, c.num_hidden_layers, "lm_head"},
+    fn(LinearSpec{"lm_head", hid_of(c), c.vocab_size, LinearPart::Head, c.num_hidden_layers, "lm_head"},
        w ? &w->lm_head : nullptr);
 }
 
@@ -87,6 +96,7 @@ std::string alloc_group(const LinearSpec& s) {
     case LinearPart::DenseMlp: return p + "mlp";
     case LinearPart::RoutedExpert: return p + "mlp.experts";
     case LinearPart::Head: return "lm_head";
+    case LinearPart::Mtp: return s.key;
   }
   return s.key;
 }
@@ -129,6 +139,20 @@ std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& row
 std::vector<LinearSpec> linear_specs(const Config& c) {
   std::vector<LinearSpec> v;
   for_each_linear(c, nullptr, [&](LinearSpec s, const Linear*) { v.push_back(std::move(s)); });
+  return v;
+}
+
+std::vector<LinearSpec> mtp_linear_specs(const Config& c) {
+  std::vector<LinearSpec> v;
+  const int64_t hid = c.hidden_size;
+  for (int64_t k = 0; k < c.num_nextn_predict_layers; k++) {
+    const int64_t l = c.num_hidden_layers + k;
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    v.push_back(LinearSpec{p + "eh_proj", 2 * hid, hid, LinearPart::Mtp, l, p + "eh_proj"});
+    // Sparse (MoE) as every released MTP layer; the part of each Linear is the one it has in a decoder layer.
+    for_each_layer_linear(c, l, nullptr, c.n_routed_experts > 0, [&](LinearSpec s, const Linear*) { v.push_back(std::move(s)); });
+    v.push_back(LinearSpec{p + "shared_head.head", hid, c.vocab_size, LinearPart::Mtp, l, p + "shared_head.head"});
+  }
   return v;
 }
 

@@ -3,8 +3,8 @@
 // backend, and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
 //
 // Kept unquantized (copied byte for byte): embeddings, every norm, the router (mlp.gate.weight),
-// e_score_correction_bias and the MTP layer (model.layers.<num_hidden_layers>.*, which the forward pass does not
-// use). Trellis-coded: every Linear of the decoder (attention projections, dense MLP, routed and shared experts)
+// e_score_correction_bias and the MTP layer (model.layers.<num_hidden_layers>.*: the calibration pass runs the
+// main forward only, so its Linears would get no Hessian; the loader reads them dense or EXL3 alike). Trellis-coded: every Linear of the decoder (attention projections, dense MLP, routed and shared experts)
 // at the allocated K, and lm_head at head_bits (unless tied to the embedding, or head_bits = 16).
 //
 // Calibration (TRELLIS.md §4.1), what we do and why:
@@ -36,8 +36,9 @@ namespace trellm {
 class CpuBackend;
 
 // Which part of the model a Linear belongs to (bit allocation groups, inspect tables).
-enum class LinearPart { Attention, DenseMlp, SharedExpert, RoutedExpert, Head };
-const char* linear_part_name(LinearPart p);  // "attention", "dense mlp", "shared expert", "routed experts", "lm_head"
+enum class LinearPart { Attention, DenseMlp, SharedExpert, RoutedExpert, Head, Mtp };
+// "attention", "dense mlp", "shared expert", "routed experts", "lm_head", "mtp" (eh_proj, shared_head.head)
+const char* linear_part_name(LinearPart p);
 
 struct LinearSpec {
   std::string key;          // module key: the checkpoint holds key + ".weight" [out, in]
@@ -51,6 +52,10 @@ struct LinearSpec {
 
 // Every Linear of the model in forward order (layer by layer, lm_head last; omitted when tied).
 std::vector<LinearSpec> linear_specs(const Config& c);
+// The Linears of the MTP layers (model.layers.<num_hidden_layers + k>.*, k < num_nextn_predict_layers): eh_proj
+// (part Mtp), the MoE decoder layer's (parts as in a decoder layer, layer = num_hidden_layers + k) and
+// shared_head.head (Mtp). The quantizer leaves them as they are; `inspect` reads them, dense or EXL3.
+std::vector<LinearSpec> mtp_linear_specs(const Config& c);
 // The same, each with the model's Linear it describes (the objects the backend ops receive).
 std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m);
 

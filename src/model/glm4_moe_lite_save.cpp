@@ -59,7 +59,39 @@ struct Saver {
   }
 };
 
-json config_json(const Config& c) {
+// One decoder layer's tensors under `p` ("model.layers.<i>."), the loader's names; Linears go through `linear`.
+template <typename LinearFn>
+void save_layer(Saver& s, const std::string& p, const LayerWeights& L, const Config& c, bool sparse, LinearFn&& linear) {
+  s.add(p + "input_layernorm.weight", L.input_layernorm);
+  s.add(p + "post_attention_layernorm.weight", L.post_attention_layernorm);
+  const std::string a = p + "self_attn.";
+  std::vector<std::pair<std::string, const Linear*>> lin;
+  if (c.q_lora_rank > 0) {
+    lin.insert(lin.end(), {{a + "q_a_proj", &L.q_a_proj}, {a + "q_b_proj", &L.q_b_proj}});
+    s.add(a + "q_a_layernorm.weight", L.q_a_layernorm);
+  } else {
+    lin.push_back({a + "q_proj", &L.q_proj});
+  }
+  lin.insert(lin.end(), {{a + "kv_a_proj_with_mqa", &L.kv_a_proj_with_mqa}, {a + "kv_b_proj", &L.kv_b_proj}, {a + "o_proj", &L.o_proj}});
+  s.add(a + "kv_a_layernorm.weight", L.kv_a_layernorm);
+  const std::string m = p + "mlp.";
+  if (!sparse) {
+    lin.insert(lin.end(), {{m + "gate_proj", &L.mlp.gate_proj}, {m + "up_proj", &L.mlp.up_proj}, {m + "down_proj", &L.mlp.down_proj}});
+  } else {
+    s.add(m + "gate.weight", L.gate);
+    s.add(m + "gate.e_score_correction_bias", L.e_score_correction_bias);
+    for (size_t e = 0; e < L.experts.size(); e++) {
+      const std::string ep = m + "experts." + std::to_string(e) + ".";
+      lin.insert(lin.end(), {{ep + "gate_proj", &L.experts[e].gate}, {ep + "up_proj", &L.experts[e].up}, {ep + "down_proj", &L.experts[e].down}});
+    }
+    if (c.n_shared_experts > 0)
+      lin.insert(lin.end(), {{m + "shared_experts.gate_proj", &L.shared.gate}, {m + "shared_experts.up_proj", &L.shared.up},
+                             {m + "shared_experts.down_proj", &L.shared.down}});
+  }
+  for (auto& [key, l] : lin) linear(key, *l);
+}
+
+json config_json(const Config& c, int64_t mtp_layers) {
   json j = {{"architectures", {"Glm4MoeLiteForCausalLM"}}, {"model_type", "glm4_moe_lite"},
             {"vocab_size", c.vocab_size}, {"hidden_size", c.hidden_size}, {"intermediate_size", c.intermediate_size},
             {"moe_intermediate_size", c.moe_intermediate_size}, {"num_hidden_layers", c.num_hidden_layers},
@@ -73,7 +105,8 @@ json config_json(const Config& c) {
             {"rms_norm_eps", c.rms_norm_eps}, {"rope_interleave", c.rope_interleave},
             {"attention_bias", c.attention_bias}, {"tie_word_embeddings", c.tie_word_embeddings},
             {"rope_parameters", {{"rope_type", "default"}, {"rope_theta", c.rope_theta}}},
-            {"eos_token_id", c.eos_token_id}, {"pad_token_id", c.pad_token_id}};
+            {"eos_token_id", c.eos_token_id}, {"pad_token_id", c.pad_token_id},
+            {"num_nextn_predict_layers", mtp_layers}};
   j["q_lora_rank"] = c.q_lora_rank > 0 ? json(c.q_lora_rank) : json(nullptr);
   json types = json::array();
   for (bool sp : c.mlp_sparse) types.push_back(sp ? "sparse" : "dense");
@@ -92,44 +125,30 @@ void Model::save(const std::string& dir) const {
   s.add("model.norm.weight", w_.norm);
   if (!c.tie_word_embeddings) s.linear("lm_head", w_.lm_head);
   int trellis_linears = 0, bits_sum = 0, head_bits = 0;
-  for (size_t i = 0; i < w_.layers.size(); i++) {
-    const LayerWeights& L = w_.layers[i];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    s.add(p + "input_layernorm.weight", L.input_layernorm);
-    s.add(p + "post_attention_layernorm.weight", L.post_attention_layernorm);
-    const std::string a = p + "self_attn.";
-    std::vector<std::pair<std::string, const Linear*>> lin;
-    if (c.q_lora_rank > 0) {
-      lin.insert(lin.end(), {{a + "q_a_proj", &L.q_a_proj}, {a + "q_b_proj", &L.q_b_proj}});
-      s.add(a + "q_a_layernorm.weight", L.q_a_layernorm);
-    } else {
-      lin.push_back({a + "q_proj", &L.q_proj});
-    }
-    lin.insert(lin.end(), {{a + "kv_a_proj_with_mqa", &L.kv_a_proj_with_mqa}, {a + "kv_b_proj", &L.kv_b_proj}, {a + "o_proj", &L.o_proj}});
-    s.add(a + "kv_a_layernorm.weight", L.kv_a_layernorm);
-    const std::string m = p + "mlp.";
-    if (!c.mlp_sparse[i]) {
-      lin.insert(lin.end(), {{m + "gate_proj", &L.mlp.gate_proj}, {m + "up_proj", &L.mlp.up_proj}, {m + "down_proj", &L.mlp.down_proj}});
-    } else {
-      s.add(m + "gate.weight", L.gate);
-      s.add(m + "gate.e_score_correction_bias", L.e_score_correction_bias);
-      for (size_t e = 0; e < L.experts.size(); e++) {
-        const std::string ep = m + "experts." + std::to_string(e) + ".";
-        lin.insert(lin.end(), {{ep + "gate_proj", &L.experts[e].gate}, {ep + "up_proj", &L.experts[e].up}, {ep + "down_proj", &L.experts[e].down}});
-      }
-      if (c.n_shared_experts > 0)
-        lin.insert(lin.end(), {{m + "shared_experts.gate_proj", &L.shared.gate}, {m + "shared_experts.up_proj", &L.shared.up},
-                               {m + "shared_experts.down_proj", &L.shared.down}});
-    }
-    for (auto& [key, l] : lin) {
-      s.linear(key, *l);
-      if (l->exl3) trellis_linears++, bits_sum += l->exl3->K;
-    }
+  auto linear = [&](const std::string& key, const Linear& l) {
+    s.linear(key, l);
+    if (l.exl3) trellis_linears++, bits_sum += l.exl3->K;
+  };
+  for (size_t i = 0; i < w_.layers.size(); i++)
+    save_layer(s, "model.layers." + std::to_string(i) + ".", w_.layers[i], c, c.mlp_sparse[i], linear);
+  // The MTP layers after the decoder layers, named as GLM-4.7-Flash / DeepSeek-V3 checkpoints name them. Their
+  // Linears do not count in quantization_config's average (the quantizer leaves them as they are).
+  auto mtp_linear = [&](const std::string& key, const Linear& l) { s.linear(key, l); };
+  for (size_t k = 0; k < w_.mtp.size(); k++) {
+    const MtpWeights& m = w_.mtp[k];
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + int64_t(k)) + ".";
+    s.add(p + "enorm.weight", m.enorm);
+    s.add(p + "hnorm.weight", m.hnorm);
+    s.linear(p + "eh_proj", m.eh_proj);
+    save_layer(s, p, m.layer, c, m.sparse, mtp_linear);
+    s.add(p + "shared_head.norm.weight", m.shared_head_norm);
+    s.linear(p + "shared_head.head", m.shared_head);
+    if (!m.embed_tokens.empty()) s.add(p + "embed_tokens.weight", m.embed_tokens);
   }
   s.flush();
   json idx = {{"metadata", json::object()}, {"weight_map", s.weight_map}};
   std::ofstream(dir + "/model.safetensors.index.json") << idx.dump(1);
-  json cfg = config_json(c);
+  json cfg = config_json(c, int64_t(w_.mtp.size()));  // the MTP layers written, not the config's claim
   if (trellis_linears) {
     if (w_.lm_head.exl3) head_bits = w_.lm_head.exl3->K;
     cfg["quantization_config"] = {{"quant_method", "exl3"}, {"version", "trellm-synthetic"},

@@ -139,4 +139,69 @@ PerplexityResult evaluate_perplexity(Model& model, Model* ref, const std::vector
   return r;
 }
 
+MtpAgreement evaluate_mtp(Model& model, const std::vector<int32_t>& ids, const PerplexityOptions& opt, int layer) {
+  const Config& c = model.config();
+  const int64_t V = c.vocab_size;
+  if (model.weights().mtp.empty()) fail("the model has no MTP layer (num_nextn_predict_layers tensors)");
+  if (layer < 0 || size_t(layer) >= model.weights().mtp.size()) fail("MTP layer ", layer, " does not exist");
+  if (opt.ctx < 3) fail("MTP agreement: the window (--ctx) must hold at least 3 tokens");
+  if (opt.ctx > c.max_position_embeddings)
+    fail("perplexity: --ctx ", opt.ctx, " exceeds the model's max_position_embeddings = ", c.max_position_embeddings);
+  for (int32_t t : ids)
+    if (t < 0 || t >= V) fail("perplexity: token id ", t, " is outside the vocabulary (0..", V - 1, ")");
+  int chunk = opt.chunk > 0 ? opt.chunk : int(std::max<int64_t>(1, std::min<int64_t>(512, (int64_t(64) << 20) / V)));
+  chunk = std::min(chunk, opt.ctx);
+
+  Timer timer;
+  MtpAgreement r;
+  RunState rs = model.make_run_state(chunk);
+  model.add_mtp_state(rs);
+  KvCache kv = model.make_kv_cache(opt.ctx);
+  KvCache mkv = model.make_mtp_kv_cache_blocks(kv.blocks);
+  std::vector<float> host(size_t(chunk) * size_t(V));
+  std::vector<int32_t> main_next, draft;
+  std::vector<int32_t> pos(static_cast<size_t>(chunk)), seq(static_cast<size_t>(chunk), 0), table(static_cast<size_t>(kv.blocks));
+  for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
+  int64_t agree = 0, correct = 0;
+  const int64_t N = int64_t(ids.size());
+  for (int64_t start = 0; start + 2 < N; start += opt.ctx) {
+    const int n = int(std::min<int64_t>(opt.ctx, N - start));
+    if (n < 3) break;
+    const int32_t* tok = ids.data() + start;
+    main_next.assign(size_t(n), -1);  // the model's greedy token after row p (a guess of t[p+1])
+    draft.assign(size_t(n), -1);      // the MTP's guess of t[p+2] at row p
+    for (int p0 = 0; p0 < n - 1; p0 += chunk) {
+      const int len = std::min(chunk, n - 1 - p0);
+      model.forward(rs, kv, tok + p0, len, p0, /*all_logits=*/true);
+      model.backend().to_host(host.data(), rs.logits.data, size_t(len) * size_t(V) * sizeof(float));
+      for (int i = 0; i < len; i++) main_next[size_t(p0 + i)] = argmax(host.data() + size_t(i) * size_t(V), V);
+      // The MTP rows p with t[p+1] in the window and t[p+2] to compare with: p <= n - 3.
+      const int mlen = std::min(len, n - 2 - p0);
+      if (mlen <= 0) continue;
+      for (int i = 0; i < mlen; i++) pos[size_t(i)] = p0 + i;
+      StepBatch b;
+      b.tokens = {tok + p0 + 1, size_t(mlen)};
+      b.pos = {pos.data(), size_t(mlen)};
+      b.seq = {seq.data(), size_t(mlen)};
+      b.tables = table;
+      b.table_stride = int(table.size());
+      b.logits = Logits::All;
+      model.forward_mtp(rs, mkv, b, TensorView(rs.x.data, DType::F32, {mlen, c.hidden_size}), layer);
+      model.backend().to_host(host.data(), rs.logits.data, size_t(mlen) * size_t(V) * sizeof(float));
+      for (int i = 0; i < mlen; i++) draft[size_t(p0 + i)] = argmax(host.data() + size_t(i) * size_t(V), V);
+    }
+    for (int p = 0; p + 2 < n; p++) {
+      agree += draft[size_t(p)] == main_next[size_t(p + 1)];
+      correct += draft[size_t(p)] == tok[p + 2];
+      r.positions++;
+    }
+  }
+  model.backend().synchronize();
+  if (r.positions == 0) fail("MTP agreement: the text has fewer than 3 tokens");
+  r.agreement = double(agree) / double(r.positions);
+  r.accuracy = double(correct) / double(r.positions);
+  r.seconds = timer.seconds();
+  return r;
+}
+
 }  // namespace trellm

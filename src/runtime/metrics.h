@@ -40,4 +40,15 @@ struct PerplexityResult {
 PerplexityResult evaluate_perplexity(Model& model, Model* ref, const std::vector<int32_t>& ids,
                                      const PerplexityOptions& opt);
 
+// The MTP layer as a drafter (speculative decoding's acceptance in one number): over the same windows, at every
+// position p with p + 2 inside the window, the MTP layer's most likely token given (t[p+1], h_p) against the
+// model's own greedy token at p+1 (what a one-token draft must equal to be accepted), and against the text's t[p+2].
+struct MtpAgreement {
+  int64_t positions = 0;
+  double agreement = 0;  // fraction where the draft equals the model's greedy next-next token
+  double accuracy = 0;   // fraction where it equals the text's token
+  double seconds = 0;
+};
+MtpAgreement evaluate_mtp(Model& model, const std::vector<int32_t>& ids, const PerplexityOptions& opt, int layer = 0);
+
 }  // namespace trellm

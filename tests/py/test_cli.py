@@ -68,6 +68,43 @@ def test_inspect_counts_parameters(data_dir):
     assert "routed experts" in out and "F32" in out
 
 
+def header_shapes(path):
+    """{name: (dtype, shape)} from a safetensors header (bf16 needs no decoding)."""
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+    return {k: (v["dtype"], v["shape"]) for k, v in h.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("model,dense_mtp_linears", [("tiny-glm", None), ("tiny-glm-3bit", 34)])
+def test_inspect_shows_the_mtp_layer(model, dense_mtp_linears):
+    d = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", model)
+    _, out, _ = trellm("inspect", d)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    prefix = f"model.layers.{cfg['num_hidden_layers']}."
+    mtp = {k: v for k, v in header_shapes(os.path.join(d, "model.safetensors")).items() if k.startswith(prefix)}
+    params = sum(int(np.prod(s)) for _, s in mtp.values())
+    line = [l for l in out.splitlines() if l.strip().startswith("MTP layer 0")]
+    assert line and f"{prefix}*: {len(mtp)} tensors" in line[0], out
+    assert f"{params / 1e6:.3f} M parameters" in line[0], (line, params)
+    # the parameter table splits it like a decoder layer, and none of it is read per decoded token
+    lines = [l.split() for l in out.splitlines() if l.startswith("    mtp ")]
+    rows = {" ".join(w[:w.index(next(x for x in w if x[0].isdigit()))]): w for w in lines if not w[1].isdigit()}
+    table = [w for w in lines if w[1].isdigit()]  # the trellis table's "mtp" row: counts per K, then dense
+    assert {"mtp attention", "mtp routed experts", "mtp shared expert", "mtp eh_proj", "mtp shared_head"} <= set(rows), out
+    assert all(r[-1] == "0" for r in rows.values()), rows
+    if dense_mtp_linears:  # the 3-bit model keeps the MTP layer in bf16: its Linears are counted as dense
+        assert len(table) == 1 and int(table[0][-1]) == dense_mtp_linears and set(table[0][1:-1]) == {"0"}, out
+    else:
+        assert not table
+
+
+def test_inspect_without_mtp_layer():
+    _, out, _ = trellm("inspect", os.path.join(DATA, "hf", "tiny_a"))
+    assert "MTP layer" not in out and "    mtp " not in out
+
+
 @pytest.mark.parametrize("args,phrase", [
     (["run", "--model", "/nonexistent", "--prompt-ids", "1"], "/nonexistent"),
     (["run", "--prompt-ids", "1,99999"], "outside the vocabulary"),

@@ -239,3 +239,30 @@ def test_bad_inputs(quantized, tmp_path):
     json.dump(cfg, open(other / "config.json", "w"))
     fails(other, "model_type")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_mtp_layer_is_copied_and_loads(tmp_path, calib):
+    """A source with an MTP layer (tests/data/hf/tiny_mtp, model.layers.2.*): the quantizer trellis-codes the decoder
+    and lm_head and copies every MTP tensor byte for byte (kept bf16, as in models/tiny-glm-3bit); the result
+    loads with its MTP layer (inspect: the layer's line and 19 dense MTP Linears) and its drafts are scored."""
+    src = os.path.join(DATA, "hf", "tiny_mtp")
+    out = str(tmp_path / "tiny_mtp-exl3")
+    trellm("quantize", "--model", src, "--out", out, "--calibration", calib, *ARGS)
+    a = load_file(os.path.join(src, "model.safetensors"))
+    b = load_file(os.path.join(out, "model.safetensors"))
+    mtp = [k for k in a if k.startswith("model.layers.2.")]
+    assert len(mtp) == 31
+    for k in mtp:
+        assert b[k].dtype == a[k].dtype and b[k].tobytes() == a[k].tobytes(), k
+    assert not any(k.startswith("model.layers.2.") and k.endswith(".trellis") for k in b)
+    assert "lm_head.trellis" in b and "model.layers.1.self_attn.o_proj.trellis" in b
+    assert json.load(open(os.path.join(out, "config.json")))["num_nextn_predict_layers"] == 1
+    _, info, _ = trellm("inspect", out)
+    assert "MTP layer 0" in info and "model.layers.2.*: 31 tensors" in info, info
+    row = [l.split() for l in info.splitlines() if l.startswith("    mtp ") and l.split()[1].isdigit()]
+    assert row and int(row[0][-1]) == 1 + 5 + 3 * 4 + 3 + 1, info  # eh_proj, attention, experts, shared, head
+    ids = load_file(os.path.join(src, "reference.safetensors"))["prompt0_ids"]
+    p = tmp_path / "ids.txt"
+    p.write_text(",".join(str(int(i)) for i in ids))
+    _, js, _ = trellm("perplexity", "--json", "--device", "cpu", "--model", out, "--ids", str(p), "--mtp")
+    assert json.loads(js)["mtp_positions"] == len(ids) - 2

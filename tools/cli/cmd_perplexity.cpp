@@ -34,6 +34,9 @@ int run_perplexity(const PplArgs& a) {
   const std::string dir = resolve_model(a.model);
   auto backend = make_backend(a.device);
   auto model = Model::load(dir, *backend);
+  if (a.mtp && model->weights().mtp.empty())
+    fail("--mtp: ", dir, " has no MTP layer (config.json num_nextn_predict_layers ", model->config().num_nextn_predict_layers,
+         ", no model.layers.", model->config().num_hidden_layers, ".* tensors loaded)");
   std::unique_ptr<Model> ref;
   if (!a.ref.empty()) {
     ref = Model::load(a.ref, *backend);

@@ -30,7 +30,7 @@ std::string default_model_dir() {
 std::string resolve_model(const std::string& given) {
   if (!given.empty()) return given;
   std::string d = default_model_dir();
-  std::fprintf(stderr, "trellm: no --model given; using the built-in model %s (tiny-glm-3bit: 7.4 M parameters, the GLM-4.7-Flash architecture trained on Jane Austen, 3-bit EXL3)\n", d.c_str());
+  std::fprintf(stderr, "trellm: no --model given; using the built-in model %s (tiny-glm-3bit: 7.4 M parameters + a 1.9 M MTP layer, the GLM-4.7-Flash architecture trained on Jane Austen and chat fine-tuned, 3-bit EXL3)\n", d.c_str());
   return d;
 }
 

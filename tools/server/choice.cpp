@@ -61,7 +61,8 @@ ChoiceDelta Choice::poll(std::chrono::milliseconds timeout) {
     if (ttft_ < 0) ttft_ = std::chrono::duration<double>(now - start_).count();
     else intervals_.push_back(std::chrono::duration<double>(now - last_token_).count() / double(toks.size()));
     last_token_ = now;
-    if (gen_.logprobs) {
+    const bool hidden = std::find(gen_.hidden_ids.begin(), gen_.hidden_ids.end(), g.id) != gen_.hidden_ids.end();
+    if (gen_.logprobs && !hidden) {  // a stop token is no part of the text, nor of its logprobs
       TokenLogprobOut lp;
       std::string b;
       tok_.token_bytes(g.id, b);
@@ -76,7 +77,7 @@ ChoiceDelta Choice::poll(std::chrono::milliseconds timeout) {
       }
       d.logprobs.push_back(std::move(lp));
     }
-    if (std::find(gen_.hidden_ids.begin(), gen_.hidden_ids.end(), g.id) == gen_.hidden_ids.end()) text_in(dec_.push(g.id), d, false);
+    if (!hidden) text_in(dec_.push(g.id), d, false);
     if (stops_.stopped()) {
       stopped_by_string_ = true;
       req_->cancel();  // the engine frees the sequence at its next step
@@ -92,8 +93,10 @@ ChoiceDelta Choice::poll(std::chrono::milliseconds timeout) {
 std::string Choice::finish_reason() const {
   if (stopped_by_string_) return "stop";
   switch (engine_finish_) {
+    // A parsed tool call makes it "tool_calls" however the output ended (vLLM's rule): a call cut short by
+    // max_tokens is not parsed, so there is none to report then.
     case FinishReason::Stop: return saw_tool_call_ ? "tool_calls" : "stop";
-    case FinishReason::Length: return "length";
+    case FinishReason::Length: return saw_tool_call_ ? "tool_calls" : "length";
     case FinishReason::Cancelled: return "abort";  // as vLLM: the request was cancelled (shutdown)
     case FinishReason::Error: return "error";
     case FinishReason::None: return "";

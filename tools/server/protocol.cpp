@@ -117,7 +117,8 @@ void sampling(const json& body, const ModelContext& m, GenRequest& r) {
   // A client's seed, whatever its value (0 included), gives the same draws every time; none: from the clock.
   s.seed = seed == -1 && !body.contains("seed") ? 0 : uint64_t(seed) * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
   r.params.ignore_eos = opt_bool(body, "ignore_eos", false);
-  r.params.stop_ids = m.defaults.stop_ids;
+  // ignore_eos ignores generation_config's extra EOS ids too (as vLLM does): the output runs to max_tokens.
+  if (!r.params.ignore_eos) r.params.stop_ids = m.defaults.stop_ids;
   r.stop = opt_stop(body, "stop");
   r.n = int(opt_int(body, "n", 1, 1, m.max_n));
   r.stream = opt_bool(body, "stream", false);
@@ -232,7 +233,8 @@ void finish_params(GenRequest& r, const ModelContext& m, const json* mt, const c
     r.params.max_tokens = m.context - P;
   }
   r.params.logprobs = r.logprobs ? r.top_logprobs : -1;
-  r.hidden_ids = m.eos_ids;
+  // Tokens that end the output are not part of its text; with ignore_eos nothing ends it, and every token is text.
+  if (!r.params.ignore_eos) r.hidden_ids = m.eos_ids;
   r.hidden_ids.insert(r.hidden_ids.end(), r.params.stop_ids.begin(), r.params.stop_ids.end());
 }
 
