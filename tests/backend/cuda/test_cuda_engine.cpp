@@ -1,8 +1,11 @@
 // The batched engine on the GPU: greedy requests run together (decode rows as CUDA graphs of their batch bucket,
 // prompt chunks beside them, a prefix-cache hit, preemptions in a small cache) give the tokens the CPU reference
-// engine gives each request alone with the same bf16 latent cache, on the built-in model; and the same with the
+// engine gives each request alone with the same bf16 latent cache, on the built-in model, up to a near tie of the
+// CPU's own distribution; and the same with the
 // tensor-core MLA kernels on a synthetic model of GLM-4.7-Flash's attention shapes, GPU batched against GPU alone.
 #include <gtest/gtest.h>
+
+#include <cmath>
 
 #include "core/rng.h"
 #include "model/glm4_moe_lite.h"
@@ -41,8 +44,11 @@ std::vector<Case> cases(int n, int32_t vocab, uint64_t seed) {
   return out;
 }
 
-std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, const EngineOptions& o, bool together) {
+// Each request's tokens (and, alone, the log-probabilities of its top tokens at every step).
+std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, const EngineOptions& o, bool together,
+                                      std::vector<std::vector<GenToken>>* detail = nullptr) {
   std::vector<std::vector<int32_t>> out(cs.size());
+  if (detail) detail->resize(cs.size());
   if (together) {
     Engine e(m, o);
     std::vector<std::shared_ptr<Request>> rs;
@@ -62,9 +68,13 @@ std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, con
     alone.kv_blocks = 16;
     alone.prefix_caching = false;
     Engine e(m, alone);
-    auto r = e.submit(cs[i].prompt, cs[i].params);
+    GenParams p = cs[i].params;
+    if (detail) p.logprobs = 5;
+    auto r = e.submit(cs[i].prompt, p);
     e.run_until_idle();
-    out[i] = ids(r->wait_all());
+    const auto toks = r->wait_all();
+    out[i] = ids(toks);
+    if (detail) (*detail)[i] = toks;
   }
   return out;
 }
@@ -83,11 +93,33 @@ TEST(CudaEngine, BatchedGreedyTokensEqualTheCpuReferenceAlone) {
   o.context = 512;
   o.max_step_tokens = 100;
   o.kv_dtype = DType::BF16;
-  const auto want = run(*mc, cs, o, false);
+  std::vector<std::vector<GenToken>> ref;
+  const auto want = run(*mc, cs, o, false, &ref);
   o.max_seqs = 8;
   o.kv_blocks = 9;  // 576 tokens for ~1,300: preemptions
   const auto got = run(*mg, cs, o, true);
-  for (size_t i = 0; i < cs.size(); i++) EXPECT_EQ(got[i], want[i]) << "request " << i << " (prompt " << cs[i].prompt.size() << ")";
+  // The GPU rounds activations to fp16/bf16 where the CPU keeps f32, so greedy can part at a near tie of the CPU's
+  // own distribution, and only there: at the first difference the GPU's token must be one of the CPU's top 5 within
+  // 0.05 nats of its best (seen on the chat-tuned default model, H200: 4 requests of 10, each at such a tie). A wrong
+  // kernel, table or position parts at a clear winner and fails. At least half must agree to the end.
+  int identical = 0;
+  for (size_t i = 0; i < cs.size(); i++) {
+    ASSERT_EQ(got[i].size(), want[i].size()) << "request " << i;
+    size_t j = 0;
+    while (j < got[i].size() && got[i][j] == want[i][j]) j++;
+    if (j == got[i].size()) {
+      identical++;
+      continue;
+    }
+    const GenToken& at = ref[i][j];
+    float lp = -INFINITY;
+    for (const TokenLogprob& t : at.top)
+      if (t.token == got[i][j]) lp = t.logprob;
+    EXPECT_LT(at.logprob - lp, 0.05f) << "request " << i << " (prompt " << cs[i].prompt.size() << ") parts at token " << j
+                                      << ": GPU " << got[i][j] << ", CPU " << want[i][j] << " (CPU logprobs " << at.logprob
+                                      << " vs " << lp << ")";
+  }
+  EXPECT_GE(identical, int(cs.size()) / 2) << identical << " of " << cs.size() << " requests identical";
 }
 
 TEST(CudaEngine, TensorCoreMlaBatchedEqualsAlone) {
