@@ -638,7 +638,13 @@ def test_api_key():
                       b"Authorization: Bearer wrong\r\nContent-Length: %d\r\n\r\n" % len(data))
             time.sleep(0.2)
             k.sendall(data)
-            first = k.recv(65536)
+            first = b""
+            while b"\r\n\r\n" not in first:  # the whole 401 (headers, then Content-Length bytes of body)
+                first += k.recv(65536)
+            head, _, rest = first.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(rest) < length:
+                rest += k.recv(65536)
             assert first.startswith(b"HTTP/1.1 401"), first
             k.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n\r\n")
             try:
