@@ -2,6 +2,11 @@
 
 #include <httplib.h>
 
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -166,6 +171,29 @@ void Server::routes() {
   add_anthropic_routes(*this, h);
 }
 
+namespace {
+// cpp-httplib 0.11 listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG, fixed in Debian's compiled library):
+// 64 clients connecting at once overflow it and some see their connection reset. listen() again on the bound
+// socket raises the backlog (Linux allows it); the socket is found by its port.
+void raise_listen_backlog(int port) {
+  DIR* d = opendir("/proc/self/fd");
+  if (!d) return;
+  while (dirent* e = readdir(d)) {
+    const int fd = std::atoi(e->d_name);
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    sockaddr_storage a{};
+    socklen_t alen = sizeof a;
+    if (fd <= 2 || getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&a), &alen) != 0) continue;
+    const int p = a.ss_family == AF_INET ? ntohs(reinterpret_cast<sockaddr_in*>(&a)->sin_port)
+                  : a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&a)->sin6_port) : -1;
+    if (p == port) ::listen(fd, 1024);
+  }
+  closedir(d);
+}
+}  // namespace
+
 int Server::run() {
   int port = opt_.port;
   if (port == 0) {
@@ -175,6 +203,7 @@ int Server::run() {
     fail("cannot listen on ", opt_.host, ":", port, " (in use, or not an address of this machine)");
   }
   bound_port_ = port;
+  raise_listen_backlog(port);
   std::fprintf(stderr, "trellm serve: listening on http://%s:%d\n", opt_.host.c_str(), port);
   std::fflush(stderr);
   http_->listen_after_bind();
