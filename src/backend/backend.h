@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/kv_block.h"
 #include "core/tensor.h"
 
 namespace trellm {
@@ -71,15 +72,7 @@ struct SamplingParams {
   uint64_t seed = 0;         // 0 = from the clock (resolved by the caller before it reaches a backend)
 };
 
-// The paged latent KV cache. Each layer's cache is one pool of fixed-size blocks, [num_blocks * kKvBlockTokens,
-// kv_rank + rope_dim] in kv_dtype(); a sequence owns a block table (pool block ids), and its token p lives at pool row
-//   table[p / kKvBlockTokens] * kKvBlockTokens + p % kKvBlockTokens.
-// 64 tokens per block = the attention kernels' key tile, so one key tile is one contiguous block (FlashMLA's choice
-// too); a block of GLM-4.7-Flash's 47 layers holds 64 x 54,144 B = 3.47 MB in bf16.
-constexpr int kKvBlockTokens = 64;
-inline int64_t kv_pool_row(const int32_t* table, int64_t p) {
-  return int64_t(table[p / kKvBlockTokens]) * kKvBlockTokens + p % kKvBlockTokens;
-}
+// The paged latent KV cache: kKvBlockTokens, kv_pool_row and kv_blocks_for in kv_block.h (shared with the kernels).
 
 // Where the rows of a step sit: each row's position in its sequence and that sequence's block table. The device
 // data (pos, seq, tables) is read at run time, so a captured CUDA graph serves every step; the host data (bound,
@@ -93,6 +86,10 @@ struct Positions {
   // summing to n. Empty: one run of all n rows. Rows of one run have consecutive positions.
   std::span<const int> runs;
   int max_blocks() const { return int(tables.cols()); }
+  // Host backends: the pool row of step row i (its table's entry for its position).
+  int64_t pool_row(int64_t i) const {
+    return kv_pool_row(tables.ptr<int32_t>() + int64_t(seq.ptr<int32_t>()[i]) * max_blocks(), pos.ptr<int32_t>()[i]);
+  }
 };
 
 enum class MlaMode {

@@ -80,10 +80,7 @@ double Model::routed_expert_bytes_total() const {
   return b;
 }
 
-double Model::kv_bytes_per_token(int depth, DType kv_dtype) const {
-  return double(depth) * double(config_.kv_lora_rank + config_.qk_rope_head_dim) * double(dtype_size(kv_dtype)) *
-         double(config_.num_hidden_layers);
-}
+double Model::kv_bytes_per_token(int depth, DType kv_dtype) const { return double(depth) * kv_bytes_per_cached_token(kv_dtype); }
 
 Model::~Model() {
   arena_.release();
@@ -102,8 +99,7 @@ RunState Model::make_run_state(int max_tokens, int logit_rows, int max_seqs, int
   s.max_tokens = max_tokens;
   s.logit_rows = logit_rows < 0 ? max_tokens : std::max(1, std::min(logit_rows, max_tokens));
   s.max_seqs = std::max(1, max_seqs);
-  s.max_blocks = max_blocks > 0 ? max_blocks
-                                : int(std::max<int64_t>(1, (c.max_position_embeddings + kKvBlockTokens - 1) / kKvBlockTokens));
+  s.max_blocks = max_blocks > 0 ? max_blocks : kv_blocks_for(c.max_position_embeddings);
   s.tokens = alloc(DType::I32, {T});
   s.pos = alloc(DType::I32, {T});
   s.seq = alloc(DType::I32, {T});
@@ -131,23 +127,27 @@ double Model::kv_bytes_per_cached_token(DType kv_dtype) const {
          double(config_.num_hidden_layers);
 }
 
-KvCache Model::make_kv_cache_blocks(int blocks, std::optional<DType> dtype) {
+KvCache Model::cache_pools(int layers, int blocks, std::optional<DType> dtype) {
   TRELLM_ASSERT(blocks >= 1, "a KV cache needs at least one block");
   KvCache kv;
   kv.blocks = blocks;
   const int64_t rows = int64_t(blocks) * kKvBlockTokens;
-  for (int64_t l = 0; l < config_.num_hidden_layers; l++)
+  for (int l = 0; l < layers; l++)
     kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()), {rows, config_.kv_lora_rank + config_.qk_rope_head_dim}));
   return kv;
 }
 
+KvCache Model::make_kv_cache_blocks(int blocks, std::optional<DType> dtype) {
+  return cache_pools(int(config_.num_hidden_layers), blocks, dtype);
+}
+
 KvCache Model::make_kv_cache(int capacity, std::optional<DType> dtype) {
-  return make_kv_cache_blocks(std::max(1, (capacity + kKvBlockTokens - 1) / kKvBlockTokens), dtype);
+  return make_kv_cache_blocks(kv_blocks_for(capacity), dtype);
 }
 
 void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
   TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.token_capacity());
-  const int blocks = int((pos + n + kKvBlockTokens - 1) / kKvBlockTokens);  // the table entries this step reads
+  const int blocks = kv_blocks_for(pos + n);  // the table entries this step reads
   rs.host_table.resize(size_t(blocks));
   for (int b = 0; b < blocks; b++) rs.host_table[b] = b;
   for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i, rs.host_seq[i] = 0;
@@ -340,15 +340,7 @@ void Model::add_mtp_state(RunState& rs) {
   backend_->from_host(rs.mtp_zero_idx.data, &z, sizeof z);
 }
 
-KvCache Model::make_mtp_kv_cache_blocks(int blocks, std::optional<DType> dtype) {
-  TRELLM_ASSERT(blocks >= 1, "a KV cache needs at least one block");
-  KvCache kv;
-  kv.blocks = blocks;
-  for (size_t k = 0; k < w_.mtp.size(); k++)
-    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()),
-                              {int64_t(blocks) * kKvBlockTokens, config_.kv_lora_rank + config_.qk_rope_head_dim}));
-  return kv;
-}
+KvCache Model::make_mtp_kv_cache_blocks(int blocks, std::optional<DType> dtype) { return cache_pools(int(w_.mtp.size()), blocks, dtype); }
 
 void Model::forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k) {
   const Config& c = config_;

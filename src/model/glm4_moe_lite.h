@@ -263,6 +263,7 @@ class Model {
   void forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k = 0);
 
  private:
+  KvCache cache_pools(int layers, int blocks, std::optional<DType> dtype);  // `layers` pools of `blocks` blocks
   Model() = default;
   TensorView alloc(DType t, std::initializer_list<int64_t> shape);
   Layout upload(RunState& rs, const KvCache& kv, const StepBatch& b);  // checks b, copies it to rs

@@ -76,7 +76,6 @@ namespace {
 int64_t default_context(const Model& m, const EngineOptions& o) {
   return o.context > 0 ? o.context : std::max<int64_t>(1, m.config().max_position_embeddings);
 }
-int blocks_for(int64_t tokens) { return int((tokens + kKvBlockTokens - 1) / kKvBlockTokens); }
 
 // Cache blocks from the options and, on a GPU, from the memory left once the weights and the run state are in.
 int plan_kv_blocks(Model& m, const EngineOptions& o, int64_t context) {
@@ -86,7 +85,7 @@ int plan_kv_blocks(Model& m, const EngineOptions& o, int64_t context) {
   double budget = o.kv_memory_gb * 1e9;
   if (budget <= 0) {
     if (m.backend().host_memory()) {
-      budget = std::min(2e9, double(o.max_seqs) * double(blocks_for(context)) * block_bytes);
+      budget = std::min(2e9, double(o.max_seqs) * double(kv_blocks_for(context)) * block_bytes);
     } else {
       const auto [used, total] = m.backend().memory_used_total();
       budget = 0.9 * double(total > used ? total - used : 0);
@@ -99,8 +98,6 @@ int plan_kv_blocks(Model& m, const EngineOptions& o, int64_t context) {
   return blocks;
 }
 
-}  // namespace
-
 // Decode-only steps run as graphs of 1, 2, 4, ... rows: max_seqs rounded up to a power of two.
 int pow2_at_least(int m) {
   int b = 1;
@@ -108,24 +105,31 @@ int pow2_at_least(int m) {
   return b;
 }
 
+// Options checked before anything is sized from them.
+const EngineOptions& checked(const EngineOptions& o) {
+  if (o.max_seqs < 1) fail("max_seqs ", o.max_seqs, " must be >= 1");
+  if (o.max_step_tokens < 1) fail("the step token budget ", o.max_step_tokens, " must be >= 1");
+  return o;
+}
+
+}  // namespace
+
 Engine::Engine(Model& model, const EngineOptions& options)
     : model_(model),
       backend_(model.backend()),
-      opt_(options),
-      context_(default_context(model, options)),
-      rs_(model.make_run_state(std::max(options.max_step_tokens, pow2_at_least(std::max(1, options.max_seqs))),
-                               pow2_at_least(std::max(1, options.max_seqs)), pow2_at_least(std::max(1, options.max_seqs)),
-                               blocks_for(default_context(model, options)))),
+      opt_(checked(options)),
+      context_(default_context(model, opt_)),
+      // rows: a prompt chunk, or a padded decode bucket; logit rows and tables: one per running sequence
+      rs_(model.make_run_state(std::max(opt_.max_step_tokens, pow2_at_least(opt_.max_seqs)), pow2_at_least(opt_.max_seqs),
+                               pow2_at_least(opt_.max_seqs), kv_blocks_for(context_))),
       // one block more than the block manager hands out: the padding rows of graph steps write there
-      kv_(model.make_kv_cache_blocks(plan_kv_blocks(model, options, default_context(model, options)) + 1, options.kv_dtype)),
-      blocks_(kv_.blocks - 1, kKvBlockTokens, options.prefix_caching),
-      sched_(blocks_, SchedulerConfig{std::max(1, options.max_seqs), std::max(1, options.max_step_tokens),
-                                      std::min<int64_t>(default_context(model, options), int64_t(kv_.blocks - 1) * kKvBlockTokens)}) {
-  if (opt_.max_seqs < 1) fail("max_seqs ", opt_.max_seqs, " must be >= 1");
-  if (opt_.max_step_tokens < 1) fail("the step token budget ", opt_.max_step_tokens, " must be >= 1");
-  context_ = sched_.config().max_context;
+      kv_(model.make_kv_cache_blocks(plan_kv_blocks(model, opt_, context_) + 1, opt_.kv_dtype)),
+      blocks_(kv_.blocks - 1, kKvBlockTokens, opt_.prefix_caching),
+      sched_(blocks_, SchedulerConfig{opt_.max_seqs, opt_.max_step_tokens,
+                                      std::min<int64_t>(context_, int64_t(kv_.blocks - 1) * kKvBlockTokens)}) {
+  context_ = sched_.config().max_context;  // a cache smaller than the context caps it
   max_bucket_ = pow2_at_least(opt_.max_seqs);
-  graph_stride_ = blocks_for(context_);
+  graph_stride_ = kv_blocks_for(context_);
   pad_block_ = kv_.blocks - 1;
   ones_.assign(size_t(max_bucket_), 1);
   const int S = max_bucket_;

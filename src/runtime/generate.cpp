@@ -22,7 +22,7 @@ Generator::Generator(Model& model, int context, int prefill_chunk, std::optional
     : model_(model),
       context_(context),
       rs_(model.make_run_state(std::max(1, std::min(prefill_chunk, context)), 1, 1,
-                               std::max(1, (context + kKvBlockTokens - 1) / kKvBlockTokens))),
+                               kv_blocks_for(context))),
       kv_(model.make_kv_cache(context, kv_dtype)),
       logits_(size_t(model.config().vocab_size)) {
   history_ = TensorView(model.backend().alloc(size_t(context + 1) * 4), DType::I32, {context + 1});

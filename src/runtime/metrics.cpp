@@ -33,6 +33,20 @@ void window_logits(Model& m, RunState& rs, KvCache& kv, const int32_t* tok, int 
   }
 }
 
+// The window and the token ids checked (errors name --ctx or the id); the rows per forward: opt.chunk, or what
+// keeps the logits of a chunk near 64 MB (512 rows at most), never more than the window.
+int checked_chunk(const Model& model, const std::vector<int32_t>& ids, const PerplexityOptions& opt, int min_window) {
+  const Config& c = model.config();
+  const int64_t V = c.vocab_size;
+  if (opt.ctx < min_window) fail("perplexity: the window (--ctx) must hold at least ", min_window, " tokens");
+  if (opt.ctx > c.max_position_embeddings)
+    fail("perplexity: --ctx ", opt.ctx, " exceeds the model's max_position_embeddings = ", c.max_position_embeddings);
+  for (int32_t t : ids)
+    if (t < 0 || t >= V) fail("perplexity: token id ", t, " is outside the vocabulary (0..", V - 1, ")");
+  const int chunk = opt.chunk > 0 ? opt.chunk : int(std::max<int64_t>(1, std::min<int64_t>(512, (int64_t(64) << 20) / V)));
+  return std::min(chunk, opt.ctx);
+}
+
 }  // namespace
 
 double token_nll(const float* logits, int64_t vocab, int32_t target) {
@@ -66,17 +80,11 @@ PerplexityResult evaluate_perplexity(Model& model, Model* ref, const std::vector
                                      const PerplexityOptions& opt) {
   const Config& c = model.config();
   const int64_t V = c.vocab_size;
-  if (opt.ctx < 2) fail("perplexity: the window (--ctx) must hold at least 2 tokens");
-  if (opt.ctx > c.max_position_embeddings)
-    fail("perplexity: --ctx ", opt.ctx, " exceeds the model's max_position_embeddings = ", c.max_position_embeddings);
+  const int chunk = checked_chunk(model, ids, opt, 2);
   if (ref && ref->config().vocab_size != V)
     fail("perplexity: the reference model's vocabulary (", ref->config().vocab_size, ") differs from the model's (", V, ")");
   if (ref && opt.ctx > ref->config().max_position_embeddings)
     fail("perplexity: --ctx ", opt.ctx, " exceeds the reference model's max_position_embeddings");
-  for (int32_t t : ids)
-    if (t < 0 || t >= V) fail("perplexity: token id ", t, " is outside the vocabulary (0..", V - 1, ")");
-  int chunk = opt.chunk > 0 ? opt.chunk : int(std::max<int64_t>(1, std::min<int64_t>(512, (int64_t(64) << 20) / V)));
-  chunk = std::min(chunk, opt.ctx);
 
   Timer timer;
   PerplexityResult r;
@@ -144,13 +152,7 @@ MtpAgreement evaluate_mtp(Model& model, const std::vector<int32_t>& ids, const P
   const int64_t V = c.vocab_size;
   if (model.weights().mtp.empty()) fail("the model has no MTP layer (num_nextn_predict_layers tensors)");
   if (layer < 0 || size_t(layer) >= model.weights().mtp.size()) fail("MTP layer ", layer, " does not exist");
-  if (opt.ctx < 3) fail("MTP agreement: the window (--ctx) must hold at least 3 tokens");
-  if (opt.ctx > c.max_position_embeddings)
-    fail("perplexity: --ctx ", opt.ctx, " exceeds the model's max_position_embeddings = ", c.max_position_embeddings);
-  for (int32_t t : ids)
-    if (t < 0 || t >= V) fail("perplexity: token id ", t, " is outside the vocabulary (0..", V - 1, ")");
-  int chunk = opt.chunk > 0 ? opt.chunk : int(std::max<int64_t>(1, std::min<int64_t>(512, (int64_t(64) << 20) / V)));
-  chunk = std::min(chunk, opt.ctx);
+  const int chunk = checked_chunk(model, ids, opt, 3);
 
   Timer timer;
   MtpAgreement r;

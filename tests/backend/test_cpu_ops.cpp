@@ -35,7 +35,7 @@ struct HostPositions {
   int pool_blocks = 0;
   HostPositions(int pos0, int n, Rng* rng = nullptr) : v(size_t(n)), seq(size_t(n), 0) {
     for (int i = 0; i < n; i++) v[i] = pos0 + i;
-    const int blocks = (pos0 + n + kKvBlockTokens - 1) / kKvBlockTokens;
+    const int blocks = kv_blocks_for(pos0 + n);
     pool_blocks = rng ? 2 * blocks + 1 : blocks;
     std::vector<int32_t> ids(static_cast<size_t>(pool_blocks));
     for (int b = 0; b < pool_blocks; b++) ids[size_t(b)] = b;
@@ -427,7 +427,8 @@ TEST(CpuOps, CacheAppendNormsAndRotates) {
       for (int j = 0; j < rope; j++) EXPECT_EQ(dst[rank + j], k[j]);
     }
     for (int64_t row = 0; row < hp.pool_rows(); row++) {
-      if (!written[size_t(row)]) ASSERT_TRUE(std::isnan(cache[size_t(row) * W])) << "pool row " << row << " written";
+      if (written[size_t(row)]) continue;
+      ASSERT_TRUE(std::isnan(cache[size_t(row) * W])) << "pool row " << row << " written";
     }
   }
 }

@@ -262,7 +262,7 @@ struct OneSeq {
     pos.resize(size_t(n));
     seq.assign(size_t(n), 0);
     for (int i = 0; i < n; i++) pos[size_t(i)] = pos0 + i;
-    table.resize(size_t((pos0 + n + kKvBlockTokens - 1) / kKvBlockTokens));
+    table.resize(size_t(kv_blocks_for(pos0 + n)));
     for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
     StepBatch s;
     s.tokens = {tokens, size_t(n)};

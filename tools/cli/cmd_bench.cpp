@@ -100,7 +100,7 @@ void run_batch_bench(const BenchArgs& a, Model& model, Backend& backend, Reporte
     o.max_seqs = B;
     o.max_step_tokens = a.prefill_chunk;
     o.context = a.batch_depth + a.decode_tokens * (a.repeats + 1) + 8;
-    o.kv_blocks = B * ((int(o.context) + kKvBlockTokens - 1) / kKvBlockTokens) + 1;
+    o.kv_blocks = B * kv_blocks_for(o.context) + 1;
     o.prefix_caching = false;
     Engine e(model, o);
     GenParams p;
@@ -148,7 +148,7 @@ void run_batch_bench(const BenchArgs& a, Model& model, Backend& backend, Reporte
   o.max_seqs = 2;
   o.max_step_tokens = a.prefill_chunk;
   o.context = a.prefix_prompt + 16;
-  o.kv_blocks = 2 * ((int(o.context) + kKvBlockTokens - 1) / kKvBlockTokens) + 1;
+  o.kv_blocks = 2 * kv_blocks_for(o.context) + 1;
   Engine e(model, o);
   GenParams p;
   p.sampling.temperature = 0;

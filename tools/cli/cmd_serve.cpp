@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "common.h"
+#include "generation_args.h"
 #include "core/error.h"
 #include "format/generation_config.h"
 #include "model/glm4_moe_lite.h"
@@ -82,12 +83,7 @@ Loaded load(const ServeArgs& a) {
   L.mc.max_n = std::max(1, std::min(16, a.max_seqs));
   // Sampling defaults and extra stop ids from generation_config.json, as `run` and `chat` use them.
   GenerationConfig gc = dir.empty() ? GenerationConfig{} : GenerationConfig::from_dir(dir);
-  SamplingParams& sp = L.mc.defaults.sampling;
-  sp.temperature = float(gc.temperature.value_or(1.0));
-  if (gc.do_sample.has_value() && !*gc.do_sample) sp.temperature = 0;
-  sp.top_k = int(gc.top_k.value_or(0));
-  sp.top_p = float(gc.top_p.value_or(1.0));
-  sp.min_p = float(gc.min_p.value_or(0.0));
+  L.mc.defaults.sampling = sampling_defaults(gc);
   for (int64_t id : gc.eos_token_id) L.mc.defaults.stop_ids.push_back(int32_t(id));
   for (int64_t id : c.eos_token_id) L.mc.eos_ids.push_back(int32_t(id));
   std::fprintf(stderr, "trellm serve: model %s (%s) on %s; %s\n", L.mc.served_name.c_str(), dir.empty() ? "synthetic" : dir.c_str(),

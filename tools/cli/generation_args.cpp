@@ -20,17 +20,27 @@ void GenerationArgs::add_to(CLI::App* cmd) {
   cmd->add_option("--device", device, "cpu, cuda, cuda:N, or auto (the GPU when there is one)")->capture_default_str();
 }
 
+SamplingParams sampling_defaults(const GenerationConfig& gc) {
+  SamplingParams sp;
+  sp.temperature = float(gc.temperature.value_or(1.0));
+  if (gc.do_sample.has_value() && !*gc.do_sample) sp.temperature = 0;
+  sp.top_k = int(gc.top_k.value_or(0));
+  sp.top_p = float(gc.top_p.value_or(1.0));
+  sp.min_p = float(gc.min_p.value_or(0.0));
+  return sp;
+}
+
 GenerateOptions GenerationArgs::options(const std::string& dir, int default_max_tokens) const {
   GenerationConfig gc = GenerationConfig::from_dir(dir);
   GenerateOptions opt;
   opt.max_tokens = max_tokens >= 0 ? max_tokens : default_max_tokens;
   opt.stop_at_eos = !ignore_eos;
   SamplingParams& sp = opt.sampling;
-  sp.temperature = temperature >= 0 ? temperature : float(gc.temperature.value_or(1.0));
-  if (temperature < 0 && gc.do_sample.has_value() && !*gc.do_sample) sp.temperature = 0;
-  sp.top_k = top_k >= 0 ? top_k : int(gc.top_k.value_or(0));
-  sp.top_p = top_p >= 0 ? top_p : float(gc.top_p.value_or(1.0));
-  sp.min_p = min_p >= 0 ? min_p : float(gc.min_p.value_or(0.0));
+  sp = sampling_defaults(gc);  // then the flags given
+  if (temperature >= 0) sp.temperature = temperature;
+  if (top_k >= 0) sp.top_k = top_k;
+  if (top_p >= 0) sp.top_p = top_p;
+  if (min_p >= 0) sp.min_p = min_p;
   sp.seed = seed;
   opt.extra_stop_ids.assign(gc.eos_token_id.begin(), gc.eos_token_id.end());
   return opt;

@@ -4,9 +4,13 @@
 #include <CLI/CLI.hpp>
 #include <string>
 
+#include "format/generation_config.h"
 #include "runtime/generate.h"
 
 namespace trellm::cli {
+
+// The model's sampling defaults: generation_config.json's, else transformers' (temperature 1, filters off).
+SamplingParams sampling_defaults(const GenerationConfig& gc);
 
 struct GenerationArgs {
   std::string model, device = "auto";

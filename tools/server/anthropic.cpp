@@ -11,15 +11,13 @@ namespace trellm::server {
 
 namespace {
 
-[[noreturn]] void bad(const std::string& param, const std::string& msg) { throw ApiError(400, msg, param); }
-
 std::string blocks_text(const json& content, const std::string& where) {
   if (content.is_string()) return content.get<std::string>();
-  if (!content.is_array()) bad(where, "'" + where + "' must be a string or an array of blocks");
+  if (!content.is_array()) bad_field(where, "'" + where + "' must be a string or an array of blocks");
   std::string s;
   for (const json& b : content) {
     if (!b.is_object() || b.value("type", "") != "text" || !b.contains("text") || !b["text"].is_string())
-      bad(where, "'" + where + "' may only hold text blocks here");
+      bad_field(where, "'" + where + "' may only hold text blocks here");
     s += b["text"].get<std::string>();
   }
   return s;
@@ -30,21 +28,21 @@ json to_chat(const json& body) {
   json out = json::array();
   if (auto it = body.find("system"); it != body.end() && !it->is_null()) out.push_back({{"role", "system"}, {"content", blocks_text(*it, "system")}});
   if (!body.contains("messages") || !body["messages"].is_array() || body["messages"].empty())
-    bad("messages", "'messages' must be a non-empty array");
+    bad_field("messages", "'messages' must be a non-empty array");
   const json& msgs = body["messages"];
   for (size_t i = 0; i < msgs.size(); i++) {
     const json& m = msgs[i];
     const std::string w = "messages[" + std::to_string(i) + "]";
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) bad(w + ".role", "'" + w + ".role' must be user or assistant");
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) bad_field(w + ".role", "'" + w + ".role' must be user or assistant");
     const std::string role = m["role"];
-    if (role != "user" && role != "assistant") bad(w + ".role", "'" + w + ".role' must be user or assistant; got '" + role + "'");
-    if (!m.contains("content")) bad(w + ".content", "'" + w + ".content' is missing");
+    if (role != "user" && role != "assistant") bad_field(w + ".role", "'" + w + ".role' must be user or assistant; got '" + role + "'");
+    if (!m.contains("content")) bad_field(w + ".content", "'" + w + ".content' is missing");
     const json& c = m["content"];
     if (c.is_string()) {
       out.push_back({{"role", role}, {"content", c}});
       continue;
     }
-    if (!c.is_array()) bad(w + ".content", "'" + w + ".content' must be a string or an array of blocks");
+    if (!c.is_array()) bad_field(w + ".content", "'" + w + ".content' must be a string or an array of blocks");
     std::string text, thinking;
     json calls = json::array();
     for (size_t k = 0; k < c.size(); k++) {
@@ -57,7 +55,7 @@ json to_chat(const json& body) {
         thinking += b.value("thinking", "");
       } else if (type == "redacted_thinking" && role == "assistant") {
       } else if (type == "tool_use" && role == "assistant") {
-        if (!b.contains("name") || !b["name"].is_string()) bad(wb + ".name", "'" + wb + ".name' must be a string");
+        if (!b.contains("name") || !b["name"].is_string()) bad_field(wb + ".name", "'" + wb + ".name' must be a string");
         calls.push_back({{"id", b.value("id", "")}, {"type", "function"},
                          {"function", {{"name", b["name"]}, {"arguments", b.value("input", json::object())}}}});
       } else if (type == "tool_result" && role == "user") {
@@ -65,7 +63,7 @@ json to_chat(const json& body) {
         const json rc = b.value("content", json(""));
         out.push_back({{"role", "tool"}, {"tool_call_id", b.value("tool_use_id", "")}, {"content", blocks_text(rc, wb + ".content")}});
       } else {
-        bad(wb + ".type", "block type '" + type + "' is not supported in a " + role + " message");
+        bad_field(wb + ".type", "block type '" + type + "' is not supported in a " + role + " message");
       }
     }
     if (role == "assistant") {
@@ -86,18 +84,18 @@ GenRequest parse_messages(const json& body, const ModelContext& m) {
                  {"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream",
                   "tools", "tool_choice", "thinking", "metadata"},
                  "messages");
-  if (!body.contains("max_tokens")) bad("max_tokens", "'max_tokens' is required");
+  if (!body.contains("max_tokens")) bad_field("max_tokens", "'max_tokens' is required");
   // The OpenAI form of this request, validated by the same code.
   json chat = {{"messages", to_chat(body)}};
   for (const char* k : {"model", "temperature", "top_p", "top_k", "stream", "max_tokens"})
     if (body.contains(k)) chat[k] = body[k];
   if (body.contains("stop_sequences")) chat["stop"] = body["stop_sequences"];
   if (auto it = body.find("tools"); it != body.end() && !it->is_null()) {
-    if (!it->is_array()) bad("tools", "'tools' must be an array");
+    if (!it->is_array()) bad_field("tools", "'tools' must be an array");
     json tools = json::array();
     for (size_t i = 0; i < it->size(); i++) {
       const json& t = (*it)[i];
-      if (!t.is_object() || !t.contains("name") || !t["name"].is_string()) bad("tools[" + std::to_string(i) + "]", "a tool needs a 'name'");
+      if (!t.is_object() || !t.contains("name") || !t["name"].is_string()) bad_field("tools[" + std::to_string(i) + "]", "a tool needs a 'name'");
       tools.push_back({{"type", "function"},
                        {"function", {{"name", t["name"]}, {"description", t.value("description", "")},
                                      {"parameters", t.value("input_schema", json::object())}}}});
@@ -110,12 +108,12 @@ GenRequest parse_messages(const json& body, const ModelContext& m) {
     else if (type == "any") chat["tool_choice"] = "required";
     else if (type == "none") chat["tool_choice"] = "none";
     else if (type == "tool" && it->contains("name")) chat["tool_choice"] = {{"type", "function"}, {"function", {{"name", (*it)["name"]}}}};
-    else bad("tool_choice", "'tool_choice' must be {\"type\": auto | any | none | tool (with name)}");
+    else bad_field("tool_choice", "'tool_choice' must be {\"type\": auto | any | none | tool (with name)}");
   }
   // Anthropic's default is no extended thinking; {"type": "enabled"} turns GLM's reasoning on.
   bool think = false;
   if (auto it = body.find("thinking"); it != body.end() && !it->is_null()) {
-    if (!it->is_object() || !it->contains("type")) bad("thinking", "'thinking' must be {\"type\": \"enabled\" | \"disabled\"}");
+    if (!it->is_object() || !it->contains("type")) bad_field("thinking", "'thinking' must be {\"type\": \"enabled\" | \"disabled\"}");
     think = (*it)["type"] == "enabled";
   }
   chat["chat_template_kwargs"] = {{"enable_thinking", think}};

@@ -1,21 +1,10 @@
 #include "choice.h"
 
 #include <algorithm>
-#include <random>
 
 #include "runtime/sampler.h"
 
 namespace trellm::server {
-
-namespace {
-std::string call_id() {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  static const char* digits = "abcdefghijklmnopqrstuvwxyz0123456789";
-  std::string s = "call_";
-  for (int i = 0; i < 24; i++) s += digits[rng() % 36];
-  return s;
-}
-}  // namespace
 
 Choice::Choice(const GenRequest& req, const Tokenizer& tok, std::shared_ptr<Request> r, int index)
     // Chat keeps special tokens in the text: GLM's <think>, </think>, <tool_call>, <arg_key>, ... are special
@@ -43,7 +32,7 @@ void Choice::text_in(const std::string& text, ChoiceDelta& d, bool last) {
   for (GlmEvent& e : evs) {
     if (e.type == GlmEvent::Reasoning) d.reasoning += e.text;
     else if (e.type == GlmEvent::Content) d.content += e.text;
-    else if (gen_.tools) d.tool_calls.push_back({call_id(), e.name, e.arguments.dump()}), saw_tool_call_ = true;
+    else if (gen_.tools) d.tool_calls.push_back({random_id("call_"), e.name, e.arguments.dump()}), saw_tool_call_ = true;
     else d.content += "<tool_call>" + e.name + e.arguments.dump() + "</tool_call>";  // tools not offered: plain text
   }
 }

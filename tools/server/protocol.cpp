@@ -1,6 +1,7 @@
 #include "protocol.h"
 
 #include <algorithm>
+#include <random>
 
 #include "core/error.h"
 
@@ -24,8 +25,18 @@ const char* type_name(const json& v) {
     default: return "a number";
   }
 }
-[[noreturn]] void bad(const std::string& param, const std::string& msg) { throw ApiError(400, msg, param); }
+[[noreturn]] void bad(const std::string& param, const std::string& msg) { bad_field(param, msg); }
 }  // namespace
+
+void bad_field(const std::string& param, const std::string& message) { throw ApiError(400, message, param); }
+
+std::string random_id(const char* prefix) {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  static const char* digits = "abcdefghijklmnopqrstuvwxyz0123456789";
+  std::string s = prefix;
+  for (int i = 0; i < 24; i++) s += digits[rng() % 36];
+  return s;
+}
 
 bool opt_bool(const json& body, const char* key, bool def) {
   auto it = body.find(key);
@@ -113,9 +124,10 @@ void sampling(const json& body, const ModelContext& m, GenRequest& r) {
   const int64_t k = opt_int(body, "top_k", s.top_k, -1, 1 << 30);
   s.top_k = k < 0 ? 0 : int(k);  // -1: off (vLLM's convention)
   s.min_p = float(opt_number(body, "min_p", s.min_p, 0.0, 1.0));
-  const int64_t seed = opt_int(body, "seed", -1, INT64_MIN / 2, INT64_MAX / 2);
-  // A client's seed, whatever its value (0 included), gives the same draws every time; none: from the clock.
-  s.seed = seed == -1 && !body.contains("seed") ? 0 : uint64_t(seed) * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
+  // A client's seed, whatever its value (0 included), gives the same draws every time; none: 0, from the clock.
+  s.seed = 0;
+  if (body.contains("seed") && !body["seed"].is_null())
+    s.seed = uint64_t(opt_int(body, "seed", 0, INT64_MIN / 2, INT64_MAX / 2)) * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
   r.params.ignore_eos = opt_bool(body, "ignore_eos", false);
   // ignore_eos ignores generation_config's extra EOS ids too (as vLLM does): the output runs to max_tokens.
   if (!r.params.ignore_eos) r.params.stop_ids = m.defaults.stop_ids;

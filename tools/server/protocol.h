@@ -65,6 +65,11 @@ std::vector<int32_t> chat_prompt_tokens(const json& messages, const json& tools,
 // Fills the generation settings shared by every endpoint (max_tokens given or the room left in the context).
 void finish_params(GenRequest& r, const ModelContext& m, const json* max_tokens_field, const char* max_tokens_name);
 
+// A 400 naming the request field `param`.
+[[noreturn]] void bad_field(const std::string& param, const std::string& message);
+// A random id for responses and tool calls: prefix + 24 base-36 characters.
+std::string random_id(const char* prefix);
+
 // Typed field access with errors naming the field.
 bool opt_bool(const json& body, const char* key, bool def);
 double opt_number(const json& body, const char* key, double def, double lo, double hi);

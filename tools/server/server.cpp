@@ -9,7 +9,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <random>
 #include <thread>
 
 #include "core/error.h"
@@ -18,14 +17,6 @@ namespace trellm::server {
 
 InFlight::InFlight(Server& srv) : s(srv) { s.in_flight_++; }
 InFlight::~InFlight() { s.in_flight_--; }
-
-std::string random_id(const char* prefix) {
-  static thread_local std::mt19937_64 rng{std::random_device{}()};
-  static const char* digits = "abcdefghijklmnopqrstuvwxyz0123456789";
-  std::string s = prefix;
-  for (int i = 0; i < 24; i++) s += digits[rng() % 36];
-  return s;
-}
 
 json parse_body(const httplib::Request& req) {
   json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);

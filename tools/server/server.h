@@ -80,7 +80,6 @@ void send_error(httplib::Response& res, const ApiError& e);
 // Runs `fn`, turning ApiError / trellm::Error / other exceptions into error responses (`anthropic` style or not).
 // Checks the API key first.
 void guarded(Server& s, const httplib::Request& req, httplib::Response& res, bool anthropic, const std::function<void()>& fn);
-std::string random_id(const char* prefix);
 
 // Non-streaming bodies (also `trellm batch`).
 // Runs a generation to its end on the calling thread, returning each choice's deltas merged into one. With a

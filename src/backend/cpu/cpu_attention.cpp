@@ -39,7 +39,7 @@ void check_cache_rows(const Positions& pos, int64_t n, int64_t pool_rows) {
     TRELLM_ASSERT(p[i] >= 0 && p[i] < pos.bound && sq[i] >= 0 && sq[i] < pos.tables.rows() &&
                       p[i] / kKvBlockTokens < pos.max_blocks(),
                   "row ", i, ": position ", p[i], " of table ", sq[i], " outside the step's tables");
-    const int64_t row = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(sq[i]) * pos.max_blocks(), p[i]);
+    const int64_t row = pos.pool_row(i);
     TRELLM_ASSERT(row >= 0 && row < pool_rows, "row ", i, ": pool row ", row, " outside the cache of ", pool_rows);
   }
 }
@@ -132,8 +132,7 @@ void CpuBackend::observe_latents(const Linear& kv_b, TensorView cache, const Pos
   const int64_t n = pos.pos.numel(), W = cache.cols();
   std::vector<float> lat(size_t(n * rank));
   for (int64_t i = 0; i < n; i++) {
-    const int64_t row = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(pos.seq.ptr<int32_t>()[i]) * pos.max_blocks(),
-                                    pos.pos.ptr<int32_t>()[i]);
+    const int64_t row = pos.pool_row(i);
     to_f32(lat.data() + i * rank, static_cast<const char*>(cache.data) + row * W * dtype_size(cache.dtype), cache.dtype, rank);
   }
   observer_(kv_b, TensorView(lat.data(), DType::F32, {n, int64_t(rank)}));

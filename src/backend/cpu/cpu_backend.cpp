@@ -262,7 +262,7 @@ void CpuBackend::mla_cache_append(TensorView cache, TensorView kv, TensorView no
   const int32_t* p = pos.pos.ptr<int32_t>();
   std::vector<float> row(static_cast<size_t>(width));
   for (int64_t i = 0; i < n; i++) {
-    const int64_t slot = kv_pool_row(pos.tables.ptr<int32_t>() + int64_t(pos.seq.ptr<int32_t>()[i]) * pos.max_blocks(), p[i]);
+    const int64_t slot = pos.pool_row(i);
     const float* src = kv.ptr<float>() + i * width;
     TensorView s(const_cast<float*>(src), DType::F32, {1, rank}), d(row.data(), DType::F32, {1, rank});
     rms_norm(d, s, norm_w, eps);

@@ -182,7 +182,6 @@ void CudaBackend::rope(TensorView x, int offset, const Positions& pos, const Rop
 }
 
 namespace {
-static_assert(cuda::kPageTokens == kKvBlockTokens, "kv_pages.h and backend.h must agree on the cache block size");
 
 // The paged-cache view of a step's n rows (backend.h Positions), checked once per op: a bf16 pool of whole blocks
 // and block tables that cover the bound.

@@ -67,7 +67,7 @@ __global__ void scores_kernel(float* scores, const float* q_lat, const float* q,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.y * (blockDim.x >> 5) + warp;
   if (t >= T || t > m.pos[i]) return;
-  const __nv_bfloat16* c = cache + pool_row(m.pages.table(i), t) * width;
+  const __nv_bfloat16* c = cache + kv_pool_row(m.pages.table(i), t) * width;
   float s = 0;
   for (int k = lane; k < width; k += 32) s += ql[k] * __bfloat162float(c[k]);
   s = warp_sum(s);
@@ -89,7 +89,7 @@ __global__ void softmax_olat_kernel(float* o_lat, float* scores, const __nv_bflo
   const float inv = 1.0f / sum;
   for (int k = threadIdx.x; k < m.rank; k += blockDim.x) {
     float a = 0;
-    for (int t = 0; t <= last; t++) a += sc[t] * __bfloat162float(cache[pool_row(table, t) * width + k]);
+    for (int t = 0; t <= last; t++) a += sc[t] * __bfloat162float(cache[kv_pool_row(table, t) * width + k]);
     o_lat[int64_t(ih) * m.rank + k] = a * inv;
   }
 }
@@ -137,7 +137,7 @@ __global__ void expanded_tile_kernel(const float* q, const __nv_bfloat16* cache,
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
   for (int t = warp; t < last; t += nw) {
     const float* kh = kvx + (int64_t(t) * m.heads + h) * per;
-    const __nv_bfloat16* kr = cache + pool_row(m.pages.table(i), t0 + t) * width + m.rank;
+    const __nv_bfloat16* kr = cache + kv_pool_row(m.pages.table(i), t0 + t) * width + m.rank;
     float s = 0;
     for (int d = lane; d < m.nope; d += 32) s += qs[d] * kh[d];
     for (int d = lane; d < m.rope; d += 32) s += qs[m.nope + d] * __bfloat162float(kr[d]);
@@ -184,7 +184,7 @@ __global__ void gather_latent_kernel(float* dst, const __nv_bfloat16* cache, int
                                      const int32_t* last) {
   const int t = t0 + int(blockIdx.x);
   const bool inside = t <= *last;  // the table holds no block for positions past the sequence's last
-  const __nv_bfloat16* src = inside ? cache + pool_row(pages.table(0), t) * width : nullptr;
+  const __nv_bfloat16* src = inside ? cache + kv_pool_row(pages.table(0), t) * width : nullptr;
   for (int k = threadIdx.x; k < rank; k += blockDim.x)
     dst[int64_t(blockIdx.x) * rank + k] = inside ? __bfloat162float(src[k]) : 0.0f;
 }

@@ -1,17 +1,14 @@
-// The paged latent cache as the CUDA kernels see it (backend.h: kKvBlockTokens, kv_pool_row): a pool of 64-row
+// The paged latent cache as the CUDA kernels see it (backend/kv_block.h: kKvBlockTokens, kv_pool_row): a pool of 64-row
 // blocks, one block table per sequence, one sequence per query row. Every kernel that reads or writes cache rows
 // resolves them here, on the device, so a captured graph follows the tables and positions written between
 // replays. Framework-free (raw device pointers); shared by the elementwise, v1 and tensor-core MLA kernels.
 #pragma once
 #include <cstdint>
 
+#include "backend/kv_block.h"
 #include "core/hd.h"
 
 namespace trellm::cuda {
-
-// Tokens per cache block = the tensor-core attention's key tile (mla.h kKeysPerTile): one tile is one block, so
-// a tile needs one block-table read and its 64 rows are 72 KB of contiguous memory.
-constexpr int kPageTokens = 64;
 
 struct KvPages {
   const int32_t* tables = nullptr;  // device I32 [n_tables, max_blocks]: pool block ids per sequence
@@ -23,10 +20,5 @@ struct KvPages {
   // The same pages seen from query row `row0` on (the sub-view of a run: a pointer offset).
   TRELLM_HD KvPages from(int row0) const { return KvPages{tables, seq + row0, max_blocks}; }
 };
-
-// Pool row of position p in the sequence whose block table is `table` (= backend.h kv_pool_row).
-TRELLM_HD int64_t pool_row(const int32_t* table, int p) {
-  return int64_t(table[p / kPageTokens]) * kPageTokens + p % kPageTokens;
-}
 
 }  // namespace trellm::cuda

@@ -38,7 +38,7 @@ constexpr int kMaxNope = 256;         // q_lat kernel keeps <= 8 W_UK rows per t
 constexpr int kXDim = 256;            // expanded prefill: q/k head dim (nope + rope) and v head dim it takes
 constexpr int kXMaxKeys = 16384;      // expanded prefill: most keys expanded at once (bf16 [keys, heads, nope + v]:
                                       // 294 MB at GLM's 20 heads); longer contexts run absorbed
-static_assert(kKeysPerTile == kPageTokens, "one key tile must be one cache block");
+static_assert(kKeysPerTile == kKvBlockTokens, "one key tile must be one cache block");
 
 // How (query, head) rows are grouped into attention CTAs.
 enum class Grouping {

@@ -41,7 +41,7 @@ __global__ void gather_sequence_kernel(uint4* dst, const uint4* cache, KvPages p
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < int64_t(bound) * kChunks;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int t = int(idx / kChunks), c = int(idx % kChunks);
-    dst[idx] = t <= lastp ? cache[pool_row(table, t) * kChunks + c] : make_uint4(0, 0, 0, 0);
+    dst[idx] = t <= lastp ? cache[kv_pool_row(table, t) * kChunks + c] : make_uint4(0, 0, 0, 0);
   }
 }
 

@@ -55,7 +55,7 @@ __device__ inline void append_cache_row(__nv_bfloat16* cache, const float* kv, c
   __shared__ float kr[256];
   const int width = rank + rope_dim, p = pos[row];
   const float* src = kv + int64_t(row) * width;
-  __nv_bfloat16* dst = cache + pool_row(pages.table(row), p) * width;
+  __nv_bfloat16* dst = cache + kv_pool_row(pages.table(row), p) * width;
   float ss = 0;
   for (int j = threadIdx.x; j < rank; j += blockDim.x) ss += src[j] * src[j];
   ss = block_sum(ss);

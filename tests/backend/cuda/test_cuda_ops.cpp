@@ -62,7 +62,7 @@ class CudaOps : public ::testing::Test {
     Pos p;
     for (int i = 0; i < n; i++) p.v.push_back(pos0 + i);
     p.seq.assign(size_t(n), 0);
-    const int blocks = (pos0 + n + kKvBlockTokens - 1) / kKvBlockTokens + 1;
+    const int blocks = kv_blocks_for(pos0 + n) + 1;
     p.cap = blocks * kKvBlockTokens;
     p.table.resize(size_t(blocks));
     for (int b = 0; b < blocks; b++) p.table[size_t(b)] = b;
