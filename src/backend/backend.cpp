@@ -44,10 +44,31 @@ bool cuda_available() {
 #endif
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device) {
+const char* mla_prefill_name(CudaOptions::MlaPrefill m) {
+  switch (m) {
+    case CudaOptions::MlaPrefill::Auto: return "auto";
+    case CudaOptions::MlaPrefill::Absorbed: return "absorbed";
+    case CudaOptions::MlaPrefill::Expanded: return "expanded";
+  }
+  TRELLM_ASSERT(false, "MlaPrefill ", int(m));
+  return "";
+}
+
+CudaOptions::MlaPrefill parse_mla_prefill(const std::string& s, const std::string& where) {
+  for (auto m : {CudaOptions::MlaPrefill::Auto, CudaOptions::MlaPrefill::Absorbed, CudaOptions::MlaPrefill::Expanded})
+    if (s == mla_prefill_name(m)) return m;
+  fail(where, " ", s, ": expected auto, absorbed or expanded");
+}
+
+std::string CudaOptions::describe() const {
+  return mla_prefill == MlaPrefill::Auto ? "" : str_cat("mla prefill ", mla_prefill_name(mla_prefill));
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& options) {
 #ifdef TRELLM_HAVE_CUDA
-  return std::make_unique<CudaBackend>(device);
+  return std::make_unique<CudaBackend>(device, options);
 #else
+  (void)options;
   fail("this trellm was built without CUDA (configure with nvcc on the PATH, or -DTRELLM_CUDA=ON)");
 #endif
 }

@@ -72,6 +72,45 @@ struct SamplingParams {
   uint64_t seed = 0;         // 0 = from the clock (resolved by the caller before it reaches a backend)
 };
 
+// Speculative decoding (runtime/speculative.h): the draft tokens are drawn by sample_rows from the draft model's
+// logits with the request's parameters and the seed xor kSpecDraftSalt; verification draws its acceptance
+// uniform u(seed, step, kSpecAcceptIndex) (an index no vocabulary reaches) and its residual resample from the
+// stream seed xor kSpecResidualSalt, so the three are independent of each other and of plain sampling's noise.
+constexpr uint64_t kSpecDraftSalt = 0xD6E8FEB86659FD93ull;
+constexpr uint64_t kSpecResidualSalt = 0xA0761D6478BD642Full;
+constexpr uint64_t kSpecAcceptIndex = uint64_t(1) << 40;
+
+// One speculative verification of m sequences with K >= 0 drafts each (Backend::spec_verify).
+struct SpecVerify {
+  int K = 0;
+  TensorView target;     // [m * (K+1), V] f32: the main model's logits of each sequence's verified rows, in order
+  TensorView draft;      // [rows, V] f32: draft j of sequence i was drawn from row j * draft_stride + src[i] (K = 0: unused)
+  int draft_stride = 0;
+  TensorView src;        // I32 [m] (K = 0: unused)
+  TensorView tokens;     // I32 [m * (K+1)]: the verified rows' tokens; row i * (K+1) + 1 + j is draft j of sequence i
+  TensorView params;     // m SamplingParams (U8 [m * sizeof(SamplingParams)])
+  TensorView steps;      // I32 [m]: the noise counter of each sequence's first emitted token
+  TensorView out;        // I32 [m * (K+2)]: a_i (drafts accepted), then the a_i + 1 emitted tokens, then the last
+                         // emitted token repeated to K+1 tokens
+};
+
+// The inputs of MTP draft step j after a uniform verification (Backend::spec_prepare). Step 0 runs the MTP layer
+// on every verified row (m * (K+1) rows; rows past a_i write cache rows a later step overwrites before any reads
+// them); step j >= 1 on one row per sequence, the chained draft.
+struct SpecPrepare {
+  int K = 0, j = 0;
+  TensorView result;     // I32 [m * (K+2)]: spec_verify's out
+  TensorView steps;      // I32 [m]: spec_verify's steps
+  TensorView base;       // I32 [m]: step 0 writes pos[i * (K+1)] + a_i (the position of the last accepted row), j >= 1 read it
+  TensorView drafts;     // I32 [m]: j >= 1: the draft step j - 1 sampled (step j's tokens)
+  // written:
+  TensorView tokens;     // I32: step 0: [m * (K+1)] row i*(K+1)+r = result[i*(K+2)+1+r];  j >= 1: [m] = drafts
+  TensorView pos;        // I32: step 0: read (the verified rows' positions);  j >= 1: [m] = base + j
+  TensorView seq;        // I32 [m]: j >= 1: = i
+  TensorView logit_idx;  // I32 [m]: step 0: i*(K+1) + a_i (the row whose logits give draft 0)
+  TensorView steps_out;  // I32 [m]: steps[i] + a_i + 1 + j (the noise counter of the token the step drafts)
+};
+
 // The paged latent KV cache: kKvBlockTokens, kv_pool_row and kv_blocks_for in kv_block.h (shared with the kernels).
 
 // Where the rows of a step sit: each row's position in its sequence and that sequence's block table. The device
@@ -219,6 +258,16 @@ class Backend {
   // logits: [n, vocab] f32;  params: n SamplingParams in the backend's memory (U8 [n * sizeof(SamplingParams)]);
   // steps, tokens: I32 [n].
   virtual void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) = 0;
+  // Speculative verification (Leviathan et al. 2023, Chen et al. 2023) of each sequence's drafts, in order: greedy
+  // (temperature 0) accepts draft j while it is the argmax of target row j; otherwise with p = target row j's and
+  // q = draft row j's distribution after the filters (the distribution sample_rows draws from), draft d is
+  // accepted when u * q(d) < p(d) (probability min(1, p(d) / q(d))); the first rejection emits a draw from
+  // max(0, p - q) normalised (p itself where that is zero everywhere), and a sequence whose K drafts all pass
+  // emits a draw from target row K as sample_rows would (step + K). The tokens emitted follow the main model's
+  // distribution exactly, whatever the drafts; greedy emits exactly the tokens plain greedy decoding would.
+  virtual void spec_verify(const SpecVerify& v) = 0;
+  // SpecPrepare's writes (a handful of integers per sequence, so a captured step drafts without the host).
+  virtual void spec_prepare(const SpecPrepare& p) = 0;
   // out[i, :] = x[idx[i], :] (the rows whose logits a step wants).  x: [n, d];  out: [m, d];  idx: I32 [m]
   virtual void gather_rows(TensorView out, TensorView x, TensorView idx) = 0;
 
@@ -229,7 +278,22 @@ class Backend {
 std::unique_ptr<Backend> make_cpu_backend();
 // True when this build has CUDA and a usable GPU is present.
 bool cuda_available();
+// Tunables of the CUDA backend, set from the command line (never from the environment). Its name() shows the ones
+// not at their default, so start-up banners and benchmark records say what ran.
+struct CudaOptions {
+  // MLA prefill (17+ query rows) has two forms that compute the same function: absorbed (attention in the latent)
+  // and expanded (keys and values expanded per head first). Auto takes whichever needs fewer tensor-core MACs for
+  // the call (mla::make_plan); Absorbed / Expanded force one wherever it applies (A/B measurements).
+  enum class MlaPrefill { Auto, Absorbed, Expanded };
+  MlaPrefill mla_prefill = MlaPrefill::Auto;
+
+  std::string describe() const;  // the options not at their default, e.g. "mla prefill absorbed"; "" if none
+};
+const char* mla_prefill_name(CudaOptions::MlaPrefill m);  // "auto", "absorbed", "expanded"
+// "auto" | "absorbed" | "expanded"; anything else is an Error naming `where` (e.g. the CLI flag).
+CudaOptions::MlaPrefill parse_mla_prefill(const std::string& s, const std::string& where);
+
 // The CUDA backend on GPU `device`; an Error when the build has no CUDA or no such GPU exists.
-std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+std::unique_ptr<Backend> make_cuda_backend(int device = 0, const CudaOptions& options = {});
 
 }  // namespace trellm

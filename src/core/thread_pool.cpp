@@ -1,7 +1,9 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <exception>
 #include <memory>
+#include <utility>
 
 namespace trellm {
 
@@ -34,7 +36,13 @@ void ThreadPool::run_chunks() {
       begin = next_;
       next_ += chunk_;
     }
-    (*fn_)(begin, std::min(n_, begin + chunk_));
+    try {
+      (*fn_)(begin, std::min(n_, begin + chunk_));
+    } catch (...) {  // the first error is rethrown by parallel_for on its caller; the remaining chunks are skipped
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+      next_ = n_;
+    }
   }
   t_inside_pool = false;
 }
@@ -85,6 +93,7 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain, const std::function<void
   cv_done_.wait(lk, [&] { return active_ == 0; });
   fn_ = nullptr;
   busy_ = false;
+  if (std::exception_ptr e = std::exchange(error_, nullptr)) std::rethrow_exception(e);
 }
 
 ThreadPool& ThreadPool::global() {

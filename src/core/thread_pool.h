@@ -3,6 +3,7 @@
 #pragma once
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -20,7 +21,8 @@ class ThreadPool {
   int size() const { return int(workers_.size()) + 1; }
 
   // Calls fn(begin, end) over [0, n) split into chunks of at least `grain` items; the calling thread
-  // takes part. Returns when every chunk is done. Nested calls run serially on the caller.
+  // takes part. Returns when every chunk is done. Nested calls run serially on the caller. An exception thrown by
+  // fn on any thread is rethrown here, on the caller, once the chunks in flight are done (the rest are skipped).
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
   static ThreadPool& global();
@@ -34,6 +36,7 @@ class ThreadPool {
   std::mutex mu_;
   std::condition_variable cv_work_, cv_done_;
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
+  std::exception_ptr error_;  // the first exception a chunk threw (parallel_for rethrows it)
   int64_t n_ = 0, chunk_ = 0;
   int64_t next_ = 0;          // next chunk start (guarded by mu_)
   int active_ = 0;            // workers still inside the current job

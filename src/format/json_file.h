@@ -4,12 +4,21 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace trellm {
 
 using json = nlohmann::json;
 
+// Deepest nesting of arrays and objects accepted in JSON input (model files, request bodies). nlohmann::json prints,
+// copies and compares values recursively, so a hostile 200 KB "[[[[..." overflowed the stack in an error message
+// (found while fuzzing, issue 17); real configs and requests nest fewer than 20 levels.
+constexpr int kMaxJsonDepth = 256;
+// An Error naming `source` when `text` nests deeper than kMaxJsonDepth (a scan that skips strings; no parse).
+void check_json_depth(std::string_view text, const std::string& source);
+
+// Parses a JSON file; malformed JSON, a number out of range or too deep a nesting is an Error naming the file.
 json read_json_file(const std::string& path);
 
 // Typed access to one object's fields. Every error names the file and the field and says what was expected.

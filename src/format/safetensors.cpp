@@ -10,8 +10,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <iterator>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <unordered_set>
 
 #include "core/error.h"
 
@@ -19,6 +22,37 @@ namespace trellm {
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
+
+namespace {
+
+// One JSON object (or array) being parsed: its key in the parent ("" at the top) and the keys seen so far.
+struct JsonObjectScope {
+  std::string name;
+  std::unordered_set<std::string> keys;
+};
+
+// nlohmann::json keeps one of two equal keys silently, so a header or index naming a tensor twice would load
+// whichever it kept. Parses [begin, end) and calls on_duplicate(open objects and arrays, key) for the first
+// repeated key of any object (it must throw).
+json parse_unique_keys(const char* begin, const char* end,
+                       const std::function<void(const std::vector<JsonObjectScope>&, const std::string&)>& on_duplicate) {
+  std::vector<JsonObjectScope> open;
+  std::string last_key;
+  json::parser_callback_t cb = [&](int, json::parse_event_t event, json& parsed) {
+    if (event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) {
+      open.push_back({last_key, {}});
+    } else if (event == json::parse_event_t::object_end || event == json::parse_event_t::array_end) {
+      open.pop_back();
+    } else if (event == json::parse_event_t::key) {
+      last_key = parsed.get<std::string>();
+      if (!open.back().keys.insert(last_key).second) on_duplicate(open, last_key);
+    }
+    return true;
+  };
+  return json::parse(begin, end, cb);
+}
+
+}  // namespace
 
 int64_t TensorInfo::numel() const {
   int64_t n = 1;
@@ -80,9 +114,15 @@ void SafetensorsFile::parse_header() {
   const char* hdr = reinterpret_cast<const char*>(bytes + 8);
   json j;
   try {
-    j = json::parse(hdr, hdr + n);
+    j = parse_unique_keys(hdr, hdr + n, [&](const std::vector<JsonObjectScope>& open, const std::string& key) {
+      if (open.size() == 1) fail(path_, ": the safetensors header names tensor \"", key, "\" twice (ambiguous)");
+      if (open[1].name == "__metadata__") fail(path_, ": __metadata__ names \"", key, "\" twice (ambiguous)");
+      fail(path_, ": tensor \"", open[1].name, "\": key \"", key, "\" appears twice (ambiguous)");
+    });
   } catch (const json::parse_error& e) {
     fail(path_, ": invalid safetensors header JSON at byte ", e.byte, ": ", e.what());
+  } catch (const json::exception& e) {  // out_of_range.406: a number too large for a double (e.g. 1e999)
+    fail(path_, ": invalid safetensors header JSON: ", e.what());
   }
   if (!j.is_object()) fail(path_, ": safetensors header is not a JSON object");
   const uint64_t data_size = size_ - 8 - n;
@@ -161,12 +201,22 @@ TensorStore TensorStore::open(const std::string& path) {
     fs::path dir(path);
     fs::path index = dir / "model.safetensors.index.json";
     if (fs::exists(index)) {
-      std::ifstream in(index);
+      std::ifstream in(index, std::ios::binary);
+      if (!in) fail(index.string(), ": cannot open");
+      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
       json j;
       try {
-        j = json::parse(in);
+        j = parse_unique_keys(text.data(), text.data() + text.size(),
+                              [&](const std::vector<JsonObjectScope>& open, const std::string& key) {
+          if (open.size() == 2 && open[1].name == "weight_map")
+            fail(index.string(), ": weight_map names tensor \"", key, "\" twice (ambiguous)");
+          fail(index.string(), ": key \"", key, "\" appears twice in ",
+               open.size() == 1 ? std::string("the top-level object") : "\"" + open.back().name + "\"");
+        });
       } catch (const json::parse_error& e) {
         fail(index.string(), ": invalid JSON at byte ", e.byte, ": ", e.what());
+      } catch (const json::exception& e) {  // out_of_range.406: a number too large for a double
+        fail(index.string(), ": invalid JSON: ", e.what());
       }
       if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
         fail(index.string(), ": missing \"weight_map\" object");

@@ -261,6 +261,8 @@ TokenizerJson parse_tokenizer_json(const std::string& text, const std::string& s
     std::string msg = e.what();
     auto p = msg.find("parse error");
     fail(source, ":", line_col(text, off), ": malformed JSON: ", p == std::string::npos ? msg : msg.substr(p));
+  } catch (const json::exception& e) {  // out_of_range.406: a number too large for a double
+    fail(source, ": malformed JSON: ", e.what());
   }
   Ctx c{source};
   if (!j.is_object()) c.error("(top level)", "expected a JSON object");

@@ -343,13 +343,25 @@ void Model::add_mtp_state(RunState& rs) {
 KvCache Model::make_mtp_kv_cache_blocks(int blocks, std::optional<DType> dtype) { return cache_pools(int(w_.mtp.size()), blocks, dtype); }
 
 void Model::forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k) {
+  TRELLM_ASSERT(k >= 0 && size_t(k) < w_.mtp.size(), "MTP layer ", k, " of ", w_.mtp.size());
+  const Layout lay = upload(rs, mtp_kv, b);
+  std::vector<int> first;  // rows at position 0
+  for (int i = 0; i < lay.n; i++)
+    if (b.pos[size_t(i)] == 0) first.push_back(i);
+  mtp_layer(rs, mtp_kv, lay, hidden, k, first);
+}
+
+void Model::forward_mtp_uploaded(RunState& rs, KvCache& mtp_kv, const Layout& lay, TensorView hidden, int k) {
+  mtp_layer(rs, mtp_kv, lay, hidden, k, {});
+}
+
+void Model::mtp_layer(RunState& rs, KvCache& mtp_kv, const Layout& lay, TensorView hidden, int k, std::span<const int> first) {
   const Config& c = config_;
   Backend& B = *backend_;
   TRELLM_ASSERT(k >= 0 && size_t(k) < w_.mtp.size(), "MTP layer ", k, " of ", w_.mtp.size());
   TRELLM_ASSERT(size_t(k) < mtp_kv.layers.size(), "the MTP cache has ", mtp_kv.layers.size(), " layers");
   TRELLM_ASSERT(!rs.mtp_in.empty(), "forward_mtp needs add_mtp_state(rs)");
   const MtpWeights& m = w_.mtp[size_t(k)];
-  const Layout lay = upload(rs, mtp_kv, b);
   const int n = lay.n;
   const int64_t T = rs.max_tokens, H = c.hidden_size;
   TRELLM_ASSERT(hidden.dtype == DType::F32 && hidden.rows() == n && hidden.cols() == H, "MTP hidden input ",
@@ -357,14 +369,13 @@ void Model::forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, Tenso
   const float eps = float(c.rms_norm_eps);
   TensorView stage_e(rs.mtp_stage.data, DType::F32, {n, H});
   TensorView stage_h(rs.mtp_stage[T].data, DType::F32, {n, H});
-  // hnorm(h_p) first: `hidden` may be rs.x, which the rest overwrites
+  // hnorm(h_p) first: `hidden` may be rs.x or rs.h, which the rest overwrites
   B.rms_norm(stage_h, hidden, m.hnorm, eps);
   TensorView e = rows(rs.y, n);
   B.embed(e, rows(rs.tokens, n), m.embed_tokens.empty() ? w_.embed_tokens : m.embed_tokens);
   B.rms_norm(stage_e, e, m.enorm, eps);
   // No token precedes position 0, so its embedding half is zero (vLLM's deepseek_mtp, SGLang's NextN).
-  for (int i = 0; i < n; i++)
-    if (b.pos[size_t(i)] == 0) B.gather_rows(TensorView(stage_e[i].data, DType::F32, {1, H}), rs.mtp_zero, rs.mtp_zero_idx);
+  for (int i : first) B.gather_rows(TensorView(stage_e[i].data, DType::F32, {1, H}), rs.mtp_zero, rs.mtp_zero_idx);
   // x = eh_proj(concat(enorm(e), hnorm(h))), the embedding half first
   TensorView cat(rs.mtp_in.data, DType::F32, {2 * int64_t(n), H});
   B.gather_rows(cat, rs.mtp_stage, rows(rs.mtp_idx, 2 * int64_t(n)));

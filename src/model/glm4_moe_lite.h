@@ -261,6 +261,9 @@ class Model {
   // cache in mtp_kv, writes the logits b.logits asks for (predicting t[p+2]) to rs.logits; rs.h keeps the layer's
   // output before shared_head.norm (what chained drafts feed back as h).
   void forward_mtp(RunState& rs, KvCache& mtp_kv, const StepBatch& b, TensorView hidden, int k = 0);
+  // The same with the rows already on the backend (rs.tokens, pos, seq, tables, logit_idx), as forward_uploaded; no
+  // row may be at position 0 (a captured draft step: its rows follow a verified token).
+  void forward_mtp_uploaded(RunState& rs, KvCache& mtp_kv, const Layout& l, TensorView hidden, int k = 0);
 
  private:
   KvCache cache_pools(int layers, int blocks, std::optional<DType> dtype);  // `layers` pools of `blocks` blocks
@@ -271,6 +274,8 @@ class Model {
   void decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, RunState& rs, int n, const Positions& pos,
                      TensorView next_norm);
   void logits_of(RunState& rs, const Layout& lay, const Linear& head);
+  // MTP layer k on the uploaded rows; `first`: the rows at position 0 (their embedding half is zero).
+  void mtp_layer(RunState& rs, KvCache& mtp_kv, const Layout& lay, TensorView hidden, int k, std::span<const int> first);
 
   Config config_;
   Weights w_;

@@ -129,10 +129,7 @@ std::unique_ptr<Model> Model::synthetic(const Config& c, Backend& backend, const
   w.embed_tokens = b.tensor(DType::BF16, {c.vocab_size, hid}, 1.7f);
   w.norm = b.norm(hid);
   w.lm_head = b.linear("lm_head", c.vocab_size, hid, spec.head_bits);
-  w.layers.resize(size_t(c.num_hidden_layers));
-  for (int64_t i = 0; i < c.num_hidden_layers; i++) {
-    LayerWeights& L = w.layers[i];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
+  auto layer = [&](LayerWeights& L, const std::string& p, bool sparse) {
     L.input_layernorm = b.norm(hid);
     L.post_attention_layernorm = b.norm(hid);
     if (c.q_lora_rank > 0) {
@@ -146,11 +143,11 @@ std::unique_ptr<Model> Model::synthetic(const Config& c, Backend& backend, const
     L.kv_a_layernorm = b.norm(c.kv_lora_rank);
     L.kv_b_proj = b.linear(p + "self_attn.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, K);
     L.o_proj = b.linear(p + "self_attn.o_proj", hid, H * c.v_head_dim, K);
-    if (!c.mlp_sparse[i]) {
+    if (!sparse) {
       L.mlp.gate_proj = b.linear(p + "mlp.gate_proj", c.intermediate_size, hid, K);
       L.mlp.up_proj = b.linear(p + "mlp.up_proj", c.intermediate_size, hid, K);
       L.mlp.down_proj = b.linear(p + "mlp.down_proj", hid, c.intermediate_size, K);
-      continue;
+      return;
     }
     const int64_t E = c.n_routed_experts, I = c.moe_intermediate_size;
     L.gate = b.tensor(DType::BF16, {E, hid}, std::sqrt(3.0f / float(hid)));
@@ -168,6 +165,23 @@ std::unique_ptr<Model> Model::synthetic(const Config& c, Backend& backend, const
       L.shared.up = b.linear(p + "mlp.shared_experts.up_proj", SI, hid, K);
       L.shared.down = b.linear(p + "mlp.shared_experts.down_proj", hid, SI, K);
     }
+  };
+  w.layers.resize(size_t(c.num_hidden_layers));
+  for (int64_t i = 0; i < c.num_hidden_layers; i++)
+    layer(w.layers[size_t(i)], "model.layers." + std::to_string(i) + ".", c.mlp_sparse[size_t(i)]);
+  // The MTP layer(s) GLM-4.7-Flash ships (num_nextn_predict_layers): a sparse decoder layer, eh_proj at the
+  // layers' bits, shared_head.head at the head's; the embedding is the main model's.
+  w.mtp.resize(size_t(c.num_nextn_predict_layers));
+  for (size_t k = 0; k < w.mtp.size(); k++) {
+    MtpWeights& mt = w.mtp[k];
+    const std::string p = "model.layers." + std::to_string(c.num_hidden_layers + int64_t(k)) + ".";
+    mt.enorm = b.norm(hid);
+    mt.hnorm = b.norm(hid);
+    mt.eh_proj = b.linear(p + "eh_proj", hid, 2 * hid, K);
+    layer(mt.layer, p, true);
+    mt.sparse = true;
+    mt.shared_head_norm = b.norm(hid);
+    mt.shared_head = b.linear(p + "shared_head.head", c.vocab_size, hid, spec.head_bits);
   }
   backend.synchronize();
   return m;

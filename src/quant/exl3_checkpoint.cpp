@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/half.h"
+#include "format/json_file.h"
 #include "format/safetensors.h"
 #include "quant/exl3_export.h"
 
@@ -69,15 +70,7 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   if (fs::exists(out) && !opt.replace_existing)
     fail(out.string(), ": already exists (trellm never writes into an existing model directory)");
   if (!fs::exists(src / "config.json")) fail(in_dir, ": no config.json");
-  json config;
-  {
-    std::ifstream f(src / "config.json");
-    try {
-      config = json::parse(f);
-    } catch (const json::parse_error& e) {
-      fail((src / "config.json").string(), ": invalid JSON: ", e.what());
-    }
-  }
+  json config = read_json_file((src / "config.json").string());
   const TensorStore store = TensorStore::open(in_dir);
 
   // Validate the plan against the checkpoint before spending hours on it.

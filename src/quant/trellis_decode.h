@@ -103,10 +103,11 @@ TRELLM_HD uint32_t tile_word(const uint16_t* tile, int m) {
 // State at position p: the window [b_end-16, b_end) of the circular stream, b_end = (p+1)K (+256K so the wrap of
 // state 0 stays non-negative). Words i0 <= i1 (indices mod 8K) hold the window; in the 64-bit concatenation
 // W[i0]:W[i1] stream bit b sits at bit 32(i1+1)-1-b, so the window is (W[i0]:W[i1]) >> shift.
+// constexpr: SIMD decoders derive their lane tables from this same definition at compile time.
 struct StateWindow {
   int i0, i1, shift;
 };
-TRELLM_HD StateWindow state_window(int K, int p) {
+TRELLM_HD constexpr StateWindow state_window(int K, int p) {
   const int n_words = 8 * K;
   const int b_end = (p + 1) * K + kTileElems * K;
   const int i1 = (b_end - 1) >> 5, i0 = (b_end - 16) >> 5;

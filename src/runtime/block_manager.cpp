@@ -248,6 +248,20 @@ void BlockManager::commit(SeqId seq, std::span<const int32_t> tokens, int64_t co
   }
 }
 
+void BlockManager::trim(SeqId seq, int64_t total_tokens) {
+  Seq& s = seq_ref(seq);
+  const size_t keep = size_t(blocks_for(total_tokens));
+  while (s.table.size() > keep) {
+    const int32_t b = s.table.back();
+    Block& blk = blocks_[size_t(b)];
+    TRELLM_ASSERT(!blk.cached && blk.refcount == 1 && int64_t(s.table.size()) > s.committed, "trim of sequence ", seq,
+                  " to ", total_tokens, " tokens reaches block ", b, ", which is shared or cached");
+    blk.refcount = 0;
+    free_list_.push_back(b);
+    s.table.pop_back();
+  }
+}
+
 void BlockManager::release(SeqId seq) {
   Seq& s = seq_ref(seq);
   for (auto it = s.table.rbegin(); it != s.table.rend(); ++it) {

@@ -68,6 +68,11 @@ class BlockManager {
   // private (freed when `seq` releases it); the chain continues from the existing entry, so later blocks of
   // `seq` are still found. A block that is not full is never cached.
   void commit(SeqId seq, std::span<const int32_t> tokens, int64_t computed);
+  // Shrinks the table of `seq` to the blocks covering `total_tokens` positions (a larger total is a no-op): the
+  // blocks past them, reserved for rows that were computed but rejected (speculative drafts), go back to the free
+  // list. They must be private and uncached (past the committed prefix), which they are when `total_tokens` is at
+  // least the committed rows.
+  void trim(SeqId seq, int64_t total_tokens);
   // Drops the references of `seq` (finished, cancelled or preempted) and forgets it. Cached blocks whose refcount
   // reaches 0 become evictable, the sequence's last block first, so a chain is evicted from its tail and its
   // shared head survives longest; uncached blocks go back to the free list.

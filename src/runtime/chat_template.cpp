@@ -3,6 +3,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "format/json_file.h"
 #include "format/tokenizer_json.h"
 #include "runtime/jinja/ast.h"
 #include "runtime/jinja/interp.h"
@@ -29,10 +30,13 @@ ChatTemplate ChatTemplate::from_model_dir(const std::string& dir) {
   nlohmann::ordered_json cfg = nlohmann::ordered_json::object();
   if (fs::exists(cfg_path)) {
     std::string text = format::read_text_file(cfg_path);
+    check_json_depth(text, cfg_path);  // ordered_json copies nested values recursively while parsing
     try {
       cfg = nlohmann::ordered_json::parse(text);
     } catch (const nlohmann::json::parse_error& e) {
       fail(cfg_path, ":", format::line_col(text, e.byte ? e.byte - 1 : 0), ": malformed JSON");
+    } catch (const nlohmann::json::exception& e) {  // out_of_range.406: a number too large for a double
+      fail(cfg_path, ": malformed JSON: ", e.what());
     }
   }
   std::string jinja_path = (fs::path(dir) / "chat_template.jinja").string();

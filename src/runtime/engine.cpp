@@ -78,17 +78,22 @@ int64_t default_context(const Model& m, const EngineOptions& o) {
 }
 
 // Cache blocks from the options and, on a GPU, from the memory left once the weights and the run state are in.
-int plan_kv_blocks(Model& m, const EngineOptions& o, int64_t context) {
+int plan_kv_blocks(Model& m, const EngineOptions& o, int64_t context, int spec, int spec_stride) {
   if (o.kv_blocks > 0) return o.kv_blocks;
   const DType dt = o.kv_dtype.value_or(m.backend().kv_dtype());
-  const double block_bytes = m.kv_bytes_per_cached_token(dt) * kKvBlockTokens;
+  const Config& c = m.config();
+  // With speculation the MTP layer keeps its own pool of the same blocks (one layer more), and the drafts' logits
+  // take K x spec_stride rows of the vocabulary.
+  const double layers = double(c.num_hidden_layers + (spec > 0 ? int64_t(m.weights().mtp.size()) : 0));
+  const double block_bytes = m.kv_bytes_per_cached_token(dt) * kKvBlockTokens * layers / double(c.num_hidden_layers);
+  const double spec_bytes = spec > 0 ? 4.0 * double(spec) * spec_stride * double(c.vocab_size) : 0.0;
   double budget = o.kv_memory_gb * 1e9;
   if (budget <= 0) {
     if (m.backend().host_memory()) {
       budget = std::min(2e9, double(o.max_seqs) * double(kv_blocks_for(context)) * block_bytes);
     } else {
       const auto [used, total] = m.backend().memory_used_total();
-      budget = 0.9 * double(total > used ? total - used : 0);
+      budget = 0.9 * double(total > used ? total - used : 0) - spec_bytes;
     }
   }
   const int blocks = int(std::min(budget / block_bytes, 1e9));
@@ -109,7 +114,29 @@ int pow2_at_least(int m) {
 const EngineOptions& checked(const EngineOptions& o) {
   if (o.max_seqs < 1) fail("max_seqs ", o.max_seqs, " must be >= 1");
   if (o.max_step_tokens < 1) fail("the step token budget ", o.max_step_tokens, " must be >= 1");
+  if (o.draft_tokens < 0 || o.draft_tokens > kMaxDraftTokens)
+    fail("draft tokens ", o.draft_tokens, " must be in 0..", kMaxDraftTokens);
+  if (o.draft_tokens > 0 && o.spec_max_seqs < 1) fail("spec_max_seqs ", o.spec_max_seqs, " must be >= 1");
   return o;
+}
+
+int spec_of(const Model& m, const EngineOptions& o) {
+  if (o.draft_tokens == 0) return 0;
+  if (m.weights().mtp.empty())
+    fail("speculative decoding with the MTP layer needs a model that has one (config.json num_nextn_predict_layers ",
+         m.config().num_nextn_predict_layers, ", no model.layers.", m.config().num_hidden_layers, ".* tensors)");
+  return o.draft_tokens;
+}
+// Sequences a speculative step serves at once: spec_max_seqs (at most max_seqs), rounded up to a power of two.
+int spec_stride_of(const EngineOptions& o, int spec) {
+  return spec > 0 ? pow2_at_least(std::min(o.spec_max_seqs, o.max_seqs)) : 1;
+}
+// Rows of a step and logit rows: a prompt chunk, a padded decode bucket, or a padded speculative bucket.
+int step_rows(const EngineOptions& o, int spec) {
+  return std::max({o.max_step_tokens, pow2_at_least(o.max_seqs), spec > 0 ? spec_stride_of(o, spec) * (spec + 1) : 0});
+}
+int logit_rows(const EngineOptions& o, int spec) {
+  return std::max(pow2_at_least(o.max_seqs), spec > 0 ? spec_stride_of(o, spec) * (spec + 1) : 0);
 }
 
 }  // namespace
@@ -119,11 +146,13 @@ Engine::Engine(Model& model, const EngineOptions& options)
       backend_(model.backend()),
       opt_(checked(options)),
       context_(default_context(model, opt_)),
-      // rows: a prompt chunk, or a padded decode bucket; logit rows and tables: one per running sequence
-      rs_(model.make_run_state(std::max(opt_.max_step_tokens, pow2_at_least(opt_.max_seqs)), pow2_at_least(opt_.max_seqs),
+      // rows: a prompt chunk, or a padded decode bucket; logit rows: every row of a bucket; tables: one per sequence
+      rs_(model.make_run_state(step_rows(opt_, spec_of(model, opt_)), logit_rows(opt_, spec_of(model, opt_)),
                                pow2_at_least(opt_.max_seqs), kv_blocks_for(context_))),
       // one block more than the block manager hands out: the padding rows of graph steps write there
-      kv_(model.make_kv_cache_blocks(plan_kv_blocks(model, opt_, context_) + 1, opt_.kv_dtype)),
+      kv_(model.make_kv_cache_blocks(plan_kv_blocks(model, opt_, context_, spec_of(model, opt_),
+                                                    spec_stride_of(opt_, spec_of(model, opt_))) + 1,
+                                     opt_.kv_dtype)),
       blocks_(kv_.blocks - 1, kKvBlockTokens, opt_.prefix_caching),
       sched_(blocks_, SchedulerConfig{opt_.max_seqs, opt_.max_step_tokens,
                                       std::min<int64_t>(context_, int64_t(kv_.blocks - 1) * kKvBlockTokens)}) {
@@ -146,6 +175,9 @@ Engine::Engine(Model& model, const EngineOptions& options)
   h_sampled_.resize(size_t(S));
   h_params_.resize(size_t(S));
   h_logits_.resize(size_t(model_.config().vocab_size));
+  spec_ = spec_of(model_, opt_);
+  spec_stride_ = spec_stride_of(opt_, spec_);
+  init_speculation();
 }
 
 Engine::~Engine() {
@@ -153,6 +185,9 @@ Engine::~Engine() {
   backend_.release(params_.data);
   backend_.release(steps_.data);
   backend_.release(tokens_.data);
+  for (TensorView* t : {&draft_logits_, &spec_result_, &spec_src_, &spec_base_, &spec_drafts_, &spec_steps_, &draft_params_,
+                        &spec_iota_, &spec_rows_})
+    if (!t->empty()) backend_.release(t->data);
 }
 
 std::string Engine::describe() const {
@@ -163,6 +198,9 @@ std::string Engine::describe() const {
     << "); max " << opt_.max_seqs << " sequences, " << opt_.max_step_tokens << " tokens per step, context "
     << context_ << "; prefix caching " << (opt_.prefix_caching ? "on" : "off") << "; decode graphs "
     << (opt_.decode_graphs.value_or(!backend_.host_memory()) ? "on" : "off");
+  if (spec_ > 0)
+    s << "; speculative decoding: MTP, " << spec_ << " draft tokens, while at most " << opt_.spec_max_seqs
+      << " sequences run";
   return s.str();
 }
 
@@ -229,7 +267,10 @@ bool Engine::step() {
     update_stats();
     return false;
   }
+  plan_speculation();
   const Scheduler::Step plan = sched_.schedule();
+  for (int64_t id : plan.preempted)  // their drafts are gone with their blocks
+    if (auto it = active_.find(id); it != active_.end()) it->second.drafts.clear();
   if (plan.empty()) {
     update_stats();
     return false;
@@ -253,8 +294,13 @@ int Engine::bucket_for(int m) const { return std::min(max_bucket_, pow2_at_least
 
 void Engine::run_step(const Scheduler::Step& plan) {
   const bool decode_only = std::all_of(plan.chunks.begin(), plan.chunks.end(),
-                                       [](const Scheduler::Chunk& c) { return c.count == 1 && c.sample; });
-  if (decode_only && opt_.decode_graphs.value_or(!backend_.host_memory())) return run_graph_step(plan);
+                                       [](const Scheduler::Chunk& c) { return c.count - c.drafts == 1 && c.sample; });
+  const bool spec = spec_step_ || std::any_of(plan.chunks.begin(), plan.chunks.end(),
+                                              [](const Scheduler::Chunk& c) { return c.drafts > 0; });
+  if (decode_only && opt_.decode_graphs.value_or(!backend_.host_memory())) {
+    if (!spec) return run_graph_step(plan);
+    if (spec_graphable(plan)) return run_spec_graph_step(plan);
+  }
   const int n = plan.rows;
   TRELLM_ASSERT(n >= 1 && n <= rs_.max_tokens && int(plan.chunks.size()) <= rs_.max_seqs);
   // Rows, their positions and block tables (one per chunk, packed at the longest table's stride).
@@ -263,23 +309,25 @@ void Engine::run_step(const Scheduler::Step& plan) {
   h_tables_.assign(plan.chunks.size() * stride, 0);
   h_runs_.clear();
   h_logit_rows_.clear();
-  std::vector<int> sampling;  // chunk indices that sample, in logit-row order
+  std::vector<int> sampling, first_logit;  // chunk indices that sample, in logit-row order; their first logit row
   for (size_t k = 0; k < plan.chunks.size(); k++) {
     const auto& c = plan.chunks[k];
     const std::vector<int32_t>& toks = sched_.tokens(c.id);
+    const int known = c.count - c.drafts;  // the sequence's own tokens, then its drafts
     for (int j = 0; j < c.count; j++) {
-      h_tokens_[size_t(c.row + j)] = toks[size_t(c.start + j)];
+      h_tokens_[size_t(c.row + j)] = j < known ? toks[size_t(c.start + j)] : active_.at(c.id).drafts[size_t(j - known)];
       h_pos_[size_t(c.row + j)] = int32_t(c.start + j);
       h_seq_[size_t(c.row + j)] = int32_t(k);
     }
     const auto table = sched_.table(c.id);
     std::copy(table.begin(), table.end(), h_tables_.begin() + ptrdiff_t(k * stride));
     h_runs_.push_back(c.count);
-    if (c.sample) {
-      h_logit_rows_.push_back(c.row + c.count - 1);
+    if (c.sample) {  // a verified chunk needs every row's logits, a plain one its last
+      first_logit.push_back(int(h_logit_rows_.size()));
+      for (int j = c.count - 1 - c.drafts; j < c.count; j++) h_logit_rows_.push_back(c.row + j);
       sampling.push_back(int(k));
     }
-    if (c.start < sched_.prompt_tokens(c.id)) prompt_rows_ += std::min<int64_t>(c.count, sched_.prompt_tokens(c.id) - c.start);
+    if (c.start < sched_.prompt_tokens(c.id)) prompt_rows_ += std::min<int64_t>(known, sched_.prompt_tokens(c.id) - c.start);
     if (auto it = active_.find(c.id); it != active_.end() && it->second.generated == 0)
       it->second.req->cached_tokens_.store(sched_.cached_prompt_tokens(c.id));
   }
@@ -296,7 +344,14 @@ void Engine::run_step(const Scheduler::Step& plan) {
   }  // else: a step of prompt chunks only; its one (Last) logit row is not read
   model_.forward(rs_, kv_, b);
   sched_.computed(plan);
-  if (!sampling.empty()) sample_and_emit(plan, sampling, /*sampled=*/false);
+  if (!spec) {
+    if (!sampling.empty()) sample_and_emit(plan, sampling, /*sampled=*/false);
+    return;
+  }
+  // Speculative: verify (or sample) each sampling chunk, emit, then draft with the MTP layer.
+  std::vector<int> accepted(plan.chunks.size(), -1);  // per chunk: drafts accepted; -1: no row to draft from
+  verify_and_emit(plan, sampling, first_logit, accepted);
+  if (spec_step_) draft_after(plan, int(stride), accepted);
 }
 
 void Engine::run_graph_step(const Scheduler::Step& plan) {
@@ -376,39 +431,65 @@ void Engine::sample_and_emit(const Scheduler::Step& plan, const std::vector<int>
                          TensorView(steps_.data, DType::I32, {m}), TensorView(tokens_.data, DType::I32, {m}));
     backend_.to_host(h_sampled_.data(), tokens_.data, 4 * size_t(m));
   }
-  const Config& c = model_.config();
   for (int j = 0; j < m; j++) {
-    const int64_t id = plan.chunks[size_t(sampling[size_t(j)])].id;
-    Active& a = active_.at(id);
-    GenToken t;
-    t.id = h_sampled_[size_t(j)];
-    if (a.params.logprobs >= 0) {  // log-softmax of this row's raw logits, in double
-      backend_.to_host(h_logits_.data(), logits[j].data, sizeof(float) * size_t(V));
-      double mx = -INFINITY, sum = 0;
-      for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(h_logits_[size_t(v)]));
-      for (int64_t v = 0; v < V; v++) sum += std::exp(double(h_logits_[size_t(v)]) - mx);
-      const double lse = mx + std::log(sum);
-      t.logprob = float(double(h_logits_[size_t(t.id)]) - lse);
-      if (a.params.logprobs > 0) {
-        std::vector<int32_t> idx(static_cast<size_t>(V));
-        for (int64_t v = 0; v < V; v++) idx[size_t(v)] = int32_t(v);
-        const size_t k = size_t(std::min<int64_t>(a.params.logprobs, V));
-        std::partial_sort(idx.begin(), idx.begin() + ptrdiff_t(k), idx.end(), [&](int32_t x, int32_t y) {
-          return h_logits_[size_t(x)] > h_logits_[size_t(y)] || (h_logits_[size_t(x)] == h_logits_[size_t(y)] && x < y);
-        });
-        for (size_t i = 0; i < k; i++) t.top.push_back({idx[i], float(double(h_logits_[size_t(idx[i])]) - lse)});
-      }
-    }
-    sched_.append(id, t.id);
-    a.generated++;
-    generated_++;
-    a.req->push(t);
-    const bool eos = !a.params.ignore_eos &&
-                     std::find(c.eos_token_id.begin(), c.eos_token_id.end(), int64_t(t.id)) != c.eos_token_id.end();
-    const bool stop_id = std::find(a.params.stop_ids.begin(), a.params.stop_ids.end(), t.id) != a.params.stop_ids.end();
-    if (eos || stop_id) end(id, FinishReason::Stop);
-    else if (a.generated >= a.params.max_tokens || int64_t(sched_.tokens(id).size()) >= context_) end(id, FinishReason::Length);
+    const int32_t t = h_sampled_[size_t(j)];
+    emit(plan.chunks[size_t(sampling[size_t(j)])].id, {&t, 1}, j, 0);
   }
+}
+
+GenToken Engine::make_token(const Active& a, int32_t token, int logit_row) {
+  const int64_t V = model_.config().vocab_size;
+  GenToken t;
+  t.id = token;
+  if (a.params.logprobs < 0) return t;
+  // log-softmax of this row's raw logits, in double
+  backend_.to_host(h_logits_.data(), rs_.logits[logit_row].data, sizeof(float) * size_t(V));
+  double mx = -INFINITY, sum = 0;
+  for (int64_t v = 0; v < V; v++) mx = std::max(mx, double(h_logits_[size_t(v)]));
+  for (int64_t v = 0; v < V; v++) sum += std::exp(double(h_logits_[size_t(v)]) - mx);
+  const double lse = mx + std::log(sum);
+  t.logprob = float(double(h_logits_[size_t(t.id)]) - lse);
+  if (a.params.logprobs > 0) {
+    std::vector<int32_t> idx(static_cast<size_t>(V));
+    for (int64_t v = 0; v < V; v++) idx[size_t(v)] = int32_t(v);
+    const size_t k = size_t(std::min<int64_t>(a.params.logprobs, V));
+    std::partial_sort(idx.begin(), idx.begin() + ptrdiff_t(k), idx.end(), [&](int32_t x, int32_t y) {
+      return h_logits_[size_t(x)] > h_logits_[size_t(y)] || (h_logits_[size_t(x)] == h_logits_[size_t(y)] && x < y);
+    });
+    for (size_t i = 0; i < k; i++) t.top.push_back({idx[i], float(double(h_logits_[size_t(idx[i])]) - lse)});
+  }
+  return t;
+}
+
+bool Engine::emit(int64_t id, std::span<const int32_t> tokens, int first_logit, int drafts) {
+  const Config& c = model_.config();
+  Active& a = active_.at(id);
+  if (drafts > 0) {
+    spec_steps_run_++;
+    spec_drafted_ += drafts;
+    spec_accepted_ += int64_t(tokens.size()) - 1;
+  }
+  const int64_t have = int64_t(sched_.tokens(id).size());
+  FinishReason fin = FinishReason::None;
+  size_t keep = 0;
+  while (keep < tokens.size() && fin == FinishReason::None) {
+    const int32_t t = tokens[keep];
+    a.req->push(make_token(a, t, first_logit + int(keep)));
+    keep++;
+    const bool eos = !a.params.ignore_eos &&
+                     std::find(c.eos_token_id.begin(), c.eos_token_id.end(), int64_t(t)) != c.eos_token_id.end();
+    const bool stop_id = std::find(a.params.stop_ids.begin(), a.params.stop_ids.end(), t) != a.params.stop_ids.end();
+    if (eos || stop_id) fin = FinishReason::Stop;
+    else if (a.generated + int64_t(keep) >= a.params.max_tokens || have + int64_t(keep) >= context_) fin = FinishReason::Length;
+  }
+  a.generated += int64_t(keep);
+  generated_ += int64_t(keep);
+  if (fin != FinishReason::None) {
+    end(id, fin);
+    return false;
+  }
+  sched_.accept(id, tokens.first(keep));
+  return true;
 }
 
 void Engine::update_stats() {
@@ -425,6 +506,9 @@ void Engine::update_stats() {
   stats_.steps = steps_run_;
   stats_.graph_steps = graph_steps_;
   stats_.requests_finished = finished_;
+  stats_.spec_steps = spec_steps_run_;
+  stats_.spec_draft_tokens = spec_drafted_;
+  stats_.spec_accepted_tokens = spec_accepted_;
 }
 
 Engine::Stats Engine::stats() const {

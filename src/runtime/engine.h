@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -27,6 +28,8 @@
 #include "runtime/scheduler.h"
 
 namespace trellm {
+
+constexpr int kMaxDraftTokens = 8;  // EngineOptions::draft_tokens
 
 // The engine's tunables, printed at start (describe()).
 struct EngineOptions {
@@ -41,6 +44,14 @@ struct EngineOptions {
   // the GPU. Default: on for device backends; on the CPU a capture is a plain call (tests turn it on there).
   std::optional<bool> decode_graphs;
   std::optional<DType> kv_dtype;  // default: the backend's (CPU F32, CUDA BF16)
+  // Speculative decoding with the model's MTP layer (runtime/speculative.h): each step verifies draft_tokens drafts
+  // per sequence in one forward of draft_tokens + 1 rows and drafts the next ones by chaining the MTP layer; the
+  // output is the main model's (greedy: exactly the tokens plain decoding gives). 0: off. Off by itself while more
+  // than spec_max_seqs sequences run or wait: past that a batch's extra rows cost more than they save (H200,
+  // full-size shapes: speculation needs acceptance above 0.32-0.60 at 1 sequence, 0.62-0.69 at 2 to 8;
+  // bench/results/speculative.md).
+  int draft_tokens = 0;
+  int spec_max_seqs = 2;
 };
 
 // Per-request generation settings.
@@ -125,6 +136,8 @@ class Engine {
     int64_t prompt_tokens = 0, generation_tokens = 0;   // computed prompt rows (cache hits excluded), sampled
     int64_t preemptions = 0, steps = 0, graph_steps = 0;
     int64_t requests_finished = 0;
+    int64_t spec_steps = 0;                              // sequence-steps that verified drafts
+    int64_t spec_draft_tokens = 0, spec_accepted_tokens = 0;  // drafts verified, drafts accepted
   };
   Stats stats() const;  // any thread
   int kv_blocks() const { return blocks_.num_blocks(); }  // blocks requests can use
@@ -141,6 +154,8 @@ class Engine {
     std::shared_ptr<Request> req;
     GenParams params;
     int64_t generated = 0;
+    std::vector<int32_t> drafts;  // speculative: the drafts the next decode row verifies
+    int draft_slot = 0;           // their logits: rows j * spec_stride_ + draft_slot of draft_logits_
   };
   void drain_inbox();
   void run_step(const Scheduler::Step& plan);
@@ -150,6 +165,31 @@ class Engine {
   // Samples the rows of `sampling` chunks (logit row j = chunk sampling[j]) unless `sampled` already holds them,
   // then emits the tokens and ends finished requests.
   void sample_and_emit(const Scheduler::Step& plan, const std::vector<int>& sampling, bool sampled);
+  // Emits the tokens a sampling chunk produced (one, or a verified chunk's accepted drafts and correction), each
+  // with its logprobs from logits row first_logit + t, until a stop; returns whether the request still runs.
+  bool emit(int64_t id, std::span<const int32_t> tokens, int first_logit, int drafts);
+  GenToken make_token(const Active& a, int32_t token, int logit_row);
+  // ---- speculative decoding (engine_spec.cpp) ----
+  bool spec_on() const { return spec_ != 0; }
+  void plan_speculation();  // before schedule(): which sequences draft in this step
+  // The eager step when drafts or the MTP are involved: forward, verify each sampling chunk, emit, then the MTP
+  // layer over the step's rows and its chained drafts.
+  void run_spec_step(const Scheduler::Step& plan);
+  // A decode-only step where every sequence verifies spec_ drafts: forward, verification and drafting as one
+  // captured graph per batch bucket.
+  void run_spec_graph_step(const Scheduler::Step& plan);
+  void init_speculation();  // the MTP cache and the drafting buffers (constructor)
+  bool spec_graphable(const Scheduler::Step& plan) const;  // a decode-only step run_spec_graph_step serves
+  // Verifies each sampling chunk of an eager step (first_logit: its first logit row) and emits its tokens;
+  // accepted[k] = the drafts chunk k accepted when it still runs and may draft (-1 otherwise).
+  void verify_and_emit(const Scheduler::Step& plan, const std::vector<int>& sampling, const std::vector<int>& first_logit,
+                       std::vector<int>& accepted);
+  // The MTP layer over an eager step's rows (each sequence's next tokens), then the chained drafts of the
+  // sequences that may draft; stride: the step's block-table stride (h_tables_).
+  void draft_after(const Scheduler::Step& plan, int stride, const std::vector<int>& accepted);
+  // Draft j of the m sequences whose MTP logits are in rs_.logits[0, m): kept for verification (draft_logits_
+  // rows j * spec_stride_ + slot) and sampled into spec_drafts_[j * spec_stride_ + slot].
+  void sample_drafts(int m, int j);
   void end(int64_t id, FinishReason r, const std::string& error = {});
   void fail_all(const std::string& error);
   void update_stats();
@@ -174,6 +214,17 @@ class Engine {
   int graph_stride_ = 1;   // block-table stride of graph steps: blocks_for(context)
   int32_t pad_block_ = 0;  // the pool's last block, outside the block manager: padding rows write there
   std::vector<int> ones_;  // runs of one row
+  // speculative decoding (draft_tokens > 0 and an MTP layer)
+  int spec_ = 0;                 // drafts per step (K)
+  bool spec_step_ = false;       // this step speculates (spec_max_seqs)
+  int spec_stride_ = 1;          // sequences a step can draft for (the bucket of spec_max_seqs)
+  KvCache mtp_kv_;               // the MTP layer's latent cache, addressed by the main cache's block tables
+  TensorView draft_logits_;      // [K * spec_stride_, V]: draft j of slot s at row j * spec_stride_ + s
+  TensorView spec_result_, spec_src_, spec_base_, spec_drafts_, spec_steps_, draft_params_, spec_iota_, spec_rows_;
+  std::unordered_map<int, Graph> spec_graphs_;
+  std::vector<int32_t> h_result_, h_drafts_;
+  std::vector<int> spec_runs_;   // runs of K + 1 rows (speculative graph steps)
+  int64_t spec_steps_run_ = 0, spec_drafted_ = 0, spec_accepted_ = 0;
   // host staging, sized once
   std::vector<int32_t> h_tokens_, h_pos_, h_seq_, h_tables_, h_logit_rows_, h_steps_, h_sampled_;
   std::vector<int> h_runs_;

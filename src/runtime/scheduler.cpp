@@ -57,8 +57,16 @@ void Scheduler::add(SeqId id, std::vector<int32_t> prompt, int64_t max_new_token
   waiting_.push_back(id);
 }
 
+void Scheduler::speculate(SeqId id, int drafts, int lookahead) {
+  TRELLM_ASSERT(drafts >= 0 && lookahead >= -1, "scheduler: speculate(", id, ", ", drafts, ", ", lookahead, ")");
+  Seq& s = get(id);
+  s.drafts = drafts;
+  s.lookahead = lookahead;
+}
+
 void Scheduler::preempt(SeqId id, Step& step) {
   Seq& s = get(id);
+  s.drafts = 0;
   blocks_.release(id);
   s.computed = 0;
   s.running = false;
@@ -106,27 +114,38 @@ Scheduler::Step Scheduler::schedule() {
   Step step;
   int budget = cfg_.max_step_tokens;
   std::vector<SeqId> scheduled;
-  auto take = [&](SeqId id, int count) {
+  auto take = [&](SeqId id, int count, int drafts, bool lookahead) {
     Seq& s = get(id);
     Chunk c;
     c.id = id;
     c.row = step.rows;
     c.count = count;
     c.start = s.computed;
-    c.sample = s.computed + count == int64_t(s.tokens.size());
+    c.sample = s.computed + count - drafts == int64_t(s.tokens.size());
+    c.drafts = drafts;
+    c.lookahead = lookahead;
     step.chunks.push_back(c);
     step.rows += count;
     budget -= count;
     scheduled.push_back(id);
   };
-  // 1. Decode rows: running sequences with exactly their newest token uncached, in arrival order.
+  // Rows reserved past the sequences' tokens in the last step (rejected drafts, the draft model's lookahead) go back.
+  for (SeqId id : running_) blocks_.trim(id, std::max<int64_t>(int64_t(get(id).tokens.size()), get(id).computed));
+  // The positions a sampling chunk ending at `end` may also reserve for the draft model (none past the context).
+  auto lookahead_fits = [&](const Seq& s, int64_t end) { return s.lookahead >= 0 && end + s.lookahead <= cfg_.max_context; };
+  // 1. Decode rows: running sequences with exactly their newest token uncached, in arrival order; with their drafts
+  //    when those and the lookahead fit in the context and the budget.
   const std::vector<SeqId> order = running_;
   for (SeqId id : order) {
     if (budget == 0) break;
     if (!has(id) || !get(id).running) continue;  // preempted earlier in this loop
     const Seq& s = get(id);
     if (int64_t(s.tokens.size()) - s.computed != 1) continue;
-    if (reserve_or_preempt(id, s.computed + 1, scheduled, /*self=*/true, step)) take(id, 1);
+    int drafts = s.drafts;
+    bool ahead = lookahead_fits(s, s.computed + 1 + drafts);
+    if (drafts > 0 && (!ahead || 1 + drafts > budget)) drafts = 0, ahead = false;
+    const int64_t total = s.computed + 1 + drafts + (ahead ? s.lookahead : 0);
+    if (reserve_or_preempt(id, total, scheduled, /*self=*/true, step)) take(id, 1 + drafts, drafts, ahead);
   }
   // 2. The next chunk of running sequences still prefilling, in arrival order. One that finds no room waits, and
   //    so does everyone after it (FCFS: a later chunk or admission taking free blocks would overtake it).
@@ -137,11 +156,12 @@ Scheduler::Step Scheduler::schedule() {
     const Seq& s = get(id);
     const int n = int(std::min<int64_t>(budget, int64_t(s.tokens.size()) - s.computed));
     if (n <= 0) continue;
-    if (!reserve_or_preempt(id, s.computed + n, scheduled, /*self=*/false, step)) {
+    const bool ahead = s.computed + n == int64_t(s.tokens.size()) && lookahead_fits(s, s.computed + n);
+    if (!reserve_or_preempt(id, s.computed + n + (ahead ? s.lookahead : 0), scheduled, /*self=*/false, step)) {
       blocked = true;
       break;
     }
-    take(id, n);
+    take(id, n, 0, ahead);
   }
   // 3. Admission, FCFS, while there is budget and room. A preempted sequence that returned to the queue in this
   //    step waits for the next one (its blocks were just taken for someone else). The prefix hit and the room are
@@ -154,12 +174,14 @@ Scheduler::Step Scheduler::schedule() {
     int evictable_hits = 0;
     const int64_t cached = blocks_.cached_prefix(s.tokens, max_cached, &evictable_hits);
     const int n = int(std::min<int64_t>(budget, int64_t(s.tokens.size()) - cached));
+    const bool ahead = cached + n == int64_t(s.tokens.size()) && lookahead_fits(s, cached + n);
+    const int64_t total = cached + n + (ahead ? s.lookahead : 0);
     // New blocks past the hit (a multiple of block_tokens); the hit's evictable blocks leave the free count.
-    const int need = blocks_.blocks_for(cached + n) - blocks_.blocks_for(cached);
+    const int need = blocks_.blocks_for(total) - blocks_.blocks_for(cached);
     if (need > blocks_.free_blocks() - evictable_hits) break;  // it stays first in the queue
     const int64_t hit = blocks_.begin(id, s.tokens, max_cached);
     TRELLM_ASSERT(hit == cached, "scheduler: begin() hit ", hit, " tokens, cached_prefix() said ", cached);
-    const bool reserved = blocks_.reserve(id, cached + n);
+    const bool reserved = blocks_.reserve(id, total);
     TRELLM_ASSERT(reserved, "scheduler: no room for sequence ", id, " after the check");
     waiting_.pop_front();
     s.computed = cached;
@@ -168,7 +190,7 @@ Scheduler::Step Scheduler::schedule() {
     running_.insert(std::upper_bound(running_.begin(), running_.end(), id,
                                      [&](SeqId a, SeqId b) { return get(a).arrival < get(b).arrival; }),
                     id);
-    take(id, n);
+    take(id, n, 0, ahead);
   }
   return step;
 }
@@ -178,9 +200,23 @@ void Scheduler::computed(const Step& step) {
     if (!has(c.id)) continue;  // finished (cancelled) after schedule(): its rows are dropped with its blocks
     Seq& s = get(c.id);
     TRELLM_ASSERT(s.running && s.computed == c.start, "scheduler: chunk of sequence ", c.id, " out of order");
-    s.computed += c.count;
+    s.computed += c.count - c.drafts;  // the drafts' rows count once accepted (accept())
     blocks_.commit(c.id, s.tokens, s.computed);
   }
+}
+
+void Scheduler::accept(SeqId id, std::span<const int32_t> emitted) {
+  Seq& s = get(id);
+  TRELLM_ASSERT(!emitted.empty() && s.running && s.computed == int64_t(s.tokens.size()), "scheduler: ", emitted.size(),
+                " tokens for sequence ", id, " before its rows were computed");
+  TRELLM_ASSERT(int64_t(s.tokens.size() + emitted.size()) <= cfg_.max_context, "scheduler: sequence ", id,
+                " past the context");
+  TRELLM_ASSERT(s.computed + int64_t(emitted.size()) - 1 <= int64_t(blocks_.table(id).size()) * blocks_.block_tokens(),
+                "scheduler: accepted rows of sequence ", id, " past its reserved blocks");
+  s.tokens.insert(s.tokens.end(), emitted.begin(), emitted.end());
+  s.computed += int64_t(emitted.size()) - 1;
+  s.drafts = 0;
+  blocks_.commit(id, s.tokens, s.computed);
 }
 
 void Scheduler::append(SeqId id, int32_t token) {

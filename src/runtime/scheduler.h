@@ -41,12 +41,23 @@ class Scheduler {
   // Queues a new sequence at the back. `id` must be new; refuse_reason() must be empty (asserted).
   void add(SeqId id, std::vector<int32_t> prompt, int64_t max_new_tokens);
 
+  // Speculative decoding (the engine's MTP drafts): the next decode row of `id` carries `drafts` draft rows after
+  // its newest token (their tokens are the engine's; they are verified in the step), and the step may write cache
+  // rows at `lookahead` positions past its last row (the draft model's chained steps; -1: the step does not draft). The blocks for both are
+  // reserved with the row; when they would pass the context or the step's budget the row goes out plain (no
+  // drafts, no lookahead: Chunk::drafts 0, Chunk::lookahead false). A sampling prompt chunk reserves the lookahead
+  // too. Rows past what the engine then accepts (accept()) are rolled back: their blocks return at the next
+  // schedule(). Preemption drops the drafts.
+  void speculate(SeqId id, int drafts, int lookahead);
+
   // One sequence's rows in a step: tokens [start, start + count) of the sequence, at step rows [row, row + count).
   struct Chunk {
     SeqId id = 0;
     int row = 0, count = 0;
     int64_t start = 0;
     bool sample = false;  // the chunk ends at the sequence's newest token: the step samples the next one
+    int drafts = 0;       // of the count rows, the last `drafts` are draft tokens to verify (speculate())
+    bool lookahead = false;  // the lookahead positions past the chunk are reserved
   };
   struct Step {
     std::vector<Chunk> chunks;      // decode rows first, then prompt chunks (also their block-table order)
@@ -60,6 +71,9 @@ class Scheduler {
   void computed(const Step& step);
   // A token sampled for sequence `id` (a chunk with sample = true, after computed()).
   void append(SeqId id, int32_t token);
+  // The tokens a verified chunk emits (after computed()): its first drafts accepted, then the correction or bonus
+  // token. All but the last have valid cache rows (the accepted drafts' rows); the last is the new newest token.
+  void accept(SeqId id, std::span<const int32_t> emitted);
   // Sequence `id` is done (finished, cancelled, failed), wherever it is: its blocks are released now. Between
   // schedule() and computed() too: computed() then skips its chunk.
   void finish(SeqId id);
@@ -82,6 +96,7 @@ class Scheduler {
     int64_t prompt = 0, max_new = 0;
     int64_t computed = 0;         // tokens with cache rows
     int64_t cached_prompt = -1;   // prefix-cache hit at first admission (-1: not yet admitted)
+    int drafts = 0, lookahead = -1;  // speculate(); lookahead -1: none
     uint64_t arrival = 0;
     bool running = false;
   };

@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <stdexcept>
 #include <vector>
 
 #include "core/thread_pool.h"
@@ -26,4 +27,18 @@ TEST(ThreadPool, NestedCallsRunSerially) {
       pool.parallel_for(10, 1, [&](int64_t b2, int64_t e2) { total += e2 - b2; });
   });
   EXPECT_EQ(total.load(), 80);
+}
+
+TEST(ThreadPool, AnExceptionInAnyThreadReachesTheCaller) {
+  // Every chunk throws, so worker threads throw too (an escaped exception there would terminate the process);
+  // the pool stays usable afterwards.
+  ThreadPool pool(4);
+  for (int round = 0; round < 20; round++) {
+    EXPECT_THROW(pool.parallel_for(64, 1, [&](int64_t b, int64_t) {
+      if (b >= 0) throw std::runtime_error("chunk failed");
+    }), std::runtime_error);
+    std::atomic<int64_t> total{0};
+    pool.parallel_for(1000, 1, [&](int64_t b, int64_t e) { total += e - b; });
+    EXPECT_EQ(total.load(), 1000);
+  }
 }

@@ -26,3 +26,19 @@ TEST(JsonFile, TypedFieldsAndErrors) {
   trellm::testing::write_file(d / "bad.json", "{\"a\": ");
   EXPECT_ERROR_CONTAINS(read_json_file(d / "bad.json"), "bad.json", "invalid JSON");
 }
+
+// Hostile files found while fuzzing (issue 17): an error naming the file, not a crash.
+TEST(JsonFile, HugeNumbersAndDeepNestingAreErrors) {
+  TempDir d;
+  // nlohmann throws out_of_range (not parse_error) for a number past a double's range.
+  trellm::testing::write_file(d / "big.json", R"({"vocab_size": 1e999})");
+  EXPECT_ERROR_CONTAINS(read_json_file(d / "big.json"), "big.json", "invalid JSON", "number overflow");
+  // 100,000 nested arrays: printing the value for an error message overflowed the stack.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  trellm::testing::write_file(d / "deep.json", "{\"vocab_size\": " + deep + "}");
+  EXPECT_ERROR_CONTAINS(read_json_file(d / "deep.json"), "deep.json", "nested deeper than 256 levels");
+  // The bound counts brackets outside strings only, and real nesting up to it is fine.
+  const std::string ok = std::string(255, '[') + std::string(255, ']');
+  trellm::testing::write_file(d / "ok.json", "{\"s\": \"" + std::string(1000, '[') + "\", \"a\": " + ok + "}");
+  EXPECT_TRUE(read_json_file(d / "ok.json").contains("a"));
+}

@@ -177,6 +177,48 @@ TEST(Safetensors, UnknownDtypeAndBadFields) {
   EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "\"w\"", "too large");
 }
 
+// nlohmann::json keeps one of two equal keys: a header naming a tensor twice would silently load either entry.
+TEST(Safetensors, TensorNamedTwiceInTheHeader) {
+  TempDir d;
+  const std::string a = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]})";
+  const std::string a2 = R"("a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]})";
+  write_file(d / "t.safetensors", raw_file("{" + a + ", " + a2 + "}", std::string(16, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "t.safetensors"), "t.safetensors", "tensor \"a\" twice");
+  // A field of one entry given twice is as ambiguous, and so is a metadata key.
+  write_file(d / "u.safetensors",
+             raw_file(R"({"b": {"dtype": "F32", "dtype": "I32", "shape": [2], "data_offsets": [0, 8]}})", std::string(8, 'x')));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "u.safetensors"), "u.safetensors", "tensor \"b\"", "key \"dtype\" appears twice");
+  write_file(d / "v.safetensors", raw_file(R"({"__metadata__": {"format": "pt", "format": "np"}})", ""));
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(d / "v.safetensors"), "v.safetensors", "__metadata__", "\"format\" twice");
+  // Equal names in different objects are fine.
+  write_file(d / "w.safetensors", raw_file("{" + a + R"(, "__metadata__": {"a": "x"}})", std::string(8, 'x')));
+  EXPECT_EQ(SafetensorsFile::open(d / "w.safetensors")->tensors().size(), 1u);
+}
+
+TEST(Safetensors, IndexNamesTensorTwice) {
+  TempDir d;
+  float a[2] = {1, 2};
+  write_safetensors(d / "s1.safetensors", {{"a", DType::F32, {2}, a, sizeof a}});
+  write_safetensors(d / "s2.safetensors", {{"b", DType::F32, {2}, a, sizeof a}});
+  write_file(d / "model.safetensors.index.json",
+             R"({"weight_map": {"a": "s1.safetensors", "b": "s2.safetensors", "a": "s2.safetensors"}})");
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "model.safetensors.index.json", "weight_map names tensor \"a\" twice");
+  write_file(d / "model.safetensors.index.json", R"({"weight_map": {"a": "s1.safetensors"}, "weight_map": {}})");
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "model.safetensors.index.json", "\"weight_map\" appears twice");
+}
+
+// Found by tests/fuzz/fuzz_safetensors and fuzz_safetensors_index: a number past a double's range makes nlohmann
+// throw out_of_range, which is not a parse_error, and escaped the loader (std::terminate).
+TEST(Safetensors, FuzzNumberOutOfRange) {
+  const std::string data = std::string(TRELLM_TEST_DATA) + "/fuzz/";
+  EXPECT_ERROR_CONTAINS(SafetensorsFile::open(data + "fuzz_safetensors/number_out_of_range.safetensors"),
+                        "number_out_of_range.safetensors", "invalid safetensors header JSON", "number overflow");
+  TempDir d;
+  write_file(d / "model.safetensors.index.json",
+             trellm::testing::read_file(data + "fuzz_safetensors_index/number_out_of_range.json"));
+  EXPECT_ERROR_CONTAINS(TensorStore::open(d.str()), "model.safetensors.index.json", "invalid JSON", "number overflow");
+}
+
 TEST(Safetensors, MissingFile) {
   EXPECT_ERROR_CONTAINS(SafetensorsFile::open("/nonexistent/x.safetensors"), "/nonexistent/x.safetensors", "cannot open");
 }

@@ -1124,3 +1124,37 @@ def test_sigint_exits_0():
     finally:
         rc = s.stop(signal.SIGINT)  # kills it by its pid if it does not exit
     assert rc == 0, s.log()[-3000:]
+
+
+def test_speculative_server_greedy_equals_plain_and_counts_drafts(srv, client):
+    """A second server with --speculative mtp: greedy completions and chat (concurrent, so the drafts run inside
+    the batch) give exactly the plain server's text, and /metrics counts drafted and accepted tokens."""
+    spec = Server("--device", "cpu", "--max-seqs", 8, "--ctx", CTX, "--served-model-name", NAME,
+                  "--speculative", "mtp", "--draft-tokens", 3, "--spec-max-seqs", 4)
+    try:
+        sclient = openai.OpenAI(base_url=spec.url, api_key="none")
+        want = [greedy_completion(client, p, max_tokens=40).choices[0].text for p in PROSE]
+        got = [None] * len(PROSE)
+
+        def one(i):
+            got[i] = greedy_completion(sclient, PROSE[i], max_tokens=40).choices[0].text
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROSE))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == want
+        msgs = [{"role": "user", "content": "Who is Emma Woodhouse's father?"}]
+        plain = chat(client, msgs, max_tokens=40).choices[0].message
+        sp = chat(sclient, msgs, max_tokens=40).choices[0].message
+        assert (sp.content, getattr(sp, "reasoning_content", None)) == (plain.content, getattr(plain, "reasoning_content", None))
+        m = spec.metrics()
+        drafts = metric(m, "trellm:spec_decode_num_draft_tokens_total")
+        accepted = metric(m, "trellm:spec_decode_num_accepted_tokens_total")
+        assert drafts > 0 and 0 < accepted < drafts, (drafts, accepted)
+        assert metric(m, "trellm:spec_decode_num_drafts_total") > 0
+        assert m[("__type__", "trellm:spec_decode_num_draft_tokens")] == "counter"
+        assert metric(srv.metrics(), "trellm:spec_decode_num_draft_tokens_total") == 0  # the plain server never drafts
+    finally:
+        assert spec.stop(signal.SIGTERM) == 0, spec.log()[-3000:]

@@ -2,6 +2,8 @@
 // (tests/data/templates/expected.json, made by scripts/make_template_fixtures.py), not from trellm.
 #include <gtest/gtest.h>
 
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -79,6 +81,50 @@ TEST(ChatTemplateErrors, RenderErrorsNameLineAndColumn) {
   EXPECT_EQ(render_error("{{ 'a' + 1 }}"), "t.jinja:1:8: unsupported operand type(s) for +: 'str' and 'int'");
   EXPECT_EQ(render_error("{{ foo.bar }}"), "t.jinja:1:7: 'foo' is undefined");
   EXPECT_EQ(render_error("{% for m in 3 %}{% endfor %}"), "t.jinja:1:1: 'int' object is not iterable");
+}
+
+// Hostile templates found while fuzzing (tests/fuzz/fuzz_jinja; reproducers in tests/data/fuzz/fuzz_jinja): each
+// overflowed the stack, ran for minutes, exhausted memory or hit undefined behaviour; now each is an error.
+TEST(ChatTemplateErrors, FuzzReproducersAreErrors) {
+  const std::string dir = std::string(TRELLM_TEST_DATA) + "/fuzz/fuzz_jinja/";
+  const std::vector<std::pair<const char*, const char*>> cases = {
+      {"binary_chain.jinja", "expression nests deeper than 100 levels"},       // eval and ~Expr recursed per term
+      {"nested_parens.jinja", "the template nests deeper than 100 levels"},   // the parser recursed per '('
+      {"recursive_macro.jinja", "evaluation nests deeper than 500 levels"},
+      {"nested_loops.jinja", "more than 2000000 steps"},                       // 10^12 iterations
+      {"string_repeat.jinja", "the string would exceed 16 MB"},                // a 100 GB allocation
+      {"int_overflow.jinja", "integer overflow in +"},                         // signed overflow (UB)
+      {"float_to_int.jinja", "cannot convert float 1e+300 to a 64-bit integer"},  // float-cast overflow (UB)
+  };
+  for (const auto& [file, want] : cases) {
+    const std::string msg = render_error(format::read_text_file(dir + file));
+    EXPECT_NE(msg.find(want), std::string::npos) << file << ": " << msg;
+    EXPECT_EQ(msg.rfind("t.jinja:1:", 0), 0u) << file << ": errors keep their location: " << msg;
+  }
+  // 1 ** 10^18 looped 10^18 times; by squaring it is immediate.
+  EXPECT_EQ(ChatTemplate(format::read_text_file(dir + "power_loop.jinja")).render(ordered_json::array(), nullptr, true), "1");
+  // Below the limits (which real templates stay far from): 90 levels of parentheses, 50 recursive macro calls.
+  EXPECT_EQ(ChatTemplate("{{ " + std::string(90, '(') + "2" + std::string(90, ')') + " }}").render(ordered_json::array(), nullptr, true), "2");
+  EXPECT_EQ(ChatTemplate("{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{% else %}done{% endif %}{% endmacro %}{{ f(50) }}")
+                .render(ordered_json::array(), nullptr, true),
+            "done");
+}
+
+TEST(ChatTemplateErrors, DeeplyNestedTokenizerConfig) {
+  // ordered_json copies nested values recursively while parsing: 100,000 levels overflowed the stack.
+  const std::string dir = ::testing::TempDir() + "/trellm_deep_tokenizer_config";
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(dir + "/tokenizer_config.json");
+    f << "{\"x\": " << std::string(100000, '[') << std::string(100000, ']') << "}";
+  }
+  try {
+    ChatTemplate::from_model_dir(dir);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("nested deeper than 256 levels"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(dir);
 }
 
 TEST(ChatTemplateErrors, ModelDirWithoutTemplate) {

@@ -4,10 +4,12 @@
 // requests are refused with the numbers; the threaded loop gives the same tokens; no block leaks.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <thread>
 
 #include "core/rng.h"
 
+#include "backend/cpu/cpu_backend.h"
 #include "model/glm4_moe_lite.h"
 #include "runtime/engine.h"
 #include "test_util.h"
@@ -215,4 +217,127 @@ TEST(Engine, LogprobsOfGreedyTokensAreTheTopOnes) {
     EXPECT_GE(t.top[0].logprob, t.top[1].logprob);
     EXPECT_GE(t.top[1].logprob, t.top[2].logprob);
   }
+}
+
+// ---- speculative decoding with the MTP layer ----
+
+TEST(EngineSpeculative, GreedyTokensEqualPlainDecodingForEveryDraftCount) {
+  std::vector<Case> cases = make_cases(12, 21);
+  for (Case& c : cases) c.params.sampling.temperature = 0;
+  const auto want = run_alone(cases);
+  // As above: a cache too small for everyone (preemptions), shared heads (prefix hits), chunked prefill; 6 running
+  // at most and speculation only while at most 4 run or wait, so it switches off and on again.
+  EngineOptions o;
+  o.max_seqs = 6;
+  o.spec_max_seqs = 4;
+  o.max_step_tokens = 160;
+  o.context = 512;
+  o.kv_blocks = 10;
+  for (int k = 1; k <= 4; k++) {
+    for (bool graphs : {false, true}) {
+      o.draft_tokens = k;
+      o.decode_graphs = graphs;
+      Engine e(default_model(), o);
+      std::vector<std::shared_ptr<Request>> reqs;
+      for (size_t i = 0; i < cases.size(); i++) {
+        reqs.push_back(e.submit(cases[i].prompt, cases[i].params));
+        for (size_t s = 0; s < i % 3; s++) e.step();
+      }
+      e.run_until_idle();
+      for (size_t i = 0; i < cases.size(); i++)
+        EXPECT_EQ(ids(reqs[i]->wait_all()), want[i]) << "K " << k << (graphs ? " graphs" : "") << ", request " << i;
+      const Engine::Stats st = e.stats();
+      EXPECT_GT(st.preemptions, 0);
+      EXPECT_GT(st.prefix_hit_tokens, 0);
+      EXPECT_GT(st.spec_draft_tokens, 0);
+      EXPECT_GT(st.spec_accepted_tokens, 0) << "the trained MTP layer agrees with the model ~60 % of the time";
+      EXPECT_LT(st.spec_accepted_tokens, st.spec_draft_tokens);
+      if (graphs) EXPECT_GT(st.graph_steps, 0);
+      e.block_manager().check_invariants();
+      EXPECT_EQ(e.block_manager().used_blocks(), 0) << "blocks leaked";
+    }
+  }
+}
+
+TEST(EngineSpeculative, SampledTokensFollowTheModelsDistribution) {
+  // The default model (its trained MTP layer proposes the target's likely tokens, so acceptance and rejection
+  // both happen often), three tokens sampled at temperature 1 among the top 3 (a vocabulary of 3 per step), with
+  // 2 drafts per step, against the model's exact joint distribution by teacher forcing. Chi-squared over the 27
+  // outcomes with fixed seeds, threshold at p = 1e-4.
+  Model* m = &default_model();
+  const int64_t V = m->config().vocab_size;
+  const std::vector<int32_t> prompt = {5, 17, 42, 99};
+  SamplingParams sp;
+  sp.temperature = 1.0f;
+  sp.top_k = 3;
+  RunState rs = m->make_run_state(16);
+  KvCache kv = m->make_kv_cache(16);
+  auto probs_after = [&](const std::vector<int32_t>& t) {
+    m->forward(rs, kv, t.data(), int(t.size()), 0, false);
+    std::vector<double> p(static_cast<size_t>(V));
+    cpu::sample_probs(rs.logits.ptr<float>(), V, sp, p.data());
+    return p;
+  };
+  std::map<std::vector<int32_t>, double> want;
+  const auto p1 = probs_after(prompt);
+  for (int32_t a = 0; a < V; a++) {
+    if (p1[size_t(a)] == 0) continue;
+    std::vector<int32_t> t1 = prompt;
+    t1.push_back(a);
+    const auto p2 = probs_after(t1);
+    for (int32_t b = 0; b < V; b++) {
+      if (p2[size_t(b)] == 0) continue;
+      std::vector<int32_t> t2 = t1;
+      t2.push_back(b);
+      const auto p3 = probs_after(t2);
+      for (int32_t c = 0; c < V; c++)
+        if (p3[size_t(c)] > 0) want[{a, b, c}] = p1[size_t(a)] * p2[size_t(b)] * p3[size_t(c)];
+    }
+  }
+  ASSERT_EQ(want.size(), 27u);
+  EngineOptions o;
+  o.max_seqs = 8;
+  o.spec_max_seqs = 8;
+  o.context = 64;
+  o.kv_blocks = 16;
+  o.draft_tokens = 2;
+  Engine e(*m, o);
+  std::map<std::vector<int32_t>, int64_t> got;
+  const int N = 2400;
+  for (int i = 0; i < N; i += 8) {
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (int j = 0; j < 8; j++) {
+      GenParams p;
+      p.sampling = sp;
+      p.sampling.seed = uint64_t(1 + i + j);
+      p.max_tokens = 3;
+      p.ignore_eos = true;
+      reqs.push_back(e.submit(prompt, p));
+    }
+    e.run_until_idle();
+    for (auto& r : reqs) got[ids(r->wait_all())]++;
+  }
+  double chi2 = 0;
+  for (const auto& [seq, p] : want) {
+    const double ex = p * N, n = double(got.count(seq) ? got[seq] : 0);
+    chi2 += (n - ex) * (n - ex) / ex;
+  }
+  int64_t outside = N;
+  for (const auto& [seq, n] : want) outside -= got.count(seq) ? got[seq] : 0;
+  EXPECT_EQ(outside, 0) << "outcomes the model gives probability 0";
+  EXPECT_LT(chi2, 56.4) << "chi-squared with 26 degrees of freedom";  // upper 1e-4 quantile
+  const Engine::Stats st = e.stats();
+  EXPECT_GT(st.spec_accepted_tokens, 0);
+  EXPECT_LT(st.spec_accepted_tokens, st.spec_draft_tokens);
+}
+
+TEST(EngineSpeculative, NeedsAnMtpLayer) {
+  auto be = make_cpu_backend();
+  auto m = Model::load(std::string(TRELLM_TEST_DATA) + "/hf/tiny_a", *be);
+  EngineOptions o;
+  o.kv_blocks = 4;
+  o.draft_tokens = 2;
+  trellm::testing::expect_error([&] { Engine e(*m, o); }, "MTP layer");
+  o.draft_tokens = kMaxDraftTokens + 1;
+  trellm::testing::expect_error([&] { Engine e(default_model(), o); }, "draft tokens");
 }

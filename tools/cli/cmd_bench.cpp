@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/timer.h"
+#include "format/tokenizer_json.h"
 #include "model/glm4_moe_lite.h"
 #include "runtime/engine.h"
 #include "runtime/generate.h"
@@ -31,7 +32,11 @@ struct BenchArgs {
   std::string batch;          // batched engine: batch sizes, e.g. "1,8,32,64" (then the single-sequence parts are skipped)
   int batch_depth = 1024;     // prompt tokens per sequence before the measured decode steps
   int prefix_prompt = 8192;   // prefix-cache TTFT: prompt length (0: skip)
+  std::string speculative;    // "mtp": the speculative-decoding benchmark instead
+  std::string draft_tokens = "1,2,3,4";
+  std::string prompt_file;    // speculative: the prompt's text (else random tokens, meaningless acceptance)
   std::string command;
+  CudaOptions cuda;           // --mla-prefill
 };
 
 std::vector<int> parse_list(const std::string& s, const char* flag) {
@@ -39,6 +44,19 @@ std::vector<int> parse_list(const std::string& s, const char* flag) {
   for (int32_t v : parse_ids(s)) out.push_back(v);
   if (out.empty()) fail(flag, ": empty list");
   return out;
+}
+
+// This process's resident set (VmRSS) and its peak (VmHWM) in GB, from /proc/self/status (Linux; 0 elsewhere): the
+// CPU backend's memory figures (its weights are host memory or the checkpoint's mapping).
+std::pair<double, double> rss_gb() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  double rss = 0, hwm = 0;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) rss = std::stod(line.substr(6)) * 1024 / 1e9;
+    if (line.rfind("VmHWM:", 0) == 0) hwm = std::stod(line.substr(6)) * 1024 / 1e9;
+  }
+  return {rss, hwm};
 }
 
 double median(std::vector<double> v) {
@@ -181,8 +199,150 @@ void run_batch_bench(const BenchArgs& a, Model& model, Backend& backend, Reporte
   rep.figure("prefix_cache", "ttft_warm_ms", shape, 1e3 * warm, "ms");
 }
 
+// Speculative decoding at batch 1 through the engine: plain decoding, then for each K the verification forward of
+// K + 1 rows alone (a captured step), the engine's speculative step (verification + K draft steps), the measured
+// acceptance and tok/s, and the tok/s the measured step costs would give at acceptance alpha:
+// (1 - alpha^(K+1)) / (1 - alpha) tokens per step.
+void run_spec_bench(const BenchArgs& a, Model& model, Backend& backend, Reporter& rep) {
+  const Config& c = model.config();
+  std::vector<int32_t> prompt;
+  if (!a.prompt_file.empty()) {
+    const std::string text = format::read_text_file(a.prompt_file);
+    prompt = load_tokenizer(a.model).encode(text);
+    if (int(prompt.size()) < a.batch_depth) fail(a.prompt_file, ": ", prompt.size(), " tokens, fewer than --batch-depth ", a.batch_depth);
+    prompt.resize(size_t(a.batch_depth));
+  } else {
+    Rng rng(13);
+    for (int i = 0; i < a.batch_depth; i++) prompt.push_back(int32_t(rng.next_u32() % uint32_t(c.vocab_size)));
+  }
+  const int D = a.batch_depth;
+  // The engine with B sequences (the same prompt, no prefix caching), `steps` decode steps measured (median of the
+  // repeats): total tok/s and ms per step.
+  auto engine_run = [&](int K, Engine::Stats* stats, int B = 1) {
+    const int steps = a.decode_tokens;
+    EngineOptions o;
+    o.max_seqs = B;
+    o.max_step_tokens = a.prefill_chunk;
+    o.context = D + steps * (a.repeats + 2) * (K + 1) + 64;
+    o.kv_blocks = B * kv_blocks_for(o.context) + 1;
+    o.prefix_caching = false;
+    o.draft_tokens = K;
+    o.spec_max_seqs = B;
+    Engine e(model, o);
+    GenParams p;
+    p.sampling.temperature = 0;
+    p.ignore_eos = true;
+    p.max_tokens = o.context - D - 8;
+    std::vector<std::shared_ptr<Request>> reqs;
+    for (int i = 0; i < B; i++) reqs.push_back(e.submit(prompt, p));
+    while (e.stats().generation_tokens < B && e.step()) {
+    }
+    for (auto& r : reqs) {
+      std::vector<GenToken> sink;
+      if (r->wait(sink, std::chrono::milliseconds(0)) == FinishReason::Error) fail("the engine failed: ", r->error());
+    }
+    for (int w = 0; w < 3; w++) e.step();  // graph capture
+    const Engine::Stats s0 = e.stats();
+    std::vector<double> rates, ms;
+    for (int rep_i = 0; rep_i < a.repeats; rep_i++) {
+      const int64_t g0 = e.stats().generation_tokens;
+      backend.synchronize();
+      Timer t;
+      for (int s = 0; s < steps; s++) e.step();
+      const double sec = t.seconds();
+      rates.push_back(double(e.stats().generation_tokens - g0) / sec);
+      ms.push_back(1e3 * sec / steps);
+    }
+    Engine::Stats s1 = e.stats();
+    s1.spec_steps -= s0.spec_steps, s1.spec_draft_tokens -= s0.spec_draft_tokens, s1.spec_accepted_tokens -= s0.spec_accepted_tokens;
+    if (stats) *stats = s1;
+    for (auto& r : reqs) r->cancel();
+    e.step();
+    return std::pair{median(rates), median(ms)};
+  };
+  // One forward of `rows` rows of one sequence at depth D, captured and replayed: its time in ms.
+  auto verify_ms = [&](int rows) {
+    RunState rs = model.make_run_state(rows);
+    KvCache kv = model.make_kv_cache(D + rows + 1);
+    std::vector<int32_t> toks(prompt.begin(), prompt.begin() + rows);
+    model.forward(rs, kv, toks.data(), rows, D, true);
+    Model::Layout l;
+    l.n = rows;
+    l.bound = int(kv.token_capacity());
+    l.table_stride = kv.blocks;
+    l.logits = Logits::All;
+    auto g = backend.capture([&] { model.forward_uploaded(rs, kv, l); });
+    for (int w = 0; w < 3; w++) g->launch();
+    std::vector<double> ms;
+    for (int rep_i = 0; rep_i < a.repeats; rep_i++) {
+      backend.synchronize();
+      Timer t;
+      for (int s = 0; s < a.decode_tokens; s++) g->launch();
+      backend.synchronize();
+      ms.push_back(1e3 * t.seconds() / a.decode_tokens);
+    }
+    return median(ms);
+  };
+  const auto [plain_tok_s, plain_ms] = engine_run(0, nullptr);
+  const double one_ms = verify_ms(1);
+  std::printf("\n  speculative decoding (MTP), batch 1, depth %d%s; plain decode %.1f tok/s (%.3f ms per step; forward "
+              "of 1 row %.3f ms)\n",
+              D, a.prompt_file.empty() ? ", random prompt" : "", plain_tok_s, plain_ms, one_ms);
+  rep.figure("speculative", "plain_decode_tok_s", "depth=" + std::to_string(D), plain_tok_s, "tok/s");
+  rep.figure("speculative", "forward_ms", "rows=1 depth=" + std::to_string(D), one_ms, "ms");
+  std::printf("  %3s %14s %10s %12s %11s %10s %10s %9s %24s\n", "K", "verify K+1 ms", "x 1 row", "step ms", "draft ms/K",
+              "accepted", "tok/step", "tok/s", "expected tok/s a=.6/.7/.8");
+  for (int K : parse_list(a.draft_tokens, "--draft-tokens")) {
+    if (K < 1 || K > kMaxDraftTokens) fail("--draft-tokens ", K, " must be in 1..", kMaxDraftTokens);
+    Engine::Stats st;
+    const auto [tok_s, step_ms] = engine_run(K, &st);
+    const double v_ms = verify_ms(K + 1);
+    const double acc = st.spec_draft_tokens ? double(st.spec_accepted_tokens) / double(st.spec_draft_tokens) : 0;
+    const double per_step = st.spec_steps ? double(st.spec_accepted_tokens + st.spec_steps) / double(st.spec_steps) : 0;
+    double expect[3];
+    const double alphas[3] = {0.6, 0.7, 0.8};
+    for (int i = 0; i < 3; i++) expect[i] = (1 - std::pow(alphas[i], K + 1)) / (1 - alphas[i]) / (step_ms / 1e3);
+    std::printf("  %3d %14.3f %10.2f %12.3f %11.3f %9.1f%% %10.2f %9.1f %8.0f %7.0f %7.0f\n", K, v_ms, v_ms / one_ms, step_ms,
+                (step_ms - v_ms) / K, 100 * acc, per_step, tok_s, expect[0], expect[1], expect[2]);
+    const std::string shape = "K=" + std::to_string(K) + " depth=" + std::to_string(D);
+    rep.figure("speculative", "verify_ms", shape, v_ms, "ms");
+    rep.figure("speculative", "verify_over_one_row", shape, v_ms / one_ms, "x");
+    rep.figure("speculative", "step_ms", shape, step_ms, "ms");
+    rep.figure("speculative", "draft_ms_per_token", shape, (step_ms - v_ms) / K, "ms");
+    rep.figure("speculative", "acceptance", shape, acc, "fraction");
+    rep.figure("speculative", "tokens_per_step", shape, per_step, "tokens");
+    rep.figure("speculative", "decode_tok_s", shape, tok_s, "tok/s");
+    rep.figure("speculative", "speedup_measured", shape, tok_s / plain_tok_s, "x");
+    for (int i = 0; i < 3; i++)
+      rep.figure("speculative", "expected_tok_s", shape + " alpha=" + std::to_string(alphas[i]).substr(0, 3), expect[i], "tok/s");
+  }
+  if (a.batch.empty()) return;
+  // Where it stops paying: at B sequences a speculative step costs t_spec, a plain one t_plain; speculation wins
+  // when its tokens per step (1 - a^(K+1)) / (1 - a) exceed t_spec / t_plain, i.e. above a break-even acceptance.
+  std::printf("\n  batch   plain ms/step   K   spec ms/step   ratio   break-even acceptance\n");
+  for (int B : parse_list(a.batch, "--batch")) {
+    const double t_plain = engine_run(0, nullptr, B).second;
+    for (int K : parse_list(a.draft_tokens, "--draft-tokens")) {
+      const double t_spec = engine_run(K, nullptr, B).second, ratio = t_spec / t_plain;
+      double lo = 0, hi = 1;  // tokens per step grow with the acceptance: bisect
+      for (int it = 0; it < 50; it++) {
+        const double mid = (lo + hi) / 2;
+        ((1 - std::pow(mid, K + 1)) / (1 - mid) < ratio ? lo : hi) = mid;
+      }
+      const bool never = ratio >= K + 1;
+      std::printf("  %5d %15.3f %3d %14.3f %7.2f   %s\n", B, t_plain, K, t_spec, ratio,
+                  never ? "never (more than K+1 tokens' cost)" : std::to_string(hi).substr(0, 4).c_str());
+      const std::string shape = "batch=" + std::to_string(B) + " K=" + std::to_string(K) + " depth=" + std::to_string(D);
+      rep.figure("speculative_batch", "plain_ms_per_step", shape, t_plain, "ms");
+      rep.figure("speculative_batch", "spec_ms_per_step", shape, t_spec, "ms");
+      rep.figure("speculative_batch", "break_even_acceptance", shape, never ? 1.0 : hi, "fraction");
+    }
+  }
+}
+
 int run_bench(const BenchArgs& a) {
-  auto backend = make_backend(a.device);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // figures appear as they are measured, also into a log file
+  auto backend = make_backend(a.device, a.cuda);
   Reporter rep(a);
   rep.gpu = backend->name();
   const auto prompt_lens = parse_list(a.prompt_lens, "--prompt-lens");
@@ -230,7 +390,17 @@ int run_bench(const BenchArgs& a) {
     rep.figure("memory", "gpu_mem_after_load_gb", "", mem_load.first / 1e9, "GB");
   }
   if (bw > 0) std::printf("  copy bandwidth       %.0f GB/s (read + write, 1 GiB device copy)\n", bw / 1e9);
+  if (backend->host_memory()) {
+    const auto [rss, hwm] = rss_gb();
+    std::printf("  RSS after load       %.2f GB, peak %.2f GB (weights %.2f GB)\n", rss, hwm, model->weight_bytes_total() / 1e9);
+    rep.figure("memory", "rss_after_load_gb", "", rss, "GB");
+  }
 
+  if (!a.speculative.empty()) {  // with --batch: also where speculation stops paying
+    if (!a.prompt_file.empty() && a.model.empty()) fail("--prompt-file needs --model (its tokenizer)");
+    run_spec_bench(a, *model, *backend, rep);
+    return 0;
+  }
   if (!a.batch.empty()) {
     run_batch_bench(a, *model, *backend, rep, bw);
     return 0;
@@ -264,6 +434,12 @@ int run_bench(const BenchArgs& a) {
   if (mem_fwd.second) {
     std::printf("  GPU memory after forward %.2f GB\n", mem_fwd.first / 1e9);
     rep.figure("memory", "gpu_mem_after_forward_gb", "ctx=" + std::to_string(ctx), mem_fwd.first / 1e9, "GB");
+  }
+  if (backend->host_memory()) {
+    const auto [rss, hwm] = rss_gb();
+    std::printf("  RSS after forward    %.2f GB, peak %.2f GB\n", rss, hwm);
+    rep.figure("memory", "rss_after_forward_gb", "ctx=" + std::to_string(ctx), rss, "GB");
+    rep.figure("memory", "rss_peak_gb", "ctx=" + std::to_string(ctx), hwm, "GB");
   }
 
   // ---- decode at depth (cache rows past the prefills hold random values: speed does not depend on them) ----
@@ -357,7 +533,14 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--batch-depth", a.batch_depth, "Batched: prompt tokens per sequence before decoding")->capture_default_str();
   cmd->add_option("--prefix-prompt", a.prefix_prompt, "Batched: prompt length of the prefix-cache TTFT (0: skip)")
       ->capture_default_str();
+  cmd->add_option("--speculative", a.speculative,
+                  "Speculative decoding instead ('mtp'): plain vs speculative decode at batch 1, verification cost, "
+                  "acceptance, expected tok/s at acceptance 0.6 / 0.7 / 0.8 (depth: --batch-depth)")
+      ->check(CLI::IsMember({"mtp"}));
+  cmd->add_option("--draft-tokens", a.draft_tokens, "Speculative: draft counts to measure")->capture_default_str();
+  cmd->add_option("--prompt-file", a.prompt_file, "Speculative: a text file whose first --batch-depth tokens are the prompt");
   cmd->add_option("--device", a.device, "cpu, cuda, cuda:N or auto")->capture_default_str();
+  add_cuda_options(cmd, a.cuda);
   cmd->add_option("--json", a.json, "Append one JSON line per figure to this file");
   cmd->callback([] { std::exit(run_bench(a)); });
 }

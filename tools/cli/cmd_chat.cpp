@@ -32,7 +32,10 @@ int run_chat(const ChatArgs& a) {
   ChatTemplate tpl = ChatTemplate::from_model_dir(dir);
   GenerateOptions opt = a.gen.options(dir, 1024);
   const int ctx = a.gen.context(model->config().max_position_embeddings);
-  Generator gen(*model, ctx);
+  std::unique_ptr<Generator> gen;
+  std::unique_ptr<EngineGenerator> spec;  // --speculative: the engine drafts with the MTP layer
+  if (a.gen.speculative.empty()) gen = std::make_unique<Generator>(*model, ctx);
+  else spec = std::make_unique<EngineGenerator>(*model, ctx, a.gen.draft_tokens);
   const bool tty = !a.plain && isatty(STDOUT_FILENO);
   const char* dim = tty ? "\x1b[2m" : "";
   const char* reset = tty ? "\x1b[0m" : "";
@@ -95,15 +98,18 @@ int run_chat(const ChatArgs& a) {
       std::fflush(stdout);
     };
     GenerateStats st;
-    gen.generate(prompt, opt, [&](int32_t t) {
+    auto on_token = [&](int32_t t) {
       if (!is_stop(t)) show(parser.feed(dec.push(t)));
       return true;
-    }, &st);
+    };
+    if (gen) gen->generate(prompt, opt, on_token, &st);
+    else spec->generate(prompt, opt, on_token, &st);
     show(parser.feed(dec.finish()));
     show(parser.finish());
     if (in_reasoning) std::fputs(reset, stdout);
     std::fprintf(stdout, "\n");
-    std::fprintf(stderr, "%s[%d tokens, %.1f tok/s]%s\n", dim, st.generated, st.decode_tok_s(), reset);
+    std::fprintf(stderr, "%s[%d tokens, %.1f tok/s%s%s]%s\n", dim, st.generated, st.decode_tok_s(), spec ? "; " : "",
+                 spec ? spec->acceptance().c_str() : "", reset);
     nlohmann::ordered_json reply = {{"role", "assistant"}, {"content", content}};
     if (!reasoning.empty()) reply["reasoning_content"] = reasoning;
     history.push_back(reply);

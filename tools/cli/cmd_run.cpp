@@ -46,20 +46,25 @@ int run(const RunArgs& a) {
     prompt = parse_ids(a.prompt_ids);
   }
   const int ctx = a.gen.context(c.max_position_embeddings);
-  Generator gen(*model, int(std::min<int64_t>(ctx, int64_t(prompt.size()) + opt.max_tokens + 1)));
+  const int gen_ctx = int(std::min<int64_t>(ctx, int64_t(prompt.size()) + opt.max_tokens + 1));
+  std::unique_ptr<Generator> gen;
+  std::unique_ptr<EngineGenerator> spec;  // --speculative: the engine drafts with the MTP layer
+  if (a.gen.speculative.empty()) gen = std::make_unique<Generator>(*model, gen_ctx);
+  else spec = std::make_unique<EngineGenerator>(*model, gen_ctx, a.gen.draft_tokens);
 
   // Stream: text as it completes (never half a character), or ids collected for --print-ids.
   const bool stream_text = tok && !a.print_ids;
   std::optional<StreamDecoder> dec;
   if (stream_text) dec.emplace(*tok);
   GenerateStats st;
-  std::vector<int32_t> out = gen.generate(prompt, opt, [&](int32_t t) {
+  auto on_token = [&](int32_t t) {
     if (stream_text) {
       std::fputs(dec->push(t).c_str(), stdout);
       std::fflush(stdout);
     }
     return true;
-  }, &st);
+  };
+  std::vector<int32_t> out = gen ? gen->generate(prompt, opt, on_token, &st) : spec->generate(prompt, opt, on_token, &st);
   if (stream_text) {
     std::fputs(dec->finish().c_str(), stdout);
   } else {
@@ -70,6 +75,7 @@ int run(const RunArgs& a) {
   std::fprintf(stderr, "trellm: %d prompt tokens in %.3f s (%.1f tok/s), %d generated in %.3f s (%.1f tok/s)%s [%s, %d threads]\n",
                st.prompt_tokens, st.prefill_s, st.prefill_tok_s(), st.generated, st.decode_s, st.decode_tok_s(),
                st.hit_eos ? ", stopped at EOS" : "", backend->name().c_str(), ThreadPool::global().size());
+  if (spec) std::fprintf(stderr, "trellm: speculative decoding (MTP, %d draft tokens): %s\n", a.gen.draft_tokens, spec->acceptance().c_str());
   return 0;
 }
 

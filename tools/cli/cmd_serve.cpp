@@ -23,6 +23,8 @@ namespace {
 struct ServeArgs {
   std::string model, synthetic, device = "auto", served_name, host = "127.0.0.1", api_key;
   int port = 8080, max_seqs = 64, ctx = 0, max_step_tokens = 2048, bits = 3, head_bits = 6;
+  std::string speculative;
+  int draft_tokens = 2, spec_max_seqs = EngineOptions{}.spec_max_seqs;
   double kv_memory = 0, shutdown_grace = 30;
   bool no_prefix_caching = false;
   // batch
@@ -72,6 +74,7 @@ Loaded load(const ServeArgs& a) {
   o.context = a.ctx > 0 ? a.ctx : std::min<int64_t>(c.max_position_embeddings, 32768);
   o.kv_memory_gb = a.kv_memory;
   o.prefix_caching = !a.no_prefix_caching;
+  if (!a.speculative.empty()) o.draft_tokens = a.draft_tokens, o.spec_max_seqs = a.spec_max_seqs;
   L.engine = std::make_unique<Engine>(*L.model, o);
   L.mc.tok = &*L.tok;
   L.mc.tpl = L.tpl ? &*L.tpl : nullptr;
@@ -209,6 +212,17 @@ void add_common(CLI::App* cmd, ServeArgs& a) {
   cmd->add_option("--kv-memory", a.kv_memory, "KV-cache size in GB (default: 90% of free GPU memory; CPU: up to 2 GB)");
   cmd->add_flag("--no-prefix-caching", a.no_prefix_caching, "Do not reuse cached prompt blocks");
   cmd->add_option("--served-model-name", a.served_name, "The model name clients use (default: the model directory's name)");
+  cmd->add_option("--speculative", a.speculative,
+                  "Speculative decoding: 'mtp' drafts with the model's MTP layer, per sequence inside the batch (the "
+                  "output is the model's own)")
+      ->check(CLI::IsMember({"mtp"}));
+  cmd->add_option("--draft-tokens", a.draft_tokens, "Draft tokens per step with --speculative")
+      ->check(CLI::Range(1, kMaxDraftTokens))
+      ->capture_default_str();
+  cmd->add_option("--spec-max-seqs", a.spec_max_seqs,
+                  "Speculate only while at most this many requests run or wait (beyond, a batch is wide enough)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
 }
 
 }  // namespace

@@ -51,12 +51,20 @@ std::vector<int32_t> parse_ids(const std::string& csv) {
   return ids;
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
+std::unique_ptr<Backend> make_backend(const std::string& device, const CudaOptions& cuda) {
   if (device == "cpu") return make_cpu_backend();
-  if (device == "auto") return cuda_available() ? make_cuda_backend(0) : make_cpu_backend();
-  if (device == "cuda") return make_cuda_backend(0);
-  if (device.rfind("cuda:", 0) == 0) return make_cuda_backend(std::atoi(device.c_str() + 5));
+  if (device == "auto") return cuda_available() ? make_cuda_backend(0, cuda) : make_cpu_backend();
+  if (device == "cuda") return make_cuda_backend(0, cuda);
+  if (device.rfind("cuda:", 0) == 0) return make_cuda_backend(std::atoi(device.c_str() + 5), cuda);
   fail("--device ", device, ": unknown device (cpu, cuda, cuda:N or auto)");
+}
+
+void add_cuda_options(CLI::App* cmd, CudaOptions& cuda) {
+  cmd->add_option_function<std::string>(
+         "--mla-prefill", [&cuda](const std::string& s) { cuda.mla_prefill = parse_mla_prefill(s, "--mla-prefill"); },
+         "GPU MLA prefill form: auto (the one with fewer MACs per call), absorbed or expanded (the same function; "
+         "for A/B measurements)")
+      ->default_str("auto");
 }
 
 }  // namespace trellm::cli

@@ -18,7 +18,10 @@ std::string resolve_model(const std::string& given);
 
 std::vector<int32_t> parse_ids(const std::string& csv);  // "1,2,3" or "1 2 3"
 
-std::unique_ptr<Backend> make_backend(const std::string& device);
+// `cuda` applies when the device is a GPU.
+std::unique_ptr<Backend> make_backend(const std::string& device, const CudaOptions& cuda = {});
+// Registers the CUDA backend's tunables (--mla-prefill) on a subcommand.
+void add_cuda_options(CLI::App* cmd, CudaOptions& cuda);
 
 // DIR/tokenizer.json, or an Error saying the model has none (and what to use instead).
 Tokenizer load_tokenizer(const std::string& dir);

@@ -78,6 +78,8 @@ json to_chat(const json& body) {
   return out;
 }
 
+}  // namespace
+
 GenRequest parse_messages(const json& body, const ModelContext& m) {
   if (!body.is_object()) throw ApiError(400, "the request body must be a JSON object");
   reject_unknown(body,
@@ -121,6 +123,8 @@ GenRequest parse_messages(const json& body, const ModelContext& m) {
   r.kind = GenRequest::Kind::Messages;
   return r;
 }
+
+namespace {
 
 const char* stop_reason(const Choice& c) {
   const std::string f = c.finish_reason();

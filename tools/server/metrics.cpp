@@ -86,6 +86,10 @@ std::string Metrics::render(const Engine::Stats& st, const std::string& model) c
   counter("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", double(st.prompt_tokens));
   counter("generation_tokens", "Tokens generated.", double(st.generation_tokens));
   counter("num_preemptions", "Sequences preempted (recomputed later) when the cache ran out.", double(st.preemptions));
+  // vLLM's spec_decode_* names: acceptance rate = accepted / draft tokens
+  counter("spec_decode_num_drafts", "Sequence-steps that verified MTP drafts (speculative decoding).", double(st.spec_steps));
+  counter("spec_decode_num_draft_tokens", "Draft tokens verified.", double(st.spec_draft_tokens));
+  counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.", double(st.spec_accepted_tokens));
   std::lock_guard lk(mu_);
   family(o, "trellm:request_success", "counter", "Finished requests by finish reason.");
   for (const char* r : {"stop", "length", "tool_calls", "abort", "error"}) {

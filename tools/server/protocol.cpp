@@ -321,10 +321,17 @@ GenRequest parse_chat(const json& body, const ModelContext& m) {
     r.prompt.insert(r.prompt.end(), extra.begin(), extra.end());
     r.thinking_open = false;
   }
-  const json* mt = body.contains("max_completion_tokens") && !body["max_completion_tokens"].is_null() ? &body["max_completion_tokens"]
-                   : body.contains("max_tokens")                                                       ? &body["max_tokens"]
-                                                                                                       : nullptr;
-  finish_params(r, m, mt, mt == &body["max_tokens"] ? "max_tokens" : "max_completion_tokens");
+  // max_completion_tokens (OpenAI's current name) wins over the older max_tokens. (No body["key"] for an absent
+  // key here: on a const json that is undefined behaviour, not a null.)
+  const json* mt = nullptr;
+  const char* mt_name = "max_completion_tokens";
+  if (auto it = body.find("max_completion_tokens"); it != body.end() && !it->is_null()) {
+    mt = &*it;
+  } else if (auto it2 = body.find("max_tokens"); it2 != body.end()) {
+    mt = &*it2;
+    mt_name = "max_tokens";
+  }
+  finish_params(r, m, mt, mt_name);
   return r;
 }
 

@@ -57,6 +57,8 @@ struct GenRequest {
 // Body of POST /v1/chat/completions and /v1/completions.
 GenRequest parse_chat(const json& body, const ModelContext& m);
 GenRequest parse_completion(const json& body, const ModelContext& m);
+// Body of POST /v1/messages (Anthropic's Messages API, anthropic.cpp): turned into the chat above, validated by it.
+GenRequest parse_messages(const json& body, const ModelContext& m);
 // Chat messages (OpenAI form) as the chat template wants them: text parts joined, tool-call arguments as objects.
 json template_messages(const json& messages);
 // Renders and tokenizes a chat for /tokenize; *thinking_open: whether the prompt ends inside <think>.

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "format/json_file.h"
 
 namespace trellm::server {
 
@@ -19,6 +20,13 @@ InFlight::InFlight(Server& srv) : s(srv) { s.in_flight_++; }
 InFlight::~InFlight() { s.in_flight_--; }
 
 json parse_body(const httplib::Request& req) {
+  // Deep nesting first: the JSON library and the chat template recurse over values (a 200 KB "[[[[..." body
+  // overflowed the stack).
+  try {
+    check_json_depth(req.body, "the request body");
+  } catch (const Error& e) {
+    throw ApiError(400, e.what());
+  }
   json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) throw ApiError(400, "the request body is not valid JSON");
   return body;

@@ -55,9 +55,9 @@ void CpuBackend::gather_sequence(float* dst, TensorView cache, const int32_t* ta
   }
 }
 
-void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b_in,
+void CpuBackend::attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b,
                                     const int32_t* pos, const MlaDims& d) {
-  const Linear& kv_b = dense_view(kv_b_in);
+  if (kv_b.exl3) return attention_absorbed_trellis(out, q, cache.ptr<float>(), nullptr, kv_b, pos, d);
   const int64_t n = q.dim(0), H = d.heads, rank = d.kv_rank, W = d.cache_width();
   const int64_t per_head = d.nope_dim + d.v_dim;
   const DType wt = kv_b.weight.dtype;
@@ -116,11 +116,17 @@ void CpuBackend::attention_mla(TensorView out, TensorView q, TensorView cache, c
       TRELLM_ASSERT(sq[i] == sq[r0], "row ", i, " is not of its run's sequence");
       rows = std::max<int64_t>(rows, p[i] + 1);
     }
-    float* c = scratch(5, size_t(rows * W));
-    gather_sequence(c, cache, pos.tables.ptr<int32_t>() + int64_t(sq[r0]) * pos.max_blocks(), rows);
-    const TensorView seq_cache(c, DType::F32, {rows, W});
+    const int32_t* table = pos.tables.ptr<int32_t>() + int64_t(sq[r0]) * pos.max_blocks();
     const TensorView qr(q[r0].data, DType::F32, {len, q.dim(1), q.dim(2)});
     const TensorView orr(out[r0].data, DType::F32, {len, out.cols()});
+    if (mode == MlaMode::Absorbed && kv_b.exl3 && cache.dtype == DType::F32) {  // reads the pool in place
+      attention_absorbed_trellis(orr, qr, cache.ptr<float>(), table, kv_b, p + r0, d);
+      r0 += len;
+      continue;
+    }
+    float* c = scratch(5, size_t(rows * W));
+    gather_sequence(c, cache, table, rows);
+    const TensorView seq_cache(c, DType::F32, {rows, W});
     if (mode == MlaMode::Absorbed) attention_absorbed(orr, qr, seq_cache, kv_b, p + r0, d);
     else attention_expanded(orr, qr, seq_cache, kv_b, p + r0, d);
     r0 += len;

@@ -4,12 +4,14 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "backend/cpu/cpu_kernels.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/thread_pool.h"
-#include "quant/trellis_ref.h"
 
 namespace trellm {
 
@@ -20,6 +22,19 @@ std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend
 void* CpuBackend::alloc(size_t bytes) {
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   if (!p) fail("out of host memory allocating ", bytes, " bytes");
+#if defined(__linux__)
+  // Large blocks (a model's weights come in 64 MiB arena chunks) are populated by the kernel in one call
+  // (MADV_POPULATE_WRITE, Linux 5.14; advice only, ignored where unsupported) instead of one page fault per 4 KiB
+  // on first touch: 12 GB in ~5 s instead of ~25 s in this project's VM. (Transparent huge pages were slower to
+  // populate there, 20 s, and a checkpoint's mapping has 4 KiB pages anyway.)
+  constexpr size_t kPopulateFrom = size_t(2) << 20, kPage = 4096;
+  if (bytes >= kPopulateFrom) {
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kPage - 1) & ~(kPage - 1);
+    const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kPage - 1);
+    constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
+    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, kPopulateWrite);
+  }
+#endif
   return p;
 }
 void CpuBackend::release(void* p) { std::free(p); }
@@ -27,16 +42,31 @@ void CpuBackend::to_host(void* dst, const void* src, size_t bytes) { std::memcpy
 void CpuBackend::from_host(void* dst, const void* src, size_t bytes) { std::memcpy(dst, src, bytes); }
 
 void CpuBackend::fill_random(TensorView t, uint64_t seed, float scale) {
+  // Blocks of 64K elements, each from its own stream, on every thread; a full-size synthetic model (~12 GB of
+  // trellis codes) fills in a few seconds. Integer tensors (trellis codes) get raw random bytes, 8 per draw.
   const int64_t n = t.numel();
+  const size_t esz = dtype_size(t.dtype);
   parallel_for(n, 1 << 16, [&](int64_t b, int64_t e) {
     Rng r(seed ^ (uint64_t(b) * 0x9E3779B97F4A7C15ull));
-    for (int64_t i = b; i < e; i++) {
-      switch (t.dtype) {
-        case DType::F32: t.ptr<float>()[i] = r.uniform(-scale, scale); break;
-        case DType::F16: t.ptr<uint16_t>()[i] = f32_to_f16(r.uniform(-scale, scale)); break;
-        case DType::BF16: t.ptr<uint16_t>()[i] = f32_to_bf16(r.uniform(-scale, scale)); break;
-        default: static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype)] = uint8_t(r.next_u32());
-          for (size_t k = 1; k < dtype_size(t.dtype); k++) static_cast<uint8_t*>(t.data)[i * dtype_size(t.dtype) + k] = uint8_t(r.next_u32());
+    switch (t.dtype) {
+      case DType::F32:
+        for (int64_t i = b; i < e; i++) t.ptr<float>()[i] = r.uniform(-scale, scale);
+        break;
+      case DType::F16:
+        for (int64_t i = b; i < e; i++) t.ptr<uint16_t>()[i] = f32_to_f16(r.uniform(-scale, scale));
+        break;
+      case DType::BF16:
+        for (int64_t i = b; i < e; i++) t.ptr<uint16_t>()[i] = f32_to_bf16(r.uniform(-scale, scale));
+        break;
+      default: {
+        uint8_t* p = static_cast<uint8_t*>(t.data) + size_t(b) * esz;
+        const size_t bytes = size_t(e - b) * esz;
+        size_t i = 0;
+        for (; i + 8 <= bytes; i += 8) {
+          const uint64_t v = r.next_u64();
+          std::memcpy(p + i, &v, 8);
+        }
+        for (; i < bytes; i++) p[i] = uint8_t(r.next_u32());
       }
     }
   });
@@ -163,6 +193,51 @@ void CpuBackend::sample_rows(TensorView logits, TensorView params, TensorView st
   });
 }
 
+void CpuBackend::spec_verify(const SpecVerify& v) {
+  const int K = v.K;
+  const int64_t m = v.params.nbytes() / int64_t(sizeof(SamplingParams)), V = v.target.cols();
+  TRELLM_ASSERT(K >= 0 && m >= 1 && v.params.nbytes() == size_t(m) * sizeof(SamplingParams) && v.target.dtype == DType::F32 &&
+                    v.target.rows() == m * (K + 1) && v.tokens.numel() == m * (K + 1) && v.steps.numel() == m &&
+                    v.out.numel() == m * (K + 2) && (K == 0 || (v.src.numel() == m && v.draft.cols() == V)),
+                "spec_verify: ", m, " sequences of ", K, " drafts, target ", shape_str(v.target), " draft ", shape_str(v.draft));
+  const auto* p = static_cast<const SamplingParams*>(v.params.data);
+  parallel_for(m, 1, [&](int64_t b, int64_t e) {
+    std::vector<const float*> rows(static_cast<size_t>(K));
+    std::vector<int32_t> drafts(static_cast<size_t>(K));
+    for (int64_t i = b; i < e; i++) {
+      for (int j = 0; j < K; j++) {
+        const int64_t r = int64_t(j) * v.draft_stride + v.src.ptr<int32_t>()[i];
+        TRELLM_ASSERT(r >= 0 && r < v.draft.rows(), "spec_verify: draft row ", r, " of ", v.draft.rows());
+        rows[size_t(j)] = v.draft.ptr<float>() + r * V;
+        drafts[size_t(j)] = v.tokens.ptr<int32_t>()[i * (K + 1) + 1 + j];
+      }
+      cpu::spec_verify_one(v.target.ptr<float>() + i * (K + 1) * V, rows.data(), drafts.data(), K, V, p[i],
+                           uint64_t(v.steps.ptr<int32_t>()[i]), v.out.ptr<int32_t>() + i * (K + 2));
+    }
+  });
+}
+
+void CpuBackend::spec_prepare(const SpecPrepare& p) {
+  const int K = p.K, j = p.j;
+  const int64_t m = p.steps.numel();
+  TRELLM_ASSERT(K >= 1 && j >= 0 && j < K && p.result.numel() == m * (K + 2) && p.base.numel() >= m &&
+                    p.steps_out.numel() >= m, "spec_prepare: ", m, " sequences, K ", K, ", step ", j);
+  const int32_t* res = p.result.ptr<int32_t>();
+  for (int64_t i = 0; i < m; i++) {
+    const int32_t a = res[i * (K + 2)];
+    p.steps_out.ptr<int32_t>()[i] = p.steps.ptr<int32_t>()[i] + a + 1 + j;
+    if (j == 0) {
+      for (int r = 0; r <= K; r++) p.tokens.ptr<int32_t>()[i * (K + 1) + r] = res[i * (K + 2) + 1 + r];
+      p.logit_idx.ptr<int32_t>()[i] = int32_t(i * (K + 1) + a);
+      p.base.ptr<int32_t>()[i] = p.pos.ptr<int32_t>()[i * (K + 1)] + a;
+    } else {
+      p.tokens.ptr<int32_t>()[i] = p.drafts.ptr<int32_t>()[i];
+      p.pos.ptr<int32_t>()[i] = p.base.ptr<int32_t>()[i] + j;
+      p.seq.ptr<int32_t>()[i] = int32_t(i);
+    }
+  }
+}
+
 void CpuBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {
   TRELLM_ASSERT(out.cols() == x.cols() && idx.numel() == out.rows() && out.dtype == x.dtype, "gather_rows shapes");
   const size_t row_bytes = size_t(x.cols()) * dtype_size(x.dtype);
@@ -174,59 +249,10 @@ void CpuBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {
   }
 }
 
-// The EXL3 product in the reference's order (trellis_ref.h): input transform, x_h · Q, output transform; Q comes
-// from the decoded cache when it fits, else the reference decodes it on the fly.
-void CpuBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) {
-  const trellis::TrellisWeight& t = *w.exl3;
-  auto it = decoded_.find(&t);
-  if (it == decoded_.end()) {
-    const size_t bytes = size_t(t.in_padded * t.out_padded) * sizeof(float);
-    if (decoded_bytes_ + bytes > kDecodedCacheBytes) return trellis::trellis_matmul_ref(t, x.ptr<float>(), x.rows(), out.ptr<float>());
-    decoded_bytes_ += bytes;
-    it = decoded_.emplace(&t, trellis::decode_inner_f32(t)).first;
-  }
-  const int64_t m = x.rows(), Kp = t.in_padded, Np = t.out_padded;
-  float* xh = scratch(6, size_t(m * Kp));
-  float* yh = scratch(7, size_t(m * Np));
-  trellis::trellis_input_transform(t, x.ptr<float>(), m, xh);
-  const float* q = it->second.data();
-  // y_h[r, :] = Σ_k x_h[r, k] · Q[k, :], k increasing (the reference's order), 64-column blocks across threads.
-  constexpr int64_t kCols = 64;
-  parallel_for((Np + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) {
-      const int64_t c0 = b * kCols, nc = std::min(kCols, Np - c0);
-      for (int64_t r = 0; r < m; r++) {
-        float* yr = yh + r * Np + c0;
-        std::fill(yr, yr + nc, 0.0f);
-        const float* xr = xh + r * Kp;
-        for (int64_t k = 0; k < Kp; k++)
-          if (xr[k] != 0.0f) axpy(yr, xr[k], q + k * Np + c0, nc);
-      }
-    }
-  });
-  trellis::trellis_output_transform(t, yh, m, out.ptr<float>());
-}
-
 void CpuBackend::add_bias(TensorView out, const Linear& w) {
   if (w.bias.empty()) return;
   TRELLM_ASSERT(w.bias.dtype == DType::F32 && w.bias.numel() == w.out);
   for (int64_t i = 0; i < out.numel() / w.out; i++) axpy(out.ptr<float>() + i * w.out, 1.0f, w.bias.ptr<float>(), w.out);
-}
-
-const Linear& CpuBackend::dense_view(const Linear& w) {
-  if (!w.exl3) return w;
-  auto it = dense_cache_.find(w.exl3);
-  if (it == dense_cache_.end()) {
-    DenseCopy d;
-    d.data.resize(size_t(w.out * w.in));
-    trellis::dequantize_hf_f32(*w.exl3, d.data.data());
-    d.lin = w;
-    d.lin.exl3 = nullptr;
-    d.lin.weight = TensorView(d.data.data(), DType::F32, {w.out, w.in});
-    it = dense_cache_.emplace(w.exl3, std::move(d)).first;
-    it->second.lin.weight.data = it->second.data.data();
-  }
-  return it->second.lin;
 }
 
 namespace cpu {

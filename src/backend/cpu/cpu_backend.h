@@ -1,5 +1,6 @@
 // The CPU backend: the reference implementation of every op (f32 arithmetic, multi-threaded).
 #pragma once
+#include <cmath>
 #include <unordered_map>
 #include <vector>
 
@@ -44,28 +45,34 @@ class CpuBackend final : public Backend {
                    TensorView history) override;
   void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) override;
   void gather_rows(TensorView out, TensorView x, TensorView idx) override;
+  void spec_verify(const SpecVerify& v) override;
+  void spec_prepare(const SpecPrepare& p) override;
 
  private:
   void add_bias(TensorView out, const Linear& w);
   void matmul_unobserved(TensorView out, TensorView x, const Linear& w);
   void observe_latents(const Linear& kv_b, TensorView cache, const Positions& pos, int rank);
   LinearObserver observer_;
-  // A dense f32 copy of a trellis-coded Linear, made on first use and kept (the absorbed attention reads
-  // kv_b_proj per head, which the row-major trellis product cannot slice).
-  const Linear& dense_view(const Linear& w);
-  struct DenseCopy {
-    std::vector<float> data;
-    Linear lin;
+  // Trellis-coded Linears run through the fused product (trellis_gemm.h: tiles decoded on the fly, nothing decoded
+  // is kept; cpu_trellis.cpp). A batch of products (the routed experts' gate and up, ...) shares one
+  // parallel_for per phase: input transforms, strips, output transforms.
+  struct TrellisJob {
+    const trellis::TrellisWeight* w;
+    const float* x;  // [m, in]
+    int64_t m;
+    float* y;        // [m, out], bias added
   };
-  std::unordered_map<const trellis::TrellisWeight*, DenseCopy> dense_cache_;
-  // Trellis matmuls keep each weight's decoded Q (f32, in_padded x out_padded) after first use, while the cache
-  // stays under kDecodedCacheBytes, instead of decoding every tile on every call (the reference's way, which
-  // costs ~10 ns per weight): the 3-bit default model runs ~30x faster. Larger models fall back to the
-  // reference product.
-  static constexpr size_t kDecodedCacheBytes = size_t(4) << 30;
-  std::unordered_map<const trellis::TrellisWeight*, std::vector<float>> decoded_;
-  size_t decoded_bytes_ = 0;
+  void trellis_products(const TrellisJob* jobs, size_t n_jobs);
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
+  // moe_ffn when every expert that runs is trellis-coded (cpu_moe.cpp); rows[e]: expert e's (token * K + slot)s.
+  void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, const std::vector<std::vector<int64_t>>& rows,
+                       int64_t K, std::span<const Expert> experts, const Expert* shared);
+  // Absorbed MLA attention with a trellis-coded kv_b_proj, its per-head slices through the fused product
+  // (cpu_attention.cpp).
+  // cache: f32 rows of width cache_width; row t of the sequence at pool row kv_pool_row(table, t), or at row t when
+  // table is nullptr (a gathered copy).
+  void attention_absorbed_trellis(TensorView out, TensorView q, const float* cache, const int32_t* table, const Linear& kv_b,
+                                  const int32_t* pos, const MlaDims& d);
   void gather_sequence(float* dst, TensorView cache, const int32_t* table, int64_t rows);
   void attention_absorbed(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
   void attention_expanded(TensorView out, TensorView q, TensorView cache, const Linear& kv_b, const int32_t* pos, const MlaDims& d);
@@ -80,8 +87,20 @@ void check_cache_rows(const Positions& pos, int64_t n, int64_t pool_rows);
 namespace cpu {
 // Building blocks shared by the CPU ops (also used by tests as straightforward references).
 void rope_rotate(float* x, int dim, int pos, float theta);
-// The sampling reference (SamplingParams in backend.h): thresholds by sorting, then Gumbel-max.
+// The sampling reference (SamplingParams in backend.h): the filters as one logit threshold (by sorting), then
+// Gumbel-max over the survivors.
+struct SampleFilter {
+  int64_t best = 0;              // the argmax (ties: the lowest id), the greedy token
+  float threshold = -INFINITY;   // temperature > 0: logits >= threshold (and finite) survive
+  bool keeps(float x) const { return std::isfinite(x) && x >= threshold; }
+};
+SampleFilter sample_filter(const float* logits, int64_t n, const SamplingParams& p);  // an Error when no logit is finite
 int32_t sample_token(const float* logits, int64_t n, const SamplingParams& p, uint64_t step);
+// The distribution sample_token draws from: softmax(l / T) over the survivors, zero elsewhere (greedy: one-hot).
+void sample_probs(const float* logits, int64_t n, const SamplingParams& p, double* probs);
+// Backend::spec_verify for one sequence: target [K+1, V], draft[j] -> draft j's logits [V], drafts [K], out [K+2].
+void spec_verify_one(const float* target, const float* const* draft, const int32_t* drafts, int K, int64_t V,
+                     const SamplingParams& p, uint64_t step, int32_t* out);
 // The noise of token i at `step`: a uniform in (0, 1) from a counter-based hash (the CUDA kernel has the same).
 double sample_uniform(uint64_t seed, uint64_t step, uint64_t i);
 }  // namespace cpu

@@ -25,12 +25,14 @@ double sample_uniform(uint64_t seed, uint64_t step, uint64_t i) {
   return (double(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);  // (0, 1): never 0 or 1
 }
 
-int32_t sample_token(const float* l, int64_t n, const SamplingParams& p, uint64_t step) {
+SampleFilter sample_filter(const float* l, int64_t n, const SamplingParams& p) {
   int64_t best = -1;
   for (int64_t i = 0; i < n; i++)
     if (std::isfinite(l[i]) && (best < 0 || l[i] > l[best])) best = i;
   if (best < 0) fail("sampling: every logit is NaN or infinite");
-  if (p.temperature == 0.0f) return int32_t(best);
+  SampleFilter f;
+  f.best = best;
+  if (p.temperature == 0.0f) return f;
   const float m = l[best];
   const double T = p.temperature;
   std::vector<float> v;
@@ -57,14 +59,73 @@ int32_t sample_token(const float* l, int64_t n, const SamplingParams& p, uint64_
     }
   }
   if (p.min_p > 0.0f) thr = std::max(thr, float(double(m) + T * std::log(double(p.min_p))));
-  int64_t pick = best;
+  f.threshold = thr;
+  return f;
+}
+
+int32_t sample_token(const float* l, int64_t n, const SamplingParams& p, uint64_t step) {
+  const SampleFilter f = sample_filter(l, n, p);
+  if (p.temperature == 0.0f) return int32_t(f.best);
+  const double T = p.temperature;
+  int64_t pick = f.best;
   double top = -INFINITY;
   for (int64_t i = 0; i < n; i++) {
-    if (!std::isfinite(l[i]) || l[i] < thr) continue;
+    if (!f.keeps(l[i])) continue;
     const double score = double(l[i]) / T - std::log(-std::log(sample_uniform(p.seed, step, uint64_t(i))));
     if (score > top) top = score, pick = i;
   }
   return int32_t(pick);
+}
+
+void sample_probs(const float* l, int64_t n, const SamplingParams& p, double* probs) {
+  const SampleFilter f = sample_filter(l, n, p);
+  std::fill(probs, probs + n, 0.0);
+  if (p.temperature == 0.0f) {
+    probs[f.best] = 1.0;
+    return;
+  }
+  const double m = l[f.best], T = p.temperature;
+  double z = 0;
+  for (int64_t i = 0; i < n; i++)
+    if (f.keeps(l[i])) z += probs[i] = std::exp((double(l[i]) - m) / T);
+  for (int64_t i = 0; i < n; i++) probs[i] /= z;
+}
+
+void spec_verify_one(const float* target, const float* const* draft, const int32_t* drafts, int K, int64_t V,
+                     const SamplingParams& p, uint64_t step, int32_t* out) {
+  std::vector<double> pt(static_cast<size_t>(V)), qd(static_cast<size_t>(V));
+  int a = 0;
+  int32_t last = -1;
+  for (; a < K; a++) {
+    const float* row = target + int64_t(a) * V;
+    const int32_t d = drafts[a];
+    TRELLM_ASSERT(d >= 0 && d < V, "spec_verify: draft token ", d, " outside the vocabulary of ", V);
+    if (p.temperature == 0.0f) {  // greedy: the draft must be the argmax; else the argmax is the correction
+      const int32_t best = int32_t(sample_filter(row, V, p).best);
+      if (d == best) continue;
+      last = best;
+      break;
+    }
+    sample_probs(row, V, p, pt.data());
+    sample_probs(draft[a], V, p, qd.data());
+    const double u = sample_uniform(p.seed, step + uint64_t(a), kSpecAcceptIndex);
+    if (u * qd[size_t(d)] < pt[size_t(d)]) continue;
+    // rejected: a draw from max(0, p - q) normalised, by Gumbel-max over log of the residual
+    double top = -INFINITY;
+    int64_t pick = -1;
+    for (int64_t i = 0; i < V; i++) {
+      const double r = pt[size_t(i)] - qd[size_t(i)];
+      if (!(r > 0)) continue;
+      const double score = std::log(r) - std::log(-std::log(sample_uniform(p.seed ^ kSpecResidualSalt, step + uint64_t(a), uint64_t(i))));
+      if (score > top) top = score, pick = i;
+    }
+    last = pick >= 0 ? int32_t(pick) : sample_token(row, V, p, step + uint64_t(a));  // p == q: p itself
+    break;
+  }
+  if (a == K) last = sample_token(target + int64_t(K) * V, V, p, step + uint64_t(K));  // every draft passed
+  out[0] = a;
+  for (int j = 0; j < a; j++) out[1 + j] = drafts[j];
+  for (int j = a; j <= K; j++) out[1 + j] = last;
 }
 
 }  // namespace trellm::cpu

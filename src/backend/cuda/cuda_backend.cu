@@ -2,6 +2,7 @@
 #include "backend/cuda/cuda_backend.h"
 
 #include <algorithm>
+#include <optional>
 #include <unordered_map>
 #include <vector>
 
@@ -32,12 +33,19 @@ constexpr int kExpandTile = 256;  // keys per expanded-attention tile
 // dense products run through cuBLAS) never makes cuBLAS allocate inside the capture; 32 MiB is NVIDIA's
 // recommendation for Hopper.
 constexpr size_t kCublasWorkspace = size_t(32) << 20;
+
+// CudaOptions::mla_prefill as mla::make_plan takes it: nullopt lets the MAC count decide.
+std::optional<bool> forced_expanded(const CudaOptions& o) {
+  if (o.mla_prefill == CudaOptions::MlaPrefill::Auto) return std::nullopt;
+  return o.mla_prefill == CudaOptions::MlaPrefill::Expanded;
+}
 }  // namespace
 
 struct CudaBackend::Impl {
   int device = 0;
   int num_sms = 0;
   bool mla_v1 = false;  // route attention_mla to the v1 kernels (tests, benchmark baseline)
+  CudaOptions options;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   void* cublas_workspace = nullptr;                            // kCublasWorkspace bytes, owned
@@ -89,7 +97,7 @@ struct CudaBackend::Impl {
   std::unordered_map<const void*, float*> gate_f32;   // bf16 router gate -> f32 copy (prefill router GEMM)
 };
 
-CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
+CudaBackend::CudaBackend(int device, const CudaOptions& options) : impl_(std::make_unique<Impl>()) {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) fail("no CUDA device is available");
   if (device < 0 || device >= count) fail("CUDA device ", device, " does not exist (", count, " found)");
@@ -99,6 +107,8 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_unique<Impl>()) {
   TRELLM_CUDA_CHECK(cudaGetDeviceProperties(&p, device));
   if (p.major < 8) fail("GPU ", p.name, " (sm_", p.major, p.minor, ") is too old: trellm needs sm_80 or newer");
   impl_->name = str_cat("cuda:", device, " (", p.name, ")");
+  impl_->options = options;
+  if (!options.describe().empty()) impl_->name += " [" + options.describe() + "]";
   impl_->num_sms = p.multiProcessorCount;
   TRELLM_CUDA_CHECK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
   TRELLM_CUBLAS_CHECK(cublasCreate(&impl_->cublas));
@@ -458,7 +468,8 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
     std::vector<mla::Plan> plans;
     size_t bytes = 0;
     for (const MlaPart& part : parts) {
-      mla::Plan p = mla::make_plan(part.n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, part.grouping);
+      mla::Plan p = mla::make_plan(part.n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, part.grouping,
+                                   /*allow_expanded=*/true, forced_expanded(impl_->options));
       if (p.expanded && !impl_->scratch_fits(8, p.bytes))
         p = mla::make_plan(part.n, d.heads, d.nope_dim, d.v_dim, pos.bound, impl_->num_sms, part.grouping,
                            /*allow_expanded=*/false);
@@ -677,6 +688,28 @@ void CudaBackend::sample_rows(TensorView logits, TensorView params, TensorView s
                 " tokens ", shape_str(tokens));
   cuda::sample_rows(logits.ptr<float>(), logits.cols(), int(n), params.data, steps.ptr<int32_t>(), tokens.ptr<int32_t>(),
                     impl_->stream);
+}
+
+void CudaBackend::spec_verify(const SpecVerify& v) {
+  const int K = v.K;
+  const int64_t m = v.params.nbytes() / int64_t(sizeof(SamplingParams)), V = v.target.cols();
+  TRELLM_ASSERT(K >= 0 && m >= 1 && v.params.nbytes() == size_t(m) * sizeof(SamplingParams) && v.target.dtype == DType::F32 &&
+                    v.target.rows() == m * (K + 1) && v.tokens.numel() == m * (K + 1) && v.steps.numel() == m &&
+                    v.out.numel() == m * (K + 2) && (K == 0 || (v.src.numel() == m && v.draft.cols() == V)),
+                "spec_verify: ", m, " sequences of ", K, " drafts, target ", shape_str(v.target), " draft ", shape_str(v.draft));
+  cuda::spec_verify(v.target.ptr<float>(), K > 0 ? v.draft.ptr<float>() : nullptr, v.draft_stride,
+                    K > 0 ? v.src.ptr<int32_t>() : nullptr, v.tokens.ptr<int32_t>(), v.params.data, v.steps.ptr<int32_t>(),
+                    v.out.ptr<int32_t>(), int(m), K, V, impl_->stream);
+}
+
+void CudaBackend::spec_prepare(const SpecPrepare& p) {
+  const int K = p.K, j = p.j;
+  const int64_t m = p.steps.numel();
+  TRELLM_ASSERT(K >= 1 && j >= 0 && j < K && p.result.numel() == m * (K + 2) && p.base.numel() >= m &&
+                    p.steps_out.numel() >= m, "spec_prepare: ", m, " sequences, K ", K, ", step ", j);
+  auto ptr = [](const TensorView& t) { return t.empty() ? nullptr : static_cast<int32_t*>(t.data); };
+  cuda::spec_prepare(p.result.ptr<int32_t>(), p.steps.ptr<int32_t>(), ptr(p.base), ptr(p.drafts), ptr(p.tokens), ptr(p.pos),
+                     ptr(p.seq), ptr(p.logit_idx), ptr(p.steps_out), int(m), K, j, impl_->stream);
 }
 
 void CudaBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {

@@ -9,7 +9,7 @@ namespace trellm {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device);
+  explicit CudaBackend(int device, const CudaOptions& options = {});
   ~CudaBackend() override;
 
   std::string name() const override;
@@ -55,6 +55,8 @@ class CudaBackend final : public Backend {
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
                    TensorView history) override;
   void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) override;
+  void spec_verify(const SpecVerify& v) override;
+  void spec_prepare(const SpecPrepare& p) override;
   void gather_rows(TensorView out, TensorView x, TensorView idx) override;
 
   void* stream() const;  // the cudaStream_t every op runs on

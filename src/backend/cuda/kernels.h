@@ -116,4 +116,10 @@ void sample_step(const float* logits, int64_t V, const void* params, int32_t* to
 // steps[i], the function of sample_step for every row; one block per row.
 void sample_rows(const float* logits, int64_t V, int n, const void* params, const int32_t* steps, int32_t* tokens,
                  cudaStream_t s);
+// Backend::spec_verify (backend.h, SpecVerify): block i verifies sequence i (m blocks of 1024 threads).
+void spec_verify(const float* target, const float* draft, int draft_stride, const int32_t* src, const int32_t* tokens,
+                 const void* params, const int32_t* steps, int32_t* out, int m, int K, int64_t V, cudaStream_t s);
+// Backend::spec_prepare (SpecPrepare); pointers a step does not use may be null.
+void spec_prepare(const int32_t* result, const int32_t* steps, int32_t* base, const int32_t* drafts, int32_t* tokens,
+                  int32_t* pos, int32_t* seq, int32_t* logit_idx, int32_t* steps_out, int m, int K, int j, cudaStream_t s);
 }  // namespace trellm::cuda

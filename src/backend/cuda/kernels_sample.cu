@@ -107,12 +107,15 @@ __device__ uint32_t radix_select(const float* l, int64_t V, uint32_t floor, floa
   return s_prefix;
 }
 
-// The token cpu::sample_token picks from l[0, V) with *params and noise step `step`; the whole block calls it and
-// every thread gets the result.
-__device__ int64_t sample_row(const float* l, int64_t V, const SamplingParams* params, uint64_t step) {
+// The filters of cpu::sample_filter as one key threshold: survivors are the usable logits with key >= floor.
+struct RowFilter {
+  float m = 0;        // the largest usable logit
+  int64_t best = 0;   // its id (ties: the lowest); V when no logit is usable
+  uint32_t floor = 0;
+};
+__device__ RowFilter row_filter(const float* l, int64_t V, const SamplingParams* params) {
   const float temperature = params->temperature, top_p = params->top_p, min_p = params->min_p;
   const int top_k = params->top_k;
-  const uint64_t seed = params->seed;
   float best = -FLT_MAX;
   int64_t bi = V;
   int64_t finite = 0;
@@ -124,7 +127,9 @@ __device__ int64_t sample_row(const float* l, int64_t V, const SamplingParams* p
   }
   const float nfin = block_sum(float(finite));
   block_argmax(best, bi);
-  int64_t pick = bi < V ? bi : 0;  // all non-finite: token 0 rather than an out-of-range id
+  RowFilter f;
+  f.m = best;
+  f.best = bi;
   if (temperature > 0.0f && bi < V) {
     const float m = best, inv_t = 1.0f / temperature;
     uint32_t floor = 0;
@@ -138,18 +143,135 @@ __device__ int64_t sample_row(const float* l, int64_t V, const SamplingParams* p
       floor = max(floor, kp);
     }
     if (min_p > 0.0f) floor = max(floor, key_of(float(double(m) + double(temperature) * log(double(min_p)))));
-    double top = -DBL_MAX;
-    int64_t ti = V;
-    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float x = l[i];
-      if (!usable(x) || key_of(x) < floor) continue;
-      const double score = double(x) / double(temperature) - log(-log(uniform(seed, step, uint64_t(i))));
-      if (score > top || (score == top && i < ti)) top = score, ti = i;
-    }
-    block_argmax(top, ti);
+    f.floor = floor;
+  }
+  return f;
+}
+__device__ __forceinline__ bool keeps(const RowFilter& f, float x) { return usable(x) && key_of(x) >= f.floor; }
+
+// Gumbel-max over the survivors of `f` with noise (seed, step): the exact draw from softmax(l / T) restricted to them.
+__device__ int64_t gumbel_draw(const float* l, int64_t V, const RowFilter& f, float temperature, uint64_t seed, uint64_t step) {
+  double top = -DBL_MAX;
+  int64_t ti = V;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+    const float x = l[i];
+    if (!keeps(f, x)) continue;
+    const double score = double(x) / double(temperature) - log(-log(uniform(seed, step, uint64_t(i))));
+    if (score > top || (score == top && i < ti)) top = score, ti = i;
+  }
+  block_argmax(top, ti);
+  return ti;
+}
+
+// The token cpu::sample_token picks from l[0, V) with *params and noise step `step`; the whole block calls it and
+// every thread gets the result.
+__device__ int64_t sample_row(const float* l, int64_t V, const SamplingParams* params, uint64_t step) {
+  const RowFilter f = row_filter(l, V, params);
+  int64_t pick = f.best < V ? f.best : 0;  // all non-finite: token 0 rather than an out-of-range id
+  if (params->temperature > 0.0f && f.best < V) {
+    const int64_t ti = gumbel_draw(l, V, f, params->temperature, params->seed, step);
     if (ti < V) pick = ti;
   }
   return pick;
+}
+
+__device__ double block_sum_d(double x) {
+  __shared__ double part[32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = x;
+  __syncthreads();
+  double s = 0;
+  for (int w = 0; w < kThreads / 32; w++) s += part[w];
+  return s;
+}
+// Z = the sum of exp((l - m) / T) over the survivors (in double, as cpu::sample_probs).
+__device__ double row_mass(const float* l, int64_t V, const RowFilter& f, double T) {
+  double z = 0;
+  for (int64_t i = threadIdx.x; i < V; i += kThreads)
+    if (keeps(f, l[i])) z += exp((double(l[i]) - double(f.m)) / T);
+  return block_sum_d(z);
+}
+
+// Backend::spec_verify: block i verifies sequence i's K drafts (cpu::spec_verify_one, row by row).
+__global__ void __launch_bounds__(kThreads) spec_verify_kernel(const float* target, const float* draft, int draft_stride, const int32_t* src,
+                                   const int32_t* tokens, const SamplingParams* params, const int32_t* steps, int32_t* out,
+                                   int K, int64_t V) {
+  grid_wait();
+  grid_launch_dependents();
+  const int i = blockIdx.x;
+  const SamplingParams* p = params + i;
+  const double T = p->temperature;
+  const uint64_t step = uint64_t(steps[i]);
+  const int32_t* d = tokens + int64_t(i) * (K + 1) + 1;
+  const float* trow = target + int64_t(i) * (K + 1) * V;
+  __shared__ double s_pd;
+  int a = 0;
+  int64_t last = -1;
+  for (; a < K; a++) {
+    const float* lt = trow + int64_t(a) * V;
+    const RowFilter ft = row_filter(lt, V, p);
+    if (T == 0.0) {
+      if (int64_t(d[a]) == ft.best) continue;
+      last = ft.best;
+      break;
+    }
+    const float* lq = draft + (int64_t(a) * draft_stride + src[i]) * V;
+    const RowFilter fq = row_filter(lq, V, p);
+    const double zt = row_mass(lt, V, ft, T), zq = row_mass(lq, V, fq, T);
+    const int64_t dd = d[a];
+    const bool in_vocab = dd >= 0 && dd < V;  // a draft outside the vocabulary (never sampled) is rejected
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const double pd = in_vocab && keeps(ft, lt[dd]) ? exp((double(lt[dd]) - double(ft.m)) / T) / zt : 0.0;
+      const double qd = in_vocab && keeps(fq, lq[dd]) ? exp((double(lq[dd]) - double(fq.m)) / T) / zq : 1.0;
+      s_pd = uniform(p->seed, step + uint64_t(a), kSpecAcceptIndex) * qd < pd ? 1.0 : 0.0;
+    }
+    __syncthreads();
+    if (s_pd != 0.0) continue;
+    // rejected: Gumbel-max over log(max(0, p - q))
+    double top = -DBL_MAX;
+    int64_t ti = V;
+    for (int64_t x = threadIdx.x; x < V; x += kThreads) {
+      const double px = keeps(ft, lt[x]) ? exp((double(lt[x]) - double(ft.m)) / T) / zt : 0.0;
+      const double qx = keeps(fq, lq[x]) ? exp((double(lq[x]) - double(fq.m)) / T) / zq : 0.0;
+      const double r = px - qx;
+      if (!(r > 0)) continue;
+      const double score = log(r) - log(-log(uniform(p->seed ^ kSpecResidualSalt, step + uint64_t(a), uint64_t(x))));
+      if (score > top || (score == top && x < ti)) top = score, ti = x;
+    }
+    block_argmax(top, ti);
+    last = ti < V ? ti : sample_row(lt, V, p, step + uint64_t(a));
+    break;
+  }
+  if (a == K) last = sample_row(trow + int64_t(K) * V, V, p, step + uint64_t(K));
+  if (threadIdx.x != 0) return;
+  int32_t* o = out + int64_t(i) * (K + 2);
+  o[0] = a;
+  for (int j = 0; j < a; j++) o[1 + j] = d[j];
+  for (int j = a; j <= K; j++) o[1 + j] = int32_t(last);
+}
+
+// Backend::spec_prepare: thread i prepares sequence i.
+__global__ void spec_prepare_kernel(const int32_t* result, const int32_t* steps, int32_t* base, const int32_t* drafts,
+                                    int32_t* tokens, int32_t* pos, int32_t* seq, int32_t* logit_idx, int32_t* steps_out,
+                                    int m, int K, int j) {
+  grid_wait();
+  grid_launch_dependents();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= m) return;
+  const int32_t a = result[int64_t(i) * (K + 2)];
+  steps_out[i] = steps[i] + a + 1 + j;
+  if (j == 0) {
+    for (int r = 0; r <= K; r++) tokens[int64_t(i) * (K + 1) + r] = result[int64_t(i) * (K + 2) + 1 + r];
+    logit_idx[i] = i * (K + 1) + a;
+    base[i] = pos[int64_t(i) * (K + 1)] + a;
+  } else {
+    tokens[i] = drafts[i];
+    pos[i] = base[i] + j;
+    seq[i] = i;
+  }
 }
 
 __global__ void sample_kernel(const float* l, int64_t V, const SamplingParams* params, int32_t* token, int32_t* pos,
@@ -179,6 +301,20 @@ __global__ void sample_rows_kernel(const float* l, int64_t V, const SamplingPara
 }
 
 }  // namespace
+
+void spec_verify(const float* target, const float* draft, int draft_stride, const int32_t* src, const int32_t* tokens,
+                 const void* params, const int32_t* steps, int32_t* out, int m, int K, int64_t V, cudaStream_t s) {
+  launch(spec_verify_kernel, dim3(m), dim3(kThreads), 0, s, true, target, draft, draft_stride, src, tokens,
+         static_cast<const SamplingParams*>(params), steps, out, K, V);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void spec_prepare(const int32_t* result, const int32_t* steps, int32_t* base, const int32_t* drafts, int32_t* tokens,
+                  int32_t* pos, int32_t* seq, int32_t* logit_idx, int32_t* steps_out, int m, int K, int j, cudaStream_t s) {
+  launch(spec_prepare_kernel, dim3((m + 127) / 128), dim3(128), 0, s, true, result, steps, base, drafts, tokens, pos, seq,
+         logit_idx, steps_out, m, K, j);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
 
 void sample_step(const float* logits, int64_t V, const void* params, int32_t* token, int32_t* pos, int32_t* history,
                  int64_t cap, cudaStream_t s) {

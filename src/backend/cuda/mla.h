@@ -22,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 
 #include "backend/cuda/kv_pages.h"
 
@@ -77,8 +78,10 @@ struct Plan {
 // head) the absorbed form spends 576 + 512 MACs against nope + 64 + v, plus its two projections per query (the
 // same heads * (nope + v) * 512). A causal prompt from position 0 always expands; a short chunk after a long
 // prefix (n < ~400 at GLM dims) stays absorbed. PerRow plans are never expanded (the expansion is per sequence).
+// force_expanded (CudaOptions::mla_prefill, for A/B measurements) overrides that choice wherever the expanded form
+// applies; it never expands where allow_expanded is false or the dims do not fit.
 Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Grouping grouping = Grouping::Run,
-               bool allow_expanded = true);
+               bool allow_expanded = true, std::optional<bool> force_expanded = std::nullopt);
 
 // Decode with the two steps before the attention folded into its first kernel (one launch fewer per layer):
 // q arrives before RoPE (the q_lat kernel rotates q_rope while copying it), and one of its blocks writes the new

@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#include <string_view>
 
 #include "backend/cuda/mla.h"
 #include "backend/cuda/mla_common.cuh"
@@ -386,7 +385,8 @@ size_t align256(size_t x) { return (x + 255) & ~size_t(255); }
 
 }  // namespace
 
-Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Grouping grouping, bool allow_expanded) {
+Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Grouping grouping, bool allow_expanded,
+               std::optional<bool> force_expanded) {
   TRELLM_ASSERT(n >= 1 && heads >= 1 && bound >= 1 && num_sms >= 1, "mla plan: n ", n, " heads ", heads, " bound ", bound);
   TRELLM_ASSERT(grouping == Grouping::Run || heads <= kRowsPerCta, "mla plan: per-row groups take <= 32 heads, not ", heads);
   Plan p;
@@ -409,16 +409,8 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Groupi
     const double expand = double(bound) * (nope + v) * kRank;
     const double saved = double(n) * ((kWidth + kRank - (nope + kRope + v)) * std::max(1.0, bound - n / 2.0) + (nope + v) * double(kRank));
     p.expanded = expand < saved;
-    // TRELLM_MLA_PREFILL=absorbed|expanded overrides the choice (A/B measurements in one process); auto or unset:
-    // the MAC count decides.
-    static const std::string_view force = [] {
-      const char* e = std::getenv("TRELLM_MLA_PREFILL");
-      const std::string_view v = e ? e : "auto";
-      if (v != "auto" && v != "absorbed" && v != "expanded")
-        fail("environment variable TRELLM_MLA_PREFILL=", v, ": expected auto, absorbed or expanded");
-      return v;
-    }();
-    if (force != "auto") p.expanded = force == "expanded";
+    // CudaOptions::mla_prefill (--mla-prefill) overrides the choice for A/B measurements.
+    if (force_expanded) p.expanded = *force_expanded;
   }
   size_t off = 0;
   auto take = [&](size_t bytes) {

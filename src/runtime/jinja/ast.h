@@ -25,6 +25,7 @@ struct Expr {
   std::vector<ExprPtr> kwargs;
   std::vector<std::string> ops;    // Compare: operators between args[i] and args[i+1]
   bool negated = false;            // Test: "is not"
+  int depth = 1;                   // 1 + the deepest operand's (the parser bounds it)
 };
 
 struct Stmt;

@@ -1,5 +1,6 @@
 // Builtin filters, tests, global functions and str/dict methods, with Python/Jinja semantics.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <ctime>
 
@@ -314,9 +315,10 @@ Value slice_value(const Value& obj, const Value& a, const Value& b, const Value&
   int64_t lo = norm(a, step > 0 ? 0 : n - 1), hi = norm(b, step > 0 ? n : -1);
   List out;
   std::string s;
-  for (int64_t i = lo; step > 0 ? i < hi : i > hi; i += step) {
+  for (int64_t i = lo; step > 0 ? i < hi : i > hi;) {
     if (obj.is_list()) out.push_back(obj.items()[size_t(i)]);
     else utf8_append(s, cps[size_t(i)]);
+    if (__builtin_add_overflow(i, step, &i)) break;  // a huge step: past the end
   }
   return obj.is_list() ? Value::list(std::move(out)) : Value(s);
 }
@@ -336,15 +338,38 @@ bool contains(const Value& c, const Value& item) {
   throw RenderError(std::string("argument of type '") + c.type_name() + "' is not iterable");
 }
 
+namespace {
+// Python's ints do not overflow; ours are 64-bit, so a result that does not fit is an error (not undefined
+// behaviour). Strings and lists built by + ~ * stay within kMaxRenderBytes / items.
+int64_t int_op(char op, int64_t x, int64_t y) {
+  int64_t r = 0;
+  const bool over = op == '+' ? __builtin_add_overflow(x, y, &r) : op == '-' ? __builtin_sub_overflow(x, y, &r)
+                                                                            : __builtin_mul_overflow(x, y, &r);
+  if (over) throw RenderError(std::string("integer overflow in ") + op + " (results must fit in 64 bits)");
+  return r;
+}
+void check_size(size_t n, const char* what) {
+  if (n > kMaxRenderBytes) throw RenderError(std::string(what) + " would exceed " + std::to_string(kMaxRenderBytes >> 20) + " MB");
+}
+}  // namespace
+
 Value binary_op(const std::string& op, const Value& a, const Value& b) {
-  if (op == "~") return Value(a.to_str() + b.to_str());
+  if (op == "~") {
+    std::string l = a.to_str(), r = b.to_str();
+    check_size(l.size() + r.size(), "the string");
+    return Value(l + r);
+  }
   auto type_error = [&]() -> RenderError {
     return RenderError("unsupported operand type(s) for " + op + ": '" + a.type_name() + "' and '" + b.type_name() + "'");
   };
   if (a.is_undefined() || b.is_undefined()) throw RenderError("operation on an undefined value");
   if (op == "+") {
-    if (a.is_string() && b.is_string()) return Value(a.str() + b.str());
+    if (a.is_string() && b.is_string()) {
+      check_size(a.str().size() + b.str().size(), "the string");
+      return Value(a.str() + b.str());
+    }
     if (a.is_list() && b.is_list()) {
+      check_size(a.items().size() + b.items().size(), "the list (in items)");
       List l = a.items();
       l.insert(l.end(), b.items().begin(), b.items().end());
       return Value::list(std::move(l));
@@ -355,6 +380,8 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     const Value* n = s == &a ? &b : &a;
     if (s && (n->is_int() || n->is_bool())) {
       int64_t k = std::max<int64_t>(0, n->as_int());
+      const size_t unit = s->is_string() ? s->str().size() : s->items().size();
+      if (unit && uint64_t(k) > kMaxRenderBytes / unit) check_size(kMaxRenderBytes + 1, s->is_string() ? "the string" : "the list (in items)");
       if (s->is_string()) { std::string r; for (int64_t i = 0; i < k; i++) r += s->str(); return Value(r); }
       List r;
       for (int64_t i = 0; i < k; i++) r.insert(r.end(), s->items().begin(), s->items().end());
@@ -387,9 +414,12 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     return Value(a.as_float() / b.as_float());
   }
   if (op == "**") {
-    if (!fl && b.as_int() >= 0) {
-      int64_t r = 1;
-      for (int64_t i = 0; i < b.as_int(); i++) r *= a.as_int();
+    if (!fl && b.as_int() >= 0) {  // by squaring: 2 ** 10**18 must not loop 10**18 times
+      int64_t r = 1, base = a.as_int();
+      for (int64_t e = b.as_int(); e > 0; e >>= 1) {
+        if (e & 1) r = int_op('*', r, base);
+        if (e > 1) base = int_op('*', base, base);
+      }
       return Value(r);
     }
     return Value(std::pow(a.as_float(), b.as_float()));
@@ -404,10 +434,9 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
     if (op == "%") { double m = std::fmod(x, y); if (m != 0 && ((m < 0) != (y < 0))) m += y; return Value(m); }
   } else {
     int64_t x = a.as_int(), y = b.as_int();
-    if (op == "+") return Value(x + y);
-    if (op == "-") return Value(x - y);
-    if (op == "*") return Value(x * y);
+    if (op == "+" || op == "-" || op == "*") return Value(int_op(op[0], x, y));
     if (y == 0) throw RenderError("integer division or modulo by zero");
+    if (x == INT64_MIN && y == -1) throw RenderError("integer overflow in " + op + " (results must fit in 64 bits)");
     int64_t q = x / y, m = x % y;
     if (m != 0 && ((m < 0) != (y < 0))) { q--; m += y; }  // Python floors
     if (op == "//") return Value(q);
@@ -432,9 +461,10 @@ void install_globals(Scope& g) {
           else throw RenderError("range expected at least 1 argument");
           if (step == 0) throw RenderError("range() arg 3 must not be zero");
           List l;
-          for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
+          for (int64_t i = start; step > 0 ? i < stop : i > stop;) {
             l.push_back(Value(i));
             if (l.size() > 1000000) throw RenderError("range too large");
+            if (__builtin_add_overflow(i, step, &i)) break;  // past INT64_MAX / MIN: past stop too
           }
           return Value::list(std::move(l));
         }, "range"));

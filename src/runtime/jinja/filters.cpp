@@ -1,5 +1,6 @@
 // Jinja filters and tests, with transformers' tojson override.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 
 #include "core/error.h"
@@ -143,12 +144,15 @@ Value Interp::apply_filter(const std::string& name, const Value& in, CallArgs& a
     } else {
       return dflt;
     }
-    if (name == "int") return in.is_int() ? in : Value(int64_t(std::trunc(f)));
+    if (name == "int") return in.is_int() ? in : Value(Value::float_to_int(f));
     return Value(f);
   }
   if (name == "abs") {
     if (in.is_float()) return Value(std::fabs(in.as_float()));
-    if (in.is_number()) return Value(int64_t(in.as_int() < 0 ? -in.as_int() : in.as_int()));
+    if (in.is_number()) {
+      if (in.as_int() == INT64_MIN) throw RenderError("integer overflow in abs() (results must fit in 64 bits)");
+      return Value(int64_t(in.as_int() < 0 ? -in.as_int() : in.as_int()));
+    }
     throw RenderError("bad operand type for abs()");
   }
   if (name == "round") {

@@ -1,11 +1,30 @@
 #include "runtime/jinja/interp.h"
 
+#include <climits>
+
 #include "core/error.h"
 
 namespace trellm::jinja {
 
 void Interp::error(const Loc& loc, const std::string& msg) const {
   fail(tpl_.name, ":", loc.line, ":", loc.col, ": ", msg);
+}
+
+Interp::Frame::Frame(Interp& interp, int64_t cost) : in(interp) {
+  if (++in.depth_ > kMaxRenderDepth) {
+    in.depth_--;
+    throw RenderError("evaluation nests deeper than " + std::to_string(kMaxRenderDepth) + " levels (recursive macro?)");
+  }
+  if ((in.steps_ += cost) > kMaxRenderSteps) {
+    in.depth_--;
+    throw RenderError("the template ran for more than " + std::to_string(kMaxRenderSteps) + " steps");
+  }
+}
+
+void Interp::append(std::string& out, const std::string& s) {
+  if (out.size() + s.size() > kMaxRenderBytes)
+    throw RenderError("the output would exceed " + std::to_string(kMaxRenderBytes >> 20) + " MB");
+  out += s;
 }
 
 std::string Interp::render() {
@@ -60,9 +79,10 @@ static void unpack(Scope& scope, const std::vector<std::string>& targets, const 
 
 Interp::Flow Interp::exec_stmt(const Stmt& s, Scope& scope, std::string& out) {
   try {
+    Frame frame(*this);
     switch (s.kind) {
-      case Stmt::Text: out += s.text; return Flow::Normal;
-      case Stmt::Output: out += eval(*s.expr, scope).to_str(); return Flow::Normal;
+      case Stmt::Text: append(out, s.text); return Flow::Normal;
+      case Stmt::Output: append(out, eval(*s.expr, scope).to_str()); return Flow::Normal;
       case Stmt::If:
         for (size_t i = 0; i < s.bodies.size(); i++) {
           if (i >= s.conds.size() || eval(*s.conds[i], scope).truthy()) return exec(s.bodies[i], scope, out);
@@ -90,6 +110,7 @@ Interp::Flow Interp::exec_stmt(const Stmt& s, Scope& scope, std::string& out) {
         }
         const int64_t n = int64_t(items.size());
         for (int64_t i = 0; i < n; i++) {
+          Frame step(*this, 10);  // an iteration (its loop object, its scope) costs about 10 evaluations
           Scope body;
           body.parent = &scope;
           Value loop = Value::dict();
@@ -150,6 +171,7 @@ Interp::Flow Interp::exec_stmt(const Stmt& s, Scope& scope, std::string& out) {
 
 Value Interp::eval(const Expr& e, Scope& scope) {
   try {
+    Frame frame(*this);
     return eval_inner(e, scope);
   } catch (const RenderError& err) {
     error(e.loc, err.what());
@@ -245,7 +267,10 @@ Value Interp::eval_inner(const Expr& e, Scope& scope) {
     }
     case Expr::Neg: {
       Value v = eval(*e.args[0], scope);
-      if (v.is_int() || v.is_bool()) return Value(-v.as_int());
+      if (v.is_int() || v.is_bool()) {
+        if (v.as_int() == INT64_MIN) throw RenderError("integer overflow in unary - (results must fit in 64 bits)");
+        return Value(-v.as_int());
+      }
       if (v.is_float()) return Value(-v.as_float());
       throw RenderError(std::string("bad operand type for unary -: '") + v.type_name() + "'");
     }

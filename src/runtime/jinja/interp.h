@@ -29,6 +29,12 @@ struct Scope {
   }
 };
 
+// What one render may use, so a hostile template fails with an error instead of exhausting the stack, the
+// memory or the time (found fuzzing, issue 17). Real chat templates stay far below each.
+constexpr int kMaxRenderDepth = 500;                 // nested evaluations (expressions, statements, macro calls)
+constexpr int64_t kMaxRenderSteps = 2'000'000;       // evaluations, loop iterations (10 each); GLM: ~65 a message
+constexpr size_t kMaxRenderBytes = size_t(16) << 20;  // output, and any string or list a template builds
+
 class Interp {
  public:
   Interp(const Template& t, Scope& globals) : tpl_(t), root_(globals) {}
@@ -42,6 +48,15 @@ class Interp {
   enum class Flow { Normal, Break, Continue };
   const Template& tpl_;
   Scope& root_;
+  int depth_ = 0;
+  int64_t steps_ = 0;
+  // One level of evaluation: bounded in depth, `cost` steps of the budget.
+  struct Frame {
+    Interp& in;
+    explicit Frame(Interp& interp, int64_t cost = 1);
+    ~Frame() { in.depth_--; }
+  };
+  void append(std::string& out, const std::string& s);  // out += s, within kMaxRenderBytes
 
   Flow exec(const Body& body, Scope& scope, std::string& out);
   Flow exec_stmt(const Stmt& s, Scope& scope, std::string& out);

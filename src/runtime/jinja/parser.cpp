@@ -1,6 +1,8 @@
 // Lexer and recursive-descent parser for the Jinja subset of chat templates. Whitespace handling follows Jinja
 // with HF's environment: trim_blocks and lstrip_blocks on, keep_trailing_newline off, newlines normalised to \n.
+#include <algorithm>
 #include <cstring>
+#include <string>
 
 #include "core/error.h"
 #include "runtime/jinja/ast.h"
@@ -91,13 +93,18 @@ class Lexer {
     Loc l = loc_of(off);
     fail(name_, ":", l.line, ":", l.col, ": ", msg);
   }
+  // Tokens come in increasing offsets: go on from the last one (rescanning from the start made lexing quadratic,
+  // seconds for a 50 KB template).
+  mutable size_t loc_off_ = 0;
+  mutable Loc loc_;
   Loc loc_of(size_t off) const {
-    Loc l;
-    for (size_t i = 0; i < off && i < src_.size(); i++) {
-      if (src_[i] == '\n') { l.line++; l.col = 1; }
-      else if ((uint8_t(src_[i]) & 0xC0) != 0x80) l.col++;
+    off = std::min(off, src_.size());
+    if (off < loc_off_) loc_off_ = 0, loc_ = Loc{};
+    for (; loc_off_ < off; loc_off_++) {
+      if (src_[loc_off_] == '\n') { loc_.line++; loc_.col = 1; }
+      else if ((uint8_t(src_[loc_off_]) & 0xC0) != 0x80) loc_.col++;
     }
-    return l;
+    return loc_;
   }
   size_t find_tag(size_t pos) const {
     for (size_t i = src_.find('{', pos); i != std::string::npos; i = src_.find('{', i + 1))
@@ -260,6 +267,27 @@ class Parser {
   std::vector<Token> t_;
   size_t p_ = 0;
   std::string name_;
+  int nest_ = 0;
+
+  // Nesting is bounded: the parser recurses per level, and evaluating and freeing the tree recurse over it
+  // ("1 + 1 + ..." 2,000 terms long, or 50,000 "(", overflowed the stack). Real chat templates nest < 20 deep.
+  static constexpr int kMaxNesting = 100;
+  // A recursion level of the parser (statements, parenthesised and unary expressions).
+  struct Nest {
+    Parser& p;
+    Nest(Parser& parser, const Loc& loc) : p(parser) {
+      if (++p.nest_ > kMaxNesting) p.error(loc, "the template nests deeper than " + std::to_string(kMaxNesting) + " levels");
+    }
+    ~Nest() { p.nest_--; }
+  };
+  // A finished node: its depth is 1 + its deepest operand's, at most kMaxNesting.
+  ExprPtr bounded(ExprPtr e) {
+    for (const auto* v : {&e->args, &e->kwargs})
+      for (const auto& a : *v)
+        if (a) e->depth = std::max(e->depth, a->depth + 1);
+    if (e->depth > kMaxNesting) error(e->loc, "expression nests deeper than " + std::to_string(kMaxNesting) + " levels");
+    return e;
+  }
 
   const Token& cur() const { return t_[p_]; }
   const Token& peek(size_t k = 1) const { return t_[std::min(p_ + k, t_.size() - 1)]; }
@@ -326,6 +354,7 @@ class Parser {
   }
 
   StmtPtr parse_statement(const std::string& tag, Loc loc) {
+    Nest nest(*this, loc);
     auto s = std::make_unique<Stmt>();
     s->loc = loc;
     std::string end;
@@ -441,10 +470,11 @@ class Parser {
       if (cur().type == Token::BlockEnd || cur().type == Token::VarEnd || is_name("if")) break;
       t->args.push_back(with_condexpr ? parse_expression() : parse_or());
     }
-    return t;
+    return bounded(std::move(t));
   }
 
   ExprPtr parse_expression() {
+    Nest nest(*this, cur().loc);
     ExprPtr e = parse_or();
     while (is_name("if")) {
       Loc loc = cur().loc;
@@ -456,7 +486,7 @@ class Parser {
       c->args.push_back(std::move(e));
       c->args.push_back(std::move(cond));
       c->args.push_back(std::move(other));  // may be null: undefined
-      e = std::move(c);
+      e = bounded(std::move(c));
     }
     return e;
   }
@@ -467,7 +497,7 @@ class Parser {
       p_++;
       n->args.push_back(std::move(l));
       n->args.push_back(parse_and());
-      l = std::move(n);
+      l = bounded(std::move(n));
     }
     return l;
   }
@@ -478,16 +508,17 @@ class Parser {
       p_++;
       n->args.push_back(std::move(l));
       n->args.push_back(parse_not());
-      l = std::move(n);
+      l = bounded(std::move(n));
     }
     return l;
   }
   ExprPtr parse_not() {
     if (is_name("not")) {
+      Nest nest(*this, cur().loc);
       auto n = make(Expr::Not, cur().loc);
       p_++;
       n->args.push_back(parse_not());
-      return n;
+      return bounded(std::move(n));
     }
     return parse_compare();
   }
@@ -517,14 +548,14 @@ class Parser {
       cmp->ops.push_back(op);
       cmp->args.push_back(parse_math1());
     }
-    return cmp ? std::move(cmp) : std::move(first);
+    return cmp ? bounded(std::move(cmp)) : std::move(first);
   }
   ExprPtr binary(const std::string& op, ExprPtr l, ExprPtr r, Loc loc) {
     auto n = make(Expr::Binary, loc);
     n->name = op;
     n->args.push_back(std::move(l));
     n->args.push_back(std::move(r));
-    return n;
+    return bounded(std::move(n));
   }
   ExprPtr parse_math1() {
     ExprPtr l = parse_concat();
@@ -565,10 +596,11 @@ class Parser {
   ExprPtr parse_unary(bool with_filter) {
     ExprPtr n;
     if (is_op("-") || is_op("+")) {
+      Nest nest(*this, cur().loc);
       auto u = make(is_op("-") ? Expr::Neg : Expr::Pos, cur().loc);
       p_++;
       u->args.push_back(parse_unary(false));
-      n = std::move(u);
+      n = bounded(std::move(u));
     } else {
       n = parse_primary();
     }
@@ -613,7 +645,7 @@ class Parser {
           if (is_op(")")) break;
           tup->args.push_back(parse_expression());
         }
-        e = std::move(tup);
+        e = bounded(std::move(tup));
       }
       expect_op(")");
       return e;
@@ -626,7 +658,7 @@ class Parser {
         if (!is_op("]")) expect_op(",");
       }
       p_++;
-      return e;
+      return bounded(std::move(e));
     }
     if (is_op("{")) {
       p_++;
@@ -638,7 +670,7 @@ class Parser {
         if (!is_op("}")) expect_op(",");
       }
       p_++;
-      return e;
+      return bounded(std::move(e));
     }
     unexpected("an expression");
   }
@@ -668,12 +700,12 @@ class Parser {
           idx->literal = Value(t_[p_++].ival);
           e->args.push_back(std::move(n));
           e->args.push_back(std::move(idx));
-          n = std::move(e);
+          n = bounded(std::move(e));
         } else {
           auto e = make(Expr::Attr, loc);
           e->name = expect_name();
           e->args.push_back(std::move(n));
-          n = std::move(e);
+          n = bounded(std::move(e));
         }
       } else if (is_op("[")) {
         Loc loc = cur().loc;
@@ -694,12 +726,12 @@ class Parser {
           if (!parts[0]) error(loc, "empty subscript");
           e->args.push_back(std::move(parts[0]));
         }
-        n = std::move(e);
+        n = bounded(std::move(e));
       } else if (is_op("(")) {
         auto e = make(Expr::Call, n->loc);  // errors in a call point at the callee's start
         e->args.push_back(std::move(n));
         parse_call_args(*e);
-        n = std::move(e);
+        n = bounded(std::move(e));
       } else {
         return n;
       }
@@ -714,7 +746,7 @@ class Parser {
         while (is_op(".")) { p_++; f->name += "." + expect_name(); }
         f->args.push_back(std::move(n));
         if (is_op("(")) parse_call_args(*f);
-        n = std::move(f);
+        n = bounded(std::move(f));
       } else if (is_name("is")) {
         auto t = make(Expr::Test, cur().loc);
         p_++;
@@ -731,12 +763,12 @@ class Parser {
           // `x is divisibleby 3`, `x is sameas false`: one argument without parentheses.
           t->args.push_back(parse_postfix(parse_primary()));
         }
-        n = std::move(t);
+        n = bounded(std::move(t));
       } else if (is_op("(")) {
         auto e = make(Expr::Call, cur().loc);
         e->args.push_back(std::move(n));
         parse_call_args(*e);
-        n = std::move(e);
+        n = bounded(std::move(e));
       } else {
         return n;
       }

@@ -8,6 +8,13 @@
 
 namespace trellm::jinja {
 
+int64_t Value::float_to_int(double f) {
+  // 2^63 is exactly representable; every double below it in magnitude (and -2^63 itself) converts.
+  if (!(f >= -9223372036854775808.0 && f < 9223372036854775808.0))
+    throw std::runtime_error("cannot convert float " + python_float_repr(f) + " to a 64-bit integer");
+  return int64_t(f);
+}
+
 Value Value::list(List items) {
   Value v;
   v.kind_ = Kind::List;

@@ -51,7 +51,9 @@ class Value {
   bool is_function() const { return kind_ == Kind::Function; }
 
   bool as_bool() const { return i_ != 0; }
-  int64_t as_int() const { return kind_ == Kind::Float ? int64_t(f_) : i_; }
+  // A float is truncated like Python's int(); one outside the 64-bit range (or NaN) is an error, not UB.
+  int64_t as_int() const { return kind_ == Kind::Float ? float_to_int(f_) : i_; }
+  static int64_t float_to_int(double f);  // throws std::runtime_error out of range
   double as_float() const { return kind_ == Kind::Float ? f_ : double(i_); }
   const std::string& str() const { return *s_; }
   List& items() const { return *l_; }

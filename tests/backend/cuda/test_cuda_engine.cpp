@@ -1,7 +1,7 @@
 // The batched engine on the GPU: greedy requests run together (decode rows as CUDA graphs of their batch bucket,
 // prompt chunks beside them, a prefix-cache hit, preemptions in a small cache) give the tokens the CPU reference
 // engine gives each request alone with the same bf16 latent cache, on the built-in model, up to a near tie of the
-// CPU's own distribution; and the same with the
+// CPU's own distribution, with and without speculative decoding (K = 1..4); and the same with the
 // tensor-core MLA kernels on a synthetic model of GLM-4.7-Flash's attention shapes, GPU batched against GPU alone.
 #include <gtest/gtest.h>
 
@@ -46,7 +46,7 @@ std::vector<Case> cases(int n, int32_t vocab, uint64_t seed) {
 
 // Each request's tokens (and, alone, the log-probabilities of its top tokens at every step).
 std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, const EngineOptions& o, bool together,
-                                      std::vector<std::vector<GenToken>>* detail = nullptr) {
+                                      std::vector<std::vector<GenToken>>* detail = nullptr, Engine::Stats* stats = nullptr) {
   std::vector<std::vector<int32_t>> out(cs.size());
   if (detail) detail->resize(cs.size());
   if (together) {
@@ -60,6 +60,7 @@ std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, con
     for (size_t i = 0; i < cs.size(); i++) out[i] = ids(rs[i]->wait_all());
     EXPECT_EQ(e.block_manager().used_blocks(), 0);
     EXPECT_GT(e.stats().graph_steps, 0);
+    if (stats) *stats = e.stats();
     return out;
   }
   for (size_t i = 0; i < cs.size(); i++) {
@@ -77,6 +78,32 @@ std::vector<std::vector<int32_t>> run(Model& m, const std::vector<Case>& cs, con
     if (detail) (*detail)[i] = toks;
   }
   return out;
+}
+
+// The GPU rounds activations to fp16/bf16 where the CPU keeps f32, so greedy can part at a near tie of the CPU's
+// own distribution, and only there: at the first difference the GPU's token must be one of the CPU's top 5 within
+// 0.05 nats of its best (seen on the chat-tuned default model, H200: 4 requests of 10, each at such a tie). A wrong
+// kernel, table or position parts at a clear winner and fails. At least half must agree to the end.
+void expect_equal_up_to_near_ties(const std::vector<Case>& cs, const std::vector<std::vector<int32_t>>& got,
+                                  const std::vector<std::vector<int32_t>>& want, const std::vector<std::vector<GenToken>>& ref) {
+  int identical = 0;
+  for (size_t i = 0; i < cs.size(); i++) {
+    ASSERT_EQ(got[i].size(), want[i].size()) << "request " << i;
+    size_t j = 0;
+    while (j < got[i].size() && got[i][j] == want[i][j]) j++;
+    if (j == got[i].size()) {
+      identical++;
+      continue;
+    }
+    const GenToken& at = ref[i][j];
+    float lp = -INFINITY;
+    for (const TokenLogprob& t : at.top)
+      if (t.token == got[i][j]) lp = t.logprob;
+    EXPECT_LT(at.logprob - lp, 0.05f) << "request " << i << " (prompt " << cs[i].prompt.size() << ") parts at token " << j
+                                      << ": GPU " << got[i][j] << ", CPU " << want[i][j] << " (CPU logprobs " << at.logprob
+                                      << " vs " << lp << ")";
+  }
+  EXPECT_GE(identical, int(cs.size()) / 2) << identical << " of " << cs.size() << " requests identical";
 }
 
 }  // namespace
@@ -98,28 +125,20 @@ TEST(CudaEngine, BatchedGreedyTokensEqualTheCpuReferenceAlone) {
   o.max_seqs = 8;
   o.kv_blocks = 9;  // 576 tokens for ~1,300: preemptions
   const auto got = run(*mg, cs, o, true);
-  // The GPU rounds activations to fp16/bf16 where the CPU keeps f32, so greedy can part at a near tie of the CPU's
-  // own distribution, and only there: at the first difference the GPU's token must be one of the CPU's top 5 within
-  // 0.05 nats of its best (seen on the chat-tuned default model, H200: 4 requests of 10, each at such a tie). A wrong
-  // kernel, table or position parts at a clear winner and fails. At least half must agree to the end.
-  int identical = 0;
-  for (size_t i = 0; i < cs.size(); i++) {
-    ASSERT_EQ(got[i].size(), want[i].size()) << "request " << i;
-    size_t j = 0;
-    while (j < got[i].size() && got[i][j] == want[i][j]) j++;
-    if (j == got[i].size()) {
-      identical++;
-      continue;
-    }
-    const GenToken& at = ref[i][j];
-    float lp = -INFINITY;
-    for (const TokenLogprob& t : at.top)
-      if (t.token == got[i][j]) lp = t.logprob;
-    EXPECT_LT(at.logprob - lp, 0.05f) << "request " << i << " (prompt " << cs[i].prompt.size() << ") parts at token " << j
-                                      << ": GPU " << got[i][j] << ", CPU " << want[i][j] << " (CPU logprobs " << at.logprob
-                                      << " vs " << lp << ")";
+  expect_equal_up_to_near_ties(cs, got, want, ref);
+  // Speculative decoding with the MTP layer (decode steps: verification and drafts as one CUDA graph per bucket),
+  // speculating while at most 4 run or wait: the same tokens up to near ties.
+  o.kv_blocks = 6;  // 384 tokens: the 278-token request and its drafts fit, never two long ones
+  o.spec_max_seqs = 4;
+  for (int k : {1, 2, 3, 4}) {
+    o.draft_tokens = k;
+    Engine::Stats st;
+    const auto spec = run(*mg, cs, o, true, nullptr, &st);
+    SCOPED_TRACE("K = " + std::to_string(k));
+    expect_equal_up_to_near_ties(cs, spec, want, ref);
+    EXPECT_GT(st.spec_accepted_tokens, 0);
+    EXPECT_GT(st.preemptions, 0);
   }
-  EXPECT_GE(identical, int(cs.size()) / 2) << identical << " of " << cs.size() << " requests identical";
 }
 
 TEST(CudaEngine, TensorCoreMlaBatchedEqualsAlone) {

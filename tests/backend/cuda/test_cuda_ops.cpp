@@ -520,6 +520,133 @@ TEST_F(CudaOps, SampleRowsMatchesCpuPerRow) {
   }
 }
 
+TEST_F(CudaOps, SpecVerifyAndPrepareMatchCpu) {
+  // m sequences of K drafts over vocabularies of GLM's size and odd ones; drafts drawn from q (the target plus
+  // noise: some accepted, some not) by the CPU sampler, greedy rows with a wrong draft somewhere. Greedy outcomes
+  // must be identical; sampled ones (thresholds and exp differ in the last bits) nearly always.
+  int same = 0, total = 0;
+  for (int64_t V : {int64_t(154880), int64_t(333), int64_t(2)}) {
+    for (int K : {0, 1, 3, 4}) {
+      for (int m : {1, 3, 9}) {
+        const int S = 16;
+        std::vector<SamplingParams> p(static_cast<size_t>(m));
+        for (int i = 0; i < m; i++) {
+          p[size_t(i)].temperature = i % 3 == 0 ? 0.0f : 0.6f + 0.2f * float(i % 4);
+          p[size_t(i)].top_k = i % 4 == 2 ? 20 : 0;
+          p[size_t(i)].top_p = i % 5 == 4 ? 0.9f : 1.0f;
+          p[size_t(i)].seed = 50 + uint64_t(i) + uint64_t(V);
+        }
+        auto target = randn(size_t(m) * (K + 1) * V, 3.0f);
+        std::vector<float> draft(size_t(std::max(K, 1)) * S * V, 0.0f);
+        std::vector<int32_t> src(static_cast<size_t>(m)), tokens(size_t(m) * (K + 1)), steps(static_cast<size_t>(m));
+        for (int i = 0; i < m; i++) {
+          src[size_t(i)] = int32_t((i * 5 + 3) % S);
+          steps[size_t(i)] = int32_t(rng.next_u64() % 1000);
+          for (int j = 0; j < K; j++) {
+            float* q = draft.data() + (int64_t(j) * S + src[size_t(i)]) * V;
+            const float* t = target.data() + (int64_t(i) * (K + 1) + j) * V;
+            for (int64_t v = 0; v < V; v++) q[v] = t[v] + 1.5f * (rng.uniform() * 2 - 1);
+            SamplingParams dp = p[size_t(i)];
+            dp.seed ^= kSpecDraftSalt;
+            int32_t d = cpu::sample_token(q, V, dp, uint64_t(steps[size_t(i)] + j));
+            if (dp.temperature == 0 && j == K - 1) d = int32_t((d + 1) % V);  // a greedy draft the target rejects
+            tokens[size_t(i * (K + 1) + 1 + j)] = d;
+          }
+        }
+        std::vector<uint8_t> pb(p.size() * sizeof(SamplingParams));
+        std::memcpy(pb.data(), p.data(), pb.size());
+        std::vector<int32_t> want(size_t(m) * (K + 2)), poison(size_t(m) * (K + 2), -5);
+        SpecVerify v;
+        v.K = K;
+        v.draft_stride = S;
+        v.target = host(target, {m * (K + 1), V});
+        v.draft = host(draft, {int64_t(std::max(K, 1)) * S, V});
+        v.src = TensorView(src.data(), DType::I32, {m});
+        v.tokens = TensorView(tokens.data(), DType::I32, {m * (K + 1)});
+        v.params = TensorView(pb.data(), DType::U8, {int64_t(pb.size())});
+        v.steps = TensorView(steps.data(), DType::I32, {m});
+        v.out = TensorView(want.data(), DType::I32, {m * (K + 2)});
+        cpu.spec_verify(v);
+        SpecVerify g = v;
+        g.target = up(target, DType::F32, {m * (K + 1), V});
+        g.draft = up(draft, DType::F32, {int64_t(std::max(K, 1)) * S, V});
+        g.src = up(src, DType::I32, {m});
+        g.tokens = up(tokens, DType::I32, {m * (K + 1)});
+        g.params = up(pb, DType::U8, {int64_t(pb.size())});
+        g.steps = up(steps, DType::I32, {m});
+        g.out = up(poison, DType::I32, {m * (K + 2)});
+        gpu->spec_verify(g);
+        std::vector<int32_t> got(want.size());
+        gpu->to_host(got.data(), g.out.data, got.size() * 4);
+        for (int i = 0; i < m; i++) {
+          const int32_t* w = &want[size_t(i) * (K + 2)];
+          const int32_t* o = &got[size_t(i) * (K + 2)];
+          ASSERT_GE(o[0], 0) << "sequence " << i << " not written";
+          ASSERT_LE(o[0], K);
+          for (int j = 1; j < K + 2; j++) ASSERT_TRUE(o[j] >= 0 && o[j] < V) << "sequence " << i << " token " << j;
+          const bool equal = std::equal(w, w + K + 2, o);
+          if (p[size_t(i)].temperature == 0) {
+            EXPECT_TRUE(equal) << "greedy sequence " << i << " V " << V << " K " << K;
+          } else {
+            same += equal;
+            total++;
+          }
+        }
+        if (K == 0) continue;
+        // spec_prepare after it: step 0, then step 1, from the GPU's own result
+        std::vector<int32_t> pos(size_t(m) * (K + 1));
+        for (size_t r = 0; r < pos.size(); r++) pos[r] = int32_t(40 + 3 * r);
+        std::vector<int32_t> drafts(static_cast<size_t>(m));
+        for (auto& d : drafts) d = int32_t(rng.next_u64() % uint64_t(V));
+        std::vector<int32_t> h_tok(pos.size(), -1), h_pos = pos, h_seq(pos.size(), -1), h_idx(size_t(m), -1),
+            h_base(size_t(m), -1), h_steps(size_t(m), -1);
+        auto cpu_view = [](std::vector<int32_t>& x) { return TensorView(x.data(), DType::I32, {int64_t(x.size())}); };
+        std::vector<int32_t> res = got;
+        SpecPrepare cp;
+        cp.K = K;
+        cp.result = cpu_view(res);
+        cp.steps = cpu_view(steps);
+        cp.base = cpu_view(h_base);
+        cp.tokens = cpu_view(h_tok);
+        cp.pos = cpu_view(h_pos);
+        cp.seq = cpu_view(h_seq);
+        cp.logit_idx = cpu_view(h_idx);
+        cp.steps_out = cpu_view(h_steps);
+        cp.drafts = cpu_view(drafts);
+        SpecPrepare gp = cp;
+        std::vector<int32_t> m1(pos.size(), -1), ms(size_t(m), -1);
+        gp.result = g.out;
+        gp.steps = g.steps;
+        gp.base = up(ms, DType::I32, {m});
+        gp.tokens = up(m1, DType::I32, {int64_t(m1.size())});
+        gp.pos = up(pos, DType::I32, {int64_t(pos.size())});
+        gp.seq = up(m1, DType::I32, {int64_t(m1.size())});
+        gp.logit_idx = up(ms, DType::I32, {m});
+        gp.steps_out = up(ms, DType::I32, {m});
+        gp.drafts = up(drafts, DType::I32, {m});
+        for (int j : {0, 1}) {
+          if (j >= K) break;
+          cp.j = gp.j = j;
+          cpu.spec_prepare(cp);
+          gpu->spec_prepare(gp);
+          auto back = [&](TensorView t) {
+            std::vector<int32_t> h(size_t(t.numel()));
+            gpu->to_host(h.data(), t.data, h.size() * 4);
+            return h;
+          };
+          EXPECT_EQ(back(gp.tokens), h_tok) << "tokens, step " << j;
+          EXPECT_EQ(back(gp.pos), h_pos) << "pos, step " << j;
+          EXPECT_EQ(back(gp.seq), h_seq) << "seq, step " << j;
+          EXPECT_EQ(back(gp.logit_idx), h_idx) << "logit_idx, step " << j;
+          EXPECT_EQ(back(gp.base), h_base) << "base, step " << j;
+          EXPECT_EQ(back(gp.steps_out), h_steps) << "steps_out, step " << j;
+        }
+      }
+    }
+  }
+  EXPECT_GE(same, total * 95 / 100) << same << " of " << total << " sampled verifications identical";
+}
+
 TEST_F(CudaOps, GatherRows) {
   // Rows of 4096 floats (the 16-byte path), 333 and 3 (the byte path); repeated and reordered indices.
   const std::vector<int32_t> idx = {8, 0, 0, 5, 3};

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over every CUDA test binary (CTest label cuda),
+# one binary and tool at a time, each under a time limit; a failure or a timeout is recorded and the next one runs.
+#
+#   scripts/cuda_sanitize.sh [BUILD_DIR] [OUT_DIR]
+#     BUILD_DIR  a configured and built CUDA build (default build)
+#     OUT_DIR    where the logs and summary.md go (default $OUT/cuda_sanitize when $OUT is set, else
+#                bench/results/cuda_sanitize)
+# Environment:
+#   TOOLS="memcheck racecheck initcheck synccheck"   which tools
+#   TIMEOUT=1800          seconds per binary and tool (the sanitizers slow kernels 10-100x; racecheck the most)
+#   GTEST_FILTER=...      passed to every binary (e.g. to skip the full-size cases: -*FullSize*)
+#   CS_ARGS="..."         extra compute-sanitizer arguments
+#   COMPUTE_SANITIZER=... the binary (default: on PATH, else $CUDA_HOME/bin or /usr/local/cuda/bin)
+# Exit status: 0 when every run finished with no error reported, 1 otherwise (the summary says which).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+BUILD=${1:-build}
+if [[ -n ${2:-} ]]; then OUT_DIR=$2
+elif [[ -n ${OUT:-} ]]; then OUT_DIR=$OUT/cuda_sanitize
+else OUT_DIR=bench/results/cuda_sanitize; fi
+TOOLS=${TOOLS:-memcheck racecheck initcheck synccheck}
+TIMEOUT=${TIMEOUT:-1800}
+
+CS=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || true)}
+for d in "${CUDA_HOME:-/usr/local/cuda}/bin" /usr/local/cuda/bin; do
+  [[ -z $CS && -x $d/compute-sanitizer ]] && CS=$d/compute-sanitizer
+done
+[[ -n $CS ]] || { echo "cuda_sanitize: compute-sanitizer not found (set COMPUTE_SANITIZER)" >&2; exit 2; }
+[[ -f $BUILD/CTestTestfile.cmake ]] || { echo "cuda_sanitize: $BUILD is not a configured build" >&2; exit 2; }
+mkdir -p "$OUT_DIR"
+
+# The executables behind the label: ctest lists each discovered gtest case; keep each binary once.
+mapfile -t BINS < <(ctest --test-dir "$BUILD" -L cuda --show-only=json-v1 2>/dev/null | python3 -c '
+import json, sys
+seen = []
+for t in json.load(sys.stdin).get("tests", []):
+    cmd = t.get("command") or []
+    if cmd and cmd[0] not in seen:
+        seen.append(cmd[0])
+print("\n".join(seen))')
+((${#BINS[@]})) || { echo "cuda_sanitize: no tests with label cuda in $BUILD (built without CUDA?)" >&2; exit 2; }
+
+summary=$OUT_DIR/summary.md
+{
+  echo "# compute-sanitizer over the CUDA tests"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%MZ) · commit \`$(git rev-parse --short HEAD 2>/dev/null || echo ?)$(git diff --quiet HEAD 2>/dev/null || echo -dirty)\`" \
+       "· $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo 'GPU ?')" \
+       "· $("$CS" --version 2>/dev/null | grep -oE 'Version [^ ]+' | head -1)"
+  echo
+  echo "Command: \`scripts/cuda_sanitize.sh $BUILD $OUT_DIR\` (TOOLS=\"$TOOLS\", TIMEOUT=$TIMEOUT${GTEST_FILTER:+, GTEST_FILTER=$GTEST_FILTER}${CS_ARGS:+, CS_ARGS=$CS_ARGS})"
+  echo
+  echo "| binary | tool | result | errors | s | log |"
+  echo "|---|---|---|---:|---:|---|"
+} > "$summary"
+
+status=0
+for bin in "${BINS[@]}"; do
+  name=$(basename "$bin")
+  for tool in $TOOLS; do
+    log=$OUT_DIR/$name.$tool.log
+    args=(--tool "$tool" --error-exitcode 99 --print-limit 100)
+    case $tool in
+      memcheck) args+=(--leak-check full) ;;
+      racecheck) args+=(--racecheck-report analysis) ;;
+    esac
+    # shellcheck disable=SC2206
+    [[ -n ${CS_ARGS:-} ]] && args+=($CS_ARGS)
+    gt=()
+    [[ -n ${GTEST_FILTER:-} ]] && gt=(--gtest_filter="$GTEST_FILTER")
+    echo "=== $name: $tool"
+    t0=$SECONDS
+    timeout -k 30 "$TIMEOUT" "$CS" "${args[@]}" "$bin" "${gt[@]}" > "$log" 2>&1
+    rc=$?
+    secs=$((SECONDS - t0))
+    errors=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || true)
+    [[ $tool == racecheck ]] && {
+      hazards=$(grep -oE 'RACECHECK SUMMARY: [0-9]+ hazard' "$log" | tail -1 | grep -oE '[0-9]+' || true)
+      [[ -n $hazards ]] && errors=$hazards
+    }
+    if ((rc == 124 || rc == 137)); then result="timeout after ${TIMEOUT} s"
+    elif ((rc == 99)) || [[ -n $errors && $errors != 0 ]]; then result="**errors**"
+    elif ((rc != 0)); then result="test failed (rc $rc)"
+    else result=clean; fi
+    [[ $result == clean ]] || status=1
+    echo "    $result, ${errors:-?} errors, $secs s ($log)"
+    echo "| \`$name\` | $tool | $result | ${errors:-?} | $secs | \`$(basename "$log")\` |" >> "$summary"
+  done
+done
+echo
+cat "$summary"
+exit $status

@@ -1,0 +1,31 @@
+// The AVX-512 FP16 variant (FP16 + VBMI2 on top of F/BW/DQ/VL: Sapphire Rapids and later) of the fused trellis product (trellis_gemm_x86_512.inc).
+#include "backend/cpu/trellis_gemm_impl.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <vector>
+
+// Everything below is compiled for AVX-512; the headers above were compiled for the baseline (their inline
+// functions may be shared with the rest of the program). The drivers come from trellis_gemm_impl.h.
+#pragma GCC push_options
+// GCC 12 reports the _mm512_undefined_* inside its own intrinsics (cvtph2ps, extracts) as uninitialized.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512fp16,avx512vbmi2,avx2,fma,f16c,bmi2")
+#include "backend/cpu/trellis_gemm_drivers.inc"
+#define TRELLM_X86_FP16 1
+#include "backend/cpu/trellis_gemm_x86_512.inc"
+#pragma GCC pop_options
+
+namespace trellm::cpu {
+const TrellisKernels* trellis_kernels_avx512fp16() { return &kKernels512; }
+}  // namespace trellm::cpu
+#else
+namespace trellm::cpu {
+const TrellisKernels* trellis_kernels_avx512fp16() { return nullptr; }
+}  // namespace trellm::cpu
+#endif
