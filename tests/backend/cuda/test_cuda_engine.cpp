@@ -128,7 +128,8 @@ TEST(CudaEngine, BatchedGreedyTokensEqualTheCpuReferenceAlone) {
   expect_equal_up_to_near_ties(cs, got, want, ref);
   // Speculative decoding with the MTP layer (decode steps: verification and drafts as one CUDA graph per bucket),
   // speculating while at most 4 run or wait: the same tokens up to near ties.
-  o.kv_blocks = 6;  // 384 tokens: the 278-token request and its drafts fit, never two long ones
+  o.kv_blocks = 6;  // 384 tokens: the 278-token request and its drafts fit, never two long ones (the CPU test checks
+                    // equality across preemptions bit for bit)
   o.spec_max_seqs = 4;
   for (int k : {1, 2, 3, 4}) {
     o.draft_tokens = k;
@@ -137,7 +138,7 @@ TEST(CudaEngine, BatchedGreedyTokensEqualTheCpuReferenceAlone) {
     SCOPED_TRACE("K = " + std::to_string(k));
     expect_equal_up_to_near_ties(cs, spec, want, ref);
     EXPECT_GT(st.spec_accepted_tokens, 0);
-    EXPECT_GT(st.preemptions, 0);
+    EXPECT_LT(st.spec_accepted_tokens, st.spec_draft_tokens);
   }
 }
 
