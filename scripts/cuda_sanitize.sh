@@ -12,6 +12,7 @@
 #   GTEST_FILTER=...      passed to every binary (e.g. to skip the full-size cases: -*FullSize*)
 #   CS_ARGS="..."         extra compute-sanitizer arguments
 #   COMPUTE_SANITIZER=... the binary (default: on PATH, else $CUDA_HOME/bin or /usr/local/cuda/bin)
+#   LABEL=cuda            the CTest label whose binaries are run
 # Exit status: 0 when every run finished with no error reported, 1 otherwise (the summary says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,15 +33,15 @@ done
 mkdir -p "$OUT_DIR"
 
 # The executables behind the label: ctest lists each discovered gtest case; keep each binary once.
-mapfile -t BINS < <(ctest --test-dir "$BUILD" -L cuda --show-only=json-v1 2>/dev/null | python3 -c '
-import json, sys
+mapfile -t BINS < <(ctest --test-dir "$BUILD" -L "${LABEL:-cuda}" --show-only=json-v1 2>/dev/null | python3 -c '
+import json, os, sys
 seen = []
 for t in json.load(sys.stdin).get("tests", []):
     cmd = t.get("command") or []
-    if cmd and cmd[0] not in seen:
+    if cmd and cmd[0] not in seen and not os.path.basename(cmd[0]).startswith("python"):  # gtest binaries only
         seen.append(cmd[0])
-print("\n".join(seen))')
-((${#BINS[@]})) || { echo "cuda_sanitize: no tests with label cuda in $BUILD (built without CUDA?)" >&2; exit 2; }
+print("\n".join(seen))' | sed '/^$/d')
+((${#BINS[@]})) || { echo "cuda_sanitize: no tests with label ${LABEL:-cuda} in $BUILD (built without CUDA?)" >&2; exit 2; }
 
 summary=$OUT_DIR/summary.md
 {

@@ -53,6 +53,8 @@ for t in "${TARGETS[@]}"; do
   [[ $t == fuzz_tokenizer || $t == fuzz_glm_output ]] && cp "tests/fuzz/dict/$t.dict" "$dict"  # not JSON
   echo "=== $t: up to $RUNS executions or $SECONDS_PER_TARGET s"
   t0=$SECONDS
+  stamp="$BUILD/logs/$t.start"
+  touch "$stamp"
   set +e
   # -timeout: one input taking 30 s is a finding (a hang); -rss_limit_mb: so is a 2 GB allocation.
   "$BUILD/tests/fuzz/$t" "$corpus" "$seeds/$t" -runs="$RUNS" -max_total_time="$SECONDS_PER_TARGET" -dict="$dict" \
@@ -66,7 +68,7 @@ for t in "${TARGETS[@]}"; do
   cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || echo 0)
   ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || echo 0)
   corp=$(find "$corpus" -type f | wc -l)
-  found=$(find "$artifacts" -type f ! -name 'slow-unit-*' | wc -l)
+  found=$(find "$artifacts" -type f ! -name 'slow-unit-*' -newer "$stamp" | wc -l)  # this run's
   slow=$(grep -oE 'stat::slowest_unit_time_sec:[[:space:]]+[0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || echo 0)
   status=ok
   if ((rc != 0)); then

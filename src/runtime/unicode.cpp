@@ -23,6 +23,10 @@ void utf8_append(std::string& out, uint32_t cp) {
 uint32_t utf8_next(std::string_view s, size_t& i) {
   uint8_t c = uint8_t(s[i]);
   if (c < 0x80) { i += 1; return c; }
+  // A sequence cut off by the end of s (the Jinja interpreter's strings are not validated): U+FFFD, one byte, and
+  // no read past the end (found by fuzz_jinja: libstdc++'s bounds assertion).
+  const size_t n = c < 0xE0 ? 2 : c < 0xF0 ? 3 : 4;
+  if (i + n > s.size()) { i += 1; return 0xFFFD; }
   if (c < 0xE0) { uint32_t cp = ((c & 0x1F) << 6) | (uint8_t(s[i + 1]) & 0x3F); i += 2; return cp; }
   if (c < 0xF0) {
     uint32_t cp = ((c & 0x0F) << 12) | ((uint8_t(s[i + 1]) & 0x3F) << 6) | (uint8_t(s[i + 2]) & 0x3F);

@@ -11,7 +11,8 @@ namespace trellm {
 // Appends the UTF-8 encoding of code point `cp` (must be a scalar value) to `out`.
 void utf8_append(std::string& out, uint32_t cp);
 
-// Decodes the character at s[i] of valid UTF-8 and advances i. Undefined on invalid input: validate first.
+// Decodes the character at s[i] of valid UTF-8 and advances i. Invalid input gives unspecified code points (validate
+// first), but never a read past the end of s: a truncated sequence is U+FFFD and advances one byte.
 uint32_t utf8_next(std::string_view s, size_t& i);
 
 // Length of the well-formed UTF-8 sequence at the start of `s`, 0 if it is ill-formed, or -1 if `s` is a

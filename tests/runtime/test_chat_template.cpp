@@ -95,12 +95,24 @@ TEST(ChatTemplateErrors, FuzzReproducersAreErrors) {
       {"string_repeat.jinja", "the string would exceed 16 MB"},                // a 100 GB allocation
       {"int_overflow.jinja", "integer overflow in +"},                         // signed overflow (UB)
       {"float_to_int.jinja", "cannot convert float 1e+300 to a 64-bit integer"},  // float-cast overflow (UB)
+      // Found by fuzz_jinja itself: std::stoul / std::stoll threw exceptions that were not trellm::Errors.
+      {"truncated_u_escape.jinja", "truncated \\x/\\u escape"},
+      {"attribute_index_out_of_range.jinja", "attribute index 99999999999999999999 is out of range"},
   };
   for (const auto& [file, want] : cases) {
     const std::string msg = render_error(format::read_text_file(dir + file));
     EXPECT_NE(msg.find(want), std::string::npos) << file << ": " << msg;
-    EXPECT_EQ(msg.rfind("t.jinja:1:", 0), 0u) << file << ": errors keep their location: " << msg;
+    EXPECT_EQ(msg.rfind("t.jinja:", 0), 0u) << file << ": errors keep their line:column: " << msg;
   }
+  EXPECT_EQ(ChatTemplate(R"({{ '\u00e9\x41\U0001F642' }})").render(ordered_json::array(), nullptr, true), "éA🙂");
+  EXPECT_NE(render_error(R"({{ '\x4' }})").find("truncated"), std::string::npos);
+  EXPECT_NE(render_error(R"({{ '\U00110000' }})").find("illegal Unicode character"), std::string::npos);
+  // Found by fuzz_jinja: a UTF-8 sequence cut off by the end of a string was decoded past its end.
+  try {
+    (void)ChatTemplate(format::read_text_file(dir + "truncated_utf8.jinja")).render(ordered_json::array(), nullptr, true);
+  } catch (const Error&) {
+  }
+  EXPECT_EQ(ChatTemplate(std::string("{{ 'a\xC3' | list | length }}")).render(ordered_json::array(), nullptr, true), "2");
   // 1 ** 10^18 looped 10^18 times; by squaring it is immediate.
   EXPECT_EQ(ChatTemplate(format::read_text_file(dir + "power_loop.jinja")).render(ordered_json::array(), nullptr, true), "1");
   // Below the limits (which real templates stay far from): 90 levels of parentheses, 50 recursive macro calls.

@@ -3,12 +3,17 @@
 // histogram's cumulative buckets.
 #include <gtest/gtest.h>
 
+#include <httplib.h>
+
 #include "metrics.h"
 #include "protocol.h"
+#include "server.h"
 #include "stop_strings.h"
+#include "test_util.h"
 
 using namespace trellm;
 using namespace trellm::server;
+using trellm::testing::read_file;
 
 namespace {
 
@@ -115,6 +120,66 @@ TEST_F(Protocol, GoodRequestsBecomeEngineSettings) {
                              {"tool_choice", {{"type", "function"}, {"function", {{"name", "weather"}}}}}}, m_);
   EXPECT_EQ(t.forced_prefix, "<tool_call>weather");
   EXPECT_TRUE(t.tools);
+}
+
+// Found by tests/fuzz/fuzz_server_request: a chat body without max_tokens read body["max_tokens"] of a const json
+// (an assert in debug builds, a read past the object's end in release ones).
+TEST_F(Protocol, FuzzChatWithoutMaxTokens) {
+  const json body = json::parse(read_file(std::string(TRELLM_TEST_DATA) + "/fuzz/fuzz_server_request/chat_without_max_tokens.json"));
+  GenRequest r = parse_chat(body, m_);
+  EXPECT_EQ(r.params.max_tokens, m_.context - int64_t(r.prompt.size())) << "no max_tokens: the room left in the context";
+  json with_null = body;
+  with_null["max_tokens"] = nullptr;
+  EXPECT_EQ(parse_chat(with_null, m_).params.max_tokens, r.params.max_tokens);
+  with_null["max_completion_tokens"] = 5;
+  EXPECT_EQ(parse_chat(with_null, m_).params.max_tokens, 5);
+}
+
+// A 200 KB body of nested arrays overflowed the stack of the handler thread (printing or copying the value is
+// recursive): the server now refuses bodies nested deeper than kMaxJsonDepth with a 400.
+TEST(ProtocolBody, DeeplyNestedBodyIsA400) {
+  httplib::Request req;
+  req.body = R"({"messages": [{"role": "user", "content": "Hi"}], "top_k": )" + std::string(100000, '[') +
+             std::string(100000, ']') + "}";
+  try {
+    parse_body(req);
+    ADD_FAILURE() << "accepted";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_NE(std::string(e.what()).find("nested deeper than 256"), std::string::npos) << e.what();
+  }
+  req.body = R"({"messages": [{"role": "user", "content": "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]})";
+  EXPECT_TRUE(parse_body(req).contains("messages")) << "brackets inside strings do not count";
+}
+
+// Found by fuzz_server_request: "logprobs": 2e53 was cast to int64 before its range was checked (UBSan:
+// float-cast-overflow).
+TEST_F(Protocol, FuzzHugeFloatForAnIntegerField) {
+  json body = json::parse(read_file(std::string(TRELLM_TEST_DATA) + "/fuzz/fuzz_server_request/huge_float_integer.json"));
+  body.erase("model");  // the fuzz target's model is "tiny-glm", this fixture's "tiny"
+  expect_bad(body, 400, "logprobs", /*chat=*/false);
+  expect_bad({{"prompt", "x"}, {"n", json::array()}}, 400, "'n' must be an integer", false);
+  expect_bad({{"prompt", "x"}, {"max_tokens", 1e300}}, 400, "max_tokens", false);
+  expect_bad({{"prompt", "x"}, {"max_tokens", 2.5}}, 400, "must be an integer", false);
+  EXPECT_EQ(parse_completion({{"prompt", "x"}, {"max_tokens", 3.0}}, m_).params.max_tokens, 3) << "a whole float is an integer";
+}
+
+// Found by fuzz_server_request: json::value("type", "") throws type_error for a non-string, which the server
+// answered as a 500 "internal error"; a field of the wrong type is the client's fault: a 400 naming it.
+TEST_F(Protocol, FuzzFieldOfTheWrongTypeIsA400) {
+  const json body = json::parse(read_file(std::string(TRELLM_TEST_DATA) + "/fuzz/fuzz_server_request/messages_type_not_a_string.json"));
+  try {
+    parse_messages(body, m_);
+    ADD_FAILURE() << "accepted";
+  } catch (const ApiError& e) {
+    EXPECT_EQ(e.status, 400);
+    EXPECT_NE(std::string(e.what()).find("'system.type' must be a string"), std::string::npos) << e.what();
+  }
+  const json msgs = json::array({{{"role", "user"}, {"content", "Hi"}}});
+  expect_bad({{"messages", msgs}, {"tools", json::array({{{"type", 5}, {"function", {{"name", "f"}}}}})}}, 400, "tools[0].type");
+  expect_bad({{"messages", json::array({{{"role", "assistant"}, {"content", ""},
+                                         {"tool_calls", json::array({{{"id", json::array()}, {"function", {{"name", "f"}}}}})}}})}},
+             400, "tool_calls[0].id");
 }
 
 TEST(Metrics, HistogramBucketsAreCumulative) {

@@ -16,7 +16,7 @@ std::string blocks_text(const json& content, const std::string& where) {
   if (!content.is_array()) bad_field(where, "'" + where + "' must be a string or an array of blocks");
   std::string s;
   for (const json& b : content) {
-    if (!b.is_object() || b.value("type", "") != "text" || !b.contains("text") || !b["text"].is_string())
+    if (!b.is_object() || opt_str(b, "type", where) != "text" || !b.contains("text") || !b["text"].is_string())
       bad_field(where, "'" + where + "' may only hold text blocks here");
     s += b["text"].get<std::string>();
   }
@@ -48,20 +48,20 @@ json to_chat(const json& body) {
     for (size_t k = 0; k < c.size(); k++) {
       const json& b = c[k];
       const std::string wb = w + ".content[" + std::to_string(k) + "]";
-      const std::string type = b.is_object() ? b.value("type", "") : "";
+      const std::string type = b.is_object() ? opt_str(b, "type", wb) : "";
       if (type == "text" && b.contains("text") && b["text"].is_string()) {
         text += b["text"].get<std::string>();
       } else if (type == "thinking" && role == "assistant") {
-        thinking += b.value("thinking", "");
+        thinking += opt_str(b, "thinking", wb);
       } else if (type == "redacted_thinking" && role == "assistant") {
       } else if (type == "tool_use" && role == "assistant") {
         if (!b.contains("name") || !b["name"].is_string()) bad_field(wb + ".name", "'" + wb + ".name' must be a string");
-        calls.push_back({{"id", b.value("id", "")}, {"type", "function"},
+        calls.push_back({{"id", opt_str(b, "id", wb)}, {"type", "function"},
                          {"function", {{"name", b["name"]}, {"arguments", b.value("input", json::object())}}}});
       } else if (type == "tool_result" && role == "user") {
         if (!text.empty()) out.push_back({{"role", "user"}, {"content", text}}), text.clear();
         const json rc = b.value("content", json(""));
-        out.push_back({{"role", "tool"}, {"tool_call_id", b.value("tool_use_id", "")}, {"content", blocks_text(rc, wb + ".content")}});
+        out.push_back({{"role", "tool"}, {"tool_call_id", opt_str(b, "tool_use_id", wb)}, {"content", blocks_text(rc, wb + ".content")}});
       } else {
         bad_field(wb + ".type", "block type '" + type + "' is not supported in a " + role + " message");
       }
@@ -99,13 +99,13 @@ GenRequest parse_messages(const json& body, const ModelContext& m) {
       const json& t = (*it)[i];
       if (!t.is_object() || !t.contains("name") || !t["name"].is_string()) bad_field("tools[" + std::to_string(i) + "]", "a tool needs a 'name'");
       tools.push_back({{"type", "function"},
-                       {"function", {{"name", t["name"]}, {"description", t.value("description", "")},
+                       {"function", {{"name", t["name"]}, {"description", opt_str(t, "description", "tools[" + std::to_string(i) + "]")},
                                      {"parameters", t.value("input_schema", json::object())}}}});
     }
     chat["tools"] = tools;
   }
   if (auto it = body.find("tool_choice"); it != body.end() && !it->is_null()) {
-    const std::string type = it->is_object() ? it->value("type", "") : "";
+    const std::string type = it->is_object() ? opt_str(*it, "type", "tool_choice") : "";
     if (type == "auto") chat["tool_choice"] = "auto";
     else if (type == "any") chat["tool_choice"] = "required";
     else if (type == "none") chat["tool_choice"] = "none";

@@ -1,6 +1,7 @@
 #include "protocol.h"
 
 #include <algorithm>
+#include <cmath>
 #include <random>
 
 #include "core/error.h"
@@ -58,10 +59,13 @@ double opt_number(const json& body, const char* key, double def, double lo, doub
 int64_t opt_int(const json& body, const char* key, int64_t def, int64_t lo, int64_t hi) {
   auto it = body.find(key);
   if (it == body.end() || it->is_null()) return def;
-  if (!it->is_number_integer() && !(it->is_number_float() && it->get<double>() == double(int64_t(it->get<double>()))))
+  // A whole float (2.0) counts as an integer. (Casting first to test that was undefined behaviour past int64's
+  // range, e.g. 2e53: found by fuzz_server_request.)
+  if (!it->is_number_integer() &&
+      !(it->is_number_float() && std::isfinite(it->get<double>()) && std::trunc(it->get<double>()) == it->get<double>()))
     bad(key, std::string("'") + key + "' must be an integer, got " + it->dump());
   const double d = it->get<double>();
-  if (d < double(lo) || d > double(hi))
+  if (!(d >= double(lo) && d <= double(hi)) || std::fabs(d) >= 9223372036854775808.0)
     bad(key, std::string("'") + key + "' must be between " + std::to_string(lo) + " and " + std::to_string(hi) + ", got " + it->dump());
   return int64_t(d);
 }
@@ -83,6 +87,14 @@ std::vector<std::string> opt_stop(const json& body, const char* key) {
   for (const auto& s : out)
     if (s.empty()) bad(key, std::string("'") + key + "' holds an empty string");
   return out;
+}
+
+std::string opt_str(const json& obj, const char* key, const std::string& where) {
+  auto it = obj.find(key);
+  if (it == obj.end() || it->is_null()) return {};
+  const std::string w = where.empty() ? key : where + "." + key;
+  if (!it->is_string()) bad(w, "'" + w + "' must be a string, got " + type_name(*it));
+  return it->get<std::string>();
 }
 
 void reject_unknown(const json& body, std::initializer_list<const char*> known, const char* what) {
@@ -203,7 +215,7 @@ json template_messages(const json& messages) {
         } else {
           bad(wk + ".function.arguments", "'" + wk + ".function.arguments' must be a JSON object");
         }
-        calls.push_back({{"type", "function"}, {"id", tc.value("id", "")}, {"function", f}});
+        calls.push_back({{"type", "function"}, {"id", opt_str(tc, "id", wk)}, {"function", f}});
       }
       m["tool_calls"] = calls;
     }
@@ -275,7 +287,7 @@ GenRequest parse_chat(const json& body, const ModelContext& m) {
     for (size_t i = 0; i < it->size(); i++) {
       const json& t = (*it)[i];
       const std::string w = "tools[" + std::to_string(i) + "]";
-      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") || !t["function"].is_object() ||
+      if (!t.is_object() || opt_str(t, "type", w) != "function" || !t.contains("function") || !t["function"].is_object() ||
           !t["function"].contains("name") || !t["function"]["name"].is_string())
         bad(w, "'" + w + "' must be {\"type\": \"function\", \"function\": {\"name\": ..., \"parameters\": ...}}");
     }
@@ -287,7 +299,8 @@ GenRequest parse_chat(const json& body, const ModelContext& m) {
       choice = it->get<std::string>();
       if (choice != "auto" && choice != "none" && choice != "required")
         bad("tool_choice", "'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\"}}");
-    } else if (it->is_object() && it->value("type", "") == "function" && it->contains("function") && (*it)["function"].is_object() &&
+    } else if (it->is_object() && opt_str(*it, "type", "tool_choice") == "function" && it->contains("function") &&
+               (*it)["function"].is_object() &&
                (*it)["function"].contains("name") && (*it)["function"]["name"].is_string()) {
       choice = "named";
       forced_name = (*it)["function"]["name"].get<std::string>();

@@ -1,5 +1,6 @@
 // Jinja filters and tests, with transformers' tojson override.
 #include <algorithm>
+#include <charconv>
 #include <climits>
 #include <cmath>
 
@@ -32,7 +33,10 @@ Value attr_path(const Value& v, const Value& attr) {
     size_t dot = path.find('.', pos);
     std::string part = path.substr(pos, dot == std::string::npos ? std::string::npos : dot - pos);
     bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return std::isdigit((unsigned char)c); });
-    cur = numeric ? get_item(cur, Value(int64_t(std::stoll(part)))) : get_item(cur, Value(part));
+    int64_t index = 0;
+    if (numeric && std::from_chars(part.data(), part.data() + part.size(), index).ec != std::errc())
+      throw RenderError("attribute index " + part + " is out of range");  // std::stoll threw out_of_range
+    cur = numeric ? get_item(cur, Value(index)) : get_item(cur, Value(part));
     if (dot == std::string::npos) return cur;
     pos = dot + 1;
   }

@@ -1,6 +1,7 @@
 // Lexer and recursive-descent parser for the Jinja subset of chat templates. Whitespace handling follows Jinja
 // with HF's environment: trim_blocks and lstrip_blocks on, keep_trailing_newline off, newlines normalised to \n.
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <string>
 
@@ -225,9 +226,14 @@ class Lexer {
       if (i + 1 >= src_.size()) error(pos, "unterminated string literal");
       char e = src_[i + 1];
       i += 2;
-      auto hex = [&](int n) {
-        if (i + size_t(n) > src_.size()) error(i, "truncated \\x/\\u escape");
-        uint32_t v = uint32_t(std::stoul(src_.substr(i, size_t(n)), nullptr, 16));
+      auto hex = [&](int n) {  // exactly n hex digits, as Python requires (std::stoul threw on "\\xzz")
+        uint32_t v = 0;
+        for (int k = 0; k < n; k++) {
+          const char h = i + size_t(k) < src_.size() ? src_[i + size_t(k)] : '\0';
+          if (!std::isxdigit((unsigned char)h)) error(i - 2, "truncated \\x/\\u escape");
+          v = v * 16 + uint32_t(h <= '9' ? h - '0' : (h | 0x20) - 'a' + 10);
+        }
+        if (v > 0x10FFFF) error(i - 2, "illegal Unicode character in \\U escape");
         i += size_t(n);
         utf8_append(out, v);
       };
