@@ -73,4 +73,20 @@ std::unique_ptr<Backend> make_cuda_backend(int device, const CudaOptions& option
 #endif
 }
 
+int64_t SpecVerify::sequences() const {
+  const int64_t m = params.nbytes() / int64_t(sizeof(SamplingParams)), V = target.cols();
+  TRELLM_ASSERT(K >= 0 && m >= 1 && params.nbytes() == size_t(m) * sizeof(SamplingParams) && target.dtype == DType::F32 &&
+                    target.rows() == m * (K + 1) && tokens.numel() == m * (K + 1) && steps.numel() == m &&
+                    out.numel() == m * (K + 2) && (K == 0 || (src.numel() == m && draft.cols() == V)),
+                "spec_verify: ", m, " sequences of ", K, " drafts, target ", shape_str(target), " draft ", shape_str(draft));
+  return m;
+}
+
+int64_t SpecPrepare::sequences() const {
+  const int64_t m = steps.numel();
+  TRELLM_ASSERT(K >= 1 && j >= 0 && j < K && result.numel() == m * (K + 2) && base.numel() >= m && steps_out.numel() >= m,
+                "spec_prepare: ", m, " sequences, K ", K, ", step ", j);
+  return m;
+}
+
 }  // namespace trellm

@@ -92,6 +92,7 @@ struct SpecVerify {
   TensorView steps;      // I32 [m]: the noise counter of each sequence's first emitted token
   TensorView out;        // I32 [m * (K+2)]: a_i (drafts accepted), then the a_i + 1 emitted tokens, then the last
                          // emitted token repeated to K+1 tokens
+  int64_t sequences() const;  // m, after checking every shape (a mismatch is a caller's bug: it aborts)
 };
 
 // The inputs of MTP draft step j after a uniform verification (Backend::spec_prepare). Step 0 runs the MTP layer
@@ -109,6 +110,7 @@ struct SpecPrepare {
   TensorView seq;        // I32 [m]: j >= 1: = i
   TensorView logit_idx;  // I32 [m]: step 0: i*(K+1) + a_i (the row whose logits give draft 0)
   TensorView steps_out;  // I32 [m]: steps[i] + a_i + 1 + j (the noise counter of the token the step drafts)
+  int64_t sequences() const;  // m, after checking the shapes
 };
 
 // The paged latent KV cache: kKvBlockTokens, kv_pool_row and kv_blocks_for in kv_block.h (shared with the kernels).

@@ -399,20 +399,22 @@ void Engine::run_graph_step(const Scheduler::Step& plan) {
                          TensorView(params_.data, DType::U8, {int64_t(sizeof(SamplingParams)) * bucket}),
                          TensorView(steps_.data, DType::I32, {bucket}), TensorView(tokens_.data, DType::I32, {bucket}));
   };
-  Graph& g = graphs_[bucket];
-  if (!g.graph || g.epoch != backend_.memory_epoch()) {
-    // One uncaptured run sizes every scratch buffer (it computes this very step; the replay recomputes it with
-    // the same inputs), then the capture. Scratch that grows later (a longer prefill) changes the epoch.
-    g.graph.reset();
-    body();
-    g.epoch = backend_.memory_epoch();
-    g.graph = backend_.capture(body);
-  }
-  g.graph->launch();
+  run_captured(graphs_[bucket], body);
   backend_.to_host(h_sampled_.data(), tokens_.data, 4 * size_t(m));
   graph_steps_++;
   sched_.computed(plan);
   sample_and_emit(plan, sampling, /*sampled=*/true);
+}
+
+void Engine::run_captured(Graph& g, const std::function<void()>& body) {
+  if (g.graph && g.epoch == backend_.memory_epoch()) return g.graph->launch();
+  // A fresh capture: one uncaptured run sizes every scratch buffer and computes this very step (its results are
+  // used: a speculative step rewrites its own inputs, so a replay would not start from them), then the capture.
+  // Scratch that grows later (a longer prefill) changes the epoch.
+  g.graph.reset();
+  body();
+  g.epoch = backend_.memory_epoch();
+  g.graph = backend_.capture(body);
 }
 
 void Engine::sample_and_emit(const Scheduler::Step& plan, const std::vector<int>& sampling, bool sampled) {

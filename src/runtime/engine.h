@@ -162,6 +162,9 @@ class Engine {
   // A decode-only step of m rows as the CUDA graph of its bucket (m padded with rows that write a spare block).
   void run_graph_step(const Scheduler::Step& plan);
   int bucket_for(int m) const;
+  struct Graph;
+  // Launches g, or (first use, or scratch reallocated since) runs `body` uncaptured and captures it.
+  void run_captured(Graph& g, const std::function<void()>& body);
   // Samples the rows of `sampling` chunks (logit row j = chunk sampling[j]) unless `sampled` already holds them,
   // then emits the tokens and ends finished requests.
   void sample_and_emit(const Scheduler::Step& plan, const std::vector<int>& sampling, bool sampled);

@@ -321,17 +321,7 @@ void Engine::run_spec_graph_step(const Scheduler::Step& plan) {
       sample_drafts(B, j);
     }
   };
-  Graph& g = spec_graphs_[B];
-  if (!g.graph || g.epoch != backend_.memory_epoch()) {
-    // The uncaptured run sizes every scratch buffer and computes this step (its results are used: a replay would
-    // start from inputs the step itself rewrote), then the capture.
-    g.graph.reset();
-    body();
-    g.epoch = backend_.memory_epoch();
-    g.graph = backend_.capture(body);
-  } else {
-    g.graph->launch();
-  }
+  run_captured(spec_graphs_[B], body);
   backend_.to_host(h_result_.data(), spec_result_.data, 4 * size_t(B) * size_t(K + 2));
   backend_.to_host(h_drafts_.data(), spec_drafts_.data, 4 * h_drafts_.size());
   graph_steps_++;

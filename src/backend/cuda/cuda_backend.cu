@@ -692,11 +692,7 @@ void CudaBackend::sample_rows(TensorView logits, TensorView params, TensorView s
 
 void CudaBackend::spec_verify(const SpecVerify& v) {
   const int K = v.K;
-  const int64_t m = v.params.nbytes() / int64_t(sizeof(SamplingParams)), V = v.target.cols();
-  TRELLM_ASSERT(K >= 0 && m >= 1 && v.params.nbytes() == size_t(m) * sizeof(SamplingParams) && v.target.dtype == DType::F32 &&
-                    v.target.rows() == m * (K + 1) && v.tokens.numel() == m * (K + 1) && v.steps.numel() == m &&
-                    v.out.numel() == m * (K + 2) && (K == 0 || (v.src.numel() == m && v.draft.cols() == V)),
-                "spec_verify: ", m, " sequences of ", K, " drafts, target ", shape_str(v.target), " draft ", shape_str(v.draft));
+  const int64_t m = v.sequences(), V = v.target.cols();
   cuda::spec_verify(v.target.ptr<float>(), K > 0 ? v.draft.ptr<float>() : nullptr, v.draft_stride,
                     K > 0 ? v.src.ptr<int32_t>() : nullptr, v.tokens.ptr<int32_t>(), v.params.data, v.steps.ptr<int32_t>(),
                     v.out.ptr<int32_t>(), int(m), K, V, impl_->stream);
@@ -704,9 +700,7 @@ void CudaBackend::spec_verify(const SpecVerify& v) {
 
 void CudaBackend::spec_prepare(const SpecPrepare& p) {
   const int K = p.K, j = p.j;
-  const int64_t m = p.steps.numel();
-  TRELLM_ASSERT(K >= 1 && j >= 0 && j < K && p.result.numel() == m * (K + 2) && p.base.numel() >= m &&
-                    p.steps_out.numel() >= m, "spec_prepare: ", m, " sequences, K ", K, ", step ", j);
+  const int64_t m = p.sequences();
   auto ptr = [](const TensorView& t) { return t.empty() ? nullptr : static_cast<int32_t*>(t.data); };
   cuda::spec_prepare(p.result.ptr<int32_t>(), p.steps.ptr<int32_t>(), ptr(p.base), ptr(p.drafts), ptr(p.tokens), ptr(p.pos),
                      ptr(p.seq), ptr(p.logit_idx), ptr(p.steps_out), int(m), K, j, impl_->stream);
