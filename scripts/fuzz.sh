@@ -9,6 +9,7 @@
 #   FUZZ_RESULTS=FILE    where the table goes (default bench/results/fuzz.md; "-" for stdout only)
 #   FUZZ_BUILD=DIR       build directory (default build-fuzz); CC/CXX default to clang-19/clang++-19
 #   FUZZ_JOBS=N          ninja -j for the build (default: nproc)
+#   FUZZ_PARALLEL=N      targets fuzzed at the same time (default 1; CI's smoke runs 2 on its 2 cores)
 # Needs clang-19 and libclang-rt-19-dev (Debian). Corpora grow in DIR/corpus/<target> (seeded from the committed
 # fixtures by tests/fuzz/make_seeds.py, reproducers in tests/data/fuzz/ included); a crashing input is saved in
 # DIR/artifacts/<target>/. Exit status 1 when any target crashed.
@@ -21,6 +22,7 @@ RUNS=${FUZZ_RUNS:-10000000}
 RESULTS=${FUZZ_RESULTS:-bench/results/fuzz.md}
 BUILD=${FUZZ_BUILD:-build-fuzz}
 JOBS=${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 2)}
+PARALLEL=${FUZZ_PARALLEL:-1}
 ALL_TARGETS=(fuzz_safetensors fuzz_safetensors_index fuzz_config fuzz_tokenizer_json fuzz_tokenizer fuzz_jinja
              fuzz_glm_output fuzz_exl3 fuzz_server_request)
 TARGETS=("$@")
@@ -40,28 +42,28 @@ python3 tests/fuzz/make_seeds.py "$seeds" >/dev/null
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:symbolize=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 
-rows=()
-crashed=0
-t_start=$SECONDS
-for t in "${TARGETS[@]}"; do
-  corpus="$BUILD/corpus/$t" artifacts="$BUILD/artifacts/$t" log="$BUILD/logs/$t.log"
+# One target: its log, and its table row and exit status in $BUILD/logs/$t.row / .rc.
+fuzz_one() {
+  local t=$1
+  local corpus="$BUILD/corpus/$t" artifacts="$BUILD/artifacts/$t" log="$BUILD/logs/$t.log"
   mkdir -p "$corpus" "$artifacts" "$(dirname "$log")"
-  dict="$BUILD/dict/$t.dict"
+  local dict="$BUILD/dict/$t.dict"
   mkdir -p "$(dirname "$dict")"
   cat tests/fuzz/dict/json.dict > "$dict"
   [[ -f tests/fuzz/dict/$t.dict ]] && cat "tests/fuzz/dict/$t.dict" >> "$dict"
   [[ $t == fuzz_tokenizer || $t == fuzz_glm_output ]] && cp "tests/fuzz/dict/$t.dict" "$dict"  # not JSON
   echo "=== $t: up to $RUNS executions or $SECONDS_PER_TARGET s"
-  t0=$SECONDS
-  stamp="$BUILD/logs/$t.start"
+  local t0=$SECONDS
+  local stamp="$BUILD/logs/$t.start"
   touch "$stamp"
   set +e
   # -timeout: one input taking 30 s is a finding (a hang); -rss_limit_mb: so is a 2 GB allocation.
   "$BUILD/tests/fuzz/$t" "$corpus" "$seeds/$t" -runs="$RUNS" -max_total_time="$SECONDS_PER_TARGET" -dict="$dict" \
     -artifact_prefix="$artifacts/" -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 -close_fd_mask=1 >"$log" 2>&1
-  rc=$?
+  local rc=$?
   set -e
-  wall=$((SECONDS - t0))
+  local wall=$((SECONDS - t0))
+  local execs eps rss cov ft corp found slow status
   execs=$(grep -oE 'stat::number_of_executed_units:[[:space:]]+[0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || echo 0)
   eps=$(grep -oE 'stat::average_exec_per_sec:[[:space:]]+[0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || echo 0)
   rss=$(grep -oE 'stat::peak_rss_mb:[[:space:]]+[0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || echo 0)
@@ -73,12 +75,31 @@ for t in "${TARGETS[@]}"; do
   status=ok
   if ((rc != 0)); then
     status="crash (rc $rc): $(grep -m1 -oE 'ERROR: [A-Za-z]+: [^ ]+( [^ ]+)?|deadly signal|timeout after [0-9]+ seconds|out-of-memory' "$log" || echo see log)"
-    crashed=1
-    echo "    $status; log $log, inputs in $artifacts/"
+    echo "    $t: $status; log $log, inputs in $artifacts/"
   fi
-  printf '    %s executions in %s s (%s/s), cov %s, ft %s, corpus %s, peak RSS %s MB, slowest input %s s\n' \
-    "$execs" "$wall" "$eps" "$cov" "$ft" "$corp" "$rss" "$slow"
-  rows+=("| \`$t\` | $execs | $wall | $eps | $cov | $ft | $corp | $rss | $slow | $found | $status |")
+  printf '    %s: %s executions in %s s (%s/s), cov %s, ft %s, corpus %s, peak RSS %s MB, slowest input %s s\n' \
+    "$t" "$execs" "$wall" "$eps" "$cov" "$ft" "$corp" "$rss" "$slow"
+  echo "| \`$t\` | $execs | $wall | $eps | $cov | $ft | $corp | $rss | $slow | $found | $status |" > "$BUILD/logs/$t.row"
+  echo "$rc" > "$BUILD/logs/$t.rc"
+}
+
+# FUZZ_PARALLEL targets at a time (each libFuzzer process is one thread).
+t_start=$SECONDS
+running=0
+for t in "${TARGETS[@]}"; do
+  if ((running >= PARALLEL)); then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+wait || true
+rows=()
+crashed=0
+for t in "${TARGETS[@]}"; do
+  rows+=("$(cat "$BUILD/logs/$t.row")")
+  [[ $(cat "$BUILD/logs/$t.rc") == 0 ]] || crashed=1
 done
 total=$((SECONDS - t_start))
 
@@ -88,7 +109,7 @@ cpu=$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | sed 's/.*: //' || uname 
 table=$(
   echo "## $(date -u +%Y-%m-%d) · commit \`$commit\` · $(nproc) cores of $cpu · clang $("${CXX:-clang++-19}" -dumpversion 2>/dev/null || echo ?)"
   echo
-  echo "Command: \`scripts/fuzz.sh $SECONDS_PER_TARGET${*:+ $*}\` (FUZZ_RUNS=$RUNS; ASan + UBSan, -jobs=1, one target at a time; $total s in all)"
+  echo "Command: \`scripts/fuzz.sh $SECONDS_PER_TARGET${*:+ $*}\` (FUZZ_RUNS=$RUNS; ASan + UBSan, -jobs=1, $PARALLEL target(s) at a time; $total s in all)"
   echo
   echo "| target | executions | s | exec/s | cov | ft | corpus | peak RSS MB | slowest input s | crash inputs | result |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"

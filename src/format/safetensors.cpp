@@ -1,5 +1,7 @@
 #include "format/safetensors.h"
 
+#include "format/map_guard.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -95,12 +97,16 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) 
   ::close(fd);
   if (m == MAP_FAILED) fail(path, ": mmap failed: ", std::strerror(e));
   f->map_ = m;
+  guard_mapping(m, f->size_, path);
   f->parse_header();
   return f;
 }
 
 SafetensorsFile::~SafetensorsFile() {
-  if (map_) munmap(map_, size_);
+  if (map_) {
+    unguard_mapping(map_);
+    munmap(map_, size_);
+  }
 }
 
 void SafetensorsFile::parse_header() {
@@ -296,16 +302,17 @@ void write_safetensors(const std::string& path, const std::vector<TensorToWrite>
   }
   std::string hs = h.dump();
   while ((8 + hs.size()) % 8) hs.push_back(' ');  // data buffer 8-byte aligned, like the reference writer
+  errno = 0;
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) fail(path, ": cannot open for writing");
+  if (!out) fail(path, ": cannot open for writing: ", std::strerror(errno ? errno : EIO));
   uint64_t n = hs.size();
   char len[8];
   for (int i = 0; i < 8; i++) len[i] = char((n >> (8 * i)) & 0xff);
   out.write(len, 8);
   out.write(hs.data(), std::streamsize(hs.size()));
   for (auto& t : tensors) out.write(static_cast<const char*>(t.data), std::streamsize(t.nbytes));
-  out.flush();
-  if (!out) fail(path, ": write failed (disk full?)");
+  out.close();
+  if (!out) fail(path, ": write failed: ", std::strerror(errno ? errno : EIO), " (disk full?)");
 }
 
 }  // namespace trellm

@@ -132,8 +132,17 @@ KvCache Model::cache_pools(int layers, int blocks, std::optional<DType> dtype) {
   KvCache kv;
   kv.blocks = blocks;
   const int64_t rows = int64_t(blocks) * kKvBlockTokens;
-  for (int l = 0; l < layers; l++)
-    kv.layers.push_back(alloc(dtype.value_or(backend_->kv_dtype()), {rows, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+  const DType dt = dtype.value_or(backend_->kv_dtype());
+  const Arena::Mark before = arena_.mark();
+  try {
+    for (int l = 0; l < layers; l++) kv.layers.push_back(alloc(dt, {rows, config_.kv_lora_rank + config_.qk_rope_head_dim}));
+  } catch (const Error& e) {
+    const double gb = double(layers) * double(rows) * double(config_.kv_lora_rank + config_.qk_rope_head_dim) *
+                      double(dtype_size(dt)) / 1e9;
+    arena_.roll_back(before);
+    fail("the KV cache of ", blocks, " blocks x ", kKvBlockTokens, " tokens x ", layers, " layers (", gb, " GB ",
+         dtype_name(dt), ") does not fit: ", e.what(), "; lower --kv-memory, --ctx or --max-seqs");
+  }
   return kv;
 }
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <set>
+#include <string_view>
 
 #include "core/error.h"
 #include "core/half.h"
@@ -231,20 +232,8 @@ void load_mtp(Loader& L, const Config& c, Weights& w, const std::string& dir) {
   }
 }
 
-}  // namespace
-
-std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
-  namespace fs = std::filesystem;
-  if (!fs::is_directory(dir)) fail(dir, ": not a model directory");
-  std::unique_ptr<Model> m(new Model());
-  m->backend_ = &backend;
-  m->arena_.set_backend(&backend);
-  m->config_ = Config::from_json_file((fs::path(dir) / "config.json").string());
-  m->store_ = std::make_unique<TensorStore>(TensorStore::open(dir));
-  const Config& c = m->config_;
-  Loader L{*m->store_, backend, m->arena_, m->exl3_, m->store_->names(), {}};
-  Weights& w = m->w_;
-
+// Every tensor through the name table.
+void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir) {
   const int64_t hid = c.hidden_size;
   w.embed_tokens = L.matrix("model.embed_tokens.weight", {c.vocab_size, hid});
   w.norm = L.vec("model.norm.weight", hid);
@@ -260,6 +249,30 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   for (int64_t i = 0; i < c.num_hidden_layers; i++)
     L.layer(w.layers[i], "model.layers." + std::to_string(i) + ".", c, c.mlp_sparse[i], dir);
   load_mtp(L, c, w, dir);
+}
+
+}  // namespace
+
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) fail(dir, ": not a model directory");
+  std::unique_ptr<Model> m(new Model());
+  m->backend_ = &backend;
+  m->arena_.set_backend(&backend);
+  m->config_ = Config::from_json_file((fs::path(dir) / "config.json").string());
+  m->store_ = std::make_unique<TensorStore>(TensorStore::open(dir));
+  const Config& c = m->config_;
+  Loader L{*m->store_, backend, m->arena_, m->exl3_, m->store_->names(), {}};
+  Weights& w = m->w_;
+
+  try {
+    load_weights(L, c, w, dir);
+  } catch (const Error& e) {
+    // Out of GPU memory: say how much of the checkpoint was placed, so the user can size the GPU or the bits.
+    if (backend.host_memory() || std::string_view(e.what()).find("out of GPU memory") == std::string_view::npos) throw;
+    fail(dir, ": the weights do not fit on ", backend.name(), ": ", m->arena_.used() >> 20, " MiB placed of a ",
+         m->store_->total_bytes() >> 20, " MiB checkpoint when ", e.what());
+  }
 
   // Tensors the table did not consume: MTP layers the config does not announce are expected (and unused);
   // anything else is reported.

@@ -1,5 +1,7 @@
 #include "quant/exl3_checkpoint.h"
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -54,10 +56,12 @@ std::map<std::string, std::string> qtensor_meta(const QuantizePlanEntry& e, uint
 }
 
 void write_json(const fs::path& path, const json& j) {
+  errno = 0;
   std::ofstream f(path);
-  if (!f) fail(path.string(), ": cannot open for writing");
+  if (!f) fail(path.string(), ": cannot open for writing: ", std::strerror(errno ? errno : EIO));
   f << j.dump(4) << "\n";
-  if (!f) fail(path.string(), ": write failed");
+  f.close();
+  if (!f) fail(path.string(), ": write failed: ", std::strerror(errno ? errno : EIO), " (disk full?)");
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include "core/error.h"
 #include "core/half.h"
+#include "core/log.h"
 #include "format/safetensors.h"
 
 namespace trellm::trellis {
@@ -216,8 +217,14 @@ Exl3QuantConfig parse_exl3_quantization_config(const nlohmann::json& q, const st
     } else if (k == "vision_bits") {
       c.vision_bits = integer(1, 16);
     } else if (k == "codebook") {
-      if (!v.is_string()) fail(at, ".codebook = ", v.dump(), ": expected a string");
-      c.codebook = parse_codebook(v.get<std::string>(), at + ".codebook");
+      // Informational: every trellis tensor carries its own marker (.mcg, .mul1, or none for 3inst), and the
+      // markers decide (TRELLIS.md). An unexpected value here is a warning; an unknown marker stays an error.
+      const std::string name = v.is_string() ? v.get<std::string>() : v.dump();
+      if (name == "3inst" || name == "mcg" || name == "mul1")
+        c.codebook = parse_codebook(name, at + ".codebook");
+      else
+        log_warn(at, ".codebook = ", v.dump(), " is not one trellm knows (3inst, mcg, mul1); ignored: each "
+                 "tensor's own codebook marker decides");
     } else if (k == "out_scales") {
       if (!v.is_string()) fail(at, ".out_scales = ", v.dump(), ": expected a string");
       c.out_scales = v.get<std::string>();

@@ -2,7 +2,13 @@
 // expecting its specific error naming the file and tensor.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "format/safetensors.h"
@@ -224,3 +230,39 @@ TEST(Safetensors, MissingFile) {
 }
 
 }  // namespace
+
+// A file truncated after it was mapped (a download or copy over a model in use): reading its lost pages raises
+// SIGBUS, which the map guard turns into a message naming the file and the offset and exit status 1. The
+// read happens in a forked child (a death test); the parent checks the child's stderr and status.
+TEST(SafetensorsDeathTest, TruncatedWhileMappedIsAClearError) {
+  TempDir d;
+  std::vector<float> big(1 << 16, 1.0f);  // 256 KiB: 64 pages, so the truncation removes mapped pages
+  write_safetensors(d / "m.safetensors", {{"w", DType::F32, {int64_t(big.size())}, big.data(), big.size() * 4}});
+  auto file = SafetensorsFile::open(d / "m.safetensors");
+  const TensorInfo* w = file->find("w");
+  ASSERT_NE(w, nullptr);
+  ASSERT_EQ(::truncate((d / "m.safetensors").c_str(), 4096), 0);
+  const auto* p = static_cast<const volatile float*>(w->data);
+  EXPECT_EXIT(
+      {
+        float s = 0;
+        for (size_t i = 0; i < big.size(); i += 1024) s += p[i];
+        std::fprintf(stderr, "read everything: %f\n", double(s));
+        std::exit(0);
+      },
+      ::testing::ExitedWithCode(1), "m\\.safetensors: reading byte [0-9]+ of the mapped file failed \\(SIGBUS\\)");
+  // A fault outside any checkpoint mapping still takes the default action (the guard does not swallow it).
+  EXPECT_EXIT(raise(SIGBUS), ::testing::KilledBySignal(SIGBUS), "");
+}
+
+// Replacing the file by renaming a new copy into place (the documented way) leaves the open mapping intact.
+TEST(Safetensors, ReplacedByRenameKeepsTheMappedContents) {
+  TempDir d;
+  float a[4] = {1, 2, 3, 4}, b[2] = {9, 9};
+  write_safetensors(d / "m.safetensors", {{"a", DType::F32, {4}, a, sizeof a}});
+  auto file = SafetensorsFile::open(d / "m.safetensors");
+  write_safetensors(d / "new.safetensors", {{"b", DType::F32, {2}, b, sizeof b}});
+  std::filesystem::rename(d / "new.safetensors", d / "m.safetensors");
+  EXPECT_EQ(std::memcmp(file->find("a")->data, a, sizeof a), 0);
+  EXPECT_NE(SafetensorsFile::open(d / "m.safetensors")->find("b"), nullptr);
+}

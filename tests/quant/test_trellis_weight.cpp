@@ -225,7 +225,21 @@ TEST(TrellisWeight, QuantizationConfig) {
   bad(R"({"bits": 4})", "quant_method is missing");
   bad(R"({"quant_method": "exl3", "bits": 4, "tile_order": "sm70_colmajor"})", "tile_order");
   bad(R"({"quant_method": "exl3", "bits": 4, "shared_h": true})", "m/config.json: quantization_config.shared_h: unknown key");
-  bad(R"({"quant_method": "exl3", "bits": 4, "codebook": "e8p"})", "unknown codebook \"e8p\"");
   bad(R"({"quant_method": "exl3", "bits": "4"})", ".bits = \"4\"");
   bad(R"({"quant_method": "exl3", "head_bits": 40})", ".head_bits = 40");
+}
+
+// The top-level codebook is informational (the per-tensor markers decide, TRELLIS.md): an unknown value is a
+// warning naming it, and the config still loads.
+TEST(Exl3Config, UnknownTopLevelCodebookIsAWarning) {
+  for (const char* v : {R"("e8p")", "7"}) {
+    nlohmann::json c = nlohmann::json::parse(std::string(R"({"quantization_config": {"quant_method": "exl3", "bits": 4, "codebook": )") + v + "}}");
+    ::testing::internal::CaptureStderr();
+    const auto q = exl3_config_from_model_config(c, "m/config.json");
+    const std::string err = ::testing::internal::GetCapturedStderr();
+    ASSERT_TRUE(q.has_value());
+    EXPECT_EQ(q->bits, 4);
+    EXPECT_NE(err.find(std::string("m/config.json: quantization_config.codebook = ") + v + " is not one trellm knows"),
+              std::string::npos) << err;
+  }
 }

@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   } catch (const trellm::Error& e) {
     std::fprintf(stderr, "trellm: error: %s\n", e.what());
     return 1;
+  } catch (const std::exception& e) {  // std::filesystem_error (a full disk in copy_file), std::bad_alloc, ...
+    std::fprintf(stderr, "trellm: error: %s\n", e.what());
+    return 1;
   }
   return 0;
 }
