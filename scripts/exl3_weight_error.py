@@ -6,10 +6,12 @@ test_quantize.py checks trellm's files with). The "decoder" total covers the sam
 scripts/rtn_quantize.py's relative_weight_mse (every Linear of the decoder layers), so the two are comparable;
 lm_head is reported on its own.
 
-Also the storage of the decoder Linears: "decoder_bits" = the average K weighted by real weights (out x in), and
+Also the storage of the decoder Linears: "decoder_bits" = the average K weighted by real weights (out x in),
 "decoder_stored_bpw" = bits of their EXL3 tensors (trellis, suh, svh, mcg) per real weight; it is above K because
 the format pads every dimension to 128 (the built-in model's 64-wide expert down_proj doubles) and adds the fp16
-channel scales.
+channel scales; "decoder_padded_bpw" = the same bits per stored (128-padded) weight, what the format costs on
+shapes that need no padding. A quantized MTP layer (model.layers.<num_hidden_layers>.*) is its own part "mtp"
+(error, and "mtp_bits" / "mtp_stored_bpw" as above), outside the decoder totals.
 
 Usage: python3 scripts/exl3_weight_error.py --model Q --source models/tiny-glm [--json]
 Needs numpy only. Single-file checkpoints (model.safetensors), as the built-in model's.
@@ -58,8 +60,12 @@ def weight_error(model, source):
         if not os.path.exists(os.path.join(d, "model.safetensors")):
             raise SystemExit(f"{d}: no model.safetensors (sharded checkpoints are not handled)")
     q, src = tensors(os.path.join(model, "model.safetensors")), tensors(os.path.join(source, "model.safetensors"))
+    layers = json.load(open(os.path.join(source, "config.json")))["num_hidden_layers"]
+    parts = [p for p in PARTS]
+    parts.insert(0, ("mtp", r"model\.layers\.(%s)\..*" % "|".join(str(layers + k) for k in range(8))))
     err, energy = {}, {}
-    weights = stored_bits = k_weighted = 0
+    weights = stored_bits = k_weighted = padded = 0
+    mtp_weights = mtp_bits = mtp_k = 0
     for name in sorted(q):
         if not name.endswith(".trellis"):
             continue
@@ -67,21 +73,32 @@ def weight_error(model, source):
         w = src[key + ".weight"].astype(np.float64)  # [out, in]
         out_dim, in_dim = w.shape
         w_hat = dequantize(q, key)[:in_dim, :out_dim].T
-        part = next(p for p, rx in PARTS if re.fullmatch(rx, key))
+        part = next(p for p, rx in parts if re.fullmatch(rx, key))
         err[part] = err.get(part, 0.0) + float(((w - w_hat) ** 2).sum())
         energy[part] = energy.get(part, 0.0) + float((w ** 2).sum())
-        if part != "lm_head":
+        bits = 8 * sum(q[key + t].nbytes for t in (".trellis", ".suh", ".svh", ".mcg") if key + t in q)
+        if part == "mtp":
+            mtp_weights += w.size
+            mtp_k += w.size * (q[name].shape[-1] // 16)
+            mtp_bits += bits
+        elif part != "lm_head":
             weights += w.size
             k_weighted += w.size * (q[name].shape[-1] // 16)
-            stored_bits += 8 * sum(q[key + t].nbytes for t in (".trellis", ".suh", ".svh", ".mcg") if key + t in q)
+            stored_bits += bits
+            padded += q[key + ".suh"].size * q[key + ".svh"].size
     if not err:
         raise SystemExit(f"{model}: no trellis-coded Linears")
     res = {p: err[p] / energy[p] for p in err}
-    dec = [p for p in err if p != "lm_head"]
+    dec = [p for p in err if p not in ("lm_head", "mtp")]
     res["decoder"] = sum(err[p] for p in dec) / sum(energy[p] for p in dec)
     res["decoder_weights"] = weights
     res["decoder_bits"] = k_weighted / weights
     res["decoder_stored_bpw"] = stored_bits / weights
+    res["decoder_padded_bpw"] = stored_bits / padded
+    if mtp_weights:
+        res["mtp_weights"] = mtp_weights
+        res["mtp_bits"] = mtp_k / mtp_weights
+        res["mtp_stored_bpw"] = mtp_bits / mtp_weights
     return res
 
 
@@ -96,7 +113,7 @@ def main():
         print(json.dumps(res))
     else:
         for p, v in res.items():
-            print(f"{p:20s} {v:.6g}" if p.startswith("decoder_") else f"{p:20s} {100 * v:7.3f} %")
+            print(f"{p:20s} {v:.6g}" if p.startswith(("decoder_", "mtp_")) else f"{p:20s} {100 * v:7.3f} %")
 
 
 if __name__ == "__main__":

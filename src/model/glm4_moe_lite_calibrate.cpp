@@ -78,6 +78,14 @@ HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::ve
   }
   if (opt_.chunk < 1) fail("calibration: chunk must be positive");
   linears_ = model_linears(*model_);
+  if (opt_.mtp) {
+    const size_t n = model_->weights().mtp.size();
+    if (n == 0)
+      fail(model_dir, ": calibration of the MTP layer asked for, but the model has none (num_nextn_predict_layers ",
+           model_->config().num_nextn_predict_layers, ", no model.layers.", model_->config().num_hidden_layers, ".* tensors)");
+    if (n > 1) fail(model_dir, ": ", n, " MTP layers; calibrating more than one is not supported");
+    for (auto& l : model_mtp_linears(*model_)) linears_.push_back(std::move(l));
+  }
   for (size_t i = 0; i < linears_.size(); i++) by_key_[linears_[i].first.key] = i;
   if (!opt_.cache_dir.empty()) {
     fs::create_directories(opt_.cache_dir);
@@ -139,13 +147,35 @@ void HessianCapture::capture(int64_t first_layer) {
     kv_ = model_->make_kv_cache(int(longest));
     rs_ready_ = true;
   }
-  // lm_head sees every row only when all rows' logits are computed.
+  // lm_head sees every row only when all rows' logits are computed. The MTP layer (number num_hidden_layers, as
+  // lm_head) runs after each main step on its rows p with t[p+1] in the row: token t[p+1], hidden h_p = rs_.x.
   const bool head = w->last >= c.num_hidden_layers;
+  const bool mtp = opt_.mtp && head;
+  std::vector<int32_t> pos, seq, table;
+  if (mtp) {
+    model_->add_mtp_state(rs_);
+    if (mtp_kv_.layers.empty()) mtp_kv_ = model_->make_mtp_kv_cache_blocks(kv_.blocks);
+    pos.resize(size_t(rs_.max_tokens));
+    seq.assign(size_t(rs_.max_tokens), 0);
+    table.resize(size_t(kv_.blocks));
+    for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
+  }
   try {
     for (const auto& row : rows_)
       for (int64_t off = 0; off < int64_t(row.size()); off += rs_.max_tokens) {
         const int n = int(std::min<int64_t>(rs_.max_tokens, int64_t(row.size()) - off));
         model_->forward(rs_, kv_, row.data() + off, n, int(off), head);
+        const int m = int(std::min<int64_t>(n, int64_t(row.size()) - 1 - off));
+        if (!mtp || m <= 0) continue;
+        for (int i = 0; i < m; i++) pos[size_t(i)] = int32_t(off + i);
+        StepBatch b;
+        b.tokens = {row.data() + off + 1, size_t(m)};
+        b.pos = {pos.data(), size_t(m)};
+        b.seq = {seq.data(), size_t(m)};
+        b.tables = table;
+        b.table_stride = int(table.size());
+        b.logits = Logits::All;  // shared_head.head sees every row
+        model_->forward_mtp(rs_, mtp_kv_, b, TensorView(rs_.x.data, DType::F32, {m, c.hidden_size}));
       }
   } catch (...) {
     backend_->set_linear_observer(nullptr);

@@ -77,6 +77,25 @@ void for_each_layer_linear(const Config& c, int64_t l, const LayerWeights* lw, b
         lw ? &lw->shared.gate : nullptr, lw ? &lw->shared.up : nullptr, lw ? &lw->shared.down : nullptr);
 }
 
+// Walks the Linears of the MTP layers (model.layers.<num_hidden_layers + k>.*) in forward order: eh_proj, the
+// decoder layer's, shared_head.head; `w` may be null (names and shapes only; the layer is then taken as sparse, as
+// in every released MTP layer).
+template <typename Fn>
+void for_each_mtp_linear(const Config& c, const Weights* w, Fn&& fn) {
+  const int64_t hid = c.hidden_size;
+  const int64_t n = w ? int64_t(w->mtp.size()) : c.num_nextn_predict_layers;
+  for (int64_t k = 0; k < n; k++) {
+    const MtpWeights* m = w ? &w->mtp[size_t(k)] : nullptr;
+    const int64_t l = c.num_hidden_layers + k;
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    fn(LinearSpec{p + "eh_proj", 2 * hid, hid, LinearPart::Mtp, l, p + "eh_proj"}, m ? &m->eh_proj : nullptr);
+    // The part of each Linear is the one it has in a decoder layer.
+    for_each_layer_linear(c, l, m ? &m->layer : nullptr, m ? m->sparse : c.n_routed_experts > 0, fn);
+    fn(LinearSpec{p + "shared_head.head", hid, c.vocab_size, LinearPart::Mtp, l, p + "shared_head.head"},
+       m ? &m->shared_head : nullptr);
+  }
+}
+
 // Walks the Linears of the model in forward order; `w` may be null (names and shapes only). The names are the
 // loader's (glm4_moe_lite_load.cpp); the per-expert layout is the one a quantized checkpoint stores.
 template <typename Fn>
@@ -144,15 +163,19 @@ std::vector<LinearSpec> linear_specs(const Config& c) {
 
 std::vector<LinearSpec> mtp_linear_specs(const Config& c) {
   std::vector<LinearSpec> v;
-  const int64_t hid = c.hidden_size;
-  for (int64_t k = 0; k < c.num_nextn_predict_layers; k++) {
-    const int64_t l = c.num_hidden_layers + k;
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    v.push_back(LinearSpec{p + "eh_proj", 2 * hid, hid, LinearPart::Mtp, l, p + "eh_proj"});
-    // Sparse (MoE) as every released MTP layer; the part of each Linear is the one it has in a decoder layer.
-    for_each_layer_linear(c, l, nullptr, c.n_routed_experts > 0, [&](LinearSpec s, const Linear*) { v.push_back(std::move(s)); });
-    v.push_back(LinearSpec{p + "shared_head.head", hid, c.vocab_size, LinearPart::Mtp, l, p + "shared_head.head"});
-  }
+  for_each_mtp_linear(c, nullptr, [&](LinearSpec s, const Linear*) { v.push_back(std::move(s)); });
+  return v;
+}
+
+bool is_mtp_head(const LinearSpec& s) {
+  static const std::string tail = ".shared_head.head";
+  return s.part == LinearPart::Mtp && s.key.size() > tail.size() &&
+         s.key.compare(s.key.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+std::vector<std::pair<LinearSpec, const Linear*>> model_mtp_linears(const Model& m) {
+  std::vector<std::pair<LinearSpec, const Linear*>> v;
+  for_each_mtp_linear(m.config(), &m.weights(), [&](LinearSpec s, const Linear* l) { v.emplace_back(std::move(s), l); });
   return v;
 }
 
@@ -191,6 +214,8 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   if (!(opt.bits >= 1.0 && opt.bits <= 8.0)) fail("--bits ", opt.bits, ": must be between 1 and 8");
   if (!((opt.head_bits >= 1 && opt.head_bits <= 8) || opt.head_bits == 16))
     fail("--head-bits ", opt.head_bits, ": must be 1..8, or 16 to keep lm_head unquantized");
+  if (!((opt.mtp_bits >= 1 && opt.mtp_bits <= 8) || opt.mtp_bits == 16))
+    fail("--mtp-bits ", opt.mtp_bits, ": must be 1..8, or 16 to keep the MTP layer unquantized");
   if (opt.out_dir.empty()) fail("--out: no output directory given");
   const fs::path src(in_dir), out(opt.out_dir);
   if (!fs::is_directory(src)) fail(in_dir, ": not a model directory");
@@ -231,11 +256,33 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
     if (!opt.select || opt.select(s)) chosen.push_back(s);
   QuantizeModelResult res;
   res.plan = plan_bits(chosen, opt.bits, opt.head_bits, opt.codebook);
+  const bool mtp = opt.mtp_bits != 16;
   {
     // Every tensor the forward pass needs, with its shape and dtype, before hours of encoding: the loader's
     // checks (a CPU backend maps the checkpoint in place).
     CpuBackend cpu;
-    Model::load(in_dir, cpu);
+    const auto m = Model::load(in_dir, cpu);
+    if (mtp && m->weights().mtp.empty())
+      fail("--mtp-bits ", opt.mtp_bits, ": ", in_dir, " has no MTP layer (config.json num_nextn_predict_layers ",
+           config.num_nextn_predict_layers, ", no model.layers.", config.num_hidden_layers, ".* tensors loaded)");
+    if (mtp && !opt.calibration.empty() && m->weights().mtp.size() > 1)
+      fail("--mtp-bits with --calibration: ", in_dir, " has ", m->weights().mtp.size(),
+           " MTP layers; calibrating more than one is not supported");
+  }
+  if (mtp) {
+    // After the main plan (lm_head included), outside the bit budget: the main Linears keep their seeds.
+    double numel = 0, sum = 0;
+    for (const LinearSpec& s : mtp_linear_specs(config)) {
+      if (opt.select && !opt.select(s)) continue;
+      const int K = is_mtp_head(s) ? opt.head_bits : opt.mtp_bits;
+      if (K == 16) continue;  // shared_head.head with head_bits 16: kept like lm_head
+      res.plan.entries.push_back({s.key, s.in, s.out, K, opt.codebook});
+      const double n = double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out));
+      numel += n;
+      sum += n * K;
+      res.mtp++;
+    }
+    res.plan.mtp_bits = numel > 0 ? sum / numel : 0;
   }
   std::map<int, int64_t> per_k;
   for (const auto& e : res.plan.entries) per_k[e.K]++;
@@ -243,12 +290,16 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   for (auto [k, n] : per_k) ks += (ks.empty() ? "" : ", ") + std::to_string(n) + " at K=" + std::to_string(k);
   note(str_cat(res.plan.entries.size(), " Linears to trellis-code (", ks, "), codebook ",
                trellis::codebook_name(opt.codebook), "; decoder average ", res.plan.decoder_bits, " bpw; Viterbi on ",
-               opt.device == trellis::EncodeDevice::Cuda ? "the GPU (CUDA)" : "the CPU"));
+               opt.device == trellis::EncodeDevice::Cuda ? "the GPU (CUDA)" : "the CPU",
+               res.mtp ? str_cat("; ", res.mtp, " of them the MTP layer's (", res.plan.mtp_bits, " bpw)")
+                       : std::string(config.num_nextn_predict_layers > 0 && !mtp
+                                         ? "; the MTP layer kept unquantized (--mtp-bits 16)" : "")));
 
   std::unique_ptr<HessianCapture> capture;
   if (!opt.calibration.empty()) {
     HessianCapture::Options co = opt.capture;
     if (!co.on_note) co.on_note = opt.on_note;
+    co.mtp = co.mtp || res.mtp > 0;
     capture = std::make_unique<HessianCapture>(in_dir, opt.calibration, co);
     note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(),
                  " tokens; Hessians from the unquantized model, LDLQ where a Linear saw >= ", co.min_rows_factor,

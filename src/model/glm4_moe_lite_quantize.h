@@ -3,9 +3,12 @@
 // backend, and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
 //
 // Kept unquantized (copied byte for byte): embeddings, every norm, the router (mlp.gate.weight),
-// e_score_correction_bias and the MTP layer (model.layers.<num_hidden_layers>.*: the calibration pass runs the
-// main forward only, so its Linears would get no Hessian; the loader reads them dense or EXL3 alike). Trellis-coded: every Linear of the decoder (attention projections, dense MLP, routed and shared experts)
-// at the allocated K, and lm_head at head_bits (unless tied to the embedding, or head_bits = 16).
+// e_score_correction_bias, and the MTP layer (model.layers.<num_hidden_layers>.*) unless mtp_bits asks for it.
+// Trellis-coded: every Linear of the decoder (attention projections, dense MLP, routed and shared experts) at the
+// allocated K, lm_head at head_bits (unless tied to the embedding, or head_bits = 16), and with mtp_bits the MTP
+// layer's Linears at that K (eh_proj and its decoder layer's; shared_head.head at head_bits, as lm_head). The MTP
+// Linears come after lm_head in the plan, outside the bit budget, so the main model's codes (Linear i is seeded
+// with seed + i) are the same with or without them.
 //
 // Calibration (TRELLIS.md §4.1), what we do and why:
 //  - All Hessians come from the *unquantized* model, not from inputs produced by already-quantized layers as
@@ -17,6 +20,9 @@
 //    double accumulators for all 47 layers at once, ~3.4 GB per MoE layer.
 //  - Each Linear sees exactly the rows it is applied to: routed experts only the tokens routed to them,
 //    kv_b_proj the normalised latents c_kv. Linears with one input share one Hessian (q_a/kv_a, gate/up).
+//  - The MTP layer (with mtp_bits) is calibrated as it runs when drafting: after each main forward step, the MTP
+//    forward (Model::forward_mtp) on the same rows, row p fed t[p+1] and the main model's h_p (the last row of a
+//    calibration row, whose t[p+1] is not in the data, is left out); shared_head.head sees every one of them.
 //  - A Linear that saw fewer than min_rows_factor·in rows (rare experts) falls back to plain per-tile Viterbi;
 //    we do not activate all experts during capture as exllamav3 does (the 64x expert compute is not affordable
 //    in a CPU capture, and the routing stays the model's own).
@@ -54,10 +60,13 @@ struct LinearSpec {
 std::vector<LinearSpec> linear_specs(const Config& c);
 // The Linears of the MTP layers (model.layers.<num_hidden_layers + k>.*, k < num_nextn_predict_layers): eh_proj
 // (part Mtp), the MoE decoder layer's (parts as in a decoder layer, layer = num_hidden_layers + k) and
-// shared_head.head (Mtp). The quantizer leaves them as they are; `inspect` reads them, dense or EXL3.
+// shared_head.head (Mtp). The quantizer codes them with mtp_bits (else copies them); `inspect` reads them, dense or EXL3.
 std::vector<LinearSpec> mtp_linear_specs(const Config& c);
+bool is_mtp_head(const LinearSpec& s);  // model.layers.<l>.shared_head.head
 // The same, each with the model's Linear it describes (the objects the backend ops receive).
 std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m);
+// The MTP layers' Linears of a loaded model (those it holds: none when the checkpoint has no MTP tensors).
+std::vector<std::pair<LinearSpec, const Linear*>> model_mtp_linears(const Model& m);
 
 // Bit allocation groups (TRELLIS.md §4.6), promoted in this order of priority: per layer the attention
 // projections ("model.layers.i.self_attn", priority 2), the shared expert ("….mlp.shared_experts", 2), the
@@ -67,6 +76,7 @@ struct BitPlan {
   std::vector<trellis::QuantizePlanEntry> entries;  // forward order
   double decoder_bits = 0;  // the real average K of the decoder Linears, weighted by 128-padded numel
   double all_bits = 0;      // the same including lm_head
+  double mtp_bits = 0;      // the same over the MTP layer's planned Linears (0: none planned)
 };
 BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_bits, trellis::Codebook codebook);
 
@@ -83,6 +93,9 @@ class HessianCapture {
     // every calibration token (3 min for 256 x 1024 tokens of the built-in model on 2 cores), the same for every
     // bit width; a cached Hessian is the same f32 matrix, so the codes are too.
     std::string cache_dir;
+    // Also capture the Hessians of the MTP layer's Linears (keys of mtp_linear_specs; the model must hold its MTP
+    // layer, and only one: the capture runs layer 0 on the main model's hidden states as drafting's first step does).
+    bool mtp = false;
     std::function<void(const std::string&)> on_note;  // one line per capture pass (and the first cache hit)
   };
   // Loads `model_dir` on its own CPU backend. Token ids must be < vocab_size (an Error otherwise).
@@ -114,6 +127,7 @@ class HessianCapture {
   std::unique_ptr<Window> window_;
   RunState rs_;            // sized at the first pass, reused (the model keeps its allocations)
   KvCache kv_;
+  KvCache mtp_kv_;         // the MTP layer's latent cache (opt_.mtp)
   bool rs_ready_ = false;
   int passes_ = 0;
 };
@@ -125,6 +139,9 @@ struct QuantizeModelOptions {
   std::string out_dir;
   double bits = 4.0;                  // average K of the decoder Linears, 1..8 (fractional: allocated)
   int head_bits = 6;                  // lm_head K, 1..8; 16 keeps it unquantized
+  // K of the MTP layer's Linears (eh_proj and its decoder layer's), 1..8, with shared_head.head at head_bits; 16
+  // (default) keeps the MTP layer unquantized. With calibration they get LDLQ (an MTP capture pass, see above).
+  int mtp_bits = 16;
   trellis::Codebook codebook = trellis::Codebook::Mcg;
   std::vector<std::vector<int32_t>> calibration;  // token rows; empty: plain per-tile Viterbi everywhere
   int64_t calibration_cols = 0;       // the row length asked for (recorded in quantization_config)
@@ -146,6 +163,7 @@ struct QuantizeModelResult {
   int64_t ldlq = 0;          // encoded with a Hessian (LDLQ)
   int64_t plain = 0;         // encoded with plain per-tile Viterbi (no calibration)
   int64_t few_rows = 0;      // of those, Linears whose calibration rows were too few
+  int64_t mtp = 0;           // MTP-layer Linears in the plan (mtp_bits)
   bool stopped = false;      // stop_after reached: out_dir + ".partial" holds the work so far
 };
 

@@ -232,3 +232,46 @@ def test_rtn_baseline_script(tmp_path):
     ids = load_file(os.path.join(src, "reference.safetensors"))["prompt_ids"]
     got = ppl_json("--model", out, "--ref", src, "--ids", write_ids(tmp_path, ids))
     assert 0 < got["mean_kl"] < 1.0
+
+
+def test_rtn_asymmetric_scheme_and_stored_bits(tmp_path):
+    """scripts/rtn_quantize.py --scheme asym on tiny_mtp (hidden 64, experts 48 wide: with G = 32 a row of 48 is one
+    group of 32 and one of 16): every group holds at most 2^K levels (q - z) * s with an integer zero point z in
+    [0, 2^K - 1], zero stays exact, the MTP layer and everything outside the decoder Linears are untouched, and
+    stored_bits_per_weight counts K per weight plus 16 + K bits per (possibly short) group."""
+    import subprocess
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import rtn_quantize as rq
+    src, out = os.path.join(DATA, "hf", "tiny_mtp"), str(tmp_path / "rtn2a")
+    K, G = 2, 32
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "rtn_quantize.py"), "--model", src, "--out", out,
+                        "--bits", str(K), "--group", str(G), "--scheme", "asym"], check=True, capture_output=True, text=True)
+    info = json.loads(p.stdout)
+    header, _ = rq._header(os.path.join(src, "model.safetensors"))
+    bits = weights = 0
+    for name, dtype in rq.read_dtypes(src).items():
+        shape = header[name]["shape"]
+        a, b = rq.read_raw(src, name), rq.read_raw(out, name)
+        quantized = dtype == "BF16" and len(shape) == 2 and name.startswith("model.layers.") and \
+            not name.startswith("model.layers.2.") and not name.endswith(".mlp.gate.weight")
+        if not quantized:
+            assert a.tobytes() == b.tobytes(), name
+            continue
+        w = rq.bf16_to_f32(a.view(np.uint16)).reshape(shape).astype(np.float64)
+        q = rq.bf16_to_f32(b.view(np.uint16)).reshape(shape).astype(np.float64)
+        for g0 in range(0, shape[1], G):
+            wg, qg = w[:, g0:g0 + G], q[:, g0:g0 + G]
+            lo, hi = np.minimum(wg.min(1), 0), np.maximum(wg.max(1), 0)
+            s = (hi - lo) / (2 ** K - 1)
+            z = np.round(-lo / s)
+            assert ((z >= 0) & (z <= 2 ** K - 1)).all(), name
+            lvl = qg / s[:, None] + z[:, None]  # integer levels 0..2^K-1 (up to the fp16 scale and bf16 rounding)
+            assert np.abs(lvl - np.round(lvl)).max() < 0.05 and lvl.min() > -0.05 and lvl.max() < 2 ** K - 1 + 0.05, name
+            assert (qg[wg == 0] == 0).all(), name
+            assert np.abs(qg - wg).max() <= 0.52 * s.max() * 1.01 + 1e-6, name
+        weights += shape[0] * shape[1]
+        bits += K * shape[0] * shape[1] + shape[0] * math.ceil(shape[1] / G) * (16 + K)
+    assert weights == info["quantized_params"] > 0
+    assert info["stored_bits_per_weight"] == pytest.approx(bits / weights, rel=1e-12)
+    assert info["stored_bits_per_weight"] > info["bits_per_weight"] == K + (16 + K) / G  # short 16-wide groups

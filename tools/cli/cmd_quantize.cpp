@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 struct QuantizeArgs {
   std::string model, out, codebook = "mcg", calibration, device = "auto", hessian_cache;
   double bits = 0;
-  int head_bits = 6, threads = 0;
+  int head_bits = 6, mtp_bits = 16, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
   uint64_t seed = 0;
   bool force = false, no_scale_search = false;
@@ -123,6 +123,7 @@ int run_quantize(const QuantizeArgs& a) {
   o.out_dir = a.out;
   o.bits = a.bits;
   o.head_bits = a.head_bits;
+  o.mtp_bits = a.mtp_bits;
   o.codebook = trellis::parse_codebook(a.codebook, "--codebook");
   o.force = a.force;
   o.seed = a.seed;
@@ -154,12 +155,14 @@ int run_quantize(const QuantizeArgs& a) {
     if (f.is_regular_file()) bytes += f.file_size();
   std::fprintf(stderr,
                "trellm quantize: wrote %s in %s: %zu Linears (%lld LDLQ, %lld plain Viterbi%s%s), decoder Linears "
-               "%.3f bpw, with lm_head %.3f bpw, %.2f MB\n",
+               "%.3f bpw, with lm_head %.3f bpw%s, %.2f MB\n",
                a.out.c_str(), seconds(bar.seconds_elapsed()).c_str(), r.plan.entries.size(), (long long)r.ldlq,
                (long long)r.plain,
                r.few_rows ? str_cat(", ", r.few_rows, " of them for too few calibration rows").c_str() : "",
                r.reused ? str_cat(", ", r.reused, " reused from an interrupted run").c_str() : "",
-               r.plan.decoder_bits, r.plan.all_bits, double(bytes) / 1e6);
+               r.plan.decoder_bits, r.plan.all_bits,
+               r.mtp ? str_cat(", MTP layer ", r.mtp, " Linears at ", r.plan.mtp_bits, " bpw").c_str() : "",
+               double(bytes) / 1e6);
   return 0;
 }
 
@@ -173,6 +176,11 @@ void add_quantize(CLI::App& app) {
   cmd->add_option("-b,--bits", a.bits, "Average bits per weight of the decoder Linears, 1..8 (fractional: "
                                        "per-tensor integer K allocated to meet it)")->required();
   cmd->add_option("--head-bits", a.head_bits, "lm_head bits, 1..8 (16: keep it unquantized)")->capture_default_str();
+  cmd->add_option("--mtp-bits", a.mtp_bits,
+                  "K of the MTP layer's Linears (model.layers.<num_hidden_layers>.*: eh_proj and its decoder layer), "
+                  "1..8, with shared_head.head at --head-bits; calibrated through the MTP forward like the decoder. "
+                  "16: keep the MTP layer unquantized")
+      ->capture_default_str();
   cmd->add_option("--codebook", a.codebook, "Trellis codebook: mcg, mul1 or 3inst")->capture_default_str();
   cmd->add_option("--calibration", a.calibration,
                   "Calibration data for LDLQ: a text file (tokenized with the model's tokenizer.json) or a .ids "
