@@ -14,6 +14,7 @@
 #include "core/rng.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite.h"
+#include "model/quant_test_util.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "runtime/metrics.h"
 #include "test_util.h"
@@ -22,29 +23,14 @@ using namespace trellm;
 using trellm::testing::TempDir;
 namespace fs = std::filesystem;
 
+using trellm::testing::random_rows;
+using trellm::testing::value;
+
 namespace {
 
 const std::string kData = std::string(TRELLM_TEST_DATA) + "/hf/";
 
 Config config_of(const std::string& name) { return Config::from_json_file(kData + name + "/config.json"); }
-
-std::vector<std::vector<int32_t>> random_rows(int rows, int len, int64_t vocab, uint64_t seed) {
-  Rng r(seed);
-  std::vector<std::vector<int32_t>> v(static_cast<size_t>(rows));
-  for (auto& row : v) {
-    row.resize(size_t(len));
-    for (auto& t : row) t = int32_t(r.next_u32() % uint32_t(vocab));
-  }
-  return v;
-}
-
-float value(const TensorInfo& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::F32: return static_cast<const float*>(t.data)[i];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-    default: return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-  }
-}
 
 std::vector<float> logits(const std::string& dir, const std::vector<int32_t>& ids) {
   auto b = make_cpu_backend();

@@ -16,6 +16,7 @@
 #include "format/json_file.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite.h"
+#include "model/quant_test_util.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "runtime/metrics.h"
 #include "test_util.h"
@@ -24,6 +25,9 @@ using namespace trellm;
 using trellm::testing::TempDir;
 namespace fs = std::filesystem;
 
+using trellm::testing::random_rows;
+using trellm::testing::value;
+
 namespace {
 
 const std::string kTinyMtp = std::string(TRELLM_TEST_DATA) + "/hf/tiny_mtp";
@@ -31,24 +35,6 @@ const std::string kTinyA = std::string(TRELLM_TEST_DATA) + "/hf/tiny_a";
 const std::string kMtp = "model.layers.2.";  // tiny_mtp has 2 decoder layers
 
 bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
-
-std::vector<std::vector<int32_t>> random_rows(int rows, int len, int64_t vocab, uint64_t seed) {
-  Rng r(seed);
-  std::vector<std::vector<int32_t>> v(static_cast<size_t>(rows));
-  for (auto& row : v) {
-    row.resize(size_t(len));
-    for (auto& t : row) t = int32_t(r.next_u32() % uint32_t(vocab));
-  }
-  return v;
-}
-
-float value(const TensorInfo& t, int64_t i) {
-  switch (t.dtype) {
-    case DType::F32: return static_cast<const float*>(t.data)[i];
-    case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-    default: return bf16_to_f32(static_cast<const uint16_t*>(t.data)[i]);
-  }
-}
 
 // rms_norm(x) * w in double, as the model's rms_norm op defines it.
 std::vector<double> rms_norm(const float* x, const TensorInfo& w, int64_t d, double eps) {

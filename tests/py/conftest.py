@@ -21,3 +21,13 @@ def trellm(*args, check=True, timeout=300):
 @pytest.fixture
 def data_dir():
     return DATA
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    """Calibration ids for the quantizer tests on tests/data/hf/tiny_a: 384 random tokens of its 320 (seed 11)."""
+    import numpy as np
+    rng = np.random.default_rng(11)
+    p = tmp_path_factory.mktemp("cal") / "cal.ids"
+    p.write_text(" ".join(str(int(t)) for t in rng.integers(0, 320, 384)) + "\n")
+    return str(p)

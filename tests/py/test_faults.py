@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 
-import numpy as np
 import pytest
 
 from conftest import BIN, DATA, trellm
@@ -20,14 +19,6 @@ TINY = os.path.join(DATA, "hf", "tiny_a")
 DEFAULT_BF16 = os.path.join(DATA, "..", "..", "models", "tiny-glm")
 ARGS = ["--bits", "3.5", "--no-scale-search", "--seq-len", "128"]
 SEEDS = 5  # kill/resume schedules; each kills a run twice at random times, then lets it finish
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    rng = np.random.default_rng(11)
-    p = tmp_path_factory.mktemp("cal") / "cal.ids"
-    p.write_text(" ".join(str(int(t)) for t in rng.integers(0, 320, 384)) + "\n")
-    return str(p)
 
 
 @pytest.fixture(scope="module")

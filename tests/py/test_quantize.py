@@ -27,14 +27,6 @@ def r128(n):
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    rng = np.random.default_rng(11)
-    p = tmp_path_factory.mktemp("cal") / "cal.ids"
-    p.write_text(" ".join(str(int(t)) for t in rng.integers(0, 320, 384)) + "\n")
-    return str(p)
-
-
-@pytest.fixture(scope="module")
 def quantized(tmp_path_factory, calib):
     out = str(tmp_path_factory.mktemp("q") / "tiny_a-exl3")
     _, _, err = trellm("quantize", "--model", TINY, "--out", out, "--calibration", calib, *ARGS)
