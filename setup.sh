@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 DEBS=(build-essential cmake ninja-build pkg-config ccache nlohmann-json3-dev libpcre2-dev libcli11-dev
-      libcpp-httplib-dev libgtest-dev libgmock-dev libbenchmark-dev python3 python3-pip)
+      libcpp-httplib-dev libgtest-dev libgmock-dev libbenchmark-dev python3 python3-pip
+      nginx)  # nginx: the load balancer in tests/py/test_server_load.py (started there in the foreground, no service)
 
 if [[ "${1:-}" != "--no-deps" ]]; then
   missing=()

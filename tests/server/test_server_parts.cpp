@@ -192,3 +192,29 @@ TEST(Metrics, HistogramBucketsAreCumulative) {
   EXPECT_NE(out.find("x_bucket{le=\"+Inf\"} 4"), std::string::npos) << out;
   EXPECT_NE(out.find("x_count 4"), std::string::npos) << out;
 }
+
+// A stream whose client went away ends before the engine gave it a finish reason: it counts as "abort" (it was
+// counted under "", which /metrics never shows). Found by scripts/soak.py (issue 17 part 4).
+TEST(Metrics, DisconnectedRequestCountsAsAbort) {
+  Metrics m;
+  m.finished("", 0.5);
+  m.finished("length", 0.5);
+  const std::string out = m.render(Engine::Stats{}, "m");
+  EXPECT_NE(out.find("trellm:request_success_total{model_name=\"m\",finished_reason=\"abort\"} 1"), std::string::npos) << out;
+  EXPECT_NE(out.find("trellm:request_success_total{model_name=\"m\",finished_reason=\"length\"} 1"), std::string::npos) << out;
+  EXPECT_EQ(finish_label(""), "abort");
+  EXPECT_EQ(finish_label("stop"), "stop");
+}
+
+// The gauges a soak checks after the load: KV blocks held and HTTP requests being answered, exactly.
+TEST(Metrics, BlocksUsedAndRequestsInFlight) {
+  Metrics m;
+  Engine::Stats st;
+  st.kv_blocks = 40;
+  st.kv_blocks_used = 3;
+  const std::string out = m.render(st, "m", 2);
+  EXPECT_NE(out.find("# TYPE trellm:kv_cache_blocks_used gauge\ntrellm:kv_cache_blocks_used{model_name=\"m\"} 3\n"),
+            std::string::npos) << out;
+  EXPECT_NE(out.find("# TYPE trellm:num_requests_in_flight gauge\ntrellm:num_requests_in_flight{model_name=\"m\"} 2\n"),
+            std::string::npos) << out;
+}

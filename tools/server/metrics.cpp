@@ -57,7 +57,7 @@ void Metrics::inter_token(double s) {
 }
 void Metrics::finished(const std::string& reason, double e2e) {
   std::lock_guard lk(mu_);
-  finished_[reason]++;
+  finished_[finish_label(reason)]++;
   e2e_.observe(e2e);
 }
 void Metrics::rejected() {
@@ -65,7 +65,7 @@ void Metrics::rejected() {
   rejected_++;
 }
 
-std::string Metrics::render(const Engine::Stats& st, const std::string& model) const {
+std::string Metrics::render(const Engine::Stats& st, const std::string& model, int in_flight) const {
   std::string o;
   const std::string ml = "model_name=\"" + model + "\"";
   auto gauge = [&](const char* n, const char* help, double v) {
@@ -81,6 +81,9 @@ std::string Metrics::render(const Engine::Stats& st, const std::string& model) c
   gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 = full).",
         st.kv_blocks ? double(st.kv_blocks_used) / st.kv_blocks : 0.0);
   gauge("kv_cache_blocks", "KV-cache blocks of 64 tokens.", st.kv_blocks);
+  gauge("kv_cache_blocks_used", "KV-cache blocks held by sequences (cached prefix blocks no one holds are free).",
+        st.kv_blocks_used);
+  gauge("num_requests_in_flight", "HTTP requests being answered (a stream until its connection is let go).", in_flight);
   counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", double(st.prefix_query_tokens));
   counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", double(st.prefix_hit_tokens));
   counter("prompt_tokens", "Prompt tokens computed (prefix-cache hits excluded).", double(st.prompt_tokens));

@@ -25,14 +25,20 @@ class Histogram {
   uint64_t count_ = 0;
 };
 
+// A finish reason for the metrics and the log: an empty one (the engine had not ended the request when its
+// client went away and the stream was cancelled) is "abort", as vLLM counts a disconnect.
+inline std::string finish_label(const std::string& reason) { return reason.empty() ? "abort" : reason; }
+
 class Metrics {
  public:
   Metrics();
   void first_token(double seconds);     // time to first token of a request (arrival -> first token)
   void inter_token(double seconds);     // time between two tokens of one request
-  void finished(const std::string& reason, double e2e_seconds);  // one finished request ("stop", "length", ...)
+  // One finished request ("stop", "length", ...; finish_label() of it).
+  void finished(const std::string& reason, double e2e_seconds);
   void rejected();                      // a request answered with an error before it ran
-  std::string render(const Engine::Stats& engine, const std::string& model_name) const;
+  // `in_flight`: HTTP requests being answered (a stream until its handler has let go of it).
+  std::string render(const Engine::Stats& engine, const std::string& model_name, int in_flight = 0) const;
 
  private:
   mutable std::mutex mu_;

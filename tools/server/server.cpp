@@ -96,14 +96,15 @@ void Server::observe(Generation& g) {
 
 void Server::finished(Generation& g, const std::string& id, const char* endpoint) {
   observe(g);
+  auto reason = [](Choice& c) { return finish_label(c.finish_reason()); };
   for (auto& c : g.choices()) {
     if (c->ttft() >= 0) metrics_.first_token(c->ttft());
-    metrics_.finished(c->finish_reason(), g.seconds());
+    metrics_.finished(reason(*c), g.seconds());
   }
   std::string reasons;
   for (auto& c : g.choices()) {
     if (!reasons.empty()) reasons += ',';
-    reasons += c->finish_reason();
+    reasons += reason(*c);
   }
   std::fprintf(stderr, "trellm serve: %s %s prompt %lld (cached %lld) completion %lld finish %s %.3f s\n", id.c_str(), endpoint,
                (long long)g.prompt_tokens(), (long long)g.cached_tokens(), (long long)g.completion_tokens(), reasons.c_str(),
@@ -125,7 +126,7 @@ void Server::routes() {
     send_json(res, admitting() ? 200 : 503, json{{"status", admitting() ? "ok" : "shutting down"}});
   });
   h.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-    res.set_content(metrics_.render(engine_.stats(), mc_.served_name), "text/plain; version=0.0.4; charset=utf-8");
+    res.set_content(metrics_.render(engine_.stats(), mc_.served_name, in_flight_.load()), "text/plain; version=0.0.4; charset=utf-8");
   });
   h.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
     guarded(*this, req, res, false, [&] {
