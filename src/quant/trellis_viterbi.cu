@@ -1,8 +1,20 @@
-// CUDA tail-biting Viterbi; see trellis_viterbi_cuda.h. Not tuned: it exists so the encoder can run on a GPU
-// and so the CPU path has a twin to agree with. exllamav3's kernel (ext/quant/quantize_tiles_kernel.cuh, read,
-// not copied) keeps fp16 costs; ours are fp32 to match the CPU encoder exactly.
+// CUDA tail-biting Viterbi; see trellis_viterbi_cuda.h. Two kernels compute the same function as the CPU encoder
+// (trellis_viterbi.cpp) bit for bit: the same fp32 arithmetic per branch (d = cb - w, c = fma(d, d, pred)), the
+// first strict minimum over ascending k, the lowest end node on ties, the same two-pass tail-biting scheme.
+//  - K = 2..6: the fast path (trellis_viterbi_fast.h holds its thread decomposition, shared with a CPU emulation
+//    test): one tile per 1024-thread block, each thread owning 64 fixed states whose codebook values live in
+//    registers (fp16 pairs), node costs double-buffered in shared memory, predecessor costs loaded once per
+//    group, packed backpointers (one uint32 per thread and step) written coalesced to global memory, and the
+//    traceback, reconstruction and squared error in separate one-thread-per-tile kernels so their dependent
+//    loads overlap across tiles instead of stalling a block. Design and bound: docs/kernels.md.
+//  - K = 1, 7, 8: the generic kernel (costs and codebook through global memory, byte backpointers, serial
+//    traceback in the block). K = 1's 2 x 128 KB of costs do not fit in shared memory with double buffering, and
+//    K = 7, 8 have fewer than 64 states per predecessor group slice.
+// exllamav3's kernel (ext/quant/quantize_tiles_kernel.cuh, read, not copied) keeps fp16 costs; ours are fp32 to
+// match the CPU encoder exactly.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <vector>
@@ -11,6 +23,7 @@
 #include "core/half.h"
 #include "quant/trellis_viterbi.h"
 #include "quant/trellis_viterbi_cuda.h"
+#include "quant/trellis_viterbi_fast.h"
 
 #define TRELLM_QUANT_CUDA_CHECK(expr)                                                                \
   do {                                                                                               \
@@ -23,11 +36,14 @@ namespace trellm::trellis {
 
 namespace {
 
-constexpr int kThreads = 1024;
+// ---------------------------------------------------------------------------------------------------------
+// Generic kernel (K = 1, 7, 8): one block per tile, everything through global memory.
+
+constexpr int kGenericThreads = 1024;
 
 // One forward pass of `steps` values for the tile of this block; cost_in holds the initial node costs.
 template <int K>
-__device__ void forward_pass(const float* __restrict__ cb, const float* w, float* cost_a, float* cost_b,
+__device__ void generic_forward(const float* __restrict__ cb, const float* w, float* cost_a, float* cost_b,
                              uint8_t* __restrict__ bp) {
   constexpr int kNodes = 1 << (16 - K), kBranch = 1 << K;
   float* cost = cost_a;
@@ -55,7 +71,7 @@ __device__ void forward_pass(const float* __restrict__ cb, const float* w, float
 }
 
 template <int K>
-__device__ void traceback(const uint8_t* bp, uint32_t end, uint16_t* states) {
+__device__ void generic_traceback(const uint8_t* bp, uint32_t end, uint16_t* states) {
   constexpr int kNodes = 1 << (16 - K);
   uint32_t o = end;
   for (int p = kTileElems - 1; p >= 0; p--) {
@@ -67,7 +83,7 @@ __device__ void traceback(const uint8_t* bp, uint32_t end, uint16_t* states) {
 }
 
 template <int K>
-__global__ void __launch_bounds__(kThreads) viterbi_kernel(const float* __restrict__ cb, const float* __restrict__ w,
+__global__ void __launch_bounds__(kGenericThreads) generic_kernel(const float* __restrict__ cb, const float* __restrict__ w,
                                                            uint16_t* __restrict__ states, float* __restrict__ recon,
                                                            float* __restrict__ costs, uint8_t* __restrict__ bps) {
   constexpr int kNodes = 1 << (16 - K);
@@ -78,14 +94,14 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const float* __restri
   uint8_t* bp = bps + size_t(tile) * kTileElems * kNodes;
   __shared__ float seq[kTileElems];
   __shared__ uint16_t path[kTileElems];
-  __shared__ float red_v[kThreads];
-  __shared__ uint32_t red_i[kThreads];
+  __shared__ float red_v[kGenericThreads];
+  __shared__ uint32_t red_i[kGenericThreads];
 
   // Pass 1: unconstrained, rotated by 128.
   for (int i = threadIdx.x; i < kTileElems; i += blockDim.x) seq[i] = tw[(i + kTileElems / 2) % kTileElems];
   for (int o = threadIdx.x; o < kNodes; o += blockDim.x) cost_a[o] = 0.0f;
   __syncthreads();
-  forward_pass<K>(cb, seq, cost_a, cost_b, bp);
+  generic_forward<K>(cb, seq, cost_a, cost_b, bp);
   // argmin over nodes, lowest index on ties (as the CPU's first strict minimum)
   float bv = INFINITY;
   uint32_t bi = 0xFFFFFFFFu;
@@ -103,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const float* __restri
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) traceback<K>(bp, red_i[0], path);
+  if (threadIdx.x == 0) generic_traceback<K>(bp, red_i[0], path);
   __syncthreads();
   const uint32_t e = uint32_t(path[kTileElems / 2]) >> K;
 
@@ -111,8 +127,8 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const float* __restri
   for (int i = threadIdx.x; i < kTileElems; i += blockDim.x) seq[i] = tw[i];
   for (int o = threadIdx.x; o < kNodes; o += blockDim.x) cost_a[o] = o == int(e) ? 0.0f : INFINITY;
   __syncthreads();
-  forward_pass<K>(cb, seq, cost_a, cost_b, bp);
-  if (threadIdx.x == 0) traceback<K>(bp, e, path);
+  generic_forward<K>(cb, seq, cost_a, cost_b, bp);
+  if (threadIdx.x == 0) generic_traceback<K>(bp, e, path);
   __syncthreads();
   for (int p = threadIdx.x; p < kTileElems; p += blockDim.x) {
     states[size_t(tile) * kTileElems + p] = path[p];
@@ -121,8 +137,147 @@ __global__ void __launch_bounds__(kThreads) viterbi_kernel(const float* __restri
 }
 
 template <int K>
-void launch(const float* cb, const float* w, uint16_t* states, float* recon, float* costs, uint8_t* bps, int tiles) {
-  viterbi_kernel<K><<<tiles, kThreads>>>(cb, w, states, recon, costs, bps);
+void launch_generic(const float* cb, const float* w, uint16_t* states, float* recon, float* costs, uint8_t* bps, int tiles) {
+  generic_kernel<K><<<tiles, kGenericThreads>>>(cb, w, states, recon, costs, bps);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// Fast path (K = 2..6).
+
+constexpr float kInfF = __builtin_huge_valf();
+constexpr int kTracebackThreads = 128;
+
+// Shared memory of the forward kernel: two cost vectors, the tile's 256 targets, the argmin scratch (32 + 32).
+template <int K>
+constexpr size_t fast_smem_bytes() {
+  return (2 * size_t(vfast::Layout<K>::kNodes) + kTileElems + 64) * sizeof(float);
+}
+static_assert(fast_smem_bytes<2>() <= 227 * 1024, "K = 2: 2 x 64 KB of costs + 1.25 KB fit an H100/H200 block");
+
+// One forward pass per block (tile). Pass 1 (kSecond = false): positions 128..255, 0..127 from all-zero costs;
+// stores the backpointers of steps 128..255 (all its traceback reads) and the argmin end node in ends[tile].
+// Pass 2: positions 0..255 from node ends[tile] (= e, written by pass 1's traceback); stores all 256 rows.
+template <int K, bool kSecond>
+__global__ void __launch_bounds__(vfast::kThreads, 1)
+    fast_forward_kernel(const float* __restrict__ w, Codebook cb, uint32_t* __restrict__ ends,
+                        uint32_t* __restrict__ bp) {
+  using L = vfast::Layout<K>;
+  extern __shared__ __align__(16) float smem[];  // float4 stores of the cost rows
+  float* const cost_a = smem;
+  float* const cost_b = smem + L::kNodes;
+  float* const seq = cost_b + L::kNodes;
+  float* const red_v = seq + kTileElems;
+  uint32_t* const red_i = reinterpret_cast<uint32_t*>(red_v + 32);
+  const int t = int(threadIdx.x), tile = int(blockIdx.x);
+  const float* tw = w + size_t(tile) * kTileElems;
+
+  uint32_t cbh[vfast::kCbRegs];
+  vfast::codebook_regs<K>(t, cb, cbh);
+  if (t < kTileElems) seq[t] = kSecond ? tw[t] : tw[(t + kTileElems / 2) % kTileElems];
+  const uint32_t e = kSecond ? ends[tile] : 0u;
+  for (int o = t; o < L::kNodes; o += vfast::kThreads) cost_a[o] = !kSecond || uint32_t(o) == e ? 0.0f : kInfF;
+  __syncthreads();
+
+  // 32-bit row offset (a chunk is <= 1 GiB of rows) so the loop keeps one register for it, not a 64-bit pointer
+  const uint32_t row0 = uint32_t(tile) * uint32_t(kTileElems * vfast::kThreads) + uint32_t(t);
+  // Even steps read cost_a and write cost_b, odd steps the other way, selected from p's parity: with swapped
+  // pointers live across the loop, pass 2 at K = 3 spilled (-Xptxas -v: 12 bytes, 2 LDL a step); unrolling two
+  // steps to make both addresses constant spilled 300-440 bytes at every K.
+#pragma unroll 1
+  for (int p = 0; p < kTileElems; p++) {
+    // The codebook registers are loop-invariant; this empty asm makes them look rewritten each step so the
+    // compiler cannot hoist the 64 fp16 -> fp32 conversions out of the loop (64 more live registers: spills).
+#pragma unroll
+    for (int r = 0; r < vfast::kCbRegs; r++) asm volatile("" : "+r"(cbh[r]));
+    const bool odd = p & 1;
+    const uint32_t bits = vfast::step<K>(t, cbh, seq[p], odd ? cost_b : cost_a, odd ? cost_a : cost_b);
+    if (kSecond || p >= kTileElems / 2) bp[row0 + uint32_t(p) * vfast::kThreads] = bits;
+    __syncthreads();  // next is complete; cost may be overwritten by the following step
+  }
+  const float* const cost = cost_a;  // 256 steps: the final costs are back in cost_a
+
+  if constexpr (!kSecond) {
+    // argmin over the end nodes, lowest index on ties (the CPU's first strict minimum)
+    float bv = kInfF;
+    uint32_t bi = 0xFFFFFFFFu;
+    for (int o = t; o < L::kNodes; o += vfast::kThreads)
+      if (cost[o] < bv) bv = cost[o], bi = uint32_t(o);
+    const int lane = t & 31, warp = t >> 5;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float v2 = __shfl_down_sync(0xFFFFFFFFu, bv, off);
+      const uint32_t i2 = __shfl_down_sync(0xFFFFFFFFu, bi, off);
+      if (v2 < bv || (v2 == bv && i2 < bi)) bv = v2, bi = i2;
+    }
+    if (lane == 0) red_v[warp] = bv, red_i[warp] = bi;
+    __syncthreads();
+    if (warp == 0) {
+      bv = red_v[lane];
+      bi = red_i[lane];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float v2 = __shfl_down_sync(0xFFFFFFFFu, bv, off);
+        const uint32_t i2 = __shfl_down_sync(0xFFFFFFFFu, bi, off);
+        if (v2 < bv || (v2 == bv && i2 < bi)) bv = v2, bi = i2;
+      }
+      // no finite cost anywhere (only with non-finite targets): node 0, as the CPU's scan, and never out of range
+      if (lane == 0) ends[tile] = bi < uint32_t(L::kNodes) ? bi : 0u;
+    }
+  }
+}
+
+// One thread per tile: the dependent backpointer loads of many tiles are in flight together.
+// Pass 1: trace from the end node down to step 128 (position 0 of the rotated pass) and replace ends[tile] by the
+// overlap e = state(128) >> K. Pass 2: trace from e over all 256 steps, then write the states, the reconstruction
+// and the tile's squared error (summed over p = 0..255 in double without contraction, as the CPU).
+template <int K, bool kSecond>
+__global__ void __launch_bounds__(kTracebackThreads)
+    fast_traceback_kernel(int tiles, const uint32_t* __restrict__ bp, uint32_t* __restrict__ ends, Codebook cb,
+                          const float* __restrict__ w, uint16_t* __restrict__ states, float* __restrict__ recon,
+                          double* __restrict__ err) {
+  const int tile = int(blockIdx.x) * kTracebackThreads + int(threadIdx.x);
+  if (tile >= tiles) return;
+  const uint32_t* tbp = bp + size_t(tile) * kTileElems * vfast::kThreads;
+  uint16_t* ts = states + size_t(tile) * kTileElems;
+  uint32_t o = ends[tile];
+  for (int p = kTileElems - 1; p >= (kSecond ? 0 : kTileElems / 2); p--) {
+    const uint32_t s = (vfast::backpointer<K>(tbp, p, o) << (16 - K)) | o;
+    if constexpr (kSecond) ts[p] = uint16_t(s);
+    o = s >> K;
+  }
+  if constexpr (!kSecond) {
+    ends[tile] = o;
+  } else {
+    double e = 0;
+    for (int p = 0; p < kTileElems; p++) {
+      const float v = f16_to_f32(decode_state(cb, ts[p]));
+      recon[size_t(tile) * kTileElems + p] = v;
+      const double d = __dsub_rn(double(v), double(w[size_t(tile) * kTileElems + p]));
+      e = __dadd_rn(e, __dmul_rn(d, d));
+    }
+    err[tile] = e;
+  }
+}
+
+template <int K>
+void launch_fast(const float* w, Codebook cb, uint32_t* ends, uint32_t* bp, uint16_t* states, float* recon,
+                 double* err, int tiles) {
+  constexpr size_t smem = fast_smem_bytes<K>();
+  // above 48 KB a block needs the raised dynamic limit (K = 2: 129 KB, K = 3: 65 KB)
+  TRELLM_QUANT_CUDA_CHECK(cudaFuncSetAttribute(fast_forward_kernel<K, false>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  TRELLM_QUANT_CUDA_CHECK(cudaFuncSetAttribute(fast_forward_kernel<K, true>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const int tb_blocks = (tiles + kTracebackThreads - 1) / kTracebackThreads;
+  fast_forward_kernel<K, false><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, bp);
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+  fast_traceback_kernel<K, false><<<tb_blocks, kTracebackThreads>>>(tiles, bp, ends, cb, w, states, recon, err);
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+  fast_forward_kernel<K, true><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, bp);
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+  fast_traceback_kernel<K, true><<<tb_blocks, kTracebackThreads>>>(tiles, bp, ends, cb, w, states, recon, err);
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
@@ -140,12 +295,16 @@ namespace {
 // live until the process exits (the driver frees them then); calls are serialised by the mutex.
 struct DeviceScratch {
   std::mutex mu;
-  const float* cb[3] = {};  // the codebook tables, uploaded once each
+  const float* cb[3] = {};  // the codebook tables (generic kernel), uploaded once each
   float *w = nullptr, *recon = nullptr, *costs = nullptr;
   uint16_t* states = nullptr;
-  uint8_t* bp = nullptr;
-  size_t w_bytes = 0, recon_bytes = 0, states_bytes = 0, costs_bytes = 0, bp_bytes = 0;
-  std::vector<float> rec;  // host copy of the reconstruction (for the error sum)
+  uint8_t* bp = nullptr;   // generic: 1-byte backpointers; fast: uint32 rows (256 x 1024 per tile)
+  uint32_t* ends = nullptr;  // fast: end node, then e, per tile
+  double* err = nullptr;     // fast: squared error per tile
+  size_t w_bytes = 0, recon_bytes = 0, states_bytes = 0, costs_bytes = 0, bp_bytes = 0, ends_bytes = 0, err_bytes = 0;
+  std::vector<float> rec;     // host copy of the reconstruction (generic path's error sum)
+  std::vector<double> terr;   // host copy of the per-tile errors (fast path)
+  int sms = 0;
 };
 
 DeviceScratch& device_scratch() {
@@ -163,16 +322,13 @@ void grow(T*& p, size_t& have, size_t need) {
   have = need;
 }
 
-}  // namespace
+constexpr int64_t kBpBudget = int64_t(1) << 30;  // backpointer bytes per chunk
 
-double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
-  if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
-  if (n <= 0) return 0.0;
+double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states,
+                      float* recon) {
   const int64_t nodes = int64_t(1) << (16 - K);
   // Chunk so backpointers stay under ~1 GiB (K = 1: 8 MiB a tile -> 128 tiles; K = 8: 64 KiB -> 16384).
-  const int64_t chunk = std::min<int64_t>(n, std::max<int64_t>(1, (int64_t(1) << 30) / (kTileElems * nodes)));
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
+  const int64_t chunk = std::min<int64_t>(n, std::max<int64_t>(1, kBpBudget / (kTileElems * nodes)));
   const int ci = int(cb);
   if (!sc.cb[ci]) {
     float* d = nullptr;
@@ -194,14 +350,10 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
     const size_t elems = size_t(tiles) * kTileElems;
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
     switch (K) {
-      case 1: launch<1>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 2: launch<2>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 3: launch<3>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 4: launch<4>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 5: launch<5>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 6: launch<6>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 7: launch<7>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      default: launch<8>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 1: launch_generic<1>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 7: launch_generic<7>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      case 8: launch_generic<8>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
+      default: fail("viterbi_encode_tiles_cuda: no generic kernel for K = ", K);
     }
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
@@ -213,6 +365,59 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
     }
   }
   return err;
+}
+
+double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+  if (sc.sms == 0) {
+    int dev = 0;
+    TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
+    TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sc.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  // 1 MiB of backpointers a tile (256 rows x 1024 threads x 4 B, every K). One block per SM at a time (1024
+  // threads x <= 64 registers fill the register file), so a chunk is a whole number of waves: 924 tiles = 7 waves
+  // on 132 SMs.
+  const int64_t per_tile = int64_t(kTileElems) * vfast::kThreads * int64_t(sizeof(uint32_t));
+  const int64_t waves = std::max<int64_t>(1, kBpBudget / per_tile / sc.sms);
+  const int64_t chunk = std::min<int64_t>(n, waves * sc.sms);
+  const size_t chunk_elems = size_t(chunk) * kTileElems;
+  grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
+  grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
+  grow(sc.states, sc.states_bytes, chunk_elems * sizeof(uint16_t));
+  grow(sc.bp, sc.bp_bytes, size_t(chunk) * size_t(per_tile));
+  grow(sc.ends, sc.ends_bytes, size_t(chunk) * sizeof(uint32_t));
+  grow(sc.err, sc.err_bytes, size_t(chunk) * sizeof(double));
+  if (sc.terr.size() < size_t(chunk)) sc.terr.resize(size_t(chunk));
+  uint32_t* const bp = reinterpret_cast<uint32_t*>(sc.bp);  // cudaMalloc: 256-byte aligned
+  double err = 0;
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int tiles = int(std::min(chunk, n - t0));
+    const size_t elems = size_t(tiles) * kTileElems;
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
+    switch (K) {
+      case 2: launch_fast<2>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
+      case 3: launch_fast<3>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
+      case 4: launch_fast<4>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
+      case 5: launch_fast<5>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
+      case 6: launch_fast<6>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
+      default: fail("viterbi_encode_tiles_cuda: no fast kernel for K = ", K);
+    }
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    if (recon)
+      TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(recon + t0 * kTileElems, sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.terr.data(), sc.err, size_t(tiles) * sizeof(double), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < tiles; i++) err += sc.terr[size_t(i)];
+  }
+  return err;
+}
+
+}  // namespace
+
+double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+  if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
+  if (n <= 0) return 0.0;
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  return vfast::fast_k(K) ? encode_fast(sc, w, n, K, cb, states, recon) : encode_generic(sc, w, n, K, cb, states, recon);
 }
 
 }  // namespace trellm::trellis

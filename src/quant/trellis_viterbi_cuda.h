@@ -1,6 +1,8 @@
-// CUDA twin of trellis_viterbi.h: the same two-pass tail-biting Viterbi, one thread block per tile, with the
-// same fp32 arithmetic (d = cb - w, c = fma(d, d, pred)), the same tie-breaking (lowest k, then lowest node
-// index for the pass-1 end node), so its states must equal the CPU encoder's bit for bit.
+// CUDA twin of trellis_viterbi.h: the same two-pass tail-biting Viterbi with the same fp32 arithmetic
+// (d = cb - w, c = fma(d, d, pred)) and the same tie-breaking (lowest k, then lowest node index for the pass-1 end
+// node), so its states must equal the CPU encoder's bit for bit. K = 2..6 run the fast kernels (one tile per
+// 1024-thread block, codebook values in registers, costs in shared memory: trellis_viterbi_fast.h,
+// docs/kernels.md "Trellis Viterbi encoder"); K = 1, 7, 8 a generic kernel.
 // Compiled only when CUDA is found (TRELLM_HAVE_CUDA); tests labelled `cuda` compare it with the CPU.
 #pragma once
 #include <cstdint>
@@ -13,8 +15,9 @@ namespace trellm::trellis {
 bool viterbi_cuda_available();
 
 // Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
-// Works through the tiles in chunks sized to a scratch budget (backpointers: 256 * 2^(16-K) bytes a tile, at most
-// ~1 GiB); the device buffers are kept for the next call (grown as needed, one set per process, calls serialised).
+// Works through the tiles in chunks sized to a scratch budget of ~1 GiB of backpointers (fast kernels: 1 MiB a tile,
+// chunks of whole waves of the GPU; generic: 256 * 2^(16-K) bytes a tile); the device buffers are kept for the next
+// call (grown as needed, one set per process, calls serialised).
 // Returns the total squared error. Throws trellm::Error on a CUDA failure. Callers that may run without CUDA use
 // encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
