@@ -379,6 +379,7 @@ double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook
   const int64_t per_tile = int64_t(kTileElems) * vfast::kThreads * int64_t(sizeof(uint32_t));
   const int64_t waves = std::max<int64_t>(1, kBpBudget / per_tile / sc.sms);
   const int64_t chunk = std::min<int64_t>(n, waves * sc.sms);
+  TRELLM_ASSERT(chunk * kTileElems * vfast::kThreads <= int64_t(UINT32_MAX));  // the kernel's 32-bit row offsets
   const size_t chunk_elems = size_t(chunk) * kTileElems;
   grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
   grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
