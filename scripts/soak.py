@@ -15,7 +15,8 @@ stop strings, random max_tokens, n = 2, include_usage, client cancellations (a s
 non-streaming request abandoned after a random delay), long prompts (up to ~70 % of the context, with and without
 a shared prefix, so the prefix cache is hit and missed), and bad requests, each of which must be answered with its
 own 4xx and an OpenAI error body {"error": {"message", "type"}}: malformed JSON, wrong field types, an unknown
-model (404), a prompt longer than the context, prompt + max_tokens over the context.
+model (404), a prompt longer than the context, prompt + max_tokens over the context (every case once at the start,
+then at random).
 
 What counts (classes in the JSON's by_class):
   ok              a 200 whose body is complete: non-streaming, a JSON body whose every choice has a finish_reason
@@ -333,6 +334,7 @@ class Load:
         self.long_text = long_text      # ~long_tokens tokens of prose
         self.long_tokens = long_tokens
         self.records = []               # one dict per request
+        self._bad = None
         self.t0 = time.monotonic()
 
     def now(self):
@@ -387,8 +389,10 @@ class Load:
         b.pop("n", None)
         return b
 
-    def bad_request(self, rng):
-        """(name, path, raw body bytes, expected status)."""
+    def bad_cases(self):
+        """Every bad request: (name, path, raw body bytes, expected status)."""
+        if self._bad is not None:
+            return self._bad
         chat = ("/v1/chat/completions", [{"role": "user", "content": "Hello"}])
         comp = "/v1/completions"
         too_long = self.long_text * (int(1.3 * self.ctx / max(1, self.long_tokens)) + 1)
@@ -411,17 +415,16 @@ class Load:
             ("prompt_too_long", chat[0], {"messages": [{"role": "user", "content": too_long}], "stream": True}, 400),
             ("over_context", comp, {"prompt": "Emma", "max_tokens": self.ctx + 10}, 400),
         ]
-        name, path, body, want = rng.choice(cases)
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-        return name, path, body, want
+        self._bad = [(name, path, json.dumps(body).encode() if isinstance(body, dict) else body, want)
+                     for name, path, body, want in cases]
+        return self._bad
 
     # -- one request --
 
     async def one(self, session, rng):
         r = rng.random()
         if r < 0.10:
-            return await self.bad(session, rng)
+            return await self.bad(session, rng.choice(self.bad_cases()))
         if r < 0.17:
             return await self.cancel_stream(session, rng)
         if r < 0.20:
@@ -466,8 +469,14 @@ class Load:
             return self.rec(kind, t0, "server_error", status, detail=raw[:200])
         return self.rec(kind, t0, "wrong_status", status, detail=raw[:200])
 
-    async def bad(self, session, rng):
-        name, path, body, want = self.bad_request(rng)
+    async def bad_sweep(self, session):
+        """Every bad-request case once, one after another, at the start of the load (the random mix then
+        repeats them): each is seen to get its 4xx however short the run."""
+        for case in self.bad_cases():
+            await self.bad(session, case)
+
+    async def bad(self, session, case):
+        name, path, body, want = case
         kind = "bad_" + name
         t0 = self.now()
         try:
@@ -750,6 +759,7 @@ async def run_async(a, targets):
         host, port = re.match(r"http://([^:/]+):(\d+)", base).groups()
         raw_results = []
         tasks = [asyncio.create_task(client_loop(load, session, i, deadline)) for i in range(a.clients)]
+        tasks.append(asyncio.create_task(load.bad_sweep(session)))
         tasks += [asyncio.create_task(raw_stream_client(load, host, int(port), i, deadline, 1, raw_results))
                   for i in range(a.slow_clients)]
         tasks += [asyncio.create_task(raw_stream_client(load, host, int(port), 1000 + i, deadline, 0, raw_results))

@@ -33,8 +33,9 @@ def run_soak(*extra):
 
 def check_bad_requests(r):
     bad = {k: v for k, v in r["by_kind"].items() if k.startswith("bad_")}
-    # every case is drawn at random; with ~10 % of a few hundred requests each kind comes up
-    for kind in ("bad_malformed_json", "bad_wrong_type", "bad_unknown_model", "bad_prompt_too_long"):
+    # the soak sends every case once at the start, then at random
+    for kind in ("bad_malformed_json", "bad_not_an_object", "bad_wrong_type", "bad_unknown_field", "bad_unknown_model",
+                 "bad_prompt_too_long", "bad_over_context"):
         assert kind in bad, f"no {kind} request was sent: {sorted(bad)}"
     for kind, classes in bad.items():
         assert set(classes) == {"rejected"}, f"{kind}: {classes} (each must get its 4xx with a JSON error)"
