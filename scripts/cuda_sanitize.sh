@@ -13,6 +13,9 @@
 #   CS_ARGS="..."         extra compute-sanitizer arguments
 #   COMPUTE_SANITIZER=... the binary (default: on PATH, else $CUDA_HOME/bin or /usr/local/cuda/bin)
 #   LABEL=cuda            the CTest label whose binaries are run
+#   BINARIES="a b ..."    run these test binaries instead of the label's (prebuilt ones carried to the GPU machine;
+#                         then BUILD_DIR need not be a configured build)
+#   PARALLEL=1            (binary, tool) runs at a time on the one GPU (each is mostly CPU-bound under the tools)
 # Exit status: 0 when every run finished with no error reported, 1 otherwise (the summary says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,10 +32,14 @@ for d in "${CUDA_HOME:-/usr/local/cuda}/bin" /usr/local/cuda/bin; do
   [[ -z $CS && -x $d/compute-sanitizer ]] && CS=$d/compute-sanitizer
 done
 [[ -n $CS ]] || { echo "cuda_sanitize: compute-sanitizer not found (set COMPUTE_SANITIZER)" >&2; exit 2; }
-[[ -f $BUILD/CTestTestfile.cmake ]] || { echo "cuda_sanitize: $BUILD is not a configured build" >&2; exit 2; }
+[[ -n ${BINARIES:-} || -f $BUILD/CTestTestfile.cmake ]] || { echo "cuda_sanitize: $BUILD is not a configured build" >&2; exit 2; }
 mkdir -p "$OUT_DIR"
+PARALLEL=${PARALLEL:-1}
 
 # The executables behind the label: ctest lists each discovered gtest case; keep each binary once.
+if [[ -n ${BINARIES:-} ]]; then
+  read -r -a BINS <<< "$BINARIES"
+else
 mapfile -t BINS < <(ctest --test-dir "$BUILD" -L "${LABEL:-cuda}" --show-only=json-v1 2>/dev/null | python3 -c '
 import json, os, sys
 seen = []
@@ -41,6 +48,7 @@ for t in json.load(sys.stdin).get("tests", []):
     if cmd and cmd[0] not in seen and not os.path.basename(cmd[0]).startswith("python"):  # gtest binaries only
         seen.append(cmd[0])
 print("\n".join(seen))' | sed '/^$/d')
+fi
 ((${#BINS[@]})) || { echo "cuda_sanitize: no tests with label ${LABEL:-cuda} in $BUILD (built without CUDA?)" >&2; exit 2; }
 
 summary=$OUT_DIR/summary.md
@@ -57,39 +65,50 @@ summary=$OUT_DIR/summary.md
   echo "|---|---|---|---:|---:|---|"
 } > "$summary"
 
+# One (binary, tool) run: its log, and its table row in $OUT_DIR/rows/ (sorted into the summary at the end).
+one() {
+  local bin=$1 tool=$2 name log args gt t0 rc secs errors hazards result
+  name=$(basename "$bin")
+  log=$OUT_DIR/$name.$tool.log
+  args=(--tool "$tool" --error-exitcode 99 --print-limit 100)
+  case $tool in
+    memcheck) args+=(--leak-check full) ;;
+    racecheck) args+=(--racecheck-report analysis) ;;
+  esac
+  # shellcheck disable=SC2206
+  [[ -n ${CS_ARGS:-} ]] && args+=($CS_ARGS)
+  gt=()
+  [[ -n ${GTEST_FILTER:-} ]] && gt=(--gtest_filter="$GTEST_FILTER")
+  t0=$SECONDS
+  timeout -k 30 "$TIMEOUT" "$CS" "${args[@]}" "$bin" "${gt[@]}" > "$log" 2>&1
+  rc=$?
+  secs=$((SECONDS - t0))
+  errors=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || true)
+  if [[ $tool == racecheck ]]; then
+    hazards=$(grep -oE 'RACECHECK SUMMARY: [0-9]+ hazard' "$log" | tail -1 | grep -oE '[0-9]+' || true)
+    [[ -n $hazards ]] && errors=$hazards
+  fi
+  if ((rc == 124 || rc == 137)); then result="timeout after ${TIMEOUT} s"
+  elif ((rc == 99)) || [[ -n $errors && $errors != 0 ]]; then result="**errors**"
+  elif ((rc != 0)); then result="test failed (rc $rc)"
+  else result=clean; fi
+  echo "=== $name: $tool: $result, ${errors:-?} errors, $secs s ($log)"
+  echo "| \`$name\` | $tool | $result | ${errors:-?} | $secs | \`$(basename "$log")\` |" > "$OUT_DIR/rows/$name.$tool"
+}
+export -f one
+export OUT_DIR CS TIMEOUT CS_ARGS GTEST_FILTER
+rm -rf "$OUT_DIR/rows"; mkdir -p "$OUT_DIR/rows"
+for bin in "${BINS[@]}"; do for tool in $TOOLS; do printf '%s %s\n' "$bin" "$tool"; done; done |
+  xargs -P "$PARALLEL" -L 1 bash -c 'one "$0" "$1"'
 status=0
 for bin in "${BINS[@]}"; do
-  name=$(basename "$bin")
   for tool in $TOOLS; do
-    log=$OUT_DIR/$name.$tool.log
-    args=(--tool "$tool" --error-exitcode 99 --print-limit 100)
-    case $tool in
-      memcheck) args+=(--leak-check full) ;;
-      racecheck) args+=(--racecheck-report analysis) ;;
-    esac
-    # shellcheck disable=SC2206
-    [[ -n ${CS_ARGS:-} ]] && args+=($CS_ARGS)
-    gt=()
-    [[ -n ${GTEST_FILTER:-} ]] && gt=(--gtest_filter="$GTEST_FILTER")
-    echo "=== $name: $tool"
-    t0=$SECONDS
-    timeout -k 30 "$TIMEOUT" "$CS" "${args[@]}" "$bin" "${gt[@]}" > "$log" 2>&1
-    rc=$?
-    secs=$((SECONDS - t0))
-    errors=$(grep -oE 'ERROR SUMMARY: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+$' || true)
-    [[ $tool == racecheck ]] && {
-      hazards=$(grep -oE 'RACECHECK SUMMARY: [0-9]+ hazard' "$log" | tail -1 | grep -oE '[0-9]+' || true)
-      [[ -n $hazards ]] && errors=$hazards
-    }
-    if ((rc == 124 || rc == 137)); then result="timeout after ${TIMEOUT} s"
-    elif ((rc == 99)) || [[ -n $errors && $errors != 0 ]]; then result="**errors**"
-    elif ((rc != 0)); then result="test failed (rc $rc)"
-    else result=clean; fi
-    [[ $result == clean ]] || status=1
-    echo "    $result, ${errors:-?} errors, $secs s ($log)"
-    echo "| \`$name\` | $tool | $result | ${errors:-?} | $secs | \`$(basename "$log")\` |" >> "$summary"
+    row=$OUT_DIR/rows/$(basename "$bin").$tool
+    if [[ -f $row ]]; then cat "$row" >> "$summary"; else echo "| \`$(basename "$bin")\` | $tool | not run | ? | | |" >> "$summary"; fi
+    grep -q '| clean |' "$row" 2>/dev/null || status=1
   done
 done
+rm -rf "$OUT_DIR/rows"
 echo
 cat "$summary"
 exit $status

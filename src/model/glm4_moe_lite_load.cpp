@@ -271,7 +271,8 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
     // Out of GPU memory: say how much of the checkpoint was placed, so the user can size the GPU or the bits.
     if (backend.host_memory() || std::string_view(e.what()).find("out of GPU memory") == std::string_view::npos) throw;
     fail(dir, ": the weights do not fit on ", backend.name(), ": ", m->arena_.used() >> 20, " MiB placed of a ",
-         m->store_->total_bytes() >> 20, " MiB checkpoint when ", e.what());
+         m->store_->total_bytes() >> 20, " MiB checkpoint when ", e.what(),
+         "; quantize to fewer bits (trellm quantize), free the GPU, or use --device cpu");
   }
 
   // Tensors the table did not consume: MTP layers the config does not announce are expected (and unused);

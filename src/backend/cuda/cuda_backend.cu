@@ -68,12 +68,15 @@ struct CudaBackend::Impl {
       size_t want = std::max(bytes, s.second * 3 / 2);
       cudaError_t e = cudaMalloc(&s.first, want);
       if (e != cudaSuccess) {
+        cudaGetLastError();  // as in CudaBackend::alloc
         size_t free_b = 0, total_b = 0;
         cudaMemGetInfo(&free_b, &total_b);
         s = {nullptr, 0};
         fail("out of GPU memory for ", want >> 20, " MiB of scratch (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB)");
       }
       s.second = want;
+      // Zeroed like every backend allocation (CudaBackend::alloc says why); ordered before the kernels on `stream`.
+      TRELLM_CUDA_CHECK(cudaMemsetAsync(s.first, 0, want, stream));
     }
     return s.first;
   }
@@ -137,10 +140,24 @@ void* CudaBackend::alloc(size_t bytes) {
   void* p = nullptr;
   cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 1));
   if (e != cudaSuccess) {
+    // A failed cudaMalloc leaves its error as the runtime's last error: cleared here, or the next kernel launch
+    // check (cudaGetLastError) would report this out-of-memory as its own, after the caller recovered from it.
+    cudaGetLastError();
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     fail("out of GPU memory: need ", (bytes + (1 << 20) - 1) >> 20, " MiB more but ", free_b >> 20, " MiB of ",
-         total_b >> 20, " MiB are free (try a smaller --ctx, fewer bits, or --device cpu)");
+         total_b >> 20, " MiB are free");  // the caller says what to lower (weights, KV cache, scratch)
+  }
+  // Zeroed once, so no kernel ever reads undefined bytes: the padding rows of a graph bucket and the unwritten
+  // tail of a cache block are read (and their results dropped) by design, and garbage there could hold NaN or
+  // Inf. compute-sanitizer initcheck reported those reads (attend, rms_norm, add_halves) before this. The cost is
+  // a memset at set-up (~40 ms for a 100 GB KV cache). Allocations happen outside graph capture (the scratch
+  // asserts it); synchronised, so a following cudaMemcpy on the legacy stream cannot race it.
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  TRELLM_CUDA_CHECK(cudaStreamIsCapturing(impl_->stream, &st));
+  if (st == cudaStreamCaptureStatusNone) {
+    TRELLM_CUDA_CHECK(cudaMemsetAsync(p, 0, std::max<size_t>(bytes, 1), impl_->stream));
+    TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
   }
   return p;
 }
@@ -777,8 +794,12 @@ std::pair<size_t, size_t> CudaBackend::memory_used_total() {
 double CudaBackend::copy_bandwidth() {
   const size_t bytes = size_t(1) << 30;
   void *a = nullptr, *b = nullptr;
-  if (cudaMalloc(&a, bytes) != cudaSuccess) return 0;
+  if (cudaMalloc(&a, bytes) != cudaSuccess) {
+    cudaGetLastError();  // clears the error, as in alloc
+    return 0;
+  }
   if (cudaMalloc(&b, bytes) != cudaSuccess) {
+    cudaGetLastError();
     cudaFree(a);
     return 0;
   }
