@@ -413,6 +413,27 @@ double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook
 
 }  // namespace
 
+void viterbi_cuda_release() {
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  for (auto& t : sc.cb) {
+    if (t) TRELLM_QUANT_CUDA_CHECK(cudaFree(const_cast<float*>(t)));
+    t = nullptr;
+  }
+  auto drop = [](auto*& p, size_t& have) {
+    if (p) TRELLM_QUANT_CUDA_CHECK(cudaFree(p));
+    p = nullptr;
+    have = 0;
+  };
+  drop(sc.w, sc.w_bytes);
+  drop(sc.recon, sc.recon_bytes);
+  drop(sc.costs, sc.costs_bytes);
+  drop(sc.states, sc.states_bytes);
+  drop(sc.bp, sc.bp_bytes);
+  drop(sc.ends, sc.ends_bytes);
+  drop(sc.err, sc.err_bytes);
+}
+
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
   if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
   if (n <= 0) return 0.0;

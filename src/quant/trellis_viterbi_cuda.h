@@ -22,4 +22,8 @@ bool viterbi_cuda_available();
 // encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
+// Frees the kept device buffers (up to ~1 GiB of backpointers); the next call allocates them again. For a process
+// that goes on using the GPU after encoding, and for tests run under compute-sanitizer's leak check.
+void viterbi_cuda_release();
+
 }  // namespace trellm::trellis

@@ -10,6 +10,7 @@
 #include "core/rng.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "quant/trellis_viterbi.h"
+#include "../quant/viterbi_cuda_env.h"
 #include "test_util.h"
 
 using namespace trellm;

@@ -11,6 +11,7 @@
 #include "quant/hessian.h"
 #include "quant/trellis_encode.h"
 #include "quant/trellis_viterbi.h"
+#include "viterbi_cuda_env.h"
 
 using namespace trellm;
 using namespace trellm::trellis;

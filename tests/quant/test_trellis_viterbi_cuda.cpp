@@ -9,6 +9,7 @@
 #include "core/rng.h"
 #include "quant/trellis_pack.h"
 #include "quant/trellis_viterbi.h"
+#include "viterbi_cuda_env.h"
 #include "quant/trellis_viterbi_cuda.h"
 
 using namespace trellm;

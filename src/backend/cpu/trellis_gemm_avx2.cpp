@@ -19,8 +19,14 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__clang__)  // clang has no GCC target pragma: the same target as an attribute on every function below
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,bmi2"))), apply_to = function)
+#else
 #pragma GCC push_options
+#endif
+#ifndef __clang__
 #pragma GCC target("avx2,fma,f16c,bmi2")
+#endif
 #include "backend/cpu/trellis_gemm_drivers.inc"
 
 namespace trellm::cpu {
@@ -148,7 +154,11 @@ const TrellisKernels kKernels256 = {dispatch_strips<Ops256>, dispatch_strips_t<O
 
 }  // namespace
 }  // namespace trellm::cpu
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace trellm::cpu {
 const TrellisKernels* trellis_kernels_avx2() { return &kKernels256; }

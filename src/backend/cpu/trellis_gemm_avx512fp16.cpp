@@ -11,15 +11,25 @@
 
 // Everything below is compiled for AVX-512; the headers above were compiled for the baseline (their inline
 // functions may be shared with the rest of the program). The drivers come from trellis_gemm_impl.h.
+#if defined(__clang__)  // clang has no GCC target pragma: the same target as an attribute on every function below
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512fp16,avx512vbmi2,avx2,fma,f16c,bmi2"))), apply_to = function)
+#else
 #pragma GCC push_options
+#endif
 // GCC 12 reports the _mm512_undefined_* inside its own intrinsics (cvtph2ps, extracts) as uninitialized.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#ifndef __clang__
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512fp16,avx512vbmi2,avx2,fma,f16c,bmi2")
+#endif
 #include "backend/cpu/trellis_gemm_drivers.inc"
 #define TRELLM_X86_FP16 1
 #include "backend/cpu/trellis_gemm_x86_512.inc"
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 namespace trellm::cpu {
 const TrellisKernels* trellis_kernels_avx512fp16() { return &kKernels512; }
