@@ -204,11 +204,25 @@ bool cuda_encoder_available() {
 EncodeDevice parse_encode_device(const std::string& name, const std::string& what) {
   if (name == "cpu") return EncodeDevice::Cpu;
   if (name == "auto") return cuda_encoder_available() ? EncodeDevice::Cuda : EncodeDevice::Cpu;
-  if (name != "cuda") fail(what, ": unknown device \"", name, "\" (cpu, cuda or auto)");
+  int gpu = 0;
+  if (name.rfind("cuda:", 0) == 0) {
+    const std::string n = name.substr(5);
+    if (n.empty() || n.size() > 4 || n.find_first_not_of("0123456789") != std::string::npos)
+      fail(what, ": \"", n, "\" is not a device number (cuda:0, cuda:1, ...)");
+    gpu = std::stoi(n);
+  } else if (name != "cuda") {
+    fail(what, ": unknown device \"", name, "\" (cpu, cuda, cuda:N or auto)");
+  }
 #ifndef TRELLM_HAVE_CUDA
+  (void)gpu;
   fail(what, ": this trellm was built without CUDA (TRELLM_CUDA=OFF or no nvcc); use --device cpu");
 #else
   if (!viterbi_cuda_available()) fail(what, ": no CUDA device found (the driver reports none); use --device cpu");
+  try {
+    viterbi_cuda_use_device(gpu);
+  } catch (const Error& e) {
+    fail(what, ": ", e.what());
+  }
   return EncodeDevice::Cuda;
 #endif
 }

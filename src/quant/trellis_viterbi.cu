@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "core/error.h"
@@ -305,6 +306,7 @@ struct DeviceScratch {
   std::vector<float> rec;     // host copy of the reconstruction (generic path's error sum)
   std::vector<double> terr;   // host copy of the per-tile errors (fast path)
   int sms = 0;
+  int device = 0;  // the CUDA device every call runs on (viterbi_cuda_use_device)
 };
 
 DeviceScratch& device_scratch() {
@@ -413,9 +415,11 @@ double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook
 
 }  // namespace
 
-void viterbi_cuda_release() {
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
+namespace {
+
+// Frees every kept buffer (on the device they were made on); the caller holds sc.mu.
+void release_locked(DeviceScratch& sc) {
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));
   for (auto& t : sc.cb) {
     if (t) TRELLM_QUANT_CUDA_CHECK(cudaFree(const_cast<float*>(t)));
     t = nullptr;
@@ -432,6 +436,32 @@ void viterbi_cuda_release() {
   drop(sc.bp, sc.bp_bytes);
   drop(sc.ends, sc.ends_bytes);
   drop(sc.err, sc.err_bytes);
+  sc.sms = 0;
+}
+
+}  // namespace
+
+void viterbi_cuda_release() {
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  release_locked(sc);
+}
+
+int viterbi_cuda_device_count() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+}
+
+void viterbi_cuda_use_device(int gpu) {
+  const int n = viterbi_cuda_device_count();
+  if (gpu < 0 || gpu >= n)
+    fail("CUDA device ", gpu, " does not exist (", n, n == 1 ? " device: cuda:0)" : " devices: cuda:0..cuda:",
+         n == 1 ? "" : std::to_string(n - 1), n == 1 ? "" : ")");
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  if (gpu == sc.device) return;
+  release_locked(sc);
+  sc.device = gpu;
 }
 
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
@@ -439,6 +469,7 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
   if (n <= 0) return 0.0;
   DeviceScratch& sc = device_scratch();
   std::lock_guard<std::mutex> lock(sc.mu);
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));  // per host thread: the pool's workers call this too
   return vfast::fast_k(K) ? encode_fast(sc, w, n, K, cb, states, recon) : encode_generic(sc, w, n, K, cb, states, recon);
 }
 

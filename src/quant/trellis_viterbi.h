@@ -38,8 +38,9 @@ const char* encode_device_name(EncodeDevice d);  // "cpu", "cuda"
 // True when this build has the CUDA encoder (TRELLM_HAVE_CUDA) and a CUDA device is present.
 bool cuda_encoder_available();
 
-// "cpu", "cuda", or "auto" (cuda when cuda_encoder_available()). "cuda" without a usable GPU, or in a build
-// without CUDA, fails with a message that starts with `what` (e.g. "--device cuda").
+// "cpu", "cuda", "cuda:N" or "auto" (cuda when cuda_encoder_available()). "cuda" without a usable GPU, "cuda:N"
+// beyond the devices there are, or either in a build without CUDA, fails with a message that starts with `what`
+// (e.g. "--device cuda"). "cuda:N" also makes device N the encoder's (plain "cuda" and "auto": device 0).
 EncodeDevice parse_encode_device(const std::string& name, const std::string& what);
 
 // Encodes n tiles on `dev`: viterbi_encode_tiles, or viterbi_encode_tiles_cuda (which must be compiled in; see

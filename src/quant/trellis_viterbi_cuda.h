@@ -26,4 +26,9 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
 // that goes on using the GPU after encoding, and for tests run under compute-sanitizer's leak check.
 void viterbi_cuda_release();
 
+// The CUDA device the encoder runs on from now on (default 0; `--device cuda:N`). Fails naming the devices there are
+// when N is not one of them. Buffers kept on the previous device are freed.
+int viterbi_cuda_device_count();
+void viterbi_cuda_use_device(int gpu);
+
 }  // namespace trellm::trellis

@@ -299,6 +299,27 @@ TEST(Encoder, DeviceChoice) {
   EXPECT_EQ(parse_encode_device("auto", "--device auto"),
             cuda_encoder_available() ? EncodeDevice::Cuda : EncodeDevice::Cpu);
   EXPECT_THROW(parse_encode_device("gpu", "--device gpu"), Error);
+  for (const char* bad : {"cuda:", "cuda:x", "cuda:-1", "cuda:1x", "cuda:99999"}) {
+    try {
+      parse_encode_device(bad, std::string("--device ") + bad);
+      FAIL() << bad << " must fail";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("is not a device number"), std::string::npos) << e.what();
+    }
+  }
+  if (cuda_encoder_available()) {
+    // One past the last device is named as missing, with the devices there are; cuda:0 exists.
+    EXPECT_EQ(parse_encode_device("cuda:0", "--device cuda:0"), EncodeDevice::Cuda);
+    try {
+      parse_encode_device("cuda:64", "--device cuda:64");
+      FAIL() << "cuda:64 must fail";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("--device cuda:64: CUDA device 64 does not exist"), std::string::npos)
+          << e.what();
+    }
+  } else {
+    EXPECT_THROW(parse_encode_device("cuda:0", "--device cuda:0"), Error);
+  }
   if (!cuda_encoder_available()) {
     try {
       parse_encode_device("cuda", "--device cuda");

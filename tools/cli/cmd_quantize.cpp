@@ -193,7 +193,8 @@ void add_quantize(CLI::App& app) {
                   "calibration rows (e.g. at other --bits): the capture, a CPU forward pass over every calibration "
                   "token, is then skipped; the output is the same");
   cmd->add_option("--device", a.device,
-                  "Where the Viterbi encoder runs: cpu, cuda, or auto (the GPU when there is one; ~100x faster). "
+                  "Where the Viterbi encoder runs: cpu, cuda (cuda:N for GPU N), or auto (the GPU when there is one; ~300x "
+                  "faster). "
                   "Both write the same files; Hessians are always captured on the CPU")->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
