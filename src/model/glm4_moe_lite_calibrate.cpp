@@ -160,11 +160,15 @@ void HessianCapture::capture(int64_t first_layer) {
     table.resize(size_t(kv_.blocks));
     for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
   }
+  const int64_t total = tokens();
+  int64_t done = 0;
   try {
     for (const auto& row : rows_)
       for (int64_t off = 0; off < int64_t(row.size()); off += rs_.max_tokens) {
         const int n = int(std::min<int64_t>(rs_.max_tokens, int64_t(row.size()) - off));
         model_->forward(rs_, kv_, row.data() + off, n, int(off), head);
+        done += n;
+        if (opt_.on_capture_progress) opt_.on_capture_progress(passes_ + 1, done, total);
         const int m = int(std::min<int64_t>(n, int64_t(row.size()) - 1 - off));
         if (!mtp || m <= 0) continue;
         for (int i = 0; i < m; i++) pos[size_t(i)] = int32_t(off + i);

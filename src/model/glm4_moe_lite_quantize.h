@@ -97,6 +97,9 @@ class HessianCapture {
     // layer, and only one: the capture runs layer 0 on the main model's hidden states as drafting's first step does).
     bool mtp = false;
     std::function<void(const std::string&)> on_note;  // one line per capture pass (and the first cache hit)
+    // After every forward chunk of a capture pass: pass number (1-based), calibration tokens done and in all. The
+    // passes are the long CPU part of a conversion, so `trellm quantize` draws them as a progress bar with an ETA.
+    std::function<void(int pass, int64_t done, int64_t total)> on_capture_progress;
   };
   // Loads `model_dir` on its own CPU backend. Token ids must be < vocab_size (an Error otherwise).
   HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt);

@@ -52,6 +52,17 @@ def test_decoder_matches_spec_test_vectors():
     assert [hex(int(v)) for v in (s[0], s[1], s[2], s[3], s[7])] == ["0xe7f0", "0x7f00", "0xf000", "0x1", "0x203"]
 
 
+def test_progress_covers_the_calibration_and_the_encoding(quantized):
+    """Not a terminal here, so the bar prints a line per 10 %: the capture pass's tokens, then the Linears."""
+    _, err = quantized
+    lines = err.splitlines()
+    capture = [l for l in lines if "calibration tokens (pass 1)" in l]
+    encode = [l for l in lines if " Linears, " in l and "ETA" in l]
+    assert capture and "100% 384/384 calibration tokens (pass 1)" in capture[-1], err
+    assert encode and encode[-1].startswith("[" + "#" * 30 + "] 100% 29/29 Linears"), err
+    assert lines.index(capture[-1]) < lines.index(encode[0])  # the capture comes first
+
+
 def test_writes_an_exl3_directory(quantized):
     out, err = quantized
     assert not os.path.exists(out + ".partial")

@@ -70,34 +70,32 @@ std::string seconds(double s) {
   return b;
 }
 
-// Progress on stderr: a bar redrawn in place on a terminal, else a line at every 10 %. The ETA uses the rate of
-// this run's own encoding (Linears reused from an interrupted run are instant), weighted by weights.
+// Progress on stderr: a bar redrawn in place on a terminal, else a line at every 10 %. Two phases draw it: each
+// calibration capture pass (a CPU forward over every calibration token; ETA from this pass's rate), then the
+// encoding of the Linears (ETA from this run's own encoding rate, weighted by weights: Linears reused from an
+// interrupted run are instant).
 class ProgressBar {
  public:
   ProgressBar() : tty_(isatty(2)) {}
   void update(const trellis::QuantizeProgress& p) {
+    if (phase_ != 0) start_phase(0);
     if (p.reused) reused_weights_ += p.weights_done - last_weights_;
     last_weights_ = p.weights_done;
     const double frac = p.weights_total ? double(p.weights_done) / double(p.weights_total) : 1.0;
     const double t = timer_.seconds();
     const double mine = double(p.weights_done - reused_weights_);
     const double left = double(p.weights_total - p.weights_done);
-    std::string eta = mine > 0 ? seconds(t / mine * left) : "?";
-    char line[512];
-    const int width = 30, fill = int(frac * width);
-    std::snprintf(line, sizeof line, "[%s%s] %3d%% %lld/%lld Linears, %s elapsed, ETA %s  %s",
-                  std::string(size_t(fill), '#').c_str(), std::string(size_t(width - fill), '.').c_str(),
-                  int(frac * 100), (long long)p.done, (long long)p.total, seconds(t).c_str(), eta.c_str(),
-                  p.key ? p.key->c_str() : "");
-    if (tty_) {
-      std::fprintf(stderr, "\r%-*s", last_len_, line);
-      last_len_ = int(std::strlen(line));
-      if (p.done == p.total) std::fprintf(stderr, "\n");
-    } else if (int(frac * 10) > last_decile_ || p.done == p.total) {
-      last_decile_ = int(frac * 10);
-      std::fprintf(stderr, "%s\n", line);
-    }
-    std::fflush(stderr);
+    draw(frac, str_cat(p.done, "/", p.total, " Linears, ", seconds(t), " elapsed, ETA ",
+                       mine > 0 ? seconds(t / mine * left) : std::string("?"), "  ", p.key ? *p.key : std::string()),
+         p.done == p.total);
+  }
+  void capture(int pass, int64_t done, int64_t total) {
+    if (phase_ != pass) start_phase(pass);
+    const double frac = total ? double(done) / double(total) : 1.0;
+    const double t = phase_timer_.seconds();
+    draw(frac, str_cat(done, "/", total, " calibration tokens (pass ", pass, "), ", seconds(t), " elapsed, ETA ",
+                       done > 0 ? seconds(t / double(done) * double(total - done)) : std::string("?")),
+         done == total);
   }
   void end_line() {
     if (tty_ && last_len_) std::fprintf(stderr, "\n");
@@ -106,8 +104,31 @@ class ProgressBar {
   double seconds_elapsed() const { return timer_.seconds(); }
 
  private:
+  // phase: 0 = encoding, p >= 1 = capture pass p. A new phase starts its own line, deciles and (capture) clock.
+  void start_phase(int phase) {
+    end_line();
+    phase_ = phase;
+    last_decile_ = -1;
+    phase_timer_ = Timer();
+  }
+  void draw(double frac, const std::string& text, bool last) {
+    const int width = 30, fill = int(frac * width);
+    const std::string line = str_cat("[", std::string(size_t(fill), '#'), std::string(size_t(width - fill), '.'), "] ",
+                                     int(frac * 100), "% ", text);
+    if (tty_) {
+      std::fprintf(stderr, "\r%-*s", last_len_, line.c_str());
+      last_len_ = int(line.size());
+      if (last) end_line();
+    } else if (int(frac * 10) > last_decile_ || last) {
+      last_decile_ = int(frac * 10);
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+    std::fflush(stderr);
+  }
+
   bool tty_;
-  Timer timer_;
+  Timer timer_, phase_timer_;
+  int phase_ = 0;
   int64_t reused_weights_ = 0, last_weights_ = 0;
   int last_len_ = 0, last_decile_ = -1;
 };
@@ -142,6 +163,7 @@ int run_quantize(const QuantizeArgs& a) {
     std::fprintf(stderr, "trellm quantize: %s\n", s.c_str());
   };
   o.on_progress = [&](const trellis::QuantizeProgress& p) { bar.update(p); };
+  o.capture.on_capture_progress = [&](int pass, int64_t done, int64_t total) { bar.capture(pass, done, total); };
   const QuantizeModelResult r = quantize_model(a.model, o);
   bar.end_line();
   if (r.stopped) {
