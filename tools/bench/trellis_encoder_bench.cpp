@@ -2,8 +2,8 @@
 // codebook, and encode speed (tiles/s) of the CPU tail-biting Viterbi. Prints a markdown table and one JSON
 // line per configuration (for bench/results/trellis_encoder.{md,jsonl}).
 //
-//   trellis_encoder_bench [--tiles N] [--kmax K] [--threads T] [--seed S]
-//   trellis_encoder_bench --cuda [--tiles N] [--kmax K]    GPU Viterbi speed (tiles/s, median of 3 calls of N tiles)
+//   trellis_encoder_bench [--tiles N] [--kmax K] [--threads T] [--seed S] [--json FILE]
+//   trellis_encoder_bench --cuda [--tiles N] [--kmax K] [--json FILE]    GPU Viterbi speed (tiles/s, median of 3 calls of N tiles)
 //                                                          and agreement with the CPU; use N >= 4096 on a big GPU
 #include <algorithm>
 #include <chrono>
@@ -22,11 +22,29 @@
 using namespace trellm;
 using namespace trellm::trellis;
 
+namespace {
+
+// The JSON lines after the table, on stdout and appended to `path` when given.
+int emit(const std::vector<std::string>& json, const char* path) {
+  for (auto& l : json) std::printf("%s\n", l.c_str());
+  if (!path) return 0;
+  FILE* f = std::fopen(path, "a");
+  if (!f) {
+    std::fprintf(stderr, "--json %s: cannot open for appending\n", path);
+    return 1;
+  }
+  for (auto& l : json) std::fprintf(f, "%s\n", l.c_str());
+  return std::fclose(f) == 0 ? 0 : 1;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   int64_t tiles = 256;
   int kmax = 8, threads = 0;
   uint64_t seed = 1;
   bool cuda = false;
+  const char* json_path = nullptr;  // --json FILE: the JSON lines are appended there too
   for (int i = 1; i < argc; i++)
     if (!std::strcmp(argv[i], "--cuda")) {
       cuda = true;
@@ -39,6 +57,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--kmax")) kmax = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--threads")) threads = std::atoi(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
+    else if (!std::strcmp(argv[i], "--json")) json_path = argv[i + 1];
     else {
       std::fprintf(stderr, "unknown option %s\n", argv[i]);
       return 1;
@@ -86,8 +105,7 @@ int main(int argc, char** argv) {
                       K, codebook_name(cb), kernel, (long long)tiles, tps, same ? "true" : "false");
         json.push_back(line);
       }
-    for (auto& l : json) std::printf("%s\n", l.c_str());
-    return 0;
+    return emit(json, json_path);
   }
   const int nthreads = ThreadPool::global().size();
   // a k x n matrix of `tiles` tiles: 16 tile rows
@@ -118,6 +136,5 @@ int main(int argc, char** argv) {
                     K, codebook_name(cb), (long long)(k / 16 * n / 16), mse, g, tps, nthreads);
       json.push_back(line);
     }
-  for (auto& l : json) std::printf("%s\n", l.c_str());
-  return 0;
+  return emit(json, json_path);
 }
