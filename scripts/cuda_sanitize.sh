@@ -16,6 +16,8 @@
 #   BINARIES="a b ..."    run these test binaries instead of the label's (prebuilt ones carried to the GPU machine;
 #                         then BUILD_DIR need not be a configured build)
 #   PARALLEL=1            (binary, tool) runs at a time on the one GPU (each is mostly CPU-bound under the tools)
+#   PER_TEST=1            one run per test case of each binary (--gtest_list_tests; GTEST_FILTER then ignored): a
+#                         binary whose whole run outlasts TIMEOUT under racecheck still gets its short cases checked
 # Exit status: 0 when every run finished with no error reported, 1 otherwise (the summary says which).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -67,8 +69,8 @@ summary=$OUT_DIR/summary.md
 
 # One (binary, tool) run: its log, and its table row in $OUT_DIR/rows/ (sorted into the summary at the end).
 one() {
-  local bin=$1 tool=$2 name log args gt t0 rc secs errors hazards result
-  name=$(basename "$bin")
+  local bin=$1 tool=$2 test=${3:-} name log args gt t0 rc secs errors hazards result
+  name=$(basename "$bin")${3:+.$(echo "$3" | tr '/' '_')}
   log=$OUT_DIR/$name.$tool.log
   args=(--tool "$tool" --error-exitcode 99 --print-limit 100)
   case $tool in
@@ -79,6 +81,7 @@ one() {
   [[ -n ${CS_ARGS:-} ]] && args+=($CS_ARGS)
   gt=()
   [[ -n ${GTEST_FILTER:-} ]] && gt=(--gtest_filter="$GTEST_FILTER")
+  [[ -n $test ]] && gt=(--gtest_filter="$test")
   t0=$SECONDS
   timeout -k 30 "$TIMEOUT" "$CS" "${args[@]}" "$bin" "${gt[@]}" > "$log" 2>&1
   rc=$?
@@ -98,13 +101,24 @@ one() {
 export -f one
 export OUT_DIR CS TIMEOUT CS_ARGS GTEST_FILTER
 rm -rf "$OUT_DIR/rows"; mkdir -p "$OUT_DIR/rows"
-for bin in "${BINS[@]}"; do for tool in $TOOLS; do printf '%s %s\n' "$bin" "$tool"; done; done |
-  xargs -P "$PARALLEL" -L 1 bash -c 'one "$0" "$1"'
-status=0
+# The units: "binary" or, with PER_TEST=1, "binary test" for each of its test cases.
+UNITS=()
 for bin in "${BINS[@]}"; do
+  if [[ ${PER_TEST:-0} == 1 ]]; then
+    while read -r t; do UNITS+=("$bin $t"); done < <("$bin" --gtest_list_tests | awk '/^[^ ]/{s=$1} /^  /{print s $1}')
+  else
+    UNITS+=("$bin")
+  fi
+done
+for u in "${UNITS[@]}"; do read -r b t <<< "$u"; for tool in $TOOLS; do printf '%s %s %s\n' "$b" "$tool" "$t"; done; done |
+  xargs -P "$PARALLEL" -L 1 bash -c 'one "$0" "$1" "${2:-}"'
+status=0
+for u in "${UNITS[@]}"; do
+  read -r b t <<< "$u"
+  name=$(basename "$b")${t:+.$(echo "$t" | tr '/' '_')}
   for tool in $TOOLS; do
-    row=$OUT_DIR/rows/$(basename "$bin").$tool
-    if [[ -f $row ]]; then cat "$row" >> "$summary"; else echo "| \`$(basename "$bin")\` | $tool | not run | ? | | |" >> "$summary"; fi
+    row=$OUT_DIR/rows/$name.$tool
+    if [[ -f $row ]]; then cat "$row" >> "$summary"; else echo "| \`$name\` | $tool | not run | ? | | |" >> "$summary"; fi
     grep -q '| clean |' "$row" 2>/dev/null || status=1
   done
 done

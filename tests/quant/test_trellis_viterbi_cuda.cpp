@@ -56,3 +56,11 @@ TEST(ViterbiCuda, AgreesWithCpuManyTiles) {
   for (int K = 1; K <= 8; K++) check(K, cbs[K % 3], 133, rng);
   for (int K : {2, 3, 4}) check(K, cbs[(K + 1) % 3], 1000, rng);
 }
+
+// One tile at every K: the smallest grid of each kernel (fast K = 2..6, generic 1, 7, 8), and a run short enough
+// for compute-sanitizer's racecheck, which instruments every shared-memory access of the 1024-thread blocks.
+TEST(ViterbiCuda, OneTileEveryK) {
+  if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(33);
+  for (int K = 1; K <= 8; K++) check(K, Codebook::Mcg, 1, rng);
+}
