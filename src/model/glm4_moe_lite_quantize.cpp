@@ -197,7 +197,7 @@ BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_
   for (const LinearSpec& s : linears) {
     int K = s.part == LinearPart::Head ? head_bits : a.K.at(s.key);
     if (s.part == LinearPart::Head && head_bits == 16) continue;  // kept unquantized
-    plan.entries.push_back({s.key, s.in, s.out, K, codebook});
+    plan.entries.push_back({s.key, s.in, s.out, K, codebook, str_cat("layer ", s.layer)});
     const double n = double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out));
     numel += n;
     sum += n * K;
@@ -276,7 +276,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
       if (opt.select && !opt.select(s)) continue;
       const int K = is_mtp_head(s) ? opt.head_bits : opt.mtp_bits;
       if (K == 16) continue;  // shared_head.head with head_bits 16: kept like lm_head
-      res.plan.entries.push_back({s.key, s.in, s.out, K, opt.codebook});
+      res.plan.entries.push_back({s.key, s.in, s.out, K, opt.codebook, str_cat("layer ", s.layer)});
       const double n = double(trellis::round_up_128(s.in) * trellis::round_up_128(s.out));
       numel += n;
       sum += n * K;
@@ -321,6 +321,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.replace_existing = replace;
   co.seed = opt.seed;
   co.shard_bytes = opt.shard_bytes;
+  co.group_linears = opt.group_linears;
   co.encode.scale_search = opt.scale_search;
   co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch
   co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K

@@ -1,5 +1,6 @@
 #include "quant/exl3_checkpoint.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -96,48 +97,92 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   if (qcfg.bits == 0 && numel > 0) qcfg.bits = bits / numel;
   fs::create_directories(qdir);
 
-  // 1. Quantize every planned Linear into its own file (or reuse it from an interrupted run).
+  // 1. Quantize every planned Linear into its own file (or reuse it from an interrupted run), in groups of one
+  //    batch key, shape, K and codebook (see group_linears).
   QuantizeProgress prog;
   prog.total = int64_t(plan.size());
   prog.weights_total = weights_total;
-  for (size_t i = 0; i < plan.size(); i++) {
-    const QuantizePlanEntry& e = plan[i];
-    const TensorInfo& wt = store.get(e.key + ".weight");
-    const uint64_t seed = opt.seed + i;
-    const auto meta = qtensor_meta(e, seed, fingerprint(wt.data, wt.nbytes), opt.extra_metadata);
-    const fs::path file = qdir / (e.key + ".safetensors");
-    bool reuse = false;
-    if (fs::exists(file)) {
-      try {
-        reuse = SafetensorsFile::open(file.string())->metadata() == meta;
-      } catch (const Error&) {
-        reuse = false;  // unreadable leftovers are simply redone
+  auto same_kind = [](const QuantizePlanEntry& a, const QuantizePlanEntry& b) {
+    return a.in == b.in && a.out == b.out && a.K == b.K && a.codebook == b.codebook;
+  };
+  std::vector<bool> taken(plan.size(), false);
+  for (size_t g0 = 0; g0 < plan.size(); g0++) {
+    if (taken[g0]) continue;
+    // The group: this entry and the later untaken ones of its batch (a consecutive run of the plan) of the same
+    // kind. Host bytes one member holds while its group is encoded: weight, rotated weight, codes, reconstruction
+    // (and the encoder's temporaries) ~18 B per padded weight; Hessian, rotated Hessian and factor ~12 B per in².
+    const QuantizePlanEntry& first = plan[g0];
+    const uint64_t kp = uint64_t(round_up_128(first.in)), np = uint64_t(round_up_128(first.out));
+    const uint64_t member_bytes = 18 * kp * np + 12 * kp * kp;
+    std::vector<size_t> group = {g0};
+    for (size_t j = g0 + 1; j < plan.size() && !first.batch.empty() && plan[j].batch == first.batch; j++)
+      if (!taken[j] && same_kind(plan[j], first) && int64_t(group.size()) < std::max(1, opt.group_linears) &&
+          uint64_t(group.size() + 1) * member_bytes <= opt.group_bytes)
+        group.push_back(j);
+    for (size_t i : group) taken[i] = true;
+    struct Member {
+      size_t i;
+      std::map<std::string, std::string> meta;
+      bool reuse = false;
+      std::vector<float> w, h;
+    };
+    std::vector<Member> members;
+    for (size_t i : group) {
+      const QuantizePlanEntry& e = plan[i];
+      const TensorInfo& wt = store.get(e.key + ".weight");
+      Member m;
+      m.i = i;
+      m.meta = qtensor_meta(e, opt.seed + i, fingerprint(wt.data, wt.nbytes), opt.extra_metadata);
+      const fs::path file = qdir / (e.key + ".safetensors");
+      if (fs::exists(file)) {
+        try {
+          m.reuse = SafetensorsFile::open(file.string())->metadata() == m.meta;
+        } catch (const Error&) {
+          m.reuse = false;  // unreadable leftovers are simply redone
+        }
       }
-    }
-    if (!reuse) {
-      EncodeOptions eo = opt.encode;
-      eo.K = e.K;
-      eo.codebook = e.codebook;
-      eo.seed = seed;
-      const std::vector<float> w = weight_f32(wt);
-      std::vector<float> h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
-      if (!h.empty() && int64_t(h.size()) != e.in * e.in)
-        fail("quantize: the Hessian for ", e.key, " has ", h.size(), " values, expected ", e.in * e.in);
-      EncodedLinear enc = quantize_linear(w.data(), e.out, e.in, h.empty() ? nullptr : h.data(), eo);
-      if (const TensorInfo* b = store.find(e.key + ".bias")) {
-        if (b->shape != std::vector<int64_t>{e.out}) fail(in_dir, ": tensor \"", e.key, ".bias\" is not [", e.out, "]");
-        const std::vector<float> bf = weight_f32(*b);
-        enc.bias = padded_bias_f16(bf.data(), e.out, enc.out_padded);
+      if (!m.reuse) {
+        m.w = weight_f32(wt);
+        m.h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
+        if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
+          fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
       }
-      const fs::path tmp = qdir / (e.key + ".safetensors.tmp");
-      write_safetensors(tmp.string(), exl3_tensors(e.key, enc), meta);
-      fs::rename(tmp, file);  // a file under its final name is complete
+      members.push_back(std::move(m));
     }
-    prog.done = int64_t(i) + 1;
-    prog.weights_done += e.in * e.out;
-    prog.reused = reuse;
-    prog.key = &e.key;
-    if (opt.on_progress) opt.on_progress(prog);
+    std::vector<const float*> ws, hs;
+    std::vector<uint64_t> seeds;
+    for (const Member& m : members)
+      if (!m.reuse) {
+        ws.push_back(m.w.data());
+        hs.push_back(m.h.empty() ? nullptr : m.h.data());
+        seeds.push_back(opt.seed + m.i);
+      }
+    EncodeOptions eo = opt.encode;
+    eo.K = first.K;
+    eo.codebook = first.codebook;
+    std::vector<EncodedLinear> encoded = quantize_linears(ws, first.out, first.in, hs, seeds, eo);
+    size_t next = 0;
+    for (Member& m : members) {
+      const QuantizePlanEntry& e = plan[m.i];
+      if (!m.reuse) {
+        EncodedLinear& enc = encoded[next++];
+        if (const TensorInfo* b = store.find(e.key + ".bias")) {
+          if (b->shape != std::vector<int64_t>{e.out}) fail(in_dir, ": tensor \"", e.key, ".bias\" is not [", e.out, "]");
+          const std::vector<float> bf = weight_f32(*b);
+          enc.bias = padded_bias_f16(bf.data(), e.out, enc.out_padded);
+        }
+        const fs::path file = qdir / (e.key + ".safetensors"), tmp = qdir / (e.key + ".safetensors.tmp");
+        write_safetensors(tmp.string(), exl3_tensors(e.key, enc), m.meta);
+        fs::rename(tmp, file);  // a file under its final name is complete
+        enc = EncodedLinear{};
+      }
+      prog.done++;
+      prog.weights_done += e.in * e.out;
+      prog.reused = m.reuse;
+      prog.group = m.reuse ? 0 : int64_t(ws.size());
+      prog.key = &e.key;
+      if (opt.on_progress) opt.on_progress(prog);
+    }
   }
 
   // 2. Gather the output tensors in source order: a planned Linear's .weight/.bias become its EXL3 tensors.

@@ -28,12 +28,17 @@ struct QuantizePlanEntry {
   int64_t in = 0, out = 0;
   int K = 4;
   Codebook codebook = Codebook::Mcg;
+  // Entries with the same non-empty batch key (consecutive in the plan) and the same shape, K and codebook may be
+  // encoded together (CheckpointQuantizeOptions::group_linears): "layer 3" puts a layer's 64 expert gate/up
+  // projections in one group and its 64 down projections in another. Empty: alone.
+  std::string batch{};
 };
 
 struct QuantizeProgress {
   int64_t done = 0, total = 0;        // Linears
   int64_t weights_done = 0, weights_total = 0;
   bool reused = false;                // this Linear came from an earlier, interrupted run
+  int64_t group = 0;                  // Linears encoded together with this one (quantize_linears); 0 when reused
   const std::string* key = nullptr;   // the Linear just finished
 };
 
@@ -48,6 +53,11 @@ struct CheckpointQuantizeOptions {
   std::function<std::vector<float>(const QuantizePlanEntry&)> hessian;
   std::function<void(const QuantizeProgress&)> on_progress;  // after each Linear
   EncodeOptions encode;                // K and codebook are overridden per plan entry
+  // Plan entries of one batch key, shape, K and codebook are encoded together (quantize_linears: one batched LDLQ),
+  // up to this many and about this many bytes of host working memory; the files are the same for any grouping
+  // (1: one Linear at a time).
+  int group_linears = 64;
+  uint64_t group_bytes = 8ull << 30;
   // Recorded with every finished Linear and compared on resume, next to K / codebook / seed / shape / source
   // fingerprint: whatever else decides the codes (calibration data, encoder settings). Keys must not clash
   // with those ("key", "K", "codebook", "in", "out", "seed", "source_fnv1a").

@@ -1,6 +1,8 @@
 #include "quant/trellis_encode.h"
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
 #include <cmath>
 #include <numeric>
 
@@ -12,6 +14,9 @@
 #include "quant/hadamard.h"
 #include "quant/trellis_pack.h"
 #include "quant/trellis_viterbi.h"
+#ifdef TRELLM_HAVE_CUDA
+#include "quant/trellis_ldlq_cuda.h"
+#endif
 
 namespace trellm::trellis {
 
@@ -149,27 +154,54 @@ double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, 
 
 void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
                    float* recon, EncodeDevice dev) {
+  quantize_ldlq_batch({&w, 1}, {&l, 1}, k, n, K, cb, {&states, 1}, {&recon, 1}, dev);
+}
+
+void quantize_ldlq_batch(std::span<const float* const> w, std::span<const float* const> l, int64_t k, int64_t n, int K,
+                         Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon, EncodeDevice dev) {
+  const int64_t count = int64_t(w.size());
+  TRELLM_ASSERT(l.size() == w.size() && states.size() == w.size() && recon.size() == w.size());
+  TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
+  if (count == 0) return;
+  if (dev == EncodeDevice::Cuda) {
+#ifdef TRELLM_HAVE_CUDA
+    return quantize_ldlq_batch_cuda(w, l, k, n, K, cb, states, recon);
+#else
+    fail("quantize_ldlq_batch: the CUDA encoder is not in this build (TRELLM_HAVE_CUDA is off)");
+#endif
+  }
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
-  // prod[i] accumulates Σ_{s done} L[s, i]ᵀ E_s for every row i not yet quantized: k^2 n / 2 multiply-adds.
-  std::vector<float> prod(size_t(k * n), 0.0f), rows(size_t(kTileDim * n)), err(size_t(kTileDim * n));
-  std::vector<float> in(size_t(tiles_n * kTileElems)), out(in.size());
+  // prod[b][i] accumulates Σ_{s done} L_b[s, i]ᵀ E_s for every row i not yet quantized: k^2 n / 2 multiply-adds.
+  // The update is an explicit fma in a fixed order (blocks from the last, j = 0..15 within one): the CUDA twin
+  // (trellis_ldlq.cu) does the same operations in the same order, so the codes agree bit for bit.
+  std::vector<std::vector<float>> prod(static_cast<size_t>(count));
+  for (auto& p : prod) p.assign(size_t(k * n), 0.0f);
+  std::vector<float> err(size_t(count * kTileDim * n));
+  std::vector<float> in(size_t(count * tiles_n * kTileElems)), out(in.size()), rows(size_t(kTileDim * n));
+  std::vector<uint16_t> st(in.size());
   for (int64_t r = tiles_k - 1; r >= 0; r--) {
     const int64_t r0 = r * kTileDim;
-    for (int64_t i = 0; i < kTileDim * n; i++) rows[i] = w[r0 * n + i] + prod[r0 * n + i];
-    // The block's tiles_n tiles in one call (one kernel launch on the GPU).
-    for (int64_t tn = 0; tn < tiles_n; tn++) gather_tile(rows.data(), n, 0, tn, in.data() + tn * kTileElems);
-    encode_tiles(in.data(), tiles_n, K, cb, dev, states + r * tiles_n * kTileElems, out.data());
-    for (int64_t tn = 0; tn < tiles_n; tn++) scatter_tile(out.data() + tn * kTileElems, n, r, tn, recon);
+    // Every weight's block in one call (one kernel launch on the GPU).
+    for (int64_t b = 0; b < count; b++) {
+      for (int64_t i = 0; i < kTileDim * n; i++) rows[i] = w[b][r0 * n + i] + prod[b][r0 * n + i];
+      for (int64_t tn = 0; tn < tiles_n; tn++) gather_tile(rows.data(), n, 0, tn, in.data() + (b * tiles_n + tn) * kTileElems);
+    }
+    encode_tiles(in.data(), count * tiles_n, K, cb, dev, st.data(), out.data());
+    for (int64_t b = 0; b < count; b++) {
+      std::copy_n(st.data() + b * tiles_n * kTileElems, tiles_n * kTileElems, states[b] + r * tiles_n * kTileElems);
+      for (int64_t tn = 0; tn < tiles_n; tn++) scatter_tile(out.data() + (b * tiles_n + tn) * kTileElems, n, r, tn, recon[b]);
+      for (int64_t i = 0; i < kTileDim * n; i++) err[b * kTileDim * n + i] = w[b][r0 * n + i] - recon[b][r0 * n + i];
+    }
     if (r == 0) break;
-    for (int64_t i = 0; i < kTileDim * n; i++) err[i] = w[r0 * n + i] - recon[r0 * n + i];
-    parallel_for(r0, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++) {
-        float* pi = prod.data() + i * n;
+    parallel_for(count * r0, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        const int64_t b = t / r0, i = t % r0;
+        float* pi = prod[b].data() + i * n;
         for (int j = 0; j < kTileDim; j++) {
-          const float lji = l[(r0 + j) * k + i];
+          const float lji = l[b][(r0 + j) * k + i];
           if (lji == 0.0f) continue;
-          const float* ej = err.data() + j * n;
-          for (int64_t c = 0; c < n; c++) pi[c] += lji * ej[c];
+          const float* ej = err.data() + (b * kTileDim + j) * n;
+          for (int64_t c = 0; c < n; c++) pi[c] = std::fma(lji, ej[c], pi[c]);
         }
       }
     });
@@ -189,11 +221,20 @@ TrellisWeight EncodedLinear::view(const std::string& key) const {
   return w;
 }
 
-EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian,
-                              const EncodeOptions& opt) {
-  if (opt.K < kMinK || opt.K > kMaxK) fail("quantize_linear: K = ", opt.K, " is outside 1..8");
-  if (in <= 0 || out <= 0) fail("quantize_linear: invalid shape (", out, ", ", in, ")");
+namespace {
+
+// One Linear up to its LDLQ: everything but the codes, the rotated weight wr, and with a usable Hessian its rotated
+// form hr and block-LDL factor l (both empty for plain Viterbi).
+struct Prepared {
   EncodedLinear enc;
+  std::vector<float> wr, hr, l;
+};
+
+Prepared prepare_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian, const EncodeOptions& opt) {
+  Prepared pr;
+  EncodedLinear& enc = pr.enc;
+  std::vector<float>& wr = pr.wr;
+  std::vector<float>& hr = pr.hr;
   enc.K = opt.K;
   enc.codebook = opt.codebook;
   enc.in = in, enc.out = out;
@@ -254,7 +295,6 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
     });
     hadamard_cols(dst.data(), kp, np);  // Hblk · ...
   };
-  std::vector<float> wr;
   enc.g_scale = opt.fixed_scale > 0 ? opt.fixed_scale : gaussian_scale(opt.K, opt.codebook);
   if (opt.scale_search) {
     rotate_in(su, wr);
@@ -270,7 +310,6 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
   rotate_in(su_div, wr);
 
   // Hessian of the rotated-domain weight: H' = Hblk·diag(suh)·(H + damping)·diag(suh)·Hblk.
-  std::vector<float> hr;
   if (hessian) {
     double mean_diag = 0;
     for (int64_t i = 0; i < in; i++) mean_diag += hessian[i * in + i];
@@ -290,15 +329,40 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
     }
   }
 
-  std::vector<uint16_t> states(size_t(kp * np));
-  std::vector<float> recon(size_t(kp * np));
+  return pr;
+}
+
+void factor_linear(Prepared& pr, const EncodeOptions& opt) {
+  if (pr.hr.empty()) return;
+  std::vector<double> hd(pr.hr.begin(), pr.hr.end());
+  if (!block_ldl(hd, pr.enc.in_padded, opt.sigma_reg, opt.cholesky_retries, pr.l))
+    fail("quantize_linear: the Hessian is not positive definite even after ", opt.cholesky_retries,
+         " damping retries");
+}
+
+// fn(b) for every member: in parallel over the members when there are enough to occupy the pool (each member's own
+// loops then run serially), else one after another with each member's loops parallel.
+void for_members(size_t count, const std::function<void(size_t)>& fn) {
+  if (count >= size_t(ThreadPool::global().size())) {
+    parallel_for(int64_t(count), 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; b++) fn(size_t(b));
+    });
+  } else {
+    for (size_t b = 0; b < count; b++) fn(b);
+  }
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The codes are in: the proxy error and the packed tensor.
+void finish_linear(Prepared& pr, const uint16_t* states, const float* recon, double plain_err) {
+  EncodedLinear& enc = pr.enc;
+  const std::vector<float>& wr = pr.wr;
+  const std::vector<float>& hr = pr.hr;
+  const int64_t kp = enc.in_padded, np = enc.out_padded;
   if (!hr.empty()) {
-    std::vector<double> hd(hr.begin(), hr.end());
-    std::vector<float> l;
-    if (!block_ldl(hd, kp, opt.sigma_reg, opt.cholesky_retries, l))
-      fail("quantize_linear: the Hessian is not positive definite even after ", opt.cholesky_retries,
-           " damping retries");
-    quantize_ldlq(wr.data(), l.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data(), opt.device);
     enc.used_hessian = true;
     // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W): rows of H'·E and H'·W accumulated as saxpy over whole rows
     // (vectorises over the out dimension), kp^2·np multiply-adds each, parallel over row blocks.
@@ -324,19 +388,81 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
     enc.proxy_err = std::accumulate(num.begin(), num.end(), 0.0) /
                     std::max(std::accumulate(den.begin(), den.end(), 0.0), 1e-30);
   } else {
-    const double se = quantize_plain(wr.data(), kp, np, opt.K, opt.codebook, states.data(), recon.data(), opt.device);
     double ss = 0;
     for (float v : wr) ss += double(v) * v;
-    enc.proxy_err = se / std::max(ss, 1e-30);
+    enc.proxy_err = plain_err / std::max(ss, 1e-30);
   }
 
   // Pack: tile (tk, tn) of the (in/16, out/16, 16K) tensor.
   const int64_t n_tiles = (kp / kTileDim) * (np / kTileDim);
-  enc.trellis.assign(size_t(n_tiles * tile_u16(opt.K)), 0);
+  enc.trellis.assign(size_t(n_tiles * tile_u16(enc.K)), 0);
   parallel_for(n_tiles, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; t++)
-      pack_tile(states.data() + t * kTileElems, opt.K, enc.trellis.data() + t * tile_u16(opt.K));
+      pack_tile(states + t * kTileElems, enc.K, enc.trellis.data() + t * tile_u16(enc.K));
   });
+}
+
+}  // namespace
+
+EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian,
+                              const EncodeOptions& opt) {
+  std::vector<EncodedLinear> v = quantize_linears({&weight_hf, 1}, out, in, {&hessian, 1}, {&opt.seed, 1}, opt);
+  return std::move(v[0]);
+}
+
+std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                            std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                            const EncodeOptions& opt) {
+  if (opt.K < kMinK || opt.K > kMaxK) fail("quantize_linear: K = ", opt.K, " is outside 1..8");
+  if (in <= 0 || out <= 0) fail("quantize_linear: invalid shape (", out, ", ", in, ")");
+  TRELLM_ASSERT(hessians.size() == weights.size() && seeds.size() == weights.size());
+  const size_t count = weights.size();
+  std::vector<Prepared> pr(count);
+  EncodeTimes t;
+  auto t0 = std::chrono::steady_clock::now();
+  for_members(count, [&](size_t b) {
+    EncodeOptions o = opt;
+    o.seed = seeds[b];
+    pr[b] = prepare_linear(weights[b], out, in, hessians[b], o);
+  });
+  t.prepare = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  for_members(count, [&](size_t b) { factor_linear(pr[b], opt); });
+  t.ldl = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  const int64_t kp = round_up_128(in), np = round_up_128(out);
+  std::vector<std::vector<uint16_t>> states(count);
+  std::vector<std::vector<float>> recon(count);
+  std::vector<double> plain_err(count, 0.0);
+  // The Linears with a factor go through one batched LDLQ; the others through plain Viterbi, one by one.
+  std::vector<const float*> lw, ll;
+  std::vector<uint16_t*> ls;
+  std::vector<float*> lr;
+  for (size_t b = 0; b < count; b++) {
+    states[b].resize(size_t(kp * np));
+    recon[b].resize(size_t(kp * np));
+    if (!pr[b].l.empty()) {
+      lw.push_back(pr[b].wr.data()), ll.push_back(pr[b].l.data());
+      ls.push_back(states[b].data()), lr.push_back(recon[b].data());
+    } else {
+      plain_err[b] = quantize_plain(pr[b].wr.data(), kp, np, opt.K, opt.codebook, states[b].data(), recon[b].data(), opt.device);
+    }
+  }
+  quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device);
+  t.encode = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  std::vector<EncodedLinear> enc(count);
+  for_members(count, [&](size_t b) {
+    finish_linear(pr[b], states[b].data(), recon[b].data(), plain_err[b]);
+    enc[b] = std::move(pr[b].enc);
+    pr[b] = Prepared{};  // free as we go
+    states[b] = {}, recon[b] = {};
+  });
+  t.finish = seconds_since(t0);
+  if (opt.times) {
+    opt.times->prepare += t.prepare, opt.times->ldl += t.ldl, opt.times->encode += t.encode;
+    opt.times->finish += t.finish;
+  }
   return enc;
 }
 

@@ -12,6 +12,7 @@
 //    Hessian of the rotated-domain weight (exllamav3 uses the signs only, §4.4 note).
 #pragma once
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,14 @@
 #include "quant/trellis_weight.h"
 
 namespace trellm::trellis {
+
+// Wall seconds of quantize_linears' phases, added to when EncodeOptions::times is set (benchmarks).
+struct EncodeTimes {
+  double prepare = 0;  // signs, channel scales, Hadamards, scale search, the rotated Hessian
+  double ldl = 0;      // block LDL (Cholesky) of the rotated Hessians (part of preparing, timed apart)
+  double encode = 0;   // LDLQ (batched) and plain Viterbi
+  double finish = 0;   // proxy error and packing
+};
 
 struct EncodeOptions {
   int K = 4;                          // bits per weight, 1..8
@@ -33,6 +42,7 @@ struct EncodeOptions {
   bool hessian_signs_only = false;
   // Where the Viterbi runs (scale search, plain and LDLQ encoding). The codes are the same on both.
   EncodeDevice device = EncodeDevice::Cpu;
+  EncodeTimes* times = nullptr;       // quantize_linears adds its phases' wall time here
 };
 
 // The EXL3 tensors of one Linear, owned.
@@ -55,6 +65,15 @@ struct EncodedLinear {
 // row-major f32, H = XᵀX / rows of calibration inputs, or nullptr for plain Viterbi. Multi-threaded.
 EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian,
                               const EncodeOptions& opt);
+
+// A group of Linears of one shape (out, in), each quantized exactly as quantize_linear would (the same files bit for
+// bit), with their LDLQ batched (quantize_ldlq_batch): on the GPU, a layer's routed experts in one group keep the
+// Viterbi busy where one Linear at a time leaves most SMs idle. weights[b] as weight_hf, hessians[b] as hessian
+// (nullptr: plain Viterbi for that one), seeds[b] in place of opt.seed. Holds every member's rotated weight, Hessian
+// and factor at once (for in = 2048, out = 1536: ~46 MB each).
+std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                            std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                            const EncodeOptions& opt);
 
 // --- building blocks (exposed for tests and the CUDA twin) ---
 
@@ -84,5 +103,14 @@ double quantize_plain(const float* w, int64_t k, int64_t n, int K, Codebook cb, 
 // call of n/16 tiles per block (the blocks depend on each other, so k/16 calls one after another).
 void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, Codebook cb, uint16_t* states,
                    float* recon, EncodeDevice dev = EncodeDevice::Cpu);
+
+// LDLQ of count = w.size() rotated-domain weights of one shape (k x n) and K at once, each with its own factor l[b]:
+// bit for bit what quantize_ldlq gives for each, but each 16-row block step is one Viterbi call over all of them.
+// The 64 routed experts of a GLM-4.7-Flash layer give 64 x 96 = 6144 tiles a step where one expert gives 96, which
+// leaves most of a 132-SM GPU idle (the fast kernel runs one tile per SM at a time, ~1.2 ms each). On the GPU
+// (trellis_ldlq_cuda.h) the weights, factors, running products and codes stay on the device for all k/16 steps.
+void quantize_ldlq_batch(std::span<const float* const> w, std::span<const float* const> l, int64_t k, int64_t n, int K,
+                         Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon,
+                         EncodeDevice dev = EncodeDevice::Cpu);
 
 }  // namespace trellm::trellis

@@ -326,8 +326,11 @@ void grow(T*& p, size_t& have, size_t need) {
 
 constexpr int64_t kBpBudget = int64_t(1) << 30;  // backpointer bytes per chunk
 
-double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states,
-                      float* recon) {
+// Each path in two halves: *_chunk sizes the scratch for the largest chunk of an n-tile call and returns that chunk;
+// *_launch encodes `tiles` <= chunk tiles from device pointers (states and recon written, both required). The host
+// entry copies chunks through sc.w / sc.states / sc.recon; the device entry passes the caller's buffers.
+
+int64_t generic_chunk(DeviceScratch& sc, int64_t n, int K, Codebook cb) {
   const int64_t nodes = int64_t(1) << (16 - K);
   // Chunk so backpointers stay under ~1 GiB (K = 1: 8 MiB a tile -> 128 tiles; K = 8: 64 KiB -> 16384).
   const int64_t chunk = std::min<int64_t>(n, std::max<int64_t>(1, kBpBudget / (kTileElems * nodes)));
@@ -338,26 +341,67 @@ double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codeb
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d, codebook_table(cb), 65536 * sizeof(float), cudaMemcpyHostToDevice));
     sc.cb[ci] = d;
   }
+  grow(sc.costs, sc.costs_bytes, size_t(chunk) * 2 * size_t(nodes) * sizeof(float));
+  grow(sc.bp, sc.bp_bytes, size_t(chunk) * kTileElems * size_t(nodes));
+  return chunk;
+}
+
+void generic_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
+  const float* d_cb = sc.cb[int(cb)];
+  switch (K) {
+    case 1: launch_generic<1>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
+    case 7: launch_generic<7>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
+    case 8: launch_generic<8>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
+    default: fail("viterbi_encode_tiles_cuda: no generic kernel for K = ", K);
+  }
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+}
+
+// 1 MiB of backpointers a tile (256 rows x 1024 threads x 4 B, every K). One block per SM at a time (1024 threads x
+// <= 64 registers fill the register file), so a chunk is a whole number of waves: 924 tiles = 7 waves on 132 SMs.
+constexpr int64_t kFastBpPerTile = int64_t(kTileElems) * vfast::kThreads * int64_t(sizeof(uint32_t));
+
+int64_t fast_chunk(DeviceScratch& sc, int64_t n) {
+  if (sc.sms == 0) {
+    int dev = 0;
+    TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
+    TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sc.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  const int64_t waves = std::max<int64_t>(1, kBpBudget / kFastBpPerTile / sc.sms);
+  const int64_t chunk = std::min<int64_t>(n, waves * sc.sms);
+  TRELLM_ASSERT(chunk * kTileElems * vfast::kThreads <= int64_t(UINT32_MAX));  // the kernel's 32-bit row offsets
+  grow(sc.bp, sc.bp_bytes, size_t(chunk) * size_t(kFastBpPerTile));
+  grow(sc.ends, sc.ends_bytes, size_t(chunk) * sizeof(uint32_t));
+  grow(sc.err, sc.err_bytes, size_t(chunk) * sizeof(double));
+  return chunk;
+}
+
+void fast_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
+  uint32_t* const bp = reinterpret_cast<uint32_t*>(sc.bp);  // cudaMalloc: 256-byte aligned
+  switch (K) {
+    case 2: launch_fast<2>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    case 3: launch_fast<3>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    case 4: launch_fast<4>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    case 5: launch_fast<5>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    case 6: launch_fast<6>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    default: fail("viterbi_encode_tiles_cuda: no fast kernel for K = ", K);
+  }
+}
+
+double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states,
+                      float* recon) {
+  const int64_t chunk = generic_chunk(sc, n, K, cb);
   const size_t chunk_elems = size_t(chunk) * kTileElems;
   grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
   grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
   grow(sc.states, sc.states_bytes, chunk_elems * sizeof(uint16_t));
   if (sc.rec.size() < chunk_elems) sc.rec.resize(chunk_elems);
-  grow(sc.costs, sc.costs_bytes, size_t(chunk) * 2 * size_t(nodes) * sizeof(float));
-  grow(sc.bp, sc.bp_bytes, size_t(chunk) * kTileElems * size_t(nodes));
-  const float* d_cb = sc.cb[ci];
   double err = 0;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));
     const size_t elems = size_t(tiles) * kTileElems;
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
-    switch (K) {
-      case 1: launch_generic<1>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 7: launch_generic<7>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      case 8: launch_generic<8>(d_cb, sc.w, sc.states, sc.recon, sc.costs, sc.bp, tiles); break;
-      default: fail("viterbi_encode_tiles_cuda: no generic kernel for K = ", K);
-    }
-    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+    generic_launch(sc, K, cb, sc.w, sc.states, sc.recon, tiles);
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.rec.data(), sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < elems; i++) {
@@ -370,40 +414,18 @@ double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codeb
 }
 
 double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
-  if (sc.sms == 0) {
-    int dev = 0;
-    TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
-    TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sc.sms, cudaDevAttrMultiProcessorCount, dev));
-  }
-  // 1 MiB of backpointers a tile (256 rows x 1024 threads x 4 B, every K). One block per SM at a time (1024
-  // threads x <= 64 registers fill the register file), so a chunk is a whole number of waves: 924 tiles = 7 waves
-  // on 132 SMs.
-  const int64_t per_tile = int64_t(kTileElems) * vfast::kThreads * int64_t(sizeof(uint32_t));
-  const int64_t waves = std::max<int64_t>(1, kBpBudget / per_tile / sc.sms);
-  const int64_t chunk = std::min<int64_t>(n, waves * sc.sms);
-  TRELLM_ASSERT(chunk * kTileElems * vfast::kThreads <= int64_t(UINT32_MAX));  // the kernel's 32-bit row offsets
+  const int64_t chunk = fast_chunk(sc, n);
   const size_t chunk_elems = size_t(chunk) * kTileElems;
   grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
   grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
   grow(sc.states, sc.states_bytes, chunk_elems * sizeof(uint16_t));
-  grow(sc.bp, sc.bp_bytes, size_t(chunk) * size_t(per_tile));
-  grow(sc.ends, sc.ends_bytes, size_t(chunk) * sizeof(uint32_t));
-  grow(sc.err, sc.err_bytes, size_t(chunk) * sizeof(double));
   if (sc.terr.size() < size_t(chunk)) sc.terr.resize(size_t(chunk));
-  uint32_t* const bp = reinterpret_cast<uint32_t*>(sc.bp);  // cudaMalloc: 256-byte aligned
   double err = 0;
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));
     const size_t elems = size_t(tiles) * kTileElems;
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
-    switch (K) {
-      case 2: launch_fast<2>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
-      case 3: launch_fast<3>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
-      case 4: launch_fast<4>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
-      case 5: launch_fast<5>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
-      case 6: launch_fast<6>(sc.w, cb, sc.ends, bp, sc.states, sc.recon, sc.err, tiles); break;
-      default: fail("viterbi_encode_tiles_cuda: no fast kernel for K = ", K);
-    }
+    fast_launch(sc, K, cb, sc.w, sc.states, sc.recon, tiles);
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     if (recon)
       TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(recon + t0 * kTileElems, sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
@@ -412,10 +434,6 @@ double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook
   }
   return err;
 }
-
-}  // namespace
-
-namespace {
 
 // Frees every kept buffer (on the device they were made on); the caller holds sc.mu.
 void release_locked(DeviceScratch& sc) {
@@ -471,6 +489,29 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
   std::lock_guard<std::mutex> lock(sc.mu);
   TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));  // per host thread: the pool's workers call this too
   return vfast::fast_k(K) ? encode_fast(sc, w, n, K, cb, states, recon) : encode_generic(sc, w, n, K, cb, states, recon);
+}
+
+int viterbi_cuda_current_device() {
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  return sc.device;
+}
+
+void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+  if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda_device: K = ", K, " is outside 1..8");
+  if (n <= 0) return;
+  DeviceScratch& sc = device_scratch();
+  std::lock_guard<std::mutex> lock(sc.mu);
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));
+  const bool fast = vfast::fast_k(K);
+  const int64_t chunk = fast ? fast_chunk(sc, n) : generic_chunk(sc, n, K, cb);
+  if (!recon) grow(sc.recon, sc.recon_bytes, size_t(chunk) * kTileElems * sizeof(float));
+  for (int64_t t0 = 0; t0 < n; t0 += chunk) {
+    const int tiles = int(std::min(chunk, n - t0));
+    float* r = recon ? recon + t0 * kTileElems : sc.recon;
+    if (fast) fast_launch(sc, K, cb, w + t0 * kTileElems, states + t0 * kTileElems, r, tiles);
+    else generic_launch(sc, K, cb, w + t0 * kTileElems, states + t0 * kTileElems, r, tiles);
+  }
 }
 
 }  // namespace trellm::trellis

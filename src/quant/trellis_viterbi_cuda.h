@@ -22,6 +22,11 @@ bool viterbi_cuda_available();
 // encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
+// The same on device memory of the encoder's device (viterbi_cuda_current_device): w n x 256 in, states n x 256 out,
+// recon n x 256 out or nullptr; no error sum. For callers that keep their matrices on the GPU (the batched LDLQ,
+// trellis_ldlq_cuda.h). The kernels run on the default stream, after the caller's work there and before its next.
+void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
+
 // Frees the kept device buffers (up to ~1 GiB of backpointers); the next call allocates them again. For a process
 // that goes on using the GPU after encoding, and for tests run under compute-sanitizer's leak check.
 void viterbi_cuda_release();
@@ -30,5 +35,6 @@ void viterbi_cuda_release();
 // when N is not one of them. Buffers kept on the previous device are freed.
 int viterbi_cuda_device_count();
 void viterbi_cuda_use_device(int gpu);
+int viterbi_cuda_current_device();
 
 }  // namespace trellm::trellis

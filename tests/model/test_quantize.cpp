@@ -401,3 +401,28 @@ TEST(QuantizeQuality, KlFallsAsKGrows) {
   }
   EXPECT_LT(prev, 2.2e-5);  // measured 7.1e-6 (2026-11-25, this CPU)
 }
+
+// Grouped encoding (a layer's Linears of one shape and K through one batched LDLQ) writes the files one Linear at a
+// time writes: in each of tiny_a's MoE layers the 4 experts' and the shared expert's gate/up projections (and any
+// other Linear of their shape, 48 x 64) make one group, their down projections another.
+TEST(QuantizeModel, GroupedEncodingGivesTheSameFiles) {
+  TempDir tmp;
+  for (int group : {1, 64}) {
+    QuantizeModelOptions o;
+    o.out_dir = tmp / ("g" + std::to_string(group));
+    o.bits = 3;
+    o.head_bits = 16;
+    o.scale_search = false;
+    o.calibration = random_rows(2, 64, 320, 5);
+    o.calibration_cols = 64;
+    o.group_linears = group;
+    int64_t largest = 0;
+    o.on_progress = [&](const trellis::QuantizeProgress& p) { largest = std::max(largest, p.group); };
+    const QuantizeModelResult r = quantize_model(kData + "tiny_a", o);
+    EXPECT_GT(r.ldlq, 0);
+    if (group == 1) EXPECT_EQ(largest, 1);
+    else EXPECT_GE(largest, 10);
+  }
+  EXPECT_TRUE(trellm::testing::read_file(tmp / "g1/model.safetensors") ==
+              trellm::testing::read_file(tmp / "g64/model.safetensors"));
+}

@@ -331,3 +331,81 @@ TEST(Encoder, DeviceChoice) {
     }
   }
 }
+
+namespace {
+// A block-LDL factor of an n x n correlated Hessian, for the LDLQ tests.
+std::vector<float> ldl_factor(Rng& rng, int64_t n) {
+  const std::vector<float> h = correlated_hessian(rng, n, int(3 * n));
+  std::vector<double> hd(h.begin(), h.end());
+  for (int64_t i = 0; i < n; i++) hd[i * n + i] += 0.01;
+  std::vector<float> l;
+  EXPECT_TRUE(block_ldl(hd, n, 0.025f, 4, l));
+  return l;
+}
+}  // namespace
+
+// The batched LDLQ is the one-at-a-time LDLQ of each weight, bit for bit (its update is the same fma in the same
+// order): three weights with their own factors, 5 tiles a block row (odd), outputs poisoned first.
+TEST(Encoder, LdlqBatchEqualsOneByOne) {
+  Rng rng(91);
+  const int64_t k = 64, n = 80;
+  const int count = 3;
+  std::vector<std::vector<float>> w(count), l(count);
+  for (int b = 0; b < count; b++) {
+    w[b] = gaussian(rng, size_t(k * n), 1.1f);
+    l[b] = ldl_factor(rng, k);
+  }
+  for (int K : {2, 3}) {
+    std::vector<std::vector<uint16_t>> s1(count), sb(count);
+    std::vector<std::vector<float>> r1(count), rb(count);
+    std::vector<const float*> wp, lp;
+    std::vector<uint16_t*> sp;
+    std::vector<float*> rp;
+    for (int b = 0; b < count; b++) {
+      s1[b].assign(size_t(k * n), 0xAAAA), sb[b].assign(size_t(k * n), 0x5555);
+      r1[b].assign(size_t(k * n), -1e30f), rb[b].assign(size_t(k * n), 1e30f);
+      quantize_ldlq(w[b].data(), l[b].data(), k, n, K, Codebook::Mcg, s1[b].data(), r1[b].data());
+      wp.push_back(w[b].data()), lp.push_back(l[b].data()), sp.push_back(sb[b].data()), rp.push_back(rb[b].data());
+    }
+    quantize_ldlq_batch(wp, lp, k, n, K, Codebook::Mcg, sp, rp);
+    for (int b = 0; b < count; b++) {
+      EXPECT_EQ(sb[b], s1[b]) << "K=" << K << " weight " << b;
+      EXPECT_EQ(rb[b], r1[b]) << "K=" << K << " weight " << b;
+    }
+    // and the factor matters: with L = 0 (plain per-tile Viterbi) the codes differ
+    const std::vector<float> zero(size_t(k * k), 0.0f);
+    std::vector<uint16_t> s0(size_t(k * n));
+    std::vector<float> r0(size_t(k * n));
+    quantize_ldlq(w[0].data(), zero.data(), k, n, K, Codebook::Mcg, s0.data(), r0.data());
+    EXPECT_NE(s0, s1[0]) << "K=" << K;
+  }
+}
+
+// quantize_linears gives each member what quantize_linear gives it alone, with and without a Hessian in one group.
+TEST(Encoder, QuantizeLinearsEqualsOneByOne) {
+  Rng rng(92);
+  const int64_t out = 72, in = 40;  // padded to 128 x 128
+  const auto h = correlated_hessian(rng, in, 160);
+  std::vector<std::vector<float>> w(3);
+  for (auto& v : w) v = gaussian(rng, size_t(out * in), 0.03f);
+  const float* hs[3] = {h.data(), nullptr, h.data()};
+  const uint64_t seeds[3] = {11, 12, 13};
+  const float* ws[3] = {w[0].data(), w[1].data(), w[2].data()};
+  EncodeOptions o;
+  o.K = 3;
+  o.scale_search = false;
+  o.fixed_scale = 0;
+  const std::vector<EncodedLinear> all = quantize_linears(ws, out, in, hs, seeds, o);
+  ASSERT_EQ(all.size(), 3u);
+  for (int b = 0; b < 3; b++) {
+    o.seed = seeds[b];
+    const EncodedLinear one = quantize_linear(ws[b], out, in, hs[b], o);
+    EXPECT_EQ(all[b].used_hessian, hs[b] != nullptr) << b;
+    EXPECT_EQ(all[b].trellis, one.trellis) << b;
+    EXPECT_EQ(all[b].suh, one.suh) << b;
+    EXPECT_EQ(all[b].svh, one.svh) << b;
+    EXPECT_EQ(all[b].g_scale, one.g_scale) << b;
+    EXPECT_EQ(all[b].proxy_err, one.proxy_err) << b;
+  }
+  EXPECT_NE(all[0].trellis, all[2].trellis);  // same Hessian, other weights and seeds
+}

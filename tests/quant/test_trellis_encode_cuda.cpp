@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/rng.h"
+#include "quant/block_ldl.h"
 #include "quant/hessian.h"
 #include "quant/trellis_encode.h"
 #include "quant/trellis_viterbi.h"
@@ -84,5 +85,71 @@ TEST(EncoderCuda, ReusedScratchAcrossCallSizes) {
     encode_tiles(x.data(), n, K, Codebook::Mcg, EncodeDevice::Cuda, s_gpu.data(), r_gpu.data());
     EXPECT_EQ(s_gpu, s_cpu) << n << " tiles";
     EXPECT_EQ(r_gpu, r_cpu) << n << " tiles";
+  }
+}
+
+// The batched LDLQ on the GPU (trellis_ldlq.cu) against the CPU's, bit for bit: one and three weights, odd tile
+// counts per block row (3, 5), the fast Viterbi (K = 2, 3, 6) and the generic one (K = 1, 7); GPU outputs poisoned.
+TEST(EncoderCuda, LdlqBatchMatchesCpu) {
+  if (!cuda_encoder_available()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(41);
+  struct Case { int64_t k, n; int count, K; };
+  for (const Case c : {Case{48, 80, 3, 3}, Case{64, 48, 1, 2}, Case{32, 80, 3, 6}, Case{32, 48, 2, 1}, Case{48, 48, 3, 7}}) {
+    std::vector<std::vector<float>> w(size_t(c.count)), l(size_t(c.count));
+    for (int b = 0; b < c.count; b++) {
+      w[b].resize(size_t(c.k * c.n));
+      for (auto& v : w[b]) v = rng.normal() * 1.1f;
+      const std::vector<float> h = correlated_hessian(rng, c.k, int(3 * c.k));
+      std::vector<double> hd(h.begin(), h.end());
+      ASSERT_TRUE(block_ldl(hd, c.k, 0.025f, 4, l[b]));
+    }
+    std::vector<std::vector<uint16_t>> sc(size_t(c.count)), sg(size_t(c.count));
+    std::vector<std::vector<float>> rc(size_t(c.count)), rg(size_t(c.count));
+    std::vector<const float*> wp, lp;
+    std::vector<uint16_t*> scp, sgp;
+    std::vector<float*> rcp, rgp;
+    for (int b = 0; b < c.count; b++) {
+      sc[b].assign(size_t(c.k * c.n), 0xAAAA), sg[b].assign(size_t(c.k * c.n), 0x5555);
+      rc[b].assign(size_t(c.k * c.n), -1e30f), rg[b].assign(size_t(c.k * c.n), 1e30f);
+      wp.push_back(w[b].data()), lp.push_back(l[b].data());
+      scp.push_back(sc[b].data()), sgp.push_back(sg[b].data()), rcp.push_back(rc[b].data()), rgp.push_back(rg[b].data());
+    }
+    quantize_ldlq_batch(wp, lp, c.k, c.n, c.K, Codebook::Mcg, scp, rcp, EncodeDevice::Cpu);
+    quantize_ldlq_batch(wp, lp, c.k, c.n, c.K, Codebook::Mcg, sgp, rgp, EncodeDevice::Cuda);
+    for (int b = 0; b < c.count; b++) {
+      const std::string what = "k=" + std::to_string(c.k) + " n=" + std::to_string(c.n) + " K=" + std::to_string(c.K) +
+                               " weight " + std::to_string(b);
+      EXPECT_EQ(sg[b], sc[b]) << what;
+      EXPECT_EQ(rg[b], rc[b]) << what;
+    }
+  }
+}
+
+// quantize_linears on the GPU: a group with and without Hessians gives the CPU's tensors.
+TEST(EncoderCuda, QuantizeLinearsMatchesCpu) {
+  if (!cuda_encoder_available()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(42);
+  const int64_t out = 136, in = 200;  // padded to 256 x 256
+  const std::vector<float> h = correlated_hessian(rng, in, 3 * int(in));
+  std::vector<std::vector<float>> w(3);
+  for (auto& v : w) {
+    v.resize(size_t(out * in));
+    for (auto& x : v) x = rng.normal() * 0.02f;
+  }
+  const float* ws[3] = {w[0].data(), w[1].data(), w[2].data()};
+  const float* hs[3] = {h.data(), nullptr, h.data()};
+  const uint64_t seeds[3] = {3, 4, 5};
+  EncodeOptions o;
+  o.K = 3;
+  o.device = EncodeDevice::Cpu;
+  const std::vector<EncodedLinear> cpu = quantize_linears(ws, out, in, hs, seeds, o);
+  o.device = EncodeDevice::Cuda;
+  const std::vector<EncodedLinear> gpu = quantize_linears(ws, out, in, hs, seeds, o);
+  ASSERT_EQ(gpu.size(), cpu.size());
+  for (size_t b = 0; b < cpu.size(); b++) {
+    EXPECT_EQ(gpu[b].trellis, cpu[b].trellis) << b;
+    EXPECT_EQ(gpu[b].suh, cpu[b].suh) << b;
+    EXPECT_EQ(gpu[b].g_scale, cpu[b].g_scale) << b;
+    EXPECT_NEAR(gpu[b].proxy_err, cpu[b].proxy_err, 1e-9 * cpu[b].proxy_err) << b;
   }
 }
