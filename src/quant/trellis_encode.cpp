@@ -356,14 +356,16 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// The codes are in: the proxy error and the packed tensor.
-void finish_linear(Prepared& pr, const uint16_t* states, const float* recon, double plain_err) {
+// The codes are in: the proxy error (from the GPU when `proxy` >= 0) and the packed tensor.
+void finish_linear(Prepared& pr, const uint16_t* states, const float* recon, double plain_err, double proxy) {
   EncodedLinear& enc = pr.enc;
   const std::vector<float>& wr = pr.wr;
   const std::vector<float>& hr = pr.hr;
   const int64_t kp = enc.in_padded, np = enc.out_padded;
-  if (!hr.empty()) {
-    enc.used_hessian = true;
+  if (!hr.empty()) enc.used_hessian = true;
+  if (!hr.empty() && proxy >= 0) {
+    enc.proxy_err = proxy;
+  } else if (!hr.empty()) {
     // proxy error tr(Eᵀ H' E) / tr(Wᵀ H' W): rows of H'·E and H'·W accumulated as saxpy over whole rows
     // (vectorises over the out dimension), kp^2·np multiply-adds each, parallel over row blocks.
     std::vector<double> num(static_cast<size_t>(kp), 0.0), den(static_cast<size_t>(kp), 0.0);
@@ -435,25 +437,36 @@ std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weight
   std::vector<std::vector<float>> recon(count);
   std::vector<double> plain_err(count, 0.0);
   // The Linears with a factor go through one batched LDLQ; the others through plain Viterbi, one by one.
-  std::vector<const float*> lw, ll;
+  std::vector<const float*> lw, ll, lh;
   std::vector<uint16_t*> ls;
   std::vector<float*> lr;
+  std::vector<size_t> lb;
   for (size_t b = 0; b < count; b++) {
     states[b].resize(size_t(kp * np));
     recon[b].resize(size_t(kp * np));
     if (!pr[b].l.empty()) {
-      lw.push_back(pr[b].wr.data()), ll.push_back(pr[b].l.data());
-      ls.push_back(states[b].data()), lr.push_back(recon[b].data());
+      lw.push_back(pr[b].wr.data()), ll.push_back(pr[b].l.data()), lh.push_back(pr[b].hr.data());
+      ls.push_back(states[b].data()), lr.push_back(recon[b].data()), lb.push_back(b);
     } else {
       plain_err[b] = quantize_plain(pr[b].wr.data(), kp, np, opt.K, opt.codebook, states[b].data(), recon[b].data(), opt.device);
     }
   }
-  quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device);
+  // On the GPU the batched LDLQ also computes the proxy errors (the CPU's loop would stream W and E once per row of
+  // H': ~50 GB of reads for a 2048 x 1536 expert).
+  std::vector<double> proxy(count, -1.0);
+#ifdef TRELLM_HAVE_CUDA
+  if (opt.device == EncodeDevice::Cuda && !lw.empty()) {
+    std::vector<double> lp(lw.size());
+    quantize_ldlq_batch_cuda(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, lh, lp);
+    for (size_t i = 0; i < lb.size(); i++) proxy[lb[i]] = lp[i];
+  } else
+#endif
+    quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device);
   t.encode = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   std::vector<EncodedLinear> enc(count);
   for_members(count, [&](size_t b) {
-    finish_linear(pr[b], states[b].data(), recon[b].data(), plain_err[b]);
+    finish_linear(pr[b], states[b].data(), recon[b].data(), plain_err[b], proxy[b]);
     enc[b] = std::move(pr[b].enc);
     pr[b] = Prepared{};  // free as we go
     states[b] = {}, recon[b] = {};

@@ -3,8 +3,10 @@
 // reconstruction and forms the block's error, an update kernel adds L[r0+j, i]·err[j] to the running product of every
 // row i < r0. Only the Viterbi is heavy (~1.2 ms a wave of 132 tiles); the update streams the running product once a
 // step (64 experts of 2048 x 1536: 0.8 GB at the step in the middle, ~0.25 ms at the H200's bandwidth).
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -95,12 +97,61 @@ __global__ void ldlq_update_kernel(const float* __restrict__ l, const float* __r
   *pp = acc;
 }
 
+// Partial sums of a[i]·b[i] in double, one per block (summed on the host in block order: deterministic).
+constexpr int kDotBlocks = 1024;
+__global__ void dot_partials_kernel(const float* __restrict__ a, const float* __restrict__ b, size_t n,
+                                    double* __restrict__ partial) {
+  __shared__ double red[kThreads];
+  double s = 0;
+  for (size_t i = size_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += size_t(gridDim.x) * kThreads)
+    s += double(a[i]) * double(b[i]);
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride >>= 1) {
+    if (int(threadIdx.x) < stride) red[threadIdx.x] += red[threadIdx.x + stride];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = red[0];
+}
+
+__global__ void sub_kernel(const float* __restrict__ a, const float* __restrict__ b, size_t n, float* __restrict__ out) {
+  for (size_t i = size_t(blockIdx.x) * kThreads + threadIdx.x; i < n; i += size_t(gridDim.x) * kThreads)
+    out[i] = a[i] - b[i];
+}
+
+struct Cublas {
+  cublasHandle_t h = nullptr;
+  Cublas() {
+    if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) fail("batched LDLQ: cublasCreate failed");
+    cublasSetMathMode(h, CUBLAS_DEFAULT_MATH);  // fp32 FMA, no TF32: the proxy compares errors of ~1e-3 relative
+  }
+  ~Cublas() { cublasDestroy(h); }
+};
+
+// tr(Aᵀ H A) for row-major A (k x n) and H (k x k) on the device: C = H·A by one GEMM (column-major: Cᵀ = Aᵀ·Hᵀ),
+// then Σ A∘C.
+double quadratic_trace(cublasHandle_t cb, const float* a, const float* hd, int64_t k, int64_t n, float* c,
+                       double* partial_d, std::vector<double>& partial) {
+  const float one = 1.0f, zero = 0.0f;
+  if (cublasSgemm(cb, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(k), int(k), &one, a, int(n), hd, int(k), &zero, c, int(n)) !=
+      CUBLAS_STATUS_SUCCESS)
+    fail("batched LDLQ: the proxy-error GEMM (", k, " x ", k, " by ", k, " x ", n, ") failed");
+  dot_partials_kernel<<<kDotBlocks, kThreads>>>(a, c, size_t(k * n), partial_d);
+  TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+  TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(partial.data(), partial_d, kDotBlocks * sizeof(double), cudaMemcpyDeviceToHost));
+  double s = 0;
+  for (double v : partial) s += v;
+  return s;
+}
+
 }  // namespace
 
 void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const float* const> l, int64_t k, int64_t n,
-                              int K, Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon) {
+                              int K, Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon,
+                              std::span<const float* const> h, std::span<double> proxy) {
   const int64_t count = int64_t(w.size());
   TRELLM_ASSERT(l.size() == w.size() && states.size() == w.size() && recon.size() == w.size());
+  TRELLM_ASSERT(h.empty() || (h.size() == w.size() && proxy.size() == w.size()));
   TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
   if (count == 0) return;
   TRELLM_ASSERT(count <= 65535 && k / kTileDim <= 65535 * kTileDim, "batched LDLQ: ", count, " weights of ", k, " rows");
@@ -141,6 +192,25 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   for (int64_t b = 0; b < count; b++) {
     TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(states[b], d_states.p + b * kn, kn * sizeof(uint16_t), cudaMemcpyDeviceToHost));
     TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(recon[b], d_recon.p + b * kn, kn * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  if (h.empty()) return;
+  // The proxy errors, one weight at a time: H' into the factor's slot (the factors are done), E into the running
+  // product's, H'·E or H'·W into the reconstruction's.
+  Cublas blas;
+  DeviceArray<double> d_partial;
+  d_partial.alloc(kDotBlocks, "the proxy sums", gb);
+  std::vector<double> partial(kDotBlocks);
+  for (int64_t b = 0; b < count; b++) {
+    float* hd = d_l.p + size_t(b) * size_t(k * k);
+    float* e = d_prod.p + b * kn;
+    float* c = d_recon.p + b * kn;
+    const float* wb = d_w.p + b * kn;
+    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(hd, h[b], size_t(k * k) * sizeof(float), cudaMemcpyHostToDevice));
+    sub_kernel<<<kDotBlocks, kThreads>>>(wb, c, kn, e);
+    TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+    const double num = quadratic_trace(blas.h, e, hd, k, n, c, d_partial.p, partial);
+    const double den = quadratic_trace(blas.h, wb, hd, k, n, c, d_partial.p, partial);
+    proxy[b] = num / std::max(den, 1e-30);
   }
 }
 

@@ -66,8 +66,9 @@ TEST(EncoderCuda, QuantizeLinearMatchesCpuPlainAndLdlq) {
       EXPECT_EQ(gpu.svh, cpu.svh) << what;
       ASSERT_EQ(gpu.trellis.size(), cpu.trellis.size()) << what;
       EXPECT_EQ(gpu.trellis, cpu.trellis) << what;
-      // The proxy error is a double sum in another order on each side (see test_trellis_viterbi_cuda.cpp).
-      EXPECT_NEAR(gpu.proxy_err, cpu.proxy_err, 1e-9 * cpu.proxy_err) << what;
+      // The proxy error: plain, a double sum in another order (see test_trellis_viterbi_cuda.cpp); LDLQ, two cuBLAS
+      // fp32 GEMMs on the GPU against the CPU's fp32 row sums (relative differences of ~1e-6 expected).
+      EXPECT_NEAR(gpu.proxy_err, cpu.proxy_err, (ldlq ? 1e-4 : 1e-9) * cpu.proxy_err) << what;
     }
 }
 
@@ -150,6 +151,6 @@ TEST(EncoderCuda, QuantizeLinearsMatchesCpu) {
     EXPECT_EQ(gpu[b].trellis, cpu[b].trellis) << b;
     EXPECT_EQ(gpu[b].suh, cpu[b].suh) << b;
     EXPECT_EQ(gpu[b].g_scale, cpu[b].g_scale) << b;
-    EXPECT_NEAR(gpu[b].proxy_err, cpu[b].proxy_err, 1e-9 * cpu[b].proxy_err) << b;
+    EXPECT_NEAR(gpu[b].proxy_err, cpu[b].proxy_err, 1e-4 * cpu[b].proxy_err) << b;  // GEMMs on the GPU (above)
   }
 }
