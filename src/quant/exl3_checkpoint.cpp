@@ -5,9 +5,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "core/error.h"
@@ -105,6 +107,47 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   auto same_kind = [](const QuantizePlanEntry& a, const QuantizePlanEntry& b) {
     return a.in == b.in && a.out == b.out && a.K == b.K && a.codebook == b.codebook;
   };
+  struct Member {
+    size_t i = 0;
+    std::map<std::string, std::string> meta;
+    bool reuse = false;
+    std::vector<float> w, h;  // the source weight and its Hessian, until the group is prepared
+  };
+  // A prepared group whose codes are being computed: on the GPU by a worker thread while the main thread prepares the
+  // next group on the CPU (prepare + LDL of a 64-expert group take ~6 s, its LDLQ ~8 s on an H200), on the CPU when
+  // its files are written (deferred: the two halves would only compete for the same cores).
+  struct InFlight {
+    std::vector<Member> members;
+    PreparedLinearsPtr prepared;
+    std::future<std::vector<EncodedLinear>> encoded;  // declared last: joined before `prepared` is freed
+  };
+  const bool overlap = opt.encode.device == EncodeDevice::Cuda;
+  auto write_group = [&](InFlight& f) {
+    std::vector<EncodedLinear> encoded = f.encoded.get();
+    size_t next = 0;
+    for (Member& m : f.members) {
+      const QuantizePlanEntry& e = plan[m.i];
+      if (!m.reuse) {
+        EncodedLinear& enc = encoded[next++];
+        if (const TensorInfo* b = store.find(e.key + ".bias")) {
+          if (b->shape != std::vector<int64_t>{e.out}) fail(in_dir, ": tensor \"", e.key, ".bias\" is not [", e.out, "]");
+          const std::vector<float> bf = weight_f32(*b);
+          enc.bias = padded_bias_f16(bf.data(), e.out, enc.out_padded);
+        }
+        const fs::path file = qdir / (e.key + ".safetensors"), tmp = qdir / (e.key + ".safetensors.tmp");
+        write_safetensors(tmp.string(), exl3_tensors(e.key, enc), m.meta);
+        fs::rename(tmp, file);  // a file under its final name is complete
+        enc = EncodedLinear{};
+      }
+      prog.done++;
+      prog.weights_done += e.in * e.out;
+      prog.reused = m.reuse;
+      prog.group = m.reuse ? 0 : int64_t(encoded.size());
+      prog.key = &e.key;
+      if (opt.on_progress) opt.on_progress(prog);
+    }
+  };
+  std::optional<InFlight> pending;
   std::vector<bool> taken(plan.size(), false);
   for (size_t g0 = 0; g0 < plan.size(); g0++) {
     if (taken[g0]) continue;
@@ -120,13 +163,7 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
           uint64_t(group.size() + 1) * member_bytes <= opt.group_bytes)
         group.push_back(j);
     for (size_t i : group) taken[i] = true;
-    struct Member {
-      size_t i;
-      std::map<std::string, std::string> meta;
-      bool reuse = false;
-      std::vector<float> w, h;
-    };
-    std::vector<Member> members;
+    InFlight f;
     for (size_t i : group) {
       const QuantizePlanEntry& e = plan[i];
       const TensorInfo& wt = store.get(e.key + ".weight");
@@ -147,11 +184,11 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
         if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
           fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
       }
-      members.push_back(std::move(m));
+      f.members.push_back(std::move(m));
     }
     std::vector<const float*> ws, hs;
     std::vector<uint64_t> seeds;
-    for (const Member& m : members)
+    for (const Member& m : f.members)
       if (!m.reuse) {
         ws.push_back(m.w.data());
         hs.push_back(m.h.empty() ? nullptr : m.h.data());
@@ -160,30 +197,17 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     EncodeOptions eo = opt.encode;
     eo.K = first.K;
     eo.codebook = first.codebook;
-    std::vector<EncodedLinear> encoded = quantize_linears(ws, first.out, first.in, hs, seeds, eo);
-    size_t next = 0;
-    for (Member& m : members) {
-      const QuantizePlanEntry& e = plan[m.i];
-      if (!m.reuse) {
-        EncodedLinear& enc = encoded[next++];
-        if (const TensorInfo* b = store.find(e.key + ".bias")) {
-          if (b->shape != std::vector<int64_t>{e.out}) fail(in_dir, ": tensor \"", e.key, ".bias\" is not [", e.out, "]");
-          const std::vector<float> bf = weight_f32(*b);
-          enc.bias = padded_bias_f16(bf.data(), e.out, enc.out_padded);
-        }
-        const fs::path file = qdir / (e.key + ".safetensors"), tmp = qdir / (e.key + ".safetensors.tmp");
-        write_safetensors(tmp.string(), exl3_tensors(e.key, enc), m.meta);
-        fs::rename(tmp, file);  // a file under its final name is complete
-        enc = EncodedLinear{};
-      }
-      prog.done++;
-      prog.weights_done += e.in * e.out;
-      prog.reused = m.reuse;
-      prog.group = m.reuse ? 0 : int64_t(ws.size());
-      prog.key = &e.key;
-      if (opt.on_progress) opt.on_progress(prog);
+    f.prepared = prepare_linears(ws, first.out, first.in, hs, seeds, eo);
+    for (Member& m : f.members) m.w = {}, m.h = {};
+    if (pending) {
+      write_group(*pending);
+      pending.reset();
     }
+    PreparedLinears* p = f.prepared.get();
+    f.encoded = std::async(overlap ? std::launch::async : std::launch::deferred, [p] { return encode_prepared(*p); });
+    pending = std::move(f);
   }
+  if (pending) write_group(*pending);
 
   // 2. Gather the output tensors in source order: a planned Linear's .weight/.bias become its EXL3 tensors.
   std::vector<std::unique_ptr<SafetensorsFile>> qfiles;

@@ -29,47 +29,51 @@ uint16_t factor_to_f16(float v) {
   return f32_to_f16(v < 0 ? -a : a);
 }
 
-// Mean squared error (in the unscaled domain) of the sample tiles 0, stride, 2·stride, … at each scale: every scale's
-// copy of the tiles goes into one encode_tiles call, so the GPU gets 10 x 22 or 5 x 64 tiles at once rather than
-// one small call per scale (the codes, hence the errors, are the same either way).
-std::vector<double> tile_mse_at_scales(const std::vector<float>& tiles, int64_t n_tiles, int64_t stride,
-                                       const float* scales, int n_scales, int K, Codebook cb, EncodeDevice dev) {
-  const int64_t n = (n_tiles + stride - 1) / stride;
-  std::vector<float> scaled(size_t(n_scales * n * kTileElems)), recon(scaled.size());
+// Mean squared error (in the unscaled domain) of the sample tiles 0, stride, 2·stride, … of every member m at each
+// of its scales[m]: all members' copies at all their scales go into one encode_tiles call, so the GPU gets
+// 64 members x (10 x 113 or 5 x 340) tiles at once rather than two small calls per Linear (the codes, hence the
+// errors, are the same either way).
+std::vector<std::vector<double>> tile_mse_at_scales(const std::vector<std::vector<float>>& tiles, int64_t stride,
+                                                    const std::vector<std::vector<float>>& scales, int K, Codebook cb,
+                                                    EncodeDevice dev) {
+  const size_t members = tiles.size();
+  std::vector<int64_t> first(members + 1, 0), count(members);
+  for (size_t m = 0; m < members; m++) {
+    const int64_t n_tiles = int64_t(tiles[m].size()) / kTileElems;
+    count[m] = (n_tiles + stride - 1) / stride;
+    first[m + 1] = first[m] + int64_t(scales[m].size()) * count[m];
+  }
+  std::vector<float> scaled(size_t(first[members] * kTileElems)), recon(scaled.size());
   std::vector<uint16_t> states(scaled.size());
-  for (int i = 0; i < n_scales; i++)
-    for (int64_t t = 0; t < n; t++)
-      for (int e = 0; e < kTileElems; e++)
-        scaled[(i * n + t) * kTileElems + e] = tiles[t * stride * kTileElems + e] * scales[i];
-  encode_tiles(scaled.data(), n_scales * n, K, cb, dev, states.data(), recon.data());
-  std::vector<double> mse(static_cast<size_t>(n_scales));
-  for (int i = 0; i < n_scales; i++) {
-    double err = 0;
-    for (int64_t t = 0; t < n; t++)
-      for (int e = 0; e < kTileElems; e++) {
-        const double d = double(recon[(i * n + t) * kTileElems + e]) / scales[i] - tiles[t * stride * kTileElems + e];
-        err += d * d;
-      }
-    mse[i] = err / double(n * kTileElems);
+  for (size_t m = 0; m < members; m++)
+    for (size_t i = 0; i < scales[m].size(); i++)
+      for (int64_t t = 0; t < count[m]; t++)
+        for (int e = 0; e < kTileElems; e++)
+          scaled[(first[m] + int64_t(i) * count[m] + t) * kTileElems + e] = tiles[m][t * stride * kTileElems + e] * scales[m][i];
+  encode_tiles(scaled.data(), first[members], K, cb, dev, states.data(), recon.data());
+  std::vector<std::vector<double>> mse(members);
+  for (size_t m = 0; m < members; m++) {
+    const int64_t n = count[m];
+    mse[m].resize(scales[m].size());
+    for (size_t i = 0; i < scales[m].size(); i++) {
+      double err = 0;
+      for (int64_t t = 0; t < n; t++)
+        for (int e = 0; e < kTileElems; e++) {
+          const double d = double(recon[(first[m] + int64_t(i) * n + t) * kTileElems + e]) / scales[m][i] -
+                           tiles[m][t * stride * kTileElems + e];
+          err += d * d;
+        }
+      mse[m][i] = err / double(n * kTileElems);
+    }
   }
   return mse;
 }
 
-}  // namespace
-
-void gather_tile(const float* a, int64_t cols, int64_t tk, int64_t tn, float* dst) {
-  for (int p = 0; p < kTileElems; p++) dst[p] = a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)];
-}
-
-void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float* a) {
-  for (int p = 0; p < kTileElems; p++) a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)] = src[p];
-}
-
-float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb, EncodeDevice dev) {
+// The scale search's sample: a wrapped diagonal of width 3 (every tile row and column at least once: outliers tend to
+// be whole channels) plus the highest- and lowest-RMS tiles, gathered in walk order.
+std::vector<float> scale_search_tiles(const float* w, int64_t k, int64_t n) {
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim, width = 3;
   TRELLM_ASSERT(tiles_k > 0 && tiles_n > 0);
-  // Sample: a wrapped diagonal (every tile row and column at least once: outliers tend to be whole channels)
-  // plus the highest- and lowest-RMS tiles.
   std::vector<std::pair<int64_t, int64_t>> picks;
   const int64_t diag_len = std::max(tiles_k, tiles_n);
   for (int64_t i = 0; i < diag_len; i++)
@@ -94,32 +98,58 @@ float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook 
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return ms[a] > ms[b]; });
   for (int64_t i = 0; i < num_x; i++) picks.emplace_back(order[i] / tiles_n, order[i] % tiles_n);
   for (int64_t i = 0; i < num_x; i++) picks.emplace_back(order[n_all - 1 - i] / tiles_n, order[n_all - 1 - i] % tiles_n);
+  std::vector<float> tiles(picks.size() * kTileElems);
+  for (size_t i = 0; i < picks.size(); i++) gather_tile(w, n, picks[i].first, picks[i].second, tiles.data() + i * kTileElems);
+  return tiles;
+}
 
-  const int64_t ns = int64_t(picks.size());
-  std::vector<float> tiles(size_t(ns * kTileElems));
-  for (int64_t i = 0; i < ns; i++) gather_tile(w, n, picks[i].first, picks[i].second, tiles.data() + i * kTileElems);
+}  // namespace
 
+void gather_tile(const float* a, int64_t cols, int64_t tk, int64_t tn, float* dst) {
+  for (int p = 0; p < kTileElems; p++) dst[p] = a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)];
+}
+
+void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float* a) {
+  for (int p = 0; p < kTileElems; p++) a[(tk * kTileDim + walk_k(p)) * cols + tn * kTileDim + walk_n(p)] = src[p];
+}
+
+float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb, EncodeDevice dev) {
+  return global_scale_search_batch({&w, 1}, k, n, K, cb, dev)[0];
+}
+
+std::vector<float> global_scale_search_batch(std::span<const float* const> w, int64_t k, int64_t n, int K, Codebook cb,
+                                             EncodeDevice dev) {
+  const size_t members = w.size();
+  std::vector<std::vector<float>> tiles(members);
+  for (size_t m = 0; m < members; m++) tiles[m] = scale_search_tiles(w[m], k, n);
   // Coarse grid on every third tile, fine grid on all, parabolic refinement (the error curve is flat near the
   // optimum but not strictly unimodal, so no golden-section search).
-  float coarse[10];
-  for (int i = 0; i < 10; i++) coarse[i] = 0.1f + 0.2f * i;
-  const std::vector<double> yc = tile_mse_at_scales(tiles, ns, 3, coarse, 10, K, cb, dev);
-  float best_c = 0.1f;
-  double best_mse = INFINITY;
-  for (int i = 0; i < 10; i++)
-    if (yc[i] < best_mse) best_mse = yc[i], best_c = coarse[i];
+  std::vector<std::vector<float>> coarse(members, std::vector<float>(10));
+  for (auto& c : coarse)
+    for (int i = 0; i < 10; i++) c[i] = 0.1f + 0.2f * i;
+  const auto yc = tile_mse_at_scales(tiles, 3, coarse, K, cb, dev);
   constexpr float step = 0.075f;
-  float fine[5];
-  for (int i = 0; i < 5; i++) fine[i] = std::max(best_c + step * float(i - 2), 0.01f);
-  const std::vector<double> yf = tile_mse_at_scales(tiles, ns, 1, fine, 5, K, cb, dev);
-  const double* y = yf.data();
-  const int b = int(std::min_element(y, y + 5) - y);
-  double offset = 0;
-  if (b > 0 && b < 4) {
-    const double denom = y[b - 1] - 2.0 * y[b] + y[b + 1];
-    offset = denom > 0 ? std::clamp(0.5 * (y[b - 1] - y[b + 1]) / denom, -0.5, 0.5) : 0.0;
+  std::vector<std::vector<float>> fine(members, std::vector<float>(5));
+  for (size_t m = 0; m < members; m++) {
+    float best_c = 0.1f;
+    double best_mse = INFINITY;
+    for (int i = 0; i < 10; i++)
+      if (yc[m][i] < best_mse) best_mse = yc[m][i], best_c = coarse[m][i];
+    for (int i = 0; i < 5; i++) fine[m][i] = std::max(best_c + step * float(i - 2), 0.01f);
   }
-  return std::max(float(fine[b] + offset * step), 0.01f);
+  const auto yf = tile_mse_at_scales(tiles, 1, fine, K, cb, dev);
+  std::vector<float> g(members);
+  for (size_t m = 0; m < members; m++) {
+    const double* y = yf[m].data();
+    const int b = int(std::min_element(y, y + 5) - y);
+    double offset = 0;
+    if (b > 0 && b < 4) {
+      const double denom = y[b - 1] - 2.0 * y[b] + y[b + 1];
+      offset = denom > 0 ? std::clamp(0.5 * (y[b - 1] - y[b + 1]) / denom, -0.5, 0.5) : 0.0;
+    }
+    g[m] = std::max(float(fine[m][b] + offset * step), 0.01f);
+  }
+  return g;
 }
 
 float gaussian_scale(int K, Codebook cb) {
@@ -225,23 +255,37 @@ namespace {
 
 // One Linear up to its LDLQ: everything but the codes, the rotated weight wr, and with a usable Hessian its rotated
 // form hr and block-LDL factor l (both empty for plain Viterbi).
+// In three steps: rotate_linear (the output side and the input RMS, and for the scale search wr = the weight rotated
+// with the unrounded su), the scale search of a whole group in one batch, scale_linear (suh, wr, H').
 struct Prepared {
   EncodedLinear enc;
   std::vector<float> wr, hr, l;
+  std::vector<float> w, su;  // between the steps: W·Hblk after the output scales, the input RMS factors
 };
 
-Prepared prepare_linear(const float* weight_hf, int64_t out, int64_t in, const float* hessian, const EncodeOptions& opt) {
+// Hblk · diag(1/factor) · pr.w, into dst
+void rotate_in(const Prepared& pr, const std::vector<float>& factor, std::vector<float>& dst) {
+  const int64_t kp = pr.enc.in_padded, np = pr.enc.out_padded;
+  dst.resize(pr.w.size());
+  parallel_for(kp, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++)
+      for (int64_t j = 0; j < np; j++) dst[i * np + j] = pr.w[i * np + j] / factor[i];
+  });
+  hadamard_cols(dst.data(), kp, np);  // Hblk · ...
+}
+
+Prepared rotate_linear(const float* weight_hf, int64_t out, int64_t in, const EncodeOptions& opt) {
   Prepared pr;
   EncodedLinear& enc = pr.enc;
-  std::vector<float>& wr = pr.wr;
-  std::vector<float>& hr = pr.hr;
+  std::vector<float>& w = pr.w;
+  std::vector<float>& su = pr.su;
   enc.K = opt.K;
   enc.codebook = opt.codebook;
   enc.in = in, enc.out = out;
   const int64_t kp = enc.in_padded = round_up_128(in), np = enc.out_padded = round_up_128(out);
 
   // (in, out) orientation, zero-padded.
-  std::vector<float> w(size_t(kp * np), 0.0f);
+  w.assign(size_t(kp * np), 0.0f);
   parallel_for(out, 16, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; j++)
       for (int64_t i = 0; i < in; i++) w[i * np + j] = weight_hf[j * in + i];
@@ -279,7 +323,7 @@ Prepared prepare_linear(const float* weight_hf, int64_t out, int64_t in, const f
   hadamard_rows(w.data(), kp, np);  // W · Hblk
 
   // Input channels: su = sign · row RMS / -codebook_scale, so rows land near the codebook's RMS.
-  std::vector<float> su(static_cast<size_t>(kp));
+  su.resize(static_cast<size_t>(kp));
   for (int64_t i = 0; i < kp; i++) {
     double s = 0;
     for (int64_t j = 0; j < np; j++) s += double(w[i * np + j]) * w[i * np + j];
@@ -287,27 +331,26 @@ Prepared prepare_linear(const float* weight_hf, int64_t out, int64_t in, const f
     if (rms < 1e-30) rms = 0.1;
     su[i] = float(su_sign[i] * rms / -double(kCodebookScale3Inst));
   }
-  auto rotate_in = [&](const std::vector<float>& factor, std::vector<float>& dst) {
-    dst.resize(w.size());
-    parallel_for(kp, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; i++)
-        for (int64_t j = 0; j < np; j++) dst[i * np + j] = w[i * np + j] / factor[i];
-    });
-    hadamard_cols(dst.data(), kp, np);  // Hblk · ...
-  };
   enc.g_scale = opt.fixed_scale > 0 ? opt.fixed_scale : gaussian_scale(opt.K, opt.codebook);
-  if (opt.scale_search) {
-    rotate_in(su, wr);
-    enc.g_scale = global_scale_search(wr.data(), kp, np, opt.K, opt.codebook, opt.device);
-  }
-  // suh = fp16(su / g); the rotated weight is rebuilt from the rounded factors.
+  if (opt.scale_search) rotate_in(pr, su, pr.wr);  // the scale search's input
+  return pr;
+}
+
+// With enc.g_scale chosen: suh = fp16(su / g), the rotated weight rebuilt from the rounded factors, and H'.
+void scale_linear(Prepared& pr, const float* hessian, const EncodeOptions& opt) {
+  EncodedLinear& enc = pr.enc;
+  std::vector<float>& wr = pr.wr;
+  std::vector<float>& hr = pr.hr;
+  const std::vector<float>& su = pr.su;
+  const int64_t kp = enc.in_padded, in = enc.in;
   enc.suh.resize(static_cast<size_t>(kp));
   std::vector<float> su_div(static_cast<size_t>(kp));
   for (int64_t i = 0; i < kp; i++) {
     enc.suh[i] = factor_to_f16(su[i] / enc.g_scale);
     su_div[i] = f16_to_f32(enc.suh[i]);
   }
-  rotate_in(su_div, wr);
+  rotate_in(pr, su_div, wr);
+  pr.w = {}, pr.su = {};
 
   // Hessian of the rotated-domain weight: H' = Hblk·diag(suh)·(H + damping)·diag(suh)·Hblk.
   if (hessian) {
@@ -328,8 +371,6 @@ Prepared prepare_linear(const float* weight_hf, int64_t out, int64_t in, const f
       hadamard_cols(hr.data(), kp, kp);
     }
   }
-
-  return pr;
 }
 
 void factor_linear(Prepared& pr, const EncodeOptions& opt) {
@@ -412,27 +453,52 @@ EncodedLinear quantize_linear(const float* weight_hf, int64_t out, int64_t in, c
   return std::move(v[0]);
 }
 
-std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weights, int64_t out, int64_t in,
-                                            std::span<const float* const> hessians, std::span<const uint64_t> seeds,
-                                            const EncodeOptions& opt) {
+struct PreparedLinears {
+  int64_t out = 0, in = 0;
+  EncodeOptions opt;
+  std::vector<Prepared> pr;
+};
+
+PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                   std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                   const EncodeOptions& opt) {
   if (opt.K < kMinK || opt.K > kMaxK) fail("quantize_linear: K = ", opt.K, " is outside 1..8");
   if (in <= 0 || out <= 0) fail("quantize_linear: invalid shape (", out, ", ", in, ")");
   TRELLM_ASSERT(hessians.size() == weights.size() && seeds.size() == weights.size());
+  PreparedLinearsPtr g(new PreparedLinears);
+  g->out = out, g->in = in, g->opt = opt;
   const size_t count = weights.size();
-  std::vector<Prepared> pr(count);
-  EncodeTimes t;
+  std::vector<Prepared>& pr = g->pr;
+  pr.resize(count);
   auto t0 = std::chrono::steady_clock::now();
   for_members(count, [&](size_t b) {
     EncodeOptions o = opt;
     o.seed = seeds[b];
-    pr[b] = prepare_linear(weights[b], out, in, hessians[b], o);
+    pr[b] = rotate_linear(weights[b], out, in, o);
   });
-  t.prepare = seconds_since(t0);
+  if (opt.scale_search && count > 0) {  // every member's sample tiles in two Viterbi calls
+    std::vector<const float*> wr(count);
+    for (size_t b = 0; b < count; b++) wr[b] = pr[b].wr.data();
+    const std::vector<float> g =
+        global_scale_search_batch(wr, round_up_128(in), round_up_128(out), opt.K, opt.codebook, opt.device);
+    for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = g[b];
+  }
+  for_members(count, [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
+  const double prepare = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   for_members(count, [&](size_t b) { factor_linear(pr[b], opt); });
-  t.ldl = seconds_since(t0);
-  t0 = std::chrono::steady_clock::now();
-  const int64_t kp = round_up_128(in), np = round_up_128(out);
+  if (opt.times) opt.times->prepare += prepare, opt.times->ldl += seconds_since(t0);
+  return g;
+}
+
+void PreparedLinearsDelete::operator()(PreparedLinears* p) const { delete p; }
+
+std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
+  const EncodeOptions& opt = g.opt;
+  std::vector<Prepared>& pr = g.pr;
+  const size_t count = pr.size();
+  auto t0 = std::chrono::steady_clock::now();
+  const int64_t kp = round_up_128(g.in), np = round_up_128(g.out);
   std::vector<std::vector<uint16_t>> states(count);
   std::vector<std::vector<float>> recon(count);
   std::vector<double> plain_err(count, 0.0);
@@ -462,7 +528,7 @@ std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weight
   } else
 #endif
     quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device);
-  t.encode = seconds_since(t0);
+  const double encode = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
   std::vector<EncodedLinear> enc(count);
   for_members(count, [&](size_t b) {
@@ -471,12 +537,14 @@ std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weight
     pr[b] = Prepared{};  // free as we go
     states[b] = {}, recon[b] = {};
   });
-  t.finish = seconds_since(t0);
-  if (opt.times) {
-    opt.times->prepare += t.prepare, opt.times->ldl += t.ldl, opt.times->encode += t.encode;
-    opt.times->finish += t.finish;
-  }
+  if (opt.times) opt.times->encode += encode, opt.times->finish += seconds_since(t0);
   return enc;
+}
+
+std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                            std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                            const EncodeOptions& opt) {
+  return encode_prepared(*prepare_linears(weights, out, in, hessians, seeds, opt));
 }
 
 }  // namespace trellm::trellis

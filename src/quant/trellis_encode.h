@@ -12,6 +12,7 @@
 //    Hessian of the rotated-domain weight (exllamav3 uses the signs only, §4.4 note).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
@@ -75,6 +76,20 @@ std::vector<EncodedLinear> quantize_linears(std::span<const float* const> weight
                                             std::span<const float* const> hessians, std::span<const uint64_t> seeds,
                                             const EncodeOptions& opt);
 
+// quantize_linears in two halves, for a caller that overlaps the CPU half of one group with the GPU half of the one
+// before (quantize_checkpoint on the GPU): prepare_linears does the signs, scales, Hadamards, scale search and block
+// LDL (CPU; the inputs may be freed after it), encode_prepared the LDLQ / plain Viterbi (the GPU with device Cuda),
+// the proxy errors and packing. The same results as quantize_linears.
+struct PreparedLinears;
+struct PreparedLinearsDelete {
+  void operator()(PreparedLinears* p) const;
+};
+using PreparedLinearsPtr = std::unique_ptr<PreparedLinears, PreparedLinearsDelete>;
+PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                   std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                   const EncodeOptions& opt);
+std::vector<EncodedLinear> encode_prepared(PreparedLinears& group);
+
 // --- building blocks (exposed for tests and the CUDA twin) ---
 
 // Tile (tk, tn) of a row-major (rows x cols) matrix, in walk order: dst[p] = a[16tk + walk_k(p)][16tn + walk_n(p)].
@@ -87,6 +102,10 @@ void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float*
 // Returns g such that the encoder quantizes g·W. Each grid is one batch of Viterbi calls (all its scales at once).
 float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb,
                           EncodeDevice dev = EncodeDevice::Cpu);
+// The same for several weights of one shape, each its own search, in two Viterbi calls for all (a group of 64
+// experts: ~72 K and ~109 K tiles, where one Linear's calls of ~1 K tiles leave a GPU mostly idle). Same results.
+std::vector<float> global_scale_search_batch(std::span<const float* const> w, int64_t k, int64_t n, int K, Codebook cb,
+                                             EncodeDevice dev = EncodeDevice::Cpu);
 
 // The global scale the search finds for i.i.d. Gaussian weights after the encoder's row normalisation (rows at
 // the 3INST codebook RMS, 1.2437): bench/results/trellis_encoder.md's g divided by 1.2437. A cheap stand-in for
