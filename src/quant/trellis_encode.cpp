@@ -479,9 +479,9 @@ PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_
   if (opt.scale_search && count > 0) {  // every member's sample tiles in two Viterbi calls
     std::vector<const float*> wr(count);
     for (size_t b = 0; b < count; b++) wr[b] = pr[b].wr.data();
-    const std::vector<float> g =
+    const std::vector<float> scales =
         global_scale_search_batch(wr, round_up_128(in), round_up_128(out), opt.K, opt.codebook, opt.device);
-    for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = g[b];
+    for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = scales[b];
   }
   for_members(count, [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
   const double prepare = seconds_since(t0);
