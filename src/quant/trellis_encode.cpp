@@ -1,7 +1,6 @@
 #include "quant/trellis_encode.h"
 
 #include <algorithm>
-#include <chrono>
 #include <functional>
 #include <cmath>
 #include <numeric>
@@ -10,6 +9,7 @@
 #include "core/half.h"
 #include "core/rng.h"
 #include "core/thread_pool.h"
+#include "core/timer.h"
 #include "quant/block_ldl.h"
 #include "quant/hadamard.h"
 #include "quant/trellis_pack.h"
@@ -188,14 +188,15 @@ void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, 
 }
 
 void quantize_ldlq_batch(std::span<const float* const> w, std::span<const float* const> l, int64_t k, int64_t n, int K,
-                         Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon, EncodeDevice dev) {
+                         Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon, EncodeDevice dev,
+                         std::span<const float* const> h, std::span<double> proxy) {
   const int64_t count = int64_t(w.size());
   TRELLM_ASSERT(l.size() == w.size() && states.size() == w.size() && recon.size() == w.size());
   TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
   if (count == 0) return;
   if (dev == EncodeDevice::Cuda) {
 #ifdef TRELLM_HAVE_CUDA
-    return quantize_ldlq_batch_cuda(w, l, k, n, K, cb, states, recon);
+    return quantize_ldlq_batch_cuda(w, l, k, n, K, cb, states, recon, h, proxy);
 #else
     fail("quantize_ldlq_batch: the CUDA encoder is not in this build (TRELLM_HAVE_CUDA is off)");
 #endif
@@ -393,10 +394,6 @@ void for_members(size_t count, const std::function<void(size_t)>& fn) {
   }
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 // The codes are in: the proxy error (from the GPU when `proxy` >= 0) and the packed tensor.
 void finish_linear(Prepared& pr, const uint16_t* states, const float* recon, double plain_err, double proxy) {
   EncodedLinear& enc = pr.enc;
@@ -470,7 +467,7 @@ PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_
   const size_t count = weights.size();
   std::vector<Prepared>& pr = g->pr;
   pr.resize(count);
-  auto t0 = std::chrono::steady_clock::now();
+  Timer timer;
   for_members(count, [&](size_t b) {
     EncodeOptions o = opt;
     o.seed = seeds[b];
@@ -484,10 +481,10 @@ PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_
     for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = scales[b];
   }
   for_members(count, [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
-  const double prepare = seconds_since(t0);
-  t0 = std::chrono::steady_clock::now();
+  const double prepare = timer.seconds();
+  timer.reset();
   for_members(count, [&](size_t b) { factor_linear(pr[b], opt); });
-  if (opt.times) opt.times->prepare += prepare, opt.times->ldl += seconds_since(t0);
+  if (opt.times) opt.times->prepare += prepare, opt.times->ldl += timer.seconds();
   return g;
 }
 
@@ -497,7 +494,7 @@ std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
   const EncodeOptions& opt = g.opt;
   std::vector<Prepared>& pr = g.pr;
   const size_t count = pr.size();
-  auto t0 = std::chrono::steady_clock::now();
+  Timer timer;
   const int64_t kp = round_up_128(g.in), np = round_up_128(g.out);
   std::vector<std::vector<uint16_t>> states(count);
   std::vector<std::vector<float>> recon(count);
@@ -517,19 +514,13 @@ std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
       plain_err[b] = quantize_plain(pr[b].wr.data(), kp, np, opt.K, opt.codebook, states[b].data(), recon[b].data(), opt.device);
     }
   }
-  // On the GPU the batched LDLQ also computes the proxy errors (the CPU's loop would stream W and E once per row of
-  // H': ~50 GB of reads for a 2048 x 1536 expert).
-  std::vector<double> proxy(count, -1.0);
-#ifdef TRELLM_HAVE_CUDA
-  if (opt.device == EncodeDevice::Cuda && !lw.empty()) {
-    std::vector<double> lp(lw.size());
-    quantize_ldlq_batch_cuda(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, lh, lp);
-    for (size_t i = 0; i < lb.size(); i++) proxy[lb[i]] = lp[i];
-  } else
-#endif
-    quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device);
-  const double encode = seconds_since(t0);
-  t0 = std::chrono::steady_clock::now();
+  // With the GPU, the batched LDLQ also computes the proxy errors (the CPU's loop in finish_linear streams W and E
+  // once per row of H': ~50 GB of reads for a 2048 x 1536 expert).
+  std::vector<double> lp(lw.size(), -1.0), proxy(count, -1.0);
+  quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device, lh, lp);
+  for (size_t i = 0; i < lb.size(); i++) proxy[lb[i]] = lp[i];
+  const double encode = timer.seconds();
+  timer.reset();
   std::vector<EncodedLinear> enc(count);
   for_members(count, [&](size_t b) {
     finish_linear(pr[b], states[b].data(), recon[b].data(), plain_err[b], proxy[b]);
@@ -537,7 +528,7 @@ std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
     pr[b] = Prepared{};  // free as we go
     states[b] = {}, recon[b] = {};
   });
-  if (opt.times) opt.times->encode += encode, opt.times->finish += seconds_since(t0);
+  if (opt.times) opt.times->encode += encode, opt.times->finish += timer.seconds();
   return enc;
 }
 

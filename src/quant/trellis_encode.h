@@ -128,8 +128,11 @@ void quantize_ldlq(const float* w, const float* l, int64_t k, int64_t n, int K, 
 // The 64 routed experts of a GLM-4.7-Flash layer give 64 x 96 = 6144 tiles a step where one expert gives 96, which
 // leaves most of a 132-SM GPU idle (the fast kernel runs one tile per SM at a time, ~1.2 ms each). On the GPU
 // (trellis_ldlq_cuda.h) the weights, factors, running products and codes stay on the device for all k/16 steps.
+// With dev Cuda and h (the rotated Hessians H') it also writes proxy[b] = tr(EᵀH'E)/tr(WᵀH'W) (trellis_ldlq_cuda.h);
+// on the CPU proxy is left as it is (quantize_linears computes it there while packing).
 void quantize_ldlq_batch(std::span<const float* const> w, std::span<const float* const> l, int64_t k, int64_t n, int K,
                          Codebook cb, std::span<uint16_t* const> states, std::span<float* const> recon,
-                         EncodeDevice dev = EncodeDevice::Cpu);
+                         EncodeDevice dev = EncodeDevice::Cpu, std::span<const float* const> h = {},
+                         std::span<double> proxy = {});
 
 }  // namespace trellm::trellis

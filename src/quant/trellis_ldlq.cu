@@ -11,19 +11,13 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/quant_cuda_check.h"
 #include "quant/trellis_ldlq_cuda.h"
 #include "quant/trellis_viterbi_cuda.h"
 
 namespace trellm::trellis {
 
 namespace {
-
-#define TRELLM_LDLQ_CUDA_CHECK(expr)                                                                 \
-  do {                                                                                               \
-    const cudaError_t err_ = (expr);                                                                 \
-    if (err_ != cudaSuccess)                                                                         \
-      ::trellm::fail(#expr, " failed at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorString(err_)); \
-  } while (0)
 
 // Device memory freed on every path out (an exception from a later allocation included).
 template <typename T>
@@ -137,8 +131,8 @@ double quadratic_trace(cublasHandle_t cb, const float* a, const float* hd, int64
       CUBLAS_STATUS_SUCCESS)
     fail("batched LDLQ: the proxy-error GEMM (", k, " x ", k, " by ", k, " x ", n, ") failed");
   dot_partials_kernel<<<kDotBlocks, kThreads>>>(a, c, size_t(k * n), partial_d);
-  TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
-  TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(partial.data(), partial_d, kDotBlocks * sizeof(double), cudaMemcpyDeviceToHost));
+  TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+  TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(partial.data(), partial_d, kDotBlocks * sizeof(double), cudaMemcpyDeviceToHost));
   double s = 0;
   for (double v : partial) s += v;
   return s;
@@ -155,7 +149,7 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
   if (count == 0) return;
   TRELLM_ASSERT(count <= 65535 && k / kTileDim <= 65535 * kTileDim, "batched LDLQ: ", count, " weights of ", k, " rows");
-  TRELLM_LDLQ_CUDA_CHECK(cudaSetDevice(viterbi_cuda_current_device()));
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(viterbi_cuda_current_device()));
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
   const size_t kn = size_t(k * n), step = size_t(count * tiles_n * kTileElems);
   const double gb = double(count) * (4.0 * 4.0 * double(kn) + 4.0 * double(k * k)) / 1e9;
@@ -171,27 +165,27 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   d_out.alloc(step, "a step's reconstruction", gb);
   d_st.alloc(step, "a step's codes", gb);
   for (int64_t b = 0; b < count; b++) {
-    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(d_w.p + b * kn, w[b], kn * sizeof(float), cudaMemcpyHostToDevice));
-    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(d_l.p + size_t(b) * size_t(k * k), l[b], size_t(k * k) * sizeof(float),
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_w.p + b * kn, w[b], kn * sizeof(float), cudaMemcpyHostToDevice));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_l.p + size_t(b) * size_t(k * k), l[b], size_t(k * k) * sizeof(float),
                                       cudaMemcpyHostToDevice));
   }
-  TRELLM_LDLQ_CUDA_CHECK(cudaMemset(d_prod.p, 0, count * kn * sizeof(float)));
+  TRELLM_QUANT_CUDA_CHECK(cudaMemset(d_prod.p, 0, count * kn * sizeof(float)));
   const dim3 tile_grid(unsigned((tiles_n * kTileElems + kThreads - 1) / kThreads), unsigned(count));
   for (int64_t r = tiles_k - 1; r >= 0; r--) {
     const int64_t r0 = r * kTileDim;
     ldlq_gather_kernel<<<tile_grid, kThreads>>>(d_w.p, d_prod.p, k, n, r0, tiles_n, d_in.p);
-    TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
     viterbi_encode_tiles_cuda_device(d_in.p, count * tiles_n, K, cb, d_st.p, d_out.p);
     ldlq_scatter_kernel<<<tile_grid, kThreads>>>(d_w.p, d_st.p, d_out.p, k, n, r, tiles_n, d_states.p, d_recon.p, d_err.p);
-    TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
     if (r == 0) break;
     const dim3 upd(unsigned((n + kThreads - 1) / kThreads), unsigned(r0), unsigned(count));
     ldlq_update_kernel<<<upd, kThreads>>>(d_l.p, d_err.p, k, n, r0, d_prod.p);
-    TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
   }
   for (int64_t b = 0; b < count; b++) {
-    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(states[b], d_states.p + b * kn, kn * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(recon[b], d_recon.p + b * kn, kn * sizeof(float), cudaMemcpyDeviceToHost));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states[b], d_states.p + b * kn, kn * sizeof(uint16_t), cudaMemcpyDeviceToHost));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(recon[b], d_recon.p + b * kn, kn * sizeof(float), cudaMemcpyDeviceToHost));
   }
   if (h.empty()) return;
   // The proxy errors, one weight at a time: H' into the factor's slot (the factors are done), E into the running
@@ -205,9 +199,9 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
     float* e = d_prod.p + b * kn;
     float* c = d_recon.p + b * kn;
     const float* wb = d_w.p + b * kn;
-    TRELLM_LDLQ_CUDA_CHECK(cudaMemcpy(hd, h[b], size_t(k * k) * sizeof(float), cudaMemcpyHostToDevice));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(hd, h[b], size_t(k * k) * sizeof(float), cudaMemcpyHostToDevice));
     sub_kernel<<<kDotBlocks, kThreads>>>(wb, c, kn, e);
-    TRELLM_LDLQ_CUDA_CHECK(cudaGetLastError());
+    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
     const double num = quadratic_trace(blas.h, e, hd, k, n, c, d_partial.p, partial);
     const double den = quadratic_trace(blas.h, wb, hd, k, n, c, d_partial.p, partial);
     proxy[b] = num / std::max(den, 1e-30);

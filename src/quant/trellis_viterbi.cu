@@ -22,16 +22,10 @@
 
 #include "core/error.h"
 #include "core/half.h"
+#include "quant/quant_cuda_check.h"
 #include "quant/trellis_viterbi.h"
 #include "quant/trellis_viterbi_cuda.h"
 #include "quant/trellis_viterbi_fast.h"
-
-#define TRELLM_QUANT_CUDA_CHECK(expr)                                                                \
-  do {                                                                                               \
-    const cudaError_t err_ = (expr);                                                                 \
-    if (err_ != cudaSuccess)                                                                         \
-      ::trellm::fail(#expr, " failed at ", __FILE__, ":", __LINE__, ": ", cudaGetErrorString(err_)); \
-  } while (0)
 
 namespace trellm::trellis {
 

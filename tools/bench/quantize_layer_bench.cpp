@@ -10,7 +10,6 @@
 // --overlap: the MoE layer once more as quantize_checkpoint runs it on the GPU, each group's CPU half (prepare, LDL)
 // overlapping the previous group's GPU half (LDLQ, proxy, packing); its wall time is the layer figure then.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -23,6 +22,7 @@
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/thread_pool.h"
+#include "core/timer.h"
 #include "model/glm4_moe_lite.h"
 #include "quant/trellis_encode.h"
 #include "quant/trellis_viterbi.h"
@@ -56,10 +56,6 @@ std::vector<float> random_hessian(int64_t in, uint64_t seed) {
   });
   for (int64_t i = 0; i < in; i++) h[i * in + i] += 0.5f + rng.uniform();
   return h;
-}
-
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
 }  // namespace
@@ -149,9 +145,9 @@ int main(int argc, char** argv) {
       o.K = g.K;
       EncodeTimes t;
       o.times = &t;
-      const double t0 = now_s();
+      const Timer timer;
       const std::vector<EncodedLinear> enc = quantize_linears(ws, g.out, g.in, hs, seeds, o);
-      const double total = now_s() - t0;
+      const double total = timer.seconds();
       const int64_t tiles = int64_t(g.count) * (round_up_128(g.in) / 16) * (round_up_128(g.out) / 16);
       double proxy = 0;
       for (auto& e : enc) proxy += e.proxy_err / double(enc.size());
@@ -195,8 +191,9 @@ int main(int argc, char** argv) {
         std::future<std::vector<EncodedLinear>> f;
       };
       std::optional<InFlight> pending;
-      const double t0 = now_s();
-      double weighted = 0, last = t0;
+      const Timer wall;
+      Timer since_done;  // since the previous group's codes were in
+      double weighted = 0;
       for (size_t gi = 0; gi < gs.size(); gi++) {
         const Group& g = *gs[gi];
         std::vector<const float*> ws, hs;
@@ -209,19 +206,18 @@ int main(int argc, char** argv) {
         if (pending) {
           pending->f.get();
           pending.reset();
-          const double now = now_s();
-          weighted += (now - last) * gs[gi - 1]->weight;  // the time until the previous group was done
-          last = now;
+          weighted += since_done.seconds() * gs[gi - 1]->weight;  // the time until the previous group was done
+          since_done.reset();
         }
         PreparedLinears* p = f.p.get();
         f.f = std::async(std::launch::async, [p] { return encode_prepared(*p); });
         pending = std::move(f);
       }
       pending->f.get();
-      weighted += (now_s() - last) * gs.back()->weight;
+      weighted += since_done.seconds() * gs.back()->weight;
       overlapped = weighted;
       std::printf("\nOverlapped (CPU half of each group under the GPU half of the one before): %.1f s for the timed "
-                  "groups, %.1f s for a 64-expert layer%s\n", now_s() - t0, overlapped,
+                  "groups, %.1f s for a 64-expert layer%s\n", wall.seconds(), overlapped,
                   experts < c.n_routed_experts ? " (each group's time scaled as above)" : "");
       char line[256];
       std::snprintf(line, sizeof line, "{\"bench\": \"quantize_layer_overlapped\", \"device\": \"%s\", \"experts\": %d, "
