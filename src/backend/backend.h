@@ -273,6 +273,18 @@ class Backend {
   // out[i, :] = x[idx[i], :] (the rows whose logits a step wants).  x: [n, d];  out: [m, d];  idx: I32 [m]
   virtual void gather_rows(TensorView out, TensorView x, TensorView idx) = 0;
 
+  // ---- calibration (trellm quantize; never in the serving path) ----
+  // When set, called with every Linear and the rows x [n, in] (f32, contiguous, in the backend's memory: device
+  // memory on the GPU, valid until the call returns, in stream order) it is applied to: by matmul, by moe_ffn's
+  // experts (only the rows routed to each expert) and, for kv_b_proj, by attention_mla with the latent rows c_kv
+  // of the step's tokens (every attention form reports each token once). Fused ops fall back to their parts while
+  // it is set, so each Linear is reported once per step. Empty by default: the hot path pays one branch per op.
+  using LinearObserver = std::function<void(const Linear& w, TensorView x)>;
+  void set_linear_observer(LinearObserver observer) { observer_ = std::move(observer); }
+
+ protected:
+  LinearObserver observer_;
+
  private:
   std::vector<std::chrono::steady_clock::time_point> host_events_;
 };

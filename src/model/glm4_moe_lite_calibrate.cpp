@@ -1,17 +1,23 @@
-// Calibration Hessians for `trellm quantize`: the unquantized model runs the calibration tokens on a CPU
-// backend whose Linear observer feeds each Linear's input rows into a HessianAccumulator (see
-// glm4_moe_lite_quantize.h for what is captured and why).
+// Calibration Hessians for `trellm quantize`: the unquantized model runs the calibration tokens on a backend (the
+// CPU, or the GPU) whose Linear observer feeds each Linear's input rows into a HessianAccumulator, on the GPU one
+// in device memory (see glm4_moe_lite_quantize.h for what is captured and why).
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
 
-#include "backend/cpu/cpu_backend.h"
+#include "backend/backend.h"
 #include "core/error.h"
+#include "core/timer.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "quant/hessian.h"
+#include "quant/hessian_cuda.h"
+#ifdef TRELLM_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "quant/trellis_viterbi_cuda.h"
+#endif
 
 namespace trellm {
 
@@ -61,11 +67,27 @@ std::string model_fingerprint(const std::string& model_dir) {
 // The accumulators of one window of consecutive layers [first, last].
 struct HessianCapture::Window {
   int64_t first = -1, last = -1;
-  std::map<std::string, trellis::HessianAccumulator> acc;  // per input group
+  std::map<std::string, std::unique_ptr<trellis::HessianSum>> acc;  // per input group
 };
 
+// Tokens per forward step: 128 on the CPU (its reference attention is per row; the step size changes nothing but
+// the cache key), 2048 on the GPU (the routed experts' products and DSYRKs want rows).
+static int64_t default_chunk(trellis::EncodeDevice d) { return d == trellis::EncodeDevice::Cuda ? 2048 : 128; }
+
 HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt)
-    : backend_(std::make_unique<CpuBackend>()), rows_(std::move(rows)), opt_(std::move(opt)) {
+    : rows_(std::move(rows)), opt_(std::move(opt)) {
+  if (opt_.chunk == 0) opt_.chunk = default_chunk(opt_.device);
+  if (opt_.device == trellis::EncodeDevice::Cuda) {
+#ifdef TRELLM_HAVE_CUDA
+    // The encoder's device (--device cuda:N), on the backend's own stream.
+    backend_ = make_cuda_backend(trellis::viterbi_cuda_current_device());
+    cuda_ = std::make_unique<trellis::HessianCudaContext>(static_cast<CudaBackend&>(*backend_).stream());
+#else
+    fail("calibration on the GPU: this trellm was built without CUDA");
+#endif
+  } else {
+    backend_ = make_cpu_backend();
+  }
   model_ = Model::load(model_dir, *backend_);
   const int64_t vocab = model_->config().vocab_size;
   for (size_t r = 0; r < rows_.size(); r++) {
@@ -89,14 +111,17 @@ HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::ve
   for (size_t i = 0; i < linears_.size(); i++) by_key_[linears_[i].first.key] = i;
   if (!opt_.cache_dir.empty()) {
     fs::create_directories(opt_.cache_dir);
+    // The GPU's forward rounds activations to bf16 for its products, so its Hessians are its own (not the CPU's).
     cache_key_ = str_cat("trellm hessians v1; model ", model_fingerprint(model_dir), "; calibration ",
-                         calibration_fingerprint(rows_), "; chunk ", opt_.chunk);
+                         calibration_fingerprint(rows_), "; chunk ", opt_.chunk,
+                         opt_.device == trellis::EncodeDevice::Cuda ? "; captured on the GPU" : "");
   }
 }
 
 HessianCapture::~HessianCapture() {
   backend_->set_linear_observer(nullptr);
-  window_.reset();
+  window_.reset();  // before the GPU context its accumulators use
+  cuda_.reset();
   model_.reset();
 }
 
@@ -109,6 +134,26 @@ int64_t HessianCapture::tokens() const {
 void HessianCapture::capture(int64_t first_layer) {
   // The window: layers from first_layer on while their accumulators (in² doubles per input group) fit.
   window_.reset();
+  const Config& c = model_->config();
+  int64_t longest = 0;
+  for (const auto& r : rows_) longest = std::max<int64_t>(longest, int64_t(r.size()));
+  // One run state and one cache for every row (the model keeps its allocations until it is destroyed); made before
+  // the window is sized, since on the GPU both take device memory.
+  if (!rs_ready_) {
+    rs_ = model_->make_run_state(int(std::min<int64_t>(opt_.chunk, longest)));
+    kv_ = model_->make_kv_cache(int(longest));
+    rs_ready_ = true;
+  }
+  const bool gpu = cuda_ != nullptr;
+  uint64_t budget = opt_.memory_budget;
+  if (budget == 0) {
+    budget = 8ull << 30;
+    if (gpu) {  // the device memory left, less 12 GiB: the forward's scratch (it grows in the first pass, ~1 GiB for
+                // GLM-4.7-Flash at 2048 tokens a step) and the encoder working beside it (5.2 GB at full size)
+      const auto [used, total] = backend_->memory_used_total();
+      budget = total > used + (12ull << 30) ? (total - used - (12ull << 30)) / 10 * 9 : 0;
+    }
+  }
   auto w = std::make_unique<Window>();
   w->first = first_layer;
   uint64_t bytes = 0;
@@ -116,37 +161,39 @@ void HessianCapture::capture(int64_t first_layer) {
   std::map<std::string, int64_t> group_in;
   for (const auto& [s, lin] : linears_)
     if (s.layer >= first_layer && group_in.emplace(s.input_group, s.in).second)
+#ifdef TRELLM_HAVE_CUDA
+      layer_bytes[s.layer] += gpu ? trellis::HessianAccumulatorCuda::device_bytes(s.in)
+                                  : uint64_t(s.in) * uint64_t(s.in) * sizeof(double);
+#else
       layer_bytes[s.layer] += uint64_t(s.in) * uint64_t(s.in) * sizeof(double);
+#endif
   for (const auto& [layer, b] : layer_bytes) {
-    if (w->last >= 0 && bytes + b > opt_.memory_budget) break;
+    if (w->last >= 0 && bytes + b > budget) break;
     bytes += b;
     w->last = layer;
   }
   TRELLM_ASSERT(w->last >= first_layer, "no Linear at or after layer ", first_layer);
   // The Linear that records each group's rows (the first one applied to them); the others share its Hessian.
-  std::map<const Linear*, trellis::HessianAccumulator*> recorder;
+  std::map<const Linear*, trellis::HessianSum*> recorder;
   for (const auto& [s, lin] : linears_) {
     if (s.layer < w->first || s.layer > w->last) continue;
-    auto [it, fresh] = w->acc.try_emplace(s.input_group, s.in);
-    if (fresh) recorder[lin] = &it->second;
+    auto [it, fresh] = w->acc.try_emplace(s.input_group);
+    if (!fresh) continue;
+#ifdef TRELLM_HAVE_CUDA
+    if (gpu) it->second = std::make_unique<trellis::HessianAccumulatorCuda>(*cuda_, s.in);
+#endif
+    if (!gpu) it->second = std::make_unique<trellis::HessianAccumulator>(s.in);
+    recorder[lin] = it->second.get();
   }
   if (opt_.on_note)
     opt_.on_note(str_cat("calibration pass ", passes_ + 1, ": capturing ", w->acc.size(), " Hessians of layers ",
-                         w->first, "..", w->last, " (", (bytes + (1 << 20) - 1) >> 20, " MiB)"));
+                         w->first, "..", w->last, " (", (bytes + (1 << 20) - 1) >> 20, " MiB", gpu ? " on the GPU" : "",
+                         ")"));
 
   backend_->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
     auto it = recorder.find(&lin);
-    if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());
+    if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());  // host or device rows, as the backend's
   });
-  const Config& c = model_->config();
-  int64_t longest = 0;
-  for (const auto& r : rows_) longest = std::max<int64_t>(longest, int64_t(r.size()));
-  // One run state and one cache for every row (the model keeps its allocations until it is destroyed).
-  if (!rs_ready_) {
-    rs_ = model_->make_run_state(int(std::min<int64_t>(opt_.chunk, longest)));
-    kv_ = model_->make_kv_cache(int(longest));
-    rs_ready_ = true;
-  }
   // lm_head sees every row only when all rows' logits are computed. The MTP layer (number num_hidden_layers, as
   // lm_head) runs after each main step on its rows p with t[p+1] in the row: token t[p+1], hidden h_p = rs_.x.
   const bool head = w->last >= c.num_hidden_layers;
@@ -162,6 +209,7 @@ void HessianCapture::capture(int64_t first_layer) {
   }
   const int64_t total = tokens();
   int64_t done = 0;
+  Timer pass_time;
   try {
     for (const auto& row : rows_)
       for (int64_t off = 0; off < int64_t(row.size()); off += rs_.max_tokens) {
@@ -186,8 +234,12 @@ void HessianCapture::capture(int64_t first_layer) {
     throw;
   }
   backend_->set_linear_observer(nullptr);
+  for (const auto& [group, acc] : w->acc) acc->rows();  // the last pending rows summed (on the GPU: waits for them)
   window_ = std::move(w);
   passes_++;
+  if (opt_.on_note)
+    opt_.on_note(str_cat("calibration pass ", passes_, ": ", total, " tokens in ", int64_t(pass_time.seconds() * 10) / 10.0,
+                         " s (", int64_t(double(total) / std::max(pass_time.seconds(), 1e-9)), " tokens/s)"));
   if (!cache_key_.empty()) save_window();
 }
 
@@ -195,7 +247,8 @@ void HessianCapture::capture(int64_t first_layer) {
 // returns it, with metadata {"trellm_hessians": cache_key_, "rows": rows}. Written through a temporary name, so a
 // file under its final name is complete; any mismatch or unreadable file is a miss (the window is captured again).
 void HessianCapture::save_window() const {
-  for (const auto& [group, acc] : window_->acc) {
+  for (const auto& [group, sum] : window_->acc) {
+    const trellis::HessianSum& acc = *sum;
     const std::vector<float> h = acc.hessian();
     const fs::path file = fs::path(opt_.cache_dir) / (group + ".safetensors");
     const fs::path tmp = fs::path(opt_.cache_dir) / (group + ".safetensors.tmp");
@@ -246,7 +299,7 @@ std::vector<float> HessianCapture::hessian(const std::string& key) {
     return h;
   }
   if (!in_window(s)) capture(s.layer);
-  const trellis::HessianAccumulator& acc = window_->acc.at(s.input_group);
+  const trellis::HessianSum& acc = *window_->acc.at(s.input_group);
   if (double(acc.rows()) < opt_.min_rows_factor * double(s.in)) return {};
   return acc.hessian();
 }
@@ -257,7 +310,7 @@ int64_t HessianCapture::rows_seen(const std::string& key) {
   int64_t rows = 0;
   if (!in_window(s) && load_cached(s, h, rows)) return rows;
   if (!in_window(s)) capture(s.layer);
-  return window_->acc.at(s.input_group).rows();
+  return window_->acc.at(s.input_group)->rows();
 }
 
 }  // namespace trellm

@@ -302,8 +302,9 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
     co.mtp = co.mtp || res.mtp > 0;
     capture = std::make_unique<HessianCapture>(in_dir, opt.calibration, co);
     note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(),
-                 " tokens; Hessians from the unquantized model, LDLQ where a Linear saw >= ", co.min_rows_factor,
-                 " x in rows"));
+                 " tokens; Hessians from the unquantized model on ",
+                 co.device == trellis::EncodeDevice::Cuda ? "the GPU" : "the CPU", ", LDLQ where a Linear saw >= ",
+                 co.min_rows_factor, " x in rows"));
   } else {
     note("no calibration data: plain per-tile Viterbi for every Linear (no LDLQ)");
   }
@@ -326,7 +327,10 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch
   co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K
   co.extra_metadata = {
-      {"calibration", opt.calibration.empty() ? "none" : calibration_fingerprint(opt.calibration)},
+      // The GPU's Hessians are its own (bf16 activations), so the capture device is part of what a resume must match.
+      {"calibration", opt.calibration.empty() ? "none"
+                      : str_cat(calibration_fingerprint(opt.calibration),
+                                opt.capture.device == trellis::EncodeDevice::Cuda ? ", captured on the GPU" : "")},
       {"encoder", str_cat("scale_search=", opt.scale_search, " sigma_reg=", co.encode.sigma_reg,
                           " min_rows_factor=", opt.capture.min_rows_factor)}};
   if (capture) {

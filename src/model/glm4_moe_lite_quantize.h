@@ -1,6 +1,6 @@
 // Quantizing a GLM-4.7-Flash checkpoint to EXL3 (`trellm quantize`): which Linears are trellis-coded, how the
-// bits are allocated among them, calibration Hessians captured with the model's own forward pass on the CPU
-// backend, and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
+// bits are allocated among them, calibration Hessians captured with the model's own forward pass (on the CPU
+// backend, or on the GPU with the sums in device memory), and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
 //
 // Kept unquantized (copied byte for byte): embeddings, every norm, the router (mlp.gate.weight),
 // e_score_correction_bias, and the MTP layer (model.layers.<num_hidden_layers>.*) unless mtp_bits asks for it.
@@ -15,9 +15,10 @@
 //    exllamav3 does. One capture serves every Linear, the codes of a Linear do not depend on the order or on
 //    which other Linears were already finished, so a resumed run writes exactly the files an uninterrupted run
 //    would; the error compensation exllamav3 gets from sequential capture is a second-order effect.
-//  - Captures run in windows of consecutive layers whose accumulators fit `hessian_memory` (one pass over the
+//  - Captures run in windows of consecutive layers whose accumulators fit `memory_budget` (one pass over the
 //    calibration tokens per window; one window for small models). The real GLM-4.7-Flash needs ~150 GB of
-//    double accumulators for all 47 layers at once, ~3.4 GB per MoE layer.
+//    double accumulators for all 47 layers at once, ~3.4 GB per MoE layer (~4 GB on the GPU, with the pending
+//    rows): 8 layers per pass on the CPU's default budget, ~17 beside the bf16 model on an H200.
 //  - Each Linear sees exactly the rows it is applied to: routed experts only the tokens routed to them,
 //    kv_b_proj the normalised latents c_kv. Linears with one input share one Hessian (q_a/kv_a, gate/up).
 //  - The MTP layer (with mtp_bits) is calibrated as it runs when drafting: after each main forward step, the MTP
@@ -26,6 +27,9 @@
 //  - A Linear that saw fewer than min_rows_factor·in rows (rare experts) falls back to plain per-tile Viterbi;
 //    we do not activate all experts during capture as exllamav3 does (the 64x expert compute is not affordable
 //    in a CPU capture, and the routing stays the model's own).
+//  - On the GPU the forward is the CUDA backend's, whose products round activations to bf16 (beyond 64 rows) and
+//    whose latent cache is bf16: its Hessians agree with the CPU's to ~0.3 % (tiny_b), so the codes differ; the
+//    capture device is recorded with every finished Linear, and a resume on the other device redoes them.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -39,7 +43,9 @@
 
 namespace trellm {
 
-class CpuBackend;
+namespace trellis {
+class HessianCudaContext;
+}
 
 // Which part of the model a Linear belongs to (bit allocation groups, inspect tables).
 enum class LinearPart { Attention, DenseMlp, SharedExpert, RoutedExpert, Head, Mtp };
@@ -81,13 +87,19 @@ struct BitPlan {
 BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_bits, trellis::Codebook codebook);
 
 // Hessians H = XᵀX / rows of each Linear's inputs over calibration token rows, from the unquantized model
-// running on a CPU backend with a Linear observer (see the file comment).
+// running on a backend with a Linear observer (see the file comment): the CPU, or the GPU with the accumulators in
+// device memory (hessian_cuda.h).
 class HessianCapture {
  public:
   struct Options {
-    int64_t chunk = 128;              // tokens per forward step
+    // Where the forward runs and the Hessians are summed: the CPU, or the encoder's GPU (--device cuda:N). The GPU
+    // computes its products with bf16 activations, so its Hessians agree with the CPU's to ~1e-2, not bit for bit.
+    trellis::EncodeDevice device = trellis::EncodeDevice::Cpu;
+    int64_t chunk = 0;                // tokens per forward step; 0: 128 on the CPU, 2048 on the GPU
     double min_rows_factor = 2.0;     // fewer rows than this × in: no Hessian (plain Viterbi)
-    uint64_t memory_budget = 8ull << 30;  // bytes of accumulators per capture window
+    // Bytes of accumulators per capture window; 0: 8 GiB on the CPU, on the GPU the device memory left after the
+    // model less 4 GiB.
+    uint64_t memory_budget = 0;
     // Non-empty: keep the Hessians in this folder (one f32 safetensors file per input group) and reuse them when
     // the model's tensors, the calibration rows and `chunk` are the same. The capture is a CPU forward pass over
     // every calibration token (3 min for 256 x 1024 tokens of the built-in model on 2 cores), the same for every
@@ -101,7 +113,7 @@ class HessianCapture {
     // passes are the long CPU part of a conversion, so `trellm quantize` draws them as a progress bar with an ETA.
     std::function<void(int pass, int64_t done, int64_t total)> on_capture_progress;
   };
-  // Loads `model_dir` on its own CPU backend. Token ids must be < vocab_size (an Error otherwise).
+  // Loads `model_dir` on its own backend (Options::device). Token ids must be < vocab_size (an Error otherwise).
   HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt);
   ~HessianCapture();
   // (in, in) row-major for Linear `key` (a key of linear_specs), or empty when it saw too few rows.
@@ -120,7 +132,8 @@ class HessianCapture {
   void save_window() const;
   std::string cache_key_;  // what a cached Hessian depends on (model tensors, calibration rows, chunk)
   int64_t cache_hits_ = 0;
-  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<trellis::HessianCudaContext> cuda_;  // the GPU accumulators' stream and cuBLAS handle
   std::unique_ptr<Model> model_;
   std::vector<std::vector<int32_t>> rows_;
   Options opt_;

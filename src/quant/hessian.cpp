@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "quant/hessian_cuda.h"
 
 namespace trellm::trellis {
 
@@ -34,13 +35,22 @@ void HessianAccumulator::add(const float* x, int64_t rows) {
   });
 }
 
-std::vector<float> HessianAccumulator::hessian() const {
-  std::vector<float> h(sum_.size(), 0.0f);
-  if (rows_ == 0) return h;
-  const double inv = 1.0 / double(rows_);
-  for (int64_t i = 0; i < in_; i++)
-    for (int64_t j = 0; j <= i; j++) h[i * in_ + j] = h[j * in_ + i] = float(sum_[i * in_ + j] * inv);
+std::vector<float> HessianAccumulator::hessian() const { return finish(sum_.data(), in_, rows_); }
+
+std::vector<float> HessianAccumulator::finish(const double* sum, int64_t in, int64_t rows) {
+  std::vector<float> h(size_t(in * in), 0.0f);
+  if (rows == 0) return h;
+  const double inv = 1.0 / double(rows);
+  for (int64_t i = 0; i < in; i++)
+    for (int64_t j = 0; j <= i; j++) h[i * in + j] = h[j * in + i] = float(sum[i * in + j] * inv);
   return h;
 }
+
+#ifndef TRELLM_HAVE_CUDA
+// Without CUDA the GPU context exists as a type (HessianCapture holds one) but cannot be made.
+struct HessianCudaContext::Impl {};
+HessianCudaContext::HessianCudaContext(void*) { fail("calibration on the GPU: this trellm was built without CUDA"); }
+HessianCudaContext::~HessianCudaContext() = default;
+#endif
 
 }  // namespace trellm::trellis

@@ -7,17 +7,32 @@
 
 namespace trellm::trellis {
 
-class HessianAccumulator {
+// What a calibration capture feeds: the host accumulator below or the GPU's (hessian_cuda.h), whose rows live in
+// device memory.
+class HessianSum {
  public:
-  explicit HessianAccumulator(int64_t in);
-  // x: (rows, in) row-major f32. Multi-threaded over rows of H; rows * in^2 / 2 multiply-adds.
-  void add(const float* x, int64_t rows);
-  int64_t rows() const { return rows_; }
-  int64_t dropped() const { return dropped_; }
-  int64_t in() const { return in_; }
+  virtual ~HessianSum() = default;
+  // x: (rows, in) row-major f32, in the accumulator's memory (host or device).
+  virtual void add(const float* x, int64_t rows) = 0;
+  virtual int64_t rows() const = 0;     // rows summed (the dropped ones not counted)
+  virtual int64_t dropped() const = 0;  // rows dropped for an Inf or NaN
+  virtual int64_t in() const = 0;
   // XᵀX / rows, (in, in) row-major; all zeros when no row was added (quantize_linear then falls back to
   // plain Viterbi, like exllamav3 with a diagonal mean below 1e-20).
-  std::vector<float> hessian() const;
+  virtual std::vector<float> hessian() const = 0;
+};
+
+class HessianAccumulator final : public HessianSum {
+ public:
+  explicit HessianAccumulator(int64_t in);
+  // Multi-threaded over rows of H; rows * in^2 / 2 multiply-adds.
+  void add(const float* x, int64_t rows) override;
+  int64_t rows() const override { return rows_; }
+  int64_t dropped() const override { return dropped_; }
+  int64_t in() const override { return in_; }
+  std::vector<float> hessian() const override;
+  // The one conversion of a double sum (lower triangle of `sum`, row-major) into H: symmetric, sum / rows.
+  static std::vector<float> finish(const double* sum, int64_t in, int64_t rows);
 
  private:
   int64_t in_, rows_ = 0, dropped_ = 0;

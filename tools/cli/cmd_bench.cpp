@@ -28,7 +28,7 @@ namespace {
 struct BenchArgs {
   std::string model, synthetic, save, device = "auto", json, codebook = "mcg", prompt_lens = "512,2048,8192",
               depths = "0,1024,4096,32768";
-  int bits = 3, head_bits = 6, decode_tokens = 64, repeats = 3, prefill_chunk = 2048;
+  int bits = 3, head_bits = 6, layers = 0, decode_tokens = 64, repeats = 3, prefill_chunk = 2048;
   std::string batch;          // batched engine: batch sizes, e.g. "1,8,32,64" (then the single-sequence parts are skipped)
   int batch_depth = 1024;     // prompt tokens per sequence before the measured decode steps
   int prefix_prompt = 8192;   // prefix-cache TTFT: prompt length (0: skip)
@@ -365,8 +365,15 @@ int run_bench(const BenchArgs& a) {
     if (a.synthetic == "glm-4.7-flash") c = Config::glm47_flash();
     else if (a.synthetic == "tiny") c = Config::glm47_flash_tiny();
     else fail("--synthetic ", a.synthetic, ": unknown (glm-4.7-flash or tiny)");
+    if (a.layers < 0 || a.layers > c.num_hidden_layers)
+      fail("--layers ", a.layers, ": the ", a.synthetic, " shape has 1..", c.num_hidden_layers, " decoder layers");
+    if (a.layers > 0) {  // the first N layers of the stack (layer 0 dense, as in the model)
+      c.num_hidden_layers = a.layers;
+      c.mlp_sparse.resize(size_t(a.layers));
+    }
     model = Model::synthetic(c, *backend, spec);
-    rep.shape = a.synthetic + " synthetic " + std::to_string(a.bits) + "bpw head " + std::to_string(a.head_bits);
+    rep.shape = a.synthetic + " synthetic " + std::to_string(a.bits) + "bpw head " + std::to_string(a.head_bits) +
+                (a.layers > 0 ? ", " + std::to_string(a.layers) + " layers" : "");
   }
   backend->synchronize();
   const double load_s = t.seconds();
@@ -522,6 +529,8 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--bits", a.bits, "Synthetic: trellis bits of the linear layers (0 = dense bf16)")->capture_default_str();
   cmd->add_option("--head-bits", a.head_bits, "Synthetic: trellis bits of lm_head (0 = dense bf16)")->capture_default_str();
   cmd->add_option("--codebook", a.codebook, "Synthetic: mcg, mul1 or 3inst")->capture_default_str();
+  cmd->add_option("--layers", a.layers, "Synthetic: only the first N decoder layers (0 = all; e.g. a full-size checkpoint "
+                  "of a few layers for the quantizer's measurements)")->capture_default_str();
   cmd->add_option("--save", a.save, "Write the (synthetic) model to this directory as a checkpoint, then stop");
   cmd->add_option("--prompt-lens", a.prompt_lens, "Prefill prompt lengths")->capture_default_str();
   cmd->add_option("--depths", a.depths, "Decode depths (tokens already in the cache)")->capture_default_str();

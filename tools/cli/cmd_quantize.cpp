@@ -22,7 +22,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct QuantizeArgs {
-  std::string model, out, codebook = "mcg", calibration, device = "auto", hessian_cache;
+  std::string model, out, codebook = "mcg", calibration, device = "auto", calibration_device = "same", hessian_cache;
   double bits = 0;
   int head_bits = 6, mtp_bits = 16, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
@@ -155,6 +155,19 @@ int run_quantize(const QuantizeArgs& a) {
     o.calibration = load_calibration(a.calibration, a.model, a.calibration_rows, a.seq_len);
     o.calibration_cols = a.seq_len;
     o.capture.cache_dir = a.hessian_cache;
+    // The capture runs where the encoder does unless told otherwise, on the encoder's GPU (parse_encode_device
+    // selects it for both): one GPU per conversion.
+    if (a.calibration_device == "same") {
+      o.capture.device = o.device;
+    } else {
+      auto gpu = [](const std::string& d) { return d == "cuda" ? std::string("cuda:0") : d; };
+      if (o.device == trellis::EncodeDevice::Cuda && a.calibration_device.rfind("cuda", 0) == 0 &&
+          a.device.rfind("cuda", 0) == 0 && gpu(a.calibration_device) != gpu(a.device))
+        fail("--calibration-device ", a.calibration_device, " and --device ", a.device,
+             ": one conversion uses one GPU (give the same, or --calibration-device same)");
+      o.capture.device = trellis::parse_encode_device(a.calibration_device, "--calibration-device " + a.calibration_device);
+      if (o.device == trellis::EncodeDevice::Cuda) o.device = trellis::parse_encode_device(a.device, "--device " + a.device);
+    }
   }
   ProgressBar bar;
   o.on_note = [&](const std::string& s) {
@@ -211,12 +224,17 @@ void add_quantize(CLI::App& app) {
   a.seq_opt = cmd->add_option("--seq-len", a.seq_len, "Tokens per calibration row")->capture_default_str();
   cmd->add_option("--hessian-cache", a.hessian_cache,
                   "Keep the calibration Hessians in this folder and reuse them in later runs with the same model and "
-                  "calibration rows (e.g. at other --bits): the capture, a CPU forward pass over every calibration "
+                  "calibration rows (e.g. at other --bits): the capture, a forward pass over every calibration "
                   "token, is then skipped; the output is the same");
   cmd->add_option("--device", a.device,
-                  "Where the Viterbi encoder runs: cpu, cuda (cuda:N for GPU N), or auto (the GPU when there is one; ~300x "
-                  "faster). "
-                  "Both write the same files; Hessians are always captured on the CPU")->capture_default_str();
+                  "Where the conversion runs: cpu, cuda (cuda:N for GPU N), or auto (the GPU when there is one). The "
+                  "Viterbi encoder writes the same codes on both (~300x faster on a GPU); the calibration forward and "
+                  "its Hessians run there too (see --calibration-device)")->capture_default_str();
+  cmd->add_option("--calibration-device", a.calibration_device,
+                  "Where the calibration forward runs and its Hessians are summed: same (as --device), cpu, cuda, "
+                  "cuda:N. The GPU holds the unquantized model in its memory and rounds activations to bf16 for its "
+                  "products, so its Hessians (and codes) differ slightly from the CPU's")
+      ->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
   cmd->add_flag("--force", a.force, "Replace OUT if it already holds a model");

@@ -10,13 +10,6 @@ namespace trellm {
 
 class CpuBackend final : public Backend {
  public:
-  // Calibration hook: when set, called with every Linear and the rows x [n, in] (f32, contiguous) it is
-  // applied to — by matmul, by moe_ffn's experts (only the rows routed to each expert) and, for kv_b_proj, by
-  // attention_mla with the latent rows c_kv of the step's tokens (both attention forms see each token once).
-  // Empty by default: the hot path then pays one branch per op.
-  using LinearObserver = std::function<void(const Linear& w, TensorView x)>;
-  void set_linear_observer(LinearObserver observer) { observer_ = std::move(observer); }
-
   std::string name() const override { return "cpu"; }
   void* alloc(size_t bytes) override;
   void release(void* p) override;
@@ -52,7 +45,6 @@ class CpuBackend final : public Backend {
   void add_bias(TensorView out, const Linear& w);
   void matmul_unobserved(TensorView out, TensorView x, const Linear& w);
   void observe_latents(const Linear& kv_b, TensorView cache, const Positions& pos, int rank);
-  LinearObserver observer_;
   // Trellis-coded Linears run through the fused product (trellis_gemm.h: tiles decoded on the fly, nothing decoded
   // is kept; cpu_trellis.cpp). A batch of products (the routed experts' gate and up, ...) shares one
   // parallel_for per phase: input transforms, strips, output transforms.

@@ -248,6 +248,11 @@ void CudaBackend::mla_rope_append(TensorView q, int offset, TensorView cache, Te
 namespace trellm {
 
 void CudaBackend::matmul(TensorView out, TensorView x, const Linear& w) {
+  if (observer_) observer_(w, x);
+  matmul_unobserved(out, x, w);
+}
+
+void CudaBackend::matmul_unobserved(TensorView out, TensorView x, const Linear& w) {
   const int64_t n = x.rows(), in = x.cols();
   TRELLM_ASSERT(in == w.in && out.numel() == n * w.out, "matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "]");
   cudaStream_t s = impl_->stream;
@@ -302,7 +307,7 @@ void CudaBackend::matmul_trellis(TensorView out, TensorView x, const Linear& w) 
     cuda::trellis_matmul(dt, x.ptr<float>(), out.ptr<float>(), int(n), ws, s);
     return;
   }
-  matmul(out, x, dequantized(w));
+  matmul_unobserved(out, x, dequantized(w));
 }
 
 Linear CudaBackend::dequantized(const Linear& w) {
@@ -330,6 +335,7 @@ void CudaBackend::gemm_dequantized(float* out, const uint16_t* xh, int64_t n, co
 // the two dequantize + cuBLAS products.
 void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, const Linear& w1, const Linear& w2) {
   const int64_t n = x.rows();
+  if (observer_) return Backend::matmul_pair(out1, out2, x, w1, w2);  // two observed matmuls
   if (w1.exl3 && w2.exl3 && n > kTrellisFusedMaxRows && n > kSplitMaxRows &&
       x.cols() == w1.in && x.cols() == w2.in && out1.numel() == n * w1.out && out2.numel() == n * w2.out) {
     uint16_t* xh = static_cast<uint16_t*>(impl_->scratch_bytes(0, size_t(n * x.cols()) * 2));
@@ -350,7 +356,7 @@ void CudaBackend::matmul_pair(TensorView out1, TensorView out2, TensorView x, co
 // q_b(norm(q_a)) of a decode step: the norm folded into the GEMV prologue (one launch fewer per layer).
 void CudaBackend::rms_norm_matmul(TensorView out, TensorView x, TensorView norm_w, float eps, const Linear& w) {
   const int64_t n = x.rows();
-  if (!w.exl3 || n > cuda::kTrellisGemvMaxRows) return Backend::rms_norm_matmul(out, x, norm_w, eps, w);
+  if (!w.exl3 || n > cuda::kTrellisGemvMaxRows || observer_) return Backend::rms_norm_matmul(out, x, norm_w, eps, w);
   TRELLM_ASSERT(x.cols() == w.in && out.numel() == n * w.out && norm_w.numel() == w.in && norm_w.dtype == DType::F32,
                 "rms_norm_matmul shapes: x ", shape_str(x), " W [", w.out, ", ", w.in, "] norm ", shape_str(norm_w));
   const cuda::DeviceTrellis d = device_trellis(w);
@@ -447,6 +453,8 @@ void mla_fast_part(CudaBackend::Impl& impl, TensorView out, TensorView q, Tensor
 void CudaBackend::attention_mla_append(TensorView out, TensorView q, int offset, TensorView cache, TensorView kv,
                                        TensorView norm_w, float eps, const Linear& kv_b_in, const Positions& pos,
                                        const MlaDims& d, const RopeParams& rope, MlaMode mode) {
+  // With an observer, the append first and then attention_mla, which reports the appended latents.
+  if (observer_) return Backend::attention_mla_append(out, q, offset, cache, kv, norm_w, eps, kv_b_in, pos, d, rope, mode);
   Linear kv_b_tmp;
   const Linear& kv_b = dense_bf16(kv_b_in, kv_b_tmp);
   const int n = int(q.dim(0));
@@ -473,6 +481,12 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
   TRELLM_ASSERT(q.ndim == 3 && q.dim(1) == d.heads && q.dim(2) == d.q_head_dim() && cache.cols() == d.cache_width() &&
                 kv_b.in == d.kv_rank, "attention_mla shapes: q ", shape_str(q), " cache ", shape_str(cache));
   const cuda::KvPages pages = kv_pages(cache, pos, n);
+  if (observer_) {  // kv_b_proj's inputs for this step's tokens: their latent rows c_kv (bf16 in the cache)
+    float* lat = impl_->scratch_f32(15, size_t(n) * d.kv_rank);
+    cuda::gather_step_latents(lat, cache.ptr<uint16_t>(), n, d.kv_rank, int(d.cache_width()), pos.pos.ptr<int32_t>(), pages,
+                              impl_->stream);
+    observer_(kv_b_in, TensorView(lat, DType::F32, {int64_t(n), int64_t(d.kv_rank)}));
+  }
   const std::vector<MlaPart> parts = mla_parts(pos, n, d.heads);
   cudaStream_t s = impl_->stream;
   // Tensor-core kernels (mla_*.cu) for GLM's latent (rank 512, rope 64) with a dense bf16 kv_b, whatever the
@@ -528,7 +542,9 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
     for (int t0 = 0; t0 < T; t0 += kExpandTile) {
       const int nt = std::min(kExpandTile, T - t0);
       gather_latent(lat, cache.ptr<uint16_t>(), t0, nt, d.kv_rank, d.cache_width(), m.pages, m.pos + part.n - 1, s);
-      matmul(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}), kv_b);
+      // Unobserved: the step's latents were reported to the observer once, above.
+      matmul_unobserved(TensorView(kvx, DType::F32, {nt, int64_t(d.heads) * per}), TensorView(lat, DType::F32, {nt, d.kv_rank}),
+                        kv_b);
       mla_expanded_tile(qp, cache.ptr<uint16_t>(), kvx, t0, nt, m, acc, st, st + rows, s);
     }
     mla_expanded_finish(out.ptr<float>() + size_t(part.row0) * H * d.v_dim, acc, st + rows, rows, d.v_dim, s);
@@ -654,6 +670,7 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
                           std::span<const Expert> experts, const Expert* shared) {
   const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
   TRELLM_ASSERT(out.numel() == x.numel() && out.data != x.data && ids.rows() == m && E > 0);
+  if (observer_) return moe_ffn_observed(out, x, weights, ids, experts, shared);
   if (experts[0].gate.exl3) return moe_ffn_trellis(out, x, weights, ids, experts, shared);
   // The per-layer device table of expert weight pointers, built on first use (outside graph capture).
   void*& table = impl_->moe_tables[experts.data()];
@@ -683,6 +700,63 @@ void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, Tens
   float* act = impl_->scratch_f32(6, size_t(jobs) * std::max(a.inter, a.shared_inter));
   float* part = impl_->scratch_f32(7, size_t(jobs) * hidden);
   moe_dense(a, x.ptr<float>(), ids.ptr<int32_t>(), weights.ptr<float>(), act, part, out.ptr<float>(), impl_->stream);
+}
+
+// Calibration: expert by expert, each over the rows routed to it, through observed matmuls (the observer sees each
+// expert's own rows, as on the CPU), dense or trellis alike. The routing comes to the host (one sync per layer and
+// step; calibration steps are never captured) and is sorted by expert there; a token's sum runs over its experts by
+// increasing id and then the shared expert, CpuBackend::moe_ffn's order.
+void CudaBackend::moe_ffn_observed(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                                   std::span<const Expert> experts, const Expert* shared) {
+  const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
+  cudaStream_t s = impl_->stream;
+  std::vector<int32_t> id(size_t(m) * K);
+  to_host(id.data(), ids.data, id.size() * sizeof(int32_t));
+  // Per expert, its (token, slot) pairs in token order: slots first, then the tokens (rows of x), by expert.
+  std::vector<int32_t> start(size_t(E) + 1, 0);
+  for (int32_t e : id) {
+    TRELLM_ASSERT(e >= 0 && e < E, "expert id ", e, " of ", E);
+    start[size_t(e) + 1]++;
+  }
+  for (int e = 0; e < E; e++) start[size_t(e) + 1] += start[size_t(e)];
+  std::vector<int32_t> order(2 * id.size());
+  std::vector<int32_t> fill(start.begin(), start.end() - 1);
+  for (int32_t j = 0; j < int32_t(id.size()); j++) {
+    const int32_t at = fill[size_t(id[size_t(j)])]++;
+    order[size_t(at)] = j;                       // slot
+    order[id.size() + size_t(at)] = j / K;       // token
+  }
+  int32_t* dev = static_cast<int32_t*>(impl_->scratch_bytes(17, order.size() * sizeof(int32_t)));
+  from_host(dev, order.data(), order.size() * sizeof(int32_t));
+  int64_t most = shared ? m : 0, inter = shared ? shared->gate.out : 0;
+  for (int e = 0; e < E; e++) {
+    most = std::max<int64_t>(most, start[size_t(e) + 1] - start[size_t(e)]);
+    inter = std::max<int64_t>(inter, experts[size_t(e)].gate.out);
+  }
+  float* xs = impl_->scratch_f32(18, size_t(most) * hidden);
+  float* ys = impl_->scratch_f32(19, size_t(most) * hidden);
+  float* g = impl_->scratch_f32(20, size_t(most) * inter);
+  float* u = impl_->scratch_f32(21, size_t(most) * inter);
+  auto run = [&](const Expert& ex, int64_t rows, TensorView in) {
+    const TensorView gv(g, DType::F32, {rows, ex.gate.out}), uv(u, DType::F32, {rows, ex.up.out});
+    matmul(gv, in, ex.gate);
+    matmul(uv, in, ex.up);
+    silu_mul(gv, gv, uv);
+    matmul(TensorView(ys, DType::F32, {rows, hidden}), gv, ex.down);
+  };
+  TRELLM_CUDA_CHECK(cudaMemsetAsync(out.data, 0, out.nbytes(), s));
+  for (int e = 0; e < E; e++) {
+    const int rows = start[size_t(e) + 1] - start[size_t(e)];
+    if (!rows) continue;
+    const int32_t* slots = dev + start[size_t(e)];
+    const int32_t* tokens = dev + id.size() + start[size_t(e)];
+    cuda::gather_rows(xs, x.data, tokens, rows, int64_t(hidden) * 4, s);
+    run(experts[size_t(e)], rows, TensorView(xs, DType::F32, {rows, hidden}));
+    cuda::moe_scatter_add(out.ptr<float>(), ys, slots, weights.ptr<float>(), rows, K, hidden, s);
+  }
+  if (!shared) return;
+  run(*shared, m, x);
+  add(out, out, TensorView(ys, DType::F32, {m, hidden}));
 }
 
 }  // namespace trellm

@@ -67,6 +67,7 @@ class CudaBackend final : public Backend {
   struct Impl;
 
  private:
+  void matmul_unobserved(TensorView out, TensorView x, const Linear& w);
   void matmul_trellis(TensorView out, TensorView x, const Linear& w);
   // The trellis linear w dequantized to bf16 in a scratch buffer (valid until the next call), as a dense Linear
   // with w's bias.
@@ -76,6 +77,9 @@ class CudaBackend final : public Backend {
   void gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta);
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                        const Expert* shared);
+  // moe_ffn while a Linear observer is set (calibration): expert by expert through observed matmuls.
+  void moe_ffn_observed(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
+                        const Expert* shared);
   // Prefill router: logits by cuBLAS SGEMM against an f32 copy of the bf16 gate (made once), then selection.
   void route_by_gemm(TensorView weights, TensorView ids, TensorView x, TensorView gate, TensorView bias, const MoeRouting& r);
   // w itself when dense; else its bf16 dequantization (cached), described in tmp.

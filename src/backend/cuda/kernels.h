@@ -69,6 +69,10 @@ void mla_expanded_finish(float* out, const float* acc, const float* den, int row
 // consecutive positions) are zeros, so no block table entry past the sequence is read.
 void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, const KvPages& pages,
                    const int32_t* last, cudaStream_t s);
+// dst[i, :] = the latent c_kv (first `rank` columns) of query row i's cache row at position pos[i] (pages.table(i)),
+// in f32: what kv_b_proj is applied to for the step's tokens (the calibration observer's view of it).
+void gather_step_latents(float* dst, const uint16_t* cache, int n, int rank, int width, const int32_t* pos,
+                         const KvPages& pages, cudaStream_t s);
 
 // MoE router (semantics of CpuBackend::moe_route). gate [E, hidden] F32/F16/BF16, bias [E] f32 or null.
 void moe_route(const float* x, const void* gate, DType gate_dtype, const float* bias, int m, int hidden, int E,
@@ -92,6 +96,11 @@ struct DenseMoeArgs {
 };
 void moe_dense(const DenseMoeArgs& a, const float* x, const int32_t* ids, const float* wts, float* act, float* part,
                float* out, cudaStream_t s);
+// One expert's results added into the MoE output: out[slots[r] / top_k, :] += wts[slots[r]] * y[r, :] for r < m
+// (slots: the (token, slot) pairs routed to the expert, index token * top_k + k into the router's weights; each
+// token at most once, so rows do not collide). y [m, hidden], out [tokens, hidden] f32.
+void moe_scatter_add(float* out, const float* y, const int32_t* slots, const float* wts, int m, int top_k, int hidden,
+                     cudaStream_t s);
 
 }  // namespace trellm::cuda
 

@@ -189,6 +189,13 @@ __global__ void gather_latent_kernel(float* dst, const __nv_bfloat16* cache, int
     dst[int64_t(blockIdx.x) * rank + k] = inside ? __bfloat162float(src[k]) : 0.0f;
 }
 
+__global__ void gather_step_latents_kernel(float* dst, const __nv_bfloat16* cache, int rank, int width, const int32_t* pos,
+                                           KvPages pages) {
+  const int i = int(blockIdx.x);
+  const __nv_bfloat16* src = cache + kv_pool_row(pages.table(i), pos[i]) * width;
+  for (int k = threadIdx.x; k < rank; k += blockDim.x) dst[int64_t(i) * rank + k] = __bfloat162float(src[k]);
+}
+
 }  // namespace
 
 size_t mla_absorbed_work_floats(int n, int heads, int rank, int T) {
@@ -227,6 +234,13 @@ void mla_expanded_finish(float* out, const float* acc, const float* den, int row
 void gather_latent(float* dst, const uint16_t* cache, int t0, int nt, int rank, int width, const KvPages& pages,
                    const int32_t* last, cudaStream_t s) {
   gather_latent_kernel<<<nt, 256, 0, s>>>(dst, reinterpret_cast<const __nv_bfloat16*>(cache), t0, rank, width, pages, last);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
+void gather_step_latents(float* dst, const uint16_t* cache, int n, int rank, int width, const int32_t* pos,
+                         const KvPages& pages, cudaStream_t s) {
+  if (n == 0) return;
+  gather_step_latents_kernel<<<n, 256, 0, s>>>(dst, reinterpret_cast<const __nv_bfloat16*>(cache), rank, width, pos, pages);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

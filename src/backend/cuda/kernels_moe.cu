@@ -187,6 +187,24 @@ void moe_route(const float* x, const void* gate, DType dt, const float* bias, in
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 
+namespace {
+__global__ void moe_scatter_add_kernel(float* out, const float* y, const int32_t* slots, const float* wts, int top_k,
+                                       int hidden) {
+  const int r = int(blockIdx.x), slot = slots[r];
+  const float w = wts[slot];
+  float* o = out + int64_t(slot / top_k) * hidden;
+  const float* yr = y + int64_t(r) * hidden;
+  for (int j = threadIdx.x; j < hidden; j += blockDim.x) o[j] = fmaf(w, yr[j], o[j]);  // cpu::axpy's fma
+}
+}  // namespace
+
+void moe_scatter_add(float* out, const float* y, const int32_t* slots, const float* wts, int m, int top_k, int hidden,
+                     cudaStream_t s) {
+  if (m == 0) return;
+  moe_scatter_add_kernel<<<m, 256, 0, s>>>(out, y, slots, wts, top_k, hidden);
+  TRELLM_CUDA_LAUNCH_CHECK();
+}
+
 void moe_dense(const DenseMoeArgs& a, const float* x, const int32_t* ids, const float* wts, float* act, float* part,
                float* out, cudaStream_t s) {
   switch (a.dtype) {

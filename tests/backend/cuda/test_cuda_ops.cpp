@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -645,6 +647,119 @@ TEST_F(CudaOps, SpecVerifyAndPrepareMatchCpu) {
     }
   }
   EXPECT_GE(same, total * 95 / 100) << same << " of " << total << " sampled verifications identical";
+}
+
+// The calibration observer (Backend::set_linear_observer) on the GPU reports what the CPU's reports: the same
+// Linears in the same order, each with the same rows: matmul's input as given, matmul_pair's twice, rms_norm_matmul's
+// normalised input, moe_ffn's experts one by one over exactly the rows routed to them (then the shared expert), and
+// kv_b_proj's latents from attention_mla_append (bf16 in the GPU's cache). The products keep their results.
+TEST_F(CudaOps, CalibrationObserverSeesTheCpuRows) {
+  struct Seen {
+    std::string name;
+    int64_t rows, cols;
+    std::vector<float> x;
+  };
+  std::map<const Linear*, std::string> names;
+  std::vector<Seen> on_cpu, on_gpu;
+  cpu.set_linear_observer([&](const Linear& w, TensorView x) {
+    on_cpu.push_back({names.at(&w), x.rows(), x.cols(), std::vector<float>(x.ptr<float>(), x.ptr<float>() + x.numel())});
+  });
+  gpu->set_linear_observer([&](const Linear& w, TensorView x) {
+    Seen s{names.at(&w), x.rows(), x.cols(), std::vector<float>(size_t(x.numel()))};
+    gpu->to_host(s.x.data(), x.data, x.nbytes());
+    on_gpu.push_back(std::move(s));
+  });
+  std::vector<std::vector<uint16_t>> keep;  // bf16 weights the CPU Linears point to
+  auto linear = [&](const std::string& name, int64_t out, int64_t in, Linear& lc, Linear& lg) {
+    keep.push_back(to_bf16(randn(size_t(out * in), 0.2f)));
+    lc.in = lg.in = in;
+    lc.out = lg.out = out;
+    lc.weight = TensorView(keep.back().data(), DType::BF16, {out, in});
+    lg.weight = up(keep.back(), DType::BF16, {out, in});
+    names[&lc] = names[&lg] = name;
+  };
+  const int hidden = 72, inter = 20, E = 16, K = 3, m = 70;
+  // Dense products: 100 rows (cuBLAS), a pair of 9, a normed product of 5.
+  Linear ac, ag, bc, bg, cc, cg;
+  linear("a", 33, hidden, ac, ag);
+  linear("b", 41, hidden, bc, bg);
+  linear("c", 17, hidden, cc, cg);
+  auto x = randn(size_t(100) * hidden), nw = randn(hidden);
+  std::vector<float> yc(100 * 41), yc2(100 * 41);
+  cpu.matmul(host(yc, {100, 33}), host(x, {100, hidden}), ac);
+  gpu->matmul(poisoned({100, 33}), up(x, DType::F32, {100, hidden}), ag);
+  cpu.matmul_pair(host(yc, {9, 33}), host(yc2, {9, 41}), host(x, {9, hidden}), ac, bc);
+  TensorView g9 = up(std::vector<float>(x.begin(), x.begin() + 9 * hidden), DType::F32, {9, hidden});
+  gpu->matmul_pair(poisoned({9, 33}), poisoned({9, 41}), g9, ag, bg);
+  auto x5 = std::vector<float>(x.begin(), x.begin() + 5 * hidden);
+  TensorView g5 = up(x5, DType::F32, {5, hidden});
+  cpu.rms_norm_matmul(host(yc, {5, 17}), host(x5, {5, hidden}), host(nw, {hidden}), 1e-6f, cc);
+  gpu->rms_norm_matmul(poisoned({5, 17}), g5, up(nw, DType::F32, {hidden}), 1e-6f, cg);
+  // MoE: distinct random experts per token (some experts get no row), random weights, a shared expert.
+  std::vector<Expert> ec(E), eg(E);
+  Expert sc, sg;
+  for (int e = 0; e <= E; e++) {
+    Expert& c = e == E ? sc : ec[size_t(e)];
+    Expert& g = e == E ? sg : eg[size_t(e)];
+    const std::string p = e == E ? "shared." : str_cat("expert", e, ".");
+    linear(p + "gate", inter, hidden, c.gate, g.gate);
+    linear(p + "up", inter, hidden, c.up, g.up);
+    linear(p + "down", hidden, inter, c.down, g.down);
+  }
+  std::vector<int32_t> ids(size_t(m) * K);
+  for (int i = 0; i < m; i++)
+    for (int k = 0; k < K; k++) {
+      int32_t e;
+      do e = int32_t(rng.next_u64() % (E - 3));  // experts 13..15 see no token
+      while (std::find(ids.begin() + i * K, ids.begin() + i * K + k, e) != ids.begin() + i * K + k);
+      ids[size_t(i * K + k)] = e;
+    }
+  auto wts = randn(size_t(m) * K, 0.5f), xm = randn(size_t(m) * hidden);
+  std::vector<float> want(size_t(m) * hidden);
+  cpu.moe_ffn(host(want, {m, hidden}), host(xm, {m, hidden}), host(wts, {m, K}), TensorView(ids.data(), DType::I32, {m, K}),
+              ec, &sc);
+  TensorView o = poisoned({m, hidden});
+  gpu->moe_ffn(o, up(xm, DType::F32, {m, hidden}), up(wts, DType::F32, {m, K}), up(ids, DType::I32, {m, K}), eg, &sg);
+  EXPECT_LT(rel_err(down(o), want), 1e-2) << "observed moe_ffn";
+  // MLA on GLM's dims: kv_b's inputs are the 7 appended tokens' latents.
+  const Config glm = Config::glm47_flash();
+  const MlaDims d = glm.mla();
+  const RopeParams rp = glm.rope();
+  Pos p = positions(61, 7);
+  const int W = d.cache_width(), n = 7;
+  Linear kc, kg;
+  linear("kv_b", int64_t(d.heads) * (d.nope_dim + d.v_dim), d.kv_rank, kc, kg);
+  auto cache = randn(size_t(p.cap) * W), q = randn(size_t(n) * d.heads * d.q_head_dim()), kv = randn(size_t(n) * W);
+  auto knw = randn(d.kv_rank);
+  TensorView gc = bf16_cache(cache, p.cap, W);
+  gpu->attention_mla_append(poisoned({n, d.heads * d.v_dim}), up(q, DType::F32, {n, d.heads, d.q_head_dim()}), d.nope_dim, gc,
+                            up(kv, DType::F32, {n, W}), up(knw, DType::F32, {d.kv_rank}), 1e-6f, kg, p.dev, d, rp,
+                            MlaMode::Absorbed);
+  std::vector<float> oc(size_t(n) * d.heads * d.v_dim);
+  cpu.attention_mla_append(host(oc, {n, d.heads * d.v_dim}), host(q, {n, d.heads, d.q_head_dim()}), d.nope_dim,
+                           host(cache, {p.cap, W}), host(kv, {n, W}), host(knw, {d.kv_rank}), 1e-6f, kc, p.host, d, rp,
+                           MlaMode::Absorbed);
+  cpu.set_linear_observer(nullptr);
+  gpu->set_linear_observer(nullptr);
+
+  ASSERT_EQ(on_gpu.size(), on_cpu.size());
+  int routed = 0;
+  for (size_t i = 0; i < on_cpu.size(); i++) {
+    const Seen &c = on_cpu[i], &g = on_gpu[i];
+    ASSERT_EQ(g.name, c.name) << "observation " << i;
+    ASSERT_EQ(g.rows, c.rows) << c.name;
+    ASSERT_EQ(g.cols, c.cols) << c.name;
+    const bool expert_in = c.name.rfind("expert", 0) == 0 && c.name.find(".down") == std::string::npos;
+    routed += expert_in && c.name.find(".gate") != std::string::npos ? int(c.rows) : 0;
+    if (c.name == "a" || c.name == "b" || expert_in || c.name == "shared.gate" || c.name == "shared.up")
+      EXPECT_EQ(g.x, c.x) << c.name << ": the rows as given (gathered, not computed)";
+    else if (c.name == "kv_b")  // the CPU's f32 latents against the GPU's bf16 cache rows
+      EXPECT_LT(rel_err(g.x, c.x), 4e-3) << c.name;
+    else
+      EXPECT_LT(rel_err(g.x, c.x), c.name == "shared.down" ? 1e-2 : 1e-4) << c.name;
+  }
+  EXPECT_EQ(routed, m * K) << "every (token, slot) reaches its expert once";
+  EXPECT_EQ(on_cpu.back().name, "kv_b");
 }
 
 TEST_F(CudaOps, GatherRows) {
