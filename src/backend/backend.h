@@ -273,6 +273,10 @@ class Backend {
   // out[i, :] = x[idx[i], :] (the rows whose logits a step wants).  x: [n, d];  out: [m, d];  idx: I32 [m]
   virtual void gather_rows(TensorView out, TensorView x, TensorView idx) = 0;
 
+  // Drops what the backend keeps derived from weights (device tables of expert pointers, dequantized copies), keyed
+  // by their addresses: called before weights are freed, since new ones may come at the same addresses.
+  virtual void forget_weights() {}
+
   // ---- calibration (trellm quantize; never in the serving path) ----
   // When set, called with every Linear and the rows x [n, in] (f32, contiguous, in the backend's memory: device
   // memory on the GPU, valid until the call returns, in stream order) it is applied to: by matmul, by moe_ffn's

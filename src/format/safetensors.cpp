@@ -15,6 +15,7 @@
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <set>
 #include <nlohmann/json.hpp>
 #include <unordered_set>
 
@@ -280,6 +281,23 @@ std::vector<std::string> TensorStore::names() const {
   for (auto& kv : by_name_) out.push_back(kv.first);
   std::sort(out.begin(), out.end());
   return out;
+}
+
+TensorStore TensorStore::overlay(const TensorStore& base, const std::vector<std::string>& files,
+                                 const std::vector<std::string>& hidden) {
+  TensorStore s;
+  s.path_ = base.path_;
+  s.by_name_ = base.by_name_;
+  for (const std::string& n : hidden) s.by_name_.erase(n);
+  std::set<std::string> given;
+  for (const std::string& f : files) {
+    s.files_.push_back(SafetensorsFile::open(f));
+    for (auto& t : s.files_.back()->tensors()) {
+      if (!given.insert(t.name).second) fail(f, ": tensor \"", t.name, "\" is also in another file of the overlay");
+      s.by_name_[t.name] = &t;
+    }
+  }
+  return s;
 }
 
 size_t TensorStore::total_bytes() const {

@@ -65,6 +65,11 @@ class SafetensorsFile {
 class TensorStore {
  public:
   static TensorStore open(const std::string& path);
+  // `base` with the tensors of `files` (safetensors paths) over it and the names in `hidden` left out: a
+  // checkpoint seen with some Linears replaced by their EXL3 tensors (the quantizer's finished layers). A name in
+  // two of `files` is an error. `base` must outlive the overlay.
+  static TensorStore overlay(const TensorStore& base, const std::vector<std::string>& files,
+                             const std::vector<std::string>& hidden);
 
   const TensorInfo* find(const std::string& name) const;
   // Like find, but a missing tensor is an Error naming it and the checkpoint.

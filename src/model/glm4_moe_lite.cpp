@@ -269,6 +269,28 @@ void Model::decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, 
   if (rs.timer) rs.timer->mark(Part::MlpNorm);
 }
 
+void Model::forward_layer(int64_t l, RunState& rs, KvCache& kv, int n, int pos) {
+  const Config& c = config_;
+  TRELLM_ASSERT(l >= 0 && l < c.num_hidden_layers && !w_.layers[size_t(l)].input_layernorm.empty(), "layer ", l,
+                " is not loaded");
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.token_capacity());
+  const int blocks = kv_blocks_for(pos + n);  // forward()'s single-sequence layout
+  rs.host_table.resize(size_t(blocks));
+  for (int b = 0; b < blocks; b++) rs.host_table[b] = b;
+  for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i, rs.host_seq[i] = 0;
+  StepBatch b;
+  b.tokens = {rs.host_seq.data(), size_t(n)};  // not read by a layer
+  b.pos = {rs.host_pos.data(), size_t(n)};
+  b.seq = {rs.host_seq.data(), size_t(n)};
+  b.tables = rs.host_table;
+  b.table_stride = blocks;
+  const Layout lay = upload(rs, kv, b);
+  const LayerWeights& L = w_.layers[size_t(l)];
+  backend_->rms_norm(rows(rs.x, n), rows(rs.h, n), L.input_layernorm, float(c.rms_norm_eps));
+  // next_norm: the layer's own (x is recomputed by the next call)
+  decoder_layer(L, c.mlp_sparse[size_t(l)], kv.layers[size_t(l)], rs, n, positions(rs, lay), L.input_layernorm);
+}
+
 Positions Model::positions(const RunState& rs, const Layout& lay) {
   Positions pos;
   pos.pos = rows(rs.pos, lay.n);

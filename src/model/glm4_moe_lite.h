@@ -3,6 +3,7 @@
 // Facts and the reference forward pass: shared/GLM47FLASH.md; the oracle is transformers' modeling file.
 #pragma once
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -201,10 +202,17 @@ struct SyntheticSpec {
   uint64_t seed = 1;
 };
 
+struct LoadOptions {
+  // false: only the embeddings, model.norm and lm_head; the decoder layers are loaded one at a time by load_layer
+  // (the layer-streamed calibration of `trellm quantize`, for a model larger than the GPU). The MTP layer is not
+  // loaded then.
+  bool layers = true;
+};
+
 class Model {
  public:
   // Loads config.json and the weights under `dir` onto `backend`.
-  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend);
+  static std::unique_ptr<Model> load(const std::string& dir, Backend& backend, const LoadOptions& opt = {});
   static std::unique_ptr<Model> synthetic(const Config& config, Backend& backend, const SyntheticSpec& spec);
   // Writes the weights as a checkpoint directory (EXL3 tensors for trellis-coded Linears) that load() reads.
   void save(const std::string& dir) const;
@@ -265,6 +273,16 @@ class Model {
   // row may be at position 0 (a captured draft step: its rows follow a verified token).
   void forward_mtp_uploaded(RunState& rs, KvCache& mtp_kv, const Layout& l, TensorView hidden, int k = 0);
 
+  // ---- one layer at a time (the layer-streamed calibration) ----
+  // Decoder layer l's weights from `store` (the checkpoint, or quantized Linears over it: TensorStore::overlay),
+  // checked through the same name table as load(), into memory of their own; replaces what layer l held.
+  void load_layer(int64_t l, const TensorStore& store);
+  void release_layer(int64_t l);  // frees them (and the backend's caches of them)
+  // Decoder layer l alone on rows 0..n of rs.h (the residual stream; h holds the layer's output afterwards), as
+  // forward() runs it: positions pos..pos+n-1 of one sequence owning kv (blocks 0, 1, 2, ...); x = the layer's
+  // input norm of h on entry, unspecified on exit.
+  void forward_layer(int64_t l, RunState& rs, KvCache& kv, int n, int pos);
+
  private:
   KvCache cache_pools(int layers, int blocks, std::optional<DType> dtype);  // `layers` pools of `blocks` blocks
   Model() = default;
@@ -283,6 +301,12 @@ class Model {
   std::unique_ptr<TensorStore> store_;
   Arena arena_;               // backend memory for weights and state, released on destruction
   std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3_;  // descriptors the Linears point to
+  struct LayerMemory {  // what load_layer placed for one layer
+    explicit LayerMemory(Backend* b) : arena(b) {}
+    Arena arena;
+    std::vector<std::unique_ptr<trellis::TrellisWeight>> exl3;
+  };
+  std::map<int64_t, std::unique_ptr<LayerMemory>> layer_memory_;
   friend struct ModelLoader;
 };
 

@@ -232,8 +232,8 @@ void load_mtp(Loader& L, const Config& c, Weights& w, const std::string& dir) {
   }
 }
 
-// Every tensor through the name table.
-void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir) {
+// Every tensor through the name table (the decoder layers only when `layers`).
+void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir, bool layers) {
   const int64_t hid = c.hidden_size;
   w.embed_tokens = L.matrix("model.embed_tokens.weight", {c.vocab_size, hid});
   w.norm = L.vec("model.norm.weight", hid);
@@ -246,6 +246,7 @@ void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir
   }
 
   w.layers.resize(size_t(c.num_hidden_layers));
+  if (!layers) return;  // Model::load_layer, one at a time
   for (int64_t i = 0; i < c.num_hidden_layers; i++)
     L.layer(w.layers[i], "model.layers." + std::to_string(i) + ".", c, c.mlp_sparse[i], dir);
   load_mtp(L, c, w, dir);
@@ -253,7 +254,7 @@ void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir
 
 }  // namespace
 
-std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
+std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, const LoadOptions& opt) {
   namespace fs = std::filesystem;
   if (!fs::is_directory(dir)) fail(dir, ": not a model directory");
   std::unique_ptr<Model> m(new Model());
@@ -266,7 +267,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   Weights& w = m->w_;
 
   try {
-    load_weights(L, c, w, dir);
+    load_weights(L, c, w, dir, opt.layers);
   } catch (const Error& e) {
     // Out of GPU memory: say how much of the checkpoint was placed, so the user can size the GPU or the bits.
     if (backend.host_memory() || std::string_view(e.what()).find("out of GPU memory") == std::string_view::npos) throw;
@@ -275,6 +276,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
          "; quantize to fewer bits (trellm quantize), free the GPU, or use --device cpu");
   }
 
+  if (!opt.layers) return m;  // the layers' tensors come with load_layer
   // Tensors the table did not consume: MTP layers the config does not announce are expected (and unused);
   // anything else is reported.
   std::vector<std::string> unknown;
@@ -295,6 +297,31 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend) {
   if (!unknown.empty())
     log_warn(dir, ": ", unknown.size(), " tensors not used by glm4_moe_lite, e.g. \"", unknown[0], "\"");
   return m;
+}
+
+void Model::load_layer(int64_t l, const TensorStore& store) {
+  const Config& c = config_;
+  TRELLM_ASSERT(l >= 0 && l < c.num_hidden_layers, "layer ", l, " of ", c.num_hidden_layers);
+  release_layer(l);
+  auto mem = std::make_unique<LayerMemory>(backend_);
+  Loader L{store, *backend_, mem->arena, mem->exl3, store.names(), {}};
+  try {
+    L.layer(w_.layers[size_t(l)], "model.layers." + std::to_string(l) + ".", c, c.mlp_sparse[size_t(l)], store.path());
+  } catch (...) {
+    w_.layers[size_t(l)] = LayerWeights{};
+    throw;
+  }
+  layer_memory_[l] = std::move(mem);
+}
+
+void Model::release_layer(int64_t l) {
+  TRELLM_ASSERT(l >= 0 && l < config_.num_hidden_layers, "layer ", l, " of ", config_.num_hidden_layers);
+  auto it = layer_memory_.find(l);
+  if (it == layer_memory_.end()) return;
+  backend_->synchronize();  // no kernel may still read them
+  backend_->forget_weights();
+  w_.layers[size_t(l)] = LayerWeights{};
+  layer_memory_.erase(it);
 }
 
 }  // namespace trellm

@@ -9,6 +9,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "core/error.h"
+#include "core/timer.h"
 #include "format/json_file.h"
 #include "format/safetensors.h"
 #include "quant/bit_allocation.h"
@@ -179,6 +180,15 @@ std::vector<std::pair<LinearSpec, const Linear*>> model_mtp_linears(const Model&
   return v;
 }
 
+std::vector<std::pair<LinearSpec, const Linear*>> layer_linears(const Model& m, int64_t l) {
+  const Config& c = m.config();
+  TRELLM_ASSERT(l >= 0 && l < c.num_hidden_layers, "layer ", l, " of ", c.num_hidden_layers);
+  std::vector<std::pair<LinearSpec, const Linear*>> v;
+  for_each_layer_linear(c, l, &m.weights().layers[size_t(l)], c.mlp_sparse[size_t(l)],
+                        [&](LinearSpec s, const Linear* lin) { v.emplace_back(std::move(s), lin); });
+  return v;
+}
+
 std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m) {
   std::vector<std::pair<LinearSpec, const Linear*>> v;
   for_each_linear(m.config(), &m.weights(), [&](LinearSpec s, const Linear* l) { v.emplace_back(std::move(s), l); });
@@ -295,16 +305,36 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
                        : std::string(config.num_nextn_predict_layers > 0 && !mtp
                                          ? "; the MTP layer kept unquantized (--mtp-bits 16)" : "")));
 
-  std::unique_ptr<HessianCapture> capture;
+  using Inputs = HessianCapture::Options::Inputs;
+  std::unique_ptr<Calibration> capture;
+  bool quantized_inputs = false;
   if (!opt.calibration.empty()) {
     HessianCapture::Options co = opt.capture;
     if (!co.on_note) co.on_note = opt.on_note;
     co.mtp = co.mtp || res.mtp > 0;
-    capture = std::make_unique<HessianCapture>(in_dir, opt.calibration, co);
-    note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(),
-                 " tokens; Hessians from the unquantized model on ",
-                 co.device == trellis::EncodeDevice::Cuda ? "the GPU" : "the CPU", ", LDLQ where a Linear saw >= ",
-                 co.min_rows_factor, " x in rows"));
+    if (co.inputs == Inputs::Quantized && co.mtp)
+      fail("--calibration-inputs quantized: the MTP layer (--mtp-bits) is calibrated on the unquantized model's hidden "
+           "states; use --calibration-inputs original");
+    if (co.inputs == Inputs::Quantized && !co.cache_dir.empty())
+      fail("--calibration-inputs quantized: a Hessian cache (--hessian-cache) holds the unquantized model's Hessians; "
+           "use --calibration-inputs original");
+    quantized_inputs = co.inputs == Inputs::Quantized || (co.inputs == Inputs::Auto && !co.mtp && co.cache_dir.empty());
+    const char* where = co.device == trellis::EncodeDevice::Cuda ? "the GPU" : "the CPU";
+    const Timer load;  // the capture's model load counts as calibration time
+    if (quantized_inputs) {
+      std::set<std::string> planned;
+      for (const auto& e : res.plan.entries) planned.insert(e.key);
+      capture = std::make_unique<LayerCapture>(in_dir, opt.calibration, std::move(planned), co);
+      note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(), " tokens; Hessians layer by "
+                   "layer on ", where, ", each layer's inputs from the quantized layers before it; LDLQ where a Linear "
+                   "saw >= ", co.min_rows_factor, " x in rows"));
+    } else {
+      capture = std::make_unique<HessianCapture>(in_dir, opt.calibration, co);
+      note(str_cat("calibration: ", opt.calibration.size(), " rows, ", capture->tokens(),
+                   " tokens; Hessians from the unquantized model on ", where, ", LDLQ where a Linear saw >= ",
+                   co.min_rows_factor, " x in rows"));
+    }
+    res.calibration_seconds += load.seconds();
   } else {
     note("no calibration data: plain per-tile Viterbi for every Linear (no LDLQ)");
   }
@@ -330,12 +360,17 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
       // The GPU's Hessians are its own (bf16 activations), so the capture device is part of what a resume must match.
       {"calibration", opt.calibration.empty() ? "none"
                       : str_cat(calibration_fingerprint(opt.calibration),
-                                opt.capture.device == trellis::EncodeDevice::Cuda ? ", captured on the GPU" : "")},
+                                opt.capture.device == trellis::EncodeDevice::Cuda ? ", captured on the GPU" : "",
+                                quantized_inputs ? ", inputs from the quantized layers" : "")},
       {"encoder", str_cat("scale_search=", opt.scale_search, " sigma_reg=", co.encode.sigma_reg,
                           " min_rows_factor=", opt.capture.min_rows_factor)}};
+  if (capture && quantized_inputs)
+    co.on_batch = [&](const std::string& batch, const std::string& work_dir) { capture->on_batch(batch, work_dir); };
   if (capture) {
     co.hessian = [&](const trellis::QuantizePlanEntry& e) {
+      const Timer t;
       std::vector<float> h = capture->hessian(e.key);
+      res.calibration_seconds += t.seconds();
       if (h.empty()) res.plain++, res.few_rows++;
       else res.ldlq++;
       return h;

@@ -35,6 +35,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -73,6 +74,8 @@ bool is_mtp_head(const LinearSpec& s);  // model.layers.<l>.shared_head.head
 std::vector<std::pair<LinearSpec, const Linear*>> model_linears(const Model& m);
 // The MTP layers' Linears of a loaded model (those it holds: none when the checkpoint has no MTP tensors).
 std::vector<std::pair<LinearSpec, const Linear*>> model_mtp_linears(const Model& m);
+// Decoder layer l's Linears as the model holds them now (Model::load_layer), in forward order.
+std::vector<std::pair<LinearSpec, const Linear*>> layer_linears(const Model& m, int64_t l);
 
 // Bit allocation groups (TRELLIS.md §4.6), promoted in this order of priority: per layer the attention
 // projections ("model.layers.i.self_attn", priority 2), the shared expert ("….mlp.shared_experts", 2), the
@@ -86,19 +89,39 @@ struct BitPlan {
 };
 BitPlan plan_bits(const std::vector<LinearSpec>& linears, double bits, int head_bits, trellis::Codebook codebook);
 
+// What quantize_model asks a calibration for: HessianCapture (every Hessian from the unquantized model) or
+// LayerCapture (layer by layer, each layer's inputs from the quantized layers before it).
+class Calibration {
+ public:
+  virtual ~Calibration() = default;
+  // (in, in) row-major for Linear `key` (a key of linear_specs), or empty when it saw too few rows. Calls in
+  // forward order.
+  virtual std::vector<float> hessian(const std::string& key) = 0;
+  virtual int64_t rows_seen(const std::string& key) = 0;  // the rows behind hessian(key) (after capturing)
+  virtual int64_t tokens() const = 0;
+  // CheckpointQuantizeOptions::on_batch: the plan reached `batch` ("layer <l>"); the Linears before it are
+  // finished in work_dir.
+  virtual void on_batch(const std::string& batch, const std::string& work_dir) {}
+};
+
 // Hessians H = XᵀX / rows of each Linear's inputs over calibration token rows, from the unquantized model
 // running on a backend with a Linear observer (see the file comment): the CPU, or the GPU with the accumulators in
 // device memory (hessian_cuda.h).
-class HessianCapture {
+class HessianCapture final : public Calibration {
  public:
   struct Options {
+    // Where each layer's inputs come from: the layers before it as quantized (layer by layer, exllamav3's order;
+    // LayerCapture) or the unquantized model (HessianCapture). Auto: quantized, unless the MTP layer is calibrated
+    // or a Hessian cache is kept (both need the unquantized model's Hessians, the same for every bit width).
+    enum class Inputs { Auto, Quantized, Original };
+    Inputs inputs = Inputs::Auto;
     // Where the forward runs and the Hessians are summed: the CPU, or the encoder's GPU (--device cuda:N). The GPU
     // computes its products with bf16 activations, so its Hessians agree with the CPU's to ~1e-2, not bit for bit.
     trellis::EncodeDevice device = trellis::EncodeDevice::Cpu;
     int64_t chunk = 0;                // tokens per forward step; 0: 128 on the CPU, 2048 on the GPU
     double min_rows_factor = 2.0;     // fewer rows than this × in: no Hessian (plain Viterbi)
     // Bytes of accumulators per capture window; 0: 8 GiB on the CPU, on the GPU the device memory left after the
-    // model less 4 GiB.
+    // model less 12 GiB (the forward's scratch and the encoder beside it).
     uint64_t memory_budget = 0;
     // Non-empty: keep the Hessians in this folder (one f32 safetensors file per input group) and reuse them when
     // the model's tensors, the calibration rows and `chunk` are the same. The capture is a CPU forward pass over
@@ -116,13 +139,12 @@ class HessianCapture {
   // Loads `model_dir` on its own backend (Options::device). Token ids must be < vocab_size (an Error otherwise).
   HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt);
   ~HessianCapture();
-  // (in, in) row-major for Linear `key` (a key of linear_specs), or empty when it saw too few rows.
-  // Captures the window holding key's layer first if needed (calls in forward order: one pass per window).
-  std::vector<float> hessian(const std::string& key);
-  int64_t rows_seen(const std::string& key);  // the rows behind hessian(key) (after capturing)
+  // Captures the window holding key's layer first if needed (one pass per window).
+  std::vector<float> hessian(const std::string& key) override;
+  int64_t rows_seen(const std::string& key) override;
   int passes() const { return passes_; }      // capture passes run (not counting Hessians from the cache)
   int64_t cache_hits() const { return cache_hits_; }
-  int64_t tokens() const;
+  int64_t tokens() const override;
 
  private:
   void capture(int64_t first_layer);
@@ -145,6 +167,35 @@ class HessianCapture {
   KvCache kv_;
   KvCache mtp_kv_;         // the MTP layer's latent cache (opt_.mtp)
   bool rs_ready_ = false;
+  int passes_ = 0;
+};
+
+// The Hessians layer by layer, as exllamav3 captures them: decoder layer l is loaded alone (Model::load_layer: one
+// layer's weights on the backend, so a model larger than the GPU works), the residual stream of every calibration
+// token stays resident ([tokens, hidden] f32: 2.1 GB for 128 x 2048 tokens of GLM-4.7-Flash), and layer l's Hessians
+// come from its unquantized weights on the stream its quantized predecessors produced: once the quantizer has
+// finished layer l (CheckpointQuantizeOptions::on_batch), layer l is loaded again from its codes in the work
+// directory and run over the stream. With Options::inputs Original the stream runs the unquantized layers instead,
+// which gives HessianCapture's Hessians bit for bit on the CPU. Each layer is one pass over the tokens; a resumed
+// conversion runs the finished layers from their files again (deterministic: the same Hessians). No MTP layer, no
+// Hessian cache: both need the unquantized model's Hessians.
+class LayerCapture final : public Calibration {
+ public:
+  // planned: the keys the quantizer trellis-codes (the others run as stored). opt.inputs Auto counts as Quantized;
+  // opt.memory_budget, cache_dir and mtp do not apply.
+  LayerCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, std::set<std::string> planned,
+               HessianCapture::Options opt);
+  ~LayerCapture() override;
+  std::vector<float> hessian(const std::string& key) override;
+  int64_t rows_seen(const std::string& key) override;
+  int64_t tokens() const override { return tokens_; }
+  void on_batch(const std::string& batch, const std::string& work_dir) override;
+  int passes() const { return passes_; }  // layers observed (and lm_head)
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int64_t tokens_ = 0;
   int passes_ = 0;
 };
 
@@ -182,6 +233,7 @@ struct QuantizeModelResult {
   int64_t few_rows = 0;      // of those, Linears whose calibration rows were too few
   int64_t mtp = 0;           // MTP-layer Linears in the plan (mtp_bits)
   bool stopped = false;      // stop_after reached: out_dir + ".partial" holds the work so far
+  double calibration_seconds = 0;  // wall time in the calibration capture (its load, passes and Hessian copies)
 };
 
 // Quantizes the HF checkpoint `in_dir` (bf16 / f16 / f32, sharded or not) into opt.out_dir. Errors (trellm::Error)

@@ -149,8 +149,17 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   };
   std::optional<InFlight> pending;
   std::vector<bool> taken(plan.size(), false);
+  std::optional<std::string> batch_seen;
   for (size_t g0 = 0; g0 < plan.size(); g0++) {
     if (taken[g0]) continue;
+    if (opt.on_batch && batch_seen != plan[g0].batch) {
+      if (pending) {
+        write_group(*pending);
+        pending.reset();
+      }
+      batch_seen = plan[g0].batch;
+      opt.on_batch(plan[g0].batch, qdir.string());
+    }
     // The group: this entry and the later untaken ones of its batch (a consecutive run of the plan) of the same
     // kind. Host bytes one member holds while its group is encoded: weight, rotated weight, codes, reconstruction
     // (and the encoder's temporaries) ~18 B per padded weight; Hessian, rotated Hessian and factor ~12 B per in².

@@ -52,6 +52,12 @@ struct CheckpointQuantizeOptions {
   // Calibration Hessian of a Linear's input, (in, in); return an empty vector for plain Viterbi.
   std::function<std::vector<float>(const QuantizePlanEntry&)> hessian;
   std::function<void(const QuantizeProgress&)> on_progress;  // after each Linear
+  // Called when the plan reaches a new batch key, before any of its Linears is looked at, once every Linear of
+  // the earlier entries is finished in work_dir (<work_dir>/<key>.safetensors, their EXL3 tensors): the
+  // layer-streamed calibration runs the layers before `batch` from their codes there (quantized propagation).
+  // Setting it drains the pipeline at each new batch (the next layer's CPU half no longer overlaps the last GPU
+  // half of the one before).
+  std::function<void(const std::string& batch, const std::string& work_dir)> on_batch;
   EncodeOptions encode;                // K and codebook are overridden per plan entry
   // Plan entries of one batch key, shape, K and codebook are encoded together (quantize_linears: one batched LDLQ),
   // up to this many and about this many bytes of host working memory; the files are the same for any grouping

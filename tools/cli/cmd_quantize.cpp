@@ -22,7 +22,8 @@ namespace {
 namespace fs = std::filesystem;
 
 struct QuantizeArgs {
-  std::string model, out, codebook = "mcg", calibration, device = "auto", calibration_device = "same", hessian_cache;
+  std::string model, out, codebook = "mcg", calibration, device = "auto", calibration_device = "same", hessian_cache,
+              calibration_inputs = "auto";
   double bits = 0;
   int head_bits = 6, mtp_bits = 16, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
@@ -70,25 +71,33 @@ std::string seconds(double s) {
 }
 
 // Progress on stderr: a bar redrawn in place on a terminal, else a line at every 10 %. Two phases draw it: each
-// calibration capture pass (a CPU forward over every calibration token; ETA from this pass's rate), then the
-// encoding of the Linears (ETA from this run's own encoding rate, weighted by weights: Linears reused from an
-// interrupted run are instant).
+// calibration capture pass (a forward over every calibration token; ETA from this pass's rate), then the
+// encoding of the Linears (ETA from this run's own rate, weighted by weights: Linears reused from an interrupted
+// run are instant). Layer by layer (--calibration-inputs quantized) the passes after the first come between the
+// layers' encodings: they show on the encoding's bar, whose rate (and ETA) then includes them.
 class ProgressBar {
  public:
   ProgressBar() : tty_(isatty(2)) {}
   void update(const trellis::QuantizeProgress& p) {
     if (phase_ != 0) start_phase(0);
+    encoding_ = true;
     if (p.reused) reused_weights_ += p.weights_done - last_weights_;
     last_weights_ = p.weights_done;
     const double frac = p.weights_total ? double(p.weights_done) / double(p.weights_total) : 1.0;
     const double t = timer_.seconds();
     const double mine = double(p.weights_done - reused_weights_);
     const double left = double(p.weights_total - p.weights_done);
-    draw(frac, str_cat(p.done, "/", p.total, " Linears, ", seconds(t), " elapsed, ETA ",
-                       mine > 0 ? seconds(t / mine * left) : std::string("?"), "  ", p.key ? *p.key : std::string()),
-         p.done == p.total);
+    enc_frac_ = frac;
+    enc_text_ = str_cat(p.done, "/", p.total, " Linears, ", seconds(t), " elapsed, ETA ",
+                        mine > 0 ? seconds(t / mine * left) : std::string("?"));
+    draw(frac, enc_text_ + "  " + (p.key ? *p.key : std::string()), p.done == p.total);
   }
   void capture(int pass, int64_t done, int64_t total) {
+    if (encoding_) {  // a layer-by-layer pass between encodings: on the encoding's bar (a terminal only)
+      if (tty_) draw(enc_frac_, str_cat(enc_text_, "  calibrating the next layer ", int(100.0 * double(done) / double(total)),
+                                        "%"), false);
+      return;
+    }
     if (phase_ != pass) start_phase(pass);
     const double frac = total ? double(done) / double(total) : 1.0;
     const double t = phase_timer_.seconds();
@@ -126,6 +135,9 @@ class ProgressBar {
   }
 
   bool tty_;
+  bool encoding_ = false;  // the encoding has begun
+  double enc_frac_ = 0;
+  std::string enc_text_;
   Timer timer_, phase_timer_;
   int phase_ = 0;
   int64_t reused_weights_ = 0, last_weights_ = 0;
@@ -137,6 +149,7 @@ int run_quantize(const QuantizeArgs& a) {
   if (a.calibration.empty() && (a.rows_opt->count() || a.seq_opt->count()))
     fail("--calibration-rows / --seq-len need --calibration FILE");
   if (a.calibration.empty() && !a.hessian_cache.empty()) fail("--hessian-cache needs --calibration FILE");
+  if (a.calibration.empty() && a.calibration_inputs != "auto") fail("--calibration-inputs needs --calibration FILE");
   if (a.calibration_rows < 1) fail("--calibration-rows must be at least 1");
   if (a.seq_len < 1) fail("--seq-len must be at least 1");
   QuantizeModelOptions o;
@@ -155,6 +168,9 @@ int run_quantize(const QuantizeArgs& a) {
     o.calibration = load_calibration(a.calibration, a.model, a.calibration_rows, a.seq_len);
     o.calibration_cols = a.seq_len;
     o.capture.cache_dir = a.hessian_cache;
+    using Inputs = HessianCapture::Options::Inputs;
+    o.capture.inputs = a.calibration_inputs == "quantized" ? Inputs::Quantized
+                       : a.calibration_inputs == "original" ? Inputs::Original : Inputs::Auto;
     // The capture runs where the encoder does unless told otherwise, on the encoder's GPU (parse_encode_device
     // selects it for both): one GPU per conversion.
     if (a.calibration_device == "same") {
@@ -188,9 +204,11 @@ int run_quantize(const QuantizeArgs& a) {
   for (const auto& f : fs::directory_iterator(a.out))
     if (f.is_regular_file()) bytes += f.file_size();
   std::fprintf(stderr,
-               "trellm quantize: wrote %s in %s: %zu Linears (%lld LDLQ, %lld plain Viterbi%s%s), decoder Linears "
+               "trellm quantize: wrote %s in %s%s: %zu Linears (%lld LDLQ, %lld plain Viterbi%s%s), decoder Linears "
                "%.3f bpw, with lm_head %.3f bpw%s, %.2f MB\n",
-               a.out.c_str(), seconds(bar.seconds_elapsed()).c_str(), r.plan.entries.size(), (long long)r.ldlq,
+               a.out.c_str(), seconds(bar.seconds_elapsed()).c_str(),
+               r.calibration_seconds > 0 ? str_cat(" (calibration ", seconds(r.calibration_seconds), ")").c_str() : "",
+               r.plan.entries.size(), (long long)r.ldlq,
                (long long)r.plain,
                r.few_rows ? str_cat(", ", r.few_rows, " of them for too few calibration rows").c_str() : "",
                r.reused ? str_cat(", ", r.reused, " reused from an interrupted run").c_str() : "",
@@ -230,6 +248,13 @@ void add_quantize(CLI::App& app) {
                   "Where the conversion runs: cpu, cuda (cuda:N for GPU N), or auto (the GPU when there is one). The "
                   "Viterbi encoder writes the same codes on both (~300x faster on a GPU); the calibration forward and "
                   "its Hessians run there too (see --calibration-device)")->capture_default_str();
+  cmd->add_option("--calibration-inputs", a.calibration_inputs,
+                  "Where each layer's calibration inputs come from: quantized (layer by layer, from the already "
+                  "quantized layers before it, as exllamav3 does; only one layer's weights are loaded at a time), "
+                  "original (every Hessian from the unquantized model, in windows of layers), or auto (quantized, "
+                  "unless --mtp-bits or --hessian-cache need the unquantized model's Hessians)")
+      ->check(CLI::IsMember({"auto", "quantized", "original"}))
+      ->capture_default_str();
   cmd->add_option("--calibration-device", a.calibration_device,
                   "Where the calibration forward runs and its Hessians are summed: same (as --device), cpu, cuda, "
                   "cuda:N. The GPU holds the unquantized model in its memory and rounds activations to bf16 for its "

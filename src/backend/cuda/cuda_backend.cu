@@ -817,6 +817,17 @@ class CudaStepGraph final : public StepGraph {
 };
 }  // namespace
 
+void CudaBackend::forget_weights() {
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  for (auto& t : impl_->moe_tables) TRELLM_CUDA_CHECK(cudaFree(t.second));
+  for (auto& t : impl_->dense_kv_b) TRELLM_CUDA_CHECK(cudaFree(t.second));
+  for (auto& t : impl_->gate_f32) TRELLM_CUDA_CHECK(cudaFree(t.second));
+  impl_->moe_tables.clear();
+  impl_->dense_kv_b.clear();
+  impl_->gate_f32.clear();
+  impl_->epoch++;  // captured graphs may point into them
+}
+
 uint64_t CudaBackend::memory_epoch() const { return impl_->epoch; }
 
 std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& step) {

@@ -58,6 +58,7 @@ class CudaBackend final : public Backend {
   void spec_verify(const SpecVerify& v) override;
   void spec_prepare(const SpecPrepare& p) override;
   void gather_rows(TensorView out, TensorView x, TensorView idx) override;
+  void forget_weights() override;
 
   void* stream() const;  // the cudaStream_t every op runs on
   // attention_mla on the v1 kernels (f32 CUDA cores) even where the tensor-core ones apply: the ladder

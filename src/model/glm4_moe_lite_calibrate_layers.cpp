@@ -1,0 +1,264 @@
+// LayerCapture (glm4_moe_lite_quantize.h): calibration one decoder layer at a time over a resident residual stream,
+// each layer's inputs from the quantized layers before it (exllamav3's order; docs/quantize_gpu.md).
+//
+// Per calibration row (one sequence) and chunk of rows, layer l runs through Model::forward_layer with rs.h pointed
+// at the chunk's rows of the stream. The observed pass (Hessians, unquantized weights) runs on a copy when the
+// inputs are the quantized layers', so that the stream moves on only with the quantized layer's output.
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <optional>
+
+#include "backend/backend.h"
+#include "core/error.h"
+#include "format/safetensors.h"
+#include "model/glm4_moe_lite_quantize.h"
+#include "quant/hessian.h"
+#include "quant/hessian_cuda.h"
+#ifdef TRELLM_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "quant/trellis_viterbi_cuda.h"
+#endif
+
+namespace trellm {
+
+namespace fs = std::filesystem;
+
+struct LayerCapture::Impl {
+  HessianCapture::Options opt;
+  bool quantized = true;
+  std::vector<std::vector<int32_t>> rows;
+  std::set<std::string> planned;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<trellis::HessianCudaContext> cuda;
+  std::unique_ptr<Model> model;
+  TensorStore source;
+  std::vector<LinearSpec> specs;         // every Linear of the decoder and lm_head (linear_specs)
+  std::map<std::string, size_t> by_key;  // key -> specs index
+  RunState rs;
+  KvCache kv;
+  TensorView stream;  // [tokens, hidden] f32: the residual stream entering layer `at`
+  TensorView iota;    // I32 [max_tokens] 0, 1, 2, ...: gather_rows as a row copy
+  int64_t at = 0;     // layers the stream has been through
+  int64_t observed = -1;  // the layer whose Hessians `acc` holds (num_hidden_layers: lm_head's)
+  std::map<std::string, std::unique_ptr<trellis::HessianSum>> acc;  // per input group of `observed`
+  std::string work_dir;   // the quantizer's finished Linears (on_batch)
+  int64_t tokens = 0;
+
+  Config config() const { return model->config(); }
+  std::unique_ptr<trellis::HessianSum> accumulator(int64_t in) {
+#ifdef TRELLM_HAVE_CUDA
+    if (cuda) return std::make_unique<trellis::HessianAccumulatorCuda>(*cuda, in);
+#endif
+    return std::make_unique<trellis::HessianAccumulator>(in);
+  }
+
+  // Every chunk of every row through `fn(row offset in the stream, rows n, position)`.
+  template <typename Fn>
+  void chunks(Fn&& fn) {
+    int64_t off = 0;
+    for (const auto& r : rows) {
+      for (int64_t p = 0; p < int64_t(r.size()); p += rs.max_tokens)
+        fn(off + p, int(std::min<int64_t>(rs.max_tokens, int64_t(r.size()) - p)), int(p));
+      off += int64_t(r.size());
+    }
+  }
+  TensorView stream_rows(int64_t off, int n) const {
+    return TensorView(static_cast<float*>(stream.data) + off * stream.cols(), DType::F32, {int64_t(n), stream.cols()});
+  }
+
+  // Layer l over every token: in place (the stream moves on) or on a copy of each chunk.
+  void pass(int64_t l, bool in_place, int pass_no) {
+    const TensorView own_h = rs.h;
+    int64_t done = 0;
+    try {
+      chunks([&](int64_t off, int n, int pos) {
+        const TensorView sr = stream_rows(off, n);
+        if (in_place) rs.h = TensorView(sr.data, DType::F32, {rs.max_tokens, sr.cols()});
+        else backend->gather_rows(TensorView(own_h.data, DType::F32, {int64_t(n), sr.cols()}), sr,
+                                  TensorView(iota.data, DType::I32, {int64_t(n)}));
+        model->forward_layer(l, rs, kv, n, pos);
+        rs.h = own_h;
+        done += n;
+        if (opt.on_capture_progress && pass_no > 0) opt.on_capture_progress(pass_no, done, tokens);
+      });
+    } catch (...) {
+      rs.h = own_h;
+      throw;
+    }
+  }
+
+  // The stream through layers at..layer-1: their quantized Linears from work_dir over the checkpoint (or, for
+  // original inputs, the checkpoint itself).
+  void advance(int64_t layer) {
+    if (layer < at) fail("calibration: layer ", layer, " asked for after layer ", at, " (forward order)");
+    while (at < layer) {
+      const int64_t l = at;
+      std::vector<std::string> files, hidden;
+      if (quantized)
+        for (const LinearSpec& s : specs)
+          if (s.layer == l && planned.count(s.key)) {
+            if (work_dir.empty()) fail("calibration from the quantized layers: the quantized layer ", l, " is not there yet");
+            files.push_back((fs::path(work_dir) / (s.key + ".safetensors")).string());
+            hidden.push_back(s.key + ".weight");
+            hidden.push_back(s.key + ".bias");
+          }
+      // The overlay lives while the layer does: the CPU uses the weights in place from the files' mappings.
+      std::optional<TensorStore> q;
+      if (!files.empty()) q = TensorStore::overlay(source, files, hidden);
+      model->load_layer(l, q ? *q : source);
+      pass(l, /*in_place=*/true, 0);
+      model->release_layer(l);
+      at++;
+    }
+  }
+
+  // The Hessians of `layer`'s Linears (the stream enters it), or with layer = num_hidden_layers lm_head's: the
+  // rows of model.norm(h).
+  void observe(int64_t layer, int pass_no) {
+    const Config c = config();
+    acc.clear();
+    observed = -1;
+    advance(layer);
+    if (layer == c.num_hidden_layers) {
+      auto& a = acc["lm_head"];
+      a = accumulator(c.hidden_size);
+      chunks([&](int64_t off, int n, int) {
+        const TensorView x(rs.x.data, DType::F32, {int64_t(n), int64_t(c.hidden_size)});
+        backend->rms_norm(x, stream_rows(off, n), model->weights().norm, float(c.rms_norm_eps));
+        a->add(x.ptr<float>(), n);
+      });
+      observed = layer;
+      return;
+    }
+    model->load_layer(layer, source);
+    std::map<const Linear*, trellis::HessianSum*> recorder;
+    for (const auto& [s, lin] : layer_linears(*model, layer)) {
+      auto [it, fresh] = acc.try_emplace(s.input_group);
+      if (!fresh) continue;
+      it->second = accumulator(s.in);
+      recorder[lin] = it->second.get();
+    }
+    backend->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
+      auto it = recorder.find(&lin);
+      if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());
+    });
+    try {
+      // Original inputs: the observed pass is the stream's pass through this layer.
+      pass(layer, /*in_place=*/!quantized, pass_no);
+    } catch (...) {
+      backend->set_linear_observer(nullptr);
+      throw;
+    }
+    backend->set_linear_observer(nullptr);
+    model->release_layer(layer);
+    if (!quantized) at = layer + 1;
+    observed = layer;
+  }
+};
+
+LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows,
+                           std::set<std::string> planned, HessianCapture::Options opt)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  if (opt.mtp) fail("calibration layer by layer: the MTP layer needs the unquantized model's Hessians (inputs original)");
+  if (!opt.cache_dir.empty()) fail("calibration layer by layer: a Hessian cache needs the unquantized model's Hessians");
+  if (opt.chunk == 0) opt.chunk = opt.device == trellis::EncodeDevice::Cuda ? 2048 : 128;
+  if (opt.chunk < 1) fail("calibration: chunk must be positive");
+  m.quantized = opt.inputs != HessianCapture::Options::Inputs::Original;
+  m.opt = std::move(opt);
+  m.rows = std::move(rows);
+  m.planned = std::move(planned);
+  if (m.opt.device == trellis::EncodeDevice::Cuda) {
+#ifdef TRELLM_HAVE_CUDA
+    m.backend = make_cuda_backend(trellis::viterbi_cuda_current_device());
+    m.cuda = std::make_unique<trellis::HessianCudaContext>(static_cast<CudaBackend&>(*m.backend).stream());
+#else
+    fail("calibration on the GPU: this trellm was built without CUDA");
+#endif
+  } else {
+    m.backend = make_cpu_backend();
+  }
+  LoadOptions lo;
+  lo.layers = false;
+  m.model = Model::load(model_dir, *m.backend, lo);
+  m.source = TensorStore::open(model_dir);
+  const Config& c = m.model->config();
+  int64_t longest = 0;
+  for (size_t r = 0; r < m.rows.size(); r++) {
+    if (m.rows[r].empty()) fail("calibration row ", r, " is empty");
+    if (int64_t(m.rows[r].size()) > c.max_position_embeddings)
+      fail("calibration row ", r, " has ", m.rows[r].size(), " tokens, more than the model's max_position_embeddings (",
+           c.max_position_embeddings, "); use a shorter --seq-len");
+    for (int32_t t : m.rows[r])
+      if (t < 0 || t >= c.vocab_size) fail("calibration token id ", t, " (row ", r, ") is outside the vocabulary (", c.vocab_size, ")");
+    longest = std::max<int64_t>(longest, int64_t(m.rows[r].size()));
+    tokens_ += int64_t(m.rows[r].size());
+  }
+  m.tokens = tokens_;
+  m.specs = linear_specs(c);
+  for (size_t i = 0; i < m.specs.size(); i++) m.by_key[m.specs[i].key] = i;
+  m.rs = m.model->make_run_state(int(std::min<int64_t>(m.opt.chunk, longest)), /*logit_rows=*/1);
+  m.kv = m.model->make_kv_cache(int(longest));
+  Backend& B = *m.backend;
+  // The stream, and the embeddings in it.
+  m.stream = TensorView(nullptr, DType::F32, {tokens_, c.hidden_size});
+  m.stream.data = B.alloc(m.stream.nbytes());
+  std::vector<int32_t> iota(size_t(m.rs.max_tokens));
+  for (size_t i = 0; i < iota.size(); i++) iota[i] = int32_t(i);
+  m.iota = TensorView(nullptr, DType::I32, {int64_t(iota.size())});
+  m.iota.data = B.alloc(m.iota.nbytes());
+  B.from_host(m.iota.data, iota.data(), m.iota.nbytes());
+  size_t r = 0;
+  int64_t row_start = 0;
+  m.chunks([&](int64_t off, int n, int pos) {
+    while (off >= row_start + int64_t(m.rows[r].size())) row_start += int64_t(m.rows[r++].size());
+    const TensorView tok(m.rs.tokens.data, DType::I32, {int64_t(n)});
+    B.from_host(tok.data, m.rows[r].data() + pos, size_t(n) * sizeof(int32_t));
+    B.embed(m.stream_rows(off, n), tok, m.model->weights().embed_tokens);
+  });
+  if (m.opt.on_note)
+    m.opt.on_note(str_cat("calibration: the residual stream of ", tokens_, " tokens kept on ", B.name(), " (",
+                          (m.stream.nbytes() + (1 << 20) - 1) >> 20, " MiB), the layers loaded one at a time"));
+}
+
+LayerCapture::~LayerCapture() {
+  if (!impl_) return;
+  Impl& m = *impl_;
+  m.backend->set_linear_observer(nullptr);
+  m.acc.clear();  // before the GPU context its accumulators use
+  m.cuda.reset();
+  if (m.stream.data) m.backend->release(m.stream.data);
+  if (m.iota.data) m.backend->release(m.iota.data);
+  m.model.reset();
+}
+
+void LayerCapture::on_batch(const std::string& batch, const std::string& work_dir) { impl_->work_dir = work_dir; }
+
+std::vector<float> LayerCapture::hessian(const std::string& key) {
+  Impl& m = *impl_;
+  auto it = m.by_key.find(key);
+  if (it == m.by_key.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
+  const LinearSpec& s = m.specs[it->second];
+  if (m.observed != s.layer) {
+    m.observe(s.layer, passes_ + 1);
+    passes_++;
+  }
+  const trellis::HessianSum& a = *m.acc.at(s.input_group);
+  if (double(a.rows()) < m.opt.min_rows_factor * double(s.in)) return {};
+  return a.hessian();
+}
+
+int64_t LayerCapture::rows_seen(const std::string& key) {
+  Impl& m = *impl_;
+  auto it = m.by_key.find(key);
+  if (it == m.by_key.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
+  const LinearSpec& s = m.specs[it->second];
+  if (m.observed != s.layer) {
+    m.observe(s.layer, passes_ + 1);
+    passes_++;
+  }
+  return m.acc.at(s.input_group)->rows();
+}
+
+}  // namespace trellm
