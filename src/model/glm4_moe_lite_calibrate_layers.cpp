@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/timer.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "quant/hessian.h"
@@ -44,6 +45,7 @@ struct LayerCapture::Impl {
   std::map<std::string, std::unique_ptr<trellis::HessianSum>> acc;  // per input group of `observed`
   std::string work_dir;   // the quantizer's finished Linears (on_batch)
   int64_t tokens = 0;
+  double t_load = 0, t_observe = 0, t_propagate = 0, t_hessians = 0;  // seconds (time_by_phase)
 
   Config config() const { return model->config(); }
   std::unique_ptr<trellis::HessianSum> accumulator(int64_t in) {
@@ -104,10 +106,15 @@ struct LayerCapture::Impl {
             hidden.push_back(s.key + ".bias");
           }
       // The overlay lives while the layer does: the CPU uses the weights in place from the files' mappings.
+      Timer t;
       std::optional<TensorStore> q;
       if (!files.empty()) q = TensorStore::overlay(source, files, hidden);
       model->load_layer(l, q ? *q : source);
+      t_load += t.seconds();
+      t.reset();
       pass(l, /*in_place=*/true, 0);
+      backend->synchronize();
+      t_propagate += t.seconds();
       model->release_layer(l);
       at++;
     }
@@ -120,6 +127,7 @@ struct LayerCapture::Impl {
     acc.clear();
     observed = -1;
     advance(layer);
+    Timer t;
     if (layer == c.num_hidden_layers) {
       auto& a = acc["lm_head"];
       a = accumulator(c.hidden_size);
@@ -128,10 +136,14 @@ struct LayerCapture::Impl {
         backend->rms_norm(x, stream_rows(off, n), model->weights().norm, float(c.rms_norm_eps));
         a->add(x.ptr<float>(), n);
       });
+      a->rows();  // the last rows summed
+      t_observe += t.seconds();
       observed = layer;
       return;
     }
     model->load_layer(layer, source);
+    t_load += t.seconds();
+    t.reset();
     std::map<const Linear*, trellis::HessianSum*> recorder;
     for (const auto& [s, lin] : layer_linears(*model, layer)) {
       auto [it, fresh] = acc.try_emplace(s.input_group);
@@ -151,6 +163,8 @@ struct LayerCapture::Impl {
       throw;
     }
     backend->set_linear_observer(nullptr);
+    for (const auto& [group, a] : acc) a->rows();  // the last rows summed
+    t_observe += t.seconds();
     model->release_layer(layer);
     if (!quantized) at = layer + 1;
     observed = layer;
@@ -203,7 +217,12 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
   Backend& B = *m.backend;
   // The stream, and the embeddings in it.
   m.stream = TensorView(nullptr, DType::F32, {tokens_, c.hidden_size});
-  m.stream.data = B.alloc(m.stream.nbytes());
+  try {
+    m.stream.data = B.alloc(m.stream.nbytes());
+  } catch (const Error& e) {
+    fail("calibration: the residual stream of ", tokens_, " tokens (", m.stream.nbytes() >> 20, " MiB) does not fit on ",
+         B.name(), ": ", e.what(), "; use fewer --calibration-rows or a shorter --seq-len");
+  }
   std::vector<int32_t> iota(size_t(m.rs.max_tokens));
   for (size_t i = 0; i < iota.size(); i++) iota[i] = int32_t(i);
   m.iota = TensorView(nullptr, DType::I32, {int64_t(iota.size())});
@@ -246,7 +265,17 @@ std::vector<float> LayerCapture::hessian(const std::string& key) {
   }
   const trellis::HessianSum& a = *m.acc.at(s.input_group);
   if (double(a.rows()) < m.opt.min_rows_factor * double(s.in)) return {};
-  return a.hessian();
+  const Timer t;
+  std::vector<float> h = a.hessian();
+  m.t_hessians += t.seconds();
+  return h;
+}
+
+std::string LayerCapture::time_by_phase() const {
+  const Impl& m = *impl_;
+  auto s = [](double v) { return str_cat(int64_t(v * 10) / 10.0, " s"); };
+  return str_cat("loading layers ", s(m.t_load), ", observed passes ", s(m.t_observe), ", quantized passes ",
+                 s(m.t_propagate), ", Hessians out ", s(m.t_hessians), " (", passes_, " passes)");
 }
 
 int64_t LayerCapture::rows_seen(const std::string& key) {

@@ -354,6 +354,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.shard_bytes = opt.shard_bytes;
   co.group_linears = opt.group_linears;
   co.encode.scale_search = opt.scale_search;
+  co.encode.times = &res.encode_times;
   co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch
   co.encode.fixed_scale = 0;  // without the search: the Gaussian-optimal scale of each K
   co.extra_metadata = {
@@ -389,6 +390,13 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   } catch (const Stop&) {
     res.stopped = true;
   }
+  const trellis::EncodeTimes& t = res.encode_times;
+  auto sec = [](double v) { return str_cat(int64_t(v * 10) / 10.0, " s"); };
+  if (capture && !capture->time_by_phase().empty()) note("calibration time: " + capture->time_by_phase());
+  if (t.prepare + t.encode > 0)
+    note(str_cat("encoder time (", opt.device == trellis::EncodeDevice::Cuda ? "the CPU's and the GPU's overlap" : "summed",
+                 "): prepare ", sec(t.prepare), ", block LDL ", sec(t.ldl), ", LDLQ / Viterbi ", sec(t.encode), ", packing ",
+                 sec(t.finish)));
   return res;
 }
 

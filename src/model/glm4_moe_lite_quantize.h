@@ -102,6 +102,8 @@ class Calibration {
   // CheckpointQuantizeOptions::on_batch: the plan reached `batch` ("layer <l>"); the Linears before it are
   // finished in work_dir.
   virtual void on_batch(const std::string& batch, const std::string& work_dir) {}
+  // Where the capture's time went, one line ("" when there is nothing to split).
+  virtual std::string time_by_phase() const { return ""; }
 };
 
 // Hessians H = XᵀX / rows of each Linear's inputs over calibration token rows, from the unquantized model
@@ -191,6 +193,9 @@ class LayerCapture final : public Calibration {
   int64_t tokens() const override { return tokens_; }
   void on_batch(const std::string& batch, const std::string& work_dir) override;
   int passes() const { return passes_; }  // layers observed (and lm_head)
+  // Seconds in: loading layers (unquantized and quantized), the observed passes (Hessians summed), the quantized
+  // passes (the stream moved on), copying Hessians out.
+  std::string time_by_phase() const override;
 
  private:
   struct Impl;
@@ -234,6 +239,7 @@ struct QuantizeModelResult {
   int64_t mtp = 0;           // MTP-layer Linears in the plan (mtp_bits)
   bool stopped = false;      // stop_after reached: out_dir + ".partial" holds the work so far
   double calibration_seconds = 0;  // wall time in the calibration capture (its load, passes and Hessian copies)
+  trellis::EncodeTimes encode_times;  // the encoder's phases, summed (the CPU and GPU halves overlap)
 };
 
 // Quantizes the HF checkpoint `in_dir` (bf16 / f16 / f32, sharded or not) into opt.out_dir. Errors (trellm::Error)
