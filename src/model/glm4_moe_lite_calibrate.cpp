@@ -64,6 +64,18 @@ std::string model_fingerprint(const std::string& model_dir) {
 
 }  // namespace
 
+void check_calibration_rows(const std::vector<std::vector<int32_t>>& rows, const Config& c) {
+  for (size_t r = 0; r < rows.size(); r++) {
+    if (rows[r].empty()) fail("calibration row ", r, " is empty");
+    if (int64_t(rows[r].size()) > c.max_position_embeddings)
+      fail("calibration row ", r, " has ", rows[r].size(), " tokens, more than the model's max_position_embeddings (",
+           c.max_position_embeddings, "); use a shorter --seq-len");
+    for (int32_t t : rows[r])
+      if (t < 0 || t >= c.vocab_size)
+        fail("calibration token id ", t, " (row ", r, ") is outside the vocabulary (", c.vocab_size, ")");
+  }
+}
+
 // The accumulators of one window of consecutive layers [first, last].
 struct HessianCapture::Window {
   int64_t first = -1, last = -1;
@@ -89,15 +101,7 @@ HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::ve
     backend_ = make_cpu_backend();
   }
   model_ = Model::load(model_dir, *backend_);
-  const int64_t vocab = model_->config().vocab_size;
-  for (size_t r = 0; r < rows_.size(); r++) {
-    if (rows_[r].empty()) fail("calibration row ", r, " is empty");
-    if (int64_t(rows_[r].size()) > model_->config().max_position_embeddings)
-      fail("calibration row ", r, " has ", rows_[r].size(), " tokens, more than the model's max_position_embeddings (",
-           model_->config().max_position_embeddings, "); use a shorter --seq-len");
-    for (int32_t t : rows_[r])
-      if (t < 0 || t >= vocab) fail("calibration token id ", t, " (row ", r, ") is outside the vocabulary (", vocab, ")");
-  }
+  check_calibration_rows(rows_, model_->config());
   if (opt_.chunk < 1) fail("calibration: chunk must be positive");
   linears_ = model_linears(*model_);
   if (opt_.mtp) {

@@ -46,6 +46,18 @@ struct LayerCapture::Impl {
   std::string work_dir;   // the quantizer's finished Linears (on_batch)
   int64_t tokens = 0;
   double t_load = 0, t_observe = 0, t_propagate = 0, t_hessians = 0;  // seconds (time_by_phase)
+  int passes = 0;  // layers observed (and lm_head)
+
+  const LinearSpec& spec(const std::string& key) const {
+    auto it = by_key.find(key);
+    if (it == by_key.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
+    return specs[it->second];
+  }
+  // The accumulator of s's input group, after observing s's layer if it is not the one held.
+  const trellis::HessianSum& sum_of(const LinearSpec& s) {
+    if (observed != s.layer) observe(s.layer, ++passes);
+    return *acc.at(s.input_group);
+  }
 
   Config config() const { return model->config(); }
   std::unique_ptr<trellis::HessianSum> accumulator(int64_t in) {
@@ -198,16 +210,11 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
   m.model = Model::load(model_dir, *m.backend, lo);
   m.source = TensorStore::open(model_dir);
   const Config& c = m.model->config();
+  check_calibration_rows(m.rows, c);
   int64_t longest = 0;
-  for (size_t r = 0; r < m.rows.size(); r++) {
-    if (m.rows[r].empty()) fail("calibration row ", r, " is empty");
-    if (int64_t(m.rows[r].size()) > c.max_position_embeddings)
-      fail("calibration row ", r, " has ", m.rows[r].size(), " tokens, more than the model's max_position_embeddings (",
-           c.max_position_embeddings, "); use a shorter --seq-len");
-    for (int32_t t : m.rows[r])
-      if (t < 0 || t >= c.vocab_size) fail("calibration token id ", t, " (row ", r, ") is outside the vocabulary (", c.vocab_size, ")");
-    longest = std::max<int64_t>(longest, int64_t(m.rows[r].size()));
-    tokens_ += int64_t(m.rows[r].size());
+  for (const auto& row : m.rows) {
+    longest = std::max<int64_t>(longest, int64_t(row.size()));
+    tokens_ += int64_t(row.size());
   }
   m.tokens = tokens_;
   m.specs = linear_specs(c);
@@ -256,14 +263,8 @@ void LayerCapture::on_batch(const std::string& batch, const std::string& work_di
 
 std::vector<float> LayerCapture::hessian(const std::string& key) {
   Impl& m = *impl_;
-  auto it = m.by_key.find(key);
-  if (it == m.by_key.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
-  const LinearSpec& s = m.specs[it->second];
-  if (m.observed != s.layer) {
-    m.observe(s.layer, passes_ + 1);
-    passes_++;
-  }
-  const trellis::HessianSum& a = *m.acc.at(s.input_group);
+  const LinearSpec& s = m.spec(key);
+  const trellis::HessianSum& a = m.sum_of(s);
   if (double(a.rows()) < m.opt.min_rows_factor * double(s.in)) return {};
   const Timer t;
   std::vector<float> h = a.hessian();
@@ -275,19 +276,14 @@ std::string LayerCapture::time_by_phase() const {
   const Impl& m = *impl_;
   auto s = [](double v) { return str_cat(int64_t(v * 10) / 10.0, " s"); };
   return str_cat("loading layers ", s(m.t_load), ", observed passes ", s(m.t_observe), ", quantized passes ",
-                 s(m.t_propagate), ", Hessians out ", s(m.t_hessians), " (", passes_, " passes)");
+                 s(m.t_propagate), ", Hessians out ", s(m.t_hessians), " (", m.passes, " passes)");
 }
 
 int64_t LayerCapture::rows_seen(const std::string& key) {
   Impl& m = *impl_;
-  auto it = m.by_key.find(key);
-  if (it == m.by_key.end()) fail("calibration: \"", key, "\" is not a Linear of this model");
-  const LinearSpec& s = m.specs[it->second];
-  if (m.observed != s.layer) {
-    m.observe(s.layer, passes_ + 1);
-    passes_++;
-  }
-  return m.acc.at(s.input_group)->rows();
+  return m.sum_of(m.spec(key)).rows();
 }
+
+int LayerCapture::passes() const { return impl_->passes; }
 
 }  // namespace trellm

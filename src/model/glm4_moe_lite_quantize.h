@@ -192,7 +192,7 @@ class LayerCapture final : public Calibration {
   int64_t rows_seen(const std::string& key) override;
   int64_t tokens() const override { return tokens_; }
   void on_batch(const std::string& batch, const std::string& work_dir) override;
-  int passes() const { return passes_; }  // layers observed (and lm_head)
+  int passes() const;  // layers observed (and lm_head)
   // Seconds in: loading layers (unquantized and quantized), the observed passes (Hessians summed), the quantized
   // passes (the stream moved on), copying Hessians out.
   std::string time_by_phase() const override;
@@ -201,8 +201,10 @@ class LayerCapture final : public Calibration {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   int64_t tokens_ = 0;
-  int passes_ = 0;
 };
+
+// Errors naming the row: an empty row, one longer than max_position_embeddings, a token id outside the vocabulary.
+void check_calibration_rows(const std::vector<std::vector<int32_t>>& rows, const Config& c);
 
 // "<rows> rows, fnv1a <hash>" of calibration token rows (recorded with quantized Linears and cached Hessians).
 std::string calibration_fingerprint(const std::vector<std::vector<int32_t>>& rows);

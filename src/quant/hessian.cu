@@ -135,21 +135,16 @@ void HessianAccumulatorCuda::flush() const {
   pending_rows_ = 0;
 }
 
-int64_t HessianAccumulatorCuda::rows() const {
+std::pair<int64_t, int64_t> HessianAccumulatorCuda::counts() const {
   flush();
   long long n[2];
   TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(n, counts_, sizeof n, cudaMemcpyDeviceToHost, ctx_.impl().stream));
   TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(ctx_.impl().stream));
-  return n[0];
+  return {n[0], n[1]};
 }
 
-int64_t HessianAccumulatorCuda::dropped() const {
-  flush();
-  long long n[2];
-  TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(n, counts_, sizeof n, cudaMemcpyDeviceToHost, ctx_.impl().stream));
-  TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(ctx_.impl().stream));
-  return n[1];
-}
+int64_t HessianAccumulatorCuda::rows() const { return counts().first; }
+int64_t HessianAccumulatorCuda::dropped() const { return counts().second; }
 
 std::vector<float> HessianAccumulatorCuda::hessian() const {
   const int64_t n = rows();  // flushes

@@ -6,6 +6,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "quant/hessian.h"
@@ -46,6 +47,7 @@ class HessianAccumulatorCuda final : public HessianSum {
 
  private:
   void flush() const;
+  std::pair<int64_t, int64_t> counts() const;  // rows kept, rows dropped (flushes, synchronises)
   HessianCudaContext& ctx_;
   int64_t in_;
   double* sum_ = nullptr;         // (in, in): the row-major lower triangle (DSYRK's column-major upper)

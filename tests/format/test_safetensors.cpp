@@ -75,6 +75,29 @@ TEST(Safetensors, ShardedCheckpointThroughIndex) {
   EXPECT_ERROR_CONTAINS(s.get("c"), "\"c\"", "missing");
 }
 
+// A checkpoint seen with some tensors replaced (the quantizer's finished Linears over the source): the files'
+// tensors win, hidden names are gone, the rest is the base's; a name in two files of the overlay is an error.
+TEST(Safetensors, OverlayReplacesHidesAndRefusesDuplicates) {
+  TempDir d;
+  float w[4] = {1, 2, 3, 4}, b[2] = {5, 6}, n[2] = {7, 8}, t[3] = {9, 10, 11}, b2[2] = {12, 13};
+  write_safetensors(d / "model.safetensors", {{"x.weight", DType::F32, {2, 2}, w, sizeof w},
+                                              {"x.bias", DType::F32, {2}, b, sizeof b},
+                                              {"norm.weight", DType::F32, {2}, n, sizeof n}});
+  write_safetensors(d / "q.safetensors", {{"x.trellis", DType::F32, {3}, t, sizeof t}, {"x.bias", DType::F32, {2}, b2, sizeof b2}});
+  write_safetensors(d / "dup.safetensors", {{"x.trellis", DType::F32, {3}, t, sizeof t}});
+  const TensorStore base = TensorStore::open(d.str());
+  const TensorStore o = TensorStore::overlay(base, {d / "q.safetensors"}, {"x.weight", "x.bias"});
+  EXPECT_EQ(o.names(), (std::vector<std::string>{"norm.weight", "x.bias", "x.trellis"}));
+  EXPECT_EQ(static_cast<const float*>(o.get("x.bias").data)[1], 13.0f);       // the file's, not the base's
+  EXPECT_EQ(static_cast<const float*>(o.get("norm.weight").data)[0], 7.0f);  // the base's
+  EXPECT_FALSE(o.contains("x.weight"));
+  EXPECT_EQ(o.path(), base.path());
+  EXPECT_TRUE(base.contains("x.weight"));  // the base is unchanged
+  EXPECT_ERROR_CONTAINS(TensorStore::overlay(base, {d / "q.safetensors", d / "dup.safetensors"}, {}), "x.trellis",
+                        "another file");
+  EXPECT_ERROR_CONTAINS(TensorStore::overlay(base, {d / "absent.safetensors"}, {}), "absent.safetensors");
+}
+
 TEST(Safetensors, IndexNamesTensorAbsentFromItsShard) {
   TempDir d;
   float a[2] = {1, 2};

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <set>
 
+#include "format/safetensors.h"
 #include "model/glm4_moe_lite.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "model/quant_test_util.h"
@@ -28,15 +29,7 @@ using Inputs = HessianCapture::Options::Inputs;
 
 std::string file(const fs::path& p) { return trellm::testing::read_file(p.string()); }
 
-std::vector<float> logits(const std::string& dir, const std::vector<int32_t>& ids) {
-  auto b = make_cpu_backend();
-  auto m = Model::load(dir, *b);
-  RunState rs = m->make_run_state(int(ids.size()));
-  KvCache kv = m->make_kv_cache(int(ids.size()));
-  m->forward(rs, kv, ids.data(), int(ids.size()), 0, true);
-  const float* p = rs.logits.ptr<float>();
-  return std::vector<float>(p, p + ids.size() * size_t(m->config().vocab_size));
-}
+using trellm::testing::model_logits;
 
 TEST(LayerCapture, OriginalInputsGiveTheWholeModelHessians) {
   const auto rows = random_rows(2, 70, 384, 13);  // tiny_b; 70 tokens: two chunks of 48 per row
@@ -66,6 +59,30 @@ TEST(LayerCapture, OutOfOrderOrWithoutTheQuantizerIsAnError) {
   LayerCapture original(kData + "tiny_a", random_rows(1, 16, 320, 1), {}, o);
   EXPECT_FALSE(original.hessian("model.layers.1.self_attn.kv_b_proj").empty());
   EXPECT_ERROR_CONTAINS(original.hessian("model.layers.0.mlp.up_proj"), "forward order");
+}
+
+// One layer at a time: a model loaded without its layers holds none; load_layer checks the tensors through the
+// loader's table (a wrong shape is an error naming the tensor, and the layer stays unloaded); release_layer frees it.
+TEST(LayerCapture, LoadLayerChecksTensorsAndReleases) {
+  auto b = make_cpu_backend();
+  LoadOptions lo;
+  lo.layers = false;
+  auto m = Model::load(kData + "tiny_a", *b, lo);
+  ASSERT_EQ(m->weights().layers.size(), size_t(m->config().num_hidden_layers));
+  for (const LayerWeights& l : m->weights().layers) EXPECT_TRUE(l.input_layernorm.empty());
+  const TensorStore src = TensorStore::open(kData + "tiny_a");
+  m->load_layer(1, src);
+  EXPECT_FALSE(m->weights().layers[1].input_layernorm.empty());
+  EXPECT_EQ(m->weights().layers[1].experts.size(), size_t(m->config().n_routed_experts));
+  m->release_layer(1);
+  EXPECT_TRUE(m->weights().layers[1].input_layernorm.empty());
+  TempDir tmp;
+  const std::string key = "model.layers.0.self_attn.o_proj.weight";
+  std::vector<uint16_t> wrong(12, 0);
+  write_safetensors(tmp / "bad.safetensors", {{key, DType::BF16, {3, 4}, wrong.data(), wrong.size() * 2}});
+  const TensorStore bad = TensorStore::overlay(src, {tmp / "bad.safetensors"}, {key});
+  EXPECT_ERROR_CONTAINS(m->load_layer(0, bad), key.c_str(), "shape");
+  EXPECT_TRUE(m->weights().layers[0].input_layernorm.empty());
 }
 
 QuantizeModelOptions options(const fs::path& out, Inputs inputs) {
@@ -142,7 +159,7 @@ TEST(QuantizeModel, QuantizedInputsNeedTheUnquantizedOptionsOff) {
 TEST(QuantizeQuality, QuantizedInputsAreNoWorse) {
   TempDir tmp;
   const std::vector<int32_t> eval = random_rows(1, 48, 320, 78)[0];
-  const std::vector<float> ref = logits(kData + "tiny_a", eval);
+  const std::vector<float> ref = model_logits(kData + "tiny_a", eval);
   double log_ratio = 0;
   for (uint64_t seed : {3, 4, 5}) {
     double kl[2];
@@ -151,7 +168,7 @@ TEST(QuantizeQuality, QuantizedInputsAreNoWorse) {
       o.calibration = random_rows(16, 128, 320, seed);
       o.calibration_cols = 128;
       quantize_model(kData + "tiny_a", o);
-      const std::vector<float> lq = logits(o.out_dir, eval);
+      const std::vector<float> lq = model_logits(o.out_dir, eval);
       kl[q] = mean_kl_divergence(ref.data(), lq.data(), int64_t(eval.size()), 320);
     }
     std::printf("K = 3, tiny_a, calibration seed %d: mean KL %.4g with the unquantized layers' inputs, %.4g with the "

@@ -33,13 +33,7 @@ const std::string kData = std::string(TRELLM_TEST_DATA) + "/hf/";
 Config config_of(const std::string& name) { return Config::from_json_file(kData + name + "/config.json"); }
 
 std::vector<float> logits(const std::string& dir, const std::vector<int32_t>& ids) {
-  auto b = make_cpu_backend();
-  auto m = Model::load(dir, *b);
-  RunState rs = m->make_run_state(int(ids.size()));
-  KvCache kv = m->make_kv_cache(int(ids.size()));
-  m->forward(rs, kv, ids.data(), int(ids.size()), 0, true);
-  const float* p = rs.logits.ptr<float>();
-  return std::vector<float>(p, p + ids.size() * size_t(m->config().vocab_size));
+  return trellm::testing::model_logits(dir, ids);
 }
 
 }  // namespace

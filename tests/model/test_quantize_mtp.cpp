@@ -152,7 +152,8 @@ TEST(CalibrationMtp, HessiansAreXtXOfTheLayersInputsAsTransformersComputesThem) 
 }
 
 // quantize_model with mtp_bits: the MTP Linears are planned after lm_head at mtp_bits (shared_head.head at
-// head_bits), get LDLQ, and everything else in the file is what a run without them writes.
+// head_bits), get LDLQ, and everything else in the file is what a run without them writes with the same
+// calibration inputs (the unquantized model's, which the MTP layer's calibration needs: auto selects them).
 TEST(QuantizeMtp, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
   TempDir tmp;
   const Config c = Config::from_json_file(kTinyMtp + "/config.json");
@@ -166,6 +167,7 @@ TEST(QuantizeMtp, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
     o.scale_search = false;
     o.calibration = random_rows(6, 96, c.vocab_size, 21);
     o.calibration_cols = 96;
+    o.capture.inputs = HessianCapture::Options::Inputs::Original;
     // a few main Linears keep it fast (the MTP ones are chosen by mtp_bits; `select` sees them too)
     o.select = [](const LinearSpec& s) {
       return s.key == "lm_head" || s.key == "model.layers.1.self_attn.o_proj" || s.key == "model.layers.0.mlp.up_proj" ||
