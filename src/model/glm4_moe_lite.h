@@ -204,9 +204,10 @@ struct SyntheticSpec {
 
 struct LoadOptions {
   // false: only the embeddings, model.norm and lm_head; the decoder layers are loaded one at a time by load_layer
-  // (the layer-streamed calibration of `trellm quantize`, for a model larger than the GPU). The MTP layer is not
-  // loaded then.
+  // (the layer-streamed calibration of `trellm quantize`, for a model larger than the GPU). The MTP layer then only
+  // with `mtp`.
   bool layers = true;
+  bool mtp = false;
 };
 
 class Model {

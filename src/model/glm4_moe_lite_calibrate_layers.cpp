@@ -38,6 +38,8 @@ struct LayerCapture::Impl {
   std::map<std::string, size_t> by_key;  // key -> specs index
   RunState rs;
   KvCache kv;
+  KvCache mtp_kv;  // the MTP layer's latent cache (opt.mtp)
+  std::vector<std::pair<LinearSpec, const Linear*>> mtp_linears;  // the MTP layer's, as loaded (opt.mtp)
   TensorView stream;  // [tokens, hidden] f32: the residual stream entering layer `at`
   TensorView iota;    // I32 [max_tokens] 0, 1, 2, ...: gather_rows as a row copy
   int64_t at = 0;     // layers the stream has been through
@@ -102,6 +104,58 @@ struct LayerCapture::Impl {
     }
   }
 
+  // lm_head's rows, and the MTP layer run as drafting's first step runs it: row p fed t[p+1] and h_p (HessianCapture's
+  // order: per calibration row, chunk by chunk; the last position of a row has no t[p+1]).
+  void observe_head(int pass_no) {
+    const Config c = config();
+    const int64_t hid = c.hidden_size;
+    auto& head = acc["lm_head"];
+    head = accumulator(hid);
+    std::map<const Linear*, trellis::HessianSum*> recorder;
+    for (const auto& [s, lin] : mtp_linears) {
+      auto [it, fresh] = acc.try_emplace(s.input_group);
+      if (!fresh) continue;
+      it->second = accumulator(s.in);
+      recorder[lin] = it->second.get();
+    }
+    if (!mtp_linears.empty())
+      backend->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
+        auto it = recorder.find(&lin);
+        if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());
+      });
+    std::vector<int32_t> pos(size_t(rs.max_tokens)), seq(size_t(rs.max_tokens), 0), table(size_t(kv.blocks));
+    for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
+    size_t r = 0;
+    int64_t row_start = 0, done = 0;
+    try {
+      chunks([&](int64_t off, int n, int p0) {
+        while (off >= row_start + int64_t(rows[r].size())) row_start += int64_t(rows[r++].size());
+        const TensorView x(rs.x.data, DType::F32, {int64_t(n), hid});
+        backend->rms_norm(x, stream_rows(off, n), model->weights().norm, float(c.rms_norm_eps));
+        head->add(x.ptr<float>(), n);
+        const int m = int(std::min<int64_t>(n, int64_t(rows[r].size()) - 1 - p0));
+        if (!mtp_linears.empty() && m > 0) {
+          for (int i = 0; i < m; i++) pos[size_t(i)] = p0 + i;
+          StepBatch b;
+          b.tokens = {rows[r].data() + p0 + 1, size_t(m)};
+          b.pos = {pos.data(), size_t(m)};
+          b.seq = {seq.data(), size_t(m)};
+          b.tables = table;
+          b.table_stride = int(table.size());
+          b.logits = Logits::All;  // shared_head.head sees every row
+          model->forward_mtp(rs, mtp_kv, b, TensorView(rs.x.data, DType::F32, {int64_t(m), hid}));
+        }
+        done += n;
+        if (opt.on_capture_progress) opt.on_capture_progress(pass_no, done, tokens);
+      });
+    } catch (...) {
+      backend->set_linear_observer(nullptr);
+      throw;
+    }
+    backend->set_linear_observer(nullptr);
+    for (const auto& [group, a] : acc) a->rows();  // the last rows summed
+  }
+
   // The stream through layers at..layer-1: their quantized Linears from work_dir over the checkpoint (or, for
   // original inputs, the checkpoint itself).
   void advance(int64_t layer) {
@@ -132,8 +186,8 @@ struct LayerCapture::Impl {
     }
   }
 
-  // The Hessians of `layer`'s Linears (the stream enters it), or with layer = num_hidden_layers lm_head's: the
-  // rows of model.norm(h).
+  // The Hessians of `layer`'s Linears (the stream enters it), or with layer = num_hidden_layers lm_head's (the rows
+  // of model.norm(h)) and, with opt.mtp, the MTP layer's: HessianCapture's MTP pass on the final hidden states.
   void observe(int64_t layer, int pass_no) {
     const Config c = config();
     acc.clear();
@@ -141,14 +195,7 @@ struct LayerCapture::Impl {
     advance(layer);
     Timer t;
     if (layer == c.num_hidden_layers) {
-      auto& a = acc["lm_head"];
-      a = accumulator(c.hidden_size);
-      chunks([&](int64_t off, int n, int) {
-        const TensorView x(rs.x.data, DType::F32, {int64_t(n), int64_t(c.hidden_size)});
-        backend->rms_norm(x, stream_rows(off, n), model->weights().norm, float(c.rms_norm_eps));
-        a->add(x.ptr<float>(), n);
-      });
-      a->rows();  // the last rows summed
+      observe_head(pass_no);
       t_observe += t.seconds();
       observed = layer;
       return;
@@ -187,7 +234,6 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
                            std::set<std::string> planned, HessianCapture::Options opt)
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
-  if (opt.mtp) fail("calibration layer by layer: the MTP layer needs the unquantized model's Hessians (inputs original)");
   if (!opt.cache_dir.empty()) fail("calibration layer by layer: a Hessian cache needs the unquantized model's Hessians");
   if (opt.chunk == 0) opt.chunk = opt.device == trellis::EncodeDevice::Cuda ? 2048 : 128;
   if (opt.chunk < 1) fail("calibration: chunk must be positive");
@@ -207,6 +253,7 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
   }
   LoadOptions lo;
   lo.layers = false;
+  lo.mtp = m.opt.mtp;
   m.model = Model::load(model_dir, *m.backend, lo);
   m.source = TensorStore::open(model_dir);
   const Config& c = m.model->config();
@@ -218,9 +265,21 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
   }
   m.tokens = tokens_;
   m.specs = linear_specs(c);
-  for (size_t i = 0; i < m.specs.size(); i++) m.by_key[m.specs[i].key] = i;
-  m.rs = m.model->make_run_state(int(std::min<int64_t>(m.opt.chunk, longest)), /*logit_rows=*/1);
+  // lm_head's rows are its input's; the logits are never computed, except the MTP head's (every row of a chunk).
+  m.rs = m.model->make_run_state(int(std::min<int64_t>(m.opt.chunk, longest)), m.opt.mtp ? -1 : 1);
   m.kv = m.model->make_kv_cache(int(longest));
+  if (m.opt.mtp) {
+    const size_t n = m.model->weights().mtp.size();
+    if (n == 0)
+      fail(model_dir, ": calibration of the MTP layer asked for, but the model has none (num_nextn_predict_layers ",
+           c.num_nextn_predict_layers, ", no model.layers.", c.num_hidden_layers, ".* tensors)");
+    if (n > 1) fail(model_dir, ": ", n, " MTP layers; calibrating more than one is not supported");
+    m.mtp_linears = model_mtp_linears(*m.model);
+    for (const auto& [s, lin] : m.mtp_linears) m.specs.push_back(s);
+    m.model->add_mtp_state(m.rs);
+    m.mtp_kv = m.model->make_mtp_kv_cache_blocks(m.kv.blocks);
+  }
+  for (size_t i = 0; i < m.specs.size(); i++) m.by_key[m.specs[i].key] = i;
   Backend& B = *m.backend;
   // The stream, and the embeddings in it.
   m.stream = TensorView(nullptr, DType::F32, {tokens_, c.hidden_size});

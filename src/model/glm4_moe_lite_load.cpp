@@ -232,8 +232,8 @@ void load_mtp(Loader& L, const Config& c, Weights& w, const std::string& dir) {
   }
 }
 
-// Every tensor through the name table (the decoder layers only when `layers`).
-void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir, bool layers) {
+// Every tensor through the name table (the decoder layers only when `layers`, the MTP layers then with `mtp`).
+void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir, bool layers, bool mtp) {
   const int64_t hid = c.hidden_size;
   w.embed_tokens = L.matrix("model.embed_tokens.weight", {c.vocab_size, hid});
   w.norm = L.vec("model.norm.weight", hid);
@@ -246,7 +246,10 @@ void load_weights(Loader& L, const Config& c, Weights& w, const std::string& dir
   }
 
   w.layers.resize(size_t(c.num_hidden_layers));
-  if (!layers) return;  // Model::load_layer, one at a time
+  if (!layers) {  // Model::load_layer, one at a time
+    if (mtp) load_mtp(L, c, w, dir);
+    return;
+  }
   for (int64_t i = 0; i < c.num_hidden_layers; i++)
     L.layer(w.layers[i], "model.layers." + std::to_string(i) + ".", c, c.mlp_sparse[i], dir);
   load_mtp(L, c, w, dir);
@@ -267,7 +270,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, Backend& backend, con
   Weights& w = m->w_;
 
   try {
-    load_weights(L, c, w, dir, opt.layers);
+    load_weights(L, c, w, dir, opt.layers, opt.mtp);
   } catch (const Error& e) {
     // Out of GPU memory: say how much of the checkpoint was placed, so the user can size the GPU or the bits.
     if (backend.host_memory() || std::string_view(e.what()).find("out of GPU memory") == std::string_view::npos) throw;

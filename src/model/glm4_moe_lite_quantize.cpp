@@ -312,13 +312,10 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
     HessianCapture::Options co = opt.capture;
     if (!co.on_note) co.on_note = opt.on_note;
     co.mtp = co.mtp || res.mtp > 0;
-    if (co.inputs == Inputs::Quantized && co.mtp)
-      fail("--calibration-inputs quantized: the MTP layer (--mtp-bits) is calibrated on the unquantized model's hidden "
-           "states; use --calibration-inputs original");
     if (co.inputs == Inputs::Quantized && !co.cache_dir.empty())
       fail("--calibration-inputs quantized: a Hessian cache (--hessian-cache) holds the unquantized model's Hessians; "
            "use --calibration-inputs original");
-    quantized_inputs = co.inputs == Inputs::Quantized || (co.inputs == Inputs::Auto && !co.mtp && co.cache_dir.empty());
+    quantized_inputs = co.inputs == Inputs::Quantized || (co.inputs == Inputs::Auto && co.cache_dir.empty());
     const char* where = co.device == trellis::EncodeDevice::Cuda ? "the GPU" : "the CPU";
     const Timer load;  // the capture's model load counts as calibration time
     if (quantized_inputs) {

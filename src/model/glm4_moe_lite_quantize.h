@@ -113,8 +113,8 @@ class HessianCapture final : public Calibration {
  public:
   struct Options {
     // Where each layer's inputs come from: the layers before it as quantized (layer by layer, exllamav3's order;
-    // LayerCapture) or the unquantized model (HessianCapture). Auto: quantized, unless the MTP layer is calibrated
-    // or a Hessian cache is kept (both need the unquantized model's Hessians, the same for every bit width).
+    // LayerCapture) or the unquantized model (HessianCapture). Auto: quantized, unless a Hessian cache is kept (it
+    // holds the unquantized model's Hessians, the same for every bit width).
     enum class Inputs { Auto, Quantized, Original };
     Inputs inputs = Inputs::Auto;
     // Where the forward runs and the Hessians are summed: the CPU, or the encoder's GPU (--device cuda:N). The GPU
@@ -179,12 +179,13 @@ class HessianCapture final : public Calibration {
 // finished layer l (CheckpointQuantizeOptions::on_batch), layer l is loaded again from its codes in the work
 // directory and run over the stream. With Options::inputs Original the stream runs the unquantized layers instead,
 // which gives HessianCapture's Hessians bit for bit on the CPU. Each layer is one pass over the tokens; a resumed
-// conversion runs the finished layers from their files again (deterministic: the same Hessians). No MTP layer, no
-// Hessian cache: both need the unquantized model's Hessians.
+// conversion runs the finished layers from their files again (deterministic: the same Hessians). With opt.mtp the
+// MTP layer is calibrated after lm_head on the final hidden states, as HessianCapture does. No Hessian cache (it
+// holds the unquantized model's Hessians).
 class LayerCapture final : public Calibration {
  public:
   // planned: the keys the quantizer trellis-codes (the others run as stored). opt.inputs Auto counts as Quantized;
-  // opt.memory_budget, cache_dir and mtp do not apply.
+  // opt.memory_budget and cache_dir do not apply.
   LayerCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, std::set<std::string> planned,
                HessianCapture::Options opt);
   ~LayerCapture() override;

@@ -149,12 +149,25 @@ TEST(CalibrationMtp, HessiansAreXtXOfTheLayersInputsAsTransformersComputesThem) 
   HessianCapture main_only(kTinyMtp, cal, plain);
   for (const LinearSpec& s : linear_specs(c)) EXPECT_EQ(main_only.hessian(s.key), cap.hessian(s.key)) << s.key;
   EXPECT_ERROR_CONTAINS(main_only.hessian(kMtp + "eh_proj"), "eh_proj", "not a Linear");
+
+  // Layer by layer with the unquantized layers' inputs: the same Hessians, the MTP layer's included, bit for bit.
+  HessianCapture::Options lo = o;
+  lo.inputs = HessianCapture::Options::Inputs::Original;
+  LayerCapture layers(kTinyMtp, cal, {}, lo);
+  for (const LinearSpec& s : linear_specs(c)) EXPECT_EQ(layers.hessian(s.key), cap.hessian(s.key)) << s.key;
+  for (const LinearSpec& s : mtp_linear_specs(c)) {
+    EXPECT_EQ(layers.hessian(s.key), cap.hessian(s.key)) << s.key;
+    EXPECT_EQ(layers.rows_seen(s.key), cap.rows_seen(s.key)) << s.key;
+  }
 }
 
 // quantize_model with mtp_bits: the MTP Linears are planned after lm_head at mtp_bits (shared_head.head at
-// head_bits), get LDLQ, and everything else in the file is what a run without them writes with the same
-// calibration inputs (the unquantized model's, which the MTP layer's calibration needs: auto selects them).
-TEST(QuantizeMtp, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
+// head_bits), get LDLQ, and everything else in the file is what a run without them writes, with either calibration
+// inputs (the default, layer by layer from the quantized layers, and the unquantized model's).
+class QuantizeMtpInputs : public ::testing::TestWithParam<HessianCapture::Options::Inputs> {};
+INSTANTIATE_TEST_SUITE_P(Inputs, QuantizeMtpInputs,
+                         ::testing::Values(HessianCapture::Options::Inputs::Auto, HessianCapture::Options::Inputs::Original));
+TEST_P(QuantizeMtpInputs, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
   TempDir tmp;
   const Config c = Config::from_json_file(kTinyMtp + "/config.json");
   QuantizeModelResult r[2];
@@ -167,7 +180,7 @@ TEST(QuantizeMtp, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
     o.scale_search = false;
     o.calibration = random_rows(6, 96, c.vocab_size, 21);
     o.calibration_cols = 96;
-    o.capture.inputs = HessianCapture::Options::Inputs::Original;
+    o.capture.inputs = GetParam();
     // a few main Linears keep it fast (the MTP ones are chosen by mtp_bits; `select` sees them too)
     o.select = [](const LinearSpec& s) {
       return s.key == "lm_head" || s.key == "model.layers.1.self_attn.o_proj" || s.key == "model.layers.0.mlp.up_proj" ||

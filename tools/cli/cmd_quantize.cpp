@@ -252,7 +252,7 @@ void add_quantize(CLI::App& app) {
                   "Where each layer's calibration inputs come from: quantized (layer by layer, from the already "
                   "quantized layers before it, as exllamav3 does; only one layer's weights are loaded at a time), "
                   "original (every Hessian from the unquantized model, in windows of layers), or auto (quantized, "
-                  "unless --mtp-bits or --hessian-cache need the unquantized model's Hessians)")
+                  "unless --hessian-cache keeps the unquantized model's Hessians)")
       ->check(CLI::IsMember({"auto", "quantized", "original"}))
       ->capture_default_str();
   cmd->add_option("--calibration-device", a.calibration_device,
