@@ -1,6 +1,7 @@
 // Quantizing a GLM-4.7-Flash checkpoint to EXL3 (`trellm quantize`): which Linears are trellis-coded, how the
 // bits are allocated among them, calibration Hessians captured with the model's own forward pass (on the CPU
-// backend, or on the GPU with the sums in device memory), and the directory writer (src/quant/exl3_checkpoint.h) driven with that plan.
+// backend, or on the GPU with the sums in device memory), and the directory writer (src/quant/exl3_checkpoint.h)
+// driven with that plan.
 //
 // Kept unquantized (copied byte for byte): embeddings, every norm, the router (mlp.gate.weight),
 // e_score_correction_bias, and the MTP layer (model.layers.<num_hidden_layers>.*) unless mtp_bits asks for it.
@@ -11,25 +12,31 @@
 // with seed + i) are the same with or without them.
 //
 // Calibration (TRELLIS.md §4.1), what we do and why:
-//  - All Hessians come from the *unquantized* model, not from inputs produced by already-quantized layers as
-//    exllamav3 does. One capture serves every Linear, the codes of a Linear do not depend on the order or on
-//    which other Linears were already finished, so a resumed run writes exactly the files an uninterrupted run
-//    would; the error compensation exllamav3 gets from sequential capture is a second-order effect.
-//  - Captures run in windows of consecutive layers whose accumulators fit `memory_budget` (one pass over the
+//  - By default (LayerCapture) layer by layer, as exllamav3 does: layer l's Hessians come from its unquantized
+//    weights applied to the stream the already-quantized layers before it produce, so each layer is calibrated on
+//    the inputs it will see when the model runs quantized. One layer's weights are loaded at a time and the residual
+//    stream of all calibration tokens stays resident, so the capture needs ~one layer of memory (a model larger than
+//    the GPU works). The quantizer drains its pipeline at each layer (the layer's codes must be written before the
+//    next layer's inputs exist); a resume runs the finished layers from their files again, which gives the same
+//    stream, so a resumed run still writes exactly the files an uninterrupted one would.
+//  - With `inputs` Original (HessianCapture) every Hessian comes from the unquantized model: one capture serves
+//    every Linear whatever the order, and the Hessians can be cached for other bit widths (--hessian-cache).
+//    Captures run in windows of consecutive layers whose accumulators fit `memory_budget` (one pass over the
 //    calibration tokens per window; one window for small models). The real GLM-4.7-Flash needs ~150 GB of
 //    double accumulators for all 47 layers at once, ~3.4 GB per MoE layer (~4 GB on the GPU, with the pending
 //    rows): 8 layers per pass on the CPU's default budget, ~17 beside the bf16 model on an H200.
 //  - Each Linear sees exactly the rows it is applied to: routed experts only the tokens routed to them,
 //    kv_b_proj the normalised latents c_kv. Linears with one input share one Hessian (q_a/kv_a, gate/up).
-//  - The MTP layer (with mtp_bits) is calibrated as it runs when drafting: after each main forward step, the MTP
-//    forward (Model::forward_mtp) on the same rows, row p fed t[p+1] and the main model's h_p (the last row of a
-//    calibration row, whose t[p+1] is not in the data, is left out); shared_head.head sees every one of them.
+//  - The MTP layer (with mtp_bits) is calibrated as it runs when drafting: the MTP forward (Model::forward_mtp) on
+//    the calibration rows, row p fed t[p+1] and the main model's final h_p (the last row of a calibration row, whose
+//    t[p+1] is not in the data, is left out); shared_head.head sees every one of them.
 //  - A Linear that saw fewer than min_rows_factor·in rows (rare experts) falls back to plain per-tile Viterbi;
 //    we do not activate all experts during capture as exllamav3 does (the 64x expert compute is not affordable
 //    in a CPU capture, and the routing stays the model's own).
 //  - On the GPU the forward is the CUDA backend's, whose products round activations to bf16 (beyond 64 rows) and
 //    whose latent cache is bf16: its Hessians agree with the CPU's to ~0.3 % (tiny_b), so the codes differ; the
-//    capture device is recorded with every finished Linear, and a resume on the other device redoes them.
+//    capture device and the inputs' origin are recorded with every finished Linear, and a resume that differs in
+//    either redoes them.
 #pragma once
 #include <cstdint>
 #include <functional>
