@@ -166,7 +166,11 @@ TEST(CalibrationMtp, HessiansAreXtXOfTheLayersInputsAsTransformersComputesThem) 
 // inputs (the default, layer by layer from the quantized layers, and the unquantized model's).
 class QuantizeMtpInputs : public ::testing::TestWithParam<HessianCapture::Options::Inputs> {};
 INSTANTIATE_TEST_SUITE_P(Inputs, QuantizeMtpInputs,
-                         ::testing::Values(HessianCapture::Options::Inputs::Auto, HessianCapture::Options::Inputs::Original));
+                         ::testing::Values(HessianCapture::Options::Inputs::Auto, HessianCapture::Options::Inputs::Original),
+                         [](const auto& info) {
+                           return std::string(info.param == HessianCapture::Options::Inputs::Auto ? "LayerByLayer"
+                                                                                                 : "Original");
+                         });
 TEST_P(QuantizeMtpInputs, MtpLinearsAreCodedAfterAnUnchangedMainModel) {
   TempDir tmp;
   const Config c = Config::from_json_file(kTinyMtp + "/config.json");
