@@ -210,6 +210,7 @@ def test_text_calibration_is_tokenized_like_hf(tmp_path):
     (["--bits", "4", "--seq-len", "64"], "need --calibration"),
     (["--bits", "4", "--mtp-bits", "9"], "--mtp-bits 9: must be 1..8"),
     (["--bits", "4", "--mtp-bits", "3"], "has no MTP layer"),
+    (["--bits", "4", "--calibration-inputs", "quantized"], "--calibration-inputs needs --calibration"),
 ])
 def test_bad_arguments(extra, phrase, tmp_path):
     rc, _, err = trellm("quantize", "--model", TINY, "--out", tmp_path / "o", *extra, check=False)
@@ -237,6 +238,10 @@ def test_bad_inputs(quantized, tmp_path):
     fails(TINY, '"x" is not a token id', "--calibration", bad)
     bad.write_text("1 2 320")
     fails(TINY, "outside the vocabulary", "--calibration", bad)
+    good = tmp_path / "good.ids"
+    good.write_text(" ".join(str(i % 320) for i in range(64)))
+    fails(TINY, "use --calibration-inputs original", "--calibration", good, "--calibration-inputs", "quantized",
+          "--hessian-cache", tmp_path / "cache")
     other = tmp_path / "llama"
     shutil.copytree(TINY, other)
     cfg = json.load(open(other / "config.json"))
