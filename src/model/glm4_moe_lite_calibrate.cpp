@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/timer.h"
 #include "format/safetensors.h"
+#include "model/glm4_moe_lite_calibrate.h"
 #include "model/glm4_moe_lite_quantize.h"
 #include "quant/hessian.h"
 #include "quant/hessian_cuda.h"
@@ -82,24 +83,75 @@ struct HessianCapture::Window {
   std::map<std::string, std::unique_ptr<trellis::HessianSum>> acc;  // per input group
 };
 
-// Tokens per forward step: 128 on the CPU (its reference attention is per row; the step size changes nothing but
-// the cache key), 2048 on the GPU (the routed experts' products and DSYRKs want rows).
-static int64_t default_chunk(trellis::EncodeDevice d) { return d == trellis::EncodeDevice::Cuda ? 2048 : 128; }
+namespace calibration {
+
+int64_t chunk_for(const HessianCapture::Options& o) {
+  if (o.chunk != 0) return o.chunk;
+  return o.device == trellis::EncodeDevice::Cuda ? 2048 : 128;
+}
+
+Device open_device(trellis::EncodeDevice d) {
+  Device dev;
+  if (d != trellis::EncodeDevice::Cuda) {
+    dev.backend = make_cpu_backend();
+    return dev;
+  }
+#ifdef TRELLM_HAVE_CUDA
+  dev.backend = make_cuda_backend(trellis::viterbi_cuda_current_device());
+  dev.cuda = std::make_unique<trellis::HessianCudaContext>(static_cast<CudaBackend&>(*dev.backend).stream());
+#else
+  fail("calibration on the GPU: this trellm was built without CUDA");
+#endif
+  return dev;
+}
+
+Recorder add_groups(std::span<const std::pair<LinearSpec, const Linear*>> linears, Sums& sums,
+                    trellis::HessianCudaContext* cuda) {
+  Recorder r;
+  for (const auto& [s, lin] : linears) {
+    auto [it, fresh] = sums.try_emplace(s.input_group);
+    if (!fresh) continue;
+#ifdef TRELLM_HAVE_CUDA
+    if (cuda) it->second = std::make_unique<trellis::HessianAccumulatorCuda>(*cuda, s.in);
+#endif
+    if (!cuda) it->second = std::make_unique<trellis::HessianAccumulator>(s.in);
+    r[lin] = it->second.get();
+  }
+  return r;
+}
+
+Observing::Observing(Backend& b, const Recorder& r) : b_(b) {
+  b.set_linear_observer([&r](const Linear& lin, TensorView x) {
+    auto it = r.find(&lin);
+    if (it != r.end()) it->second->add(x.ptr<float>(), x.rows());
+  });
+}
+Observing::~Observing() { b_.set_linear_observer(nullptr); }
+
+MtpStep::MtpStep(int max_rows, int blocks) : pos_(size_t(max_rows)), seq_(size_t(max_rows), 0), table_(size_t(blocks)) {
+  for (size_t b = 0; b < table_.size(); b++) table_[b] = int32_t(b);
+}
+
+void MtpStep::run(Model& m, RunState& rs, KvCache& mtp_kv, const int32_t* next, int count, int p0) {
+  for (int i = 0; i < count; i++) pos_[size_t(i)] = p0 + i;
+  StepBatch b;
+  b.tokens = {next, size_t(count)};
+  b.pos = {pos_.data(), size_t(count)};
+  b.seq = {seq_.data(), size_t(count)};
+  b.tables = table_;
+  b.table_stride = int(table_.size());
+  b.logits = Logits::All;
+  m.forward_mtp(rs, mtp_kv, b, TensorView(rs.x.data, DType::F32, {int64_t(count), m.config().hidden_size}));
+}
+
+}  // namespace calibration
 
 HessianCapture::HessianCapture(const std::string& model_dir, std::vector<std::vector<int32_t>> rows, Options opt)
     : rows_(std::move(rows)), opt_(std::move(opt)) {
-  if (opt_.chunk == 0) opt_.chunk = default_chunk(opt_.device);
-  if (opt_.device == trellis::EncodeDevice::Cuda) {
-#ifdef TRELLM_HAVE_CUDA
-    // The encoder's device (--device cuda:N), on the backend's own stream.
-    backend_ = make_cuda_backend(trellis::viterbi_cuda_current_device());
-    cuda_ = std::make_unique<trellis::HessianCudaContext>(static_cast<CudaBackend&>(*backend_).stream());
-#else
-    fail("calibration on the GPU: this trellm was built without CUDA");
-#endif
-  } else {
-    backend_ = make_cpu_backend();
-  }
+  opt_.chunk = calibration::chunk_for(opt_);
+  calibration::Device dev = calibration::open_device(opt_.device);
+  backend_ = std::move(dev.backend);
+  cuda_ = std::move(dev.cuda);
   model_ = Model::load(model_dir, *backend_);
   check_calibration_rows(rows_, model_->config());
   if (opt_.chunk < 1) fail("calibration: chunk must be positive");
@@ -177,44 +229,29 @@ void HessianCapture::capture(int64_t first_layer) {
     w->last = layer;
   }
   TRELLM_ASSERT(w->last >= first_layer, "no Linear at or after layer ", first_layer);
-  // The Linear that records each group's rows (the first one applied to them); the others share its Hessian.
-  std::map<const Linear*, trellis::HessianSum*> recorder;
-  for (const auto& [s, lin] : linears_) {
-    if (s.layer < w->first || s.layer > w->last) continue;
-    auto [it, fresh] = w->acc.try_emplace(s.input_group);
-    if (!fresh) continue;
-#ifdef TRELLM_HAVE_CUDA
-    if (gpu) it->second = std::make_unique<trellis::HessianAccumulatorCuda>(*cuda_, s.in);
-#endif
-    if (!gpu) it->second = std::make_unique<trellis::HessianAccumulator>(s.in);
-    recorder[lin] = it->second.get();
-  }
+  std::vector<std::pair<LinearSpec, const Linear*>> in_window;
+  for (const auto& l : linears_)
+    if (l.first.layer >= w->first && l.first.layer <= w->last) in_window.push_back(l);
+  const calibration::Recorder recorder = calibration::add_groups(in_window, w->acc, cuda_.get());
   if (opt_.on_note)
     opt_.on_note(str_cat("calibration pass ", passes_ + 1, ": capturing ", w->acc.size(), " Hessians of layers ",
                          w->first, "..", w->last, " (", (bytes + (1 << 20) - 1) >> 20, " MiB", gpu ? " on the GPU" : "",
                          ")"));
 
-  backend_->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
-    auto it = recorder.find(&lin);
-    if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());  // host or device rows, as the backend's
-  });
   // lm_head sees every row only when all rows' logits are computed. The MTP layer (number num_hidden_layers, as
   // lm_head) runs after each main step on its rows p with t[p+1] in the row: token t[p+1], hidden h_p = rs_.x.
   const bool head = w->last >= c.num_hidden_layers;
   const bool mtp = opt_.mtp && head;
-  std::vector<int32_t> pos, seq, table;
   if (mtp) {
     model_->add_mtp_state(rs_);
     if (mtp_kv_.layers.empty()) mtp_kv_ = model_->make_mtp_kv_cache_blocks(kv_.blocks);
-    pos.resize(size_t(rs_.max_tokens));
-    seq.assign(size_t(rs_.max_tokens), 0);
-    table.resize(size_t(kv_.blocks));
-    for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
   }
+  calibration::MtpStep mtp_step(rs_.max_tokens, kv_.blocks);
   const int64_t total = tokens();
   int64_t done = 0;
   Timer pass_time;
-  try {
+  {
+    const calibration::Observing observing(*backend_, recorder);
     for (const auto& row : rows_)
       for (int64_t off = 0; off < int64_t(row.size()); off += rs_.max_tokens) {
         const int n = int(std::min<int64_t>(rs_.max_tokens, int64_t(row.size()) - off));
@@ -222,22 +259,9 @@ void HessianCapture::capture(int64_t first_layer) {
         done += n;
         if (opt_.on_capture_progress) opt_.on_capture_progress(passes_ + 1, done, total);
         const int m = int(std::min<int64_t>(n, int64_t(row.size()) - 1 - off));
-        if (!mtp || m <= 0) continue;
-        for (int i = 0; i < m; i++) pos[size_t(i)] = int32_t(off + i);
-        StepBatch b;
-        b.tokens = {row.data() + off + 1, size_t(m)};
-        b.pos = {pos.data(), size_t(m)};
-        b.seq = {seq.data(), size_t(m)};
-        b.tables = table;
-        b.table_stride = int(table.size());
-        b.logits = Logits::All;  // shared_head.head sees every row
-        model_->forward_mtp(rs_, mtp_kv_, b, TensorView(rs_.x.data, DType::F32, {m, c.hidden_size}));
+        if (mtp && m > 0) mtp_step.run(*model_, rs_, mtp_kv_, row.data() + off + 1, m, int(off));
       }
-  } catch (...) {
-    backend_->set_linear_observer(nullptr);
-    throw;
   }
-  backend_->set_linear_observer(nullptr);
   for (const auto& [group, acc] : w->acc) acc->rows();  // the last pending rows summed (on the GPU: waits for them)
   window_ = std::move(w);
   passes_++;

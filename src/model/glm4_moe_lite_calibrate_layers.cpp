@@ -13,13 +13,8 @@
 #include "core/error.h"
 #include "core/timer.h"
 #include "format/safetensors.h"
+#include "model/glm4_moe_lite_calibrate.h"
 #include "model/glm4_moe_lite_quantize.h"
-#include "quant/hessian.h"
-#include "quant/hessian_cuda.h"
-#ifdef TRELLM_HAVE_CUDA
-#include "backend/cuda/cuda_backend.h"
-#include "quant/trellis_viterbi_cuda.h"
-#endif
 
 namespace trellm {
 
@@ -44,7 +39,7 @@ struct LayerCapture::Impl {
   TensorView iota;    // I32 [max_tokens] 0, 1, 2, ...: gather_rows as a row copy
   int64_t at = 0;     // layers the stream has been through
   int64_t observed = -1;  // the layer whose Hessians `acc` holds (num_hidden_layers: lm_head's)
-  std::map<std::string, std::unique_ptr<trellis::HessianSum>> acc;  // per input group of `observed`
+  calibration::Sums acc;  // per input group of `observed`
   std::string work_dir;   // the quantizer's finished Linears (on_batch)
   int64_t tokens = 0;
   double t_load = 0, t_observe = 0, t_propagate = 0, t_hessians = 0;  // seconds (time_by_phase)
@@ -62,20 +57,14 @@ struct LayerCapture::Impl {
   }
 
   Config config() const { return model->config(); }
-  std::unique_ptr<trellis::HessianSum> accumulator(int64_t in) {
-#ifdef TRELLM_HAVE_CUDA
-    if (cuda) return std::make_unique<trellis::HessianAccumulatorCuda>(*cuda, in);
-#endif
-    return std::make_unique<trellis::HessianAccumulator>(in);
-  }
 
-  // Every chunk of every row through `fn(row offset in the stream, rows n, position)`.
+  // Every chunk of every row through `fn(row offset in the stream, rows n, position, calibration row)`.
   template <typename Fn>
   void chunks(Fn&& fn) {
     int64_t off = 0;
     for (const auto& r : rows) {
       for (int64_t p = 0; p < int64_t(r.size()); p += rs.max_tokens)
-        fn(off + p, int(std::min<int64_t>(rs.max_tokens, int64_t(r.size()) - p)), int(p));
+        fn(off + p, int(std::min<int64_t>(rs.max_tokens, int64_t(r.size()) - p)), int(p), r);
       off += int64_t(r.size());
     }
   }
@@ -88,7 +77,7 @@ struct LayerCapture::Impl {
     const TensorView own_h = rs.h;
     int64_t done = 0;
     try {
-      chunks([&](int64_t off, int n, int pos) {
+      chunks([&](int64_t off, int n, int pos, const std::vector<int32_t>&) {
         const TensorView sr = stream_rows(off, n);
         if (in_place) rs.h = TensorView(sr.data, DType::F32, {rs.max_tokens, sr.cols()});
         else backend->gather_rows(TensorView(own_h.data, DType::F32, {int64_t(n), sr.cols()}), sr,
@@ -109,50 +98,26 @@ struct LayerCapture::Impl {
   void observe_head(int pass_no) {
     const Config c = config();
     const int64_t hid = c.hidden_size;
-    auto& head = acc["lm_head"];
-    head = accumulator(hid);
-    std::map<const Linear*, trellis::HessianSum*> recorder;
-    for (const auto& [s, lin] : mtp_linears) {
-      auto [it, fresh] = acc.try_emplace(s.input_group);
-      if (!fresh) continue;
-      it->second = accumulator(s.in);
-      recorder[lin] = it->second.get();
+    trellis::HessianSum* head = nullptr;  // none when lm_head is the tied embedding (not a Linear of the plan)
+    if (by_key.count("lm_head")) {
+      const std::pair<LinearSpec, const Linear*> group[] = {{spec("lm_head"), &model->weights().lm_head}};
+      head = calibration::add_groups(group, acc, cuda.get()).begin()->second;
     }
-    if (!mtp_linears.empty())
-      backend->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
-        auto it = recorder.find(&lin);
-        if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());
-      });
-    std::vector<int32_t> pos(size_t(rs.max_tokens)), seq(size_t(rs.max_tokens), 0), table(size_t(kv.blocks));
-    for (size_t b = 0; b < table.size(); b++) table[b] = int32_t(b);
-    size_t r = 0;
-    int64_t row_start = 0, done = 0;
-    try {
-      chunks([&](int64_t off, int n, int p0) {
-        while (off >= row_start + int64_t(rows[r].size())) row_start += int64_t(rows[r++].size());
+    const calibration::Recorder recorder = calibration::add_groups(mtp_linears, acc, cuda.get());
+    calibration::MtpStep mtp_step(rs.max_tokens, kv.blocks);
+    int64_t done = 0;
+    {
+      const calibration::Observing observing(*backend, recorder);
+      chunks([&](int64_t off, int n, int p0, const std::vector<int32_t>& row) {
         const TensorView x(rs.x.data, DType::F32, {int64_t(n), hid});
         backend->rms_norm(x, stream_rows(off, n), model->weights().norm, float(c.rms_norm_eps));
-        head->add(x.ptr<float>(), n);
-        const int m = int(std::min<int64_t>(n, int64_t(rows[r].size()) - 1 - p0));
-        if (!mtp_linears.empty() && m > 0) {
-          for (int i = 0; i < m; i++) pos[size_t(i)] = p0 + i;
-          StepBatch b;
-          b.tokens = {rows[r].data() + p0 + 1, size_t(m)};
-          b.pos = {pos.data(), size_t(m)};
-          b.seq = {seq.data(), size_t(m)};
-          b.tables = table;
-          b.table_stride = int(table.size());
-          b.logits = Logits::All;  // shared_head.head sees every row
-          model->forward_mtp(rs, mtp_kv, b, TensorView(rs.x.data, DType::F32, {int64_t(m), hid}));
-        }
+        if (head) head->add(x.ptr<float>(), n);
+        const int m = int(std::min<int64_t>(n, int64_t(row.size()) - 1 - p0));
+        if (!mtp_linears.empty() && m > 0) mtp_step.run(*model, rs, mtp_kv, row.data() + p0 + 1, m, p0);
         done += n;
         if (opt.on_capture_progress) opt.on_capture_progress(pass_no, done, tokens);
       });
-    } catch (...) {
-      backend->set_linear_observer(nullptr);
-      throw;
     }
-    backend->set_linear_observer(nullptr);
     for (const auto& [group, a] : acc) a->rows();  // the last rows summed
   }
 
@@ -203,25 +168,11 @@ struct LayerCapture::Impl {
     model->load_layer(layer, source);
     t_load += t.seconds();
     t.reset();
-    std::map<const Linear*, trellis::HessianSum*> recorder;
-    for (const auto& [s, lin] : layer_linears(*model, layer)) {
-      auto [it, fresh] = acc.try_emplace(s.input_group);
-      if (!fresh) continue;
-      it->second = accumulator(s.in);
-      recorder[lin] = it->second.get();
+    const calibration::Recorder recorder = calibration::add_groups(layer_linears(*model, layer), acc, cuda.get());
+    {
+      const calibration::Observing observing(*backend, recorder);
+      pass(layer, /*in_place=*/!quantized, pass_no);  // original inputs: the stream's own pass through the layer
     }
-    backend->set_linear_observer([&recorder](const Linear& lin, TensorView x) {
-      auto it = recorder.find(&lin);
-      if (it != recorder.end()) it->second->add(x.ptr<float>(), x.rows());
-    });
-    try {
-      // Original inputs: the observed pass is the stream's pass through this layer.
-      pass(layer, /*in_place=*/!quantized, pass_no);
-    } catch (...) {
-      backend->set_linear_observer(nullptr);
-      throw;
-    }
-    backend->set_linear_observer(nullptr);
     for (const auto& [group, a] : acc) a->rows();  // the last rows summed
     t_observe += t.seconds();
     model->release_layer(layer);
@@ -235,22 +186,15 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
     : impl_(std::make_unique<Impl>()) {
   Impl& m = *impl_;
   if (!opt.cache_dir.empty()) fail("calibration layer by layer: a Hessian cache needs the unquantized model's Hessians");
-  if (opt.chunk == 0) opt.chunk = opt.device == trellis::EncodeDevice::Cuda ? 2048 : 128;
+  opt.chunk = calibration::chunk_for(opt);
   if (opt.chunk < 1) fail("calibration: chunk must be positive");
   m.quantized = opt.inputs != HessianCapture::Options::Inputs::Original;
   m.opt = std::move(opt);
   m.rows = std::move(rows);
   m.planned = std::move(planned);
-  if (m.opt.device == trellis::EncodeDevice::Cuda) {
-#ifdef TRELLM_HAVE_CUDA
-    m.backend = make_cuda_backend(trellis::viterbi_cuda_current_device());
-    m.cuda = std::make_unique<trellis::HessianCudaContext>(static_cast<CudaBackend&>(*m.backend).stream());
-#else
-    fail("calibration on the GPU: this trellm was built without CUDA");
-#endif
-  } else {
-    m.backend = make_cpu_backend();
-  }
+  calibration::Device dev = calibration::open_device(m.opt.device);
+  m.backend = std::move(dev.backend);
+  m.cuda = std::move(dev.cuda);
   LoadOptions lo;
   lo.layers = false;
   lo.mtp = m.opt.mtp;
@@ -294,12 +238,9 @@ LayerCapture::LayerCapture(const std::string& model_dir, std::vector<std::vector
   m.iota = TensorView(nullptr, DType::I32, {int64_t(iota.size())});
   m.iota.data = B.alloc(m.iota.nbytes());
   B.from_host(m.iota.data, iota.data(), m.iota.nbytes());
-  size_t r = 0;
-  int64_t row_start = 0;
-  m.chunks([&](int64_t off, int n, int pos) {
-    while (off >= row_start + int64_t(m.rows[r].size())) row_start += int64_t(m.rows[r++].size());
+  m.chunks([&](int64_t off, int n, int pos, const std::vector<int32_t>& row) {
     const TensorView tok(m.rs.tokens.data, DType::I32, {int64_t(n)});
-    B.from_host(tok.data, m.rows[r].data() + pos, size_t(n) * sizeof(int32_t));
+    B.from_host(tok.data, row.data() + pos, size_t(n) * sizeof(int32_t));
     B.embed(m.stream_rows(off, n), tok, m.model->weights().embed_tokens);
   });
   if (m.opt.on_note)
