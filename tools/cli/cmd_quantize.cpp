@@ -257,8 +257,9 @@ void add_quantize(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--calibration-device", a.calibration_device,
                   "Where the calibration forward runs and its Hessians are summed: same (as --device), cpu, cuda, "
-                  "cuda:N. The GPU holds the unquantized model in its memory and rounds activations to bf16 for its "
-                  "products, so its Hessians (and codes) differ slightly from the CPU's")
+                  "cuda:N. The GPU rounds activations to bf16 for its products, so its Hessians (and codes) differ "
+                  "slightly from the CPU's; it holds one layer at a time (the whole unquantized model with "
+                  "--calibration-inputs original)")
       ->capture_default_str();
   cmd->add_option("--threads", a.threads, "CPU threads (default: all cores)");
   cmd->add_option("--seed", a.seed, "Seed of the random sign flips (Linear i uses seed + i)")->capture_default_str();
