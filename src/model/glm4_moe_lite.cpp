@@ -154,7 +154,7 @@ KvCache Model::make_kv_cache(int capacity, std::optional<DType> dtype) {
   return make_kv_cache_blocks(kv_blocks_for(capacity), dtype);
 }
 
-void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
+StepBatch Model::single_sequence(RunState& rs, const KvCache& kv, const int32_t* tokens, int n, int pos) {
   TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.token_capacity());
   const int blocks = kv_blocks_for(pos + n);  // the table entries this step reads
   rs.host_table.resize(size_t(blocks));
@@ -166,6 +166,11 @@ void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int
   b.seq = {rs.host_seq.data(), size_t(n)};
   b.tables = rs.host_table;
   b.table_stride = blocks;
+  return b;
+}
+
+void Model::forward(RunState& rs, KvCache& kv, const int32_t* tokens, int n, int pos, bool all_logits) {
+  StepBatch b = single_sequence(rs, kv, tokens, n, pos);
   b.logits = all_logits ? Logits::All : Logits::Last;
   forward(rs, kv, b);
 }
@@ -273,18 +278,9 @@ void Model::forward_layer(int64_t l, RunState& rs, KvCache& kv, int n, int pos) 
   const Config& c = config_;
   TRELLM_ASSERT(l >= 0 && l < c.num_hidden_layers && !w_.layers[size_t(l)].input_layernorm.empty(), "layer ", l,
                 " is not loaded");
-  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens && pos >= 0 && pos + n <= kv.token_capacity());
-  const int blocks = kv_blocks_for(pos + n);  // forward()'s single-sequence layout
-  rs.host_table.resize(size_t(blocks));
-  for (int b = 0; b < blocks; b++) rs.host_table[b] = b;
-  for (int i = 0; i < n; i++) rs.host_pos[i] = pos + i, rs.host_seq[i] = 0;
-  StepBatch b;
-  b.tokens = {rs.host_seq.data(), size_t(n)};  // not read by a layer
-  b.pos = {rs.host_pos.data(), size_t(n)};
-  b.seq = {rs.host_seq.data(), size_t(n)};
-  b.tables = rs.host_table;
-  b.table_stride = blocks;
-  const Layout lay = upload(rs, kv, b);
+  TRELLM_ASSERT(n >= 1 && n <= rs.max_tokens);
+  // Tokens are not read by a layer: rs.host_seq (zeros) stands in for them.
+  const Layout lay = upload(rs, kv, single_sequence(rs, kv, rs.host_seq.data(), n, pos));
   const LayerWeights& L = w_.layers[size_t(l)];
   backend_->rms_norm(rows(rs.x, n), rows(rs.h, n), L.input_layernorm, float(c.rms_norm_eps));
   // next_norm: the layer's own (x is recomputed by the next call)

@@ -289,6 +289,8 @@ class Model {
   Model() = default;
   TensorView alloc(DType t, std::initializer_list<int64_t> shape);
   Layout upload(RunState& rs, const KvCache& kv, const StepBatch& b);  // checks b, copies it to rs
+  // Positions pos..pos+n-1 of one sequence owning kv (blocks 0, 1, 2, ...), laid out in rs's host buffers.
+  StepBatch single_sequence(RunState& rs, const KvCache& kv, const int32_t* tokens, int n, int pos);
   static Positions positions(const RunState& rs, const Layout& lay);
   void decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, RunState& rs, int n, const Positions& pos,
                      TensorView next_norm);

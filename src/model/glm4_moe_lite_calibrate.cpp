@@ -217,12 +217,8 @@ void HessianCapture::capture(int64_t first_layer) {
   std::map<std::string, int64_t> group_in;
   for (const auto& [s, lin] : linears_)
     if (s.layer >= first_layer && group_in.emplace(s.input_group, s.in).second)
-#ifdef TRELLM_HAVE_CUDA
       layer_bytes[s.layer] += gpu ? trellis::HessianAccumulatorCuda::device_bytes(s.in)
                                   : uint64_t(s.in) * uint64_t(s.in) * sizeof(double);
-#else
-      layer_bytes[s.layer] += uint64_t(s.in) * uint64_t(s.in) * sizeof(double);
-#endif
   for (const auto& [layer, b] : layer_bytes) {
     if (w->last >= 0 && bytes + b > budget) break;
     bytes += b;

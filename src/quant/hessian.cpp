@@ -35,15 +35,17 @@ void HessianAccumulator::add(const float* x, int64_t rows) {
   });
 }
 
-std::vector<float> HessianAccumulator::hessian() const { return finish(sum_.data(), in_, rows_); }
-
-std::vector<float> HessianAccumulator::finish(const double* sum, int64_t in, int64_t rows) {
-  std::vector<float> h(size_t(in * in), 0.0f);
-  if (rows == 0) return h;
-  const double inv = 1.0 / double(rows);
-  for (int64_t i = 0; i < in; i++)
-    for (int64_t j = 0; j <= i; j++) h[i * in + j] = h[j * in + i] = float(sum[i * in + j] * inv);
+std::vector<float> HessianAccumulator::hessian() const {
+  std::vector<float> h(sum_.size(), 0.0f);
+  if (rows_ == 0) return h;
+  const double inv = 1.0 / double(rows_);
+  for (int64_t i = 0; i < in_; i++)
+    for (int64_t j = 0; j <= i; j++) h[i * in_ + j] = h[j * in_ + i] = float(sum_[i * in_ + j] * inv);
   return h;
+}
+
+uint64_t HessianAccumulatorCuda::device_bytes(int64_t in) {
+  return uint64_t(in) * uint64_t(in) * sizeof(double) + uint64_t(kPendingRows) * uint64_t(in) * sizeof(float) + 16;
 }
 
 #ifndef TRELLM_HAVE_CUDA

@@ -31,7 +31,7 @@ __global__ void to_double_finite(double* out, const float* x, int64_t in, long l
   if (threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(counts + (bad ? 1 : 0)), 1ull);
 }
 
-// H = XᵀX / rows in f32, both triangles, from the double lower triangle: HessianAccumulator::finish's arithmetic
+// H = XᵀX / rows in f32, both triangles, from the double lower triangle: HessianAccumulator::hessian's arithmetic
 // (one double multiply, one rounding), so the same floats.
 __global__ void finish_f32(float* h, const double* sum, int64_t in, double inv) {
   const int64_t i = blockIdx.y;
@@ -69,10 +69,6 @@ HessianCudaContext::~HessianCudaContext() {
   cudaStreamSynchronize(impl_->stream);
   if (impl_->rows) cudaFree(impl_->rows);
   cublasDestroy(impl_->cublas);
-}
-
-uint64_t HessianAccumulatorCuda::device_bytes(int64_t in) {
-  return uint64_t(in) * uint64_t(in) * sizeof(double) + uint64_t(kPendingRows) * uint64_t(in) * sizeof(float) + 16;
 }
 
 HessianAccumulatorCuda::HessianAccumulatorCuda(HessianCudaContext& ctx, int64_t in) : ctx_(ctx), in_(in) {
@@ -128,7 +124,7 @@ void HessianAccumulatorCuda::flush() const {
   to_double_finite<<<unsigned(pending_rows_), 256, 0, c.stream>>>(d, pending_, in_, counts_);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
   // Column-major, d is A = Xᵀ (in x rows, lda = in): C += A Aᵀ = XᵀX. The column-major upper triangle is the row-major
-  // lower one HessianAccumulator::finish reads.
+  // lower one finish_f32 reads, as HessianAccumulator keeps its sums.
   const double one = 1.0;
   TRELLM_QUANT_CUBLAS_CHECK(cublasDsyrk(c.cublas, CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_N, int(in_), int(pending_rows_), &one, d,
                                         int(in_), &one, sum_, int(in_)));

@@ -31,8 +31,6 @@ class HessianAccumulator final : public HessianSum {
   int64_t dropped() const override { return dropped_; }
   int64_t in() const override { return in_; }
   std::vector<float> hessian() const override;
-  // The one conversion of a double sum (lower triangle of `sum`, row-major) into H: symmetric, sum / rows.
-  static std::vector<float> finish(const double* sum, int64_t in, int64_t rows);
 
  private:
   int64_t in_, rows_ = 0, dropped_ = 0;

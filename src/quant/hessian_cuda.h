@@ -42,7 +42,8 @@ class HessianAccumulatorCuda final : public HessianSum {
   int64_t dropped() const override;
   int64_t in() const override { return in_; }
   std::vector<float> hessian() const override;
-  // Device bytes one accumulator of width `in` holds: the double sum and the pending rows.
+  // Device bytes one accumulator of width `in` holds: the double sum and the pending rows (defined in hessian.cpp:
+  // window sizing needs it in builds without CUDA too).
   static uint64_t device_bytes(int64_t in);
 
  private:

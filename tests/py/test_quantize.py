@@ -211,6 +211,7 @@ def test_text_calibration_is_tokenized_like_hf(tmp_path):
     (["--bits", "4", "--mtp-bits", "9"], "--mtp-bits 9: must be 1..8"),
     (["--bits", "4", "--mtp-bits", "3"], "has no MTP layer"),
     (["--bits", "4", "--calibration-inputs", "quantized"], "--calibration-inputs needs --calibration"),
+    (["--bits", "4", "--calibration-device", "cpu"], "--calibration-device needs --calibration"),
 ])
 def test_bad_arguments(extra, phrase, tmp_path):
     rc, _, err = trellm("quantize", "--model", TINY, "--out", tmp_path / "o", *extra, check=False)

@@ -150,6 +150,7 @@ int run_quantize(const QuantizeArgs& a) {
     fail("--calibration-rows / --seq-len need --calibration FILE");
   if (a.calibration.empty() && !a.hessian_cache.empty()) fail("--hessian-cache needs --calibration FILE");
   if (a.calibration.empty() && a.calibration_inputs != "auto") fail("--calibration-inputs needs --calibration FILE");
+  if (a.calibration.empty() && a.calibration_device != "same") fail("--calibration-device needs --calibration FILE");
   if (a.calibration_rows < 1) fail("--calibration-rows must be at least 1");
   if (a.seq_len < 1) fail("--seq-len must be at least 1");
   QuantizeModelOptions o;
