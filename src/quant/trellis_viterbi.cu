@@ -4,9 +4,10 @@
 //  - K = 2..6: the fast path (trellis_viterbi_fast.h holds its thread decomposition, shared with a CPU emulation
 //    test): one tile per 1024-thread block, each thread owning 64 fixed states whose codebook values live in
 //    registers (fp16 pairs), node costs double-buffered in shared memory, predecessor costs loaded once per
-//    group, packed backpointers (one uint32 per thread and step) written coalesced to global memory, and the
-//    traceback, reconstruction and squared error in separate one-thread-per-tile kernels so their dependent
-//    loads overlap across tiles instead of stalling a block. Design and bound: docs/kernels.md.
+//    group, no argmin in the step (the node costs are written to rows in global memory instead, every step or
+//    every second), and the traceback, which recomputes the winning branch on the path from those rows, with the
+//    reconstruction and squared error in separate one-warp-per-tile kernels, so their dependent loads overlap
+//    across tiles instead of stalling a block. Design and bound: docs/kernels.md.
 //  - K = 1, 7, 8: the generic kernel (costs and codebook through global memory, byte backpointers, serial
 //    traceback in the block). K = 1's 2 x 128 KB of costs do not fit in shared memory with double buffering, and
 //    K = 7, 8 have fewer than 64 states per predecessor group slice.
@@ -151,12 +152,12 @@ constexpr size_t fast_smem_bytes() {
 static_assert(fast_smem_bytes<2>() <= 227 * 1024, "K = 2: 2 x 64 KB of costs + 1.25 KB fit an H100/H200 block");
 
 // One forward pass per block (tile). Pass 1 (kSecond = false): positions 128..255, 0..127 from all-zero costs;
-// stores the backpointers of steps 128..255 (all its traceback reads) and the argmin end node in ends[tile].
-// Pass 2: positions 0..255 from node ends[tile] (= e, written by pass 1's traceback); stores all 256 rows.
+// writes the cost rows its traceback reads (after steps 127..254) and the argmin end node in ends[tile].
+// Pass 2: positions 0..255 from node ends[tile] (= e, written by pass 1's traceback); rows after steps 0..254.
 template <int K, bool kSecond>
 __global__ void __launch_bounds__(vfast::kThreads, 1)
     fast_forward_kernel(const float* __restrict__ w, Codebook cb, uint32_t* __restrict__ ends,
-                        uint32_t* __restrict__ bp) {
+                        float* __restrict__ rows) {
   using L = vfast::Layout<K>;
   extern __shared__ __align__(16) float smem[];  // float4 stores of the cost rows
   float* const cost_a = smem;
@@ -174,8 +175,8 @@ __global__ void __launch_bounds__(vfast::kThreads, 1)
   for (int o = t; o < L::kNodes; o += vfast::kThreads) cost_a[o] = !kSecond || uint32_t(o) == e ? 0.0f : kInfF;
   __syncthreads();
 
-  // 32-bit row offset (a chunk is <= 1 GiB of rows) so the loop keeps one register for it, not a 64-bit pointer
-  const uint32_t row0 = uint32_t(tile) * uint32_t(kTileElems * vfast::kThreads) + uint32_t(t);
+  // 32-bit offset of the tile's rows (a chunk is < 2^32 floats of rows, asserted by fast_chunk)
+  const uint32_t row0 = uint32_t(tile) * uint32_t(vfast::kCostRows<K> * L::kNodes);
   // Even steps read cost_a and write cost_b, odd steps the other way, selected from p's parity: with swapped
   // pointers live across the loop, pass 2 at K = 3 spilled (-Xptxas -v: 12 bytes, 2 LDL a step); unrolling two
   // steps to make both addresses constant spilled 300-440 bytes at every K.
@@ -186,8 +187,10 @@ __global__ void __launch_bounds__(vfast::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < vfast::kCbRegs; r++) asm volatile("" : "+r"(cbh[r]));
     const bool odd = p & 1;
-    const uint32_t bits = vfast::step<K>(t, cbh, seq[p], odd ? cost_b : cost_a, odd ? cost_a : cost_b);
-    if (kSecond || p >= kTileElems / 2) bp[row0 + uint32_t(p) * vfast::kThreads] = bits;
+    float* const row = vfast::keeps_costs<K>(kSecond, p)
+                           ? rows + (row0 + uint32_t(vfast::cost_row<K>(p)) * uint32_t(L::kNodes))
+                           : nullptr;
+    vfast::step<K>(t, cbh, seq[p], odd ? cost_b : cost_a, odd ? cost_a : cost_b, row);
     __syncthreads();  // next is complete; cost may be overwritten by the following step
   }
   const float* const cost = cost_a;  // 256 steps: the final costs are back in cost_a
@@ -222,25 +225,52 @@ __global__ void __launch_bounds__(vfast::kThreads, 1)
   }
 }
 
-// One thread per tile: the dependent backpointer loads of many tiles are in flight together.
-// Pass 1: trace from the end node down to step 128 (position 0 of the rotated pass) and replace ends[tile] by the
-// overlap e = state(128) >> K. Pass 2: trace from e over all 256 steps, then write the states, the reconstruction
-// and the tile's squared error (summed over p = 0..255 in double without contraction, as the CPU).
+// One warp per tile: the dependent loads of many tiles are in flight together, and at each step lane k recomputes
+// branch k of the node on the path (K = 6: lanes k and k + 32) from the cost rows; a shuffle argmin with the lowest
+// k on ties is the CPU's first strict minimum (every lane's value has NaN mapped to +inf by first_best, which the
+// strict comparison treats alike). Pass 1: trace from the end node down to step 128 (position 0 of the rotated
+// pass) and replace ends[tile] by the overlap e = state(128) >> K. Pass 2: trace from e over all 256 steps, then
+// write the states, the reconstruction and the tile's squared error (summed over p = 0..255 in double without
+// contraction, as the CPU).
 template <int K, bool kSecond>
 __global__ void __launch_bounds__(kTracebackThreads)
-    fast_traceback_kernel(int tiles, const uint32_t* __restrict__ bp, uint32_t* __restrict__ ends, Codebook cb,
+    fast_traceback_kernel(int tiles, const float* __restrict__ rows, uint32_t* __restrict__ ends, Codebook cb,
                           const float* __restrict__ w, uint16_t* __restrict__ states, float* __restrict__ recon,
                           double* __restrict__ err) {
-  const int tile = int(blockIdx.x) * kTracebackThreads + int(threadIdx.x);
-  if (tile >= tiles) return;
-  const uint32_t* tbp = bp + size_t(tile) * kTileElems * vfast::kThreads;
+  using L = vfast::Layout<K>;
+  constexpr int kWarps = kTracebackThreads / 32;
+  __shared__ float seqs[kWarps][kTileElems];
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
+  const int tile = int(blockIdx.x) * kWarps + warp;
+  if (tile >= tiles) return;  // whole warps: no block-wide barrier below
+  const float* tw = w + size_t(tile) * kTileElems;
+  float* seq = seqs[warp];
+  for (int i = lane; i < kTileElems; i += 32) seq[i] = kSecond ? tw[i] : tw[(i + kTileElems / 2) % kTileElems];
+  __syncwarp();
+  const uint32_t start = ends[tile];
+  const vfast::TracePass tp{cb, seq, rows + size_t(tile) * vfast::kCostRows<K> * L::kNodes, kSecond, start};
   uint16_t* ts = states + size_t(tile) * kTileElems;
-  uint32_t o = ends[tile];
+  uint32_t o = start;
   for (int p = kTileElems - 1; p >= (kSecond ? 0 : kTileElems / 2); p--) {
-    const uint32_t s = (vfast::backpointer<K>(tbp, p, o) << (16 - K)) | o;
-    if constexpr (kSecond) ts[p] = uint16_t(s);
+    float bv = kInfF;
+    uint32_t bk = 0xFFFFFFFFu;  // idle lanes (k >= 2^K) lose every tie
+#pragma unroll
+    for (int k = lane; k < L::kBranch; k += 32) {
+      const float c = vfast::traced_branch<K>(tp, p, o, k);
+      if (k == lane) bv = vfast::first_best(c), bk = uint32_t(k);
+      else if (c < bv) bv = c, bk = uint32_t(k);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float v2 = __shfl_xor_sync(0xFFFFFFFFu, bv, off);
+      const uint32_t k2 = __shfl_xor_sync(0xFFFFFFFFu, bk, off);
+      if (v2 < bv || (v2 == bv && k2 < bk)) bv = v2, bk = k2;
+    }
+    const uint32_t s = (bk << (16 - K)) | o;
+    if (kSecond && lane == 0) ts[p] = uint16_t(s);
     o = s >> K;
   }
+  if (lane != 0) return;
   if constexpr (!kSecond) {
     ends[tile] = o;
   } else {
@@ -248,7 +278,7 @@ __global__ void __launch_bounds__(kTracebackThreads)
     for (int p = 0; p < kTileElems; p++) {
       const float v = f16_to_f32(decode_state(cb, ts[p]));
       recon[size_t(tile) * kTileElems + p] = v;
-      const double d = __dsub_rn(double(v), double(w[size_t(tile) * kTileElems + p]));
+      const double d = __dsub_rn(double(v), double(tw[p]));
       e = __dadd_rn(e, __dmul_rn(d, d));
     }
     err[tile] = e;
@@ -256,7 +286,7 @@ __global__ void __launch_bounds__(kTracebackThreads)
 }
 
 template <int K>
-void launch_fast(const float* w, Codebook cb, uint32_t* ends, uint32_t* bp, uint16_t* states, float* recon,
+void launch_fast(const float* w, Codebook cb, uint32_t* ends, float* rows, uint16_t* states, float* recon,
                  double* err, int tiles) {
   constexpr size_t smem = fast_smem_bytes<K>();
   // above 48 KB a block needs the raised dynamic limit (K = 2: 129 KB, K = 3: 65 KB)
@@ -264,14 +294,15 @@ void launch_fast(const float* w, Codebook cb, uint32_t* ends, uint32_t* bp, uint
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   TRELLM_QUANT_CUDA_CHECK(cudaFuncSetAttribute(fast_forward_kernel<K, true>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int tb_blocks = (tiles + kTracebackThreads - 1) / kTracebackThreads;
-  fast_forward_kernel<K, false><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, bp);
+  constexpr int kTilesPerBlock = kTracebackThreads / 32;
+  const int tb_blocks = (tiles + kTilesPerBlock - 1) / kTilesPerBlock;
+  fast_forward_kernel<K, false><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, rows);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_traceback_kernel<K, false><<<tb_blocks, kTracebackThreads>>>(tiles, bp, ends, cb, w, states, recon, err);
+  fast_traceback_kernel<K, false><<<tb_blocks, kTracebackThreads>>>(tiles, rows, ends, cb, w, states, recon, err);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_forward_kernel<K, true><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, bp);
+  fast_forward_kernel<K, true><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, rows);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_traceback_kernel<K, true><<<tb_blocks, kTracebackThreads>>>(tiles, bp, ends, cb, w, states, recon, err);
+  fast_traceback_kernel<K, true><<<tb_blocks, kTracebackThreads>>>(tiles, rows, ends, cb, w, states, recon, err);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -286,20 +317,21 @@ namespace {
 
 // Device buffers kept from one call to the next: `trellm quantize` makes thousands of small calls (LDLQ encodes one
 // 16-row block of a Linear per call: out/16 tiles, 8-16 on the built-in model), and a cudaMalloc + cudaFree of the
-// backpointers (up to 1 GiB) per call would cost more than the kernel. Buffers grow to the largest call seen and
+// cost rows (up to 4 GiB) per call would cost more than the kernel. Buffers grow to the largest call seen and
 // live until the process exits (the driver frees them then); calls are serialised by the mutex.
 struct DeviceScratch {
   std::mutex mu;
   const float* cb[3] = {};  // the codebook tables (generic kernel), uploaded once each
   float *w = nullptr, *recon = nullptr, *costs = nullptr;
   uint16_t* states = nullptr;
-  uint8_t* bp = nullptr;   // generic: 1-byte backpointers; fast: uint32 rows (256 x 1024 per tile)
+  uint8_t* trace = nullptr;  // what the tracebacks read: generic: 1-byte backpointers; fast: the cost rows
   uint32_t* ends = nullptr;  // fast: end node, then e, per tile
   double* err = nullptr;     // fast: squared error per tile
-  size_t w_bytes = 0, recon_bytes = 0, states_bytes = 0, costs_bytes = 0, bp_bytes = 0, ends_bytes = 0, err_bytes = 0;
+  size_t w_bytes = 0, recon_bytes = 0, states_bytes = 0, costs_bytes = 0, trace_bytes = 0, ends_bytes = 0, err_bytes = 0;
   std::vector<float> rec;     // host copy of the reconstruction (generic path's error sum)
   std::vector<double> terr;   // host copy of the per-tile errors (fast path)
   int sms = 0;
+  int64_t fast_budget = 0;  // bytes of cost rows per chunk (fast path), from the device's memory
   int device = 0;  // the CUDA device every call runs on (viterbi_cuda_use_device)
 };
 
@@ -336,48 +368,55 @@ int64_t generic_chunk(DeviceScratch& sc, int64_t n, int K, Codebook cb) {
     sc.cb[ci] = d;
   }
   grow(sc.costs, sc.costs_bytes, size_t(chunk) * 2 * size_t(nodes) * sizeof(float));
-  grow(sc.bp, sc.bp_bytes, size_t(chunk) * kTileElems * size_t(nodes));
+  grow(sc.trace, sc.trace_bytes, size_t(chunk) * kTileElems * size_t(nodes));
   return chunk;
 }
 
 void generic_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
   const float* d_cb = sc.cb[int(cb)];
   switch (K) {
-    case 1: launch_generic<1>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
-    case 7: launch_generic<7>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
-    case 8: launch_generic<8>(d_cb, w, states, recon, sc.costs, sc.bp, tiles); break;
+    case 1: launch_generic<1>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
+    case 7: launch_generic<7>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
+    case 8: launch_generic<8>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
     default: fail("viterbi_encode_tiles_cuda: no generic kernel for K = ", K);
   }
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
 }
 
-// 1 MiB of backpointers a tile (256 rows x 1024 threads x 4 B, every K). One block per SM at a time (1024 threads x
-// <= 64 registers fill the register file), so a chunk is a whole number of waves: 924 tiles = 7 waves on 132 SMs.
-constexpr int64_t kFastBpPerTile = int64_t(kTileElems) * vfast::kThreads * int64_t(sizeof(uint32_t));
+// Cost rows per tile: kCostRows<K> x 2^(16-K) floats (K = 2: 8 MiB, 3 and 4: 4 MiB, 5: 2 MiB, 6: 1 MiB). One block
+// per SM at a time (1024 threads x <= 64 registers fill the register file), so a chunk is a whole number of waves
+// (K = 3 on 132 SMs: 924 tiles = 7 waves, 3.6 GiB) within a budget of 4 GiB, or 1/16 of a smaller GPU's memory.
+int64_t fast_rows_per_tile(int K) {
+  return int64_t(K >= 4 ? 256 : 128) * (int64_t(1) << (16 - K)) * int64_t(sizeof(float));
+}
 
-int64_t fast_chunk(DeviceScratch& sc, int64_t n) {
+int64_t fast_chunk(DeviceScratch& sc, int64_t n, int K) {
   if (sc.sms == 0) {
     int dev = 0;
     TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
     TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sc.sms, cudaDevAttrMultiProcessorCount, dev));
+    size_t free_b = 0, total_b = 0;
+    TRELLM_QUANT_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    sc.fast_budget = std::clamp<int64_t>(int64_t(total_b / 16), int64_t(256) << 20, int64_t(4) << 30);
   }
-  const int64_t waves = std::max<int64_t>(1, kBpBudget / kFastBpPerTile / sc.sms);
-  const int64_t chunk = std::min<int64_t>(n, waves * sc.sms);
-  TRELLM_ASSERT(chunk * kTileElems * vfast::kThreads <= int64_t(UINT32_MAX));  // the kernel's 32-bit row offsets
-  grow(sc.bp, sc.bp_bytes, size_t(chunk) * size_t(kFastBpPerTile));
+  const int64_t per_tile = fast_rows_per_tile(K);
+  const int64_t fit = std::max<int64_t>(1, sc.fast_budget / per_tile);
+  const int64_t chunk = std::min<int64_t>(n, fit >= sc.sms ? fit / sc.sms * sc.sms : fit);
+  TRELLM_ASSERT(chunk * per_tile / int64_t(sizeof(float)) <= int64_t(UINT32_MAX));  // the kernel's 32-bit offsets
+  grow(sc.trace, sc.trace_bytes, size_t(chunk * per_tile));
   grow(sc.ends, sc.ends_bytes, size_t(chunk) * sizeof(uint32_t));
   grow(sc.err, sc.err_bytes, size_t(chunk) * sizeof(double));
   return chunk;
 }
 
 void fast_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
-  uint32_t* const bp = reinterpret_cast<uint32_t*>(sc.bp);  // cudaMalloc: 256-byte aligned
+  float* const rows = reinterpret_cast<float*>(sc.trace);  // cudaMalloc: 256-byte aligned
   switch (K) {
-    case 2: launch_fast<2>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
-    case 3: launch_fast<3>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
-    case 4: launch_fast<4>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
-    case 5: launch_fast<5>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
-    case 6: launch_fast<6>(w, cb, sc.ends, bp, states, recon, sc.err, tiles); break;
+    case 2: launch_fast<2>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
+    case 3: launch_fast<3>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
+    case 4: launch_fast<4>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
+    case 5: launch_fast<5>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
+    case 6: launch_fast<6>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
     default: fail("viterbi_encode_tiles_cuda: no fast kernel for K = ", K);
   }
 }
@@ -408,7 +447,7 @@ double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codeb
 }
 
 double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
-  const int64_t chunk = fast_chunk(sc, n);
+  const int64_t chunk = fast_chunk(sc, n, K);
   const size_t chunk_elems = size_t(chunk) * kTileElems;
   grow(sc.w, sc.w_bytes, chunk_elems * sizeof(float));
   grow(sc.recon, sc.recon_bytes, chunk_elems * sizeof(float));
@@ -445,10 +484,11 @@ void release_locked(DeviceScratch& sc) {
   drop(sc.recon, sc.recon_bytes);
   drop(sc.costs, sc.costs_bytes);
   drop(sc.states, sc.states_bytes);
-  drop(sc.bp, sc.bp_bytes);
+  drop(sc.trace, sc.trace_bytes);
   drop(sc.ends, sc.ends_bytes);
   drop(sc.err, sc.err_bytes);
   sc.sms = 0;
+  sc.fast_budget = 0;
 }
 
 }  // namespace
@@ -498,7 +538,7 @@ void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook
   std::lock_guard<std::mutex> lock(sc.mu);
   TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));
   const bool fast = vfast::fast_k(K);
-  const int64_t chunk = fast ? fast_chunk(sc, n) : generic_chunk(sc, n, K, cb);
+  const int64_t chunk = fast ? fast_chunk(sc, n, K) : generic_chunk(sc, n, K, cb);
   if (!recon) grow(sc.recon, sc.recon_bytes, size_t(chunk) * kTileElems * sizeof(float));
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));

@@ -15,9 +15,9 @@ namespace trellm::trellis {
 bool viterbi_cuda_available();
 
 // Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
-// Works through the tiles in chunks sized to a scratch budget of ~1 GiB of backpointers (fast kernels: 1 MiB a tile,
-// chunks of whole waves of the GPU; generic: 256 * 2^(16-K) bytes a tile); the device buffers are kept for the next
-// call (grown as needed, one set per process, calls serialised).
+// Works through the tiles in chunks sized to a scratch budget (fast kernels: cost rows of 1-8 MiB a tile, up to
+// 4 GiB or 1/16 of the GPU's memory, chunks of whole waves; generic: ~1 GiB of backpointers, 256 * 2^(16-K) bytes a
+// tile); the device buffers are kept for the next call (grown as needed, one set per process, calls serialised).
 // Returns the total squared error. Throws trellm::Error on a CUDA failure. Callers that may run without CUDA use
 // encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
@@ -27,8 +27,8 @@ double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, 
 // trellis_ldlq_cuda.h). The kernels run on the default stream, after the caller's work there and before its next.
 void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
-// Frees the kept device buffers (up to ~1 GiB of backpointers); the next call allocates them again. For a process
-// that goes on using the GPU after encoding, and for tests run under compute-sanitizer's leak check.
+// Frees the kept device buffers (up to ~4 GiB); the next call allocates them again. For a process that goes on using
+// the GPU after encoding, and for tests run under compute-sanitizer's leak check.
 void viterbi_cuda_release();
 
 // The CUDA device the encoder runs on from now on (default 0; `--device cuda:N`). Fails naming the devices there are

@@ -4,6 +4,7 @@
 // GPU; on an H200 the chunk is 924 tiles, so two chunks).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <vector>
 
 #include "core/rng.h"
@@ -63,4 +64,24 @@ TEST(ViterbiCuda, OneTileEveryK) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(33);
   for (int K = 1; K <= 8; K++) check(K, Codebook::Mcg, 1, rng);
+}
+
+// Non-finite targets (NaN, inf, a value whose square overflows fp32) in some tiles: the fast kernels keep only the
+// running minimum and recompute the winners in the traceback, which must follow the CPU's comparisons there too.
+TEST(ViterbiCuda, NonFiniteTargetsAsTheCpu) {
+  if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(34);
+  for (int K = 1; K <= 8; K++) {
+    const int64_t n = 5;
+    std::vector<float> w(size_t(n) * 256);
+    for (auto& v : w) v = rng.normal();
+    w[37] = NAN;
+    w[256 + 90] = 3e19f;
+    w[512 + 150] = INFINITY;
+    w[768 + 0] = -INFINITY;  // tile 4 stays finite
+    std::vector<uint16_t> s_cpu(w.size(), 0xAAAA), s_gpu(w.size(), 0x5555);
+    viterbi_encode_tiles(w.data(), n, K, Codebook::Mcg, s_cpu.data(), nullptr);
+    viterbi_encode_tiles_cuda(w.data(), n, K, Codebook::Mcg, s_gpu.data(), nullptr);
+    EXPECT_EQ(s_gpu, s_cpu) << "K=" << K;
+  }
 }
