@@ -115,7 +115,8 @@ __global__ void __launch_bounds__(kGenericThreads) generic_kernel(const float* _
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) generic_traceback<K>(bp, red_i[0], path);
+  // no finite cost anywhere (non-finite targets): node 0, as the CPU's scan, never the out-of-range sentinel
+  if (threadIdx.x == 0) generic_traceback<K>(bp, red_i[0] < uint32_t(kNodes) ? red_i[0] : 0u, path);
   __syncthreads();
   const uint32_t e = uint32_t(path[kTileElems / 2]) >> K;
 
@@ -187,10 +188,9 @@ __global__ void __launch_bounds__(vfast::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < vfast::kCbRegs; r++) asm volatile("" : "+r"(cbh[r]));
     const bool odd = p & 1;
-    float* const row = vfast::keeps_costs<K>(kSecond, p)
-                           ? rows + (row0 + uint32_t(vfast::cost_row<K>(p)) * uint32_t(L::kNodes))
-                           : nullptr;
-    vfast::step<K>(t, cbh, seq[p], odd ? cost_b : cost_a, odd ? cost_a : cost_b, row);
+    // cost_row(p) is inside the tile's rows for every p (kept or not)
+    float* const row = rows + (row0 + uint32_t(vfast::cost_row<K>(p)) * uint32_t(L::kNodes));
+    vfast::step<K>(t, cbh, seq[p], odd ? cost_b : cost_a, odd ? cost_a : cost_b, row, vfast::keeps_costs<K>(kSecond, p));
     __syncthreads();  // next is complete; cost may be overwritten by the following step
   }
   const float* const cost = cost_a;  // 256 steps: the final costs are back in cost_a

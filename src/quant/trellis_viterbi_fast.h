@@ -162,11 +162,13 @@ template <int K>
 TRELLM_HD constexpr int cost_row(int p) { return every_step<K>() ? p : p >> 1; }
 
 // One Viterbi step of thread t: reads the predecessor costs from `cost` (all nodes, linear), writes the thread's
-// output nodes into `next`, and into `row` (the step's row in global memory) unless it is null. Per branch:
+// output nodes into `next`, and into `row` (the step's row in global memory) when `keep`. `row` is always a valid
+// address: with a null row tested instead, nvcc 13.0 stored through the null pointer at K = 3 (compute-sanitizer,
+// H200). Per branch:
 // HADD2.F32 (codebook value), FADD, FFMA, and for k > 0 FMNMX.
 template <int K>
 TRELLM_HD void step(int t, const uint32_t (&cbh)[kCbRegs], float w, const float* __restrict__ cost,
-                    float* __restrict__ next, float* __restrict__ row) {
+                    float* __restrict__ next, float* __restrict__ row, bool keep) {
   using L = Layout<K>;
 TRELLM_VFAST_UNROLL
   for (int gi = 0; gi < L::kGroupsPerThread; gi++) {
@@ -189,20 +191,20 @@ TRELLM_VFAST_UNROLL
       for (int jj = 0; jj < L::kOutsPerGroup; jj += 4) {
         const float4 v = make_float4(best[jj], best[jj + 1], best[jj + 2], best[jj + 3]);
         *reinterpret_cast<float4*>(next + o + jj) = v;
-        if (row) __stcs(reinterpret_cast<float4*>(row + o + jj), v);  // streamed: read once, by the traceback
+        if (keep) __stcs(reinterpret_cast<float4*>(row + o + jj), v);  // streamed: read once, by the traceback
       }
     } else if constexpr (L::kOutsPerGroup == 2) {
       const float2 v = make_float2(best[0], best[1]);
       *reinterpret_cast<float2*>(next + o) = v;
-      if (row) __stcs(reinterpret_cast<float2*>(row + o), v);
+      if (keep) __stcs(reinterpret_cast<float2*>(row + o), v);
     } else {
       next[o] = best[0];
-      if (row) __stcs(row + o, best[0]);
+      if (keep) __stcs(row + o, best[0]);
     }
 #else
     for (int jj = 0; jj < L::kOutsPerGroup; jj++) {
       next[o + jj] = best[jj];
-      if (row) row[o + jj] = best[jj];
+      if (keep) row[o + jj] = best[jj];
     }
 #endif
   }

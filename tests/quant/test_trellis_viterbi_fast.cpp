@@ -41,13 +41,15 @@ void emulate_tile(const float* w, Codebook cb, uint16_t* states) {
     float* next = b.data();
     int kept = 0;
     for (int p = 0; p < kTileElems; p++) {
-      float* row = vfast::keeps_costs<K>(second, p) ? rows.data() + size_t(vfast::cost_row<K>(p)) * L::kNodes : nullptr;
-      kept += row != nullptr;
+      const bool keep = vfast::keeps_costs<K>(second, p);
+      ASSERT_LT(vfast::cost_row<K>(p), vfast::kCostRows<K>);  // the kernel's row address is valid at every step
+      float* row = rows.data() + size_t(vfast::cost_row<K>(p)) * L::kNodes;
+      kept += keep;
       std::copy(cost, cost + L::kNodes, before.begin() + ptrdiff_t(p) * L::kNodes);
       for (int t = 0; t < vfast::kThreads; t++) {
         uint32_t r[vfast::kCbRegs];
         std::copy(regs[size_t(t)].begin(), regs[size_t(t)].end(), r);
-        vfast::step<K>(t, r, seq[p], cost, next, row);
+        vfast::step<K>(t, r, seq[p], cost, next, row, keep);
       }
       std::swap(cost, next);
     }
