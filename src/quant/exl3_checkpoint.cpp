@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -114,8 +115,10 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     std::vector<float> w, h;  // the source weight and its Hessian, until the group is prepared
   };
   // A prepared group whose codes are being computed: on the GPU by a worker thread while the main thread prepares the
-  // next group on the CPU (prepare + LDL of a 64-expert group take ~6 s, its LDLQ ~8 s on an H200), on the CPU when
-  // its files are written (deferred: the two halves would only compete for the same cores).
+  // next group on the CPU, on the CPU when its files are written (deferred: the two halves would only compete for the
+  // same cores). On the GPU up to gpu_groups_in_flight groups encode at once, each on its own lane of the encoder
+  // (ViterbiLane), beside the scale search of the group being prepared: one LDLQ alone leaves SMs idle in its
+  // tracebacks and copies, and a queue of one group stalls the GPU whenever a group's CPU half is the longer.
   struct InFlight {
     std::vector<Member> members;
     PreparedLinearsPtr prepared;
@@ -147,16 +150,20 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
       if (opt.on_progress) opt.on_progress(prog);
     }
   };
-  std::optional<InFlight> pending;
+  std::deque<InFlight> pending;  // oldest first: files are written in plan order
+  const size_t depth = overlap ? size_t(std::max(1, opt.gpu_groups_in_flight)) : 1;
+  auto drain = [&](size_t keep) {
+    while (pending.size() > keep) {
+      write_group(pending.front());
+      pending.pop_front();
+    }
+  };
   std::vector<bool> taken(plan.size(), false);
   std::optional<std::string> batch_seen;
   for (size_t g0 = 0; g0 < plan.size(); g0++) {
     if (taken[g0]) continue;
     if (opt.on_batch && batch_seen != plan[g0].batch) {
-      if (pending) {
-        write_group(*pending);
-        pending.reset();
-      }
+      drain(0);
       batch_seen = plan[g0].batch;
       opt.on_batch(plan[g0].batch, qdir.string());
     }
@@ -208,15 +215,12 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     eo.codebook = first.codebook;
     f.prepared = prepare_linears(ws, first.out, first.in, hs, seeds, eo);
     for (Member& m : f.members) m.w = {}, m.h = {};
-    if (pending) {
-      write_group(*pending);
-      pending.reset();
-    }
+    drain(depth - 1);
     PreparedLinears* p = f.prepared.get();
     f.encoded = std::async(overlap ? std::launch::async : std::launch::deferred, [p] { return encode_prepared(*p); });
-    pending = std::move(f);
+    pending.push_back(std::move(f));
   }
-  if (pending) write_group(*pending);
+  drain(0);
 
   // 2. Gather the output tensors in source order: a planned Linear's .weight/.bias become its EXL3 tensors.
   std::vector<std::unique_ptr<SafetensorsFile>> qfiles;

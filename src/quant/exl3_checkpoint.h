@@ -64,6 +64,9 @@ struct CheckpointQuantizeOptions {
   // (1: one Linear at a time).
   int group_linears = 64;
   uint64_t group_bytes = 8ull << 30;
+  // With the GPU encoder: groups whose LDLQ may run at once (each holds its host working memory, ~3 GB for 64
+  // experts, and its device arrays, 4.3 GB, until its files are written); the files do not depend on it.
+  int gpu_groups_in_flight = 2;
   // Recorded with every finished Linear and compared on resume, next to K / codebook / seed / shape / source
   // fingerprint: whatever else decides the codes (calibration data, encoder settings). Keys must not clash
   // with those ("key", "K", "codebook", "in", "out", "seed", "source_fnv1a").

@@ -1,8 +1,8 @@
 #include "quant/trellis_encode.h"
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
+#include <functional>
 #include <numeric>
 
 #include "core/error.h"
@@ -15,6 +15,7 @@
 #include "quant/trellis_pack.h"
 #include "quant/trellis_viterbi.h"
 #ifdef TRELLM_HAVE_CUDA
+#include "quant/block_ldl_cuda.h"
 #include "quant/trellis_ldlq_cuda.h"
 #endif
 
@@ -394,6 +395,33 @@ void for_members(size_t count, const std::function<void(size_t)>& fn) {
   }
 }
 
+// The block LDL of every member with a Hessian: on the GPU with the Cuda device (the CPU's factors bit for bit;
+// a member whose undamped Cholesky fails there is refactored on the CPU, with the damping retries), else on the CPU.
+void factor_linears(std::vector<Prepared>& pr, const EncodeOptions& opt) {
+  std::vector<size_t> cpu;
+  if (opt.device == EncodeDevice::Cuda) {
+#ifdef TRELLM_HAVE_CUDA
+    std::vector<size_t> gpu;
+    for (size_t b = 0; b < pr.size(); b++)
+      if (!pr[b].hr.empty()) gpu.push_back(b);
+    std::vector<const float*> h;
+    std::vector<float*> l;
+    for (size_t b : gpu) {
+      pr[b].l.resize(pr[b].hr.size());
+      h.push_back(pr[b].hr.data()), l.push_back(pr[b].l.data());
+    }
+    const std::vector<bool> ok = gpu.empty() ? std::vector<bool>{} : block_ldl_batch_cuda(h, pr[gpu[0]].enc.in_padded, l);
+    for (size_t i = 0; i < gpu.size(); i++)
+      if (!ok[i]) cpu.push_back(gpu[i]);
+#else
+    fail("quantize_linear: the CUDA encoder is not in this build (TRELLM_HAVE_CUDA is off)");
+#endif
+  } else {
+    for (size_t b = 0; b < pr.size(); b++) cpu.push_back(b);
+  }
+  for_members(cpu.size(), [&](size_t i) { factor_linear(pr[cpu[i]], opt); });
+}
+
 // The codes are in: the proxy error (from the GPU when `proxy` >= 0) and the packed tensor.
 void finish_linear(Prepared& pr, const uint16_t* states, const float* recon, double plain_err, double proxy) {
   EncodedLinear& enc = pr.enc;
@@ -483,7 +511,7 @@ PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_
   for_members(count, [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
   const double prepare = timer.seconds();
   timer.reset();
-  for_members(count, [&](size_t b) { factor_linear(pr[b], opt); });
+  factor_linears(pr, opt);
   if (opt.times) opt.times->prepare += prepare, opt.times->ldl += timer.seconds();
   return g;
 }

@@ -19,18 +19,20 @@ namespace trellm::trellis {
 
 namespace {
 
-// Device memory freed on every path out (an exception from a later allocation included).
+// Device memory freed on every path out (an exception from a later allocation included). Stream-ordered: a cudaFree
+// would wait for the whole device, i.e. for the other lanes' queued steps too.
 template <typename T>
 struct DeviceArray {
   T* p = nullptr;
-  DeviceArray() = default;
+  cudaStream_t s = nullptr;
+  explicit DeviceArray(cudaStream_t stream) : s(stream) {}
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
   ~DeviceArray() {
-    if (p) cudaFree(p);
+    if (p) cudaFreeAsync(p, s);
   }
   void alloc(size_t n, const char* what, double total_gb) {
-    const cudaError_t e = cudaMalloc(reinterpret_cast<void**>(&p), n * sizeof(T));
+    const cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&p), n * sizeof(T), s);
     if (e != cudaSuccess) {
       cudaGetLastError();  // clear it: the next launch check must not see this one
       p = nullptr;
@@ -115,8 +117,9 @@ __global__ void sub_kernel(const float* __restrict__ a, const float* __restrict_
 
 struct Cublas {
   cublasHandle_t h = nullptr;
-  Cublas() {
+  explicit Cublas(cudaStream_t s) {
     if (cublasCreate(&h) != CUBLAS_STATUS_SUCCESS) fail("batched LDLQ: cublasCreate failed");
+    if (cublasSetStream(h, s) != CUBLAS_STATUS_SUCCESS) fail("batched LDLQ: cublasSetStream failed");
     cublasSetMathMode(h, CUBLAS_DEFAULT_MATH);  // fp32 FMA, no TF32: the proxy compares errors of ~1e-3 relative
   }
   ~Cublas() { cublasDestroy(h); }
@@ -124,18 +127,19 @@ struct Cublas {
 
 // tr(Aᵀ H A) for row-major A (k x n) and H (k x k) on the device: C = H·A by one GEMM (column-major: Cᵀ = Aᵀ·Hᵀ),
 // then Σ A∘C.
-double quadratic_trace(cublasHandle_t cb, const float* a, const float* hd, int64_t k, int64_t n, float* c,
-                       double* partial_d, std::vector<double>& partial) {
+double quadratic_trace(cublasHandle_t cb, cudaStream_t s, const float* a, const float* hd, int64_t k, int64_t n,
+                       float* c, double* partial_d, std::vector<double>& partial) {
   const float one = 1.0f, zero = 0.0f;
   if (cublasSgemm(cb, CUBLAS_OP_N, CUBLAS_OP_N, int(n), int(k), int(k), &one, a, int(n), hd, int(k), &zero, c, int(n)) !=
       CUBLAS_STATUS_SUCCESS)
     fail("batched LDLQ: the proxy-error GEMM (", k, " x ", k, " by ", k, " x ", n, ") failed");
-  dot_partials_kernel<<<kDotBlocks, kThreads>>>(a, c, size_t(k * n), partial_d);
+  dot_partials_kernel<<<kDotBlocks, kThreads, 0, s>>>(a, c, size_t(k * n), partial_d);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(partial.data(), partial_d, kDotBlocks * sizeof(double), cudaMemcpyDeviceToHost));
-  double s = 0;
-  for (double v : partial) s += v;
-  return s;
+  TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(partial.data(), partial_d, kDotBlocks * sizeof(double), cudaMemcpyDeviceToHost, s));
+  TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(s));
+  double sum = 0;
+  for (double v : partial) sum += v;
+  return sum;
 }
 
 }  // namespace
@@ -149,12 +153,15 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
   if (count == 0) return;
   TRELLM_ASSERT(count <= 65535 && k / kTileDim <= 65535 * kTileDim, "batched LDLQ: ", count, " weights of ", k, " rows");
-  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(viterbi_cuda_current_device()));
+  // The whole LDLQ on one lane of the encoder (its stream and Viterbi scratch): another group's LDLQ or scale search
+  // runs beside it on another lane.
+  ViterbiLane lane;
+  const auto s = static_cast<cudaStream_t>(lane.stream());
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
   const size_t kn = size_t(k * n), step = size_t(count * tiles_n * kTileElems);
   const double gb = double(count) * (4.0 * 4.0 * double(kn) + 4.0 * double(k * k)) / 1e9;
-  DeviceArray<float> d_w, d_l, d_prod, d_recon, d_err, d_in, d_out;
-  DeviceArray<uint16_t> d_states, d_st;
+  DeviceArray<float> d_w(s), d_l(s), d_prod(s), d_recon(s), d_err(s), d_in(s), d_out(s);
+  DeviceArray<uint16_t> d_states(s), d_st(s);
   d_w.alloc(count * kn, "the weights", gb);
   d_l.alloc(size_t(count) * size_t(k * k), "the LDL factors", gb);
   d_prod.alloc(count * kn, "the running products", gb);
@@ -164,34 +171,41 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   d_in.alloc(step, "a step's tiles", gb);
   d_out.alloc(step, "a step's reconstruction", gb);
   d_st.alloc(step, "a step's codes", gb);
+  auto up = [&](void* d, const void* h, size_t bytes) {
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s));
+  };
+  auto down = [&](void* h, const void* d, size_t bytes) {
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(h, d, bytes, cudaMemcpyDeviceToHost, s));
+  };
   for (int64_t b = 0; b < count; b++) {
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_w.p + b * kn, w[b], kn * sizeof(float), cudaMemcpyHostToDevice));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(d_l.p + size_t(b) * size_t(k * k), l[b], size_t(k * k) * sizeof(float),
-                                      cudaMemcpyHostToDevice));
+    up(d_w.p + b * kn, w[b], kn * sizeof(float));
+    up(d_l.p + size_t(b) * size_t(k * k), l[b], size_t(k * k) * sizeof(float));
   }
-  TRELLM_QUANT_CUDA_CHECK(cudaMemset(d_prod.p, 0, count * kn * sizeof(float)));
+  TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(d_prod.p, 0, count * kn * sizeof(float), s));
   const dim3 tile_grid(unsigned((tiles_n * kTileElems + kThreads - 1) / kThreads), unsigned(count));
   for (int64_t r = tiles_k - 1; r >= 0; r--) {
     const int64_t r0 = r * kTileDim;
-    ldlq_gather_kernel<<<tile_grid, kThreads>>>(d_w.p, d_prod.p, k, n, r0, tiles_n, d_in.p);
+    ldlq_gather_kernel<<<tile_grid, kThreads, 0, s>>>(d_w.p, d_prod.p, k, n, r0, tiles_n, d_in.p);
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-    viterbi_encode_tiles_cuda_device(d_in.p, count * tiles_n, K, cb, d_st.p, d_out.p);
-    ldlq_scatter_kernel<<<tile_grid, kThreads>>>(d_w.p, d_st.p, d_out.p, k, n, r, tiles_n, d_states.p, d_recon.p, d_err.p);
+    lane.encode(d_in.p, count * tiles_n, K, cb, d_st.p, d_out.p);
+    ldlq_scatter_kernel<<<tile_grid, kThreads, 0, s>>>(d_w.p, d_st.p, d_out.p, k, n, r, tiles_n, d_states.p, d_recon.p,
+                                                        d_err.p);
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
     if (r == 0) break;
     const dim3 upd(unsigned((n + kThreads - 1) / kThreads), unsigned(r0), unsigned(count));
-    ldlq_update_kernel<<<upd, kThreads>>>(d_l.p, d_err.p, k, n, r0, d_prod.p);
+    ldlq_update_kernel<<<upd, kThreads, 0, s>>>(d_l.p, d_err.p, k, n, r0, d_prod.p);
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
   }
   for (int64_t b = 0; b < count; b++) {
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states[b], d_states.p + b * kn, kn * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(recon[b], d_recon.p + b * kn, kn * sizeof(float), cudaMemcpyDeviceToHost));
+    down(states[b], d_states.p + b * kn, kn * sizeof(uint16_t));
+    down(recon[b], d_recon.p + b * kn, kn * sizeof(float));
   }
+  TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(s));
   if (h.empty()) return;
   // The proxy errors, one weight at a time: H' into the factor's slot (the factors are done), E into the running
   // product's, H'·E or H'·W into the reconstruction's.
-  Cublas blas;
-  DeviceArray<double> d_partial;
+  Cublas blas(s);
+  DeviceArray<double> d_partial(s);
   d_partial.alloc(kDotBlocks, "the proxy sums", gb);
   std::vector<double> partial(kDotBlocks);
   for (int64_t b = 0; b < count; b++) {
@@ -199,11 +213,11 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
     float* e = d_prod.p + b * kn;
     float* c = d_recon.p + b * kn;
     const float* wb = d_w.p + b * kn;
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(hd, h[b], size_t(k * k) * sizeof(float), cudaMemcpyHostToDevice));
-    sub_kernel<<<kDotBlocks, kThreads>>>(wb, c, kn, e);
+    up(hd, h[b], size_t(k * k) * sizeof(float));
+    sub_kernel<<<kDotBlocks, kThreads, 0, s>>>(wb, c, kn, e);
     TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-    const double num = quadratic_trace(blas.h, e, hd, k, n, c, d_partial.p, partial);
-    const double den = quadratic_trace(blas.h, wb, hd, k, n, c, d_partial.p, partial);
+    const double num = quadratic_trace(blas.h, s, e, hd, k, n, c, d_partial.p, partial);
+    const double den = quadratic_trace(blas.h, s, wb, hd, k, n, c, d_partial.p, partial);
     proxy[b] = num / std::max(den, 1e-30);
   }
 }

@@ -1,6 +1,6 @@
 // CUDA twin of quantize_ldlq_batch (trellis_encode.h): the same block steps with the same fp32 operations in the same
 // order (rows = w + prod, err = w - recon, prod = fma(L[r0+j, i], err[j], prod) for j = 0..15 with zeros of L
-// skipped), the Viterbi through viterbi_encode_tiles_cuda_device, so the codes are the CPU's bit for bit.
+// skipped), the Viterbi through ViterbiLane::encode, so the codes are the CPU's bit for bit.
 // Compiled only when CUDA is found (TRELLM_HAVE_CUDA); test_trellis_ldlq_cuda compares it with the CPU.
 #pragma once
 #include <cstdint>

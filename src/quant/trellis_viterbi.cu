@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -134,8 +136,9 @@ __global__ void __launch_bounds__(kGenericThreads) generic_kernel(const float* _
 }
 
 template <int K>
-void launch_generic(const float* cb, const float* w, uint16_t* states, float* recon, float* costs, uint8_t* bps, int tiles) {
-  generic_kernel<K><<<tiles, kGenericThreads>>>(cb, w, states, recon, costs, bps);
+void launch_generic(const float* cb, const float* w, uint16_t* states, float* recon, float* costs, uint8_t* bps, int tiles,
+                    cudaStream_t stream) {
+  generic_kernel<K><<<tiles, kGenericThreads, 0, stream>>>(cb, w, states, recon, costs, bps);
 }
 
 
@@ -287,7 +290,7 @@ __global__ void __launch_bounds__(kTracebackThreads)
 
 template <int K>
 void launch_fast(const float* w, Codebook cb, uint32_t* ends, float* rows, uint16_t* states, float* recon,
-                 double* err, int tiles) {
+                 double* err, int tiles, cudaStream_t stream) {
   constexpr size_t smem = fast_smem_bytes<K>();
   // above 48 KB a block needs the raised dynamic limit (K = 2: 129 KB, K = 3: 65 KB)
   TRELLM_QUANT_CUDA_CHECK(cudaFuncSetAttribute(fast_forward_kernel<K, false>,
@@ -296,13 +299,13 @@ void launch_fast(const float* w, Codebook cb, uint32_t* ends, float* rows, uint1
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   constexpr int kTilesPerBlock = kTracebackThreads / 32;
   const int tb_blocks = (tiles + kTilesPerBlock - 1) / kTilesPerBlock;
-  fast_forward_kernel<K, false><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, rows);
+  fast_forward_kernel<K, false><<<tiles, vfast::kThreads, smem, stream>>>(w, cb, ends, rows);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_traceback_kernel<K, false><<<tb_blocks, kTracebackThreads>>>(tiles, rows, ends, cb, w, states, recon, err);
+  fast_traceback_kernel<K, false><<<tb_blocks, kTracebackThreads, 0, stream>>>(tiles, rows, ends, cb, w, states, recon, err);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_forward_kernel<K, true><<<tiles, vfast::kThreads, smem>>>(w, cb, ends, rows);
+  fast_forward_kernel<K, true><<<tiles, vfast::kThreads, smem, stream>>>(w, cb, ends, rows);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
-  fast_traceback_kernel<K, true><<<tb_blocks, kTracebackThreads>>>(tiles, rows, ends, cb, w, states, recon, err);
+  fast_traceback_kernel<K, true><<<tb_blocks, kTracebackThreads, 0, stream>>>(tiles, rows, ends, cb, w, states, recon, err);
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -313,14 +316,19 @@ bool viterbi_cuda_available() {
   return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
 }
 
+
 namespace {
 
 // Device buffers kept from one call to the next: `trellm quantize` makes thousands of small calls (LDLQ encodes one
 // 16-row block of a Linear per call: out/16 tiles, 8-16 on the built-in model), and a cudaMalloc + cudaFree of the
 // cost rows (up to 4 GiB) per call would cost more than the kernel. Buffers grow to the largest call seen and
-// live until the process exits (the driver frees them then); calls are serialised by the mutex.
+// live until the process exits (the driver frees them then) or viterbi_cuda_release.
+// One set per lane: a lane is a non-blocking stream and the scratch of the calls on it, held by one caller at a time,
+// so the scale search of one group and the LDLQ of the one before run side by side (each alone leaves SMs idle in
+// its tracebacks and copies).
 struct DeviceScratch {
-  std::mutex mu;
+  cudaStream_t stream = nullptr;
+  bool busy = false;
   const float* cb[3] = {};  // the codebook tables (generic kernel), uploaded once each
   float *w = nullptr, *recon = nullptr, *costs = nullptr;
   uint16_t* states = nullptr;
@@ -332,13 +340,66 @@ struct DeviceScratch {
   std::vector<double> terr;   // host copy of the per-tile errors (fast path)
   int sms = 0;
   int64_t fast_budget = 0;  // bytes of cost rows per chunk (fast path), from the device's memory
-  int device = 0;  // the CUDA device every call runs on (viterbi_cuda_use_device)
 };
 
-DeviceScratch& device_scratch() {
-  static DeviceScratch* s = new DeviceScratch;  // never destroyed: no CUDA calls after the runtime shuts down
-  return *s;
+// Lanes are made on demand up to kMaxLanes (the quantizer holds at most three at once: two groups' LDLQ and the next
+// group's scale search); a caller finding all taken waits.
+constexpr size_t kMaxLanes = 4;
+
+struct Lanes {
+  std::mutex mu;
+  std::condition_variable freed;
+  std::vector<std::unique_ptr<DeviceScratch>> all;
+  int device = 0;  // the CUDA device every lane runs on (viterbi_cuda_use_device)
+};
+
+Lanes& lanes() {
+  static Lanes* l = new Lanes;  // never destroyed: no CUDA calls after the runtime shuts down
+  return *l;
 }
+
+// Takes a free lane (waiting while kMaxLanes are taken) and puts the calling thread on the lanes' device.
+DeviceScratch& acquire_lane() {
+  Lanes& ls = lanes();
+  std::unique_lock<std::mutex> lock(ls.mu);
+  DeviceScratch* got = nullptr;
+  while (!got) {
+    for (auto& sc : ls.all)
+      if (!sc->busy) {
+        got = sc.get();
+        break;
+      }
+    if (!got && ls.all.size() < kMaxLanes) {
+      TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(ls.device));
+      auto sc = std::make_unique<DeviceScratch>();
+      TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithFlags(&sc->stream, cudaStreamNonBlocking));
+      ls.all.push_back(std::move(sc));
+      got = ls.all.back().get();
+    }
+    if (!got) ls.freed.wait(lock);
+  }
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(ls.device));  // per host thread: the pool's workers call this too
+  got->busy = true;
+  return *got;
+}
+
+void release_lane(DeviceScratch& sc) {
+  Lanes& ls = lanes();
+  {
+    std::lock_guard<std::mutex> lock(ls.mu);
+    sc.busy = false;
+  }
+  ls.freed.notify_one();
+}
+
+// Holds a lane for the lifetime of the object.
+struct HeldLane {
+  DeviceScratch& sc;
+  HeldLane() : sc(acquire_lane()) {}
+  ~HeldLane() { release_lane(sc); }
+  HeldLane(const HeldLane&) = delete;
+  HeldLane& operator=(const HeldLane&) = delete;
+};
 
 template <typename T>
 void grow(T*& p, size_t& have, size_t need) {
@@ -353,8 +414,9 @@ void grow(T*& p, size_t& have, size_t need) {
 constexpr int64_t kBpBudget = int64_t(1) << 30;  // backpointer bytes per chunk
 
 // Each path in two halves: *_chunk sizes the scratch for the largest chunk of an n-tile call and returns that chunk;
-// *_launch encodes `tiles` <= chunk tiles from device pointers (states and recon written, both required). The host
-// entry copies chunks through sc.w / sc.states / sc.recon; the device entry passes the caller's buffers.
+// *_launch encodes `tiles` <= chunk tiles from device pointers (states and recon written, both required) on the lane's
+// stream. The host entry copies chunks through sc.w / sc.states / sc.recon; the device entry passes the caller's
+// buffers.
 
 int64_t generic_chunk(DeviceScratch& sc, int64_t n, int K, Codebook cb) {
   const int64_t nodes = int64_t(1) << (16 - K);
@@ -375,9 +437,9 @@ int64_t generic_chunk(DeviceScratch& sc, int64_t n, int K, Codebook cb) {
 void generic_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
   const float* d_cb = sc.cb[int(cb)];
   switch (K) {
-    case 1: launch_generic<1>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
-    case 7: launch_generic<7>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
-    case 8: launch_generic<8>(d_cb, w, states, recon, sc.costs, sc.trace, tiles); break;
+    case 1: launch_generic<1>(d_cb, w, states, recon, sc.costs, sc.trace, tiles, sc.stream); break;
+    case 7: launch_generic<7>(d_cb, w, states, recon, sc.costs, sc.trace, tiles, sc.stream); break;
+    case 8: launch_generic<8>(d_cb, w, states, recon, sc.costs, sc.trace, tiles, sc.stream); break;
     default: fail("viterbi_encode_tiles_cuda: no generic kernel for K = ", K);
   }
   TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
@@ -385,7 +447,7 @@ void generic_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint1
 
 // Cost rows per tile: kCostRows<K> x 2^(16-K) floats (K = 2: 8 MiB, 3 and 4: 4 MiB, 5: 2 MiB, 6: 1 MiB). One block
 // per SM at a time (1024 threads x <= 64 registers fill the register file), so a chunk is a whole number of waves
-// (K = 3 on 132 SMs: 924 tiles = 7 waves, 3.6 GiB) within a budget of 4 GiB, or 1/16 of a smaller GPU's memory.
+// (K = 3 on 132 SMs: 924 tiles = 7 waves, 3.6 GiB) within a budget of 4 GiB a lane, or 1/16 of a smaller GPU's memory.
 int64_t fast_rows_per_tile(int K) {
   return int64_t(K >= 4 ? 256 : 128) * (int64_t(1) << (16 - K)) * int64_t(sizeof(float));
 }
@@ -412,13 +474,21 @@ int64_t fast_chunk(DeviceScratch& sc, int64_t n, int K) {
 void fast_launch(DeviceScratch& sc, int K, Codebook cb, const float* w, uint16_t* states, float* recon, int tiles) {
   float* const rows = reinterpret_cast<float*>(sc.trace);  // cudaMalloc: 256-byte aligned
   switch (K) {
-    case 2: launch_fast<2>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
-    case 3: launch_fast<3>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
-    case 4: launch_fast<4>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
-    case 5: launch_fast<5>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
-    case 6: launch_fast<6>(w, cb, sc.ends, rows, states, recon, sc.err, tiles); break;
+    case 2: launch_fast<2>(w, cb, sc.ends, rows, states, recon, sc.err, tiles, sc.stream); break;
+    case 3: launch_fast<3>(w, cb, sc.ends, rows, states, recon, sc.err, tiles, sc.stream); break;
+    case 4: launch_fast<4>(w, cb, sc.ends, rows, states, recon, sc.err, tiles, sc.stream); break;
+    case 5: launch_fast<5>(w, cb, sc.ends, rows, states, recon, sc.err, tiles, sc.stream); break;
+    case 6: launch_fast<6>(w, cb, sc.ends, rows, states, recon, sc.err, tiles, sc.stream); break;
     default: fail("viterbi_encode_tiles_cuda: no fast kernel for K = ", K);
   }
+}
+
+// Host to device and back on the lane's stream (pageable memory: each copy returns once the host side is done).
+void to_device(DeviceScratch& sc, void* d, const void* h, size_t bytes) {
+  TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, sc.stream));
+}
+void to_host(DeviceScratch& sc, void* h, const void* d, size_t bytes) {
+  TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(h, d, bytes, cudaMemcpyDeviceToHost, sc.stream));
 }
 
 double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook cb, uint16_t* states,
@@ -433,10 +503,11 @@ double encode_generic(DeviceScratch& sc, const float* w, int64_t n, int K, Codeb
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));
     const size_t elems = size_t(tiles) * kTileElems;
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
+    to_device(sc, sc.w, w + t0 * kTileElems, elems * sizeof(float));
     generic_launch(sc, K, cb, sc.w, sc.states, sc.recon, tiles);
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.rec.data(), sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
+    to_host(sc, states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t));
+    to_host(sc, sc.rec.data(), sc.recon, elems * sizeof(float));
+    TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(sc.stream));
     for (size_t i = 0; i < elems; i++) {
       const double d = double(sc.rec[i]) - w[t0 * kTileElems + int64_t(i)];
       err += d * d;
@@ -457,20 +528,19 @@ double encode_fast(DeviceScratch& sc, const float* w, int64_t n, int K, Codebook
   for (int64_t t0 = 0; t0 < n; t0 += chunk) {
     const int tiles = int(std::min(chunk, n - t0));
     const size_t elems = size_t(tiles) * kTileElems;
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.w, w + t0 * kTileElems, elems * sizeof(float), cudaMemcpyHostToDevice));
+    to_device(sc, sc.w, w + t0 * kTileElems, elems * sizeof(float));
     fast_launch(sc, K, cb, sc.w, sc.states, sc.recon, tiles);
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t), cudaMemcpyDeviceToHost));
-    if (recon)
-      TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(recon + t0 * kTileElems, sc.recon, elems * sizeof(float), cudaMemcpyDeviceToHost));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemcpy(sc.terr.data(), sc.err, size_t(tiles) * sizeof(double), cudaMemcpyDeviceToHost));
+    to_host(sc, states + t0 * kTileElems, sc.states, elems * sizeof(uint16_t));
+    if (recon) to_host(sc, recon + t0 * kTileElems, sc.recon, elems * sizeof(float));
+    to_host(sc, sc.terr.data(), sc.err, size_t(tiles) * sizeof(double));
+    TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(sc.stream));
     for (int i = 0; i < tiles; i++) err += sc.terr[size_t(i)];
   }
   return err;
 }
 
-// Frees every kept buffer (on the device they were made on); the caller holds sc.mu.
-void release_locked(DeviceScratch& sc) {
-  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));
+// Frees a lane's buffers and stream (on the lanes' device; the caller holds the lanes' mutex).
+void release_scratch(DeviceScratch& sc) {
   for (auto& t : sc.cb) {
     if (t) TRELLM_QUANT_CUDA_CHECK(cudaFree(const_cast<float*>(t)));
     t = nullptr;
@@ -487,16 +557,25 @@ void release_locked(DeviceScratch& sc) {
   drop(sc.trace, sc.trace_bytes);
   drop(sc.ends, sc.ends_bytes);
   drop(sc.err, sc.err_bytes);
-  sc.sms = 0;
-  sc.fast_budget = 0;
+  if (sc.stream) TRELLM_QUANT_CUDA_CHECK(cudaStreamDestroy(sc.stream));
+  sc.stream = nullptr;
+}
+
+// Every lane's buffers; the caller holds the lanes' mutex. A lane in use is a caller's bug.
+void release_locked(Lanes& ls) {
+  for (const auto& sc : ls.all) TRELLM_ASSERT(!sc->busy, "viterbi_cuda_release while a lane is in use");
+  if (ls.all.empty()) return;
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(ls.device));
+  for (auto& sc : ls.all) release_scratch(*sc);
+  ls.all.clear();
 }
 
 }  // namespace
 
 void viterbi_cuda_release() {
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
-  release_locked(sc);
+  Lanes& ls = lanes();
+  std::lock_guard<std::mutex> lock(ls.mu);
+  release_locked(ls);
 }
 
 int viterbi_cuda_device_count() {
@@ -509,34 +588,37 @@ void viterbi_cuda_use_device(int gpu) {
   if (gpu < 0 || gpu >= n)
     fail("CUDA device ", gpu, " does not exist (", n, n == 1 ? " device: cuda:0)" : " devices: cuda:0..cuda:",
          n == 1 ? "" : std::to_string(n - 1), n == 1 ? "" : ")");
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
-  if (gpu == sc.device) return;
-  release_locked(sc);
-  sc.device = gpu;
+  Lanes& ls = lanes();
+  std::lock_guard<std::mutex> lock(ls.mu);
+  if (gpu == ls.device) return;
+  release_locked(ls);
+  ls.device = gpu;
+}
+
+int viterbi_cuda_current_device() {
+  Lanes& ls = lanes();
+  std::lock_guard<std::mutex> lock(ls.mu);
+  return ls.device;
 }
 
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
   if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
   if (n <= 0) return 0.0;
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
-  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));  // per host thread: the pool's workers call this too
-  return vfast::fast_k(K) ? encode_fast(sc, w, n, K, cb, states, recon) : encode_generic(sc, w, n, K, cb, states, recon);
+  HeldLane lane;
+  return vfast::fast_k(K) ? encode_fast(lane.sc, w, n, K, cb, states, recon)
+                          : encode_generic(lane.sc, w, n, K, cb, states, recon);
 }
 
-int viterbi_cuda_current_device() {
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
-  return sc.device;
-}
+ViterbiLane::ViterbiLane() : lane_(new HeldLane) {}
 
-void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
-  if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda_device: K = ", K, " is outside 1..8");
+ViterbiLane::~ViterbiLane() { delete static_cast<HeldLane*>(lane_); }
+
+void* ViterbiLane::stream() const { return static_cast<HeldLane*>(lane_)->sc.stream; }
+
+void ViterbiLane::encode(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
+  if (K < kMinK || K > kMaxK) fail("ViterbiLane::encode: K = ", K, " is outside 1..8");
   if (n <= 0) return;
-  DeviceScratch& sc = device_scratch();
-  std::lock_guard<std::mutex> lock(sc.mu);
-  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(sc.device));
+  DeviceScratch& sc = static_cast<HeldLane*>(lane_)->sc;
   const bool fast = vfast::fast_k(K);
   const int64_t chunk = fast ? fast_chunk(sc, n, K) : generic_chunk(sc, n, K, cb);
   if (!recon) grow(sc.recon, sc.recon_bytes, size_t(chunk) * kTileElems * sizeof(float));

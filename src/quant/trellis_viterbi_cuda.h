@@ -17,18 +17,34 @@ bool viterbi_cuda_available();
 // Host pointers in and out (it copies): w n x 256 (walk order), states n x 256, recon n x 256 or nullptr.
 // Works through the tiles in chunks sized to a scratch budget (fast kernels: cost rows of 1-8 MiB a tile, up to
 // 4 GiB or 1/16 of the GPU's memory, chunks of whole waves; generic: ~1 GiB of backpointers, 256 * 2^(16-K) bytes a
-// tile); the device buffers are kept for the next call (grown as needed, one set per process, calls serialised).
+// tile); the device buffers are kept for the next call (grown as needed, one set per lane: see ViterbiLane).
 // Returns the total squared error. Throws trellm::Error on a CUDA failure. Callers that may run without CUDA use
 // encode_tiles (trellis_viterbi.h).
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
-// The same on device memory of the encoder's device (viterbi_cuda_current_device): w n x 256 in, states n x 256 out,
-// recon n x 256 out or nullptr; no error sum. For callers that keep their matrices on the GPU (the batched LDLQ,
-// trellis_ldlq_cuda.h). The kernels run on the default stream, after the caller's work there and before its next.
-void viterbi_encode_tiles_cuda_device(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
+// A share of the GPU encoder held by one caller: a CUDA stream (non-blocking) and the scratch buffers of the calls on
+// it. Calls on different lanes run side by side on the GPU (the quantizer's scale search of one group beside the
+// batched LDLQ of the groups before it); viterbi_encode_tiles_cuda takes a lane for each call. At most 4 lanes
+// exist; constructing a fifth waits until one is freed. The constructor puts the calling thread on the encoder's
+// device (viterbi_cuda_current_device).
+class ViterbiLane {
+ public:
+  ViterbiLane();
+  ~ViterbiLane();
+  ViterbiLane(const ViterbiLane&) = delete;
+  ViterbiLane& operator=(const ViterbiLane&) = delete;
+  void* stream() const;  // the lane's cudaStream_t
+  // viterbi_encode_tiles_cuda on device memory of the encoder's device: w n x 256 in, states n x 256 out, recon
+  // n x 256 out or nullptr; no error sum. Enqueued on stream(), after the caller's work there and before its next;
+  // returns without waiting. For callers that keep their matrices on the GPU (the batched LDLQ, trellis_ldlq_cuda.h).
+  void encode(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
-// Frees the kept device buffers (up to ~4 GiB); the next call allocates them again. For a process that goes on using
-// the GPU after encoding, and for tests run under compute-sanitizer's leak check.
+ private:
+  void* lane_;
+};
+
+// Frees every lane's kept device buffers (up to ~4 GiB each); the next call allocates them again. No lane may be held.
+// For a process that goes on using the GPU after encoding, and for tests run under compute-sanitizer's leak check.
 void viterbi_cuda_release();
 
 // The CUDA device the encoder runs on from now on (default 0; `--device cuda:N`). Fails naming the devices there are

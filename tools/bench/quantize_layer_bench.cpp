@@ -6,16 +6,17 @@
 // the dense layer, lm_head). Calibration (capture) time is not in it: this is the encoder's share.
 //
 //   quantize_layer_bench [--experts N] [--bits K] [--head-bits K] [--device cpu|cuda|cuda:N] [--group G]
-//                        [--parts moe,dense,head] [--overlap] [--json FILE]
+//                        [--parts moe,dense,head] [--overlap] [--in-flight N] [--json FILE]
 // --overlap: the MoE layer once more as quantize_checkpoint runs it on the GPU, each group's CPU half (prepare, LDL)
-// overlapping the previous group's GPU half (LDLQ, proxy, packing); its wall time is the layer figure then.
+// overlapping the GPU half (LDLQ, proxy, packing) of the up to N groups before it (--in-flight, default 2 as
+// quantize_checkpoint; N > 1 needs all 64 experts); its wall time is the layer figure then.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <future>
 #include <map>
-#include <optional>
 #include <string>
 #include <vector>
 
@@ -61,7 +62,7 @@ std::vector<float> random_hessian(int64_t in, uint64_t seed) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  int experts = 64, bits = 3, head_bits = 6, group = 64;
+  int experts = 64, bits = 3, head_bits = 6, group = 64, in_flight = 2;
   std::string device = "auto", parts = "moe";
   const char* json_path = nullptr;
   bool overlap = false;
@@ -83,17 +84,22 @@ int main(int argc, char** argv) {
     else if (a == "--head-bits") head_bits = std::atoi(next());
     else if (a == "--device") device = next();
     else if (a == "--group") group = std::atoi(next());
+    else if (a == "--in-flight") in_flight = std::atoi(next());
     else if (a == "--parts") parts = next();
     else if (a == "--json") json_path = next();
     else {
       std::fprintf(stderr, "usage: quantize_layer_bench [--experts N] [--bits K] [--head-bits K] [--device D] "
-                           "[--group G] [--parts moe,dense,head] [--overlap] [--json FILE]\n");
+                           "[--group G] [--parts moe,dense,head] [--overlap] [--in-flight N] [--json FILE]\n");
       return 2;
     }
   }
   try {
     const Config c = Config::glm47_flash();
     if (experts < 1 || experts > c.n_routed_experts) fail("--experts ", experts, ": 1..", c.n_routed_experts);
+    if (in_flight < 1) fail("--in-flight ", in_flight, ": at least 1");
+    if (overlap && in_flight > 1 && experts < c.n_routed_experts)
+      fail("--in-flight ", in_flight, " with --experts ", experts, ": groups overlapping each other cannot be scaled; "
+           "use all ", c.n_routed_experts, " experts or --in-flight 1");
     EncodeOptions base;
     base.device = parse_encode_device(device, "--device");
     const double ew = double(c.n_routed_experts) / experts;
@@ -189,11 +195,18 @@ int main(int argc, char** argv) {
       struct InFlight {
         PreparedLinearsPtr p;
         std::future<std::vector<EncodedLinear>> f;
+        double weight = 1;
       };
-      std::optional<InFlight> pending;
+      std::deque<InFlight> pending;
       const Timer wall;
       Timer since_done;  // since the previous group's codes were in
       double weighted = 0;
+      auto retire = [&] {  // the oldest group's codes; with one in flight, its share of the time scaled by its weight
+        pending.front().f.get();
+        weighted += since_done.seconds() * pending.front().weight;
+        since_done.reset();
+        pending.pop_front();
+      };
       for (size_t gi = 0; gi < gs.size(); gi++) {
         const Group& g = *gs[gi];
         std::vector<const float*> ws, hs;
@@ -202,26 +215,21 @@ int main(int argc, char** argv) {
         EncodeOptions o = base;
         o.K = g.K;
         InFlight f;
+        f.weight = g.weight;
         f.p = prepare_linears(ws, g.out, g.in, hs, seeds, o);
-        if (pending) {
-          pending->f.get();
-          pending.reset();
-          weighted += since_done.seconds() * gs[gi - 1]->weight;  // the time until the previous group was done
-          since_done.reset();
-        }
+        while (pending.size() >= size_t(in_flight)) retire();
         PreparedLinears* p = f.p.get();
         f.f = std::async(std::launch::async, [p] { return encode_prepared(*p); });
-        pending = std::move(f);
+        pending.push_back(std::move(f));
       }
-      pending->f.get();
-      weighted += since_done.seconds() * gs.back()->weight;
+      while (!pending.empty()) retire();
       overlapped = weighted;
-      std::printf("\nOverlapped (CPU half of each group under the GPU half of the one before): %.1f s for the timed "
-                  "groups, %.1f s for a 64-expert layer%s\n", wall.seconds(), overlapped,
+      std::printf("\nOverlapped (CPU half of each group under the GPU half of the %d before): %.1f s for the timed "
+                  "groups, %.1f s for a 64-expert layer%s\n", in_flight, wall.seconds(), overlapped,
                   experts < c.n_routed_experts ? " (each group's time scaled as above)" : "");
       char line[256];
       std::snprintf(line, sizeof line, "{\"bench\": \"quantize_layer_overlapped\", \"device\": \"%s\", \"experts\": %d, "
-                    "\"layer_s\": %.3f}", encode_device_name(base.device), experts, overlapped);
+                    "\"in_flight\": %d, \"layer_s\": %.3f}", encode_device_name(base.device), experts, in_flight, overlapped);
       json.push_back(line);
     }
     if (moe) {

@@ -1,0 +1,211 @@
+// block_ldl on the GPU; see block_ldl_cuda.h. The CPU's algorithm step for step:
+//  1. C = Cholesky(H) in Crout order: column j after column j - 1, C[i][j] = (H[i][j] - dot(C[i][:j], C[j][:j])) /
+//     C[j][j] for every row i > j at once, dot being block_ldl.cpp's four chains over k % 4: a lane per chain (the
+//     chains are independent serial sums), one launch per column (the row j + 1 also forms the next pivot).
+//  2. The inverse of each 16 x 16 diagonal block by forward substitution (a thread per block).
+//  3. L[r][16b + j] = Σ_{k >= j} C[r][16b + k] · inv_b[k][j] for the rows r below block b.
+// C is held transposed (ct[k][i] = C[i][k]) so that the lanes of a column, four per row i, read ct[k][i] nearly
+// coalesced and ct[k][j] as a broadcast. Every multiply and add is its own rounding (__dmul_rn / __dadd_rn), as on
+// the CPU. Work per Hessian: n^3 / 6 multiply-adds (2048: 1.4 G) and as many 8-byte loads, mostly from L2.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "quant/block_ldl_cuda.h"
+#include "quant/quant_cuda_check.h"
+#include "quant/trellis_viterbi_cuda.h"
+
+namespace trellm::trellis {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+// dst[c][r] = src[r][c] for r, c < n, converted; blockIdx.z = Hessian. 32 x 32 tiles through shared memory.
+template <typename In, typename Out>
+__global__ void transpose_kernel(const In* __restrict__ src, Out* __restrict__ dst, int64_t n) {
+  __shared__ Out tile[32][33];
+  const size_t off = size_t(blockIdx.z) * size_t(n) * size_t(n);
+  const int64_t c0 = int64_t(blockIdx.x) * 32, r0 = int64_t(blockIdx.y) * 32;
+  for (int dy = int(threadIdx.y); dy < 32; dy += 8) {
+    const int64_t r = r0 + dy, c = c0 + threadIdx.x;
+    if (r < n && c < n) tile[dy][threadIdx.x] = Out(src[off + size_t(r * n + c)]);
+  }
+  __syncthreads();
+  for (int dy = int(threadIdx.y); dy < 32; dy += 8) {
+    const int64_t c = c0 + dy, r = r0 + threadIdx.x;
+    if (r < n && c < n) dst[off + size_t(c * n + r)] = tile[threadIdx.x][dy];
+  }
+}
+
+// Pivot j from d = H[j][j] - dot, dot = block_ldl.cpp's dot(C[j][:j], C[j][:j]): C[j][j] = sqrt(d), or the Hessian
+// marked bad.
+__device__ void crout_pivot(double* ct, int64_t n, int64_t j, double dot, int* bad) {
+  const double d = __dsub_rn(ct[j * n + j], dot);
+  if (!(d > 0.0) || !isfinite(d)) *bad = 1;
+  else ct[j * n + j] = __dsqrt_rn(d);
+}
+
+__global__ void crout_first_kernel(double* ct, int64_t n, int* bad) {
+  crout_pivot(ct + size_t(blockIdx.x) * size_t(n * n), n, 0, 0.0, bad + blockIdx.x);
+}
+
+// Column j of every Hessian (blockIdx.y). Four lanes per row i > j, lane c summing block_ldl.cpp's chain c (the
+// products of k = c, c + 4, ... below the main loop's end E = 4 floor(j / 4)), each a serial sum with its loads
+// independent of it (unrolled: many in flight). The first lane of the row gathers the chains, adds the tail [E, j),
+// combines them as (a0 + a1) + (a2 + a3) and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass,
+// the next pivot's dot (its main loop ends at 4 floor((j + 1) / 4), its last term is C[j+1][j]).
+__global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* bad_all) {
+  int* bad = bad_all + blockIdx.y;
+  if (*bad) return;  // a pivot failed (uniform over the block): the caller refactors this one on the CPU
+  double* ct = ct_all + size_t(blockIdx.y) * size_t(n * n);
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t i = j + 1 + t / 4;
+  const int c = int(t % 4);
+  const bool live = i < n;
+  const int64_t e_end = j / 4 * 4;
+  double ae = 0, ap = 0;  // chain c of dot(C[i], C[j]) and of dot(C[i], C[i])
+  if (live) {
+#pragma unroll 8
+    for (int64_t k = c; k < e_end; k += 4) {
+      const double x = ct[k * n + i];
+      ae = __dadd_rn(ae, __dmul_rn(x, ct[k * n + j]));
+      ap = __dadd_rn(ap, __dmul_rn(x, x));
+    }
+  }
+  const unsigned full = 0xFFFFFFFFu;
+  const int base = int(threadIdx.x & 31) & ~3;
+  double e[4], p[4];
+#pragma unroll
+  for (int q = 0; q < 4; q++) {
+    e[q] = __shfl_sync(full, ae, base + q);
+    p[q] = __shfl_sync(full, ap, base + q);
+  }
+  if (!live || c != 0) return;
+  for (int64_t k = e_end; k < j; k++) e[0] = __dadd_rn(e[0], __dmul_rn(ct[k * n + i], ct[k * n + j]));
+  const double dot = __dadd_rn(__dadd_rn(e[0], e[1]), __dadd_rn(e[2], e[3]));
+  const double inv = __ddiv_rn(1.0, ct[j * n + j]);
+  const double v = __dmul_rn(__dsub_rn(ct[j * n + i], dot), inv);
+  ct[j * n + i] = v;
+  if (i != j + 1) return;
+  const int64_t p_end = (j + 1) / 4 * 4;  // e_end or e_end + 4
+  auto x_at = [&](int64_t k) { return k == j ? v : ct[k * n + i]; };
+  for (int64_t k = e_end; k < p_end; k++) {
+    const double x = x_at(k);
+    p[k - e_end] = __dadd_rn(p[k - e_end], __dmul_rn(x, x));
+  }
+  for (int64_t k = p_end; k <= j; k++) {
+    const double x = x_at(k);
+    p[0] = __dadd_rn(p[0], __dmul_rn(x, x));
+  }
+  crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), bad);
+}
+
+// inv_b = C_bb^-1 (lower triangular, forward substitution in block_ldl.cpp's order): a thread per 16-row block.
+__global__ void block_inverse_kernel(const double* ct_all, int64_t n, double* inv_all, const int* bad_all) {
+  const int64_t blocks = n / 16, bb = int64_t(blockIdx.x) * 64 + threadIdx.x;
+  if (bb >= blocks || bad_all[blockIdx.y]) return;
+  const double* ct = ct_all + size_t(blockIdx.y) * size_t(n * n);
+  double* iv = inv_all + (size_t(blockIdx.y) * size_t(blocks) + size_t(bb)) * 256;
+  const int64_t o = bb * 16;
+  auto c = [&](int r, int k) { return ct[(o + k) * n + o + r]; };  // C[o + r][o + k]
+  for (int col = 0; col < 16; col++)
+    for (int i = 0; i < 16; i++) {
+      double s = i == col ? 1.0 : 0.0;
+      for (int k = col; k < i; k++) s = __dsub_rn(s, __dmul_rn(c(i, k), iv[k * 16 + col]));
+      iv[i * 16 + col] = i < col ? 0.0 : __ddiv_rn(s, c(i, i));
+    }
+}
+
+// lt[c][r] = L[r][c] (f32): for column c = 16 b + j, rows r below block b; zero elsewhere (the diagonal blocks too).
+__global__ void ldl_rows_kernel(const double* ct_all, const double* inv_all, int64_t n, float* lt_all,
+                                const int* bad_all) {
+  const int64_t r = int64_t(blockIdx.x) * kThreads + threadIdx.x, c = blockIdx.y;
+  if (r >= n) return;
+  const int64_t bb = c / 16, o = bb * 16;
+  const int j = int(c % 16);
+  float out = 0.0f;
+  if (!bad_all[blockIdx.z] && r >= o + 16) {
+    const double* ct = ct_all + size_t(blockIdx.z) * size_t(n * n);
+    const double* iv = inv_all + (size_t(blockIdx.z) * size_t(n / 16) + size_t(bb)) * 256;
+    double s = 0;
+    for (int k = j; k < 16; k++) s = __dadd_rn(s, __dmul_rn(ct[(o + k) * n + r], iv[k * 16 + j]));
+    out = __double2float_rn(s);
+  }
+  lt_all[size_t(blockIdx.z) * size_t(n * n) + size_t(c * n + r)] = out;
+}
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+};
+
+// Stream-ordered device memory (a cudaFree would wait for the encoder's other lanes too).
+struct Buffer {
+  void* p = nullptr;
+  cudaStream_t s;
+  Buffer(size_t bytes, cudaStream_t stream) : s(stream) {
+    const cudaError_t e = cudaMallocAsync(&p, bytes, s);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      p = nullptr;
+      fail("block LDL on the GPU: cannot allocate ", double(bytes) / 1e9, " GB: ", cudaGetErrorString(e));
+    }
+  }
+  ~Buffer() {
+    if (p) cudaFreeAsync(p, s);
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+};
+
+}  // namespace
+
+std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t n, std::span<float* const> l) {
+  TRELLM_ASSERT(h.size() == l.size() && n > 0 && n % 16 == 0, "block_ldl_batch_cuda: n = ", n);
+  const size_t count = h.size();
+  std::vector<bool> ok(count, true);
+  if (count == 0) return ok;
+  TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(viterbi_cuda_current_device()));
+  const Stream stream;
+  const cudaStream_t s = stream.s;
+  const size_t nn = size_t(n) * size_t(n), blocks = size_t(n / 16);
+  // Per Hessian: C (f64), a f32 buffer (H in, then Lᵀ), the block inverses, a flag; as many at once as fit 2 GiB.
+  const size_t per = nn * 12 + blocks * 256 * 8 + sizeof(int);
+  const size_t batch = std::clamp<size_t>((size_t(2) << 30) / per, 1, count);
+  Buffer ct_b(batch * nn * sizeof(double), s), f_b(batch * nn * sizeof(float), s);
+  Buffer inv_b(batch * blocks * 256 * sizeof(double), s), bad_b(batch * sizeof(int), s);
+  auto* ct = static_cast<double*>(ct_b.p);
+  auto* f = static_cast<float*>(f_b.p);
+  auto* inv = static_cast<double*>(inv_b.p);
+  auto* bad = static_cast<int*>(bad_b.p);
+  std::vector<int> bad_h(batch);
+  for (size_t b0 = 0; b0 < count; b0 += batch) {
+    const unsigned m = unsigned(std::min(batch, count - b0));
+    for (unsigned i = 0; i < m; i++)
+      TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(f + i * nn, h[b0 + i], nn * sizeof(float), cudaMemcpyHostToDevice, s));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(bad, 0, m * sizeof(int), s));
+    const dim3 tgrid(unsigned((n + 31) / 32), unsigned((n + 31) / 32), m), tblock(32, 8);
+    transpose_kernel<float, double><<<tgrid, tblock, 0, s>>>(f, ct, n);
+    crout_first_kernel<<<m, 1, 0, s>>>(ct, n, bad);
+    for (int64_t j = 0; j + 1 < n; j++)
+      crout_column_kernel<<<dim3(unsigned((4 * (n - j - 1) + kThreads - 1) / kThreads), m), kThreads, 0, s>>>(ct, n, j,
+                                                                                                             bad);
+    block_inverse_kernel<<<dim3(unsigned((blocks + 63) / 64), m), 64, 0, s>>>(ct, n, inv, bad);
+    ldl_rows_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads), unsigned(n), m), kThreads, 0, s>>>(ct, inv, n, f, bad);
+    float* l_dev = reinterpret_cast<float*>(ct);  // C is done with: L row-major in its first half
+    transpose_kernel<float, float><<<tgrid, tblock, 0, s>>>(f, l_dev, n);
+    TRELLM_QUANT_CUDA_CHECK(cudaGetLastError());
+    for (unsigned i = 0; i < m; i++)
+      TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(l[b0 + i], l_dev + i * nn, nn * sizeof(float), cudaMemcpyDeviceToHost, s));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(bad_h.data(), bad, m * sizeof(int), cudaMemcpyDeviceToHost, s));
+    TRELLM_QUANT_CUDA_CHECK(cudaStreamSynchronize(s));
+    for (unsigned i = 0; i < m; i++) ok[b0 + i] = bad_h[i] == 0;
+  }
+  return ok;
+}
+
+}  // namespace trellm::trellis
