@@ -10,7 +10,14 @@ namespace trellm {
 namespace {
 int g_requested_threads = 0;
 thread_local bool t_inside_pool = false;
+thread_local ThreadPool* t_scope_pool = nullptr;  // ThreadPoolScope
 }  // namespace
+
+ThreadPoolScope::ThreadPoolScope(ThreadPool& pool) : prev_(t_scope_pool) { t_scope_pool = &pool; }
+
+ThreadPoolScope::~ThreadPoolScope() { t_scope_pool = prev_; }
+
+ThreadPool& ThreadPool::current() { return t_scope_pool ? *t_scope_pool : global(); }
 
 ThreadPool::ThreadPool(int threads) {
   threads = std::max(1, threads);

@@ -27,6 +27,8 @@ class ThreadPool {
 
   static ThreadPool& global();
   static void set_global_threads(int threads);  // call before first use of global()
+  // The pool parallel_for uses on the calling thread: the innermost ThreadPoolScope's, else global().
+  static ThreadPool& current();
 
  private:
   void worker_loop();
@@ -45,8 +47,22 @@ class ThreadPool {
   bool busy_ = false;
 };
 
+// While alive, parallel_for on the constructing thread runs on `pool`: a background stage (the quantizer's work ahead
+// on later groups) gets workers of its own instead of running serially whenever another thread holds the global pool,
+// and leaves the global pool to the critical path.
+class ThreadPoolScope {
+ public:
+  explicit ThreadPoolScope(ThreadPool& pool);
+  ~ThreadPoolScope();
+  ThreadPoolScope(const ThreadPoolScope&) = delete;
+  ThreadPoolScope& operator=(const ThreadPoolScope&) = delete;
+
+ private:
+  ThreadPool* prev_;
+};
+
 inline void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
-  ThreadPool::global().parallel_for(n, grain, fn);
+  ThreadPool::current().parallel_for(n, grain, fn);
 }
 
 }  // namespace trellm

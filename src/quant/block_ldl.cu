@@ -137,9 +137,15 @@ __global__ void ldl_rows_kernel(const double* ct_all, const double* inv_all, int
   lt_all[size_t(blockIdx.z) * size_t(n * n) + size_t(c * n + r)] = out;
 }
 
+// The quantizer's critical path (its main thread waits for the factors): the device's greatest stream priority, as the
+// encoder's urgent lanes.
 struct Stream {
   cudaStream_t s = nullptr;
-  Stream() { TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  Stream() {
+    int least = 0, greatest = 0;
+    TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, greatest));
+  }
   ~Stream() { cudaStreamDestroy(s); }
 };
 

@@ -12,9 +12,12 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <thread>
 
 #include "core/error.h"
 #include "core/half.h"
+#include "core/thread_pool.h"
+#include "core/work_ahead.h"
 #include "format/json_file.h"
 #include "format/safetensors.h"
 #include "quant/exl3_export.h"
@@ -112,12 +115,12 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     size_t i = 0;
     std::map<std::string, std::string> meta;
     bool reuse = false;
-    std::vector<float> w, h;  // the source weight and its Hessian, until the group is prepared
+    std::vector<float> h;  // its Hessian, until the group is prepared
   };
   // A prepared group whose codes are being computed: on the GPU by a worker thread while the main thread prepares the
   // next group on the CPU, on the CPU when its files are written (deferred: the two halves would only compete for the
   // same cores). On the GPU up to gpu_groups_in_flight groups encode at once, each on its own lane of the encoder
-  // (ViterbiLane), beside the scale search of the group being prepared: one LDLQ alone leaves SMs idle in its
+  // (ViterbiLane), beside the scale search of the groups being rotated ahead: one LDLQ alone leaves SMs idle in its
   // tracebacks and copies, and a queue of one group stalls the GPU whenever a group's CPU half is the longer.
   struct InFlight {
     std::vector<Member> members;
@@ -150,37 +153,46 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
       if (opt.on_progress) opt.on_progress(prog);
     }
   };
-  std::deque<InFlight> pending;  // oldest first: files are written in plan order
-  const size_t depth = overlap ? size_t(std::max(1, opt.gpu_groups_in_flight)) : 1;
-  auto drain = [&](size_t keep) {
-    while (pending.size() > keep) {
-      write_group(pending.front());
-      pending.pop_front();
+
+  // The groups, in the order their first entries have in the plan: an entry and the later untaken ones of its batch (a
+  // consecutive run of the plan) of the same kind. Host bytes one member holds while its group is encoded: weight,
+  // rotated weight, codes, reconstruction (and the encoder's temporaries) ~18 B per padded weight; Hessian, rotated
+  // Hessian and factor ~12 B per in².
+  std::vector<std::vector<size_t>> groups;
+  {
+    std::vector<bool> taken(plan.size(), false);
+    for (size_t g0 = 0; g0 < plan.size(); g0++) {
+      if (taken[g0]) continue;
+      const QuantizePlanEntry& first = plan[g0];
+      const uint64_t kp = uint64_t(round_up_128(first.in)), np = uint64_t(round_up_128(first.out));
+      const uint64_t member_bytes = 18 * kp * np + 12 * kp * kp;
+      std::vector<size_t> group = {g0};
+      for (size_t j = g0 + 1; j < plan.size() && !first.batch.empty() && plan[j].batch == first.batch; j++)
+        if (!taken[j] && same_kind(plan[j], first) && int64_t(group.size()) < std::max(1, opt.group_linears) &&
+            uint64_t(group.size() + 1) * member_bytes <= opt.group_bytes)
+          group.push_back(j);
+      for (size_t i : group) taken[i] = true;
+      groups.push_back(std::move(group));
     }
+  }
+
+  // What depends on the weights alone is done ahead, on a thread (and a thread pool) of its own: each group's members
+  // (metadata, whether an earlier run's file is reusable), and for the others the rotations and the scale search
+  // (rotate_linears). The main thread adds the Hessians, which the layer-by-layer calibration can only give once the
+  // layers before are coded; the scale search of later groups meanwhile fills the SMs the LDLQ in flight leaves idle
+  // (at the layer boundaries, the GPU would otherwise wait for the capture and the first groups' preparation).
+  struct Rotated {
+    std::vector<Member> members;
+    PreparedLinearsPtr prepared;
   };
-  std::vector<bool> taken(plan.size(), false);
-  std::optional<std::string> batch_seen;
-  for (size_t g0 = 0; g0 < plan.size(); g0++) {
-    if (taken[g0]) continue;
-    if (opt.on_batch && batch_seen != plan[g0].batch) {
-      drain(0);
-      batch_seen = plan[g0].batch;
-      opt.on_batch(plan[g0].batch, qdir.string());
-    }
-    // The group: this entry and the later untaken ones of its batch (a consecutive run of the plan) of the same
-    // kind. Host bytes one member holds while its group is encoded: weight, rotated weight, codes, reconstruction
-    // (and the encoder's temporaries) ~18 B per padded weight; Hessian, rotated Hessian and factor ~12 B per in².
-    const QuantizePlanEntry& first = plan[g0];
-    const uint64_t kp = uint64_t(round_up_128(first.in)), np = uint64_t(round_up_128(first.out));
-    const uint64_t member_bytes = 18 * kp * np + 12 * kp * kp;
-    std::vector<size_t> group = {g0};
-    for (size_t j = g0 + 1; j < plan.size() && !first.batch.empty() && plan[j].batch == first.batch; j++)
-      if (!taken[j] && same_kind(plan[j], first) && int64_t(group.size()) < std::max(1, opt.group_linears) &&
-          uint64_t(group.size() + 1) * member_bytes <= opt.group_bytes)
-        group.push_back(j);
-    for (size_t i : group) taken[i] = true;
-    InFlight f;
-    for (size_t i : group) {
+  ThreadPool ahead_pool(overlap ? std::max(1, int(std::thread::hardware_concurrency()) / 2) : 1);
+  auto rotate_group = [&](size_t gi) {
+    std::optional<ThreadPoolScope> scope;  // the thread ahead uses its own workers, the main thread the global ones
+    if (overlap) scope.emplace(ahead_pool);
+    Rotated r;
+    std::vector<std::vector<float>> ws;
+    std::vector<uint64_t> seeds;
+    for (size_t i : groups[gi]) {
       const QuantizePlanEntry& e = plan[i];
       const TensorInfo& wt = store.get(e.key + ".weight");
       Member m;
@@ -195,26 +207,59 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
         }
       }
       if (!m.reuse) {
-        m.w = weight_f32(wt);
-        m.h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
-        if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
-          fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
+        ws.push_back(weight_f32(wt));
+        seeds.push_back(opt.seed + i);
       }
-      f.members.push_back(std::move(m));
+      r.members.push_back(std::move(m));
     }
-    std::vector<const float*> ws, hs;
-    std::vector<uint64_t> seeds;
-    for (const Member& m : f.members)
-      if (!m.reuse) {
-        ws.push_back(m.w.data());
-        hs.push_back(m.h.empty() ? nullptr : m.h.data());
-        seeds.push_back(opt.seed + m.i);
-      }
+    std::vector<const float*> wp;
+    for (const auto& w : ws) wp.push_back(w.data());
     EncodeOptions eo = opt.encode;
+    const QuantizePlanEntry& first = plan[groups[gi][0]];
     eo.K = first.K;
     eo.codebook = first.codebook;
-    f.prepared = prepare_linears(ws, first.out, first.in, hs, seeds, eo);
-    for (Member& m : f.members) m.w = {}, m.h = {};
+    r.prepared = rotate_linears(wp, first.out, first.in, seeds, eo);
+    return r;
+  };
+  // Rotated state per member: the weight and its rotation, 8 B per padded weight. Up to ~6 GiB of it ahead (three
+  // 64-expert groups of GLM-4.7-Flash, 1.6 GB each, and the small groups between them), at least one group.
+  auto ahead_bytes = [&](size_t gi) {
+    const QuantizePlanEntry& e = plan[groups[gi][0]];
+    return uint64_t(groups[gi].size()) * 8 * uint64_t(round_up_128(e.in)) * uint64_t(round_up_128(e.out));
+  };
+  WorkAhead<Rotated> ahead(groups.size(), overlap ? opt.ahead_bytes : 0, ahead_bytes, rotate_group);
+
+  std::deque<InFlight> pending;  // oldest first: files are written in plan order
+  const size_t depth = overlap ? size_t(std::max(1, opt.gpu_groups_in_flight)) : 1;
+  auto drain = [&](size_t keep) {
+    while (pending.size() > keep) {
+      write_group(pending.front());
+      pending.pop_front();
+    }
+  };
+  std::optional<std::string> batch_seen;
+  for (size_t gi = 0; gi < groups.size(); gi++) {
+    const QuantizePlanEntry& first = plan[groups[gi][0]];
+    if (opt.on_batch && batch_seen != first.batch) {
+      drain(0);
+      batch_seen = first.batch;
+      opt.on_batch(first.batch, qdir.string());
+    }
+    Rotated r = ahead.take(gi);
+    InFlight f;
+    f.members = std::move(r.members);
+    std::vector<const float*> hs;
+    for (Member& m : f.members) {
+      if (m.reuse) continue;
+      const QuantizePlanEntry& e = plan[m.i];
+      m.h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
+      if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
+        fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
+      hs.push_back(m.h.empty() ? nullptr : m.h.data());
+    }
+    add_hessians(*r.prepared, hs);
+    for (Member& m : f.members) m.h = {};
+    f.prepared = std::move(r.prepared);
     drain(depth - 1);
     PreparedLinears* p = f.prepared.get();
     f.encoded = std::async(overlap ? std::launch::async : std::launch::deferred, [p] { return encode_prepared(*p); });

@@ -52,11 +52,11 @@ struct CheckpointQuantizeOptions {
   // Calibration Hessian of a Linear's input, (in, in); return an empty vector for plain Viterbi.
   std::function<std::vector<float>(const QuantizePlanEntry&)> hessian;
   std::function<void(const QuantizeProgress&)> on_progress;  // after each Linear
-  // Called when the plan reaches a new batch key, before any of its Linears is looked at, once every Linear of
-  // the earlier entries is finished in work_dir (<work_dir>/<key>.safetensors, their EXL3 tensors): the
+  // Called when the plan reaches a new batch key, before the Hessian of any of its Linears is asked for, once every
+  // Linear of the earlier entries is finished in work_dir (<work_dir>/<key>.safetensors, their EXL3 tensors): the
   // layer-streamed calibration runs the layers before `batch` from their codes there (quantized propagation).
-  // Setting it drains the pipeline at each new batch (the next layer's CPU half no longer overlaps the last GPU
-  // half of the one before).
+  // Setting it drains the pipeline at each new batch (the next layer's Hessians wait for the last LDLQ of the one
+  // before; only the work on its weights alone, ahead_bytes, goes on meanwhile).
   std::function<void(const std::string& batch, const std::string& work_dir)> on_batch;
   EncodeOptions encode;                // K and codebook are overridden per plan entry
   // Plan entries of one batch key, shape, K and codebook are encoded together (quantize_linears: one batched LDLQ),
@@ -67,6 +67,9 @@ struct CheckpointQuantizeOptions {
   // With the GPU encoder: groups whose LDLQ may run at once (each holds its host working memory, ~3 GB for 64
   // experts, and its device arrays, 4.3 GB, until its files are written); the files do not depend on it.
   int gpu_groups_in_flight = 2;
+  // With the GPU encoder: bytes of later groups rotated ahead of the main thread (rotate_linears: signs, Hadamards, the
+  // scale search), 8 B per padded weight; 0 rotates each group when its turn comes.
+  uint64_t ahead_bytes = 6ull << 30;
   // Recorded with every finished Linear and compared on resume, next to K / codebook / seed / shape / source
   // fingerprint: whatever else decides the codes (calibration data, encoder settings). Keys must not clash
   // with those ("key", "K", "codebook", "in", "out", "seed", "source_fnv1a").

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <mutex>
 #include <numeric>
 
 #include "core/error.h"
@@ -386,7 +387,7 @@ void factor_linear(Prepared& pr, const EncodeOptions& opt) {
 // fn(b) for every member: in parallel over the members when there are enough to occupy the pool (each member's own
 // loops then run serially), else one after another with each member's loops parallel.
 void for_members(size_t count, const std::function<void(size_t)>& fn) {
-  if (count >= size_t(ThreadPool::global().size())) {
+  if (count >= size_t(ThreadPool::current().size())) {
     parallel_for(int64_t(count), 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; b++) fn(size_t(b));
     });
@@ -484,12 +485,21 @@ struct PreparedLinears {
   std::vector<Prepared> pr;
 };
 
-PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_t out, int64_t in,
-                                   std::span<const float* const> hessians, std::span<const uint64_t> seeds,
-                                   const EncodeOptions& opt) {
+namespace {
+// EncodeOptions::times is added to from more than one thread (quantize_checkpoint's work ahead and its main thread).
+void add_time(double EncodeTimes::*field, const EncodeOptions& opt, double seconds) {
+  static std::mutex mu;
+  if (!opt.times) return;
+  std::lock_guard<std::mutex> lock(mu);
+  opt.times->*field += seconds;
+}
+}  // namespace
+
+PreparedLinearsPtr rotate_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                  std::span<const uint64_t> seeds, const EncodeOptions& opt) {
   if (opt.K < kMinK || opt.K > kMaxK) fail("quantize_linear: K = ", opt.K, " is outside 1..8");
   if (in <= 0 || out <= 0) fail("quantize_linear: invalid shape (", out, ", ", in, ")");
-  TRELLM_ASSERT(hessians.size() == weights.size() && seeds.size() == weights.size());
+  TRELLM_ASSERT(seeds.size() == weights.size());
   PreparedLinearsPtr g(new PreparedLinears);
   g->out = out, g->in = in, g->opt = opt;
   const size_t count = weights.size();
@@ -508,11 +518,28 @@ PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_
         global_scale_search_batch(wr, round_up_128(in), round_up_128(out), opt.K, opt.codebook, opt.device);
     for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = scales[b];
   }
-  for_members(count, [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
-  const double prepare = timer.seconds();
+  add_time(&EncodeTimes::prepare, opt, timer.seconds());
+  return g;
+}
+
+void add_hessians(PreparedLinears& g, std::span<const float* const> hessians) {
+  std::vector<Prepared>& pr = g.pr;
+  const EncodeOptions& opt = g.opt;
+  TRELLM_ASSERT(hessians.size() == pr.size());
+  Timer timer;
+  for_members(pr.size(), [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
+  add_time(&EncodeTimes::prepare, opt, timer.seconds());
   timer.reset();
   factor_linears(pr, opt);
-  if (opt.times) opt.times->prepare += prepare, opt.times->ldl += timer.seconds();
+  add_time(&EncodeTimes::ldl, opt, timer.seconds());
+}
+
+PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                   std::span<const float* const> hessians, std::span<const uint64_t> seeds,
+                                   const EncodeOptions& opt) {
+  TRELLM_ASSERT(hessians.size() == weights.size());
+  PreparedLinearsPtr g = rotate_linears(weights, out, in, seeds, opt);
+  add_hessians(*g, hessians);
   return g;
 }
 
@@ -556,7 +583,8 @@ std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
     pr[b] = Prepared{};  // free as we go
     states[b] = {}, recon[b] = {};
   });
-  if (opt.times) opt.times->encode += encode, opt.times->finish += timer.seconds();
+  add_time(&EncodeTimes::encode, opt, encode);
+  add_time(&EncodeTimes::finish, opt, timer.seconds());
   return enc;
 }
 

@@ -88,6 +88,12 @@ using PreparedLinearsPtr = std::unique_ptr<PreparedLinears, PreparedLinearsDelet
 PreparedLinearsPtr prepare_linears(std::span<const float* const> weights, int64_t out, int64_t in,
                                    std::span<const float* const> hessians, std::span<const uint64_t> seeds,
                                    const EncodeOptions& opt);
+// prepare_linears in two steps, for a caller that works ahead of its Hessians: rotate_linears does what depends on the
+// weights alone (signs, scales, Hadamards, the scale search: the weights may be freed after it), add_hessians the rest
+// (suh, the rotated weight, H' and the block LDL) once the Hessians are known (hessians[b] as in prepare_linears).
+PreparedLinearsPtr rotate_linears(std::span<const float* const> weights, int64_t out, int64_t in,
+                                  std::span<const uint64_t> seeds, const EncodeOptions& opt);
+void add_hessians(PreparedLinears& group, std::span<const float* const> hessians);
 std::vector<EncodedLinear> encode_prepared(PreparedLinears& group);
 
 // --- building blocks (exposed for tests and the CUDA twin) ---

@@ -153,9 +153,9 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   TRELLM_ASSERT(k % kTileDim == 0 && n % kTileDim == 0 && k > 0 && n > 0, "LDLQ of a ", k, " x ", n, " weight");
   if (count == 0) return;
   TRELLM_ASSERT(count <= 65535 && k / kTileDim <= 65535 * kTileDim, "batched LDLQ: ", count, " weights of ", k, " rows");
-  // The whole LDLQ on one lane of the encoder (its stream and Viterbi scratch): another group's LDLQ or scale search
-  // runs beside it on another lane.
-  ViterbiLane lane;
+  // The whole LDLQ on one urgent lane of the encoder (its stream and Viterbi scratch): another group's LDLQ runs beside
+  // it on another, the scale search of later groups on lanes of lower priority.
+  ViterbiLane lane(/*urgent=*/true);
   const auto s = static_cast<cudaStream_t>(lane.stream());
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
   const size_t kn = size_t(k * n), step = size_t(count * tiles_n * kTileElems);

@@ -328,6 +328,7 @@ namespace {
 // its tracebacks and copies).
 struct DeviceScratch {
   cudaStream_t stream = nullptr;
+  bool urgent = false;  // the stream's priority class (ViterbiLane)
   bool busy = false;
   const float* cb[3] = {};  // the codebook tables (generic kernel), uploaded once each
   float *w = nullptr, *recon = nullptr, *costs = nullptr;
@@ -342,9 +343,10 @@ struct DeviceScratch {
   int64_t fast_budget = 0;  // bytes of cost rows per chunk (fast path), from the device's memory
 };
 
-// Lanes are made on demand up to kMaxLanes (the quantizer holds at most three at once: two groups' LDLQ and the next
-// group's scale search); a caller finding all taken waits.
-constexpr size_t kMaxLanes = 4;
+// Lanes are made on demand, up to kMaxLanes of each priority class (the quantizer holds at most two urgent ones, the
+// LDLQ of two groups, and two others: the scale search working ahead, a plain Viterbi); a caller finding all of its
+// class taken waits.
+constexpr size_t kMaxLanes = 3;
 
 struct Lanes {
   std::mutex mu;
@@ -358,21 +360,30 @@ Lanes& lanes() {
   return *l;
 }
 
-// Takes a free lane (waiting while kMaxLanes are taken) and puts the calling thread on the lanes' device.
-DeviceScratch& acquire_lane() {
+// Takes a free lane of the class (waiting while kMaxLanes of it are taken) and puts the calling thread on the lanes'
+// device. Urgent lanes' streams have the device's greatest priority: when both have blocks waiting, the SMs go to
+// those first (the LDLQ is the critical path; the scale search ahead of it only fills the SMs it leaves idle).
+DeviceScratch& acquire_lane(bool urgent) {
   Lanes& ls = lanes();
   std::unique_lock<std::mutex> lock(ls.mu);
   DeviceScratch* got = nullptr;
   while (!got) {
-    for (auto& sc : ls.all)
+    size_t of_class = 0;
+    for (auto& sc : ls.all) {
+      if (sc->urgent != urgent) continue;
+      of_class++;
       if (!sc->busy) {
         got = sc.get();
         break;
       }
-    if (!got && ls.all.size() < kMaxLanes) {
+    }
+    if (!got && of_class < kMaxLanes) {
       TRELLM_QUANT_CUDA_CHECK(cudaSetDevice(ls.device));
+      int least = 0, greatest = 0;
+      TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
       auto sc = std::make_unique<DeviceScratch>();
-      TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithFlags(&sc->stream, cudaStreamNonBlocking));
+      sc->urgent = urgent;
+      TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithPriority(&sc->stream, cudaStreamNonBlocking, urgent ? greatest : least));
       ls.all.push_back(std::move(sc));
       got = ls.all.back().get();
     }
@@ -389,13 +400,13 @@ void release_lane(DeviceScratch& sc) {
     std::lock_guard<std::mutex> lock(ls.mu);
     sc.busy = false;
   }
-  ls.freed.notify_one();
+  ls.freed.notify_all();  // waiters of both classes
 }
 
 // Holds a lane for the lifetime of the object.
 struct HeldLane {
   DeviceScratch& sc;
-  HeldLane() : sc(acquire_lane()) {}
+  explicit HeldLane(bool urgent) : sc(acquire_lane(urgent)) {}
   ~HeldLane() { release_lane(sc); }
   HeldLane(const HeldLane&) = delete;
   HeldLane& operator=(const HeldLane&) = delete;
@@ -604,12 +615,12 @@ int viterbi_cuda_current_device() {
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon) {
   if (K < kMinK || K > kMaxK) fail("viterbi_encode_tiles_cuda: K = ", K, " is outside 1..8");
   if (n <= 0) return 0.0;
-  HeldLane lane;
+  HeldLane lane(/*urgent=*/false);
   return vfast::fast_k(K) ? encode_fast(lane.sc, w, n, K, cb, states, recon)
                           : encode_generic(lane.sc, w, n, K, cb, states, recon);
 }
 
-ViterbiLane::ViterbiLane() : lane_(new HeldLane) {}
+ViterbiLane::ViterbiLane(bool urgent) : lane_(new HeldLane(urgent)) {}
 
 ViterbiLane::~ViterbiLane() { delete static_cast<HeldLane*>(lane_); }
 

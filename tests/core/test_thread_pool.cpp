@@ -1,7 +1,11 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <mutex>
+#include <set>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "core/thread_pool.h"
@@ -41,4 +45,33 @@ TEST(ThreadPool, AnExceptionInAnyThreadReachesTheCaller) {
     pool.parallel_for(1000, 1, [&](int64_t b, int64_t e) { total += e - b; });
     EXPECT_EQ(total.load(), 1000);
   }
+}
+
+TEST(ThreadPool, ScopeRoutesParallelForToItsPool) {
+  // The threads a parallel_for runs on, the caller left out.
+  auto threads_of = [](auto&& run) {
+    std::set<std::thread::id> seen;
+    std::mutex mu;
+    run([&](int64_t, int64_t) {
+      {
+        std::lock_guard<std::mutex> lk(mu);
+        seen.insert(std::this_thread::get_id());
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));  // keep every worker's chunk in flight at once
+    });
+    seen.erase(std::this_thread::get_id());
+    return seen;
+  };
+  const auto global = threads_of([](auto fn) { parallel_for(64, 1, fn); });
+  ThreadPool own(3);
+  std::set<std::thread::id> scoped;
+  {
+    const ThreadPoolScope scope(own);
+    EXPECT_EQ(&ThreadPool::current(), &own);
+    scoped = threads_of([](auto fn) { parallel_for(64, 1, fn); });
+  }
+  EXPECT_EQ(&ThreadPool::current(), &ThreadPool::global());
+  EXPECT_FALSE(scoped.empty());  // own's workers took chunks
+  EXPECT_LE(scoped.size(), 2u);  // and only they
+  for (const auto& id : scoped) EXPECT_EQ(global.count(id), 0u) << "a global worker ran a scoped chunk";
 }
