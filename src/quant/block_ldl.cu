@@ -1,7 +1,7 @@
 // block_ldl on the GPU; see block_ldl_cuda.h. The CPU's algorithm step for step:
 //  1. C = Cholesky(H) in Crout order: column j after column j - 1, C[i][j] = (H[i][j] - dot(C[i][:j], C[j][:j])) /
 //     C[j][j] for every row i > j at once, dot being block_ldl.cpp's four chains over k % 4: a lane per chain (the
-//     chains are independent serial sums), one launch per column (the row j + 1 also forms the next pivot).
+//     chains are independent serial sums), one block per Hessian looping over the columns.
 //  2. The inverse of each 16 x 16 diagonal block by forward substitution (a thread per block).
 //  3. L[r][16b + j] = Σ_{k >= j} C[r][16b + k] · inv_b[k][j] for the rows r below block b.
 // C is held transposed (ct[k][i] = C[i][k]) so that the lanes of a column, four per row i, read ct[k][i] nearly
@@ -52,11 +52,8 @@ __global__ void crout_first_kernel(double* ct, int64_t n, int* bad) {
   crout_pivot(ct + size_t(blockIdx.x) * size_t(n * n), n, 0, 0.0, bad + blockIdx.x);
 }
 
-// Column j of every Hessian (blockIdx.y). Four lanes per row i > j, lane c summing block_ldl.cpp's chain c (the
-// products of k = c, c + 4, ... below the main loop's end E = 4 floor(j / 4)), each a serial sum with its loads
-// independent of it (unrolled: many in flight). The first lane of the row gathers the chains, adds the tail [E, j),
-// combines them as (a0 + a1) + (a2 + a3) and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass,
-// the next pivot's dot (its main loop ends at 4 floor((j + 1) / 4), its last term is C[j+1][j]).
+// For a few Hessians (the attention projections, one at a time: n up to 5120): column j of every Hessian
+// (blockIdx.y) in one launch over all SMs, a launch per column, the arithmetic of crout_kernel below.
 __global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* bad_all) {
   int* bad = bad_all + blockIdx.y;
   if (*bad) return;  // a pivot failed (uniform over the block): the caller refactors this one on the CPU
@@ -101,6 +98,74 @@ __global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* b
     p[0] = __dadd_rn(p[0], __dmul_rn(x, x));
   }
   crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), bad);
+}
+
+// The whole Cholesky of one Hessian in one block (blockIdx.x), the columns one after another with a barrier between
+// them: a launch per column waited ~0.5 ms each for a free SM when the encoder's Viterbi blocks (~1 ms each) held
+// them all, 2 s for a group of 64 experts.
+// Column j: four lanes per row i > j, lane c summing block_ldl.cpp's chain c (the products of k = c, c + 4, ... below
+// the main loop's end E = 4 floor(j / 4)), each a serial sum whose loads do not depend on it (unrolled: many in
+// flight). The first lane of the row gathers the chains, adds the tail [E, j), combines them as (a0 + a1) + (a2 + a3)
+// and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass: the next pivot's dot (its main loop ends
+// at 4 floor((j + 1) / 4); its last term is C[j+1][j]). A failed pivot only marks the Hessian: the block runs on
+// (its results are not used) so that every thread meets every barrier.
+constexpr int kCroutThreads = 1024;
+// From this many Hessians at once, a block each (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s, 64 in
+// parallel); fewer leave most SMs idle and take the launch per column.
+constexpr unsigned kBlockPerHessian = 16;
+__global__ void __launch_bounds__(kCroutThreads) crout_kernel(double* ct_all, int64_t n, int* bad_all) {
+  double* ct = ct_all + size_t(blockIdx.x) * size_t(n * n);
+  __shared__ int bad;
+  if (threadIdx.x == 0) {
+    bad = 0;
+    crout_pivot(ct, n, 0, 0.0, &bad);
+  }
+  __syncthreads();
+  const unsigned full = 0xFFFFFFFFu;
+  const int base = int(threadIdx.x & 31) & ~3, c = int(threadIdx.x % 4);
+  for (int64_t j = 0; j + 1 < n; j++) {
+    const int64_t e_end = j / 4 * 4, p_end = (j + 1) / 4 * 4;
+    for (int64_t t0 = 0; t0 < 4 * (n - j - 1); t0 += kCroutThreads) {  // the same trip count in every thread
+      const int64_t i = j + 1 + (t0 + threadIdx.x) / 4;
+      const bool live = i < n;
+      double ae = 0, ap = 0;  // chain c of dot(C[i], C[j]) and of dot(C[i], C[i])
+      if (live) {
+#pragma unroll 8
+        for (int64_t k = c; k < e_end; k += 4) {
+          const double x = ct[k * n + i];
+          ae = __dadd_rn(ae, __dmul_rn(x, ct[k * n + j]));
+          ap = __dadd_rn(ap, __dmul_rn(x, x));
+        }
+      }
+      double e[4], p[4];
+#pragma unroll
+      for (int q = 0; q < 4; q++) {
+        e[q] = __shfl_sync(full, ae, base + q);
+        p[q] = __shfl_sync(full, ap, base + q);
+      }
+      if (live && c == 0) {
+        for (int64_t k = e_end; k < j; k++) e[0] = __dadd_rn(e[0], __dmul_rn(ct[k * n + i], ct[k * n + j]));
+        const double dot = __dadd_rn(__dadd_rn(e[0], e[1]), __dadd_rn(e[2], e[3]));
+        const double inv = __ddiv_rn(1.0, ct[j * n + j]);
+        const double v = __dmul_rn(__dsub_rn(ct[j * n + i], dot), inv);
+        ct[j * n + i] = v;
+        if (i == j + 1) {
+          auto x_at = [&](int64_t k) { return k == j ? v : ct[k * n + i]; };
+          for (int64_t k = e_end; k < p_end; k++) {
+            const double x = x_at(k);
+            p[k - e_end] = __dadd_rn(p[k - e_end], __dmul_rn(x, x));
+          }
+          for (int64_t k = p_end; k <= j; k++) {
+            const double x = x_at(k);
+            p[0] = __dadd_rn(p[0], __dmul_rn(x, x));
+          }
+          crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), &bad);
+        }
+      }
+    }
+    __syncthreads();  // column j (and pivot j + 1) complete before column j + 1 reads them
+  }
+  if (threadIdx.x == 0) bad_all[blockIdx.x] = bad;
 }
 
 // inv_b = C_bb^-1 (lower triangular, forward substitution in block_ldl.cpp's order): a thread per 16-row block.
@@ -179,9 +244,10 @@ std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t 
   const Stream stream;
   const cudaStream_t s = stream.s;
   const size_t nn = size_t(n) * size_t(n), blocks = size_t(n / 16);
-  // Per Hessian: C (f64), a f32 buffer (H in, then Lᵀ), the block inverses, a flag; as many at once as fit 2 GiB.
+  // Per Hessian: C (f64), a f32 buffer (H in, then Lᵀ), the block inverses, a flag; as many at once as fit 4 GiB
+  // (64 experts' 2048 x 2048 in one launch: a block each).
   const size_t per = nn * 12 + blocks * 256 * 8 + sizeof(int);
-  const size_t batch = std::clamp<size_t>((size_t(2) << 30) / per, 1, count);
+  const size_t batch = std::clamp<size_t>((size_t(4) << 30) / per, 1, count);
   Buffer ct_b(batch * nn * sizeof(double), s), f_b(batch * nn * sizeof(float), s);
   Buffer inv_b(batch * blocks * 256 * sizeof(double), s), bad_b(batch * sizeof(int), s);
   auto* ct = static_cast<double*>(ct_b.p);
@@ -193,13 +259,17 @@ std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t 
     const unsigned m = unsigned(std::min(batch, count - b0));
     for (unsigned i = 0; i < m; i++)
       TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(f + i * nn, h[b0 + i], nn * sizeof(float), cudaMemcpyHostToDevice, s));
-    TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(bad, 0, m * sizeof(int), s));
     const dim3 tgrid(unsigned((n + 31) / 32), unsigned((n + 31) / 32), m), tblock(32, 8);
     transpose_kernel<float, double><<<tgrid, tblock, 0, s>>>(f, ct, n);
-    crout_first_kernel<<<m, 1, 0, s>>>(ct, n, bad);
-    for (int64_t j = 0; j + 1 < n; j++)
-      crout_column_kernel<<<dim3(unsigned((4 * (n - j - 1) + kThreads - 1) / kThreads), m), kThreads, 0, s>>>(ct, n, j,
-                                                                                                             bad);
+    if (m >= kBlockPerHessian) {
+      crout_kernel<<<m, kCroutThreads, 0, s>>>(ct, n, bad);
+    } else {
+      TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(bad, 0, m * sizeof(int), s));
+      crout_first_kernel<<<m, 1, 0, s>>>(ct, n, bad);
+      for (int64_t j = 0; j + 1 < n; j++)
+        crout_column_kernel<<<dim3(unsigned((4 * (n - j - 1) + kThreads - 1) / kThreads), m), kThreads, 0, s>>>(ct, n,
+                                                                                                               j, bad);
+    }
     block_inverse_kernel<<<dim3(unsigned((blocks + 63) / 64), m), 64, 0, s>>>(ct, n, inv, bad);
     ldl_rows_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads), unsigned(n), m), kThreads, 0, s>>>(ct, inv, n, f, bad);
     float* l_dev = reinterpret_cast<float*>(ct);  // C is done with: L row-major in its first half
