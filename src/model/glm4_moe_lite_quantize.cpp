@@ -350,6 +350,7 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   co.seed = opt.seed;
   co.shard_bytes = opt.shard_bytes;
   co.group_linears = opt.group_linears;
+  co.ahead_bytes = opt.ahead_bytes;
   co.encode.scale_search = opt.scale_search;
   co.encode.times = &res.encode_times;
   co.encode.device = opt.device;  // not in extra_metadata: both devices write the same codes, so a resume may switch

@@ -42,6 +42,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -235,6 +236,7 @@ struct QuantizeModelOptions {
   uint64_t shard_bytes = 8192ull << 20;
   int64_t stop_after = 0;             // > 0: stop after encoding this many Linears (tests of resuming)
   int group_linears = 64;             // Linears of one shape and K encoded together (CheckpointQuantizeOptions)
+  std::optional<uint64_t> ahead_bytes;  // later groups rotated ahead (CheckpointQuantizeOptions; unset: its default)
   std::function<bool(const LinearSpec&)> select;  // quantize only these (tests); the others stay dense
   std::function<void(const trellis::QuantizeProgress&)> on_progress;
   std::function<void(const std::string&)> on_note;  // plan and calibration summaries, one line each

@@ -12,7 +12,6 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
-#include <thread>
 
 #include "core/error.h"
 #include "core/half.h"
@@ -185,10 +184,12 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     std::vector<Member> members;
     PreparedLinearsPtr prepared;
   };
-  ThreadPool ahead_pool(overlap ? std::max(1, int(std::thread::hardware_concurrency()) / 2) : 1);
+  const uint64_t ahead_budget = opt.ahead_bytes.value_or(overlap ? uint64_t(6) << 30 : 0);
+  // Half as many threads as the global pool (--threads), beside it: the main thread's share is the critical path.
+  ThreadPool ahead_pool(ahead_budget > 0 ? std::max(1, ThreadPool::global().size() / 2) : 1);
   auto rotate_group = [&](size_t gi) {
     std::optional<ThreadPoolScope> scope;  // the thread ahead uses its own workers, the main thread the global ones
-    if (overlap) scope.emplace(ahead_pool);
+    if (ahead_budget > 0) scope.emplace(ahead_pool);
     Rotated r;
     std::vector<std::vector<float>> ws;
     std::vector<uint64_t> seeds;
@@ -227,7 +228,7 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     const QuantizePlanEntry& e = plan[groups[gi][0]];
     return uint64_t(groups[gi].size()) * 8 * uint64_t(round_up_128(e.in)) * uint64_t(round_up_128(e.out));
   };
-  WorkAhead<Rotated> ahead(groups.size(), overlap ? opt.ahead_bytes : 0, ahead_bytes, rotate_group);
+  WorkAhead<Rotated> ahead(groups.size(), ahead_budget, ahead_bytes, rotate_group);
 
   std::deque<InFlight> pending;  // oldest first: files are written in plan order
   const size_t depth = overlap ? size_t(std::max(1, opt.gpu_groups_in_flight)) : 1;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -67,9 +68,10 @@ struct CheckpointQuantizeOptions {
   // With the GPU encoder: groups whose LDLQ may run at once (each holds its host working memory, ~3 GB for 64
   // experts, and its device arrays, 4.3 GB, until its files are written); the files do not depend on it.
   int gpu_groups_in_flight = 2;
-  // With the GPU encoder: bytes of later groups rotated ahead of the main thread (rotate_linears: signs, Hadamards, the
-  // scale search), 8 B per padded weight; 0 rotates each group when its turn comes.
-  uint64_t ahead_bytes = 6ull << 30;
+  // Bytes of later groups rotated ahead of the main thread, on a thread of their own (rotate_linears: signs, Hadamards,
+  // the scale search), 8 B per padded weight; 0 rotates each group when its turn comes. Unset: 6 GiB with the GPU
+  // encoder, 0 on the CPU (there both would only share the same cores). The files do not depend on it.
+  std::optional<uint64_t> ahead_bytes;
   // Recorded with every finished Linear and compared on resume, next to K / codebook / seed / shape / source
   // fingerprint: whatever else decides the codes (calibration data, encoder settings). Keys must not clash
   // with those ("key", "K", "codebook", "in", "out", "seed", "source_fnv1a").

@@ -105,13 +105,16 @@ void scatter_tile(const float* src, int64_t cols, int64_t tk, int64_t tn, float*
 // Global scale search on a rotated-domain weight (k x n, multiples of 16): samples tiles along a wrapped
 // diagonal of width 3 plus the highest- and lowest-RMS tiles; coarse grid 0.1..1.9 (step 0.2) on every third
 // sample tile, fine grid of 5 points 0.075 apart around the best on all of them, parabolic refinement.
-// Returns g such that the encoder quantizes g·W. Each grid is one batch of Viterbi calls (all its scales at once).
+// Returns g such that the encoder quantizes g·W. Each grid is one batch of Viterbi calls (all its scales at once);
+// the coarse grid starts with 0.7..1.3 and grows while the best is at an edge (whole_coarse_grid: all 10 points, the
+// same g where the error curve has one basin on the grid).
 float global_scale_search(const float* w, int64_t k, int64_t n, int K, Codebook cb,
                           EncodeDevice dev = EncodeDevice::Cpu);
-// The same for several weights of one shape, each its own search, in two Viterbi calls for all (a group of 64
-// experts: ~72 K and ~109 K tiles, where one Linear's calls of ~1 K tiles leave a GPU mostly idle). Same results.
+// The same for several weights of one shape, each its own search, in a few Viterbi calls for all (a group of 64
+// experts: ~29 K, rarely a few more small ones, and ~109 K tiles, where one Linear's calls of ~1 K tiles leave a GPU
+// mostly idle). Same results.
 std::vector<float> global_scale_search_batch(std::span<const float* const> w, int64_t k, int64_t n, int K, Codebook cb,
-                                             EncodeDevice dev = EncodeDevice::Cpu);
+                                             EncodeDevice dev = EncodeDevice::Cpu, bool whole_coarse_grid = false);
 
 // The global scale the search finds for i.i.d. Gaussian weights after the encoder's row normalisation (rows at
 // the 3INST codebook RMS, 1.2437): bench/results/trellis_encoder.md's g divided by 1.2437. A cheap stand-in for

@@ -396,6 +396,32 @@ TEST(QuantizeQuality, KlFallsAsKGrows) {
   EXPECT_LT(prev, 2.2e-5);  // measured 7.1e-6 (2026-11-25, this CPU)
 }
 
+// Working ahead (later groups' rotations and scale search on a thread of their own while the main thread adds the
+// Hessians of earlier ones: the GPU path's default, forced here on the CPU) writes the files the plain order writes;
+// a budget smaller than any group makes the thread wait for every take. The MLP of one MoE layer of tiny_a (its
+// experts' gate/up, their down projections, the shared expert); no scale search (on the CPU it would be most of the
+// test's time, and rotate_linears runs it the same way on either thread).
+TEST(QuantizeModel, WorkingAheadGivesTheSameFiles) {
+  TempDir tmp;
+  const std::vector<std::pair<std::string, uint64_t>> runs = {{"none", 0}, {"tight", 1}, {"wide", uint64_t(1) << 30}};
+  for (const auto& [name, bytes] : runs) {
+    QuantizeModelOptions o;
+    o.out_dir = tmp / name;
+    o.bits = 3;
+    o.head_bits = 16;
+    o.scale_search = false;
+    o.calibration = random_rows(2, 64, 320, 9);
+    o.calibration_cols = 64;
+    o.ahead_bytes = bytes;
+    o.select = [](const LinearSpec& s) { return s.key.rfind("model.layers.1.mlp.", 0) == 0; };  // 3 groups
+    const QuantizeModelResult r = quantize_model(kData + "tiny_a", o);
+    EXPECT_GT(r.ldlq, 0) << name;
+  }
+  const auto none = trellm::testing::read_file(tmp / "none/model.safetensors");
+  EXPECT_TRUE(none == trellm::testing::read_file(tmp / "tight/model.safetensors"));
+  EXPECT_TRUE(none == trellm::testing::read_file(tmp / "wide/model.safetensors"));
+}
+
 // Grouped encoding (a layer's Linears of one shape and K through one batched LDLQ) writes the files one Linear at a
 // time writes: in each of tiny_a's MoE layers the 4 experts' and the shared expert's gate/up projections (and any
 // other Linear of their shape, 48 x 64) make one group, their down projections another.

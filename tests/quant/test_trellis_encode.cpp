@@ -140,6 +140,41 @@ TEST(EncoderQuality, GaussianMseWithinTwoPercentOfSpec) {
   }
 }
 
+// The coarse grid grows from 0.7..1.3 only while the best is at an edge; it must choose what the whole grid chooses:
+// rows at the codebook RMS (Gaussian, heavy-tailed, two loud rows, mostly zeros) and rows 3x and 1/3 of it, whose best
+// g lies outside the first window (0.1..0.5, 1.5..1.9), so the window has to grow to them.
+TEST(EncoderScaleSearch, GrowingCoarseWindowChoosesAsTheWholeGrid) {
+  Rng rng(77);
+  const int64_t k = 32, n = 64;  // 20 sample tiles: ~170 Viterbi tiles a whole search
+  for (int K : {2, 3})
+    for (int d = 0; d < 6; d++) {
+      std::vector<float> w = gaussian(rng, size_t(k * n));
+      if (d == 1) {  // Student's t with 2 degrees of freedom
+        for (auto& v : w) v = v / std::sqrt(0.5f * (std::pow(rng.normal(), 2.0f) + std::pow(rng.normal(), 2.0f)) + 1e-3f);
+      } else if (d == 2) {
+        for (int64_t j = 0; j < n; j++) w[size_t(5 * n + j)] *= 8, w[size_t(20 * n + j)] *= 20;
+      } else if (d == 3) {
+        for (auto& v : w) v = rng.uniform() < 0.9f ? 0.0f : v;
+      }
+      for (int64_t i = 0; i < k; i++) {  // rows at the codebook RMS, as rotate_linear leaves them
+        double ss = 0;
+        for (int64_t j = 0; j < n; j++) ss += double(w[size_t(i * n + j)]) * w[size_t(i * n + j)];
+        const double r = std::sqrt(ss / double(n));
+        const double to = d == 4 ? 3 * 1.2437 : d == 5 ? 1.2437 / 3 : 1.2437;
+        for (int64_t j = 0; j < n; j++) w[size_t(i * n + j)] = r > 0 ? float(w[size_t(i * n + j)] / r * to) : 0.0f;
+      }
+      const float* p = w.data();
+      const float grown = global_scale_search_batch({&p, 1}, k, n, K, Codebook::Mcg, EncodeDevice::Cpu, false)[0];
+      const float whole = global_scale_search_batch({&p, 1}, k, n, K, Codebook::Mcg, EncodeDevice::Cpu, true)[0];
+      EXPECT_EQ(grown, whole) << "K=" << K << " case " << d;
+      if (d == 4) {
+        EXPECT_LT(whole, 0.6f) << "K=" << K << ": the 3x rows' best scale is below the first window";
+      } else if (d == 5) {
+        EXPECT_GT(whole, 1.4f) << "K=" << K << ": the 1/3x rows' best scale is above the first window";
+      }
+    }
+}
+
 TEST(BlockLdl, ReconstructsHessian) {
   Rng rng(3);
   const int64_t n = 48, m = 96;
