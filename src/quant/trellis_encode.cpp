@@ -144,10 +144,11 @@ std::vector<float> global_scale_search_batch(std::span<const float* const> w, in
     for (size_t m = 0; m < members; m++)
       for (int i = lo[m]; i <= hi[m]; i++) yc[m][size_t(i)] = y[m][size_t(i - lo[m])];
   }
-  auto best_coarse = [&](size_t m) {  // the first strict minimum over what member m has
-    int b = lo[m];
-    for (int i = lo[m] + 1; i <= hi[m]; i++)
-      if (yc[m][size_t(i)] < yc[m][size_t(b)]) b = i;
+  auto best_coarse = [&](size_t m) {  // the first minimum below infinity over what member m has, or -1
+    int b = -1;
+    double best = INFINITY;
+    for (int i = lo[m]; i <= hi[m]; i++)
+      if (yc[m][size_t(i)] < best) best = yc[m][size_t(i)], b = i;
     return b;
   };
   for (;;) {
@@ -155,9 +156,9 @@ std::vector<float> global_scale_search_batch(std::span<const float* const> w, in
     std::vector<int> at(members, -1);
     bool any = false;
     for (size_t m = 0; m < members; m++) {
-      const int b = best_coarse(m);
-      if (b == lo[m] && lo[m] > 0) at[m] = --lo[m];
-      else if (b == hi[m] && hi[m] < kCoarse - 1) at[m] = ++hi[m];
+      const int b = best_coarse(m);  // nothing finite yet (-1): grow as from the lower edge
+      if ((b == lo[m] || b < 0) && lo[m] > 0) at[m] = --lo[m];
+      else if ((b == hi[m] || b < 0) && hi[m] < kCoarse - 1) at[m] = ++hi[m];
       if (at[m] >= 0) more[m].push_back(coarse_scale(at[m])), any = true;
     }
     if (!any) break;
@@ -168,7 +169,7 @@ std::vector<float> global_scale_search_batch(std::span<const float* const> w, in
   constexpr float step = 0.075f;
   std::vector<std::vector<float>> fine(members, std::vector<float>(5));
   for (size_t m = 0; m < members; m++) {
-    const float best_c = coarse_scale(best_coarse(m));
+    const float best_c = coarse_scale(std::max(best_coarse(m), 0));  // none finite: 0.1, as the whole grid's search
     for (int i = 0; i < 5; i++) fine[m][i] = std::max(best_c + step * float(i - 2), 0.01f);
   }
   const auto yf = tile_mse_at_scales(tiles, 1, fine, K, cb, dev);
