@@ -392,7 +392,10 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   auto sec = [](double v) { return str_cat(int64_t(v * 10) / 10.0, " s"); };
   if (capture && !capture->time_by_phase().empty()) note("calibration time: " + capture->time_by_phase());
   if (t.prepare + t.encode > 0)
-    note(str_cat("encoder time (", opt.device == trellis::EncodeDevice::Cuda ? "the CPU's and the GPU's overlap" : "summed",
+    note(str_cat("encoder time (", opt.device == trellis::EncodeDevice::Cuda
+                                       ? "summed over groups, which overlap on the GPU: two encode at once beside the "
+                                         "next ones' preparation, so the sum can exceed the wall time"
+                                       : "summed",
                  "): prepare ", sec(t.prepare), ", block LDL ", sec(t.ldl), ", LDLQ / Viterbi ", sec(t.encode), ", packing ",
                  sec(t.finish)));
   return res;
