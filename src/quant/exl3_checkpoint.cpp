@@ -224,11 +224,11 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   };
   // Rotated state per member: the weight and its rotation, 8 B per padded weight. Up to ~6 GiB of it ahead (three
   // 64-expert groups of GLM-4.7-Flash, 1.6 GB each, and the small groups between them), at least one group.
-  auto ahead_bytes = [&](size_t gi) {
+  auto rotated_bytes = [&](size_t gi) {
     const QuantizePlanEntry& e = plan[groups[gi][0]];
     return uint64_t(groups[gi].size()) * 8 * uint64_t(round_up_128(e.in)) * uint64_t(round_up_128(e.out));
   };
-  WorkAhead<Rotated> ahead(groups.size(), ahead_budget, ahead_bytes, rotate_group);
+  WorkAhead<Rotated> ahead(groups.size(), ahead_budget, rotated_bytes, rotate_group);
 
   std::deque<InFlight> pending;  // oldest first: files are written in plan order
   const size_t depth = overlap ? size_t(std::max(1, opt.gpu_groups_in_flight)) : 1;

@@ -65,7 +65,7 @@ struct CheckpointQuantizeOptions {
   // (1: one Linear at a time).
   int group_linears = 64;
   uint64_t group_bytes = 8ull << 30;
-  // With the GPU encoder: groups whose LDLQ may run at once (each holds its host working memory, ~3 GB for 64
+  // With the GPU encoder: groups whose LDLQ may run at once (each holds its host working memory, ~6 GB for 64
   // experts, and its device arrays, 4.3 GB, until its files are written); the files do not depend on it.
   int gpu_groups_in_flight = 2;
   // Bytes of later groups rotated ahead of the main thread, on a thread of their own (rotate_linears: signs, Hadamards,
