@@ -14,6 +14,7 @@
 
 #include "core/error.h"
 #include "quant/block_ldl_cuda.h"
+#include "quant/device_array_cuda.h"
 #include "quant/quant_cuda_check.h"
 #include "quant/trellis_viterbi_cuda.h"
 
@@ -52,16 +53,14 @@ __global__ void crout_first_kernel(double* ct, int64_t n, int* bad) {
   crout_pivot(ct + size_t(blockIdx.x) * size_t(n * n), n, 0, 0.0, bad + blockIdx.x);
 }
 
-// For a few Hessians (the attention projections, one at a time: n up to 5120): column j of every Hessian
-// (blockIdx.y) in one launch over all SMs, a launch per column, the arithmetic of crout_kernel below.
-__global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* bad_all) {
-  int* bad = bad_all + blockIdx.y;
-  if (*bad) return;  // a pivot failed (uniform over the block): the caller refactors this one on the CPU
-  double* ct = ct_all + size_t(blockIdx.y) * size_t(n * n);
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t i = j + 1 + t / 4;
-  const int c = int(t % 4);
-  const bool live = i < n;
+// Entry C[i][j] (i > j) by the four lanes of row i, lane c = threadIdx.x % 4 summing block_ldl.cpp's chain c (the
+// products of k = c, c + 4, ... below the main loop's end E = 4 floor(j / 4)), each a serial sum whose loads do not
+// depend on it (unrolled: many in flight). The row's first lane gathers the chains, adds the tail [E, j), combines
+// them as (a0 + a1) + (a2 + a3) and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass: the next
+// pivot's dot (its main loop ends at 4 floor((j + 1) / 4); its last term is C[j+1][j]), and sets pivot j + 1. Every
+// lane of the warp calls it (the shuffles), `live` false past the last row.
+__device__ void crout_entry(double* ct, int64_t n, int64_t j, int64_t i, bool live, int* bad) {
+  const int c = int(threadIdx.x % 4), base = int(threadIdx.x & 31) & ~3;
   const int64_t e_end = j / 4 * 4;
   double ae = 0, ap = 0;  // chain c of dot(C[i], C[j]) and of dot(C[i], C[i])
   if (live) {
@@ -73,7 +72,6 @@ __global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* b
     }
   }
   const unsigned full = 0xFFFFFFFFu;
-  const int base = int(threadIdx.x & 31) & ~3;
   double e[4], p[4];
 #pragma unroll
   for (int q = 0; q < 4; q++) {
@@ -100,15 +98,20 @@ __global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* b
   crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), bad);
 }
 
+// For a few Hessians (the attention projections, one at a time: n up to 5120): column j of every Hessian
+// (blockIdx.y) in one launch over all SMs, a launch per column.
+__global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* bad_all) {
+  int* bad = bad_all + blockIdx.y;
+  if (*bad) return;  // a pivot failed (uniform over the block): the caller refactors this one on the CPU
+  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // kThreads % 4 == 0: lane t % 4 == threadIdx.x % 4
+  const int64_t i = j + 1 + t / 4;
+  crout_entry(ct_all + size_t(blockIdx.y) * size_t(n * n), n, j, i, i < n, bad);
+}
+
 // The whole Cholesky of one Hessian in one block (blockIdx.x), the columns one after another with a barrier between
 // them: a launch per column waited ~0.5 ms each for a free SM when the encoder's Viterbi blocks (~1 ms each) held
-// them all, 2 s for a group of 64 experts.
-// Column j: four lanes per row i > j, lane c summing block_ldl.cpp's chain c (the products of k = c, c + 4, ... below
-// the main loop's end E = 4 floor(j / 4)), each a serial sum whose loads do not depend on it (unrolled: many in
-// flight). The first lane of the row gathers the chains, adds the tail [E, j), combines them as (a0 + a1) + (a2 + a3)
-// and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass: the next pivot's dot (its main loop ends
-// at 4 floor((j + 1) / 4); its last term is C[j+1][j]). A failed pivot only marks the Hessian: the block runs on
-// (its results are not used) so that every thread meets every barrier.
+// them all, 2 s for a group of 64 experts. A failed pivot only marks the Hessian: the block runs on (its results are
+// not used) so that every thread meets every barrier.
 constexpr int kCroutThreads = 1024;
 // From this many Hessians at once, a block each (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s, 64 in
 // parallel); fewer leave most SMs idle and take the launch per column.
@@ -121,47 +124,10 @@ __global__ void __launch_bounds__(kCroutThreads) crout_kernel(double* ct_all, in
     crout_pivot(ct, n, 0, 0.0, &bad);
   }
   __syncthreads();
-  const unsigned full = 0xFFFFFFFFu;
-  const int base = int(threadIdx.x & 31) & ~3, c = int(threadIdx.x % 4);
   for (int64_t j = 0; j + 1 < n; j++) {
-    const int64_t e_end = j / 4 * 4, p_end = (j + 1) / 4 * 4;
     for (int64_t t0 = 0; t0 < 4 * (n - j - 1); t0 += kCroutThreads) {  // the same trip count in every thread
       const int64_t i = j + 1 + (t0 + threadIdx.x) / 4;
-      const bool live = i < n;
-      double ae = 0, ap = 0;  // chain c of dot(C[i], C[j]) and of dot(C[i], C[i])
-      if (live) {
-#pragma unroll 8
-        for (int64_t k = c; k < e_end; k += 4) {
-          const double x = ct[k * n + i];
-          ae = __dadd_rn(ae, __dmul_rn(x, ct[k * n + j]));
-          ap = __dadd_rn(ap, __dmul_rn(x, x));
-        }
-      }
-      double e[4], p[4];
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        e[q] = __shfl_sync(full, ae, base + q);
-        p[q] = __shfl_sync(full, ap, base + q);
-      }
-      if (live && c == 0) {
-        for (int64_t k = e_end; k < j; k++) e[0] = __dadd_rn(e[0], __dmul_rn(ct[k * n + i], ct[k * n + j]));
-        const double dot = __dadd_rn(__dadd_rn(e[0], e[1]), __dadd_rn(e[2], e[3]));
-        const double inv = __ddiv_rn(1.0, ct[j * n + j]);
-        const double v = __dmul_rn(__dsub_rn(ct[j * n + i], dot), inv);
-        ct[j * n + i] = v;
-        if (i == j + 1) {
-          auto x_at = [&](int64_t k) { return k == j ? v : ct[k * n + i]; };
-          for (int64_t k = e_end; k < p_end; k++) {
-            const double x = x_at(k);
-            p[k - e_end] = __dadd_rn(p[k - e_end], __dmul_rn(x, x));
-          }
-          for (int64_t k = p_end; k <= j; k++) {
-            const double x = x_at(k);
-            p[0] = __dadd_rn(p[0], __dmul_rn(x, x));
-          }
-          crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), &bad);
-        }
-      }
+      crout_entry(ct, n, j, i, i < n, &bad);
     }
     __syncthreads();  // column j (and pivot j + 1) complete before column j + 1 reads them
   }
@@ -214,25 +180,6 @@ struct Stream {
   ~Stream() { cudaStreamDestroy(s); }
 };
 
-// Stream-ordered device memory (a cudaFree would wait for the encoder's other lanes too).
-struct Buffer {
-  void* p = nullptr;
-  cudaStream_t s;
-  Buffer(size_t bytes, cudaStream_t stream) : s(stream) {
-    const cudaError_t e = cudaMallocAsync(&p, bytes, s);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      p = nullptr;
-      fail("block LDL on the GPU: cannot allocate ", double(bytes) / 1e9, " GB: ", cudaGetErrorString(e));
-    }
-  }
-  ~Buffer() {
-    if (p) cudaFreeAsync(p, s);
-  }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-};
-
 }  // namespace
 
 std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t n, std::span<float* const> l) {
@@ -248,12 +195,14 @@ std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t 
   // (64 experts' 2048 x 2048 in one launch: a block each).
   const size_t per = nn * 12 + blocks * 256 * 8 + sizeof(int);
   const size_t batch = std::clamp<size_t>((size_t(4) << 30) / per, 1, count);
-  Buffer ct_b(batch * nn * sizeof(double), s), f_b(batch * nn * sizeof(float), s);
-  Buffer inv_b(batch * blocks * 256 * sizeof(double), s), bad_b(batch * sizeof(int), s);
-  auto* ct = static_cast<double*>(ct_b.p);
-  auto* f = static_cast<float*>(f_b.p);
-  auto* inv = static_cast<double*>(inv_b.p);
-  auto* bad = static_cast<int*>(bad_b.p);
+  const DeviceArray<double> ct_b(batch * nn, s, "the block LDL's Cholesky factors");
+  const DeviceArray<float> f_b(batch * nn, s, "the block LDL's Hessians");
+  const DeviceArray<double> inv_b(batch * blocks * 256, s, "the block LDL's block inverses");
+  const DeviceArray<int> bad_b(batch, s, "the block LDL's pivot flags");
+  double* ct = ct_b.p;
+  float* f = f_b.p;
+  double* inv = inv_b.p;
+  int* bad = bad_b.p;
   std::vector<int> bad_h(batch);
   for (size_t b0 = 0; b0 < count; b0 += batch) {
     const unsigned m = unsigned(std::min(batch, count - b0));

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "quant/device_array_cuda.h"
 #include "quant/quant_cuda_check.h"
 #include "quant/trellis_ldlq_cuda.h"
 #include "quant/trellis_viterbi_cuda.h"
@@ -18,29 +19,6 @@
 namespace trellm::trellis {
 
 namespace {
-
-// Device memory freed on every path out (an exception from a later allocation included). Stream-ordered: a cudaFree
-// would wait for the whole device, i.e. for the other lanes' queued steps too.
-template <typename T>
-struct DeviceArray {
-  T* p = nullptr;
-  cudaStream_t s = nullptr;
-  explicit DeviceArray(cudaStream_t stream) : s(stream) {}
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  ~DeviceArray() {
-    if (p) cudaFreeAsync(p, s);
-  }
-  void alloc(size_t n, const char* what, double total_gb) {
-    const cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&p), n * sizeof(T), s);
-    if (e != cudaSuccess) {
-      cudaGetLastError();  // clear it: the next launch check must not see this one
-      p = nullptr;
-      fail("batched LDLQ: cannot allocate ", what, " (", double(n * sizeof(T)) / 1e9, " GB of ", total_gb,
-           " GB on the GPU): ", cudaGetErrorString(e), "; quantize fewer Linears at once");
-    }
-  }
-};
 
 constexpr int kThreads = 256;
 
@@ -160,17 +138,19 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   const int64_t tiles_k = k / kTileDim, tiles_n = n / kTileDim;
   const size_t kn = size_t(k * n), step = size_t(count * tiles_n * kTileElems);
   const double gb = double(count) * (4.0 * 4.0 * double(kn) + 4.0 * double(k * k)) / 1e9;
+  const std::string hint = "; its " + std::to_string(count) + " weights need ~" + std::to_string(int(gb + 0.5)) +
+                           " GB on the GPU: quantize fewer Linears at once";
   DeviceArray<float> d_w(s), d_l(s), d_prod(s), d_recon(s), d_err(s), d_in(s), d_out(s);
   DeviceArray<uint16_t> d_states(s), d_st(s);
-  d_w.alloc(count * kn, "the weights", gb);
-  d_l.alloc(size_t(count) * size_t(k * k), "the LDL factors", gb);
-  d_prod.alloc(count * kn, "the running products", gb);
-  d_recon.alloc(count * kn, "the reconstructions", gb);
-  d_states.alloc(count * kn, "the codes", gb);
-  d_err.alloc(size_t(count * kTileDim * n), "the block errors", gb);
-  d_in.alloc(step, "a step's tiles", gb);
-  d_out.alloc(step, "a step's reconstruction", gb);
-  d_st.alloc(step, "a step's codes", gb);
+  d_w.alloc(count * kn, "the weights of the batched LDLQ", hint);
+  d_l.alloc(size_t(count) * size_t(k * k), "the LDL factors of the batched LDLQ", hint);
+  d_prod.alloc(count * kn, "the running products of the batched LDLQ", hint);
+  d_recon.alloc(count * kn, "the reconstructions of the batched LDLQ", hint);
+  d_states.alloc(count * kn, "the codes of the batched LDLQ", hint);
+  d_err.alloc(size_t(count * kTileDim * n), "the block errors of the batched LDLQ", hint);
+  d_in.alloc(step, "a step's tiles of the batched LDLQ", hint);
+  d_out.alloc(step, "a step's reconstruction of the batched LDLQ", hint);
+  d_st.alloc(step, "a step's codes of the batched LDLQ", hint);
   auto up = [&](void* d, const void* h, size_t bytes) {
     TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s));
   };
@@ -205,8 +185,7 @@ void quantize_ldlq_batch_cuda(std::span<const float* const> w, std::span<const f
   // The proxy errors, one weight at a time: H' into the factor's slot (the factors are done), E into the running
   // product's, H'·E or H'·W into the reconstruction's.
   Cublas blas(s);
-  DeviceArray<double> d_partial(s);
-  d_partial.alloc(kDotBlocks, "the proxy sums", gb);
+  DeviceArray<double> d_partial(kDotBlocks, s, "the proxy sums of the batched LDLQ");
   std::vector<double> partial(kDotBlocks);
   for (int64_t b = 0; b < count; b++) {
     float* hd = d_l.p + size_t(b) * size_t(k * k);
