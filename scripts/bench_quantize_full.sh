@@ -11,6 +11,7 @@
 # Environment: LAYERS=8 BITS=3 HEAD_BITS=6 ROWS=128 SEQ=2048 WORK=/tmp (checkpoint, ids and output live there)
 #              TIMEOUT=540 (seconds for the quantize command; device commands are limited to 10 minutes)
 #              JSON=FILE  COMMIT=rev (default: git rev-parse of the working tree)  GPU=name (default: nvidia-smi's)
+#              TRACE=1: also write the conversion's timeline to OUT_DIR/trace.json (`trellm quantize --trace`)
 #              SUMMARIZE_ONLY=1: no run, only the summary of the logs already in OUT_DIR
 set -euo pipefail
 TRELLM=${1:-build/trellm}
@@ -37,7 +38,8 @@ open('$IDS', 'w').write('\n'.join(' '.join(map(str, row)) for row in r))"
   trap 'kill $SMI 2>/dev/null || true' EXIT
   t0=$(date +%s)
   /usr/bin/time -v timeout "$TIMEOUT" "$TRELLM" quantize -m "$SRC" -o "$DST" -b "$BITS" --head-bits "$HEAD_BITS" \
-    --calibration "$IDS" --calibration-rows "$ROWS" --seq-len "$SEQ" --device cuda 2>&1 | stdbuf -o0 tr '\r' '\n' | \
+    --calibration "$IDS" --calibration-rows "$ROWS" --seq-len "$SEQ" --device cuda \
+    ${TRACE:+--trace "$OUT_DIR/trace.json"} 2>&1 | stdbuf -o0 tr '\r' '\n' | \
     grep --line-buffered -vE '^\s*$' | while IFS= read -r l; do echo "$(( $(date +%s) - t0 )) $l"; done \
     > "$OUT_DIR/quantize.log" || echo "trellm quantize failed or timed out: see $OUT_DIR/quantize.log"
   kill $SMI 2>/dev/null || true

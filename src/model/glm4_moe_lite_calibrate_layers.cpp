@@ -12,6 +12,7 @@
 #include "backend/backend.h"
 #include "core/error.h"
 #include "core/timer.h"
+#include "core/trace.h"
 #include "format/safetensors.h"
 #include "model/glm4_moe_lite_calibrate.h"
 #include "model/glm4_moe_lite_quantize.h"
@@ -139,12 +140,18 @@ struct LayerCapture::Impl {
       // The overlay lives while the layer does: the CPU uses the weights in place from the files' mappings.
       Timer t;
       std::optional<TensorStore> q;
-      if (!files.empty()) q = TensorStore::overlay(source, files, hidden);
-      model->load_layer(l, q ? *q : source);
+      {
+        const trace::Span span(str_cat("load quantized layer ", l));
+        if (!files.empty()) q = TensorStore::overlay(source, files, hidden);
+        model->load_layer(l, q ? *q : source);
+      }
       t_load += t.seconds();
       t.reset();
-      pass(l, /*in_place=*/true, 0);
-      backend->synchronize();
+      {
+        const trace::Span span(str_cat("quantized pass through layer ", l));
+        pass(l, /*in_place=*/true, 0);
+        backend->synchronize();
+      }
       t_propagate += t.seconds();
       model->release_layer(l);
       at++;
@@ -165,9 +172,13 @@ struct LayerCapture::Impl {
       observed = layer;
       return;
     }
-    model->load_layer(layer, source);
+    {
+      const trace::Span span(str_cat("load layer ", layer));
+      model->load_layer(layer, source);
+    }
     t_load += t.seconds();
     t.reset();
+    const trace::Span span(str_cat("observed pass through layer ", layer));
     const calibration::Recorder recorder = calibration::add_groups(layer_linears(*model, layer), acc, cuda.get());
     {
       const calibration::Observing observing(*backend, recorder);
@@ -267,6 +278,7 @@ std::vector<float> LayerCapture::hessian(const std::string& key) {
   const trellis::HessianSum& a = m.sum_of(s);
   if (double(a.rows()) < m.opt.min_rows_factor * double(s.in)) return {};
   const Timer t;
+  const trace::Span span("Hessian out");
   std::vector<float> h = a.hessian();
   m.t_hessians += t.seconds();
   return h;

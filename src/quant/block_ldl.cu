@@ -1,12 +1,13 @@
 // block_ldl on the GPU; see block_ldl_cuda.h. The CPU's algorithm step for step:
 //  1. C = Cholesky(H) in Crout order: column j after column j - 1, C[i][j] = (H[i][j] - dot(C[i][:j], C[j][:j])) /
 //     C[j][j] for every row i > j at once, dot being block_ldl.cpp's four chains over k % 4: a lane per chain (the
-//     chains are independent serial sums), one block per Hessian looping over the columns.
+//     chains are independent serial sums), the blocks of a Hessian looping over the columns with a barrier between them.
 //  2. The inverse of each 16 x 16 diagonal block by forward substitution (a thread per block).
 //  3. L[r][16b + j] = Σ_{k >= j} C[r][16b + k] · inv_b[k][j] for the rows r below block b.
 // C is held transposed (ct[k][i] = C[i][k]) so that the lanes of a column, four per row i, read ct[k][i] nearly
 // coalesced and ct[k][j] as a broadcast. Every multiply and add is its own rounding (__dmul_rn / __dadd_rn), as on
 // the CPU. Work per Hessian: n^3 / 6 multiply-adds (2048: 1.4 G) and as many 8-byte loads, mostly from L2.
+#include <cuda/atomic>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,16 +42,20 @@ __global__ void transpose_kernel(const In* __restrict__ src, Out* __restrict__ d
   }
 }
 
-// Pivot j from d = H[j][j] - dot, dot = block_ldl.cpp's dot(C[j][:j], C[j][:j]): C[j][j] = sqrt(d), or the Hessian
-// marked bad.
-__device__ void crout_pivot(double* ct, int64_t n, int64_t j, double dot, int* bad) {
-  const double d = __dsub_rn(ct[j * n + j], dot);
-  if (!(d > 0.0) || !isfinite(d)) *bad = 1;
-  else ct[j * n + j] = __dsqrt_rn(d);
+// C's entries written by another block of the same Hessian are read around L1 (not coherent across SMs): __ldcg.
+template <bool kParts>
+__device__ double load(const double* p) {
+  if constexpr (kParts) return __ldcg(p);
+  else return *p;
 }
 
-__global__ void crout_first_kernel(double* ct, int64_t n, int* bad) {
-  crout_pivot(ct + size_t(blockIdx.x) * size_t(n * n), n, 0, 0.0, bad + blockIdx.x);
+// Pivot j from d = H[j][j] - dot, dot = block_ldl.cpp's dot(C[j][:j], C[j][:j]): C[j][j] = sqrt(d), or the Hessian
+// marked bad.
+template <bool kParts>
+__device__ void crout_pivot(double* ct, int64_t n, int64_t j, double dot, int* bad) {
+  const double d = __dsub_rn(load<kParts>(ct + j * n + j), dot);
+  if (!(d > 0.0) || !isfinite(d)) *bad = 1;
+  else ct[j * n + j] = __dsqrt_rn(d);
 }
 
 // Entry C[i][j] (i > j) by the four lanes of row i, lane c = threadIdx.x % 4 summing block_ldl.cpp's chain c (the
@@ -59,6 +64,7 @@ __global__ void crout_first_kernel(double* ct, int64_t n, int* bad) {
 // them as (a0 + a1) + (a2 + a3) and stores C[i][j]. The row j + 1 also sums C[j+1][k]^2 in the same pass: the next
 // pivot's dot (its main loop ends at 4 floor((j + 1) / 4); its last term is C[j+1][j]), and sets pivot j + 1. Every
 // lane of the warp calls it (the shuffles), `live` false past the last row.
+template <bool kParts>
 __device__ void crout_entry(double* ct, int64_t n, int64_t j, int64_t i, bool live, int* bad) {
   const int c = int(threadIdx.x % 4), base = int(threadIdx.x & 31) & ~3;
   const int64_t e_end = j / 4 * 4;
@@ -66,8 +72,8 @@ __device__ void crout_entry(double* ct, int64_t n, int64_t j, int64_t i, bool li
   if (live) {
 #pragma unroll 8
     for (int64_t k = c; k < e_end; k += 4) {
-      const double x = ct[k * n + i];
-      ae = __dadd_rn(ae, __dmul_rn(x, ct[k * n + j]));
+      const double x = load<kParts>(ct + k * n + i);
+      ae = __dadd_rn(ae, __dmul_rn(x, load<kParts>(ct + k * n + j)));
       ap = __dadd_rn(ap, __dmul_rn(x, x));
     }
   }
@@ -79,14 +85,15 @@ __device__ void crout_entry(double* ct, int64_t n, int64_t j, int64_t i, bool li
     p[q] = __shfl_sync(full, ap, base + q);
   }
   if (!live || c != 0) return;
-  for (int64_t k = e_end; k < j; k++) e[0] = __dadd_rn(e[0], __dmul_rn(ct[k * n + i], ct[k * n + j]));
+  for (int64_t k = e_end; k < j; k++)
+    e[0] = __dadd_rn(e[0], __dmul_rn(load<kParts>(ct + k * n + i), load<kParts>(ct + k * n + j)));
   const double dot = __dadd_rn(__dadd_rn(e[0], e[1]), __dadd_rn(e[2], e[3]));
-  const double inv = __ddiv_rn(1.0, ct[j * n + j]);
+  const double inv = __ddiv_rn(1.0, load<kParts>(ct + j * n + j));
   const double v = __dmul_rn(__dsub_rn(ct[j * n + i], dot), inv);
   ct[j * n + i] = v;
   if (i != j + 1) return;
   const int64_t p_end = (j + 1) / 4 * 4;  // e_end or e_end + 4
-  auto x_at = [&](int64_t k) { return k == j ? v : ct[k * n + i]; };
+  auto x_at = [&](int64_t k) { return k == j ? v : load<kParts>(ct + k * n + i); };
   for (int64_t k = e_end; k < p_end; k++) {
     const double x = x_at(k);
     p[k - e_end] = __dadd_rn(p[k - e_end], __dmul_rn(x, x));
@@ -95,43 +102,52 @@ __device__ void crout_entry(double* ct, int64_t n, int64_t j, int64_t i, bool li
     const double x = x_at(k);
     p[0] = __dadd_rn(p[0], __dmul_rn(x, x));
   }
-  crout_pivot(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), bad);
+  crout_pivot<kParts>(ct, n, i, __dadd_rn(__dadd_rn(p[0], p[1]), __dadd_rn(p[2], p[3])), bad);
 }
 
-// For a few Hessians (the attention projections, one at a time: n up to 5120): column j of every Hessian
-// (blockIdx.y) in one launch over all SMs, a launch per column.
-__global__ void crout_column_kernel(double* ct_all, int64_t n, int64_t j, int* bad_all) {
-  int* bad = bad_all + blockIdx.y;
-  if (*bad) return;  // a pivot failed (uniform over the block): the caller refactors this one on the CPU
-  const int64_t t = int64_t(blockIdx.x) * kThreads + threadIdx.x;  // kThreads % 4 == 0: lane t % 4 == threadIdx.x % 4
-  const int64_t i = j + 1 + t / 4;
-  crout_entry(ct_all + size_t(blockIdx.y) * size_t(n * n), n, j, i, i < n, bad);
-}
-
-// The whole Cholesky of one Hessian in one block (blockIdx.x), the columns one after another with a barrier between
-// them: a launch per column waited ~0.5 ms each for a free SM when the encoder's Viterbi blocks (~1 ms each) held
-// them all, 2 s for a group of 64 experts. A failed pivot only marks the Hessian: the block runs on (its results are
-// not used) so that every thread meets every barrier.
-constexpr int kCroutThreads = 1024;
-// From this many Hessians at once, a block each (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s, 64 in
-// parallel); fewer leave most SMs idle and take the launch per column.
-constexpr unsigned kBlockPerHessian = 16;
-__global__ void __launch_bounds__(kCroutThreads) crout_kernel(double* ct_all, int64_t n, int* bad_all) {
-  double* ct = ct_all + size_t(blockIdx.x) * size_t(n * n);
-  __shared__ int bad;
+// The barrier between columns of the kParts blocks (gridDim.x) of one Hessian: a count in global memory, raised by
+// each block when its part of the column is stored, waited for by every block. The blocks of a launch never exceed
+// the SMs (block_ldl_batch_cuda), so all of them are resident once the kernels beside them (the encoder's Viterbi
+// waves, ~1 ms a block) free their SMs; the waiting block sleeps between polls so as not to slow those down.
+__device__ void parts_barrier(unsigned* count, unsigned target) {
+  __syncthreads();
   if (threadIdx.x == 0) {
-    bad = 0;
-    crout_pivot(ct, n, 0, 0.0, &bad);
+    cuda::atomic_ref<unsigned, cuda::thread_scope_device> c(*count);
+    c.fetch_add(1u, cuda::memory_order_release);
+    while (c.load(cuda::memory_order_acquire) < target) __nanosleep(64);
   }
   __syncthreads();
+}
+
+// The whole Cholesky of Hessian blockIdx.y by the gridDim.x blocks of that row of the grid (kParts: more than one),
+// the columns one after another with a barrier between them. Column j's rows i > j take 4 (n - j - 1) lanes, spread
+// over the blocks' threads in passes. Neither a launch per column (each waited ~0.5-1 ms for an SM when the Viterbi's
+// blocks held them all: 2 s for the 64 experts' 2048 columns, ~5 s for o_proj's 5120) nor one block for a lone
+// Hessian (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s; o_proj's 5120 x 5120 would take ~4.7 s).
+// A failed pivot only marks the Hessian: its blocks run on (the results are not used) so that every thread meets
+// every barrier.
+constexpr int kCroutThreads = 1024;
+template <bool kParts>
+__global__ void __launch_bounds__(kCroutThreads) crout_kernel(double* ct_all, int64_t n, int* bad_all,
+                                                               unsigned* counts) {
+  double* ct = ct_all + size_t(blockIdx.y) * size_t(n * n);
+  int* bad = bad_all + blockIdx.y;
+  unsigned* count = counts + blockIdx.y;
+  const unsigned parts = gridDim.x;
+  auto column_done = [&](unsigned columns) {
+    if constexpr (kParts) parts_barrier(count, parts * columns);
+    else __syncthreads();
+  };
+  if (blockIdx.x == 0 && threadIdx.x == 0) crout_pivot<kParts>(ct, n, 0, 0.0, bad);
+  column_done(1);
+  const int64_t lane = int64_t(blockIdx.x) * kCroutThreads + threadIdx.x, stride = int64_t(parts) * kCroutThreads;
   for (int64_t j = 0; j + 1 < n; j++) {
-    for (int64_t t0 = 0; t0 < 4 * (n - j - 1); t0 += kCroutThreads) {  // the same trip count in every thread
-      const int64_t i = j + 1 + (t0 + threadIdx.x) / 4;
-      crout_entry(ct, n, j, i, i < n, &bad);
+    for (int64_t t0 = 0; t0 < 4 * (n - j - 1); t0 += stride) {  // the same trip count in every thread
+      const int64_t i = j + 1 + (t0 + lane) / 4;                 // stride % 4 == 0: the lane's chain is threadIdx.x % 4
+      crout_entry<kParts>(ct, n, j, i, i < n, bad);
     }
-    __syncthreads();  // column j (and pivot j + 1) complete before column j + 1 reads them
+    column_done(unsigned(j) + 2);  // column j and pivot j + 1 complete before column j + 1 reads them
   }
-  if (threadIdx.x == 0) bad_all[blockIdx.x] = bad;
 }
 
 // inv_b = C_bb^-1 (lower triangular, forward substitution in block_ldl.cpp's order): a thread per 16-row block.
@@ -199,26 +215,34 @@ std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t 
   const DeviceArray<float> f_b(batch * nn, s, "the block LDL's Hessians");
   const DeviceArray<double> inv_b(batch * blocks * 256, s, "the block LDL's block inverses");
   const DeviceArray<int> bad_b(batch, s, "the block LDL's pivot flags");
+  const DeviceArray<unsigned> counts_b(batch, s, "the block LDL's column counts");
   double* ct = ct_b.p;
   float* f = f_b.p;
   double* inv = inv_b.p;
   int* bad = bad_b.p;
+  unsigned* counts = counts_b.p;
+  // Blocks per Hessian: enough for column 0's 4 (n - 1) lanes, as many as leave every block of the launch resident at
+  // once (their barriers wait for each other), one an SM: o_proj's lone 5120 x 5120 takes 20 blocks, two 2048 x 2048
+  // take 8 each, the 64 experts' 2 each.
+  int dev = 0, sms = 0, per_sm = 0;
+  TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
+  TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TRELLM_QUANT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, crout_kernel<true>, kCroutThreads, 0));
+  TRELLM_ASSERT(per_sm >= 1, "block LDL on the GPU: a block of ", kCroutThreads, " threads does not fit an SM");
+  const unsigned resident = unsigned(sms);  // one block an SM: the Viterbi's blocks hold the rest of each SM
+  const unsigned needed = unsigned((4 * (n - 1) + kCroutThreads - 1) / kCroutThreads);
   std::vector<int> bad_h(batch);
   for (size_t b0 = 0; b0 < count; b0 += batch) {
     const unsigned m = unsigned(std::min(batch, count - b0));
+    const unsigned parts = std::clamp(resident / m, 1u, std::max(needed, 1u));
     for (unsigned i = 0; i < m; i++)
       TRELLM_QUANT_CUDA_CHECK(cudaMemcpyAsync(f + i * nn, h[b0 + i], nn * sizeof(float), cudaMemcpyHostToDevice, s));
     const dim3 tgrid(unsigned((n + 31) / 32), unsigned((n + 31) / 32), m), tblock(32, 8);
     transpose_kernel<float, double><<<tgrid, tblock, 0, s>>>(f, ct, n);
-    if (m >= kBlockPerHessian) {
-      crout_kernel<<<m, kCroutThreads, 0, s>>>(ct, n, bad);
-    } else {
-      TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(bad, 0, m * sizeof(int), s));
-      crout_first_kernel<<<m, 1, 0, s>>>(ct, n, bad);
-      for (int64_t j = 0; j + 1 < n; j++)
-        crout_column_kernel<<<dim3(unsigned((4 * (n - j - 1) + kThreads - 1) / kThreads), m), kThreads, 0, s>>>(ct, n,
-                                                                                                               j, bad);
-    }
+    TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(bad, 0, m * sizeof(int), s));
+    TRELLM_QUANT_CUDA_CHECK(cudaMemsetAsync(counts, 0, m * sizeof(unsigned), s));
+    if (parts == 1) crout_kernel<false><<<dim3(1, m), kCroutThreads, 0, s>>>(ct, n, bad, counts);
+    else crout_kernel<true><<<dim3(parts, m), kCroutThreads, 0, s>>>(ct, n, bad, counts);
     block_inverse_kernel<<<dim3(unsigned((blocks + 63) / 64), m), 64, 0, s>>>(ct, n, inv, bad);
     ldl_rows_kernel<<<dim3(unsigned((n + kThreads - 1) / kThreads), unsigned(n), m), kThreads, 0, s>>>(ct, inv, n, f, bad);
     float* l_dev = reinterpret_cast<float*>(ct);  // C is done with: L row-major in its first half

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/half.h"
 #include "core/thread_pool.h"
+#include "core/trace.h"
 #include "core/work_ahead.h"
 #include "format/json_file.h"
 #include "format/safetensors.h"
@@ -128,7 +129,11 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   };
   const bool overlap = opt.encode.device == EncodeDevice::Cuda;
   auto write_group = [&](InFlight& f) {
-    std::vector<EncodedLinear> encoded = f.encoded.get();
+    std::vector<EncodedLinear> encoded = [&] {
+      const trace::Span span("wait for the codes");
+      return f.encoded.get();
+    }();
+    const trace::Span span("write files");
     size_t next = 0;
     for (Member& m : f.members) {
       const QuantizePlanEntry& e = plan[m.i];
@@ -175,6 +180,12 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
     }
   }
 
+  // A group's name in the trace (--trace): its first Linear and how many more.
+  auto group_name = [&](size_t gi) {
+    const size_t more = groups[gi].size() - 1;
+    return plan[groups[gi][0]].key + (more ? str_cat(" +", more) : std::string());
+  };
+
   // What depends on the weights alone is done ahead, on a thread (and a thread pool) of its own: each group's members
   // (metadata, whether an earlier run's file is reusable), and for the others the rotations and the scale search
   // (rotate_linears). The main thread adds the Hessians, which the layer-by-layer calibration can only give once the
@@ -189,7 +200,8 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
   ThreadPool ahead_pool(ahead_budget > 0 ? std::max(1, ThreadPool::global().size() / 2) : 1);
   auto rotate_group = [&](size_t gi) {
     std::optional<ThreadPoolScope> scope;  // the thread ahead uses its own workers, the main thread the global ones
-    if (ahead_budget > 0) scope.emplace(ahead_pool);
+    if (ahead_budget > 0) scope.emplace(ahead_pool), trace::name_thread("rotate ahead");
+    const trace::Span span("rotate " + group_name(gi));
     Rotated r;
     std::vector<std::vector<float>> ws;
     std::vector<uint64_t> seeds;
@@ -246,27 +258,39 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
       batch_seen = first.batch;
       opt.on_batch(first.batch, qdir.string());
     }
-    Rotated r = ahead.take(gi);
+    Rotated r = [&] {
+      const trace::Span span("wait for the rotations");
+      return ahead.take(gi);
+    }();
     InFlight f;
     f.members = std::move(r.members);
     std::vector<const float*> hs;
-    for (Member& m : f.members) {
-      if (m.reuse) continue;
-      const QuantizePlanEntry& e = plan[m.i];
-      m.h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
-      if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
-        fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
-      hs.push_back(m.h.empty() ? nullptr : m.h.data());
+    {
+      const trace::Span span("Hessians of " + group_name(gi));
+      for (Member& m : f.members) {
+        if (m.reuse) continue;
+        const QuantizePlanEntry& e = plan[m.i];
+        m.h = opt.hessian ? opt.hessian(e) : std::vector<float>{};
+        if (!m.h.empty() && int64_t(m.h.size()) != e.in * e.in)
+          fail("quantize: the Hessian for ", e.key, " has ", m.h.size(), " values, expected ", e.in * e.in);
+        hs.push_back(m.h.empty() ? nullptr : m.h.data());
+      }
     }
     add_hessians(*r.prepared, hs);
     for (Member& m : f.members) m.h = {};
     f.prepared = std::move(r.prepared);
     drain(depth - 1);
     PreparedLinears* p = f.prepared.get();
-    f.encoded = std::async(overlap ? std::launch::async : std::launch::deferred, [p] { return encode_prepared(*p); });
+    f.encoded = std::async(overlap ? std::launch::async : std::launch::deferred,
+                           [p, overlap, name = group_name(gi), row = str_cat("encode slot ", gi % depth + 1)] {
+                             if (overlap) trace::name_thread(row);  // a thread of its own (else the main thread)
+                             const trace::Span span("encode " + name);
+                             return encode_prepared(*p);
+                           });
     pending.push_back(std::move(f));
   }
   drain(0);
+  const trace::Span span("write the model");
 
   // 2. Gather the output tensors in source order: a planned Linear's .weight/.bias become its EXL3 tensors.
   std::vector<std::unique_ptr<SafetensorsFile>> qfiles;

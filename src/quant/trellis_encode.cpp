@@ -12,6 +12,7 @@
 #include "core/rng.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
+#include "core/trace.h"
 #include "quant/block_ldl.h"
 #include "quant/hadamard.h"
 #include "quant/trellis_pack.h"
@@ -547,6 +548,7 @@ PreparedLinearsPtr rotate_linears(std::span<const float* const> weights, int64_t
   if (opt.scale_search && count > 0) {  // every member's sample tiles in two Viterbi calls
     std::vector<const float*> wr(count);
     for (size_t b = 0; b < count; b++) wr[b] = pr[b].wr.data();
+    const trace::Span span(str_cat("scale search of ", count));
     const std::vector<float> scales =
         global_scale_search_batch(wr, round_up_128(in), round_up_128(out), opt.K, opt.codebook, opt.device);
     for (size_t b = 0; b < count; b++) pr[b].enc.g_scale = scales[b];
@@ -560,10 +562,16 @@ void add_hessians(PreparedLinears& g, std::span<const float* const> hessians) {
   const EncodeOptions& opt = g.opt;
   TRELLM_ASSERT(hessians.size() == pr.size());
   Timer timer;
-  for_members(pr.size(), [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
+  {
+    const trace::Span span(str_cat("rotate ", pr.size(), " Hessians of ", g.in));
+    for_members(pr.size(), [&](size_t b) { scale_linear(pr[b], hessians[b], opt); });
+  }
   add_time(&EncodeTimes::prepare, opt, timer.seconds());
   timer.reset();
-  factor_linears(pr, opt);
+  {
+    const trace::Span span(str_cat("block LDL of ", pr.size(), " x ", round_up_128(g.in)));
+    factor_linears(pr, opt);
+  }
   add_time(&EncodeTimes::ldl, opt, timer.seconds());
 }
 
@@ -605,7 +613,10 @@ std::vector<EncodedLinear> encode_prepared(PreparedLinears& g) {
   // With the GPU, the batched LDLQ also computes the proxy errors (the CPU's loop in finish_linear streams W and E
   // once per row of H': ~50 GB of reads for a 2048 x 1536 expert).
   std::vector<double> lp(lw.size(), -1.0), proxy(count, -1.0);
-  quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device, lh, lp);
+  {
+    const trace::Span span(str_cat("LDLQ of ", lw.size(), " x ", np, " x ", kp));
+    quantize_ldlq_batch(lw, ll, kp, np, opt.K, opt.codebook, ls, lr, opt.device, lh, lp);
+  }
   for (size_t i = 0; i < lb.size(); i++) proxy[lb[i]] = lp[i];
   const double encode = timer.seconds();
   timer.reset();

@@ -29,7 +29,8 @@ def r128(n):
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory, calib):
     out = str(tmp_path_factory.mktemp("q") / "tiny_a-exl3")
-    _, _, err = trellm("quantize", "--model", TINY, "--out", out, "--calibration", calib, *ARGS)
+    _, _, err = trellm("quantize", "--model", TINY, "--out", out, "--calibration", calib, *ARGS,
+                       "--trace", os.path.join(os.path.dirname(out), "trace.json"))
     return out, err
 
 
@@ -61,6 +62,39 @@ def test_progress_covers_the_calibration_and_the_encoding(quantized):
     assert capture and "100% 384/384 calibration tokens (pass 1)" in capture[-1], err
     assert encode and encode[-1].startswith("[" + "#" * 30 + "] 100% 29/29 Linears"), err
     assert lines.index(capture[-1]) < lines.index(encode[0])  # the capture comes first
+
+
+def test_trace_shows_each_threads_work(quantized):
+    """--trace: Chrome trace-event JSON; every Linear's group rotated, given its Hessians, factored, encoded and
+    written, each layer observed, the spans of a row not overlapping unless nested (one thread does one thing)."""
+    out, _ = quantized
+    with open(os.path.join(os.path.dirname(out), "trace.json")) as f:
+        events = json.load(f)["traceEvents"]
+    rows = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M"}
+    spans = [e for e in events if e["ph"] == "X"]
+    assert "main" in rows.values() and spans
+    assert all(e["tid"] in rows and e["dur"] >= 0 and e["ts"] >= 0 for e in spans)
+    names = [e["name"] for e in spans]
+    with open(os.path.join(out, "quantization_config.json")) as f:
+        linears = set(json.load(f)["tensor_storage"])
+    grouped = {n.split(" ", 1)[1].split(" +")[0] for n in names if n.startswith("encode ")}
+    firsts = {n.split(" ", 1)[1].split(" +")[0] for n in names if n.startswith("rotate model.") or
+              n.startswith("rotate lm_head")}
+    assert grouped and grouped == firsts and grouped <= linears, (grouped, firsts)
+    covered = sum(1 + int(n.split(" +")[1]) if " +" in n else 1 for n in names if n.startswith("encode "))
+    assert covered == len(linears)
+    for what in ("write files", "Hessian out", "write the model", "observed pass through layer 0",
+                 "quantized pass through layer 0"):
+        assert what in names, what
+    assert any(n.startswith("block LDL of ") for n in names) and any(n.startswith("LDLQ of ") for n in names)
+    for tid in rows:
+        row = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if e["tid"] == tid)
+        stack = []
+        for t0, t1 in row:
+            while stack and stack[-1] <= t0 + 1e-3:
+                stack.pop()
+            assert not stack or t1 <= stack[-1] + 1e-3, (rows[tid], t0, t1, stack)  # nested or after
+            stack.append(t1)
 
 
 def test_writes_an_exl3_directory(quantized):

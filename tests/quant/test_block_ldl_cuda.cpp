@@ -1,12 +1,15 @@
 // block_ldl_batch_cuda against the CPU's block_ldl: the factors must be equal bit for bit (the same Crout order and
 // the same double operations on both sides), and a Hessian whose undamped Cholesky fails on the CPU must be reported
-// as failed by the GPU. Fresh random Hessians of several sizes (16, 48, 272: one block, a few, not a multiple of 32),
-// several in one batch, the outputs poisoned first.
+// as failed by the GPU. Fresh random Hessians of several sizes (16, 48, 272, 1040: one block of 1024 lanes, a few
+// blocks with a barrier between columns, not a multiple of 32), several in one batch, also while the encoder's
+// Viterbi holds the SMs, the outputs poisoned first.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <limits>
+#include <thread>
 #include <vector>
 
 #include "core/rng.h"
@@ -62,7 +65,7 @@ void expect_cpu_factors(const std::vector<std::vector<float>>& hs, int64_t n) {
 TEST(BlockLdlCuda, FactorsEqualTheCpuBitForBit) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(20261203);
-  // A few Hessians: a launch per column.
+  // A few Hessians: 16, 48 in one block each; 272 in 2 blocks each (1084 lanes in column 0).
   for (int64_t n : {16, 48, 272}) {
     std::vector<std::vector<float>> hs;
     for (int b = 0; b < 3; b++) hs.push_back(random_spd(rng, n));
@@ -73,14 +76,35 @@ TEST(BlockLdlCuda, FactorsEqualTheCpuBitForBit) {
 TEST(BlockLdlCuda, ABlockPerHessianEqualsTheCpuToo) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(31);
-  // 16 and more at once: a block each, the columns inside it (n = 272: rows take several passes of the block's
-  // 1024 lanes); one indefinite Hessian among them.
-  for (auto [n, count] : {std::pair<int64_t, int>{48, 17}, {272, 16}}) {
+  // 16 and more at once: 17 x 48 a block each; 16 x 272 in 2 blocks each, then 160 x 48 (more than the SMs) a block
+  // each with the rows in several passes of its lanes; one indefinite Hessian among them.
+  for (auto [n, count] : {std::pair<int64_t, int>{48, 17}, {272, 16}, {272, 160}}) {
     std::vector<std::vector<float>> hs;
     for (int b = 0; b < count; b++) hs.push_back(random_spd(rng, n));
     hs[5][size_t(20 * n + 20)] = -2.0f;
     expect_cpu_factors(hs, n);
   }
+}
+
+TEST(BlockLdlCuda, EqualsTheCpuWhileTheViterbiHoldsTheSms) {
+  if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
+  Rng rng(1203);
+  // The encoder's case: a lone Hessian split over 5 blocks (1040: o_proj's kind), two of 272, factored while another
+  // thread keeps the GPU full of Viterbi blocks on its own lane (the blocks of one Hessian wait at each column for
+  // each other, so each of them has to find an SM among those).
+  std::vector<float> w(size_t(4096) * 256);
+  for (auto& v : w) v = rng.normal();
+  std::atomic<bool> stop = false;
+  std::atomic<int> rounds = 0;
+  std::thread busy([&] {
+    std::vector<uint16_t> st(w.size());
+    while (!stop) viterbi_encode_tiles_cuda(w.data(), 4096, 3, Codebook::Mcg, st.data(), nullptr), rounds++;
+  });
+  while (rounds == 0) std::this_thread::yield();
+  expect_cpu_factors({random_spd(rng, 1040)}, 1040);
+  expect_cpu_factors({random_spd(rng, 272), random_spd(rng, 272)}, 272);
+  stop = true;
+  busy.join();
 }
 
 TEST(BlockLdlCuda, ReportsTheHessiansWhosePivotFails) {

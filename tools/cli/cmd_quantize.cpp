@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "core/timer.h"
+#include "core/trace.h"
 #include "model/glm4_moe_lite_quantize.h"
 
 namespace trellm::cli {
@@ -23,7 +24,7 @@ namespace fs = std::filesystem;
 
 struct QuantizeArgs {
   std::string model, out, codebook = "mcg", calibration, device = "auto", calibration_device = "same", hessian_cache,
-              calibration_inputs = "auto";
+              calibration_inputs = "auto", trace;
   double bits = 0;
   int head_bits = 6, mtp_bits = 16, threads = 0;
   int64_t calibration_rows = 250, seq_len = 2048, stop_after = 0;
@@ -193,7 +194,15 @@ int run_quantize(const QuantizeArgs& a) {
   };
   o.on_progress = [&](const trellis::QuantizeProgress& p) { bar.update(p); };
   o.capture.on_capture_progress = [&](int pass, int64_t done, int64_t total) { bar.capture(pass, done, total); };
-  const QuantizeModelResult r = quantize_model(a.model, o);
+  if (!a.trace.empty()) trace::start(), trace::name_thread("main");
+  QuantizeModelResult r;
+  try {
+    r = quantize_model(a.model, o);
+  } catch (...) {
+    if (!a.trace.empty()) trace::write(a.trace);  // the timeline up to the failure
+    throw;
+  }
+  if (!a.trace.empty()) trace::write(a.trace);
   bar.end_line();
   if (r.stopped) {
     std::fprintf(stderr,
@@ -268,6 +277,10 @@ void add_quantize(CLI::App& app) {
   cmd->add_flag("--no-scale-search", a.no_scale_search,
                 "Skip the global scale search; use the scale that is best for Gaussian weights at each K (faster "
                 "on small models, slightly worse)");
+  cmd->add_option("--trace", a.trace,
+                  "Write a timeline of the conversion to this file: each thread's spans (calibration passes, "
+                  "Hessians out, rotations and scale searches ahead, block LDL, LDLQ, file writes) as Chrome "
+                  "trace JSON, to open in ui.perfetto.dev or chrome://tracing");
   // Test hook: stop after encoding N Linears, as if interrupted (the resume tests use it).
   cmd->add_option("--stop-after", a.stop_after, "")->group("");
   cmd->callback([] { std::exit(run_quantize(a)); });
