@@ -184,8 +184,8 @@ __global__ void ldl_rows_kernel(const double* ct_all, const double* inv_all, int
   lt_all[size_t(blockIdx.z) * size_t(n * n) + size_t(c * n + r)] = out;
 }
 
-// The quantizer's critical path (its main thread waits for the factors): the device's greatest stream priority, as the
-// encoder's urgent lanes.
+// The quantizer's critical path (its main thread waits for the factors): the device's greatest stream priority, above
+// the encoder's urgent lanes (trellis_viterbi.cu), so that the SMs the LDLQ's Viterbi blocks free go to these blocks.
 struct Stream {
   cudaStream_t s = nullptr;
   Stream() {

@@ -178,6 +178,19 @@ void quantize_checkpoint(const std::string& in_dir, const std::vector<QuantizePl
       for (size_t i : group) taken[i] = true;
       groups.push_back(std::move(group));
     }
+    // Within a batch (a layer), the largest groups first: their LDLQ starts as soon as the layer's Hessians are in,
+    // side by side, and the small groups (attention projections, the shared expert, a remainder of experts) fill in
+    // beside them. In plan order the five attention projections came first, one after another, and the last
+    // 64-expert group of each layer ran alone at the end: ~4 s of a 25 s MoE layer on the H200 (quantize --trace).
+    auto work = [&](const std::vector<size_t>& g) { return uint64_t(g.size()) * plan[g[0]].in * plan[g[0]].out; };
+    for (size_t a = 0; a < groups.size();) {
+      const std::string& batch = plan[groups[a][0]].batch;
+      size_t b = a + 1;
+      while (b < groups.size() && !batch.empty() && plan[groups[b][0]].batch == batch) b++;
+      std::stable_sort(groups.begin() + ptrdiff_t(a), groups.begin() + ptrdiff_t(b),
+                       [&](const auto& x, const auto& y) { return work(x) > work(y); });
+      a = b;
+    }
   }
 
   // A group's name in the trace (--trace): its first Linear and how many more.

@@ -343,9 +343,9 @@ struct DeviceScratch {
   int64_t fast_budget = 0;  // bytes of cost rows per chunk (fast path), from the device's memory
 };
 
-// Lanes are made on demand, up to kMaxLanes of each priority class (the quantizer holds at most two urgent ones, the
-// LDLQ of two groups, and two others: the scale search working ahead, a plain Viterbi); a caller finding all of its
-// class taken waits.
+// Lanes are made on demand, up to kMaxLanes of each priority class (the quantizer holds up to three urgent ones, the
+// LDLQ of the groups in flight, and two others: the scale search working ahead, a plain Viterbi); a caller finding all
+// of its class taken waits.
 constexpr size_t kMaxLanes = 3;
 
 struct Lanes {
@@ -361,8 +361,10 @@ Lanes& lanes() {
 }
 
 // Takes a free lane of the class (waiting while kMaxLanes of it are taken) and puts the calling thread on the lanes'
-// device. Urgent lanes' streams have the device's greatest priority: when both have blocks waiting, the SMs go to
-// those first (the LDLQ is the critical path; the scale search ahead of it only fills the SMs it leaves idle).
+// device. Urgent lanes' streams have the priority under the device's greatest (kept for the block LDL, whose factors
+// the quantizer's main thread waits for: its blocks would otherwise queue behind the LDLQ's, 4.7 s for 64 experts'
+// factors beside two LDLQs on the H200): when both have blocks waiting, the SMs go to those first (the LDLQ is the
+// critical path; the scale search ahead of it only fills the SMs it leaves idle).
 DeviceScratch& acquire_lane(bool urgent) {
   Lanes& ls = lanes();
   std::unique_lock<std::mutex> lock(ls.mu);
@@ -383,7 +385,9 @@ DeviceScratch& acquire_lane(bool urgent) {
       TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
       auto sc = std::make_unique<DeviceScratch>();
       sc->urgent = urgent;
-      TRELLM_QUANT_CUDA_CHECK(cudaStreamCreateWithPriority(&sc->stream, cudaStreamNonBlocking, urgent ? greatest : least));
+      const int below_greatest = greatest + 1 < least ? greatest + 1 : greatest;  // numerically lower is greater
+      TRELLM_QUANT_CUDA_CHECK(
+          cudaStreamCreateWithPriority(&sc->stream, cudaStreamNonBlocking, urgent ? below_greatest : least));
       ls.all.push_back(std::move(sc));
       got = ls.all.back().get();
     }

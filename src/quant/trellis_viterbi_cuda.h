@@ -23,9 +23,10 @@ bool viterbi_cuda_available();
 double viterbi_encode_tiles_cuda(const float* w, int64_t n, int K, Codebook cb, uint16_t* states, float* recon);
 
 // A share of the GPU encoder held by one caller: a CUDA stream (non-blocking) and the scratch buffers of the calls on
-// it. Calls on different lanes run side by side on the GPU (the quantizer's batched LDLQ of two groups, and the scale
-// search of later groups); viterbi_encode_tiles_cuda takes a lane of the normal class for each call. Urgent lanes'
-// streams have the device's greatest priority (the SMs go to their blocks first). At most 3 lanes of each class
+// it. Calls on different lanes run side by side on the GPU (the quantizer's batched LDLQ of up to three groups, and the
+// scale search of later groups); viterbi_encode_tiles_cuda takes a lane of the normal class for each call. Urgent
+// lanes' streams have the priority just under the device's greatest, which the block LDL keeps (the SMs go to their
+// blocks before the normal lanes'). At most 3 lanes of each class
 // exist; constructing a fourth waits until one is freed. The constructor puts the calling thread on the encoder's
 // device (viterbi_cuda_current_device).
 class ViterbiLane {
