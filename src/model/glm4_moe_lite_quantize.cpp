@@ -393,8 +393,9 @@ QuantizeModelResult quantize_model(const std::string& in_dir, const QuantizeMode
   if (capture && !capture->time_by_phase().empty()) note("calibration time: " + capture->time_by_phase());
   if (t.prepare + t.encode > 0)
     note(str_cat("encoder time (", opt.device == trellis::EncodeDevice::Cuda
-                                       ? "summed over groups, which overlap on the GPU: two encode at once beside the "
-                                         "next ones' preparation, so the sum can exceed the wall time"
+                                       ? "summed over groups, which overlap on the GPU: the groups in flight encode at once "
+                                         "beside the next ones' preparation, so the sum can exceed the wall time; "
+                                         "--trace shows when each ran"
                                        : "summed",
                  "): prepare ", sec(t.prepare), ", block LDL ", sec(t.ldl), ", LDLQ / Viterbi ", sec(t.encode), ", packing ",
                  sec(t.finish)));
