@@ -125,12 +125,10 @@ __device__ void parts_barrier(unsigned* count, unsigned target) {
 // blocks held them all: 2 s for the 64 experts' 2048 columns, ~5 s for o_proj's 5120) nor one block for a lone
 // Hessian (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s; o_proj's 5120 x 5120 would take ~4.7 s).
 // A failed pivot only marks the Hessian: its blocks run on (the results are not used) so that every thread meets
-// every barrier. Small blocks (256 threads, <= 64 registers each: a quarter of an SM's registers): a block of 1024
-// needed a whole SM to itself and waited for one to empty while the LDLQ's small kernels kept refilling them; the
-// 64 experts' factors took 0.9-9.6 s beside two or three LDLQs on the H200, ~1 s on their own.
-constexpr int kCroutThreads = 256;
+// every barrier.
+constexpr int kCroutThreads = 1024;
 template <bool kParts>
-__global__ void __launch_bounds__(kCroutThreads, 4) crout_kernel(double* ct_all, int64_t n, int* bad_all,
+__global__ void __launch_bounds__(kCroutThreads) crout_kernel(double* ct_all, int64_t n, int* bad_all,
                                                                unsigned* counts) {
   double* ct = ct_all + size_t(blockIdx.y) * size_t(n * n);
   int* bad = bad_all + blockIdx.y;
@@ -224,14 +222,14 @@ std::vector<bool> block_ldl_batch_cuda(std::span<const float* const> h, int64_t 
   int* bad = bad_b.p;
   unsigned* counts = counts_b.p;
   // Blocks per Hessian: enough for column 0's 4 (n - 1) lanes, as many as leave every block of the launch resident at
-  // once (their barriers wait for each other), two an SM: o_proj's lone 5120 x 5120 takes 80 blocks, two 2048 x 2048
-  // take 32 each, the 64 experts' 4 each.
+  // once (their barriers wait for each other), one an SM: o_proj's lone 5120 x 5120 takes 20 blocks, two 2048 x 2048
+  // take 8 each, the 64 experts' 2 each.
   int dev = 0, sms = 0, per_sm = 0;
   TRELLM_QUANT_CUDA_CHECK(cudaGetDevice(&dev));
   TRELLM_QUANT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   TRELLM_QUANT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, crout_kernel<true>, kCroutThreads, 0));
   TRELLM_ASSERT(per_sm >= 1, "block LDL on the GPU: a block of ", kCroutThreads, " threads does not fit an SM");
-  const unsigned resident = unsigned(sms * std::min(per_sm, 2));  // the encoder's kernels hold the rest of each SM
+  const unsigned resident = unsigned(sms);  // one block an SM: the Viterbi's blocks hold the rest of each SM
   const unsigned needed = unsigned((4 * (n - 1) + kCroutThreads - 1) / kCroutThreads);
   std::vector<int> bad_h(batch);
   for (size_t b0 = 0; b0 < count; b0 += batch) {

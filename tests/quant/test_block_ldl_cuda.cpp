@@ -1,6 +1,6 @@
 // block_ldl_batch_cuda against the CPU's block_ldl: the factors must be equal bit for bit (the same Crout order and
 // the same double operations on both sides), and a Hessian whose undamped Cholesky fails on the CPU must be reported
-// as failed by the GPU. Fresh random Hessians of several sizes (16, 48, 272, 1040: one block of 256 lanes, several
+// as failed by the GPU. Fresh random Hessians of several sizes (16, 48, 272, 1040: one block of 1024 lanes, a few
 // blocks with a barrier between columns, not a multiple of 32), several in one batch, also while the encoder's
 // Viterbi holds the SMs, the outputs poisoned first.
 #include <gtest/gtest.h>
@@ -65,7 +65,7 @@ void expect_cpu_factors(const std::vector<std::vector<float>>& hs, int64_t n) {
 TEST(BlockLdlCuda, FactorsEqualTheCpuBitForBit) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(20261203);
-  // A few Hessians: 16, 48 in one block each; 272 in 5 blocks each (1084 lanes in column 0).
+  // A few Hessians: 16, 48 in one block each; 272 in 2 blocks each (1084 lanes in column 0).
   for (int64_t n : {16, 48, 272}) {
     std::vector<std::vector<float>> hs;
     for (int b = 0; b < 3; b++) hs.push_back(random_spd(rng, n));
@@ -76,7 +76,7 @@ TEST(BlockLdlCuda, FactorsEqualTheCpuBitForBit) {
 TEST(BlockLdlCuda, ABlockPerHessianEqualsTheCpuToo) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(31);
-  // 16 and more at once: 17 x 48 a block each; 16 x 272 in 5 blocks each, then 160 x 272 (more than the SMs) a block
+  // 16 and more at once: 17 x 48 a block each; 16 x 272 in 2 blocks each, then 160 x 48 (more than the SMs) a block
   // each with the rows in several passes of its lanes; one indefinite Hessian among them.
   for (auto [n, count] : {std::pair<int64_t, int>{48, 17}, {272, 16}, {272, 160}}) {
     std::vector<std::vector<float>> hs;
@@ -89,7 +89,7 @@ TEST(BlockLdlCuda, ABlockPerHessianEqualsTheCpuToo) {
 TEST(BlockLdlCuda, EqualsTheCpuWhileTheViterbiHoldsTheSms) {
   if (!viterbi_cuda_available()) GTEST_SKIP() << "no CUDA device";
   Rng rng(1203);
-  // The encoder's case: a lone Hessian split over 17 blocks (1040: o_proj's kind), two of 272, factored while another
+  // The encoder's case: a lone Hessian split over 5 blocks (1040: o_proj's kind), two of 272, factored while another
   // thread keeps the GPU full of Viterbi blocks on its own lane (the blocks of one Hessian wait at each column for
   // each other, so each of them has to find an SM among those).
   std::vector<float> w(size_t(4096) * 256);
