@@ -122,7 +122,7 @@ __device__ void parts_barrier(unsigned* count, unsigned target) {
 // The whole Cholesky of Hessian blockIdx.y by the gridDim.x blocks of that row of the grid (kParts: more than one),
 // the columns one after another with a barrier between them. Column j's rows i > j take 4 (n - j - 1) lanes, spread
 // over the blocks' threads in passes. Neither a launch per column (each waited ~0.5-1 ms for an SM when the Viterbi's
-// blocks held them all: 2 s for the 64 experts' 2048 columns, ~5 s for o_proj's 5120) nor one block for a lone
+// blocks held them all: 2 s for the 64 experts' 2048 columns; o_proj's 5120 would wait ~5 s) nor one block for a lone
 // Hessian (one SM streams a 2048 x 2048 factor's 11 GB of loads in ~0.3 s; o_proj's 5120 x 5120 would take ~4.7 s).
 // A failed pivot only marks the Hessian: its blocks run on (the results are not used) so that every thread meets
 // every barrier.
@@ -185,7 +185,8 @@ __global__ void ldl_rows_kernel(const double* ct_all, const double* inv_all, int
 }
 
 // The quantizer's critical path (its main thread waits for the factors): the device's greatest stream priority, above
-// the encoder's urgent lanes (trellis_viterbi.cu), so that the SMs the LDLQ's Viterbi blocks free go to these blocks.
+// the encoder's urgent lanes (trellis_viterbi.cu). Beside running LDLQs a 64-expert factorization still took 1-9.6 s
+// against ~1 s alone, with this priority as with equal ones (bench/results/quantize_full.md): the wait is elsewhere.
 struct Stream {
   cudaStream_t s = nullptr;
   Stream() {

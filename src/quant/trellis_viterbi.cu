@@ -362,9 +362,8 @@ Lanes& lanes() {
 
 // Takes a free lane of the class (waiting while kMaxLanes of it are taken) and puts the calling thread on the lanes'
 // device. Urgent lanes' streams have the priority under the device's greatest (kept for the block LDL, whose factors
-// the quantizer's main thread waits for: its blocks would otherwise queue behind the LDLQ's, 4.7 s for 64 experts'
-// factors beside two LDLQs on the H200): when both have blocks waiting, the SMs go to those first (the LDLQ is the
-// critical path; the scale search ahead of it only fills the SMs it leaves idle).
+// the quantizer's main thread waits for): when both classes have blocks waiting, the SMs go to the urgent ones first
+// (the LDLQ is the critical path; the scale search ahead of it only fills the SMs it leaves idle).
 DeviceScratch& acquire_lane(bool urgent) {
   Lanes& ls = lanes();
   std::unique_lock<std::mutex> lock(ls.mu);
