@@ -96,8 +96,8 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // may differ between experts and between gate/up/down); ids outside [0, n_experts) __trap().
 //  m <= 8 (decode): gate+up per (token, slot) job with SwiGLU and the down projection's input transform fused
 //          into the last split's epilogue; down per job with the weighted sum over the token's jobs fused into
-//          the last block of each 128-column group. One launch (down blocks wait on per-job counters) unless
-//          `decode` is Two or TRELLM_MOE_DECODE=two (A/B runs): the same arithmetic, bit-identical.
+//          the last block of each 128-column group. Two kernels, or one launch (down blocks wait on per-job
+//          counters) when `decode` is One or, for Auto, TRELLM_MOE_DECODE=one: the same arithmetic, bit-identical.
 //  m > 8 (prefill): tokens grouped by expert on the device (one 1-block kernel), then grouped tensor-core
 //          GEMMs (128-row tiles of one expert) for gate+up and down, and a deterministic combine.
 // workspace: moe_workspace_bytes(...) bytes, zeroed once after allocation (see trellis_workspace_bytes).

@@ -431,11 +431,13 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
       return true;
     }();
     (void)once;
-    static const bool env_two = [] {
+    // Auto is the two-kernel pair until the one-launch form has been measured on a GPU (it was written in a
+    // session without device time); TRELLM_MOE_DECODE=one selects it.
+    static const bool env_one = [] {
       const char* v = std::getenv("TRELLM_MOE_DECODE");
-      return v && std::string(v) == "two";
+      return v && std::string(v) == "one";
     }();
-    const bool two = decode == MoeDecodeKernels::Two || (decode == MoeDecodeKernels::Auto && env_two);
+    const bool two = decode == MoeDecodeKernels::Two || (decode == MoeDecodeKernels::Auto && !env_one);
     const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
     a.ring_bytes = int(moe_ring_bytes(max_k));
     const size_t smem_gu = a.ring_bytes + 2 * (size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk + 8) * 2;  // A row + zero row

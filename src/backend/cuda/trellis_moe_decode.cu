@@ -5,7 +5,7 @@
 //  down_decode_kernel    grid (J, hidden_p/128, s_d): the last of the jpt·s_d blocks of a (token, column
 //                        group) applies each job's output transform, its routing weight, and sums the
 //                        token's jobs in slot order -> out (no atomics on data: deterministic).
-//  moe_decode_kernel     both in one launch (the default; TRELLM_MOE_DECODE=two runs the pair): blocks take a
+//  moe_decode_kernel     both in one launch (TRELLM_MOE_DECODE=one; not yet measured on a GPU): blocks take a
 //                        ticket in the order they start, the first J·(inter_p/128)·2·s_gu tickets are gate/up
 //                        blocks, the rest down blocks. A down block loads its job's weights at once (the router
 //                        ran before this kernel) and waits only for its own job's a_d, counted in global memory
