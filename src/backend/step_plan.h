@@ -1,0 +1,105 @@
+// The decode step as a task graph for the persistent decode kernel (issue 16, docs/megakernel.md): the tiles of
+// every task of every layer, the per-tile dependencies (counters in global memory on the device), and a static
+// per-SM schedule built once on the host per (model, rows, context). Host code only: the kernel that walks the
+// lists lives in backend/cuda; this file decides what it walks, and proves (simulate) that it cannot deadlock.
+//
+// A tile finalizes one output group of its task when it is the group's last tile to arrive (split-k: the last
+// split sums the partials), and a consumer tile waits for the output groups it reads, not for whole tasks: a q_b
+// column group needs every q_a group (the q norm reads the full row), a head's q absorb only its own two q_b
+// groups, an o_proj k-split only the heads its k range covers, a down tile only its own job's gate/up groups.
+//
+// Deadlock freedom: tiles are numbered in a topological order (each tile's producers have smaller numbers) and
+// every SM runs its list in increasing number. Then the unfinished tile with the smallest number is always
+// runnable: its producers are smaller, so finished, and every earlier tile on its SM is smaller, so finished.
+// Any durations, any order of progress between SMs: the step completes. A data-dependent tile (an MLA split past
+// the context length) still runs, does nothing, and arrives.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace trellm::step {
+
+enum class Task : uint8_t {
+  Embed,        // the token rows' embedding (1 tile)
+  AttnIn,       // attention norm + q_a ‖ kv_a GEMV: column groups of both × k-splits
+  QB,           // q_a norm + q_b GEMV: column groups × k-splits
+  KvAppend,     // kv norm, rope, latent cache append (1 tile)
+  QAbsorb,      // per head: rope of q_rope, q_nope · W_uk -> the 512-wide q latent
+  MlaSplit,     // per (row, head, context split): partial softmax · latents
+  MlaCombine,   // per head: the splits combined, · W_uv -> 256 values
+  OProj,        // o_proj GEMV: column groups × k-splits (a split's k range covers a few heads)
+  Router,       // residual add, post-attention norm, gate, top-k (1 tile)
+  GateUp,       // MoE: per (job = row × slot, column group, gate|up, k-split); the shared expert is the last slot
+  Down,         // MoE: per (job, column group, k-split); the row's jobs summed into the residual
+  DenseGateUp,  // the dense layer's gate|up GEMV
+  DenseDown,    // the dense layer's down GEMV (a split's k range covers a few gate/up groups)
+  Head,         // final norm + lm_head GEMV column groups
+  Sample,       // the next token per row (1 tile)
+};
+const char* task_name(Task t);
+
+// The shapes of a decode step (filled from the model's Config by the caller: backend code does not see models).
+struct StepShape {
+  int layers = 47, dense_layers = 1;  // the first dense_layers layers have a dense MLP, the rest MoE
+  int hidden = 2048, q_lora = 768, kv_lora = 512, rope = 64, nope = 192, v_head = 256, heads = 20;
+  int dense_inter = 10240, moe_inter = 1536, top_k = 4, shared_experts = 1;
+  int vocab = 154880;
+  int rows = 1;        // sequences decoded together (1..8)
+  int context = 1024;  // keys in the cache per row (sizes the MLA splits)
+  static StepShape glm47_flash();
+};
+
+// What the schedule's cost model assumes (µs, per SM; one tile at a time per SM). The defaults are the H200's
+// floors: the exact EXL3 decode at full issue ~0.8 ms per 3.6 G weights over 132 SMs (docs/kernels.md) = 29 ps
+// per weight and SM; 4.8 TB/s / 132 = 36 bytes per ns and SM for the latents; dependent_us: a counter's
+// release seen by its consumer plus the consumer's activation load (two L2 round trips).
+struct CostModel {
+  int sms = 132;
+  double ps_per_weight = 29.0;
+  double bytes_per_ns = 36.0;
+  double dependent_us = 1.5;
+  double tile_us = 0.3;  // fixed per-tile work: the split-k partial store and arrival
+};
+
+struct Tile {
+  Task task;
+  int layer;              // -1: embed, layers: head and sample
+  int group;              // the output group it finalizes (with its task and layer: a counter)
+  int split;              // k-split or context split
+  int64_t weights;        // weights it decodes
+  int64_t bytes;          // other bytes it reads (latents)
+  std::vector<int> deps;  // counters it waits for (each: all tiles of that output group arrived)
+  int counter;            // the counter it arrives on
+};
+
+struct CounterInfo {
+  Task task;
+  int layer, group;
+  int arrivals;  // how many tiles arrive on it: its target per step
+};
+
+struct StepPlan {
+  StepShape shape;
+  std::vector<Tile> tiles;                // topological order
+  std::vector<CounterInfo> counter_info;  // per counter
+  std::vector<std::vector<int>> per_sm;   // tile numbers, increasing, per SM
+  std::vector<double> start_us, end_us;   // the cost model's schedule
+  double step_us = 0;                     // its makespan
+  double critical_path_us = 0;            // the longest dependency chain (no SM contention): a lower bound
+  int counters() const { return int(counter_info.size()); }
+};
+
+// The tiles and their dependencies in topological order (no schedule yet).
+StepPlan build_tiles(const StepShape& s, const CostModel& m);
+// build_tiles, then list scheduling in tile order: each tile to the SM where the cost model starts it first.
+StepPlan build_step_plan(const StepShape& s, const CostModel& m = {});
+
+// Runs per_sm as the device would (each SM in list order, a tile starts once its counters are complete) with
+// the given durations per tile (µs). Returns the makespan, or a negative value with `why` naming the SM and the
+// counter it waits for when no SM can move (a deadlock).
+double simulate(const StepPlan& p, const std::vector<double>& duration_us, std::string* why = nullptr);
+// The cost model's duration of tile i.
+double tile_cost_us(const StepPlan& p, const CostModel& m, int i);
+
+}  // namespace trellm::step

@@ -1,0 +1,184 @@
+// The persistent decode kernel's task graph and schedule (backend/step_plan.h): the tiles cover GLM-4.7-Flash's
+// matrices exactly (sizes from ../shared/GLM47FLASH.md, not from the plan), every tile waits only for tiles
+// numbered before it, the per-SM lists partition the tiles in increasing order, the step completes for any tile
+// durations, and a list that breaks the order is caught as a deadlock naming the counter.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <random>
+
+#include "backend/step_plan.h"
+#include "core/error.h"
+
+using namespace trellm;
+using step::Task;
+
+namespace {
+
+struct Totals {
+  int64_t weights = 0, bytes = 0, tiles = 0;
+};
+std::map<std::pair<Task, int>, Totals> per_task_layer(const step::StepPlan& p) {
+  std::map<std::pair<Task, int>, Totals> t;
+  for (const step::Tile& x : p.tiles) {
+    Totals& v = t[{x.task, x.layer}];
+    v.weights += x.weights, v.bytes += x.bytes, v.tiles++;
+  }
+  return t;
+}
+
+void check_order(const step::StepPlan& p) {
+  const size_t n = p.tiles.size();
+  std::vector<int> last_arrival(size_t(p.counters()), -1), arrivals(size_t(p.counters()), 0);
+  for (size_t i = 0; i < n; i++) {
+    last_arrival[size_t(p.tiles[i].counter)] = int(i);
+    arrivals[size_t(p.tiles[i].counter)]++;
+  }
+  for (int c = 0; c < p.counters(); c++) ASSERT_EQ(arrivals[size_t(c)], p.counter_info[size_t(c)].arrivals) << "counter " << c;
+  for (size_t i = 0; i < n; i++) {
+    for (int d : p.tiles[i].deps) ASSERT_LT(last_arrival[size_t(d)], int(i)) << "tile " << i << " waits for a later tile";
+  }
+  std::vector<int> seen(n, 0);
+  for (const auto& list : p.per_sm) {
+    for (size_t k = 0; k < list.size(); k++) {
+      seen[size_t(list[k])]++;
+      if (k) ASSERT_LT(list[k - 1], list[k]) << "an SM's list is out of order";
+    }
+  }
+  for (size_t i = 0; i < n; i++) ASSERT_EQ(seen[i], 1) << "tile " << i;
+}
+
+}  // namespace
+
+TEST(StepPlan, TilesCoverEveryMatrixOfGlm47Flash) {
+  for (int rows : {1, 2, 4, 8}) {
+    step::StepShape s = step::StepShape::glm47_flash();
+    s.rows = rows;
+    s.context = 1000 + rows;  // not a multiple of the split size
+    const step::StepPlan p = step::build_step_plan(s);
+    check_order(p);
+    const auto t = per_task_layer(p);
+    const int64_t jobs = rows * 5;  // top-4 routed + 1 shared expert per row
+    for (int l = 0; l < 47; l++) {
+      // q_a 768 + kv_a 576 columns, each padded to a multiple of 128: 768 + 640
+      EXPECT_EQ(t.at({Task::AttnIn, l}).weights, int64_t(768 + 640) * 2048) << l;
+      EXPECT_EQ(t.at({Task::QB, l}).weights, int64_t(20 * 256) * 768) << l;
+      EXPECT_EQ(t.at({Task::QAbsorb, l}).weights, int64_t(20) * 192 * 512) << l;  // W_uk per head
+      EXPECT_EQ(t.at({Task::MlaCombine, l}).weights, int64_t(20) * 512 * 256) << l;  // W_uv per head
+      EXPECT_EQ(t.at({Task::MlaSplit, l}).bytes, int64_t(rows) * s.context * 576 * 2) << l;  // bf16 latents + rope keys
+      EXPECT_EQ(t.at({Task::OProj, l}).weights, int64_t(2048) * 5120) << l;
+      if (l == 0) {
+        EXPECT_EQ(t.at({Task::DenseGateUp, l}).weights, int64_t(2) * 10240 * 2048);
+        EXPECT_EQ(t.at({Task::DenseDown, l}).weights, int64_t(2048) * 10240);
+        EXPECT_EQ(t.count({Task::GateUp, l}), 0u);
+      } else {
+        EXPECT_EQ(t.at({Task::GateUp, l}).weights, jobs * 2 * 1536 * 2048) << l;
+        EXPECT_EQ(t.at({Task::Down, l}).weights, jobs * 2048 * 1536) << l;
+        EXPECT_EQ(t.count({Task::DenseGateUp, l}), 0u);
+      }
+    }
+    EXPECT_EQ(t.at({Task::Head, 47}).weights, int64_t(154880) * 2048);
+    EXPECT_EQ(t.at({Task::Sample, 47}).tiles, 1);
+  }
+}
+
+TEST(StepPlan, FinerDependenciesThanKernelBoundaries) {
+  const step::StepPlan p = step::build_step_plan(step::StepShape::glm47_flash());
+  for (const step::Tile& x : p.tiles) {
+    if (x.layer != 3) continue;
+    const auto& c = p.counter_info;
+    if (x.task == Task::QAbsorb) {  // a head's two q_b column groups, not all 40
+      ASSERT_EQ(x.deps.size(), 2u);
+      EXPECT_EQ(c[size_t(x.deps[0])].task, Task::QB);
+      EXPECT_EQ(c[size_t(x.deps[0])].group, 2 * x.group);
+    }
+    if (x.task == Task::Down) {  // only gate/up groups of its own job, those its k range covers
+      EXPECT_LE(x.deps.size(), 12u);
+      for (int d : x.deps) EXPECT_EQ(c[size_t(d)].task, Task::GateUp);
+    }
+    if (x.task == Task::OProj) {  // the heads its k range covers
+      EXPECT_LT(x.deps.size(), 20u);
+      for (int d : x.deps) EXPECT_EQ(c[size_t(d)].task, Task::MlaCombine);
+    }
+  }
+}
+
+TEST(StepPlan, CompletesWhateverTheDurations) {
+  for (int rows : {1, 3, 8})
+    for (int context : {1, 777, 32768}) {
+      step::StepShape s = step::StepShape::glm47_flash();
+      s.rows = rows, s.context = context, s.layers = 5;
+      step::CostModel m;
+      m.sms = rows == 3 ? 7 : 132;  // a GPU with fewer SMs than a task has tiles, too
+      const step::StepPlan p = step::build_step_plan(s, m);
+      check_order(p);
+      // The simulator replays the scheduler's own lists and durations: the same times.
+      std::vector<double> cost(p.tiles.size());
+      for (size_t i = 0; i < cost.size(); i++) cost[i] = step::tile_cost_us(p, m, int(i));
+      std::string why;
+      EXPECT_NEAR(step::simulate(p, cost, &why), p.step_us, 1e-6 * p.step_us) << why;
+      EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
+      double work = 0;
+      for (double c : cost) work += c;
+      EXPECT_GE(p.step_us, work / m.sms - 1e-9);
+      // Any durations (zeros, stragglers): it completes.
+      std::mt19937 rng(uint32_t(rows * 100003 + context));
+      for (int trial = 0; trial < 5; trial++) {
+        std::vector<double> d(p.tiles.size());
+        for (double& v : d) v = rng() % 4 == 0 ? 0.0 : std::exponential_distribution<double>(1.0)(rng) * (rng() % 50 == 0 ? 100 : 1);
+        EXPECT_GT(step::simulate(p, d, &why), 0.0) << why;
+      }
+    }
+}
+
+TEST(StepPlan, AListOutOfOrderIsADeadlockNamingTheCounter) {
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.layers = 2;
+  step::StepPlan p = step::build_step_plan(s);
+  // The sampling tile moved to the front of an SM that also runs a head tile: it waits for the head forever.
+  const int sample = int(p.tiles.size()) - 1;
+  for (auto& list : p.per_sm) list.erase(std::remove(list.begin(), list.end(), sample), list.end());
+  int sm = -1;
+  for (size_t k = 0; k < p.per_sm.size() && sm < 0; k++)
+    for (int i : p.per_sm[k])
+      if (p.tiles[size_t(i)].task == Task::Head) sm = int(k);
+  ASSERT_GE(sm, 0);
+  p.per_sm[size_t(sm)].insert(p.per_sm[size_t(sm)].begin(), sample);
+  std::vector<double> d(p.tiles.size(), 1.0);
+  std::string why;
+  EXPECT_LT(step::simulate(p, d, &why), 0.0);
+  EXPECT_NE(why.find("(sample layer 2"), std::string::npos) << why;
+  EXPECT_NE(why.find("for head layer 2"), std::string::npos) << why;
+}
+
+TEST(StepPlan, BadShapesAreErrors) {
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.rows = 9;
+  try {
+    step::build_step_plan(s);
+    FAIL() << "rows 9 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rows 9: the persistent decode kernel takes 1..8"), std::string::npos) << e.what();
+  }
+  s.rows = 1, s.dense_layers = 48;
+  EXPECT_THROW(step::build_step_plan(s), Error);
+}
+
+// The full-size schedule lies between its two lower bounds (the longest dependency chain, the work spread over
+// every SM); its figures, printed for docs/megakernel.md, are the cost model's, not a measurement.
+TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
+  for (int context : {1024, 32768})
+    for (int rows : {1, 2, 4, 8}) {
+      step::StepShape s = step::StepShape::glm47_flash();
+      s.rows = rows, s.context = context;
+      const step::StepPlan p = step::build_step_plan(s);
+      std::printf("context %5d rows %d: %zu tiles, %d counters, modelled step %.0f us (%.0f tok/s per row), critical path %.0f us\n",
+                  context, rows, p.tiles.size(), p.counters(), p.step_us, 1e6 / p.step_us, p.critical_path_us);
+      double work = 0;
+      for (size_t i = 0; i < p.tiles.size(); i++) work += step::tile_cost_us(p, step::CostModel{}, int(i));
+      EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
+      EXPECT_GE(p.step_us, work / 132 - 1e-9);
+      std::printf("  work / 132 SMs %.0f us\n", work / 132);
+    }
+}
