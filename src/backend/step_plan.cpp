@@ -52,7 +52,8 @@ struct Builder {
     return base;
   }
   // Topological order by construction: a tile may only wait for counters whose tiles are all added.
-  void tile(Task t, int layer, int counter, int split, int64_t weights, int64_t bytes, std::vector<int> deps) {
+  void tile(Task t, int layer, int counter, int split, int64_t weights, int64_t bytes, std::vector<int> deps,
+            bool routed = false) {
     CounterInfo& c = p.counter_info[size_t(counter)];
     TRELLM_ASSERT(c.task == t && c.layer == layer, "step plan: tile of ", task_name(t), " arrives on another task's counter");
     TRELLM_ASSERT(!read[size_t(counter)], "step plan: a ", task_name(t), " tile arrives on a counter already waited for");
@@ -61,7 +62,7 @@ struct Builder {
       read[size_t(d)] = true;
     }
     c.arrivals++;
-    p.tiles.push_back(Tile{t, layer, c.group, split, weights, bytes, std::move(deps), counter});
+    p.tiles.push_back(Tile{t, layer, c.group, split, weights, bytes, routed, std::move(deps), counter});
   }
   static std::vector<int> range(int base, int n) {
     std::vector<int> v(size_t(std::max(n, 0)));
@@ -155,7 +156,8 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
       for (int which = 0; which < 2; which++)
         for (int g = 0; g < inter_groups; g++)
           for (int j = 0; j < jobs; j++)
-            b.tile(Task::GateUp, l, gu + j * inter_groups + g, z, int64_t(kCols) * (c1 - c0) * kChunk, 0, {router});
+            b.tile(Task::GateUp, l, gu + j * inter_groups + g, z, int64_t(kCols) * (c1 - c0) * kChunk, 0, {router},
+                   j % (s.top_k + s.shared_experts) < s.top_k);
     }
     const int dn = b.counters(Task::Down, l, s.rows * hidden_groups);  // per (row, group): all of the row's jobs
     for (int z = 0; z < s_d; z++) {
@@ -163,8 +165,10 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
       for (int g = 0; g < hidden_groups; g++)
         for (int j = 0; j < jobs; j++) {
           const int row = j / (s.top_k + s.shared_experts);
+          std::vector<int> deps = {router};  // first: which expert (the gate/up counters imply it; kept for `routed`)
+          for (int c = c0; c < c1; c++) deps.push_back(gu + j * inter_groups + c);
           b.tile(Task::Down, l, dn + row * hidden_groups + g, z, int64_t(kCols) * std::min(s.moe_inter - c0 * kChunk, (c1 - c0) * kChunk),
-                 0, Builder::range(gu + j * inter_groups + c0, c1 - c0));
+                 0, std::move(deps), j % (s.top_k + s.shared_experts) < s.top_k);
         }
     }
     residual = Builder::range(dn, s.rows * hidden_groups);
@@ -175,11 +179,21 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
   return p;
 }
 
-double tile_cost_us(const StepPlan& p, const CostModel& m, int i) {
+TileTime tile_time(const StepPlan& p, const CostModel& m, int i) {
   const Tile& t = p.tiles[size_t(i)];
-  return m.tile_us + (t.deps.empty() ? 0.0 : m.dependent_us) + double(t.weights) * m.ps_per_weight * 1e-6 +
-         double(t.bytes) / m.bytes_per_ns * 1e-3;
+  const double decode = double(t.weights) * m.ps_per_weight * 1e-6;
+  const double rest = m.tile_us + (t.deps.empty() ? 0.0 : m.dependent_us) + double(t.bytes) / m.bytes_per_ns * 1e-3;
+  return m.decode_ahead ? TileTime{decode, rest} : TileTime{0.0, decode + rest};
 }
+
+namespace {
+// One tile on its SM: the ahead part from `sm_free` (a routed tile's not before `known`), the rest from the later
+// of that and `ready`. Returns the end.
+double place(const Tile& t, const TileTime& tt, double sm_free, double known, double ready) {
+  const double ahead_end = std::max(sm_free, t.routed ? known : 0.0) + tt.ahead;
+  return std::max(ahead_end, ready) + tt.after;
+}
+}  // namespace
 
 StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
   StepPlan p = build_tiles(s, m);
@@ -196,24 +210,26 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
     const Tile& t = p.tiles[i];
     double ready = 0.0, cp_ready = 0.0;
     for (int d : t.deps) ready = std::max(ready, done[size_t(d)]), cp_ready = std::max(cp_ready, cp_done[size_t(d)]);
-    const double cost = tile_cost_us(p, m, int(i));
-    // The earliest-free SM starts it first (start = max(free, ready) grows with free).
+    const TileTime tt = tile_time(p, m, int(i));
+    const double known = t.routed ? done[size_t(t.deps[0])] : 0.0, cp_known = t.routed ? cp_done[size_t(t.deps[0])] : 0.0;
+    // The earliest-free SM ends it first (the end grows with the SM's free time).
     const auto [free, sm] = free_at.top();
     free_at.pop();
-    p.start_us[i] = std::max(free, ready);
-    p.end_us[i] = p.start_us[i] + cost;
+    p.start_us[i] = std::max(free, known);
+    p.end_us[i] = place(t, tt, free, known, ready);
     free_at.push({p.end_us[i], sm});
     p.per_sm[size_t(sm)].push_back(int(i));
     done[size_t(t.counter)] = std::max(done[size_t(t.counter)], p.end_us[i]);
-    cp_done[size_t(t.counter)] = std::max(cp_done[size_t(t.counter)], cp_ready + cost);
+    const double cp_end = place(t, tt, 0.0, cp_known, cp_ready);
+    cp_done[size_t(t.counter)] = std::max(cp_done[size_t(t.counter)], cp_end);
     p.step_us = std::max(p.step_us, p.end_us[i]);
-    p.critical_path_us = std::max(p.critical_path_us, cp_ready + cost);
+    p.critical_path_us = std::max(p.critical_path_us, cp_end);
   }
   return p;
 }
 
-double simulate(const StepPlan& p, const std::vector<double>& duration_us, std::string* why) {
-  TRELLM_ASSERT(duration_us.size() == p.tiles.size(), "simulate: one duration per tile");
+double simulate(const StepPlan& p, const std::vector<TileTime>& tt, std::string* why) {
+  TRELLM_ASSERT(tt.size() == p.tiles.size(), "simulate: one time per tile");
   const size_t sms = p.per_sm.size();
   std::vector<int> arrived(size_t(p.counters()), 0);
   std::vector<double> complete_at(size_t(p.counters()), 0.0), sm_time(sms, 0.0);
@@ -226,14 +242,14 @@ double simulate(const StepPlan& p, const std::vector<double>& duration_us, std::
       const std::vector<int>& list = p.per_sm[sm];
       while (next[sm] < list.size()) {
         const Tile& t = p.tiles[size_t(list[next[sm]])];
-        double start = sm_time[sm];
+        double ready_at = 0.0;
         bool ready = true;
         for (int d : t.deps) {
           if (arrived[size_t(d)] < p.counter_info[size_t(d)].arrivals) ready = false;
-          start = std::max(start, complete_at[size_t(d)]);
+          ready_at = std::max(ready_at, complete_at[size_t(d)]);
         }
         if (!ready) break;
-        sm_time[sm] = start + duration_us[size_t(list[next[sm]])];
+        sm_time[sm] = place(t, tt[size_t(list[next[sm]])], sm_time[sm], t.routed ? complete_at[size_t(t.deps[0])] : 0.0, ready_at);
         const size_t c = size_t(t.counter);
         complete_at[c] = std::max(complete_at[c], sm_time[sm]);
         arrived[c]++;

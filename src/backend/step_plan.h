@@ -60,6 +60,9 @@ struct CostModel {
   double bytes_per_ns = 36.0;
   double dependent_us = 1.5;
   double tile_us = 0.3;  // fixed per-tile work: the split-k partial store and arrival
+  // Decode ahead (docs/megakernel.md, v2): a tile's weights are decoded as soon as its SM is free, before its
+  // counters are complete; only the rest waits. A routed expert's weights are known once the router has run.
+  bool decode_ahead = true;
 };
 
 struct Tile {
@@ -69,6 +72,7 @@ struct Tile {
   int split;              // k-split or context split
   int64_t weights;        // weights it decodes
   int64_t bytes;          // other bytes it reads (latents)
+  bool routed;            // a routed expert's: which weights is known after the router (deps[0])
   std::vector<int> deps;  // counters it waits for (each: all tiles of that output group arrived)
   int counter;            // the counter it arrives on
 };
@@ -95,11 +99,17 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m);
 // build_tiles, then list scheduling in tile order: each tile to the SM where the cost model starts it first.
 StepPlan build_step_plan(const StepShape& s, const CostModel& m = {});
 
-// Runs per_sm as the device would (each SM in list order, a tile starts once its counters are complete) with
-// the given durations per tile (µs). Returns the makespan, or a negative value with `why` naming the SM and the
-// counter it waits for when no SM can move (a deadlock).
-double simulate(const StepPlan& p, const std::vector<double>& duration_us, std::string* why = nullptr);
-// The cost model's duration of tile i.
-double tile_cost_us(const StepPlan& p, const CostModel& m, int i);
+// A tile's time in two parts (µs): `ahead` may run before its counters are complete (its weights' decode, with
+// decode_ahead; a routed tile's only after the router), `after` runs once they are.
+struct TileTime {
+  double ahead, after;
+};
+TileTime tile_time(const StepPlan& p, const CostModel& m, int i);
+
+// Runs per_sm as the device would (each SM in list order; a tile's ahead part once its SM is free (a routed
+// tile's: and the router done), the rest once its counters are complete) with the given times per tile. Returns
+// the makespan, or a negative value with `why` naming the SM, the tile and the counter it waits for when no SM
+// can move (a deadlock).
+double simulate(const StepPlan& p, const std::vector<TileTime>& t, std::string* why = nullptr);
 
 }  // namespace trellm::step

@@ -43,7 +43,9 @@ void check_order(const step::StepPlan& p) {
   for (const auto& list : p.per_sm) {
     for (size_t k = 0; k < list.size(); k++) {
       seen[size_t(list[k])]++;
-      if (k) ASSERT_LT(list[k - 1], list[k]) << "an SM's list is out of order";
+      if (k) {
+        ASSERT_LT(list[k - 1], list[k]) << "an SM's list is out of order";
+      }
     }
   }
   for (size_t i = 0; i < n; i++) ASSERT_EQ(seen[i], 1) << "tile " << i;
@@ -93,9 +95,10 @@ TEST(StepPlan, FinerDependenciesThanKernelBoundaries) {
       EXPECT_EQ(c[size_t(x.deps[0])].task, Task::QB);
       EXPECT_EQ(c[size_t(x.deps[0])].group, 2 * x.group);
     }
-    if (x.task == Task::Down) {  // only gate/up groups of its own job, those its k range covers
-      EXPECT_LE(x.deps.size(), 12u);
-      for (int d : x.deps) EXPECT_EQ(c[size_t(d)].task, Task::GateUp);
+    if (x.task == Task::Down) {  // the router (which expert), then only the gate/up groups its k range covers
+      EXPECT_LE(x.deps.size(), 1u + 12u);
+      EXPECT_EQ(c[size_t(x.deps[0])].task, Task::Router);
+      for (size_t k = 1; k < x.deps.size(); k++) EXPECT_EQ(c[size_t(x.deps[k])].task, Task::GateUp);
     }
     if (x.task == Task::OProj) {  // the heads its k range covers
       EXPECT_LT(x.deps.size(), 20u);
@@ -114,19 +117,20 @@ TEST(StepPlan, CompletesWhateverTheDurations) {
       const step::StepPlan p = step::build_step_plan(s, m);
       check_order(p);
       // The simulator replays the scheduler's own lists and durations: the same times.
-      std::vector<double> cost(p.tiles.size());
-      for (size_t i = 0; i < cost.size(); i++) cost[i] = step::tile_cost_us(p, m, int(i));
+      std::vector<step::TileTime> cost(p.tiles.size());
+      for (size_t i = 0; i < cost.size(); i++) cost[i] = step::tile_time(p, m, int(i));
       std::string why;
       EXPECT_NEAR(step::simulate(p, cost, &why), p.step_us, 1e-6 * p.step_us) << why;
       EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
       double work = 0;
-      for (double c : cost) work += c;
+      for (const auto& c : cost) work += c.ahead + c.after;
       EXPECT_GE(p.step_us, work / m.sms - 1e-9);
       // Any durations (zeros, stragglers): it completes.
       std::mt19937 rng(uint32_t(rows * 100003 + context));
+      auto draw = [&] { return rng() % 4 == 0 ? 0.0 : std::exponential_distribution<double>(1.0)(rng) * (rng() % 50 == 0 ? 100 : 1); };
       for (int trial = 0; trial < 5; trial++) {
-        std::vector<double> d(p.tiles.size());
-        for (double& v : d) v = rng() % 4 == 0 ? 0.0 : std::exponential_distribution<double>(1.0)(rng) * (rng() % 50 == 0 ? 100 : 1);
+        std::vector<step::TileTime> d(p.tiles.size());
+        for (auto& v : d) v = {draw(), draw()};
         EXPECT_GT(step::simulate(p, d, &why), 0.0) << why;
       }
     }
@@ -145,7 +149,7 @@ TEST(StepPlan, AListOutOfOrderIsADeadlockNamingTheCounter) {
       if (p.tiles[size_t(i)].task == Task::Head) sm = int(k);
   ASSERT_GE(sm, 0);
   p.per_sm[size_t(sm)].insert(p.per_sm[size_t(sm)].begin(), sample);
-  std::vector<double> d(p.tiles.size(), 1.0);
+  std::vector<step::TileTime> d(p.tiles.size(), step::TileTime{0.5, 0.5});
   std::string why;
   EXPECT_LT(step::simulate(p, d, &why), 0.0);
   EXPECT_NE(why.find("(sample layer 2"), std::string::npos) << why;
@@ -168,17 +172,20 @@ TEST(StepPlan, BadShapesAreErrors) {
 // The full-size schedule lies between its two lower bounds (the longest dependency chain, the work spread over
 // every SM); its figures, printed for docs/megakernel.md, are the cost model's, not a measurement.
 TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
-  for (int context : {1024, 32768})
-    for (int rows : {1, 2, 4, 8}) {
-      step::StepShape s = step::StepShape::glm47_flash();
-      s.rows = rows, s.context = context;
-      const step::StepPlan p = step::build_step_plan(s);
-      std::printf("context %5d rows %d: %zu tiles, %d counters, modelled step %.0f us (%.0f tok/s per row), critical path %.0f us\n",
-                  context, rows, p.tiles.size(), p.counters(), p.step_us, 1e6 / p.step_us, p.critical_path_us);
-      double work = 0;
-      for (size_t i = 0; i < p.tiles.size(); i++) work += step::tile_cost_us(p, step::CostModel{}, int(i));
-      EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
-      EXPECT_GE(p.step_us, work / 132 - 1e-9);
-      std::printf("  work / 132 SMs %.0f us\n", work / 132);
-    }
+  for (bool ahead : {false, true})
+    for (int context : {1024, 32768})
+      for (int rows : {1, 2, 4, 8}) {
+        step::StepShape s = step::StepShape::glm47_flash();
+        s.rows = rows, s.context = context;
+        step::CostModel m;
+        m.decode_ahead = ahead;
+        const step::StepPlan p = step::build_step_plan(s, m);
+        double work = 0;
+        for (size_t i = 0; i < p.tiles.size(); i++) work += step::tile_time(p, m, int(i)).ahead + step::tile_time(p, m, int(i)).after;
+        EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
+        EXPECT_GE(p.step_us, work / m.sms - 1e-9);
+        std::printf("decode ahead %d, context %5d, rows %d: %6zu tiles, %5d counters; modelled step %5.0f us (%4.0f tok/s a "
+                    "row), critical path %5.0f us, work / 132 SMs %5.0f us\n", int(ahead), context, rows, p.tiles.size(),
+                    p.counters(), p.step_us, 1e6 / p.step_us, p.critical_path_us, work / m.sms);
+      }
 }
