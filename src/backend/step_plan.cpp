@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <map>
 #include <queue>
 
 #include "core/error.h"
@@ -70,7 +71,9 @@ struct Builder {
     return v;
   }
   // k-splits so that the task's tiles fill about one wave of SMs, at least one chunk each.
-  int splits_for(int groups, int in) const { return std::clamp(m.sms / std::max(groups, 1), 1, div_up(in, kChunk)); }
+  int splits_for(int groups, int in) const {
+    return std::clamp(int(m.waves * m.sms) / std::max(groups, 1), 1, div_up(in, kChunk));
+  }
 
   // A GEMV of `out` columns in groups of 128 (gates: 2 products sharing the groups), `in` deep, split over k.
   // Each tile's dependencies come from deps_of(k chunk range [c0, c1)). Returns the first counter.
@@ -226,6 +229,75 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
     p.critical_path_us = std::max(p.critical_path_us, cp_end);
   }
   return p;
+}
+
+std::string check_buffer_reuse(const StepPlan& p) {
+  const size_t n = p.tiles.size();
+  std::vector<std::vector<int>> producers(size_t(p.counters())), readers(size_t(p.counters()));
+  for (size_t i = 0; i < n; i++) {
+    producers[size_t(p.tiles[i].counter)].push_back(int(i));
+    for (int d : p.tiles[i].deps) readers[size_t(d)].push_back(int(i));
+  }
+  // (task, layer) -> its tiles; and the readers of its outputs
+  std::map<std::pair<Task, int>, std::vector<int>> writers, reads;
+  for (size_t i = 0; i < n; i++) writers[{p.tiles[i].task, p.tiles[i].layer}].push_back(int(i));
+  for (int c = 0; c < p.counters(); c++) {
+    auto& r = reads[{p.counter_info[size_t(c)].task, p.counter_info[size_t(c)].layer}];
+    r.insert(r.end(), readers[size_t(c)].begin(), readers[size_t(c)].end());
+  }
+  // The tiles a writer is ordered after: backwards through the counters it waits for, down to tile `floor`. Writers
+  // of one task share their dependency lists, so the search is done once per distinct list.
+  std::map<std::vector<int>, std::vector<char>> memo;
+  auto ancestors = [&](const std::vector<int>& deps, int floor) -> const std::vector<char>& {
+    auto it = memo.find(deps);
+    if (it != memo.end()) return it->second;
+    std::vector<char> seen(n, 0), counter_seen(size_t(p.counters()), 0);
+    std::vector<int> stack(deps.begin(), deps.end());
+    while (!stack.empty()) {
+      const int c = stack.back();
+      stack.pop_back();
+      if (counter_seen[size_t(c)]) continue;
+      counter_seen[size_t(c)] = 1;
+      for (int t : producers[size_t(c)]) {
+        if (seen[size_t(t)] || t < floor) continue;
+        seen[size_t(t)] = 1;
+        stack.insert(stack.end(), p.tiles[size_t(t)].deps.begin(), p.tiles[size_t(t)].deps.end());
+      }
+    }
+    return memo.emplace(deps, std::move(seen)).first->second;
+  };
+  for (const auto& [key, ws] : writers) {
+    const auto prev = reads.find({key.first, key.second - 1});
+    if (prev == reads.end() || prev->second.empty()) continue;
+    const int floor = *std::min_element(prev->second.begin(), prev->second.end());
+    memo.clear();
+    for (int w : ws) {
+      const std::vector<char>& before = ancestors(p.tiles[size_t(w)].deps, floor);
+      for (int r : prev->second)
+        if (!before[size_t(r)])
+          return str_cat("tile ", w, " (", task_name(key.first), " layer ", key.second, ") may overwrite ", task_name(key.first),
+                         "'s output of layer ", key.second - 1, " before tile ", r, " (", task_name(p.tiles[size_t(r)].task),
+                         " layer ", p.tiles[size_t(r)].layer, ") has read it");
+    }
+  }
+  return "";
+}
+
+StepLists flatten(const StepPlan& p) {
+  StepLists f;
+  f.sm_begin.push_back(0);
+  for (const auto& list : p.per_sm) {
+    f.sm_tiles.insert(f.sm_tiles.end(), list.begin(), list.end());
+    f.sm_begin.push_back(int32_t(f.sm_tiles.size()));
+  }
+  f.dep_begin.push_back(0);
+  for (const Tile& t : p.tiles) {
+    f.deps.insert(f.deps.end(), t.deps.begin(), t.deps.end());
+    f.dep_begin.push_back(int32_t(f.deps.size()));
+    f.tile_counter.push_back(t.counter);
+  }
+  for (const CounterInfo& c : p.counter_info) f.arrivals.push_back(c.arrivals);
+  return f;
 }
 
 double simulate(const StepPlan& p, const std::vector<TileTime>& tt, std::string* why) {

@@ -18,7 +18,16 @@
 #include <string>
 #include <vector>
 
+#include "core/hd.h"
+
 namespace trellm::step {
+
+// Counters are never reset: they carry the step (graph replay) number. Before step n (0, 1, ...) a counter of
+// `arrivals` tiles holds n · arrivals; a consumer of step n waits until it reaches (n + 1) · arrivals. 32-bit
+// counters wrap after ~2^32 / arrivals steps, so the comparison is modular: right while the distance stays below
+// 2^31 (a consumer is never more than one step ahead). One definition for the host twin and the kernel.
+TRELLM_HD uint32_t counter_target(uint32_t step, uint32_t arrivals) { return (step + 1u) * arrivals; }
+TRELLM_HD bool counter_reached(uint32_t value, uint32_t target) { return int32_t(value - target) >= 0; }
 
 enum class Task : uint8_t {
   Embed,        // the token rows' embedding (1 tile)
@@ -63,6 +72,9 @@ struct CostModel {
   // Decode ahead (docs/megakernel.md, v2): a tile's weights are decoded as soon as its SM is free, before its
   // counters are complete; only the rest waits. A routed expert's weights are known once the router has run.
   bool decode_ahead = true;
+  // The plan's grain: a GEMV's k-splits give about `waves` tiles per SM (fewer, larger tiles pay the fixed
+  // per-tile cost less often; more, smaller ones shorten each dependent stage).
+  double waves = 0.5;  // the cost model's best with decode ahead at 1 and 8 rows (0.25..2 swept, docs/megakernel.md)
 };
 
 struct Tile {
@@ -98,6 +110,19 @@ struct StepPlan {
 StepPlan build_tiles(const StepShape& s, const CostModel& m);
 // build_tiles, then list scheduling in tile order: each tile to the SM where the cost model starts it first.
 StepPlan build_step_plan(const StepShape& s, const CostModel& m = {});
+
+// The schedule as flat arrays, as the kernel reads them (cudaMemcpy once per plan): SM k runs tiles
+// sm_tiles[sm_begin[k] .. sm_begin[k+1]); tile i waits for counters deps[dep_begin[i] .. dep_begin[i+1]) and then
+// arrives on tile_counter[i]; counter c expects arrivals[c] tiles a step.
+struct StepLists {
+  std::vector<int32_t> sm_begin, sm_tiles, dep_begin, deps, tile_counter, arrivals;
+};
+StepLists flatten(const StepPlan& p);
+
+// Every task's output lives in one buffer reused by every layer (as the engine's RunState), so a tile that
+// writes task T's buffer for layer l + 1 must come after every tile that reads T's output of layer l (a read is
+// a wait on one of its counters), through dependencies. Returns "" or the first write that could overtake a read.
+std::string check_buffer_reuse(const StepPlan& p);
 
 // A tile's time in two parts (µs): `ahead` may run before its counters are complete (its weights' decode, with
 // decode_ahead; a routed tile's only after the router), `after` runs once they are.

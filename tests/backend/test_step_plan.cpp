@@ -5,8 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <map>
 #include <random>
+#include <thread>
 
 #include "backend/step_plan.h"
 #include "core/error.h"
@@ -154,6 +157,72 @@ TEST(StepPlan, AListOutOfOrderIsADeadlockNamingTheCounter) {
   EXPECT_LT(step::simulate(p, d, &why), 0.0);
   EXPECT_NE(why.find("(sample layer 2"), std::string::npos) << why;
   EXPECT_NE(why.find("for head layer 2"), std::string::npos) << why;
+}
+
+TEST(StepPlan, ABufferIsRewrittenOnlyAfterTheLastLayersReadsOfIt) {
+  for (int rows : {1, 8}) {
+    step::StepShape s = step::StepShape::glm47_flash();
+    s.rows = rows, s.layers = 6, s.context = 4096;
+    step::StepPlan p = step::build_step_plan(s);
+    EXPECT_EQ(step::check_buffer_reuse(p), "");
+    // An attn_in tile of layer 3 that no longer waits for the residual could overwrite layer 2's q_a while q_b reads it.
+    for (step::Tile& t : p.tiles)
+      if (t.task == Task::AttnIn && t.layer == 3) {
+        t.deps.clear();
+        break;
+      }
+    const std::string why = step::check_buffer_reuse(p);
+    EXPECT_NE(why.find("(attn_in layer 3) may overwrite attn_in's output of layer 2"), std::string::npos) << why;
+  }
+}
+
+// The counter protocol on host threads, one per SM, as the kernel will run it: several steps back to back, nothing
+// reset in between (the targets carry the step), the 32-bit counters started near their wrap. Each tile checks
+// that what its producers wrote this step is visible once the counters it waits for say so.
+TEST(StepPlan, CountersCarryTheStepAcrossRepeatsOnThreads) {
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.layers = 3, s.rows = 2, s.context = 300, s.vocab = 4096;
+  step::CostModel m;
+  m.sms = 6;
+  const step::StepPlan p = step::build_step_plan(s, m);
+  const step::StepLists f = step::flatten(p);
+  ASSERT_EQ(f.sm_begin.size(), 7u);
+  ASSERT_EQ(size_t(f.sm_begin.back()), p.tiles.size());
+  // Step 2^31 - 1 first: counters of even arrivals wrap past 2^32 within the run, those of 1 cross 2^31.
+  const uint32_t first = 0x7FFFFFFFu, steps = 5;
+  std::vector<std::atomic<uint32_t>> counters(f.arrivals.size());
+  for (size_t c = 0; c < counters.size(); c++) counters[c].store(first * uint32_t(f.arrivals[c]));  // before step `first`
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  std::atomic<bool> stuck{false};
+  std::vector<std::vector<int>> producers(f.arrivals.size());
+  for (size_t i = 0; i < p.tiles.size(); i++) producers[size_t(f.tile_counter[i])].push_back(int(i));
+  std::vector<std::vector<uint32_t>> out(steps, std::vector<uint32_t>(p.tiles.size(), 0));  // plain memory
+  std::atomic<int> stale{0};
+  auto run_sm = [&](int k) {
+    for (uint32_t n = 0; n < steps; n++)
+      for (int q = f.sm_begin[size_t(k)]; q < f.sm_begin[size_t(k) + 1]; q++) {
+        const int i = f.sm_tiles[size_t(q)];
+        for (int e = f.dep_begin[size_t(i)]; e < f.dep_begin[size_t(i) + 1]; e++) {
+          const size_t c = size_t(f.deps[size_t(e)]);
+          const uint32_t target = step::counter_target(first + n, uint32_t(f.arrivals[c]));
+          while (!step::counter_reached(counters[c].load(std::memory_order_acquire), target)) {
+            std::this_thread::yield();
+            if (stuck || std::chrono::steady_clock::now() > deadline) return void(stuck = true);  // fail, not hang
+          }
+          for (int pr : producers[c])
+            if (out[n][size_t(pr)] != uint32_t(pr) + 1) stale++;
+        }
+        out[n][size_t(i)] = uint32_t(i) + 1;
+        counters[size_t(f.tile_counter[size_t(i)])].fetch_add(1, std::memory_order_release);
+      }
+  };
+  std::vector<std::thread> sms;
+  for (int k = 0; k < m.sms; k++) sms.emplace_back(run_sm, k);
+  for (auto& t : sms) t.join();
+  ASSERT_FALSE(stuck.load()) << "a counter never reached its target";
+  EXPECT_EQ(stale.load(), 0);
+  for (size_t c = 0; c < counters.size(); c++)
+    ASSERT_EQ(counters[c].load(), step::counter_target(first + steps - 1, uint32_t(f.arrivals[c]))) << "counter " << c;
 }
 
 TEST(StepPlan, BadShapesAreErrors) {
