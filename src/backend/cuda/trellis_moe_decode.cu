@@ -40,7 +40,7 @@ __device__ __forceinline__ const DeviceTrellis* start_job(const MoeArgs& a, int 
 
 // Waits (thread 0 polls, the block follows) until *count reaches target, then adds this block's arrival; the
 // arrival that completes target + waiters resets the counter, so the workspace is left at zero. A count that
-// never comes (a wrong plan) traps after ~7 s instead of hanging the GPU.
+// never comes (a wrong plan) traps after 2^26 polls (at least 4 s) instead of hanging the GPU.
 __device__ __forceinline__ void wait_then_arrive(int* count, int target, int waiters) {
   if (threadIdx.x == 0) {
     int v, spins = 0;
