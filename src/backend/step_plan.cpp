@@ -209,10 +209,19 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
   using Slot = std::pair<double, int>;
   std::priority_queue<Slot, std::vector<Slot>, std::greater<>> free_at;
   for (int sm = 0; sm < m.sms; sm++) free_at.push({0.0, sm});
+  // kernel_boundaries: the end of the task instance before this tile's (all its tiles), and of the current one
+  double prev_kernel_end = 0.0, kernel_end = 0.0, cp_prev_kernel_end = 0.0, cp_kernel_end = 0.0;
   for (size_t i = 0; i < n; i++) {
     const Tile& t = p.tiles[i];
+    if (i > 0 && (t.task != p.tiles[i - 1].task || t.layer != p.tiles[i - 1].layer)) {
+      prev_kernel_end = kernel_end, cp_prev_kernel_end = cp_kernel_end;
+    }
     double ready = 0.0, cp_ready = 0.0;
     for (int d : t.deps) ready = std::max(ready, done[size_t(d)]), cp_ready = std::max(cp_ready, cp_done[size_t(d)]);
+    if (m.kernel_boundaries && i > 0) {
+      ready = std::max(ready, prev_kernel_end + m.boundary_us);
+      cp_ready = std::max(cp_ready, cp_prev_kernel_end + m.boundary_us);
+    }
     const TileTime tt = tile_time(p, m, int(i));
     const double known = t.routed ? done[size_t(t.deps[0])] : 0.0, cp_known = t.routed ? cp_done[size_t(t.deps[0])] : 0.0;
     // The earliest-free SM ends it first (the end grows with the SM's free time).
@@ -227,6 +236,7 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
     cp_done[size_t(t.counter)] = std::max(cp_done[size_t(t.counter)], cp_end);
     p.step_us = std::max(p.step_us, p.end_us[i]);
     p.critical_path_us = std::max(p.critical_path_us, cp_end);
+    kernel_end = std::max(kernel_end, p.end_us[i]), cp_kernel_end = std::max(cp_kernel_end, cp_end);
   }
   return p;
 }

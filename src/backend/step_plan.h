@@ -74,6 +74,11 @@ struct CostModel {
   bool decode_ahead = true;
   // The plan's grain: a GEMV's k-splits give about `waves` tiles per SM (fewer, larger tiles pay the fixed
   // per-tile cost less often; more, smaller ones shorten each dependent stage).
+  // Today's multi-kernel path for comparison: every task a kernel, so a task's tiles start only once every tile
+  // of the task before has ended, plus boundary_us (the grid's drain and the PDL wait's release). The
+  // scheduler's times only: simulate() runs the counters alone.
+  bool kernel_boundaries = false;
+  double boundary_us = 2.0;
   double waves = 0.5;  // the cost model's best with decode ahead at 1 and 8 rows (0.25..2 swept, docs/megakernel.md)
 };
 

@@ -225,6 +225,19 @@ TEST(StepPlan, CountersCarryTheStepAcrossRepeatsOnThreads) {
     ASSERT_EQ(counters[c].load(), step::counter_target(first + steps - 1, uint32_t(f.arrivals[c]))) << "counter " << c;
 }
 
+// With every tile free, the multi-kernel comparison costs exactly its boundaries: 10 tasks a layer (7 of
+// attention, the router, gate/up and down or the dense pair) plus embed, head and sample, 473 kernels.
+TEST(StepPlan, KernelBoundariesCostTheirGaps) {
+  step::CostModel m;
+  m.ps_per_weight = 0, m.bytes_per_ns = 1e300, m.dependent_us = 0, m.tile_us = 0;
+  m.kernel_boundaries = true, m.boundary_us = 2.5;
+  const step::StepPlan p = step::build_step_plan(step::StepShape::glm47_flash(), m);
+  EXPECT_NEAR(p.step_us, 472 * 2.5, 1e-6);
+  EXPECT_NEAR(p.critical_path_us, 472 * 2.5, 1e-6);
+  m.kernel_boundaries = false;
+  EXPECT_NEAR(step::build_step_plan(step::StepShape::glm47_flash(), m).step_us, 0.0, 1e-6);
+}
+
 TEST(StepPlan, BadShapesAreErrors) {
   step::StepShape s = step::StepShape::glm47_flash();
   s.rows = 9;
@@ -241,6 +254,13 @@ TEST(StepPlan, BadShapesAreErrors) {
 // The full-size schedule lies between its two lower bounds (the longest dependency chain, the work spread over
 // every SM); its figures, printed for docs/megakernel.md, are the cost model's, not a measurement.
 TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
+  {  // today's path as the model sees it: a kernel per task, 3 µs per boundary, 2 µs dependent latency, one wave
+    step::CostModel m;
+    m.kernel_boundaries = true, m.decode_ahead = false, m.boundary_us = 3.0, m.dependent_us = 2.0, m.waves = 1.0;
+    const step::StepPlan p = step::build_step_plan(step::StepShape::glm47_flash(), m);
+    EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
+    std::printf("kernels, context 1024, rows 1: modelled step %.0f us (%.0f tok/s)\n", p.step_us, 1e6 / p.step_us);
+  }
   for (bool ahead : {false, true})
     for (int context : {1024, 32768})
       for (int rows : {1, 2, 4, 8}) {
