@@ -54,7 +54,7 @@ struct Builder {
   }
   // Topological order by construction: a tile may only wait for counters whose tiles are all added.
   void tile(Task t, int layer, int counter, int split, int64_t weights, int64_t bytes, std::vector<int> deps,
-            bool routed = false) {
+            bool routed = false, int64_t weight_bytes = 0) {
     CounterInfo& c = p.counter_info[size_t(counter)];
     TRELLM_ASSERT(c.task == t && c.layer == layer, "step plan: tile of ", task_name(t), " arrives on another task's counter");
     TRELLM_ASSERT(!read[size_t(counter)], "step plan: a ", task_name(t), " tile arrives on a counter already waited for");
@@ -63,7 +63,7 @@ struct Builder {
       read[size_t(d)] = true;
     }
     c.arrivals++;
-    p.tiles.push_back(Tile{t, layer, c.group, split, weights, bytes, routed, std::move(deps), counter});
+    p.tiles.push_back(Tile{t, layer, c.group, split, weights, bytes, weight_bytes, routed, std::move(deps), counter});
   }
   static std::vector<int> range(int base, int n) {
     std::vector<int> v(size_t(std::max(n, 0)));
@@ -141,7 +141,12 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
     const int hidden_groups = div_up(s.hidden, kCols);
     const int router = b.counters(Task::Router, l, 1);
     const bool dense = l < s.dense_layers;
-    b.tile(Task::Router, l, router, 0, 0, dense ? 0 : int64_t(s.hidden) * 64 * 2, Builder::range(o, hidden_groups));
+    // The gate (64 experts x hidden, bf16: 256 KB) in 8 slices of 32 KB, each read ahead into shared memory; one
+    // tile reading all of it at one SM's share of the bandwidth would take ~7 µs on the critical path.
+    const int gate_slices = dense ? 1 : 8;
+    for (int k = 0; k < gate_slices; k++)
+      b.tile(Task::Router, l, router, k, 0, 0, Builder::range(o, hidden_groups), false,
+             dense ? 0 : int64_t(s.hidden) * 64 * 2 / gate_slices);
     if (dense) {
       const int gu = b.gemv(Task::DenseGateUp, l, s.dense_inter, s.hidden, 2, all(router, 1));
       const int dn = b.gemv(Task::DenseDown, l, s.hidden, s.dense_inter, 1,
@@ -184,7 +189,7 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
 
 TileTime tile_time(const StepPlan& p, const CostModel& m, int i) {
   const Tile& t = p.tiles[size_t(i)];
-  const double decode = double(t.weights) * m.ps_per_weight * 1e-6;
+  const double decode = double(t.weights) * m.ps_per_weight * 1e-6 + double(t.weight_bytes) / m.bytes_per_ns * 1e-3;
   const double rest = m.tile_us + (t.deps.empty() ? 0.0 : m.dependent_us) + double(t.bytes) / m.bytes_per_ns * 1e-3;
   return m.decode_ahead ? TileTime{decode, rest} : TileTime{0.0, decode + rest};
 }
@@ -204,23 +209,30 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
   p.per_sm.assign(size_t(m.sms), {});
   p.start_us.assign(n, 0.0);
   p.end_us.assign(n, 0.0);
-  std::vector<double> done(size_t(p.counters()), 0.0), cp_done(size_t(p.counters()), 0.0);
+  std::vector<double> done(size_t(p.counters()), 0.0), cp_done(size_t(p.counters()), 0.0), cp_end(n, 0.0);
+  // The critical path backwards: the tile that completed each counter last, the tile each tile's end waited for.
+  std::vector<int> cp_done_by(size_t(p.counters()), -1), cp_pred(n, -1);
   // SMs by the time they become free (earliest first; ties: the lower SM)
   using Slot = std::pair<double, int>;
   std::priority_queue<Slot, std::vector<Slot>, std::greater<>> free_at;
   for (int sm = 0; sm < m.sms; sm++) free_at.push({0.0, sm});
   // kernel_boundaries: the end of the task instance before this tile's (all its tiles), and of the current one
   double prev_kernel_end = 0.0, kernel_end = 0.0, cp_prev_kernel_end = 0.0, cp_kernel_end = 0.0;
+  int cp_prev_kernel_by = -1, cp_kernel_by = -1;
   for (size_t i = 0; i < n; i++) {
     const Tile& t = p.tiles[i];
     if (i > 0 && (t.task != p.tiles[i - 1].task || t.layer != p.tiles[i - 1].layer)) {
-      prev_kernel_end = kernel_end, cp_prev_kernel_end = cp_kernel_end;
+      prev_kernel_end = kernel_end, cp_prev_kernel_end = cp_kernel_end, cp_prev_kernel_by = cp_kernel_by;
     }
     double ready = 0.0, cp_ready = 0.0;
-    for (int d : t.deps) ready = std::max(ready, done[size_t(d)]), cp_ready = std::max(cp_ready, cp_done[size_t(d)]);
+    int ready_by = -1;
+    for (int d : t.deps) {
+      ready = std::max(ready, done[size_t(d)]);
+      if (cp_done[size_t(d)] > cp_ready || ready_by < 0) cp_ready = std::max(cp_ready, cp_done[size_t(d)]), ready_by = cp_done_by[size_t(d)];
+    }
     if (m.kernel_boundaries && i > 0) {
       ready = std::max(ready, prev_kernel_end + m.boundary_us);
-      cp_ready = std::max(cp_ready, cp_prev_kernel_end + m.boundary_us);
+      if (cp_prev_kernel_end + m.boundary_us > cp_ready) cp_ready = cp_prev_kernel_end + m.boundary_us, ready_by = cp_prev_kernel_by;
     }
     const TileTime tt = tile_time(p, m, int(i));
     const double known = t.routed ? done[size_t(t.deps[0])] : 0.0, cp_known = t.routed ? cp_done[size_t(t.deps[0])] : 0.0;
@@ -232,11 +244,24 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
     free_at.push({p.end_us[i], sm});
     p.per_sm[size_t(sm)].push_back(int(i));
     done[size_t(t.counter)] = std::max(done[size_t(t.counter)], p.end_us[i]);
-    const double cp_end = place(t, tt, 0.0, cp_known, cp_ready);
-    cp_done[size_t(t.counter)] = std::max(cp_done[size_t(t.counter)], cp_end);
+    cp_end[i] = place(t, tt, 0.0, cp_known, cp_ready);
+    // what its end waited for: its counters (or the kernel before), or its own decode ahead (after the router's)
+    const bool ahead_bound = (t.routed ? cp_known : 0.0) + tt.ahead > cp_ready;
+    cp_pred[i] = ahead_bound ? (t.routed ? cp_done_by[size_t(t.deps[0])] : -1) : ready_by;
+    if (cp_end[i] > cp_done[size_t(t.counter)] || cp_done_by[size_t(t.counter)] < 0)
+      cp_done[size_t(t.counter)] = cp_end[i], cp_done_by[size_t(t.counter)] = int(i);
     p.step_us = std::max(p.step_us, p.end_us[i]);
-    p.critical_path_us = std::max(p.critical_path_us, cp_end);
-    kernel_end = std::max(kernel_end, p.end_us[i]), cp_kernel_end = std::max(cp_kernel_end, cp_end);
+    p.critical_path_us = std::max(p.critical_path_us, cp_end[i]);
+    kernel_end = std::max(kernel_end, p.end_us[i]);
+    if (cp_end[i] > cp_kernel_end || cp_kernel_by < 0) cp_kernel_end = cp_end[i], cp_kernel_by = int(i);
+  }
+  // Walk the critical path back from its last tile; each tile is charged the time from its predecessor's end.
+  p.critical_path_by_task.assign(size_t(Task::Sample) + 1, 0.0);
+  int at = int(std::max_element(cp_end.begin(), cp_end.end()) - cp_end.begin());
+  while (at >= 0) {
+    const int pred = cp_pred[size_t(at)];
+    p.critical_path_by_task[size_t(p.tiles[size_t(at)].task)] += cp_end[size_t(at)] - (pred >= 0 ? cp_end[size_t(pred)] : 0.0);
+    at = pred;
   }
   return p;
 }

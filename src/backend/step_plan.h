@@ -38,7 +38,8 @@ enum class Task : uint8_t {
   MlaSplit,     // per (row, head, context split): partial softmax · latents
   MlaCombine,   // per head: the splits combined, · W_uv -> 256 values
   OProj,        // o_proj GEMV: column groups × k-splits (a split's k range covers a few heads)
-  Router,       // residual add, post-attention norm, gate, top-k (1 tile)
+  Router,       // residual add, post-attention norm, gate: 8 tiles of 8 experts (the last to arrive takes the
+                // top-k, as split-k's last block sums); the dense layer's: 1 tile, the norm
   GateUp,       // MoE: per (job = row × slot, column group, gate|up, k-split); the shared expert is the last slot
   Down,         // MoE: per (job, column group, k-split); the row's jobs summed into the residual
   DenseGateUp,  // the dense layer's gate|up GEMV
@@ -88,7 +89,8 @@ struct Tile {
   int group;              // the output group it finalizes (with its task and layer: a counter)
   int split;              // k-split or context split
   int64_t weights;        // weights it decodes
-  int64_t bytes;          // other bytes it reads (latents)
+  int64_t bytes;          // other bytes it reads once its counters are complete (latents)
+  int64_t weight_bytes;   // bytes of unquantized weights (the router's gate), read ahead like the decode
   bool routed;            // a routed expert's: which weights is known after the router (deps[0])
   std::vector<int> deps;  // counters it waits for (each: all tiles of that output group arrived)
   int counter;            // the counter it arrives on
@@ -108,6 +110,7 @@ struct StepPlan {
   std::vector<double> start_us, end_us;   // the cost model's schedule
   double step_us = 0;                     // its makespan
   double critical_path_us = 0;            // the longest dependency chain (no SM contention): a lower bound
+  std::vector<double> critical_path_by_task;  // its time per Task (index: int(Task)), boundaries included
   int counters() const { return int(counter_info.size()); }
 };
 

@@ -254,9 +254,9 @@ TEST(StepPlan, BadShapesAreErrors) {
 // The full-size schedule lies between its two lower bounds (the longest dependency chain, the work spread over
 // every SM); its figures, printed for docs/megakernel.md, are the cost model's, not a measurement.
 TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
-  {  // today's path as the model sees it: a kernel per task, 3 µs per boundary, 2 µs dependent latency, one wave
+  {  // today's path as the model sees it: a kernel per task, 3.8 µs per boundary, 2 µs dependent latency, one wave
     step::CostModel m;
-    m.kernel_boundaries = true, m.decode_ahead = false, m.boundary_us = 3.0, m.dependent_us = 2.0, m.waves = 1.0;
+    m.kernel_boundaries = true, m.decode_ahead = false, m.boundary_us = 3.8, m.dependent_us = 2.0, m.waves = 1.0;
     const step::StepPlan p = step::build_step_plan(step::StepShape::glm47_flash(), m);
     EXPECT_LE(p.critical_path_us, p.step_us + 1e-9);
     std::printf("kernels, context 1024, rows 1: modelled step %.0f us (%.0f tok/s)\n", p.step_us, 1e6 / p.step_us);
@@ -276,5 +276,14 @@ TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
         std::printf("decode ahead %d, context %5d, rows %d: %6zu tiles, %5d counters; modelled step %5.0f us (%4.0f tok/s a "
                     "row), critical path %5.0f us, work / 132 SMs %5.0f us\n", int(ahead), context, rows, p.tiles.size(),
                     p.counters(), p.step_us, 1e6 / p.step_us, p.critical_path_us, work / m.sms);
+        double sum = 0;
+        std::string parts;
+        for (size_t k = 0; k < p.critical_path_by_task.size(); k++) {
+          sum += p.critical_path_by_task[k];
+          if (p.critical_path_by_task[k] > 0)
+            parts += str_cat(" ", step::task_name(Task(k)), " ", int(p.critical_path_by_task[k] + 0.5));
+        }
+        EXPECT_NEAR(sum, p.critical_path_us, 1e-6 * p.critical_path_us);  // the walk covers the whole path
+        if (rows == 1) std::printf("  critical path by task (us):%s\n", parts.c_str());
       }
 }
