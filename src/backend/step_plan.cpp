@@ -70,7 +70,7 @@ struct Builder {
     for (int i = 0; i < n; i++) v[size_t(i)] = base + i;
     return v;
   }
-  // k-splits so that the task's tiles fill about one wave of SMs, at least one chunk each.
+  // k-splits so that the task's tiles number about `waves` per SM, at least one chunk each.
   int splits_for(int groups, int in) const {
     return std::clamp(int(m.waves * m.sms) / std::max(groups, 1), 1, div_up(in, kChunk));
   }
@@ -159,13 +159,14 @@ StepPlan build_tiles(const StepShape& s, const CostModel& m) {
     const int inter_groups = div_up(s.moe_inter, kCols), ichunks = div_up(s.moe_inter, kChunk);
     const int s_gu = b.splits_for(2 * jobs * inter_groups, s.hidden), s_d = b.splits_for(jobs * hidden_groups, s.moe_inter);
     const int gu = b.counters(Task::GateUp, l, jobs * inter_groups);
+    const int hchunks = div_up(s.hidden, kChunk);
     for (int z = 0; z < s_gu; z++) {
-      const int c0 = z * (s.hidden / kChunk) / s_gu, c1 = (z + 1) * (s.hidden / kChunk) / s_gu;
+      const int c0 = z * hchunks / s_gu, c1 = (z + 1) * hchunks / s_gu;
+      const int64_t w = int64_t(kCols) * std::min(s.hidden - c0 * kChunk, (c1 - c0) * kChunk);
       for (int which = 0; which < 2; which++)
         for (int g = 0; g < inter_groups; g++)
           for (int j = 0; j < jobs; j++)
-            b.tile(Task::GateUp, l, gu + j * inter_groups + g, z, int64_t(kCols) * (c1 - c0) * kChunk, 0, {router},
-                   j % (s.top_k + s.shared_experts) < s.top_k);
+            b.tile(Task::GateUp, l, gu + j * inter_groups + g, z, w, 0, {router}, j % (s.top_k + s.shared_experts) < s.top_k);
     }
     const int dn = b.counters(Task::Down, l, s.rows * hidden_groups);  // per (row, group): all of the row's jobs
     for (int z = 0; z < s_d; z++) {
