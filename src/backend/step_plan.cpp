@@ -331,6 +331,7 @@ StepLists flatten(const StepPlan& p) {
     f.deps.insert(f.deps.end(), t.deps.begin(), t.deps.end());
     f.dep_begin.push_back(int32_t(f.deps.size()));
     f.tile_counter.push_back(t.counter);
+    f.tile_desc.insert(f.tile_desc.end(), {int32_t(t.task), t.layer, t.group, t.split});
   }
   for (const CounterInfo& c : p.counter_info) f.arrivals.push_back(c.arrivals);
   return f;

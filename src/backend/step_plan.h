@@ -121,9 +121,10 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m = {});
 
 // The schedule as flat arrays, as the kernel reads them (cudaMemcpy once per plan): SM k runs tiles
 // sm_tiles[sm_begin[k] .. sm_begin[k+1]); tile i waits for counters deps[dep_begin[i] .. dep_begin[i+1]) and then
-// arrives on tile_counter[i]; counter c expects arrivals[c] tiles a step.
+// arrives on tile_counter[i]; counter c expects arrivals[c] tiles a step. tile_desc[4i .. 4i+4) = (task, layer,
+// group, split): what tile i computes (the kernel maps (task, layer) to its weights and buffers).
 struct StepLists {
-  std::vector<int32_t> sm_begin, sm_tiles, dep_begin, deps, tile_counter, arrivals;
+  std::vector<int32_t> sm_begin, sm_tiles, dep_begin, deps, tile_counter, arrivals, tile_desc;
 };
 StepLists flatten(const StepPlan& p);
 

@@ -188,6 +188,15 @@ TEST(StepPlan, CountersCarryTheStepAcrossRepeatsOnThreads) {
   const step::StepLists f = step::flatten(p);
   ASSERT_EQ(f.sm_begin.size(), 7u);
   ASSERT_EQ(size_t(f.sm_begin.back()), p.tiles.size());
+  ASSERT_EQ(f.tile_desc.size(), 4 * p.tiles.size());
+  for (size_t i = 0; i < p.tiles.size(); i++) {
+    const step::Tile& t = p.tiles[i];
+    ASSERT_EQ(f.tile_desc[4 * i], int32_t(t.task));
+    ASSERT_EQ(f.tile_desc[4 * i + 1], t.layer);
+    ASSERT_EQ(f.tile_desc[4 * i + 2], t.group);
+    ASSERT_EQ(f.tile_desc[4 * i + 3], t.split);
+    ASSERT_EQ(f.dep_begin[i + 1] - f.dep_begin[i], int32_t(t.deps.size()));
+  }
   // Step 2^31 - 1 first: counters of even arrivals wrap past 2^32 within the run, those of 1 cross 2^31.
   const uint32_t first = 0x7FFFFFFFu, steps = 5;
   std::vector<std::atomic<uint32_t>> counters(f.arrivals.size());
