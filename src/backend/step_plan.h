@@ -80,7 +80,7 @@ struct CostModel {
   // scheduler's times only: simulate() runs the counters alone.
   bool kernel_boundaries = false;
   double boundary_us = 2.0;
-  double waves = 0.5;  // the cost model's best with decode ahead at 1 and 8 rows (0.25..2 swept, docs/megakernel.md)
+  double waves = 0.5;  // with decode ahead: within 2 % of the best at 1 row (0.25), the best at 8 (docs/megakernel.md)
 };
 
 struct Tile {
