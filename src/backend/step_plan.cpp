@@ -208,8 +208,6 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
   StepPlan p = build_tiles(s, m);
   const size_t n = p.tiles.size();
   p.per_sm.assign(size_t(m.sms), {});
-  p.start_us.assign(n, 0.0);
-  p.end_us.assign(n, 0.0);
   std::vector<double> done(size_t(p.counters()), 0.0), cp_done(size_t(p.counters()), 0.0), cp_end(n, 0.0);
   // The critical path backwards: the tile that completed each counter last, the tile each tile's end waited for.
   std::vector<int> cp_done_by(size_t(p.counters()), -1), cp_pred(n, -1);
@@ -240,20 +238,19 @@ StepPlan build_step_plan(const StepShape& s, const CostModel& m) {
     // The earliest-free SM ends it first (the end grows with the SM's free time).
     const auto [free, sm] = free_at.top();
     free_at.pop();
-    p.start_us[i] = std::max(free, known);
-    p.end_us[i] = place(t, tt, free, known, ready);
-    free_at.push({p.end_us[i], sm});
+    const double end = place(t, tt, free, known, ready);
+    free_at.push({end, sm});
     p.per_sm[size_t(sm)].push_back(int(i));
-    done[size_t(t.counter)] = std::max(done[size_t(t.counter)], p.end_us[i]);
+    done[size_t(t.counter)] = std::max(done[size_t(t.counter)], end);
     cp_end[i] = place(t, tt, 0.0, cp_known, cp_ready);
     // what its end waited for: its counters (or the kernel before), or its own decode ahead (after the router's)
     const bool ahead_bound = (t.routed ? cp_known : 0.0) + tt.ahead > cp_ready;
     cp_pred[i] = ahead_bound ? (t.routed ? cp_done_by[size_t(t.deps[0])] : -1) : ready_by;
     if (cp_end[i] > cp_done[size_t(t.counter)] || cp_done_by[size_t(t.counter)] < 0)
       cp_done[size_t(t.counter)] = cp_end[i], cp_done_by[size_t(t.counter)] = int(i);
-    p.step_us = std::max(p.step_us, p.end_us[i]);
+    p.step_us = std::max(p.step_us, end);
     p.critical_path_us = std::max(p.critical_path_us, cp_end[i]);
-    kernel_end = std::max(kernel_end, p.end_us[i]);
+    kernel_end = std::max(kernel_end, end);
     if (cp_end[i] > cp_kernel_end || cp_kernel_by < 0) cp_kernel_end = cp_end[i], cp_kernel_by = int(i);
   }
   // Walk the critical path back from its last tile; each tile is charged the time from its predecessor's end.

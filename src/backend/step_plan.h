@@ -107,7 +107,6 @@ struct StepPlan {
   std::vector<Tile> tiles;                // topological order
   std::vector<CounterInfo> counter_info;  // per counter
   std::vector<std::vector<int>> per_sm;   // tile numbers, increasing, per SM
-  std::vector<double> start_us, end_us;   // the cost model's schedule
   double step_us = 0;                     // its makespan
   double critical_path_us = 0;            // the longest dependency chain (no SM contention): a lower bound
   std::vector<double> critical_path_by_task;  // its time per Task (index: int(Task)), boundaries included

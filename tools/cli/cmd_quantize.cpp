@@ -5,7 +5,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -147,13 +146,6 @@ class ProgressBar {
 };
 
 int run_quantize(const QuantizeArgs& a) {
-  // The GPU pipeline runs ~8 streams at once (3 groups in flight: Viterbi lanes, LDLQ steps, block LDL, scale
-  // search). With the default 8 hardware queues, streams share queues; a block LDL that takes ~1 s alone took up
-  // to 9.6 s beside the LDLQ lanes, ending with another lane's whole LDLQ (quantize --trace), likely a false
-  // dependency through a shared queue. 32 queues give each stream its own;
-  // the effect on the conversion's wall time is not measured yet (bench/results/quantize_full.md). Must be set
-  // before CUDA starts; a value the user set wins.
-  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", 0);
   if (a.threads > 0) ThreadPool::set_global_threads(a.threads);
   if (a.calibration.empty() && (a.rows_opt->count() || a.seq_opt->count()))
     fail("--calibration-rows / --seq-len need --calibration FILE");

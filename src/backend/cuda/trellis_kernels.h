@@ -94,10 +94,9 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // experts: device array of 3·n_experts descriptors (gate, up, down per expert); shared: device array of 3
 // (or null). ids/weights live on the device. Each descriptor's K and codebook are read on the device (they
 // may differ between experts and between gate/up/down); ids outside [0, n_experts) __trap().
-//  m <= 8 (decode): gate+up per (token, slot) job with SwiGLU and the down projection's input transform fused
-//          into the last split's epilogue; down per job with the weighted sum over the token's jobs fused into
-//          the last block of each 128-column group. Two kernels, or one launch (down blocks wait on per-job
-//          counters) when `decode` is One or, for Auto, TRELLM_MOE_DECODE=one: the same arithmetic, bit-identical.
+//  m <= 8 (decode): 2 kernels — gate+up per (token, slot) job with SwiGLU and the down projection's input
+//          transform fused into the last split's epilogue; down per job with the weighted sum over the
+//          token's jobs fused into the last block of each 128-column group.
 //  m > 8 (prefill): tokens grouped by expert on the device (one 1-block kernel), then grouped tensor-core
 //          GEMMs (128-row tiles of one expert) for gate+up and down, and a deterministic combine.
 // workspace: moe_workspace_bytes(...) bytes, zeroed once after allocation (see trellis_workspace_bytes).
@@ -107,11 +106,9 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // Token rows below which uniform codes get the specialised grouped GEMM (H200: faster at 32-512 tokens, 3 %
 // slower at 2,048; trellis_moe_grouped.cu).
 constexpr int kMoeSpecialMaxRows = 1024;
-enum class MoeDecodeKernels { Auto, One, Two };
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1,
-                 MoeDecodeKernels decode = MoeDecodeKernels::Auto);
+                 void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1);
 size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts);
 
 }  // namespace trellm::cuda

@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cfloat>
 #include <climits>
-#include <cstdlib>
-#include <string>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/pdl.cuh"
@@ -335,9 +333,7 @@ static void moe_layout(const MoePlan& p, void* ws, MoeArgs& a) {
   if (p.decode) {
     a.cnt_gu = reinterpret_cast<int*>(base);
     a.cnt_d = a.cnt_gu + p.J * gi;
-    a.ready = a.cnt_d + a.m * gh;
-    a.ticket = a.ready + p.J;
-    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh + p.J + 1) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
+    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
     a.p_gu = reinterpret_cast<float*>(take(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4));
     a.a_d = reinterpret_cast<__half*>(take(size_t(p.J) * p.inter_p * 2));
     a.p_d = reinterpret_cast<float*>(take(size_t(p.J) * p.s_d * p.hidden_p * 4));
@@ -411,7 +407,7 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
 
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k, int uniform_k, int uniform_cb, MoeDecodeKernels decode) {
+                 void* workspace, cudaStream_t s, int max_k, int uniform_k, int uniform_cb) {
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
@@ -427,27 +423,13 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     static const bool once = [] {
       cudaFuncSetAttribute(gateup_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
       cudaFuncSetAttribute(down_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      cudaFuncSetAttribute(moe_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
       return true;
     }();
     (void)once;
-    // Auto is the two-kernel pair until the one-launch form has been measured on a GPU (it was written in a
-    // session without device time); TRELLM_MOE_DECODE=one selects it.
-    static const bool env_one = [] {
-      const char* v = std::getenv("TRELLM_MOE_DECODE");
-      return v && std::string(v) == "one";
-    }();
-    const bool two = decode == MoeDecodeKernels::Two || (decode == MoeDecodeKernels::Auto && !env_one);
     const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
     a.ring_bytes = int(moe_ring_bytes(max_k));
     const size_t smem_gu = a.ring_bytes + 2 * (size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk + 8) * 2;  // A row + zero row
     const size_t smem_d = a.ring_bytes + 2 * (size_t((ci + p.s_d - 1) / p.s_d) * kChunk + 8) * 2;
-    if (!two) {
-      const int blocks = p.J * gi * 2 * p.s_gu + p.J * gh * p.s_d;
-      launch(moe_decode_kernel, dim3(blocks), dim3(kThreads), std::max(smem_gu, smem_d), s, true, a);
-      TRELLM_CUDA_LAUNCH_CHECK();
-      return;
-    }
     launch(gateup_decode_kernel, dim3(p.J, gi, 2 * p.s_gu), dim3(kThreads), smem_gu, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();
     launch(down_decode_kernel, dim3(p.J, gh, p.s_d), dim3(kThreads), smem_d, s, true, a);

@@ -23,8 +23,6 @@ struct MoeArgs {
   float* p_d;                    // [J, s_d, hidden_p]
   int* cnt_gu;                   // [J, inter_p/128]
   int* cnt_d;                    // [m, hidden_p/128]
-  int* ready;                    // [J]  one kernel: gate/up column groups of job j whose a_d is written
-  int* ticket;                   // [1]  one kernel: blocks started so far
   // prefill variant (rows grouped by expert)
   int R;                         // rows = m * jpt (routed rows first, then the shared expert's)
   int* row_token;                // [R]
@@ -58,7 +56,6 @@ constexpr size_t moe_ring_bytes(int max_k) { return size_t(kStagesGemv) * 2048 *
 
 __global__ void gateup_decode_kernel(const MoeArgs a);
 __global__ void down_decode_kernel(const MoeArgs a);
-__global__ void moe_decode_kernel(const MoeArgs a);  // gate/up and down in one launch
 // The grouped GEMM for experts that all have this K and codebook (k = 0 or -1 codebook: mixed, the generic
 // kernel that reads K per tile), its shared-memory opt-in done.
 using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,

@@ -476,7 +476,7 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
   for (int r = 0; r < reps; r++) {
     TT_CHECK(cudaMemset(dout, 0xFF, ref.size() * 4));
     cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dout, m, top_k, hidden, inter, ws, s, max_k, mixed_k ? 0 : uni_k,
-                      mixed_k ? -1 : uni_cb, cuda::MoeDecodeKernels::One);
+                      mixed_k ? -1 : uni_cb);
     TT_CHECK(cudaStreamSynchronize(s));
     const auto got = dev_download(dout, ref.size());
     const double err = max_rel_err(got, ref), l2 = rel_l2(got, ref);
@@ -492,16 +492,6 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
       EXPECT_EQ(0, std::memcmp(dev_download(dgen, ref.size()).data(), got.data(), got.size() * 4))
           << "specialised grouped GEMM differs from the generic one, m=" << m;
       cudaFree(dgen);
-    }
-    if (m <= 8 && r == 0) {
-      // The one-launch decode (down blocks wait on per-job counters) and the two-kernel pair: bit for bit.
-      float* dtwo = dev_upload(std::vector<float>(ref.size(), kNaN));
-      cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, dtwo, m, top_k, hidden, inter, ws, s, max_k,
-                        mixed_k ? 0 : uni_k, mixed_k ? -1 : uni_cb, cuda::MoeDecodeKernels::Two);
-      TT_CHECK(cudaStreamSynchronize(s));
-      EXPECT_EQ(0, std::memcmp(dev_download(dtwo, ref.size()).data(), got.data(), got.size() * 4))
-          << "the one-launch MoE decode differs from the two-kernel pair, m=" << m;
-      cudaFree(dtwo);
     }
     if (r == 0) {
       first = got;
