@@ -33,6 +33,11 @@ double Backend::elapsed_ms(int from, int to) {
   return std::chrono::duration<double, std::milli>(host_events_.at(size_t(to)) - host_events_.at(size_t(from))).count();
 }
 
+void Backend::kernel_clocks_begin(size_t) {
+  fail("kernel clocks: the ", name(), " backend has none (they need CUDA and a build configured with -DTRELLM_KERNEL_CLOCKS=ON)");
+}
+KernelClocks Backend::kernel_clocks_end() { fail("kernel clocks: the ", name(), " backend has none"); }
+
 std::unique_ptr<StepGraph> Backend::capture(const std::function<void()>& step) { return std::make_unique<DirectStep>(step); }
 
 bool cuda_available() {

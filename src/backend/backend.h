@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/kernel_timeline.h"
 #include "backend/kv_block.h"
 #include "core/tensor.h"
 
@@ -172,6 +173,12 @@ class Backend {
   virtual std::pair<size_t, size_t> memory_used_total() { return {0, 0}; }
   // Measured device-to-device copy bandwidth in bytes/s counting bytes read + written (0 if not measurable).
   virtual double copy_bandwidth() { return 0; }
+  // In-kernel clocks (CUDA built with -DTRELLM_KERNEL_CLOCKS=ON; elsewhere begin throws, naming why): from
+  // begin to end every kernel block records its dependency wait, at most max_records blocks; end returns the
+  // records with the kernels of the step graph launched last, whose replays they should cover.
+  virtual bool kernel_clocks_available() const { return false; }
+  virtual void kernel_clocks_begin(size_t max_records);
+  virtual KernelClocks kernel_clocks_end();
 
   // Changes whenever the backend reallocates memory that captured graphs may point to (its grow-only scratch):
   // a graph captured under another epoch must be captured again before it is launched.

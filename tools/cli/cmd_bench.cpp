@@ -35,6 +35,7 @@ struct BenchArgs {
   std::string speculative;    // "mtp": the speculative-decoding benchmark instead
   std::string draft_tokens = "1,2,3,4";
   std::string prompt_file;    // speculative: the prompt's text (else random tokens, meaningless acceptance)
+  std::string kernel_clocks;  // CSV of every kernel launch of the clocked decode steps (needs TRELLM_KERNEL_CLOCKS)
   std::string command;
   CudaOptions cuda;           // --mla-prefill
 };
@@ -99,6 +100,35 @@ double step_bytes(const Model& m, int batch, int depth, DType kv_dtype) {
   const double routed = m.routed_expert_bytes_total();
   const double rest = m.weight_bytes_per_token() - routed * k_over_e;
   return rest + routed * (1.0 - std::pow(1.0 - k_over_e, batch)) + double(batch) * m.kv_bytes_per_token(depth, kv_dtype);
+}
+
+// In-kernel clocks of `steps` replayed decode steps at depth D (one more closes the last): which kernel holds the
+// critical path for how long, summed per kernel name, and every launch into a.kernel_clocks (CSV).
+void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, int steps,
+                       double step_ms_unclocked, std::ofstream& csv) {
+  backend.kernel_clocks_begin(size_t(1) << 21);  // 2 M blocks (64 MB): ~50 K blocks a step
+  gen.decode_steps(1, D, steps + 1);
+  const KernelClocks kc = backend.kernel_clocks_end();
+  if (kc.dropped) fail("kernel clocks: ", kc.dropped, " block records past the buffer's 2^21; measure fewer steps");
+  const auto tl = build_timeline(kc.records, kc.kernels);
+  double step_us = 0;
+  for (const StepTimeline& st : tl) step_us += st.step_us / double(tl.size());
+  std::printf("\n  kernel clocks, depth %d: %zu kernels a step, %.1f us a step clocked (%.1f us unclocked), mean of %zu steps\n",
+              D, kc.kernels.size(), step_us, 1e3 * step_ms_unclocked, tl.size());
+  std::printf("  %-44s %8s %10s %7s %10s %9s %7s\n", "kernel", "a step", "path us", "% step", "us each", "lead us", "hidden");
+  auto sum = summarize(tl, kc.kernels);
+  std::sort(sum.begin(), sum.end(), [](const KernelSummary& x, const KernelSummary& y) { return x.path_us > y.path_us; });
+  const std::string shape = "depth=" + std::to_string(D);
+  for (const KernelSummary& k : sum) {
+    std::printf("  %-44.44s %8d %10.1f %7.1f %10.2f %9.2f %6.0f%%\n", k.name.c_str(), k.launches, k.path_us,
+                100 * k.path_us / step_us, k.path_us / k.launches, k.lead_us, 100 * k.hidden);
+    rep.figure("kernel_clocks", "path_us " + k.name, shape, k.path_us, "us");
+  }
+  rep.figure("kernel_clocks", "step_us_clocked", shape, step_us, "us");
+  for (size_t s = 0; s < tl.size(); s++)
+    for (const KernelSpan& k : tl[s].kernels)
+      csv << D << "," << s << "," << k.index << ",\"" << kc.kernels[size_t(k.index)].name << "\"," << k.blocks << ","
+          << k.release_us << "," << k.lead_us << "," << k.path_us << "\n";
 }
 
 // The batched engine: total decode tok/s at each batch size with every sequence `depth` tokens deep, and the
@@ -450,6 +480,14 @@ int run_bench(const BenchArgs& a) {
   }
 
   // ---- decode at depth (cache rows past the prefills hold random values: speed does not depend on them) ----
+  std::ofstream clocks_csv;
+  if (!a.kernel_clocks.empty()) {
+    if (!backend->kernel_clocks_available())
+      fail("--kernel-clocks: the ", backend->name(), " backend records none (CUDA, configured with -DTRELLM_KERNEL_CLOCKS=ON)");
+    clocks_csv.open(a.kernel_clocks);
+    if (!clocks_csv) fail("--kernel-clocks ", a.kernel_clocks, ": cannot open for writing");
+    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us\n";
+  }
   for (TensorView layer : gen.kv_cache().layers) backend->fill_random(layer, 99, 1.0f);
   const DType kvt = gen.kv_cache().layers[0].dtype;
   std::printf("\n  decode       depth    tok/s     ms/tok   MB/tok   roofline tok/s   %% of roofline\n");
@@ -468,6 +506,7 @@ int run_bench(const BenchArgs& a) {
     std::printf("  %12d %8.1f %10.3f %8.1f %16.0f %14.1f\n", D, v, 1e3 / v, bytes / 1e6, limit, limit > 0 ? 100 * v / limit : 0);
     rep.figure("decode", "decode_tok_s", "depth=" + std::to_string(D), v, "tok/s", limit);
     rep.figure("decode", "bytes_per_token_mb", "depth=" + std::to_string(D), bytes / 1e6, "MB");
+    if (clocks_csv.is_open()) run_kernel_clocks(gen, *backend, rep, D, 8, 1e3 / v, clocks_csv);
   }
 
   // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth, and
@@ -551,6 +590,9 @@ void add_bench(CLI::App& app) {
   cmd->add_option("--device", a.device, "cpu, cuda, cuda:N or auto")->capture_default_str();
   add_cuda_options(cmd, a.cuda);
   cmd->add_option("--json", a.json, "Append one JSON line per figure to this file");
+  cmd->add_option("--kernel-clocks", a.kernel_clocks,
+                  "Also clock 8 decode steps at each depth in the kernels (a build with -DTRELLM_KERNEL_CLOCKS=ON): print "
+                  "each kernel's share of the step's critical path and write every launch to this CSV file");
   cmd->callback([] { std::exit(run_bench(a)); });
 }
 

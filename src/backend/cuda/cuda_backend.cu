@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernel_clocks.h"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/trellis_kernels.h"
 #include "quant/trellis_weight.h"
@@ -54,6 +55,8 @@ struct CudaBackend::Impl {
   uint64_t epoch = 0;                                          // scratch reallocations (Backend::memory_epoch)
   std::unordered_map<const void*, void*> moe_tables;           // experts span -> device pointer table
   std::vector<cudaEvent_t> events;                             // record_event() handles
+  std::shared_ptr<const std::vector<GraphKernel>> last_graph_kernels;  // of the step graph launched last (kernel clocks)
+  std::unique_ptr<cuda::clocks::Recorder> clocks;              // kernel_clocks_begin .. end
 
   void* scratch_bytes(size_t slot, size_t bytes) {
     if (scratch.size() <= slot) scratch.resize(slot + 1, {nullptr, 0});
@@ -807,13 +810,20 @@ void CudaBackend::gather_rows(TensorView out, TensorView x, TensorView idx) {
 namespace {
 class CudaStepGraph final : public StepGraph {
  public:
-  CudaStepGraph(cudaGraphExec_t exec, cudaStream_t s) : exec_(exec), stream_(s) {}
+  using Kernels = std::shared_ptr<const std::vector<GraphKernel>>;
+  CudaStepGraph(cudaGraphExec_t exec, cudaStream_t s, Kernels kernels, Kernels* last)
+      : exec_(exec), stream_(s), kernels_(std::move(kernels)), last_(last) {}
   ~CudaStepGraph() override { cudaGraphExecDestroy(exec_); }
-  void launch() override { TRELLM_CUDA_CHECK(cudaGraphLaunch(exec_, stream_)); }
+  void launch() override {
+    if (kernels_) *last_ = kernels_;  // kernel clocks name what they record after the graph launched last
+    TRELLM_CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+  }
 
  private:
   cudaGraphExec_t exec_;
   cudaStream_t stream_;
+  Kernels kernels_;  // with kernel clocks: the graph's kernel nodes in launch order
+  Kernels* last_;    // the backend's (alive whenever a graph is launched)
 };
 }  // namespace
 
@@ -846,8 +856,28 @@ std::unique_ptr<StepGraph> CudaBackend::capture(const std::function<void()>& ste
   TRELLM_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
   cudaGraphExec_t exec = nullptr;
   TRELLM_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CudaStepGraph::Kernels kernels;
+  if (cuda::clocks::built()) kernels = std::make_shared<const std::vector<GraphKernel>>(cuda::clocks::graph_kernels(graph));
   TRELLM_CUDA_CHECK(cudaGraphDestroy(graph));
-  return std::make_unique<CudaStepGraph>(exec, s);
+  return std::make_unique<CudaStepGraph>(exec, s, std::move(kernels), &impl_->last_graph_kernels);
+}
+
+bool CudaBackend::kernel_clocks_available() const { return cuda::clocks::built(); }
+
+void CudaBackend::kernel_clocks_begin(size_t max_records) {
+  TRELLM_CUDA_CHECK(cudaStreamSynchronize(impl_->stream));
+  impl_->clocks = std::make_unique<cuda::clocks::Recorder>(max_records);
+  impl_->last_graph_kernels.reset();  // only a graph launched from here on names the records
+}
+
+KernelClocks CudaBackend::kernel_clocks_end() {
+  if (!impl_->clocks) fail("kernel clocks: end without begin");
+  KernelClocks k;
+  k.records = impl_->clocks->collect(&k.dropped);
+  impl_->clocks.reset();
+  if (!impl_->last_graph_kernels) fail("kernel clocks: no step graph was launched while they recorded");
+  k.kernels = *impl_->last_graph_kernels;
+  return k;
 }
 
 }  // namespace trellm

@@ -25,6 +25,9 @@ class CudaBackend final : public Backend {
   double elapsed_ms(int from, int to) override;
   std::pair<size_t, size_t> memory_used_total() override;
   double copy_bandwidth() override;
+  bool kernel_clocks_available() const override;
+  void kernel_clocks_begin(size_t max_records) override;
+  KernelClocks kernel_clocks_end() override;
   bool host_memory() const override { return false; }
   DType kv_dtype() const override { return DType::BF16; }
 

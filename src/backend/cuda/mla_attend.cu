@@ -20,8 +20,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 
 #include "backend/cuda/mla.h"
+#include "backend/cuda/mla_attend.cuh"
 #include "backend/cuda/mla_common.cuh"
 
 namespace trellm::cuda::mla {
@@ -47,33 +49,6 @@ constexpr size_t kOffP = kOffQ + kQBytes;
 constexpr size_t kOffStat = kOffP + size_t(kRowsPerCta) * kPStride * 2;
 constexpr size_t kSmem = kOffStat + 3 * kRowsPerCta * 4 + 8 * 4;                       // 191,904
 static_assert(kSmem <= 227 * 1024, "attention smem over the sm_90 per-block limit");
-
-struct AttendParams {
-  const bf16* qb;       // [rows, 576]
-  const bf16* cache;    // pool [blocks * 64, 576]
-  const int32_t* pos;   // [n]
-  KvPages pages;        // query row i's block table: pages.table(i)
-  int rows, heads, group_rows, groups, splits;  // group g = rows [g * group_rows, (g + 1) * group_rows)
-  float scale_log2;     // softmax scale * log2(e): scores live in the log2 domain (exp2f)
-  int reverse;          // 1: heaviest (latest) row groups first, for causal prefill load balance
-  bf16* part_o;         // [groups, splits, 32, 512] unnormalised partial outputs (bf16: half the traffic)
-  float* part_ml;       // [groups, splits, 32, 2]   (max, sum) per row
-  float* out_f32;       // splits == 1: normalised o_lat [rows, 512] (decode) ...
-  bf16* out_bf16;       // ... or bf16 (prefill)
-};
-
-// Tiles [tb, te) of this CTA's split; T = last visible key of the group + 1. The same arithmetic runs in the
-// combine kernel, so both agree on how many splits hold data.
-struct SplitRange {
-  int ntiles, tps, active;
-};
-__device__ __forceinline__ SplitRange split_range(int T, int splits) {
-  SplitRange r;
-  r.ntiles = (T + kKeysPerTile - 1) / kKeysPerTile;
-  r.tps = (r.ntiles + splits - 1) / splits;
-  r.active = (r.ntiles + r.tps - 1) / r.tps;
-  return r;
-}
 
 __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams P) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -198,42 +173,10 @@ __global__ void __launch_bounds__(kThreads, 1) attend_kernel(const AttendParams 
 
     // ---- online softmax, one row per 8 threads ----
     {
-      float s[8];
-#pragma unroll
-      for (int e = 0; e < 8; e++) s[e] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; q++) {
-        const float* src = sp + (q * kRowsPerCta + sr) * kSpStride + 8 * sc;
-        const float4 a = *reinterpret_cast<const float4*>(src);
-        const float4 b = *reinterpret_cast<const float4*>(src + 4);
-        s[0] += a.x, s[1] += a.y, s[2] += a.z, s[3] += a.w, s[4] += b.x, s[5] += b.y, s[6] += b.z, s[7] += b.w;
-      }
-      const int kb = j * kKeysPerTile + 8 * sc;
-      float mx = -INFINITY;
-#pragma unroll
-      for (int e = 0; e < 8; e++) {
-        s[e] = kb + e <= prow ? s[e] * P.scale_log2 : -INFINITY;
-        mx = fmaxf(mx, s[e]);
-      }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-      const float mnew = fmaxf(m_run, mx);
-      const float al = exp2f(m_run - mnew);
-      float sum = 0.0f;
-      uint32_t pk[4];
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float p0 = exp2f(s[2 * e] - mnew), p1 = exp2f(s[2 * e + 1] - mnew);
-        sum += p0 + p1;
-        pk[e] = pack_bf16(p0, p1);
-      }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-      l_run = l_run * al + sum;
-      m_run = mnew;
-      *reinterpret_cast<uint4*>(ps + sr * kPStride + 8 * sc) = make_uint4(pk[0], pk[1], pk[2], pk[3]);
+      float al;
+      const uint4 pk = softmax_step(sp + sr * kSpStride + 8 * sc, kRowsPerCta * kSpStride, j * kKeysPerTile + 8 * sc, prow, P.scale_log2,
+                                    m_run, l_run, al);
+      *reinterpret_cast<uint4*>(ps + sr * kPStride + 8 * sc) = pk;
       if (sc == 0) alpha_s[sr] = al;
     }
     __syncthreads();
@@ -327,39 +270,13 @@ __global__ void __launch_bounds__(128) combine_kernel(const CombineParams C) {
   __shared__ __align__(16) float red[8][64];
   __shared__ float red4[4];
   __shared__ int t_s;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int row = blockIdx.x, group = row / C.group_rows, r = row % C.group_rows;  // the attention's grouping
   grid_wait();
   grid_launch_dependents();
-  if (warp == 0) {
-    const int gr = group * C.group_rows + lane;
-    int pm = lane < C.group_rows && gr < C.rows ? __ldg(C.pos + gr / C.heads) : -1;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) pm = max(pm, __shfl_xor_sync(0xffffffffu, pm, o));
-    if (lane == 0) t_s = pm + 1;
-  }
-  __syncthreads();
-  const int active = split_range(t_s, C.splits).active;
+  const int active = split_range(group_context(C.pos, group, C.group_rows, C.rows, C.heads, &t_s), C.splits).active;
   const float* ml = C.part_ml + (size_t(group) * C.splits * kRowsPerCta + r) * 2;  // split s at + s * 64
-
-  float M = -INFINITY;
-  for (int s = tid; s < active; s += 128) M = fmaxf(M, ml[size_t(s) * kRowsPerCta * 2]);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-  if (lane == 0) red4[warp] = M;
-  __syncthreads();
-  M = fmaxf(fmaxf(red4[0], red4[1]), fmaxf(red4[2], red4[3]));
-  __syncthreads();  // red4 is reused below
-  float L = 0.0f;
-  for (int s = tid; s < active; s += 128) {
-    const float w = exp2f(ml[size_t(s) * kRowsPerCta * 2] - M);
-    w_s[s] = w;
-    L += w * ml[size_t(s) * kRowsPerCta * 2 + 1];
-  }
-  L = warp_sum(L);
-  if (lane == 0) red4[warp] = L;
-  __syncthreads();
-  L = red4[0] + red4[1] + red4[2] + red4[3];
+  const float L = split_weights<128>(ml, active, w_s, red4);
 
   const int cq = tid & 15, sg = tid >> 4, col = blockIdx.y * 64 + 4 * cq;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -433,7 +350,15 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Groupi
   return p;
 }
 
-void attend(const Args& a, const Plan& p, cudaStream_t s) {
+bool decode_v2() {
+  static const bool v2 = [] {
+    const char* e = std::getenv("TRELLM_MLA_DECODE");
+    return e && std::strcmp(e, "v2") == 0;
+  }();
+  return v2;
+}
+
+void attend_core(const Args& a, const Plan& p, cudaStream_t s, bool combine) {
   static std::atomic<uint32_t> smem_set{0};
   opt_in_smem(attend_kernel, kSmem, smem_set);
   char* w = static_cast<char*>(a.work);
@@ -454,11 +379,19 @@ void attend(const Args& a, const Plan& p, cudaStream_t s) {
   P.out_f32 = p.prefill ? nullptr : reinterpret_cast<float*>(w + p.olat);
   P.out_bf16 = p.prefill ? reinterpret_cast<bf16*>(w + p.olat) : nullptr;
   const bool pdl = !p.prefill;
-  launch(attend_kernel, dim3(p.groups, p.splits), dim3(kThreads), kSmem, s, pdl, P);
-  if (p.splits > 1) {
+  // One group of decode rows (one sequence's row at batch 1): keys on M (mla_attend_decode.cu), unless
+  // TRELLM_MLA_DECODE=v2 asks for this kernel. With several groups (batched rows, speculative rows) this kernel
+  // is faster (H100, bench_attention: 16 rows of one sequence 44.8 vs 69.7 us at 1K; 16 batched rows 46.4 vs
+  // 68.3 us). Why is not profiled yet: both hold one CTA per SM, and with several groups a CTA runs fewer tiles,
+  // over which the decode kernel's fixed start (Q^T into registers, barriers, the first bulk copy) is spread.
+  if (!decode_v2() && p.groups == 1 && (!p.prefill || p.grouping == Grouping::PerRow)) launch_attend_decode(P, s, pdl);
+  else launch(attend_kernel, dim3(p.groups, p.splits), dim3(kThreads), kSmem, s, pdl, P);
+  if (p.splits > 1 && combine) {
     CombineParams C{P.part_o, P.part_ml, a.pos, p.rows, p.heads, p.group_rows, p.splits, P.out_f32, P.out_bf16};
     launch(combine_kernel, dim3(p.rows, kRank / 64), dim3(128), 0, s, pdl, C);
   }
 }
+
+void attend(const Args& a, const Plan& p, cudaStream_t s) { attend_core(a, p, s, true); }
 
 }  // namespace trellm::cuda::mla

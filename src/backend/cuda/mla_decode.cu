@@ -1,14 +1,16 @@
-// MLA decode (n <= 16 query rows) on the GPU, absorbed form: four graph-capturable launches per layer.
+// MLA decode (n <= 16 query rows) on the GPU, absorbed form: three graph-capturable launches per layer.
 //   1. q_lat:  Qb[i*H+h] = bf16(W_UK[h]ᵀ q_nope[i,h] | q_rope[i,h])     reads W_UK: H*nope*512*2 B (3.9 MB GLM)
-//   2. attend: tensor-core flash-decoding over the latent cache (mla_attend.cu), T*1152 B
-//   3. combine of the context splits (skipped when the plan has one split)
-//   4. out:    out[i, h*v+j] = W_UV[h][j] · o_lat[i*H+h]                  reads W_UV: H*v*512*2 B (5.2 MB GLM)
+//   2. attend: tensor-core flash-decoding over the latent cache (mla_attend_decode.cu), T*1152 B
+//   3. out:    out[i, h*v+j] = W_UV[h][j] · o_lat[i*H+h]                  reads W_UV: H*v*512*2 B (5.2 MB GLM)
+//      with o_lat merged from the attention's context splits on the way in (no combine kernel: each of a
+//      head's ceil(v/32) blocks merges that head's partials, 128 KB at 32K, from L2).
 // The projections are memory-bound GEMVs (n <= 16 rows share each weight read) on CUDA cores. With
 // programmatic dependent launch each kernel issues its kv_b loads before waiting on its predecessor, so the
 // 9.2 MB of kv_b per layer streams while the previous kernel finishes.
 #include <cuda_bf16.h>
 
 #include "backend/cuda/mla.h"
+#include "backend/cuda/mla_attend.cuh"
 #include "backend/cuda/mla_common.cuh"
 #include "backend/cuda/rope.cuh"
 
@@ -90,12 +92,53 @@ __global__ void __launch_bounds__(256) qlat_decode_kernel(bf16* qb, const float*
   }
 }
 
+// The attention's output where the projection reads it: o_lat itself (one split) or the split partials.
+struct OLat {
+  const float* olat;          // [rows, 512] f32 (splits == 1)
+  const bf16* part_o;         // [groups, splits, 32, 512] (splits > 1)
+  const float* part_ml;       // [groups, splits, 32, 2]
+  const int32_t* pos;         // [n]
+  int group_rows, splits;     // the attention's grouping (Plan)
+};
+
+// os[i, :] = o_lat of row (i, h), merged as the combine kernel does (mla_attend.cu): Σ_s 2^(m_s - M) O_s /
+// Σ_s 2^(m_s - M) l_s over the splits that hold data. 256 threads = 64 column octets x 4 split lanes.
+__device__ void merge_splits(float* os, const OLat& o, int i, int h, int heads, int rows) {
+  __shared__ float w_s[kMaxSplits];
+  __shared__ __align__(16) float red[4][kRank];
+  __shared__ float red8[8];
+  __shared__ int t_s;
+  const int tid = threadIdx.x;
+  const int row = i * heads + h, group = row / o.group_rows, r = row % o.group_rows;
+  const int active = split_range(group_context(o.pos, group, o.group_rows, rows, heads, &t_s), o.splits).active;
+  const float* ml = o.part_ml + (size_t(group) * o.splits * kRowsPerCta + r) * 2;  // split s at + s * 64
+  const float L = split_weights<256>(ml, active, w_s, red8);
+  const int co = tid & 63, sl = tid >> 6;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const bf16* po = o.part_o + (size_t(group) * o.splits * kRowsPerCta + r) * kRank + 8 * co;  // split s at + s * 32 rows
+#pragma unroll 4
+  for (int sp = sl; sp < active; sp += 4) {
+    const float w = w_s[sp];
+    const uint4 u = *reinterpret_cast<const uint4*>(po + size_t(sp) * kRowsPerCta * kRank);
+    acc[0] += w * bf_lo(u.x), acc[1] += w * bf_hi(u.x), acc[2] += w * bf_lo(u.y), acc[3] += w * bf_hi(u.y);
+    acc[4] += w * bf_lo(u.z), acc[5] += w * bf_hi(u.z), acc[6] += w * bf_lo(u.w), acc[7] += w * bf_hi(u.w);
+  }
+  float4* rp = reinterpret_cast<float4*>(&red[sl][8 * co]);
+  rp[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  rp[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  __syncthreads();
+  const float inv = 1.0f / L;
+  for (int c = tid; c < kRank; c += 256) os[i * kRank + c] = (red[0][c] + red[1][c] + red[2][c] + red[3][c]) * inv;
+  __syncthreads();  // w_s, red and t_s are rewritten for the next row
+}
+
 // grid (heads, ceil(v/32)), 256 threads: warp w owns W_UV[h] rows j0..j0+3 (j0 = 32*by + 4w), each lane 4 bf16 at
 // columns 4*lane + 128*qq (8-byte loads, coalesced 256 B per quarter), in registers before the PDL wait.
-__global__ void __launch_bounds__(256) out_decode_kernel(float* out, const float* olat, const uint16_t* kvb, int n,
+__global__ void __launch_bounds__(256) out_decode_kernel(float* out, const OLat ol, const uint16_t* kvb, int n,
                                                          int heads, int nope, int v) {
-  extern __shared__ __align__(16) float os[];  // [n, 512]: dynamic, so a 2 KB block (n = 1) can sit beside an
-                                                // attention CTA (188 KB) on the same SM and start early (PDL)
+  extern __shared__ __align__(16) float os[];  // [n, 512]: dynamic, so a small block (n = 1: 2 KB + 12 KB of
+                                                // merge buffers) can sit beside an attention CTA (188 KB) on the
+                                                // same SM and start early (PDL)
   const int h = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, per = nope + v;
   const int j0 = blockIdx.y * 32 + warp * 4;
   uint2 w[4][4];
@@ -108,12 +151,16 @@ __global__ void __launch_bounds__(256) out_decode_kernel(float* out, const float
                               : make_uint2(0, 0);
   grid_wait();
   grid_launch_dependents();
-  for (int idx = tid; idx < n * (kRank / 4); idx += 256) {
-    const int i = idx / (kRank / 4), c4 = idx % (kRank / 4);
-    reinterpret_cast<float4*>(os)[i * (kRank / 4) + c4] =
-        reinterpret_cast<const float4*>(olat)[(size_t(i) * heads + h) * (kRank / 4) + c4];
+  if (ol.splits == 1) {
+    for (int idx = tid; idx < n * (kRank / 4); idx += 256) {
+      const int i = idx / (kRank / 4), c4 = idx % (kRank / 4);
+      reinterpret_cast<float4*>(os)[i * (kRank / 4) + c4] =
+          reinterpret_cast<const float4*>(ol.olat)[(size_t(i) * heads + h) * (kRank / 4) + c4];
+    }
+    __syncthreads();
+  } else {
+    for (int i = 0; i < n; i++) merge_splits(os, ol, i, h, heads, n * heads);
   }
-  __syncthreads();
   for (int i = 0; i < n; i++) {
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -138,12 +185,17 @@ void decode(const Args& a, const Plan& p, cudaStream_t s) {
   TRELLM_ASSERT(!p.prefill && a.n == p.n && a.n <= kDecodeMaxRows && a.nope <= kMaxNope, "mla decode: n ", a.n);
   char* w = static_cast<char*>(a.work);
   bf16* qb = reinterpret_cast<bf16*>(w + p.qb);
-  const float* olat = reinterpret_cast<const float*>(w + p.olat);
+  // One row group (batch 1): the keys-on-M attention and the split merge inside the output projection. With
+  // several groups, or TRELLM_MLA_DECODE=v2, the combine kernel writes o_lat and the projection reads it: each of
+  // the projection's v/32 blocks of a head would merge all n rows again (H100, 8 batched rows: -5 % end to end).
+  const bool v2 = decode_v2() || p.groups != 1;
+  const OLat ol{reinterpret_cast<const float*>(w + p.olat), reinterpret_cast<const bf16*>(w + p.part_o),
+                reinterpret_cast<const float*>(w + p.part_ml), a.pos, p.group_rows, v2 ? 1 : p.splits};
   const RopeAppend ra = a.ra ? *a.ra : RopeAppend{nullptr, nullptr, 0.0f, nullptr, 0.0f};
   launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v,
          ra, a.pos, a.pages);
-  attend(a, p, s);
-  launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, olat, a.kv_b,
+  attend_core(a, p, s, /*combine=*/v2);
+  launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, ol, a.kv_b,
          a.n, a.heads, a.nope, a.v);
 }
 

@@ -14,12 +14,17 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/kernel_clocks.cuh"
 
 namespace trellm::cuda {
 
 __device__ __forceinline__ void grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(TRELLM_KERNEL_CLOCKS) && TRELLM_KERNEL_CLOCKS
+  clocks::clocked_wait([] { asm volatile("griddepcontrol.wait;\n" ::: "memory"); });
+#else
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 #endif
 }
 __device__ __forceinline__ void grid_launch_dependents() {

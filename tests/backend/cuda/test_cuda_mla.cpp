@@ -213,13 +213,14 @@ TEST_F(CudaMla, MatchesCpuAcrossShapesAndContexts) {
 }
 
 // A larger bound than the context (many splits past the last key exit early; table entries past the sequence
-// are never read) and the combine path in prefill.
+// are never read), long contexts whose splits hold several tiles (both smem stages reused, tiles asked into L2
+// ahead), and the combine path in prefill.
 TEST_F(CudaMla, SplitsAndEarlyExits) {
   struct Case {
     int n, ctx, bound;
   };
   double worst = 0;
-  for (Case c : {Case{1, 300, 5000}, Case{2, 65, 9000}, Case{3, 129, 200}, Case{16, 64, 64}, Case{17, 40, 40},
+  for (Case c : {Case{1, 300, 5000}, Case{1, 20000, 32768}, Case{2, 65, 9000}, Case{2, 12000, 12001}, Case{3, 129, 200}, Case{16, 64, 64}, Case{17, 40, 40},
                  Case{33, 700, 700}, Case{127, 127, 127}}) {
     const double e = check(kGlm, c.n, c.ctx, c.bound);
     worst = std::max(worst, e);

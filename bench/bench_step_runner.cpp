@@ -1,0 +1,125 @@
+// bench_step_runner: the persistent decode kernel's schedule with empty tiles (backend/cuda/step_runner.h, Empty
+// mode) on the full-size GLM-4.7-Flash plan: the step's floor before any task body moves in (counter latency and
+// the runner's own overhead along the plan's critical path), for 1/2/4/8 rows at 1K and 32K of context.
+// Per shape: the median step over 50 launches (event-timed, launched back to back), then one clocked launch:
+//   wait     t_ready - (latest producer's t_done), over the tiles that had a producer: the dependent latency
+//            (release -> acquire -> the worker goes), median and p90;
+//   body     t_done - t_ready (the empty body and the runner's barriers);
+//   model    the lists that ran, replayed by the plan's simulator with zero work, dependent_us = the measured
+//            median wait and tile_us = the median body: what the cost model predicts for this floor, against the
+//            measurement (and with the model's default 1.5 / 0.3 us).
+// Usage: bench_step_runner [--json FILE] [--commit HASH]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "backend/cuda/cuda_check.h"
+#include "backend/cuda/step_runner.h"
+#include "backend/step_plan.h"
+
+using namespace trellm;
+
+namespace {
+
+double pct(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, size_t(q * double(v.size())))];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string json, commit = "unknown";
+  for (int i = 1; i < argc; i++) {
+    if (!std::strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+    else if (!std::strcmp(argv[i], "--commit") && i + 1 < argc) commit = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: bench_step_runner [--json FILE] [--commit HASH]\n");
+      return 2;
+    }
+  }
+  int dev = 0, sms = 0;
+  cudaDeviceProp prop{};
+  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
+  TRELLM_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  sms = prop.multiProcessorCount;
+  char date[16];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
+  std::ofstream js;
+  if (!json.empty()) js.open(json, std::ios::app);
+  std::printf("bench_step_runner: %s, %d SMs, %s, commit %s\n\n", prop.name, sms, date, commit.c_str());
+  std::printf("| rows | context | tiles | step us | wait med us | wait p90 us | body med us | model us (wait, body) | model us (1.5, 0.3) |\n");
+  std::printf("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  cudaStream_t s;
+  TRELLM_CUDA_CHECK(cudaStreamCreate(&s));
+  cudaEvent_t e0, e1;
+  TRELLM_CUDA_CHECK(cudaEventCreate(&e0));
+  TRELLM_CUDA_CHECK(cudaEventCreate(&e1));
+  for (int ctx : {1024, 32768})
+    for (int rows : {1, 2, 4, 8}) {
+      step::StepShape shape = step::StepShape::glm47_flash();
+      shape.rows = rows, shape.context = ctx;
+      step::CostModel m;
+      m.sms = sms;
+      const step::StepPlan p = step::build_step_plan(shape, m);
+      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
+      uint32_t step = 0;
+      for (int i = 0; i < 5; i++) r.launch(step++, s);
+      std::vector<double> us;
+      for (int rep = 0; rep < 5; rep++) {
+        TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
+        for (int i = 0; i < 10; i++) r.launch(step++, s);
+        TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
+        TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        us.push_back(1e3 * ms / 10);
+      }
+      r.launch(step++, s, /*clocks=*/true);
+      const cuda::RunnerStatus st = r.status();
+      if (!st.describe(p).empty()) {
+        std::fprintf(stderr, "rows %d context %d: %s\n", rows, ctx, st.describe(p).c_str());
+        return 1;
+      }
+      const auto clk = r.tile_clocks();
+      std::vector<uint64_t> done(p.counter_info.size(), 0);
+      for (size_t q = 0; q < p.tiles.size(); q++) done[size_t(p.tiles[q].counter)] = std::max(done[size_t(p.tiles[q].counter)], clk[q].t_done);
+      std::vector<double> wait, body;
+      for (size_t i = 0; i < p.tiles.size(); i++) {
+        body.push_back(double(clk[i].t_done - clk[i].t_ready) * 1e-3);
+        uint64_t last = 0;
+        for (int d : p.tiles[i].deps) last = std::max(last, done[size_t(d)]);
+        if (last > clk[i].t_free) wait.push_back(double(clk[i].t_ready - last) * 1e-3);  // it waited for a producer
+      }
+      const double step_us = pct(us, 0.5), wmed = pct(wait, 0.5), w90 = pct(wait, 0.9), bmed = pct(body, 0.5);
+      // The lists that ran, replayed by the simulator with zero work and the given latencies.
+      auto model_of = [&](double dep_us, double tile_us) {
+        step::CostModel z = m;
+        z.ps_per_weight = 0, z.bytes_per_ns = 1e12, z.dependent_us = dep_us, z.tile_us = tile_us;
+        std::vector<step::TileTime> t;
+        for (size_t i = 0; i < p.tiles.size(); i++) t.push_back(step::tile_time(p, z, int(i)));
+        return step::simulate(p, t);
+      };
+      const double model = model_of(wmed, bmed), model_default = model_of(1.5, 0.3);
+      std::printf("| %d | %d | %zu | %.1f | %.2f | %.2f | %.2f | %.1f | %.1f |\n", rows, ctx, p.tiles.size(), step_us, wmed, w90, bmed,
+                  model, model_default);
+      if (js.is_open()) {
+        auto line = [&](const char* metric, double v) {
+          js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
+             << "\",\"bench\":\"step_runner_empty\",\"metric\":\"" << metric << "\",\"shape\":\"rows=" << rows << " context=" << ctx
+             << "\",\"value\":" << v << ",\"unit\":\"us\"}\n";
+        };
+        line("step_us", step_us), line("wait_median_us", wmed), line("wait_p90_us", w90), line("body_median_us", bmed);
+        line("model_step_us", model);
+      }
+    }
+  return 0;
+}

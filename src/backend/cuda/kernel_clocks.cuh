@@ -1,0 +1,70 @@
+// Kernel clocks (built with -DTRELLM_KERNEL_CLOCKS=ON): every block's first thread records, around its
+// dependency wait (grid_wait, pdl.cuh), when it reached the wait and when the wait returned, on the GPU's
+// global nanosecond timer, with its launch (%gridid) and SM. Host side: kernel_clocks.h.
+//
+// Why the wait: in a captured decode step every kernel waits on its predecessor there, so the earliest return
+// over a kernel's blocks is when its dependency resolved ("release"), and release(k+1) - release(k) is the
+// time kernel k holds the step's critical path: its work after the wait plus the latency until its dependents
+// may run. The blocks' arrival before the release says whether the launch and prologue were hidden (arrival
+// well before release) or on the path (arrival = release). Off by default: the records cost a global atomic
+// per block.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace trellm::cuda::clocks {
+
+struct Record {
+  uint64_t grid;    // %gridid: one value per launch
+  uint64_t t_wait;  // %globaltimer (ns) when the block reached its wait
+  uint64_t t_go;    // ... and when the wait returned
+  uint32_t sm;      // %smid
+  uint32_t block;   // linear block index
+};
+static_assert(sizeof(Record) == 32);
+
+struct Sink {
+  Record* rec;      // nullptr: not recording
+  unsigned* count;  // records written (may pass cap: those past it are dropped and counted)
+  unsigned cap;
+};
+
+#if defined(TRELLM_KERNEL_CLOCKS) && TRELLM_KERNEL_CLOCKS
+// One sink per translation unit (the library is built without relocatable device code, so a __constant__
+// variable is per TU): each TU registers a setter at static initialisation, kernel_clocks.cu calls them all.
+static __constant__ Sink tu_sink;
+using SinkSetter = cudaError_t (*)(const Sink&);
+int register_sink_setter(SinkSetter set);
+namespace {
+cudaError_t set_tu_sink(const Sink& s) { return cudaMemcpyToSymbol(tu_sink, &s, sizeof s); }
+[[maybe_unused]] const int tu_sink_registered = register_sink_setter(&set_tu_sink);
+}  // namespace
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The wait (griddepcontrol.wait on sm_90, passed in as `wait`) with the block's record around it.
+template <typename Wait>
+__device__ __forceinline__ void clocked_wait(Wait wait) {
+  const bool lead = threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0;
+  const Sink s = tu_sink;
+  const uint64_t t0 = lead && s.rec ? global_ns() : 0;
+  wait();
+  if (lead && s.rec) {
+    const uint64_t t1 = global_ns();
+    uint64_t grid;
+    uint32_t sm;
+    asm volatile("mov.u64 %0, %%gridid;" : "=l"(grid));
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned i = atomicAdd(s.count, 1u);
+    if (i < s.cap)
+      s.rec[i] = Record{grid, t0, t1, sm, blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)};
+  }
+}
+#endif
+
+}  // namespace trellm::cuda::clocks

@@ -1,0 +1,238 @@
+#include "backend/cuda/step_runner.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/cuda/cuda_check.h"
+#include "core/error.h"
+
+namespace trellm::cuda {
+
+namespace {
+
+struct DevStatus {
+  unsigned bad;
+  int bad_tile, bad_producer;
+  int to_worker, to_tile, to_counter;
+  unsigned to_value;
+  int abort;  // a worker gave up: the others stop waiting too, so the launch ends
+};
+constexpr DevStatus kClean = {0, -1, -1, -1, -1, -1, 0, 0};
+
+struct Args {
+  const int32_t *sm_begin, *sm_tiles, *dep_begin, *deps, *tile_counter, *arrivals;
+  const int32_t *cnt_begin, *cnt_tiles;  // counter c's producer tiles: cnt_tiles[cnt_begin[c] .. cnt_begin[c + 1])
+  uint32_t* counters;
+  uint32_t* stamps;  // per tile: stamp_of(step, tile) once it ran (check mode)
+  DevStatus* st;
+  RunnerTileClock* clk;  // per tile, or nullptr
+  uint32_t step;
+  uint64_t timeout_ns;
+  int check;
+};
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ uint32_t ld_acquire(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void red_release(uint32_t* p, uint32_t v) {
+  asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+// Distinct for every step of a tile (1,000,003 is odd, so invertible mod 2^32) and never 0 at step 0.
+__host__ __device__ __forceinline__ uint32_t stamp_of(uint32_t step, int tile) { return step * 1000003u + uint32_t(tile) + 1u; }
+
+// kFences: a full fence (__threadfence) after the waits and before the release, on top of the acquire loads and
+// the release reduction (which already order the block's accesses: bar.sync makes them the releasing thread's
+// predecessors). Kept as the A/B baseline: TRELLM_RUNNER_FENCES=1.
+template <bool kFences>
+__global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a) {
+  __shared__ int abort_s;
+  const int w = blockIdx.x;
+  for (int k = a.sm_begin[w]; k < a.sm_begin[w + 1]; k++) {
+    const int i = a.sm_tiles[k];
+    const uint64_t t_free = a.clk && threadIdx.x == 0 ? now_ns() : 0;
+    if (threadIdx.x == 0) abort_s = 0;
+    __syncthreads();
+    // Wait: a thread per counter (a tile waits for at most a few hundred).
+    for (int d = a.dep_begin[i] + int(threadIdx.x); d < a.dep_begin[i + 1]; d += int(blockDim.x)) {
+      const int c = a.deps[d];
+      const uint32_t target = step::counter_target(a.step, uint32_t(a.arrivals[c]));
+      uint32_t v;
+      uint64_t t0 = 0;
+      for (int n = 1; !step::counter_reached(v = ld_acquire(a.counters + c), target); n++) {
+        if ((n & 255) != 0) continue;  // the timer every 256 polls
+        const uint64_t t = now_ns();
+        if (t0 == 0) t0 = t;
+        if (t - t0 > a.timeout_ns || *reinterpret_cast<volatile int*>(&a.st->abort)) {
+          if (atomicCAS(&a.st->to_worker, -1, w) == -1) a.st->to_tile = i, a.st->to_counter = c, a.st->to_value = v;
+          atomicExch(&a.st->abort, 1);
+          abort_s = 1;
+          break;
+        }
+      }
+    }
+    if (kFences) __threadfence();
+    __syncthreads();
+    if (abort_s) return;
+    const uint64_t t_ready = a.clk && threadIdx.x == 0 ? now_ns() : 0;
+    if (a.check) {  // plain loads: the acquire above must make the producers' stores visible to every thread
+      for (int d = a.dep_begin[i]; d < a.dep_begin[i + 1]; d++) {
+        const int c = a.deps[d];
+        for (int q = a.cnt_begin[c] + int(threadIdx.x); q < a.cnt_begin[c + 1]; q += int(blockDim.x)) {
+          const int p = a.cnt_tiles[q];
+          if (a.stamps[p] != stamp_of(a.step, p) && atomicAdd(&a.st->bad, 1u) == 0) a.st->bad_tile = i, a.st->bad_producer = p;
+        }
+      }
+      if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
+    }
+    __syncthreads();  // every thread's stores, then one release for the block
+    if (threadIdx.x == 0) {
+      if (a.clk) a.clk[i] = RunnerTileClock{t_free, t_ready, now_ns()};  // before the release: causally first
+      if (kFences) __threadfence();
+      red_release(a.counters + a.tile_counter[i], 1u);
+    }
+  }
+}
+
+template <typename T>
+T* upload(const std::vector<T>& v) {
+  T* p = nullptr;
+  TRELLM_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(1, v.size()) * sizeof(T)));
+  if (!v.empty()) TRELLM_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+}  // namespace
+
+struct StepRunner::Device {
+  std::vector<int32_t*> arrays;
+  Args a{};
+  size_t tiles = 0, counters = 0;
+  int workers = 0;
+};
+
+StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
+    : d_(new Device), plan_(plan), mode_(mode), timeout_ns_(uint64_t(timeout_ms * 1e6)) {
+  const step::StepLists f = step::flatten(plan);
+  d_->tiles = plan.tiles.size();
+  d_->counters = size_t(plan.counters());
+  d_->workers = int(plan.per_sm.size());
+  if (d_->workers < 1 || d_->tiles == 0) fail("step runner: a plan with ", d_->workers, " workers and ", d_->tiles, " tiles");
+  // Counter -> its producer tiles (check mode reads every producer's stamp).
+  std::vector<int32_t> cnt_begin(d_->counters + 1, 0), cnt_tiles(d_->tiles);
+  for (int32_t c : f.tile_counter) cnt_begin[size_t(c) + 1]++;
+  for (size_t c = 0; c < d_->counters; c++) cnt_begin[c + 1] += cnt_begin[c];
+  std::vector<int32_t> fill(cnt_begin.begin(), cnt_begin.end() - 1);
+  for (size_t i = 0; i < d_->tiles; i++) cnt_tiles[size_t(fill[size_t(f.tile_counter[i])]++)] = int32_t(i);
+  auto up = [&](const std::vector<int32_t>& v) {
+    d_->arrays.push_back(upload(v));
+    return d_->arrays.back();
+  };
+  Args& a = d_->a;
+  a.sm_begin = up(f.sm_begin), a.sm_tiles = up(f.sm_tiles), a.dep_begin = up(f.dep_begin), a.deps = up(f.deps);
+  a.tile_counter = up(f.tile_counter), a.arrivals = up(f.arrivals), a.cnt_begin = up(cnt_begin), a.cnt_tiles = up(cnt_tiles);
+  TRELLM_CUDA_CHECK(cudaMalloc(&a.counters, d_->counters * 4));
+  TRELLM_CUDA_CHECK(cudaMalloc(&a.stamps, d_->tiles * 4));
+  TRELLM_CUDA_CHECK(cudaMalloc(&a.st, sizeof(DevStatus)));
+  TRELLM_CUDA_CHECK(cudaMalloc(&a.clk, d_->tiles * sizeof(RunnerTileClock)));
+  TRELLM_CUDA_CHECK(cudaMemset(a.stamps, 0, d_->tiles * 4));
+  TRELLM_CUDA_CHECK(cudaMemcpy(a.st, &kClean, sizeof kClean, cudaMemcpyHostToDevice));
+  a.timeout_ns = timeout_ns_;
+  a.check = mode == Mode::Check;
+  start_at(0);
+  int dev = 0, coop = 0, per_sm = 0, sms = 0;
+  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
+  TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
+  TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TRELLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_runner_kernel<true>, 256, 0));
+  if (!coop) fail("step runner: this device has no cooperative launch (every worker must be resident)");
+  if (d_->workers > per_sm * sms)
+    fail("step runner: the plan has ", d_->workers, " workers, the device holds ", per_sm * sms, " resident blocks (", sms,
+         " SMs x ", per_sm, ")");
+}
+
+StepRunner::~StepRunner() {
+  cudaDeviceSynchronize();
+  for (int32_t* p : d_->arrays) cudaFree(p);
+  cudaFree(d_->a.counters);
+  cudaFree(d_->a.stamps);
+  cudaFree(d_->a.st);
+  cudaFree(d_->a.clk);
+  delete d_;
+}
+
+void StepRunner::start_at(uint32_t step) {
+  std::vector<uint32_t> c(d_->counters);
+  for (size_t i = 0; i < c.size(); i++) c[i] = step * uint32_t(plan_.counter_info[i].arrivals);  // mod 2^32
+  TRELLM_CUDA_CHECK(cudaMemcpy(d_->a.counters, c.data(), c.size() * 4, cudaMemcpyHostToDevice));
+}
+
+void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
+  Args a = d_->a;
+  a.step = step;
+  if (!clocks) a.clk = nullptr;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(d_->workers));
+  cfg.blockDim = dim3(256);
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  static const bool fences = [] {
+    const char* e = std::getenv("TRELLM_RUNNER_FENCES");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  if (fences) TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<true>, a));
+  else TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<false>, a));
+}
+
+RunnerStatus StepRunner::status() {
+  TRELLM_CUDA_CHECK(cudaDeviceSynchronize());
+  DevStatus h;
+  TRELLM_CUDA_CHECK(cudaMemcpy(&h, d_->a.st, sizeof h, cudaMemcpyDeviceToHost));
+  TRELLM_CUDA_CHECK(cudaMemcpy(d_->a.st, &kClean, sizeof kClean, cudaMemcpyHostToDevice));
+  RunnerStatus r;
+  r.bad_stamps = h.bad, r.first_bad_tile = h.bad_tile, r.first_bad_producer = h.bad_producer;
+  r.timeout_worker = h.to_worker, r.timeout_tile = h.to_tile, r.timeout_counter = h.to_counter, r.timeout_value = h.to_value;
+  return r;
+}
+
+std::vector<uint32_t> StepRunner::counters() {
+  TRELLM_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<uint32_t> c(d_->counters);
+  TRELLM_CUDA_CHECK(cudaMemcpy(c.data(), d_->a.counters, c.size() * 4, cudaMemcpyDeviceToHost));
+  return c;
+}
+
+std::vector<RunnerTileClock> StepRunner::tile_clocks() {
+  TRELLM_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<RunnerTileClock> c(d_->tiles);
+  TRELLM_CUDA_CHECK(cudaMemcpy(c.data(), d_->a.clk, c.size() * sizeof(RunnerTileClock), cudaMemcpyDeviceToHost));
+  return c;
+}
+
+std::string RunnerStatus::describe(const step::StepPlan& p) const {
+  std::string s;
+  auto tile = [&](int i) {
+    const step::Tile& t = p.tiles[size_t(i)];
+    return str_cat("tile ", i, " (", step::task_name(t.task), " layer ", t.layer, " group ", t.group, " split ", t.split, ")");
+  };
+  if (bad_stamps) s += str_cat(bad_stamps, " stale dependencies; first: ", tile(first_bad_tile), " read ", tile(first_bad_producer), "; ");
+  if (timeout_worker >= 0) {
+    const step::CounterInfo& c = p.counter_info[size_t(timeout_counter)];
+    s += str_cat("worker ", timeout_worker, " gave up at ", tile(timeout_tile), " waiting for ", step::task_name(c.task), " layer ",
+                 c.layer, " group ", c.group, " (counter ", timeout_counter, " at ", timeout_value, ")");
+  }
+  return s;
+}
+
+}  // namespace trellm::cuda

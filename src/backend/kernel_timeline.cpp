@@ -1,0 +1,136 @@
+#include "backend/kernel_timeline.h"
+
+#include <algorithm>
+#include <cctype>
+#include <map>
+
+#include "core/error.h"
+
+namespace trellm {
+
+namespace {
+
+struct Launch {
+  uint64_t arrive = UINT64_MAX, release = UINT64_MAX;
+  int blocks = 0;
+};
+
+}  // namespace
+
+std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, std::span<const GraphKernel> kernels) {
+  if (kernels.empty()) fail("kernel clocks: the graph has no kernels");
+  // A launch's wait returns only after its predecessor completed, so in one stream every block of launch k
+  // returns before any block of launch k + 1: ordered by return, each launch is one run of records. Runs, not
+  // ids, separate launches: a replayed graph reuses its nodes' %gridid at every replay.
+  std::vector<ClockRecord> r(records.begin(), records.end());
+  for (const ClockRecord& x : r)
+    if (x.t_go < x.t_wait) fail("kernel clocks: a block of launch ", x.launch, " returned from its wait before it reached it");
+  std::sort(r.begin(), r.end(), [](const ClockRecord& x, const ClockRecord& y) {
+    return x.t_go != y.t_go ? x.t_go < y.t_go : x.launch < y.launch;
+  });
+  std::vector<Launch> order;
+  for (size_t i = 0; i < r.size(); i++) {
+    if (i == 0 || r[i].launch != r[i - 1].launch) order.emplace_back();
+    Launch& l = order.back();
+    l.arrive = std::min(l.arrive, r[i].t_wait);
+    l.release = std::min(l.release, r[i].t_go);
+    l.blocks++;
+  }
+  const size_t K = kernels.size();
+  if (order.size() % K != 0)
+    fail("kernel clocks: ", order.size(), " launches recorded, not whole steps of the graph's ", K,
+         " kernels (a kernel that never reaches grid_wait, records dropped, or another graph replayed)");
+  const size_t steps = order.size() / K;
+  if (steps < 2) fail("kernel clocks: ", steps, " step recorded; two or more are needed (the next step closes the last kernel)");
+  for (size_t i = 0; i < order.size(); i++)
+    if (order[i].blocks > kernels[i % K].blocks)
+      fail("kernel clocks: launch ", i % K, " of step ", i / K, " recorded ", order[i].blocks, " blocks, but ", kernels[i % K].name,
+           " has a grid of ", kernels[i % K].blocks, ": the records do not line up with the graph");
+  std::vector<StepTimeline> out(steps - 1);
+  for (size_t s = 0; s + 1 < steps; s++) {
+    const uint64_t t0 = order[s * K].release;
+    StepTimeline& st = out[s];
+    st.step_us = double(order[(s + 1) * K].release - t0) * 1e-3;
+    for (size_t k = 0; k < K; k++) {
+      const Launch& l = order[s * K + k];
+      KernelSpan sp;
+      sp.index = int(k);
+      sp.blocks = l.blocks;
+      sp.release_us = double(l.release - t0) * 1e-3;
+      sp.lead_us = double(l.release - l.arrive) * 1e-3;
+      sp.path_us = double(order[s * K + k + 1].release - l.release) * 1e-3;
+      st.kernels.push_back(sp);
+    }
+  }
+  return out;
+}
+
+std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std::span<const GraphKernel> kernels) {
+  std::vector<KernelSummary> out;
+  if (steps.empty()) return out;
+  std::map<std::string, size_t> index;
+  std::vector<double> lead_sum;
+  for (const GraphKernel& k : kernels)
+    if (index.emplace(k.name, out.size()).second) {
+      out.push_back(KernelSummary{k.name, 0, 0.0, 0.0, 0.0});
+      lead_sum.push_back(0.0);
+    }
+  for (const GraphKernel& k : kernels) out[index[k.name]].launches++;
+  for (const StepTimeline& st : steps) {
+    TRELLM_ASSERT(st.kernels.size() == kernels.size(), "summarize: a step of ", st.kernels.size(), " kernels, the graph has ",
+                  kernels.size());
+    for (const KernelSpan& sp : st.kernels) {
+      KernelSummary& s = out[index[kernels[size_t(sp.index)].name]];
+      s.path_us += sp.path_us;
+      s.lead_us += sp.lead_us;
+      s.hidden += sp.lead_us >= 0.5 ? 1.0 : 0.0;
+    }
+  }
+  const double n = double(steps.size());
+  for (KernelSummary& s : out) {
+    const double launches = n * s.launches;
+    s.path_us /= n;
+    s.lead_us /= launches;
+    s.hidden /= launches;
+  }
+  return out;
+}
+
+std::string short_kernel_name(const std::string& d) {
+  std::string s = d;
+  if (s.rfind("void ", 0) == 0) s = s.substr(5);
+  // Parameters: the first '(' outside template brackets that is not "(anonymous namespace)".
+  int depth = 0;
+  for (size_t i = 0; i < s.size(); i++) {
+    if (s[i] == '<') depth++;
+    else if (s[i] == '>') depth--;
+    else if (s[i] == '(' && depth == 0 && s.compare(i, 21, "(anonymous namespace)") != 0) {
+      s.resize(i);
+      break;
+    }
+  }
+  // Namespaces and classes: drop every "name::" and "(anonymous namespace)::".
+  std::string out;
+  size_t i = 0;
+  while (i < s.size()) {
+    if (s.compare(i, 23, "(anonymous namespace)::") == 0) {
+      i += 23;
+      continue;
+    }
+    size_t j = i;
+    while (j < s.size() && (std::isalnum(static_cast<unsigned char>(s[j])) || s[j] == '_')) j++;
+    if (j > i && s.compare(j, 2, "::") == 0) {
+      i = j + 2;
+      continue;
+    }
+    if (j > i) {
+      out.append(s, i, j - i);
+      i = j;
+    } else {
+      out.push_back(s[i++]);
+    }
+  }
+  return out;
+}
+
+}  // namespace trellm

@@ -1,0 +1,109 @@
+// The persistent decode kernel's task runner on the GPU (backend/cuda/step_runner.h), tiles without math: the
+// full-size GLM-4.7-Flash plan for 1 and 8 rows and a small plan of many tiles per worker run several steps back to
+// back with nothing reset in between, from step 0 and across the counters' 32-bit wrap. Every tile checks that
+// each tile it depends on wrote this step's stamp (so a missing dependency, a stale read or a lost arrival fails),
+// and afterwards every counter holds exactly (steps run) x its arrivals. A list out of order is reported as a
+// timeout naming the worker, the tile and the counter, and the launch still ends. Skips cleanly without a GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+#include "backend/backend.h"
+#include "backend/cuda/step_runner.h"
+#include "backend/step_plan.h"
+
+using namespace trellm;
+
+namespace {
+
+int device_sms() {
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
+void run_steps(const step::StepPlan& p, uint32_t first, uint32_t steps) {
+  cuda::StepRunner r(p, cuda::StepRunner::Mode::Check);
+  r.start_at(first);
+  for (uint32_t n = 0; n < steps; n++) r.launch(first + n, nullptr, n == steps - 1);
+  const cuda::RunnerStatus st = r.status();
+  EXPECT_EQ(st.describe(p), "");
+  const std::vector<uint32_t> c = r.counters();
+  for (size_t i = 0; i < c.size(); i++)
+    ASSERT_EQ(c[i], (first + steps) * uint32_t(p.counter_info[i].arrivals)) << "counter " << i;
+  // The clocked step: every tile ran, became ready no earlier than its worker reached it, arrived after.
+  const auto clk = r.tile_clocks();
+  for (size_t i = 0; i < clk.size(); i++) {
+    ASSERT_GT(clk[i].t_free, 0u) << "tile " << i << " has no clock";
+    ASSERT_LE(clk[i].t_free, clk[i].t_ready) << "tile " << i;
+    ASSERT_LE(clk[i].t_ready, clk[i].t_done) << "tile " << i;
+  }
+  // And no tile became ready before its producers were done (their clock is read before their release, the
+  // consumer's after its acquire, on the chip's one global timer).
+  std::vector<uint64_t> done(p.counter_info.size(), 0);
+  for (size_t q = 0; q < p.tiles.size(); q++) done[size_t(p.tiles[q].counter)] = std::max(done[size_t(p.tiles[q].counter)], clk[q].t_done);
+  for (size_t i = 0; i < p.tiles.size(); i++)
+    for (int d : p.tiles[i].deps) ASSERT_GE(clk[i].t_ready, done[size_t(d)]) << "tile " << i << " ready before counter " << d;
+}
+
+}  // namespace
+
+TEST(CudaStepRunner, FullSizePlansRunStepsBackToBack) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (int rows : {1, 8}) {
+    SCOPED_TRACE(rows);
+    step::StepShape s = step::StepShape::glm47_flash();
+    s.rows = rows, s.context = rows == 1 ? 1024 : 32768;
+    step::CostModel m;
+    m.sms = device_sms();
+    run_steps(step::build_step_plan(s, m), 0, 4);
+  }
+}
+
+TEST(CudaStepRunner, AcrossTheCounterWrap) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.layers = 4, s.rows = 2, s.context = 3000;
+  step::CostModel m;
+  m.sms = device_sms();
+  // Step 2^31 - 2 first: counters of even arrivals pass 2^32 within the run, those of 1 cross 2^31.
+  run_steps(step::build_step_plan(s, m), 0x7FFFFFFEu, 4);
+}
+
+TEST(CudaStepRunner, ManyTilesPerWorker) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.layers = 3, s.rows = 3, s.context = 700, s.vocab = 5000;
+  step::CostModel m;
+  m.sms = 5;
+  run_steps(step::build_step_plan(s, m), 0, 6);
+}
+
+TEST(CudaStepRunner, AListOutOfOrderTimesOutNamingTheCounter) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  step::StepShape s = step::StepShape::glm47_flash();
+  s.layers = 2;
+  step::CostModel m;
+  m.sms = device_sms();
+  step::StepPlan p = step::build_step_plan(s, m);
+  // The sampling tile moved in front of a worker's first head tile: that worker waits for its own head tile. (In
+  // front of its whole list, the worker would also hold back layer 0, and another worker could give up first.)
+  const int sample = int(p.tiles.size()) - 1;
+  for (auto& list : p.per_sm) list.erase(std::remove(list.begin(), list.end(), sample), list.end());
+  int w = -1;
+  for (size_t k = 0; k < p.per_sm.size() && w < 0; k++)
+    for (int i : p.per_sm[k])
+      if (p.tiles[size_t(i)].task == step::Task::Head) w = int(k);
+  ASSERT_GE(w, 0);
+  auto& list = p.per_sm[size_t(w)];
+  list.insert(std::find_if(list.begin(), list.end(), [&](int i) { return p.tiles[size_t(i)].task == step::Task::Head; }), sample);
+  cuda::StepRunner r(p, cuda::StepRunner::Mode::Check, /*timeout_ms=*/50.0);
+  r.launch(0, nullptr);
+  const cuda::RunnerStatus st = r.status();
+  EXPECT_EQ(st.timeout_worker, w);
+  EXPECT_EQ(st.timeout_tile, sample);
+  const std::string why = st.describe(p);
+  EXPECT_NE(why.find("(sample layer 2"), std::string::npos) << why;
+  EXPECT_NE(why.find("waiting for head layer 2"), std::string::npos) << why;
+}
