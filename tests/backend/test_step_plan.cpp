@@ -295,4 +295,23 @@ TEST(StepPlan, FullSizeScheduleBetweenItsLowerBounds) {
         EXPECT_NEAR(sum, p.critical_path_us, 1e-6 * p.critical_path_us);  // the walk covers the whole path
         if (rows == 1) std::printf("  critical path by task (us):%s\n", parts.c_str());
       }
+  // Calibrated by the task runner's empty-tile floor (H100, bench/results/step_runner.md): 1.09 us of dependent
+  // latency and ~0.25 us of per-tile overhead reproduce the four measured floors within 3 %.
+  for (int context : {1024, 32768})
+    for (int rows : {1, 8}) {
+      step::StepShape s = step::StepShape::glm47_flash();
+      s.rows = rows, s.context = context;
+      step::CostModel m;
+      m.dependent_us = 1.09, m.tile_us = 0.25;
+      const step::StepPlan p = step::build_step_plan(s, m);
+      step::CostModel z = m;
+      z.ps_per_weight = 0, z.bytes_per_ns = 1e300;
+      std::vector<step::TileTime> t;
+      for (size_t i = 0; i < p.tiles.size(); i++) t.push_back(step::tile_time(p, z, int(i)));
+      const double floor = step::simulate(p, t);
+      EXPECT_GT(floor, 0.0);
+      EXPECT_LE(floor, p.step_us + 1e-9);
+      std::printf("calibrated (1.09 / 0.25 us), context %5d, rows %d: empty-tile floor %5.0f us; modelled step %5.0f us (%4.0f tok/s a row)\n",
+                  context, rows, floor, p.step_us, 1e6 / p.step_us);
+    }
 }
