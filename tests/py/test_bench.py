@@ -29,3 +29,12 @@ def test_bench_tiny_synthetic_cpu():
 def test_bench_needs_one_model_source():
     rc, _, err = trellm("bench", "--device", "cpu", check=False)
     assert rc == 1 and "exactly one of --model" in err
+
+
+def test_bench_kernel_clocks_says_what_it_needs():
+    # The clocks are CUDA's, in a build configured for them, and clock the single-sequence decode only.
+    rc, _, err = trellm("bench", "--synthetic", "tiny", "--device", "cpu", "--kernel-clocks", "clocks.csv", check=False)
+    assert rc == 1 and "the cpu backend records none" in err and "TRELLM_KERNEL_CLOCKS=ON" in err
+    rc, _, err = trellm("bench", "--synthetic", "tiny", "--device", "cpu", "--kernel-clocks", "clocks.csv", "--batch", "1",
+                        check=False)
+    assert rc == 1 and "does not combine with --batch" in err

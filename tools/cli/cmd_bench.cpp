@@ -378,6 +378,8 @@ int run_bench(const BenchArgs& a) {
   const auto prompt_lens = parse_list(a.prompt_lens, "--prompt-lens");
   const auto depths = parse_list(a.depths, "--depths");
   if (a.decode_tokens < 1 || a.repeats < 1) fail("--decode-tokens and --repeats must be >= 1");
+  if (!a.kernel_clocks.empty() && (!a.batch.empty() || !a.speculative.empty()))
+    fail("--kernel-clocks clocks the single-sequence decode steps; it does not combine with --batch or --speculative");
 
   // ---- load ----
   Timer t;
