@@ -380,6 +380,8 @@ int run_bench(const BenchArgs& a) {
   if (a.decode_tokens < 1 || a.repeats < 1) fail("--decode-tokens and --repeats must be >= 1");
   if (!a.kernel_clocks.empty() && (!a.batch.empty() || !a.speculative.empty()))
     fail("--kernel-clocks clocks the single-sequence decode steps; it does not combine with --batch or --speculative");
+  if (!a.kernel_clocks.empty() && !backend->kernel_clocks_available())  // before the minutes of loading
+    fail("--kernel-clocks: the ", backend->name(), " backend records none (CUDA, configured with -DTRELLM_KERNEL_CLOCKS=ON)");
 
   // ---- load ----
   Timer t;
@@ -484,8 +486,6 @@ int run_bench(const BenchArgs& a) {
   // ---- decode at depth (cache rows past the prefills hold random values: speed does not depend on them) ----
   std::ofstream clocks_csv;
   if (!a.kernel_clocks.empty()) {
-    if (!backend->kernel_clocks_available())
-      fail("--kernel-clocks: the ", backend->name(), " backend records none (CUDA, configured with -DTRELLM_KERNEL_CLOCKS=ON)");
     clocks_csv.open(a.kernel_clocks);
     if (!clocks_csv) fail("--kernel-clocks ", a.kernel_clocks, ": cannot open for writing");
     clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us\n";
