@@ -103,10 +103,8 @@ int main(int argc, char** argv) {
       // The lists that ran, replayed by the simulator with zero work and the given latencies.
       auto model_of = [&](double dep_us, double tile_us) {
         step::CostModel z = m;
-        z.ps_per_weight = 0, z.bytes_per_ns = 1e12, z.dependent_us = dep_us, z.tile_us = tile_us;
-        std::vector<step::TileTime> t;
-        for (size_t i = 0; i < p.tiles.size(); i++) t.push_back(step::tile_time(p, z, int(i)));
-        return step::simulate(p, t);
+        z.dependent_us = dep_us, z.tile_us = tile_us;
+        return step::schedule_floor(p, z);
       };
       const double model = model_of(wmed, bmed), model_default = model_of(1.5, 0.3);
       std::printf("| %d | %d | %zu | %.1f | %.2f | %.2f | %.2f | %.1f | %.1f |\n", rows, ctx, p.tiles.size(), step_us, wmed, w90, bmed,

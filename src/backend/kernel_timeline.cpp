@@ -54,7 +54,6 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
     for (size_t k = 0; k < K; k++) {
       const Launch& l = order[s * K + k];
       KernelSpan sp;
-      sp.index = int(k);
       sp.blocks = l.blocks;
       sp.release_us = double(l.release - t0) * 1e-3;
       sp.lead_us = double(l.release - l.arrive) * 1e-3;
@@ -79,8 +78,9 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
   for (const StepTimeline& st : steps) {
     TRELLM_ASSERT(st.kernels.size() == kernels.size(), "summarize: a step of ", st.kernels.size(), " kernels, the graph has ",
                   kernels.size());
-    for (const KernelSpan& sp : st.kernels) {
-      KernelSummary& s = out[index[kernels[size_t(sp.index)].name]];
+    for (size_t k = 0; k < st.kernels.size(); k++) {
+      const KernelSpan& sp = st.kernels[k];
+      KernelSummary& s = out[index[kernels[k].name]];
       s.path_us += sp.path_us;
       s.lead_us += sp.lead_us;
       s.hidden += sp.lead_us >= 0.5 ? 1.0 : 0.0;

@@ -30,8 +30,7 @@ struct KernelClocks {
   uint64_t dropped = 0;              // blocks past max_records
 };
 
-struct KernelSpan {
-  int index;          // position in the step
+struct KernelSpan {   // StepTimeline::kernels[k]: the graph's kernel k
   int blocks;         // blocks that recorded (a block that exits before its wait records nothing)
   double release_us;  // its earliest wait return, from the step's first
   double lead_us;     // release - its earliest arrival at the wait: > 0 when launch and prologue were hidden

@@ -316,6 +316,14 @@ std::string check_buffer_reuse(const StepPlan& p) {
   return "";
 }
 
+double schedule_floor(const StepPlan& p, const CostModel& m) {
+  CostModel z = m;
+  z.ps_per_weight = 0, z.bytes_per_ns = 1e300;
+  std::vector<TileTime> t(p.tiles.size());
+  for (size_t i = 0; i < t.size(); i++) t[i] = tile_time(p, z, int(i));
+  return simulate(p, t);
+}
+
 StepLists flatten(const StepPlan& p) {
   StepLists f;
   f.sm_begin.push_back(0);

@@ -145,4 +145,8 @@ TileTime tile_time(const StepPlan& p, const CostModel& m, int i);
 // can move (a deadlock).
 double simulate(const StepPlan& p, const std::vector<TileTime>& t, std::string* why = nullptr);
 
+// The schedule's floor: p's lists run by simulate() with no work in the tiles, only m's dependent_us and tile_us
+// (what the task runner's empty tiles measure, bench_step_runner).
+double schedule_floor(const StepPlan& p, const CostModel& m);
+
 }  // namespace trellm::step

@@ -126,9 +126,11 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
   }
   rep.figure("kernel_clocks", "step_us_clocked", shape, step_us, "us");
   for (size_t s = 0; s < tl.size(); s++)
-    for (const KernelSpan& k : tl[s].kernels)
-      csv << D << "," << s << "," << k.index << ",\"" << kc.kernels[size_t(k.index)].name << "\"," << k.blocks << ","
-          << k.release_us << "," << k.lead_us << "," << k.path_us << "\n";
+    for (size_t i = 0; i < tl[s].kernels.size(); i++) {
+      const KernelSpan& k = tl[s].kernels[i];
+      csv << D << "," << s << "," << i << ",\"" << kc.kernels[i].name << "\"," << k.blocks << "," << k.release_us << ","
+          << k.lead_us << "," << k.path_us << "\n";
+    }
 }
 
 // The batched engine: total decode tok/s at each batch size with every sequence `depth` tokens deep, and the
