@@ -4,7 +4,11 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <atomic>
+
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/trellis_linear.cuh"
+#include "backend/cuda/trellis_plan.h"
 #include "core/error.h"
 
 namespace trellm::cuda {
@@ -21,7 +25,7 @@ struct DevStatus {
 constexpr DevStatus kClean = {0, -1, -1, -1, -1, -1, 0, 0};
 
 struct Args {
-  const int32_t *sm_begin, *sm_tiles, *dep_begin, *deps, *tile_counter, *arrivals;
+  const int32_t *sm_begin, *sm_tiles, *dep_begin, *deps, *tile_counter, *arrivals, *tile_desc;
   const int32_t *cnt_begin, *cnt_tiles;  // counter c's producer tiles: cnt_tiles[cnt_begin[c] .. cnt_begin[c + 1])
   uint32_t* counters;
   uint32_t* stamps;  // per tile: stamp_of(step, tile) once it ran (check mode)
@@ -29,7 +33,6 @@ struct Args {
   RunnerTileClock* clk;  // per tile, or nullptr
   uint32_t step;
   uint64_t timeout_ns;
-  int check;
 };
 
 __device__ __forceinline__ uint64_t now_ns() {
@@ -48,50 +51,79 @@ __device__ __forceinline__ void red_release(uint32_t* p, uint32_t v) {
 // Distinct for every step of a tile (1,000,003 is odd, so invertible mod 2^32) and never 0 at step 0.
 __host__ __device__ __forceinline__ uint32_t stamp_of(uint32_t step, int tile) { return step * 1000003u + uint32_t(tile) + 1u; }
 
+// The tiles' bodies. Each is called by all threads of the worker's block with the tile's number and a `wait`
+// that it must call exactly once, after what it may do before its producers are done (its weight loads) and
+// before anything that reads their outputs.
+struct EmptyBody {
+  template <typename Wait>
+  __device__ void operator()(const Args&, int, unsigned char*, Wait wait) const { wait(); }
+};
+// Check mode: plain loads, so the acquire must make the producers' stores visible to every thread.
+struct CheckBody {
+  template <typename Wait>
+  __device__ void operator()(const Args& a, int i, unsigned char*, Wait wait) const {
+    wait();
+    for (int d = a.dep_begin[i]; d < a.dep_begin[i + 1]; d++) {
+      const int c = a.deps[d];
+      for (int q = a.cnt_begin[c] + int(threadIdx.x); q < a.cnt_begin[c + 1]; q += int(blockDim.x)) {
+        const int p = a.cnt_tiles[q];
+        if (a.stamps[p] != stamp_of(a.step, p) && atomicAdd(&a.st->bad, 1u) == 0) a.st->bad_tile = i, a.st->bad_producer = p;
+      }
+    }
+    if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
+  }
+};
+// Every tile a GEMV tile of one trellis linear (tile_desc: group, split), K bits: the persistent form of
+// gemv_kernel, the same arithmetic (tk::gemv_tile).
+template <int K>
+struct GemvBody {
+  tk::LinearArgs la;
+  template <typename Wait>
+  __device__ void operator()(const Args& a, int i, unsigned char* smem, Wait wait) const {
+    tk::gemv_tile<K>(la, a.tile_desc[4 * i + 2], a.tile_desc[4 * i + 3], smem, wait);
+  }
+};
+
 // kFences: a full fence (__threadfence) after the waits and before the release, on top of the acquire loads and
 // the release reduction (which already order the block's accesses: bar.sync makes them the releasing thread's
 // predecessors). Kept as the A/B baseline: TRELLM_RUNNER_FENCES=1.
-template <bool kFences>
-__global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a) {
+template <bool kFences, typename Body>
+__global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a, const Body body) {
+  extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int abort_s;
   const int w = blockIdx.x;
   for (int k = a.sm_begin[w]; k < a.sm_begin[w + 1]; k++) {
     const int i = a.sm_tiles[k];
     const uint64_t t_free = a.clk && threadIdx.x == 0 ? now_ns() : 0;
+    uint64_t t_ready = 0;
     if (threadIdx.x == 0) abort_s = 0;
     __syncthreads();
-    // Wait: a thread per counter (a tile waits for at most a few hundred).
-    for (int d = a.dep_begin[i] + int(threadIdx.x); d < a.dep_begin[i + 1]; d += int(blockDim.x)) {
-      const int c = a.deps[d];
-      const uint32_t target = step::counter_target(a.step, uint32_t(a.arrivals[c]));
-      uint32_t v;
-      uint64_t t0 = 0;
-      for (int n = 1; !step::counter_reached(v = ld_acquire(a.counters + c), target); n++) {
-        if ((n & 255) != 0) continue;  // the timer every 256 polls
-        const uint64_t t = now_ns();
-        if (t0 == 0) t0 = t;
-        if (t - t0 > a.timeout_ns || *reinterpret_cast<volatile int*>(&a.st->abort)) {
-          if (atomicCAS(&a.st->to_worker, -1, w) == -1) a.st->to_tile = i, a.st->to_counter = c, a.st->to_value = v;
-          atomicExch(&a.st->abort, 1);
-          abort_s = 1;
-          break;
-        }
-      }
-    }
-    if (kFences) __threadfence();
-    __syncthreads();
-    if (abort_s) return;
-    const uint64_t t_ready = a.clk && threadIdx.x == 0 ? now_ns() : 0;
-    if (a.check) {  // plain loads: the acquire above must make the producers' stores visible to every thread
-      for (int d = a.dep_begin[i]; d < a.dep_begin[i + 1]; d++) {
+    // Wait: a thread per counter (a tile waits for at most a few hundred). A worker that gives up leaves the
+    // launch: every thread of the block exits here, the abort flag releases the other workers.
+    auto wait = [&] {
+      for (int d = a.dep_begin[i] + int(threadIdx.x); d < a.dep_begin[i + 1]; d += int(blockDim.x)) {
         const int c = a.deps[d];
-        for (int q = a.cnt_begin[c] + int(threadIdx.x); q < a.cnt_begin[c + 1]; q += int(blockDim.x)) {
-          const int p = a.cnt_tiles[q];
-          if (a.stamps[p] != stamp_of(a.step, p) && atomicAdd(&a.st->bad, 1u) == 0) a.st->bad_tile = i, a.st->bad_producer = p;
+        const uint32_t target = step::counter_target(a.step, uint32_t(a.arrivals[c]));
+        uint32_t v;
+        uint64_t t0 = 0;
+        for (int n = 1; !step::counter_reached(v = ld_acquire(a.counters + c), target); n++) {
+          if ((n & 255) != 0) continue;  // the timer every 256 polls
+          const uint64_t t = now_ns();
+          if (t0 == 0) t0 = t;
+          if (t - t0 > a.timeout_ns || *reinterpret_cast<volatile int*>(&a.st->abort)) {
+            if (atomicCAS(&a.st->to_worker, -1, w) == -1) a.st->to_tile = i, a.st->to_counter = c, a.st->to_value = v;
+            atomicExch(&a.st->abort, 1);
+            abort_s = 1;
+            break;
+          }
         }
       }
-      if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
-    }
+      if (kFences) __threadfence();
+      __syncthreads();
+      if (abort_s) asm volatile("exit;");
+      if (a.clk && threadIdx.x == 0) t_ready = now_ns();
+    };
+    body(a, i, smem, wait);
     __syncthreads();  // every thread's stores, then one release for the block
     if (threadIdx.x == 0) {
       if (a.clk) a.clk[i] = RunnerTileClock{t_free, t_ready, now_ns()};  // before the release: causally first
@@ -99,6 +131,31 @@ __global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a) {
       red_release(a.counters + a.tile_counter[i], 1u);
     }
   }
+}
+
+template <typename Body>
+void launch_runner(const Args& a, int workers, const Body& body, size_t smem, cudaStream_t s) {
+  static const bool fences = [] {
+    const char* e = std::getenv("TRELLM_RUNNER_FENCES");
+    return e && std::strcmp(e, "1") == 0;
+  }();
+  static std::atomic<bool> opted{false};
+  if (!opted.exchange(true)) {
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<true, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<false, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(workers));
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (fences) TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<true, Body>, a, body));
+  else TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<false, Body>, a, body));
 }
 
 template <typename T>
@@ -138,6 +195,7 @@ StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
   Args& a = d_->a;
   a.sm_begin = up(f.sm_begin), a.sm_tiles = up(f.sm_tiles), a.dep_begin = up(f.dep_begin), a.deps = up(f.deps);
   a.tile_counter = up(f.tile_counter), a.arrivals = up(f.arrivals), a.cnt_begin = up(cnt_begin), a.cnt_tiles = up(cnt_tiles);
+  a.tile_desc = up(f.tile_desc);
   TRELLM_CUDA_CHECK(cudaMalloc(&a.counters, d_->counters * 4));
   TRELLM_CUDA_CHECK(cudaMalloc(&a.stamps, d_->tiles * 4));
   TRELLM_CUDA_CHECK(cudaMalloc(&a.st, sizeof(DevStatus)));
@@ -145,13 +203,12 @@ StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
   TRELLM_CUDA_CHECK(cudaMemset(a.stamps, 0, d_->tiles * 4));
   TRELLM_CUDA_CHECK(cudaMemcpy(a.st, &kClean, sizeof kClean, cudaMemcpyHostToDevice));
   a.timeout_ns = timeout_ns_;
-  a.check = mode == Mode::Check;
   start_at(0);
   int dev = 0, coop = 0, per_sm = 0, sms = 0;
   TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
   TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
   TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  TRELLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_runner_kernel<true>, 256, 0));
+  TRELLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_runner_kernel<false, EmptyBody>, 256, 0));
   if (!coop) fail("step runner: this device has no cooperative launch (every worker must be resident)");
   if (d_->workers > per_sm * sms)
     fail("step runner: the plan has ", d_->workers, " workers, the device holds ", per_sm * sms, " resident blocks (", sms,
@@ -178,21 +235,35 @@ void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
   Args a = d_->a;
   a.step = step;
   if (!clocks) a.clk = nullptr;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(d_->workers));
-  cfg.blockDim = dim3(256);
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  static const bool fences = [] {
-    const char* e = std::getenv("TRELLM_RUNNER_FENCES");
-    return e && std::strcmp(e, "1") == 0;
-  }();
-  if (fences) TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<true>, a));
-  else TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<false>, a));
+  if (mode_ == Mode::Check) launch_runner(a, d_->workers, CheckBody{}, 0, s);
+  else launch_runner(a, d_->workers, EmptyBody{}, 0, s);
+}
+
+void StepRunner::launch_gemv(uint32_t step, const DeviceTrellis& w, const float* x, float* y, int m, void* workspace,
+                             cudaStream_t s, bool clocks) {
+  const tk::LinearPlan lp = tk::plan_linear(m, w.in_padded, w.out_padded);
+  TRELLM_ASSERT(lp.gemv && lp.groups * lp.splits == int(d_->tiles), "step runner: a GEMV of ", lp.groups, " groups x ", lp.splits,
+                " splits on a plan of ", d_->tiles, " tiles (gemv_plan builds the matching one)");
+  const tk::WorkspaceLayout l = tk::linear_layout(lp, workspace);
+  const tk::LinearArgs la{w, x, l.xh, y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, y, lp.groups, w.out_padded, nullptr, 0.0f};
+  const size_t smem = size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2;  // as run_gemv
+  Args a = d_->a;
+  a.step = step;
+  if (!clocks) a.clk = nullptr;
+  TRELLM_ASSERT(w.K == 3, "step runner: the GEMV task is instantiated for K = 3 (the synthetic model's), not ", w.K);
+  launch_runner(a, d_->workers, GemvBody<3>{la}, smem, s);
+}
+
+step::StepPlan StepRunner::gemv_plan(int m, int in_padded, int out_padded, int workers) {
+  const tk::LinearPlan lp = tk::plan_linear(m, in_padded, out_padded);
+  TRELLM_ASSERT(lp.gemv, "step runner: m = ", m, " is not a GEMV");
+  step::StepPlan p;
+  for (int g = 0; g < lp.groups; g++) p.counter_info.push_back({step::Task::AttnIn, 0, g, lp.splits});
+  for (int z = 0; z < lp.splits; z++)
+    for (int g = 0; g < lp.groups; g++) p.tiles.push_back(step::Tile{step::Task::AttnIn, 0, g, z, 0, 0, 0, false, {}, g});
+  p.per_sm.resize(size_t(workers));
+  for (size_t i = 0; i < p.tiles.size(); i++) p.per_sm[i % size_t(workers)].push_back(int(i));
+  return p;
 }
 
 RunnerStatus StepRunner::status() {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cuda/trellis_kernels.h"
 #include "backend/step_plan.h"
 
 namespace trellm::cuda {
@@ -50,6 +51,12 @@ class StepRunner {
   void start_at(uint32_t step);
   // Launches step number `step` on `s` (after steps before it); with clocks, each tile's times are kept.
   void launch(uint32_t step, cudaStream_t s, bool clocks = false);
+  // The first task body: every tile of the plan a GEMV tile (tile group, split) of y[m, out] = x · W, with the
+  // plan from gemv_plan (W's column groups x trellis_matmul's k-splits, each group a counter). y and the
+  // workspace as trellis_matmul's; the same arithmetic, so the same bits. K = 3 only for now.
+  void launch_gemv(uint32_t step, const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s,
+                   bool clocks = false);
+  static step::StepPlan gemv_plan(int m, int in_padded, int out_padded, int workers);
   // Waits for the device; the status of every launch since the last call.
   RunnerStatus status();
   std::vector<uint32_t> counters();          // their values now

@@ -32,22 +32,24 @@ struct LinearArgs {
 };
 
 // ---- GEMV: grid (out_padded/128, splits), 256 threads --------------------------------------------------------
-template <int K>
-__global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+// One block's tile: column group bx (the pair's second product from groups1 on) over k-split z. `wait` runs once
+// the tile's weights are on their way and before anything that reads another kernel's (or tile's) output: the
+// PDL wait in gemv_kernel, the step runner's counter wait in the persistent kernel. Returns true in the block
+// that summed the group's partials and stored y (the last split to arrive).
+template <int K, typename Wait>
+__device__ __forceinline__ bool gemv_tile(const LinearArgs& p, int bx, int z, unsigned char* smem, Wait wait) {
   __shared__ int flag;
-  const bool second = int(blockIdx.x) >= p.groups1;  // the pair's second product
+  const bool second = bx >= p.groups1;  // the pair's second product
   const DeviceTrellis w = second ? p.w2 : p.w;
   float* const y = second ? p.y2 : p.y;
-  const int gcol = blockIdx.x * kGroupCols;  // column offset in the partial rows (both products)
-  const int group = second ? blockIdx.x - p.groups1 : blockIdx.x, z = blockIdx.y, chunks = w.in_padded / kChunk;
+  const int gcol = bx * kGroupCols;  // column offset in the partial rows (both products)
+  const int group = second ? bx - p.groups1 : bx, chunks = w.in_padded / kChunk;
   const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + kStagesGemv * chunk_words<K>() * 4);
-  gemv_prefetch<K>(w, group, c0, nck, Bs);  // weights only: may run before the previous kernel ends (PDL)
-  grid_launch_dependents();
-  grid_wait();  // x, the partials and the counters belong to the kernels before
+  gemv_prefetch<K>(w, group, c0, nck, Bs);  // weights only: may run before the producers of x are done
+  wait();  // x, the partials and the counters belong to the producers
   // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m, and the zero row m.
   __shared__ float rnorm[kGemvMaxRows];
   if (p.norm_w) {  // every block reads its rows in full for the RMS (768 floats for q_b: L2 hits)
@@ -80,13 +82,23 @@ __global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
       pr[8] = acc[2 + h];
     }
   }
-  if (!arrive_last(p.counters + blockIdx.x, p.splits, &flag)) return;
+  if (!arrive_last(p.counters + bx, p.splits, &flag)) return false;
   for (int r = warp; r < p.m; r += kWarps) {
     float v[4];
     sum_partials(v, p.partial + int64_t(r) * p.ldp + gcol + 4 * lane, p.splits, int64_t(p.m) * p.ldp);
     out_transform(v, w, group * kGroupCols);
     store_row4(y + int64_t(r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
   }
+  return true;
+}
+
+template <int K>
+__global__ void __launch_bounds__(kThreads, 4) gemv_kernel(const LinearArgs p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  gemv_tile<K>(p, int(blockIdx.x), int(blockIdx.y), smem, [] {
+    grid_launch_dependents();
+    grid_wait();
+  });
 }
 
 // ---- input transform for the GEMM: grid (m, ceil(chunks/8)), a warp per 128-chunk --------------------------------

@@ -8,8 +8,11 @@
 
 #include <algorithm>
 
+#include <cstring>
+
 #include "backend/backend.h"
 #include "backend/cuda/step_runner.h"
+#include "backend/cuda/trellis_test_util.h"
 #include "backend/step_plan.h"
 
 using namespace trellm;
@@ -106,4 +109,48 @@ TEST(CudaStepRunner, AListOutOfOrderTimesOutNamingTheCounter) {
   const std::string why = st.describe(p);
   EXPECT_NE(why.find("(sample layer 2"), std::string::npos) << why;
   EXPECT_NE(why.find("waiting for head layer 2"), std::string::npos) << why;
+}
+
+// The first task body: every tile a GEMV tile of one trellis linear, run by the persistent runner, against the
+// multi-kernel GEMV (trellis_matmul) on the same inputs. Same arithmetic in the same order (the partials summed
+// in split order), so the same bits; y poisoned first. Three steps back to back (the split-k tickets must be
+// left at zero), m = 1, 3 and 8, GLM's q_a || kv_a shape and an odd one (padded on both sides).
+TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    int in, out;
+  };
+  for (const Shape sh : {Shape{2048, 1344}, Shape{1000, 300}})
+    for (int m : {1, 3, 8}) {
+      SCOPED_TRACE(::testing::Message() << sh.in << "x" << sh.out << " m " << m);
+      Rng rng(uint64_t(sh.in) * 31 + uint64_t(m));
+      trellm::testing::RandomTrellis w(rng, sh.in, sh.out, 3, 1, true);
+      std::vector<float> x(size_t(m) * sh.in);
+      for (float& v : x) v = rng.normal();
+      float* dx = trellm::testing::dev_upload(x);
+      const size_t ys = size_t(m) * sh.out;
+      float *yref = nullptr, *yrun = nullptr;
+      ASSERT_EQ(cudaMalloc(&yref, ys * 4), cudaSuccess);
+      ASSERT_EQ(cudaMalloc(&yrun, ys * 4), cudaSuccess);
+      const size_t wsb = cuda::trellis_workspace_bytes(8, w.dev.in_padded, w.dev.out_padded);
+      void* ws = nullptr;
+      ASSERT_EQ(cudaMalloc(&ws, wsb), cudaSuccess);
+      cuda::trellis_workspace_init(ws, wsb, nullptr);
+      cuda::trellis_matmul(w.dev, dx, yref, m, ws, nullptr);
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, w.dev.in_padded, w.dev.out_padded, device_sms());
+      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
+      const std::vector<float> want = trellm::testing::dev_download(yref, ys);
+      for (uint32_t step = 0; step < 3; step++) {
+        ASSERT_EQ(cudaMemset(yrun, 0xff, ys * 4), cudaSuccess);  // NaN
+        r.launch_gemv(step, w.dev, dx, yrun, m, ws, nullptr);
+        EXPECT_EQ(r.status().describe(p), "");
+        const std::vector<float> got = trellm::testing::dev_download(yrun, ys);
+        size_t diff = 0;
+        for (size_t i = 0; i < ys; i++) diff += std::memcmp(&got[i], &want[i], 4) != 0;
+        EXPECT_EQ(diff, 0u) << "of " << ys << " outputs, step " << step << "; first: " << got[0] << " vs " << want[0];
+      }
+      const std::vector<uint32_t> c = r.counters();
+      for (size_t g = 0; g < c.size(); g++) ASSERT_EQ(c[g], 3u * uint32_t(p.counter_info[g].arrivals)) << "group " << g;
+      cudaFree(dx), cudaFree(yref), cudaFree(yrun), cudaFree(ws);
+    }
 }
