@@ -8,6 +8,10 @@
 //   model    the lists that ran, replayed by the plan's simulator with zero work, dependent_us = the measured
 //            median wait and tile_us = the median body: what the cost model predicts for this floor, against the
 //            measurement (and with the model's default 1.5 / 0.3 us).
+// Then the first task body: one trellis GEMV (K = 3, m = 1) at GLM-4.7-Flash's shapes as runner tiles
+// (StepRunner::launch_gemv) against trellis_matmul, and against the same plan with empty tiles (the runner's own
+// cost); 20 calls back to back, median of 5, per call. Both launch forms pay a launch per call here: the runner
+// without PDL (cooperative), trellis_matmul with it.
 // Usage: bench_step_runner [--json FILE] [--commit HASH]
 #include <cuda_runtime.h>
 
@@ -21,6 +25,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/step_runner.h"
+#include "backend/cuda/trellis_test_util.h"
 #include "backend/step_plan.h"
 
 using namespace trellm;
@@ -119,5 +124,56 @@ int main(int argc, char** argv) {
         line("model_step_us", model);
       }
     }
+  std::printf("\n| GEMV (m = 1, 3 bits) | groups x splits | trellis_matmul us | runner us | runner, empty tiles us |\n");
+  std::printf("|---|---:|---:|---:|---:|\n");
+  struct Shape {
+    const char* name;
+    int in, out;
+  };
+  Rng rng(7);
+  for (const Shape sh : {Shape{"q_a || kv_a 2048 -> 1344", 2048, 1344}, Shape{"q_b 768 -> 5120", 768, 5120},
+                         Shape{"o_proj 5120 -> 2048", 5120, 2048}, Shape{"expert gate 2048 -> 1536", 2048, 1536}}) {
+    testing::RandomTrellis w(rng, sh.in, sh.out, 3, 1, false);
+    std::vector<float> x(size_t(sh.in));
+    for (float& v : x) v = rng.normal();
+    float* dx = testing::dev_upload(x);
+    float* dy = nullptr;
+    TRELLM_CUDA_CHECK(cudaMalloc(&dy, size_t(sh.out) * 4));
+    const size_t wsb = cuda::trellis_workspace_bytes(8, w.dev.in_padded, w.dev.out_padded);
+    void* ws = nullptr;
+    TRELLM_CUDA_CHECK(cudaMalloc(&ws, wsb));
+    cuda::trellis_workspace_init(ws, wsb, s);
+    const step::StepPlan p = cuda::StepRunner::gemv_plan(1, w.dev.in_padded, w.dev.out_padded, sms);
+    cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty), empty(p, cuda::StepRunner::Mode::Empty);
+    uint32_t n_run = 0, n_empty = 0;
+    auto per_call = [&](auto&& call) {
+      for (int i = 0; i < 20; i++) call();
+      std::vector<double> us;
+      for (int rep = 0; rep < 5; rep++) {
+        TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
+        for (int i = 0; i < 20; i++) call();
+        TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
+        TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        us.push_back(1e3 * ms / 20);
+      }
+      return pct(us, 0.5);
+    };
+    const double mk = per_call([&] { cuda::trellis_matmul(w.dev, dx, dy, 1, ws, s); });
+    const double rn = per_call([&] { run.launch_gemv(n_run++, w.dev, dx, dy, 1, ws, s); });
+    const double em = per_call([&] { empty.launch(n_empty++, s); });
+    if (!run.status().describe(p).empty() || !empty.status().describe(p).empty()) {
+      std::fprintf(stderr, "%s: %s\n", sh.name, run.status().describe(p).c_str());
+      return 1;
+    }
+    std::printf("| %s | %d | %.2f | %.2f | %.2f |\n", sh.name, int(p.tiles.size()), mk, rn, em);
+    if (js.is_open())
+      for (auto [metric, v] : {std::pair<const char*, double>{"trellis_matmul_us", mk}, {"runner_gemv_us", rn}, {"runner_empty_us", em}})
+        js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
+           << "\",\"bench\":\"step_runner_gemv\",\"metric\":\"" << metric << "\",\"shape\":\"" << sh.name
+           << " m=1 K=3\",\"value\":" << v << ",\"unit\":\"us\"}\n";
+    cudaFree(dx), cudaFree(dy), cudaFree(ws);
+  }
   return 0;
 }

@@ -154,3 +154,31 @@ TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
       cudaFree(dx), cudaFree(yref), cudaFree(yrun), cudaFree(ws);
     }
 }
+
+// The GEMV task's plan (host only, no GPU needed): every (column group, k-split) of the matmul's own plan once,
+// a counter per group expecting all its splits, each worker's list increasing.
+TEST(CudaStepRunner, GemvPlanHoldsEveryTileOnce) {
+  for (int m : {1, 8})
+    for (auto [inp, outp] : {std::pair{2048, 1408}, std::pair{768, 5120}, std::pair{5120, 2048}}) {
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, inp, outp, 7);
+      const int groups = outp / 128;
+      ASSERT_EQ(p.counters(), groups);
+      const int splits = p.counter_info[0].arrivals;
+      ASSERT_GE(splits, 1);
+      ASSERT_EQ(int(p.tiles.size()), groups * splits);
+      std::vector<int> seen(size_t(groups * splits), 0);
+      for (const step::Tile& t : p.tiles) {
+        ASSERT_EQ(t.counter, t.group);
+        ASSERT_TRUE(t.deps.empty());
+        ASSERT_LT(t.split, splits);
+        seen[size_t(t.split * groups + t.group)]++;
+      }
+      for (int v : seen) ASSERT_EQ(v, 1);
+      size_t listed = 0;
+      for (const auto& list : p.per_sm) {
+        listed += list.size();
+        ASSERT_TRUE(std::is_sorted(list.begin(), list.end()));
+      }
+      ASSERT_EQ(listed, p.tiles.size());
+    }
+}
