@@ -9,9 +9,11 @@
 //            median wait and tile_us = the median body: what the cost model predicts for this floor, against the
 //            measurement (and with the model's default 1.5 / 0.3 us).
 // Then the first task body: one trellis GEMV (K = 3, m = 1) at GLM-4.7-Flash's shapes as runner tiles
-// (StepRunner::launch_gemv) against trellis_matmul, and against the same plan with empty tiles (the runner's own
+// (StepRunner::launch_gemvs) against trellis_matmul, and against the same plan with empty tiles (the runner's own
 // cost); 20 calls back to back, median of 5, per call. Both launch forms pay a launch per call here: the runner
 // without PDL (cooperative), trellis_matmul with it.
+// Then a chain of three dependent GEMVs in one runner launch (q_a 2048 -> 768, q_b 768 -> 5120 on the normed q_a,
+// o_proj 5120 -> 2048; per-tile waits) against the three kernels launched back to back with PDL.
 // Usage: bench_step_runner [--json FILE] [--commit HASH]
 #include <cuda_runtime.h>
 
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -143,7 +146,7 @@ int main(int argc, char** argv) {
     void* ws = nullptr;
     TRELLM_CUDA_CHECK(cudaMalloc(&ws, wsb));
     cuda::trellis_workspace_init(ws, wsb, s);
-    const step::StepPlan p = cuda::StepRunner::gemv_plan(1, w.dev.in_padded, w.dev.out_padded, sms);
+    const step::StepPlan p = cuda::StepRunner::gemv_plan(1, {{w.dev.in_padded, w.dev.out_padded}}, false, sms);
     cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty), empty(p, cuda::StepRunner::Mode::Empty);
     uint32_t n_run = 0, n_empty = 0;
     auto per_call = [&](auto&& call) {
@@ -161,7 +164,7 @@ int main(int argc, char** argv) {
       return pct(us, 0.5);
     };
     const double mk = per_call([&] { cuda::trellis_matmul(w.dev, dx, dy, 1, ws, s); });
-    const double rn = per_call([&] { run.launch_gemv(n_run++, w.dev, dx, dy, 1, ws, s); });
+    const double rn = per_call([&] { run.launch_gemvs(n_run++, {{&w.dev, dx, dy, ws}}, 1, s); });
     const double em = per_call([&] { empty.launch(n_empty++, s); });
     if (!run.status().describe(p).empty() || !empty.status().describe(p).empty()) {
       std::fprintf(stderr, "%s: %s\n", sh.name, run.status().describe(p).c_str());
@@ -174,6 +177,64 @@ int main(int argc, char** argv) {
            << "\",\"bench\":\"step_runner_gemv\",\"metric\":\"" << metric << "\",\"shape\":\"" << sh.name
            << " m=1 K=3\",\"value\":" << v << ",\"unit\":\"us\"}\n";
     cudaFree(dx), cudaFree(dy), cudaFree(ws);
+  }
+  {
+    const int dims[4] = {2048, 768, 5120, 2048};
+    std::vector<std::unique_ptr<testing::RandomTrellis>> w;
+    for (int i = 0; i < 3; i++) w.push_back(std::make_unique<testing::RandomTrellis>(rng, dims[i], dims[i + 1], 3, 1, false));
+    std::vector<float> x(static_cast<size_t>(dims[0])), nw(static_cast<size_t>(dims[1]), 1.0f);
+    for (float& v : x) v = rng.normal();
+    float* dx = testing::dev_upload(x);
+    float* dnw = testing::dev_upload(nw);
+    float* y[3];
+    void* ws[3];
+    std::vector<cuda::StepRunner::GemvShape> shapes;
+    for (int i = 0; i < 3; i++) {
+      TRELLM_CUDA_CHECK(cudaMalloc(&y[i], size_t(dims[i + 1]) * 4));
+      const size_t wsb = cuda::trellis_workspace_bytes(8, w[size_t(i)]->dev.in_padded, w[size_t(i)]->dev.out_padded);
+      TRELLM_CUDA_CHECK(cudaMalloc(&ws[i], wsb));
+      cuda::trellis_workspace_init(ws[i], wsb, s);
+      shapes.push_back({w[size_t(i)]->dev.in_padded, w[size_t(i)]->dev.out_padded, i == 1});
+    }
+    const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, sms);
+    cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty), empty(p, cuda::StepRunner::Mode::Empty);
+    const std::vector<cuda::StepRunner::GemvStage> stages = {
+        {&w[0]->dev, dx, y[0], ws[0]}, {&w[1]->dev, y[0], y[1], ws[1], dnw, 1e-5f}, {&w[2]->dev, y[1], y[2], ws[2]}};
+    uint32_t n_run = 0, n_empty = 0;
+    auto per_call = [&](auto&& call) {
+      for (int i = 0; i < 20; i++) call();
+      std::vector<double> us;
+      for (int rep = 0; rep < 5; rep++) {
+        TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
+        for (int i = 0; i < 20; i++) call();
+        TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
+        TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        us.push_back(1e3 * ms / 20);
+      }
+      return pct(us, 0.5);
+    };
+    const double mk = per_call([&] {
+      cuda::trellis_matmul(w[0]->dev, dx, y[0], 1, ws[0], s);
+      cuda::trellis_matmul_normed(w[1]->dev, y[0], dnw, 1e-5f, y[1], 1, ws[1], s);
+      cuda::trellis_matmul(w[2]->dev, y[1], y[2], 1, ws[2], s);
+    });
+    const double rn = per_call([&] { run.launch_gemvs(n_run++, stages, 1, s); });
+    const double em = per_call([&] { empty.launch(n_empty++, s); });
+    if (!run.status().describe(p).empty() || !empty.status().describe(p).empty()) {
+      std::fprintf(stderr, "chain: %s\n", run.status().describe(p).c_str());
+      return 1;
+    }
+    std::printf("\n| chain (m = 1, 3 bits) | tiles | 3 kernels (PDL) us | runner us | runner, empty tiles us |\n|---|---:|---:|---:|---:|\n");
+    std::printf("| q_a -> q_b (normed) -> o_proj | %d | %.2f | %.2f | %.2f |\n", int(p.tiles.size()), mk, rn, em);
+    if (js.is_open())
+      for (auto [metric, v] : {std::pair<const char*, double>{"three_kernels_us", mk}, {"runner_chain_us", rn}, {"runner_empty_us", em}})
+        js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
+           << "\",\"bench\":\"step_runner_chain\",\"metric\":\"" << metric
+           << "\",\"shape\":\"q_a 2048->768, q_b 768->5120 normed, o_proj 5120->2048; m=1 K=3\",\"value\":" << v << ",\"unit\":\"us\"}\n";
+    cudaFree(dx), cudaFree(dnw);
+    for (int i = 0; i < 3; i++) cudaFree(y[i]), cudaFree(ws[i]);
   }
   return 0;
 }

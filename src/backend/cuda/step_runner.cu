@@ -73,14 +73,14 @@ struct CheckBody {
     if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
   }
 };
-// Every tile a GEMV tile of one trellis linear (tile_desc: group, split), K bits: the persistent form of
-// gemv_kernel, the same arithmetic (tk::gemv_tile).
+// Every tile a GEMV tile of one of a chain's trellis linears (tile_desc: stage as the layer, group, split), K
+// bits: the persistent form of gemv_kernel, the same arithmetic (tk::gemv_tile).
 template <int K>
 struct GemvBody {
-  tk::LinearArgs la;
+  tk::LinearArgs la[StepRunner::kMaxGemvStages];
   template <typename Wait>
   __device__ void operator()(const Args& a, int i, unsigned char* smem, Wait wait) const {
-    tk::gemv_tile<K>(la, a.tile_desc[4 * i + 2], a.tile_desc[4 * i + 3], smem, wait);
+    tk::gemv_tile<K>(la[a.tile_desc[4 * i + 1]], a.tile_desc[4 * i + 2], a.tile_desc[4 * i + 3], smem, wait);
   }
 };
 
@@ -239,28 +239,54 @@ void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
   else launch_runner(a, d_->workers, EmptyBody{}, 0, s);
 }
 
-void StepRunner::launch_gemv(uint32_t step, const DeviceTrellis& w, const float* x, float* y, int m, void* workspace,
-                             cudaStream_t s, bool clocks) {
-  const tk::LinearPlan lp = tk::plan_linear(m, w.in_padded, w.out_padded);
-  TRELLM_ASSERT(lp.gemv && lp.groups * lp.splits == int(d_->tiles), "step runner: a GEMV of ", lp.groups, " groups x ", lp.splits,
-                " splits on a plan of ", d_->tiles, " tiles (gemv_plan builds the matching one)");
-  const tk::WorkspaceLayout l = tk::linear_layout(lp, workspace);
-  const tk::LinearArgs la{w, x, l.xh, y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, y, lp.groups, w.out_padded, nullptr, 0.0f};
-  const size_t smem = size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2;  // as run_gemv
+void StepRunner::launch_gemvs(uint32_t step, const std::vector<GemvStage>& stages, int m, cudaStream_t s, bool clocks) {
+  TRELLM_ASSERT(!stages.empty() && int(stages.size()) <= kMaxGemvStages, "step runner: ", stages.size(), " GEMV stages (1 to ",
+                kMaxGemvStages, ")");
+  GemvBody<3> body{};
+  size_t smem = 0, tiles = 0;
+  for (size_t i = 0; i < stages.size(); i++) {
+    const GemvStage& g = stages[i];
+    const DeviceTrellis& w = *g.w;
+    TRELLM_ASSERT(w.K == 3, "step runner: the GEMV task is instantiated for K = 3 (the synthetic model's), not ", w.K);
+    const tk::LinearPlan lp = tk::plan_linear(m, w.in_padded, w.out_padded);
+    TRELLM_ASSERT(lp.gemv, "step runner: m = ", m, " is not a GEMV");
+    const tk::WorkspaceLayout l = tk::linear_layout(lp, g.workspace);
+    body.la[i] = tk::LinearArgs{w, g.x, l.xh, g.y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, g.y, lp.groups,
+                                w.out_padded, g.norm_w, g.eps};
+    smem = std::max(smem, size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2);  // as run_gemv
+    tiles += size_t(lp.groups) * size_t(lp.splits);
+  }
+  TRELLM_ASSERT(tiles == d_->tiles, "step runner: GEMVs of ", tiles, " tiles on a plan of ", d_->tiles,
+                " (gemv_plan builds the matching one)");
   Args a = d_->a;
   a.step = step;
   if (!clocks) a.clk = nullptr;
-  TRELLM_ASSERT(w.K == 3, "step runner: the GEMV task is instantiated for K = 3 (the synthetic model's), not ", w.K);
-  launch_runner(a, d_->workers, GemvBody<3>{la}, smem, s);
+  launch_runner(a, d_->workers, body, smem, s);
 }
 
-step::StepPlan StepRunner::gemv_plan(int m, int in_padded, int out_padded, int workers) {
-  const tk::LinearPlan lp = tk::plan_linear(m, in_padded, out_padded);
-  TRELLM_ASSERT(lp.gemv, "step runner: m = ", m, " is not a GEMV");
+step::StepPlan StepRunner::gemv_plan(int m, const std::vector<GemvShape>& stages, bool chained, int workers) {
+  TRELLM_ASSERT(!stages.empty() && int(stages.size()) <= kMaxGemvStages, "step runner: ", stages.size(), " GEMV stages");
   step::StepPlan p;
-  for (int g = 0; g < lp.groups; g++) p.counter_info.push_back({step::Task::AttnIn, 0, g, lp.splits});
-  for (int z = 0; z < lp.splits; z++)
-    for (int g = 0; g < lp.groups; g++) p.tiles.push_back(step::Tile{step::Task::AttnIn, 0, g, z, 0, 0, 0, false, {}, g});
+  int prev_counter0 = 0, prev_groups = 0;
+  for (int s = 0; s < int(stages.size()); s++) {
+    const tk::LinearPlan lp = tk::plan_linear(m, stages[size_t(s)].in_padded, stages[size_t(s)].out_padded);
+    TRELLM_ASSERT(lp.gemv, "step runner: m = ", m, " is not a GEMV");
+    const int counter0 = p.counters();
+    for (int g = 0; g < lp.groups; g++) p.counter_info.push_back({step::Task::AttnIn, s, g, lp.splits});
+    for (int z = 0; z < lp.splits; z++) {
+      // The k range of split z, in input features, as gemv_tile splits the chunks: the previous stage's column
+      // groups (128 columns, one chunk each) it reads.
+      const int c0 = z * lp.chunks / lp.splits, c1 = (z + 1) * lp.chunks / lp.splits;
+      std::vector<int> deps;
+      if (chained && s > 0) {
+        const bool all = stages[size_t(s)].normed;
+        for (int g = 0; g < prev_groups; g++)
+          if (all || (g * tk::kGroupCols < c1 * tk::kChunk && (g + 1) * tk::kGroupCols > c0 * tk::kChunk)) deps.push_back(prev_counter0 + g);
+      }
+      for (int g = 0; g < lp.groups; g++) p.tiles.push_back(step::Tile{step::Task::AttnIn, s, g, z, 0, 0, 0, false, deps, counter0 + g});
+    }
+    prev_counter0 = counter0, prev_groups = lp.groups;
+  }
   p.per_sm.resize(size_t(workers));
   for (size_t i = 0; i < p.tiles.size(); i++) p.per_sm[i % size_t(workers)].push_back(int(i));
   return p;

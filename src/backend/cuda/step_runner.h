@@ -51,12 +51,29 @@ class StepRunner {
   void start_at(uint32_t step);
   // Launches step number `step` on `s` (after steps before it); with clocks, each tile's times are kept.
   void launch(uint32_t step, cudaStream_t s, bool clocks = false);
-  // The first task body: every tile of the plan a GEMV tile (tile group, split) of y[m, out] = x · W, with the
-  // plan from gemv_plan (W's column groups x trellis_matmul's k-splits, each group a counter). y and the
-  // workspace as trellis_matmul's; the same arithmetic, so the same bits. K = 3 only for now.
-  void launch_gemv(uint32_t step, const DeviceTrellis& w, const float* x, float* y, int m, void* workspace, cudaStream_t s,
-                   bool clocks = false);
-  static step::StepPlan gemv_plan(int m, int in_padded, int out_padded, int workers);
+  // The first task body: a chain of trellis GEMVs y_s[m, out_s] = x_s · W_s, every tile a GEMV tile (column
+  // group, k-split) of trellis_matmul's own plan, one counter per column group. Stage s + 1 may read stage s's
+  // output (x_{s+1} = y_s): its tiles then wait per tile for the column groups their k range covers (every
+  // group when its input is RMS-normalised, as the norm reads the full row), the persistent kernel's grain.
+  // Each stage has its own workspace (trellis_workspace_bytes for 8 rows, initialised), as trellis_matmul's; the
+  // same arithmetic, so the same bits as trellis_matmul / trellis_matmul_normed. K = 3 only for now.
+  struct GemvStage {
+    const DeviceTrellis* w;
+    const float* x;
+    float* y;
+    void* workspace;
+    const float* norm_w = nullptr;  // x RMS-normalised first (trellis_matmul_normed)
+    float eps = 0.0f;
+  };
+  static constexpr int kMaxGemvStages = 4;
+  void launch_gemvs(uint32_t step, const std::vector<GemvStage>& stages, int m, cudaStream_t s, bool clocks = false);
+  // The plan for launch_gemvs: stage s of shape (in_padded, out_padded); chained: stage s + 1 reads stage s's
+  // output (else independent); normed as GemvStage::norm_w. Tiles round-robin over `workers` in topological order.
+  struct GemvShape {
+    int in_padded, out_padded;
+    bool normed = false;
+  };
+  static step::StepPlan gemv_plan(int m, const std::vector<GemvShape>& stages, bool chained, int workers);
   // Waits for the device; the status of every launch since the last call.
   RunnerStatus status();
   std::vector<uint32_t> counters();          // their values now

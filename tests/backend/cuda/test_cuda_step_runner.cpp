@@ -9,6 +9,7 @@
 #include <algorithm>
 
 #include <cstring>
+#include <memory>
 
 #include "backend/backend.h"
 #include "backend/cuda/step_runner.h"
@@ -137,12 +138,12 @@ TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
       ASSERT_EQ(cudaMalloc(&ws, wsb), cudaSuccess);
       cuda::trellis_workspace_init(ws, wsb, nullptr);
       cuda::trellis_matmul(w.dev, dx, yref, m, ws, nullptr);
-      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, w.dev.in_padded, w.dev.out_padded, device_sms());
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, {{w.dev.in_padded, w.dev.out_padded}}, false, device_sms());
       cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
       const std::vector<float> want = trellm::testing::dev_download(yref, ys);
       for (uint32_t step = 0; step < 3; step++) {
         ASSERT_EQ(cudaMemset(yrun, 0xff, ys * 4), cudaSuccess);  // NaN
-        r.launch_gemv(step, w.dev, dx, yrun, m, ws, nullptr);
+        r.launch_gemvs(step, {{&w.dev, dx, yrun, ws}}, m, nullptr);
         EXPECT_EQ(r.status().describe(p), "");
         const std::vector<float> got = trellm::testing::dev_download(yrun, ys);
         size_t diff = 0;
@@ -160,7 +161,7 @@ TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
 TEST(CudaStepRunner, GemvPlanHoldsEveryTileOnce) {
   for (int m : {1, 8})
     for (auto [inp, outp] : {std::pair{2048, 1408}, std::pair{768, 5120}, std::pair{5120, 2048}}) {
-      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, inp, outp, 7);
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, {{inp, outp}}, false, 7);
       const int groups = outp / 128;
       ASSERT_EQ(p.counters(), groups);
       const int splits = p.counter_info[0].arrivals;
@@ -181,4 +182,89 @@ TEST(CudaStepRunner, GemvPlanHoldsEveryTileOnce) {
       }
       ASSERT_EQ(listed, p.tiles.size());
     }
+}
+
+// A chain of three GEMVs in one persistent launch, each reading the one before, as the attention's q path and an
+// o_proj: x -> q_a (2048 -> 768) -> q_b on the RMS-normalised q_a (768 -> 5120; its tiles wait for every q_a
+// group) -> a third (5120 -> 2048; each k-split waits only for the q_b groups its k range covers). Against
+// trellis_matmul, trellis_matmul_normed, trellis_matmul launched one after the other: the same bits, every
+// stage's output poisoned first, three steps; m = 1, 3, 8; and an odd chain (padding on every side).
+TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
+  if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
+  for (const std::vector<int>& dims : {std::vector<int>{2048, 768, 5120, 2048}, std::vector<int>{1000, 300, 777, 250}})
+    for (int m : {1, 3, 8}) {
+      SCOPED_TRACE(::testing::Message() << dims[0] << "->" << dims[1] << "->" << dims[2] << "->" << dims[3] << " m " << m);
+      Rng rng(uint64_t(dims[1]) * 17 + uint64_t(m));
+      std::vector<std::unique_ptr<trellm::testing::RandomTrellis>> w;  // it owns device memory: not moved
+      for (int s = 0; s < 3; s++) w.push_back(std::make_unique<trellm::testing::RandomTrellis>(rng, dims[size_t(s)], dims[size_t(s) + 1], 3, 1, true));
+      std::vector<float> x(size_t(m) * size_t(dims[0])), nw(static_cast<size_t>(dims[1]));
+      for (float& v : x) v = rng.normal();
+      for (float& v : nw) v = 0.5f + rng.uniform();
+      float* dx = trellm::testing::dev_upload(x);
+      float* dnw = trellm::testing::dev_upload(nw);
+      float *yref[3], *yrun[3];
+      void *wsref[3], *wsrun[3];
+      for (int s = 0; s < 3; s++) {
+        const size_t ys = size_t(m) * size_t(dims[size_t(s) + 1]);
+        ASSERT_EQ(cudaMalloc(&yref[s], ys * 4), cudaSuccess);
+        ASSERT_EQ(cudaMalloc(&yrun[s], ys * 4), cudaSuccess);
+        const size_t wsb = cuda::trellis_workspace_bytes(8, w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded);
+        ASSERT_EQ(cudaMalloc(&wsref[s], wsb), cudaSuccess);
+        ASSERT_EQ(cudaMalloc(&wsrun[s], wsb), cudaSuccess);
+        cuda::trellis_workspace_init(wsref[s], wsb, nullptr);
+        cuda::trellis_workspace_init(wsrun[s], wsb, nullptr);
+      }
+      const float eps = 1e-5f;
+      cuda::trellis_matmul(w[0]->dev, dx, yref[0], m, wsref[0], nullptr);
+      cuda::trellis_matmul_normed(w[1]->dev, yref[0], dnw, eps, yref[1], m, wsref[1], nullptr);
+      cuda::trellis_matmul(w[2]->dev, yref[1], yref[2], m, wsref[2], nullptr);
+      std::vector<cuda::StepRunner::GemvShape> shapes;
+      for (int s = 0; s < 3; s++) shapes.push_back({w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded, s == 1});
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, device_sms());
+      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
+      const std::vector<cuda::StepRunner::GemvStage> stages = {
+          {&w[0]->dev, dx, yrun[0], wsrun[0]}, {&w[1]->dev, yrun[0], yrun[1], wsrun[1], dnw, eps}, {&w[2]->dev, yrun[1], yrun[2], wsrun[2]}};
+      for (uint32_t step = 0; step < 3; step++) {
+        for (int s = 0; s < 3; s++) ASSERT_EQ(cudaMemset(yrun[s], 0xff, size_t(m) * size_t(dims[size_t(s) + 1]) * 4), cudaSuccess);
+        r.launch_gemvs(step, stages, m, nullptr);
+        EXPECT_EQ(r.status().describe(p), "");
+        for (int s = 0; s < 3; s++) {
+          const size_t ys = size_t(m) * size_t(dims[size_t(s) + 1]);
+          const std::vector<float> got = trellm::testing::dev_download(yrun[s], ys), want = trellm::testing::dev_download(yref[s], ys);
+          size_t diff = 0;
+          for (size_t i = 0; i < ys; i++) diff += std::memcmp(&got[i], &want[i], 4) != 0;
+          EXPECT_EQ(diff, 0u) << "stage " << s << ": of " << ys << " outputs, step " << step << "; first: " << got[0] << " vs " << want[0];
+        }
+      }
+      cudaFree(dx), cudaFree(dnw);
+      for (int s = 0; s < 3; s++) cudaFree(yref[s]), cudaFree(yrun[s]), cudaFree(wsref[s]), cudaFree(wsrun[s]);
+    }
+}
+
+// The chained plan (host only): a plain stage's k-split waits for exactly the previous stage's column groups
+// that overlap its k range, a normed one for all of them, the first stage for none; the lists replay without a
+// deadlock.
+TEST(CudaStepRunner, ChainedGemvPlanWaitsForTheGroupsItReads) {
+  for (int m : {1, 8}) {
+    const std::vector<cuda::StepRunner::GemvShape> shapes = {{2048, 768, false}, {768, 5120, true}, {5120, 2048, false}};
+    const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, 13);
+    ASSERT_EQ(p.counters(), 6 + 40 + 16);
+    for (const step::Tile& t : p.tiles) {
+      if (t.layer == 0) {
+        ASSERT_TRUE(t.deps.empty());
+        continue;
+      }
+      const int prev0 = t.layer == 1 ? 0 : 6, prev_groups = t.layer == 1 ? 6 : 40;
+      if (t.layer == 1) {
+        ASSERT_EQ(int(t.deps.size()), prev_groups);
+        continue;
+      }
+      const int splits = p.counter_info[size_t(t.counter)].arrivals, chunks = 5120 / 128;
+      const int c0 = t.split * chunks / splits, c1 = (t.split + 1) * chunks / splits;
+      std::vector<int> want;
+      for (int c = c0; c < c1; c++) want.push_back(prev0 + c);  // chunk c = q_b column group c (both 128 wide)
+      ASSERT_EQ(t.deps, want) << "split " << t.split;
+    }
+    EXPECT_GT(step::schedule_floor(p, step::CostModel{}), 0.0);
+  }
 }
