@@ -211,18 +211,20 @@ __device__ __forceinline__ void store_row4(float* row, int col, int n, const flo
 // one block (the last to arrive), which then reads all partials (with __ldcg: written by other SMs) and
 // resets the counter, so the workspace is left as it was found (graph replays need no memset).
 __device__ __forceinline__ bool arrive_last(int* counter, int arrivals, int* flag_smem) {
-  __threadfence();
+  // The block's partial stores come before thread 0's release through the barrier, and the last block's loads
+  // come after thread 0's acquire through the second one: one acq_rel atomic instead of a full fence in every
+  // thread on arrival and again in the last block (the step runner measured 0.73 us a hop for such fences,
+  // bench/results/step_runner.md).
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int t = atomicAdd(counter, 1);
+    int t;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(t) : "l"(counter) : "memory");
     const bool last = t == arrivals - 1;
-    if (last) atomicExch(counter, 0);
+    if (last) atomicExch(counter, 0);  // zero at rest for the next launch (ordered by the kernel boundary)
     *flag_smem = last;
   }
   __syncthreads();
-  const bool last = *flag_smem != 0;
-  if (last) __threadfence();
-  return last;
+  return *flag_smem != 0;
 }
 
 __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
