@@ -62,6 +62,11 @@ struct Plan {
   int splits = 1;                  // context splits per group (attention grid y); 1: attention writes o_lat directly
   bool prefill = false;            // n > kDecodeMaxRows: cuBLAS projections, bf16 o_lat
   bool expanded = false;           // prefill in the expanded form (expanded_attend) instead of the absorbed one
+  // One row group (one sequence's decode row at batch 1): the keys-on-M attention (mla_attend_decode.cu), and in
+  // decode the split merge inside the output projection instead of the combine kernel. Off with
+  // TRELLM_MLA_DECODE=v2 (the A/B baseline) and for several groups, where the rows-on-M kernel and the combine
+  // are faster (bench/results/attention.md).
+  bool keys_on_m = false;
   int bound = 0;
   // byte offsets into the workspace
   size_t qb = 0;      // bf16 [rows, 576]

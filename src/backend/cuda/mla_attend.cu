@@ -320,6 +320,11 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Groupi
   // row), 64 decode rows of different sequences 2, big prefills one split per group and no combine.
   p.splits = std::clamp(num_sms / p.groups, 1, std::min(tiles, kMaxSplits));
   p.prefill = n > kDecodeMaxRows;
+  static const bool v2 = [] {
+    const char* e = std::getenv("TRELLM_MLA_DECODE");
+    return e && std::strcmp(e, "v2") == 0;
+  }();
+  p.keys_on_m = !v2 && p.groups == 1 && (!p.prefill || grouping == Grouping::PerRow);
   if (allow_expanded && grouping == Grouping::Run && p.prefill && nope + kRope == kXDim && v == kXDim && nope % 8 == 0 && bound <= kXMaxKeys) {
     // MACs per head (see mla.h): expansion bound * (nope + v) * 512 against n * (absorbed extra per visible key
     // * (bound - n/2) keys on average + the two projections).
@@ -350,15 +355,7 @@ Plan make_plan(int n, int heads, int nope, int v, int bound, int num_sms, Groupi
   return p;
 }
 
-bool decode_v2() {
-  static const bool v2 = [] {
-    const char* e = std::getenv("TRELLM_MLA_DECODE");
-    return e && std::strcmp(e, "v2") == 0;
-  }();
-  return v2;
-}
-
-void attend_core(const Args& a, const Plan& p, cudaStream_t s, bool combine) {
+void attend(const Args& a, const Plan& p, cudaStream_t s) {
   static std::atomic<uint32_t> smem_set{0};
   opt_in_smem(attend_kernel, kSmem, smem_set);
   char* w = static_cast<char*>(a.work);
@@ -379,19 +376,17 @@ void attend_core(const Args& a, const Plan& p, cudaStream_t s, bool combine) {
   P.out_f32 = p.prefill ? nullptr : reinterpret_cast<float*>(w + p.olat);
   P.out_bf16 = p.prefill ? reinterpret_cast<bf16*>(w + p.olat) : nullptr;
   const bool pdl = !p.prefill;
-  // One group of decode rows (one sequence's row at batch 1): keys on M (mla_attend_decode.cu), unless
-  // TRELLM_MLA_DECODE=v2 asks for this kernel. With several groups (batched rows, speculative rows) this kernel
-  // is faster (H100, bench_attention: 16 rows of one sequence 44.8 vs 69.7 us at 1K; 16 batched rows 46.4 vs
-  // 68.3 us). Why is not profiled yet: both hold one CTA per SM, and with several groups a CTA runs fewer tiles,
-  // over which the decode kernel's fixed start (Q^T into registers, barriers, the first bulk copy) is spread.
-  if (!decode_v2() && p.groups == 1 && (!p.prefill || p.grouping == Grouping::PerRow)) launch_attend_decode(P, s, pdl);
+  // With several groups (batched rows, speculative rows) this kernel is faster than the keys-on-M one (H100,
+  // bench_attention: 16 rows of one sequence 44.8 vs 69.7 us at 1K; 16 batched rows 46.4 vs 68.3 us). Why is not
+  // profiled yet: both hold one CTA per SM, and with several groups a CTA runs fewer tiles, over which the decode
+  // kernel's fixed start (Q^T into registers, barriers, the first bulk copy) is spread.
+  if (p.keys_on_m) launch_attend_decode(P, s, pdl);
   else launch(attend_kernel, dim3(p.groups, p.splits), dim3(kThreads), kSmem, s, pdl, P);
-  if (p.splits > 1 && combine) {
+  // Decode with keys on M merges the splits in its output projection (mla_decode.cu).
+  if (p.splits > 1 && !(p.keys_on_m && !p.prefill)) {
     CombineParams C{P.part_o, P.part_ml, a.pos, p.rows, p.heads, p.group_rows, p.splits, P.out_f32, P.out_bf16};
     launch(combine_kernel, dim3(p.rows, kRank / 64), dim3(128), 0, s, pdl, C);
   }
 }
-
-void attend(const Args& a, const Plan& p, cudaStream_t s) { attend_core(a, p, s, true); }
 
 }  // namespace trellm::cuda::mla

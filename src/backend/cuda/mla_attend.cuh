@@ -86,14 +86,6 @@ __device__ __forceinline__ float split_weights(const float* ml, int active, floa
   return L;
 }
 
-// mla::attend without the split combine when `combine` is false: the decode's output projection merges the
-// partials itself (mla_decode.cu), one launch fewer per layer.
-void attend_core(const Args& a, const Plan& p, cudaStream_t s, bool combine);
-
-// TRELLM_MLA_DECODE=v2: decode as before 2026-12-06 (the rows-on-M attention, the combine kernel, the output
-// projection reading o_lat), the A/B baseline of scripts/bench_decode_ab.sh.
-bool decode_v2();
-
 // The decode kernel (mla_attend_decode.cu) over grid (groups, splits); writes what the prefill kernel writes
 // (o_lat, or the partials the combine merges). Takes groups of <= 32 rows of one sequence each.
 void launch_attend_decode(const AttendParams& P, cudaStream_t s, bool pdl);

@@ -1,9 +1,10 @@
-// MLA decode (n <= 16 query rows) on the GPU, absorbed form: three graph-capturable launches per layer.
+// MLA decode (n <= 16 query rows) on the GPU, absorbed form: graph-capturable, three launches per layer for one
+// row group (batch 1), four otherwise (the combine of the context splits between 2 and 3).
 //   1. q_lat:  Qb[i*H+h] = bf16(W_UK[h]ᵀ q_nope[i,h] | q_rope[i,h])     reads W_UK: H*nope*512*2 B (3.9 MB GLM)
 //   2. attend: tensor-core flash-decoding over the latent cache (mla_attend_decode.cu), T*1152 B
 //   3. out:    out[i, h*v+j] = W_UV[h][j] · o_lat[i*H+h]                  reads W_UV: H*v*512*2 B (5.2 MB GLM)
-//      with o_lat merged from the attention's context splits on the way in (no combine kernel: each of a
-//      head's ceil(v/32) blocks merges that head's partials, 128 KB at 32K, from L2).
+//      with one row group, o_lat merged from the attention's context splits on the way in (no combine kernel:
+//      each of a head's ceil(v/32) blocks merges that head's partials, 128 KB at 32K, from L2).
 // The projections are memory-bound GEMVs (n <= 16 rows share each weight read) on CUDA cores. With
 // programmatic dependent launch each kernel issues its kv_b loads before waiting on its predecessor, so the
 // 9.2 MB of kv_b per layer streams while the previous kernel finishes.
@@ -185,16 +186,15 @@ void decode(const Args& a, const Plan& p, cudaStream_t s) {
   TRELLM_ASSERT(!p.prefill && a.n == p.n && a.n <= kDecodeMaxRows && a.nope <= kMaxNope, "mla decode: n ", a.n);
   char* w = static_cast<char*>(a.work);
   bf16* qb = reinterpret_cast<bf16*>(w + p.qb);
-  // One row group (batch 1): the keys-on-M attention and the split merge inside the output projection. With
-  // several groups, or TRELLM_MLA_DECODE=v2, the combine kernel writes o_lat and the projection reads it: each of
-  // the projection's v/32 blocks of a head would merge all n rows again (H100, 8 batched rows: -5 % end to end).
-  const bool v2 = decode_v2() || p.groups != 1;
+  // Keys on M (one row group): the projection merges the splits. Otherwise the combine kernel writes o_lat and the
+  // projection reads it: each of a head's v/32 blocks would merge all n rows again (H100, 8 batched rows: -5 %
+  // end to end).
   const OLat ol{reinterpret_cast<const float*>(w + p.olat), reinterpret_cast<const bf16*>(w + p.part_o),
-                reinterpret_cast<const float*>(w + p.part_ml), a.pos, p.group_rows, v2 ? 1 : p.splits};
+                reinterpret_cast<const float*>(w + p.part_ml), a.pos, p.group_rows, p.keys_on_m ? p.splits : 1};
   const RopeAppend ra = a.ra ? *a.ra : RopeAppend{nullptr, nullptr, 0.0f, nullptr, 0.0f};
   launch(qlat_decode_kernel, dim3(a.heads, kRank / 64), dim3(256), 0, s, true, qb, a.q, a.kv_b, a.n, a.heads, a.nope, a.v,
          ra, a.pos, a.pages);
-  attend_core(a, p, s, /*combine=*/v2);
+  attend(a, p, s);
   launch(out_decode_kernel, dim3(a.heads, (a.v + 31) / 32), dim3(256), size_t(a.n) * kRank * 4, s, true, a.out, ol, a.kv_b,
          a.n, a.heads, a.nope, a.v);
 }
