@@ -13,7 +13,8 @@
 // cost); 20 calls back to back, median of 5, per call. Both launch forms pay a launch per call here: the runner
 // without PDL (cooperative), trellis_matmul with it.
 // Then a chain of three dependent GEMVs in one runner launch (q_a 2048 -> 768, q_b 768 -> 5120 on the normed q_a,
-// o_proj 5120 -> 2048; per-tile waits) against the three kernels launched back to back with PDL.
+// o_proj 5120 -> 2048; per-tile waits) against the three kernels launched back to back with PDL, and 16 such
+// chains in one launch (48 GEMVs) with 1, 2 or 4 workers a SM and the weights asked into L2 ahead or not.
 // Usage: bench_step_runner [--json FILE] [--commit HASH]
 #include <cuda_runtime.h>
 
@@ -71,6 +72,21 @@ int main(int argc, char** argv) {
   cudaEvent_t e0, e1;
   TRELLM_CUDA_CHECK(cudaEventCreate(&e0));
   TRELLM_CUDA_CHECK(cudaEventCreate(&e1));
+  // A call's time: 20 calls back to back, the median of 5 such runs.
+  auto per_call = [&](auto&& call) {
+    for (int i = 0; i < 20; i++) call();
+    std::vector<double> us;
+    for (int rep = 0; rep < 5; rep++) {
+      TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
+      for (int i = 0; i < 20; i++) call();
+      TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
+      TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+      us.push_back(1e3 * ms / 20);
+    }
+    return pct(us, 0.5);
+  };
   for (int ctx : {1024, 32768})
     for (int rows : {1, 2, 4, 8}) {
       step::StepShape shape = step::StepShape::glm47_flash();
@@ -149,20 +165,6 @@ int main(int argc, char** argv) {
     const step::StepPlan p = cuda::StepRunner::gemv_plan(1, {{w.dev.in_padded, w.dev.out_padded}}, false, sms);
     cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty), empty(p, cuda::StepRunner::Mode::Empty);
     uint32_t n_run = 0, n_empty = 0;
-    auto per_call = [&](auto&& call) {
-      for (int i = 0; i < 20; i++) call();
-      std::vector<double> us;
-      for (int rep = 0; rep < 5; rep++) {
-        TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
-        for (int i = 0; i < 20; i++) call();
-        TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
-        TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0;
-        TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        us.push_back(1e3 * ms / 20);
-      }
-      return pct(us, 0.5);
-    };
     const double mk = per_call([&] { cuda::trellis_matmul(w.dev, dx, dy, 1, ws, s); });
     const double rn = per_call([&] { run.launch_gemvs(n_run++, {{&w.dev, dx, dy, ws}}, 1, s); });
     const double em = per_call([&] { empty.launch(n_empty++, s); });
@@ -201,20 +203,6 @@ int main(int argc, char** argv) {
     const std::vector<cuda::StepRunner::GemvStage> stages = {
         {&w[0]->dev, dx, y[0], ws[0]}, {&w[1]->dev, y[0], y[1], ws[1], dnw, 1e-5f}, {&w[2]->dev, y[1], y[2], ws[2]}};
     uint32_t n_run = 0, n_empty = 0;
-    auto per_call = [&](auto&& call) {
-      for (int i = 0; i < 20; i++) call();
-      std::vector<double> us;
-      for (int rep = 0; rep < 5; rep++) {
-        TRELLM_CUDA_CHECK(cudaEventRecord(e0, s));
-        for (int i = 0; i < 20; i++) call();
-        TRELLM_CUDA_CHECK(cudaEventRecord(e1, s));
-        TRELLM_CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0;
-        TRELLM_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        us.push_back(1e3 * ms / 20);
-      }
-      return pct(us, 0.5);
-    };
     const double mk = per_call([&] {
       cuda::trellis_matmul(w[0]->dev, dx, y[0], 1, ws[0], s);
       cuda::trellis_matmul_normed(w[1]->dev, y[0], dnw, 1e-5f, y[1], 1, ws[1], s);
@@ -235,6 +223,71 @@ int main(int argc, char** argv) {
            << "\",\"shape\":\"q_a 2048->768, q_b 768->5120 normed, o_proj 5120->2048; m=1 K=3\",\"value\":" << v << ",\"unit\":\"us\"}\n";
     cudaFree(dx), cudaFree(dnw);
     for (int i = 0; i < 3; i++) cudaFree(y[i]), cudaFree(ws[i]);
+  }
+  {
+    // 16 such chains back to back (o_proj's 2048 outputs are the next q_a's input), distinct weights (96 MB,
+    // about twice the L2): one runner launch of 48 dependent GEMVs against 48 kernels with PDL, so that the
+    // launch is paid once and what remains is the tiles' own chain. Workers 1, 2 or 4 a SM, with and without
+    // the weights asked into L2 a few tiles ahead.
+    constexpr int kLayers = 16;
+    const int dims[3] = {768, 5120, 2048};  // outputs of q_a, q_b, o_proj; inputs 2048, 768, 5120
+    std::vector<std::unique_ptr<testing::RandomTrellis>> w;
+    std::vector<float*> y;
+    std::vector<void*> ws;
+    std::vector<cuda::StepRunner::GemvShape> shapes;
+    std::vector<float> x(2048), nw(768, 1.0f);
+    for (float& v : x) v = rng.normal();
+    float* dx = testing::dev_upload(x);
+    float* dnw = testing::dev_upload(nw);
+    std::vector<cuda::StepRunner::GemvStage> stages;
+    for (int l = 0; l < kLayers; l++)
+      for (int i = 0; i < 3; i++) {
+        const int in = i == 0 ? 2048 : dims[i - 1];
+        w.push_back(std::make_unique<testing::RandomTrellis>(rng, in, dims[i], 3, 1, false));
+        const cuda::DeviceTrellis& d = w.back()->dev;
+        float* out = nullptr;
+        TRELLM_CUDA_CHECK(cudaMalloc(&out, size_t(dims[i]) * 4));
+        const size_t wsb = cuda::trellis_workspace_bytes(8, d.in_padded, d.out_padded);
+        void* wk = nullptr;
+        TRELLM_CUDA_CHECK(cudaMalloc(&wk, wsb));
+        cuda::trellis_workspace_init(wk, wsb, s);
+        stages.push_back({&d, y.empty() ? dx : y.back(), out, wk, i == 1 ? dnw : nullptr, 1e-5f});
+        y.push_back(out), ws.push_back(wk);
+        shapes.push_back({d.in_padded, d.out_padded, i == 1});
+      }
+    const double mk = per_call([&] {
+      for (const auto& g : stages)
+        if (g.norm_w) cuda::trellis_matmul_normed(*g.w, g.x, g.norm_w, g.eps, g.y, 1, g.workspace, s);
+        else cuda::trellis_matmul(*g.w, g.x, g.y, 1, g.workspace, s);
+    });
+    std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | lookahead tiles | us | us a layer | / kernels |\n",
+                kLayers);
+    std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | | %.1f | %.2f | 1.00 |\n", mk, mk / kLayers);
+    auto jline = [&](const std::string& shape, double v) {
+      if (js.is_open())
+        js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
+           << "\",\"bench\":\"step_runner_layers\",\"metric\":\"us\",\"shape\":\"" << shape << "\",\"value\":" << v
+           << ",\"unit\":\"us\"}\n";
+    };
+    jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL", mk);
+    for (int per_sm : {1, 2, 4})
+      for (int ahead : {0, 4}) {
+        const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, per_sm * sms);
+        cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty);
+        run.set_lookahead(ahead);
+        uint32_t n = 0;
+        const double rn = per_call([&] { run.launch_gemvs(n++, stages, 1, s); });
+        const std::string err = run.status().describe(p);
+        if (!err.empty()) {
+          std::fprintf(stderr, "layers, %d a SM, lookahead %d: %s\n", per_sm, ahead, err.c_str());
+          return 1;
+        }
+        std::printf("| runner, one launch | %d | %d | %.1f | %.2f | %.2f |\n", per_sm, ahead, rn, rn / kLayers, rn / mk);
+        jline("16 layers q_a,q_b,o_proj m=1 K=3; runner workers/SM=" + std::to_string(per_sm) + " lookahead=" + std::to_string(ahead), rn);
+      }
+    cudaFree(dx), cudaFree(dnw);
+    for (float* p : y) cudaFree(p);
+    for (void* p : ws) cudaFree(p);
   }
   return 0;
 }

@@ -13,13 +13,14 @@
 //   - O^T += V^T·P^T, 512 x 8·NT: warp w owns value dims [64w, 64w + 64) for every column, V^T read from the
 //     key tile with ldmatrix.trans; 16 + 2·NT ldmatrix + 16·NT MMAs; the rescale is 16·NT multiplies;
 // i.e. 102 MMAs and ~330 instructions per warp and tile at NT = 3.
-// Each CTA's first kAhead tiles are bulk-prefetched into L2 before griddepcontrol.wait, the rest kAhead tiles
-// ahead of use, so the HBM reads of a split overlap the q_lat kernel and are not limited to two smem stages.
+// Each CTA's first l2_ahead (4) tiles are bulk-prefetched into L2 before griddepcontrol.wait, the rest l2_ahead
+// tiles ahead of use, so the HBM reads of a split overlap the q_lat kernel and are not limited to two smem stages.
 // The split partials and the combine are the prefill kernel's (same layout, combine_kernel in mla_attend.cu).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 
 #include "backend/cuda/mla_attend.cuh"
 #include "backend/cuda/mla_common.cuh"
@@ -37,7 +38,6 @@ constexpr int kSpStride = kKeysPerTile + 4;  // 68 f32 per partial-S^T column: t
 constexpr int kPStride = kKeysPerTile + 8;   // 72 bf16 per P column (144 B): conflict-free ldmatrix
 constexpr int kOsStride = kRank + 4;         // 516 f32 per output column in the epilogue
 constexpr int kKSteps = kWidth / 16 / 4;     // 9 k-steps of 16 dims per warp quarter
-constexpr int kAhead = 4;                    // tiles asked into L2 ahead of use: 132 CTAs x 4 x 72 KB = 38 MB at most
 constexpr uint32_t kRowBytes = kWidth * 2;   // 1,152 B: one cache row, one bulk copy
 static_assert(kKSteps * 16 * 4 == kWidth && kRowBytes % 16 == 0 && (kStride * 2) % 16 == 0);
 
@@ -52,8 +52,13 @@ constexpr size_t kSmem = kOffBar + 2 * 8;  // 191,920
 static_assert(kOffBar % 8 == 0 && size_t(kRowsPerCta) * kOsStride * 4 <= 2 * kStageBytes);
 static_assert(kSmem <= 227 * 1024, "decode attention smem over the sm_90 per-block limit");
 
+// Probes for bench_attention's bound split (TRELLM_MLA_PROBE, never in a model's step; the output is then
+// garbage): kLoadsOnly keeps the copies, the waits and one barrier a tile and drops the math; kMathOnly keeps
+// the math on whatever the stages hold and drops the copies and the waits.
+enum Probe { kFull = 0, kLoadsOnly = 1, kMathOnly = 2 };
+
 // NT: n8 column tiles, 8·NT >= the group's rows (<= 32).
-template <int NT>
+template <int NT, int PROBE = kFull>
 __global__ void __launch_bounds__(kThreads, 1) attend_decode_kernel(const AttendParams P) {
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* kv = reinterpret_cast<bf16*>(smem + kOffKv);
@@ -97,7 +102,7 @@ __global__ void __launch_bounds__(kThreads, 1) attend_decode_kernel(const Attend
   const int te = min(sr_.ntiles, tb + sr_.tps);
   const int32_t* table = P.pages.table(row0 / P.heads);
   const size_t kTileElems = size_t(kKeysPerTile) * kWidth;  // a 64-row pool block is 72 contiguous KB
-  if (tid < kAhead && tb + tid < te) prefetch_l2(P.cache + size_t(__ldg(table + tb + tid)) * kTileElems, uint32_t(kTileElems * 2));
+  if (PROBE != kMathOnly && tid < P.l2_ahead && tb + tid < te) prefetch_l2(P.cache + size_t(__ldg(table + tb + tid)) * kTileElems, uint32_t(kTileElems * 2));
 
   grid_wait();  // q_lat (and the cache rows of this step) come from the preceding kernel
   grid_launch_dependents();
@@ -105,6 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) attend_decode_kernel(const Attend
   // Tile j into stage st (warp 0): rows < T by bulk copy; the rest of a last tile zeroed, so that whatever the
   // stage held (initially any bit pattern, NaN included) never reaches an MMA. p = 0 there, and 0 · 0 = 0.
   auto issue = [&](int j, int blk, int st) {
+    if (PROBE == kMathOnly) return;
     const int valid = min(kKeysPerTile, T - j * kKeysPerTile);
     bf16* dst = kv + st * kKeysPerTile * kStride;
     if (lane == 0) mbar_arrive_expect_tx(bar0 + 8 * st, uint32_t(valid) * kRowBytes);
@@ -160,81 +166,84 @@ __global__ void __launch_bounds__(kThreads, 1) attend_decode_kernel(const Attend
       if (warp == 0) issue(j + 1, blk_next, st ^ 1);
       zero_tail(j + 1, st ^ 1);
       if (j + 2 < te) blk_next = __ldg(table + j + 2);
-      if (tid == 32 && j + kAhead < te) prefetch_l2(P.cache + size_t(__ldg(table + j + kAhead)) * kTileElems, uint32_t(kTileElems * 2));
+      if (PROBE != kMathOnly && tid == 32 && P.l2_ahead > 0 && j + P.l2_ahead < te) prefetch_l2(P.cache + size_t(__ldg(table + j + P.l2_ahead)) * kTileElems, uint32_t(kTileElems * 2));
     }
-    mbar_wait(bar0 + 8 * st, ((j - tb) >> 1) & 1);
+    if (PROBE != kMathOnly) mbar_wait(bar0 + 8 * st, ((j - tb) >> 1) & 1);
     const bf16* kst = kv + st * kKeysPerTile * kStride;
-
-    // ---- partial S^T over this warp's 32 keys and 144 dims ----
-    float sacc[2][NT][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-      for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) sacc[mt][nt][e] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ks++) {
-      const int k0 = (kq * kKSteps + ks) * 16 + 8 * (lane >> 4);
-#pragma unroll
-      for (int mt = 0; mt < 2; mt++) {
-        uint32_t a[4];
-        ldsm_x4(a, smem_u32(kst + (32 * mp + 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + k0));
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) mma_bf16(sacc[mt][nt], a, qf[ks][nt][0], qf[ks][nt][1]);
-      }
-    }
-    {
-      float* spw = sp + kq * kRowsPerCta * kSpStride;
+    if constexpr (PROBE == kLoadsOnly) {
+      __syncthreads();  // the stage is free for the copy two tiles on
+    } else {
+      // ---- partial S^T over this warp's 32 keys and 144 dims ----
+      float sacc[2][NT][4];
 #pragma unroll
       for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-          const int key = 32 * mp + 16 * mt + g, col = 8 * nt + 2 * t4;
-          spw[col * kSpStride + key] = sacc[mt][nt][0];
-          spw[(col + 1) * kSpStride + key] = sacc[mt][nt][1];
-          spw[col * kSpStride + key + 8] = sacc[mt][nt][2];
-          spw[(col + 1) * kSpStride + key + 8] = sacc[mt][nt][3];
-        }
-    }
-    __syncthreads();
-
-    // ---- online softmax, one column per 8 threads ----
-    if (sr < 8 * NT) {
-      float al;
-      const uint4 pk = softmax_step(sp + sr * kSpStride + 8 * sc, kRowsPerCta * kSpStride, j * kKeysPerTile + 8 * sc, prow, P.scale_log2,
-                                    m_run, l_run, al);
-      *reinterpret_cast<uint4*>(ps + sr * kPStride + 8 * sc) = pk;
-      if (sc == 0) alpha_s[sr] = al;
-    }
-    __syncthreads();
-
-    // ---- O^T = O^T * alpha + V^T · P^T ----
-    {
-      uint32_t pb[NT][4][2];  // P^T as the B operand: k-steps of 16 keys per column tile
+        for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-      for (int nt = 0; nt < NT; nt++) {
-        const float a0 = alpha_s[8 * nt + 2 * t4], a1 = alpha_s[8 * nt + 2 * t4 + 1];
+          for (int e = 0; e < 4; e++) sacc[mt][nt][e] = 0.0f;
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++) oacc[mt][nt][0] *= a0, oacc[mt][nt][1] *= a1, oacc[mt][nt][2] *= a0, oacc[mt][nt][3] *= a1;
+      for (int ks = 0; ks < kKSteps; ks++) {
+        const int k0 = (kq * kKSteps + ks) * 16 + 8 * (lane >> 4);
 #pragma unroll
-        for (int kh = 0; kh < 2; kh++) {
-          uint32_t r[4];
-          ldsm_x4(r, smem_u32(ps + (8 * nt + (lane & 7)) * kPStride + 32 * kh + 8 * (lane >> 3)));
-          pb[nt][2 * kh][0] = r[0], pb[nt][2 * kh][1] = r[1], pb[nt][2 * kh + 1][0] = r[2], pb[nt][2 * kh + 1][1] = r[3];
+        for (int mt = 0; mt < 2; mt++) {
+          uint32_t a[4];
+          ldsm_x4(a, smem_u32(kst + (32 * mp + 16 * mt + (lane & 7) + 8 * ((lane >> 3) & 1)) * kStride + k0));
+#pragma unroll
+          for (int nt = 0; nt < NT; nt++) mma_bf16(sacc[mt][nt], a, qf[ks][nt][0], qf[ks][nt][1]);
         }
       }
+      {
+        float* spw = sp + kq * kRowsPerCta * kSpStride;
 #pragma unroll
-      for (int ks = 0; ks < kKeysPerTile / 16; ks++)
+        for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int mt = 0; mt < 4; mt++) {
-          uint32_t a[4];
-          ldsm_x4_t(a, smem_u32(kst + (16 * ks + (lane & 7) + 8 * (lane >> 4)) * kStride + 64 * warp + 16 * mt + 8 * ((lane >> 3) & 1)));
+          for (int nt = 0; nt < NT; nt++) {
+            const int key = 32 * mp + 16 * mt + g, col = 8 * nt + 2 * t4;
+            spw[col * kSpStride + key] = sacc[mt][nt][0];
+            spw[(col + 1) * kSpStride + key] = sacc[mt][nt][1];
+            spw[col * kSpStride + key + 8] = sacc[mt][nt][2];
+            spw[(col + 1) * kSpStride + key + 8] = sacc[mt][nt][3];
+          }
+      }
+      __syncthreads();
+
+      // ---- online softmax, one column per 8 threads ----
+      if (sr < 8 * NT) {
+        float al;
+        const uint4 pk = softmax_step(sp + sr * kSpStride + 8 * sc, kRowsPerCta * kSpStride, j * kKeysPerTile + 8 * sc, prow, P.scale_log2,
+                                      m_run, l_run, al);
+        *reinterpret_cast<uint4*>(ps + sr * kPStride + 8 * sc) = pk;
+        if (sc == 0) alpha_s[sr] = al;
+      }
+      __syncthreads();
+
+      // ---- O^T = O^T * alpha + V^T · P^T ----
+      {
+        uint32_t pb[NT][4][2];  // P^T as the B operand: k-steps of 16 keys per column tile
 #pragma unroll
-          for (int nt = 0; nt < NT; nt++) mma_bf16(oacc[mt][nt], a, pb[nt][ks][0], pb[nt][ks][1]);
+        for (int nt = 0; nt < NT; nt++) {
+          const float a0 = alpha_s[8 * nt + 2 * t4], a1 = alpha_s[8 * nt + 2 * t4 + 1];
+#pragma unroll
+          for (int mt = 0; mt < 4; mt++) oacc[mt][nt][0] *= a0, oacc[mt][nt][1] *= a1, oacc[mt][nt][2] *= a0, oacc[mt][nt][3] *= a1;
+#pragma unroll
+          for (int kh = 0; kh < 2; kh++) {
+            uint32_t r[4];
+            ldsm_x4(r, smem_u32(ps + (8 * nt + (lane & 7)) * kPStride + 32 * kh + 8 * (lane >> 3)));
+            pb[nt][2 * kh][0] = r[0], pb[nt][2 * kh][1] = r[1], pb[nt][2 * kh + 1][0] = r[2], pb[nt][2 * kh + 1][1] = r[3];
+          }
         }
+#pragma unroll
+        for (int ks = 0; ks < kKeysPerTile / 16; ks++)
+#pragma unroll
+          for (int mt = 0; mt < 4; mt++) {
+            uint32_t a[4];
+            ldsm_x4_t(a, smem_u32(kst + (16 * ks + (lane & 7) + 8 * (lane >> 4)) * kStride + 64 * warp + 16 * mt + 8 * ((lane >> 3) & 1)));
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) mma_bf16(oacc[mt][nt], a, pb[nt][ks][0], pb[nt][ks][1]);
+          }
+      }
+      __syncthreads();  // the next iteration refills this stage and rewrites S^T / P
     }
-    __syncthreads();  // the next iteration refills this stage and rewrites S^T / P
   }
 
   // ---- epilogue: O^T through shared memory (over the stages, all copies consumed) into rows ----
@@ -270,11 +279,27 @@ __global__ void __launch_bounds__(kThreads, 1) attend_decode_kernel(const Attend
   if (P.splits > 1 && tid < nrows) *reinterpret_cast<float2*>(P.part_ml + (base + tid) * 2) = make_float2(fin_m[tid], fin_l[tid]);
 }
 
-template <int NT>
-void launch_nt(const AttendParams& P, cudaStream_t s, bool pdl) {
+template <int NT, int PROBE>
+void launch_probe(const AttendParams& P, cudaStream_t s, bool pdl) {
   static std::atomic<uint32_t> smem_set{0};
-  opt_in_smem(attend_decode_kernel<NT>, kSmem, smem_set);
-  launch(attend_decode_kernel<NT>, dim3(P.groups, P.splits), dim3(kThreads), kSmem, s, pdl, P);
+  opt_in_smem(attend_decode_kernel<NT, PROBE>, kSmem, smem_set);
+  launch(attend_decode_kernel<NT, PROBE>, dim3(P.groups, P.splits), dim3(kThreads), kSmem, s, pdl, P);
+}
+
+int env_int(const char* name, int otherwise) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : otherwise;
+}
+
+template <int NT>
+void launch_nt(AttendParams P, cudaStream_t s, bool pdl) {
+  static const int probe = env_int("TRELLM_MLA_PROBE", kFull);
+  // Tiles asked into L2 ahead: 4 (132 CTAs x 4 x 72 KB = 38 MB at most); TRELLM_MLA_AHEAD for A/B runs.
+  static const int ahead = env_int("TRELLM_MLA_AHEAD", P.l2_ahead);
+  P.l2_ahead = ahead;
+  if (NT == 3 && probe == kLoadsOnly) return launch_probe<NT, kLoadsOnly>(P, s, pdl);
+  if (NT == 3 && probe == kMathOnly) return launch_probe<NT, kMathOnly>(P, s, pdl);
+  launch_probe<NT, kFull>(P, s, pdl);
 }
 
 }  // namespace

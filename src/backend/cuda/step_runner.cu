@@ -33,6 +33,7 @@ struct Args {
   RunnerTileClock* clk;  // per tile, or nullptr
   uint32_t step;
   uint64_t timeout_ns;
+  int ahead;  // a worker asks L2 for the weights of the tile this many places ahead in its list (0: none)
 };
 
 __device__ __forceinline__ uint64_t now_ns() {
@@ -54,9 +55,12 @@ __host__ __device__ __forceinline__ uint32_t stamp_of(uint32_t step, int tile) {
 // The tiles' bodies. Each is called by all threads of the worker's block with the tile's number and a `wait`
 // that it must call exactly once, after what it may do before its producers are done (its weight loads) and
 // before anything that reads their outputs.
+// `prefetch(a, i)` (warp 0, any time before tile i runs) may ask L2 for what tile i reads that no tile of the
+// step writes: its weights.
 struct EmptyBody {
   template <typename Wait>
   __device__ void operator()(const Args&, int, unsigned char*, Wait wait) const { wait(); }
+  __device__ void prefetch(const Args&, int) const {}
 };
 // Check mode: plain loads, so the acquire must make the producers' stores visible to every thread.
 struct CheckBody {
@@ -72,28 +76,49 @@ struct CheckBody {
     }
     if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
   }
+  __device__ void prefetch(const Args&, int) const {}
 };
 // Every tile a GEMV tile of one of a chain's trellis linears (tile_desc: stage as the layer, group, split), K
 // bits: the persistent form of gemv_kernel, the same arithmetic (tk::gemv_tile).
+// The stages' arguments live in device memory (a chain may be longer than the kernel parameters hold).
 template <int K>
 struct GemvBody {
-  tk::LinearArgs la[StepRunner::kMaxGemvStages];
+  const tk::LinearArgs* la;
   template <typename Wait>
   __device__ void operator()(const Args& a, int i, unsigned char* smem, Wait wait) const {
     tk::gemv_tile<K>(la[a.tile_desc[4 * i + 1]], a.tile_desc[4 * i + 2], a.tile_desc[4 * i + 3], smem, wait);
+  }
+  // The tile's trellis words: per 16-row k tile of its k range, its column group's 8 tiles (8 · 32K bytes,
+  // contiguous), a lane each.
+  __device__ void prefetch(const Args& a, int i) const {
+    const tk::LinearArgs& p = la[a.tile_desc[4 * i + 1]];
+    const int bx = a.tile_desc[4 * i + 2], z = a.tile_desc[4 * i + 3];
+    const bool second = bx >= p.groups1;
+    const DeviceTrellis& w = second ? p.w2 : p.w;
+    const int group = second ? bx - p.groups1 : bx, chunks = w.in_padded / tk::kChunk;
+    const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
+    const int tiles_n = w.out_padded / 16;
+    for (int r = int(threadIdx.x & 31); r < 8 * nck; r += 32)
+      prefetch_l2(w.trellis + (int64_t(c0 * 8 + r) * tiles_n + group * 8) * (16 * K), 8 * 32 * K);
   }
 };
 
 // kFences: a full fence (__threadfence) after the waits and before the release, on top of the acquire loads and
 // the release reduction (which already order the block's accesses: bar.sync makes them the releasing thread's
 // predecessors). Kept as the A/B baseline: TRELLM_RUNNER_FENCES=1.
-template <bool kFences, typename Body>
-__global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a, const Body body) {
+// kPerSm: workers (blocks) per SM the launch bounds allow for (1, 2 or 4), so that several tiles' latencies
+// overlap on an SM, as several CTAs of a kernel do.
+template <bool kFences, int kPerSm, typename Body>
+__global__ void __launch_bounds__(256, kPerSm) step_runner_kernel(const Args a, const Body body) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int abort_s;
   const int w = blockIdx.x;
-  for (int k = a.sm_begin[w]; k < a.sm_begin[w + 1]; k++) {
+  const int kb = a.sm_begin[w], ke = a.sm_begin[w + 1];
+  if (a.ahead > 0 && threadIdx.x < 32)
+    for (int k = kb; k < min(ke, kb + a.ahead); k++) body.prefetch(a, a.sm_tiles[k]);
+  for (int k = kb; k < ke; k++) {
     const int i = a.sm_tiles[k];
+    if (a.ahead > 0 && threadIdx.x < 32 && k + a.ahead < ke) body.prefetch(a, a.sm_tiles[k + a.ahead]);
     const uint64_t t_free = a.clk && threadIdx.x == 0 ? now_ns() : 0;
     uint64_t t_ready = 0;
     if (threadIdx.x == 0) abort_s = 0;
@@ -133,16 +158,17 @@ __global__ void __launch_bounds__(256, 1) step_runner_kernel(const Args a, const
   }
 }
 
-template <typename Body>
-void launch_runner(const Args& a, int workers, const Body& body, size_t smem, cudaStream_t s) {
+template <int kPerSm, typename Body>
+void launch_runner_n(const Args& a, int workers, const Body& body, size_t smem, cudaStream_t s) {
   static const bool fences = [] {
     const char* e = std::getenv("TRELLM_RUNNER_FENCES");
     return e && std::strcmp(e, "1") == 0;
   }();
   static std::atomic<bool> opted{false};
   if (!opted.exchange(true)) {
-    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<true, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
-    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<false, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024));
+    const int most = 200 * 1024 / kPerSm;  // of the SM's 228 KB, less the blocks' reserved 1 KB each
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<true, kPerSm, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
+    TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<false, kPerSm, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(workers));
@@ -154,8 +180,35 @@ void launch_runner(const Args& a, int workers, const Body& body, size_t smem, cu
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  if (fences) TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<true, Body>, a, body));
-  else TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, step_runner_kernel<false, Body>, a, body));
+  const cudaError_t e = fences ? cudaLaunchKernelEx(&cfg, step_runner_kernel<true, kPerSm, Body>, a, body)
+                              : cudaLaunchKernelEx(&cfg, step_runner_kernel<false, kPerSm, Body>, a, body);
+  if (e == cudaErrorCooperativeLaunchTooLarge)
+    fail("step runner: ", workers, " workers of ", smem, " B shared memory each (", kPerSm,
+         " a SM) do not fit the device at once; a plan with fewer workers, or less shared memory per tile");
+  TRELLM_CUDA_CHECK(e);
+}
+
+int sm_count() {
+  int dev = 0, sms = 0;
+  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
+  TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
+// Workers per SM for `workers` blocks: 1, 2 or 4.
+int per_sm_for(int workers) {
+  static const int sms = sm_count();
+  const int n = (workers + sms - 1) / sms;
+  return n <= 1 ? 1 : n <= 2 ? 2 : 4;
+}
+
+template <typename Body>
+void launch_runner(const Args& a, int workers, const Body& body, size_t smem, cudaStream_t s) {
+  switch (per_sm_for(workers)) {
+    case 1: return launch_runner_n<1>(a, workers, body, smem, s);
+    case 2: return launch_runner_n<2>(a, workers, body, smem, s);
+    default: return launch_runner_n<4>(a, workers, body, smem, s);
+  }
 }
 
 template <typename T>
@@ -173,6 +226,11 @@ struct StepRunner::Device {
   Args a{};
   size_t tiles = 0, counters = 0;
   int workers = 0;
+  // What la_dev holds, for the stages and m it was made from (uploaded again only when they change).
+  std::vector<GemvStage> gemv_stages;
+  int gemv_m = 0;
+  size_t la_cap = 0;
+  tk::LinearArgs* la_dev = nullptr;
 };
 
 StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
@@ -204,15 +262,13 @@ StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
   TRELLM_CUDA_CHECK(cudaMemcpy(a.st, &kClean, sizeof kClean, cudaMemcpyHostToDevice));
   a.timeout_ns = timeout_ns_;
   start_at(0);
-  int dev = 0, coop = 0, per_sm = 0, sms = 0;
+  int dev = 0, coop = 0;
   TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
   TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
-  TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  TRELLM_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, step_runner_kernel<false, EmptyBody>, 256, 0));
   if (!coop) fail("step runner: this device has no cooperative launch (every worker must be resident)");
-  if (d_->workers > per_sm * sms)
-    fail("step runner: the plan has ", d_->workers, " workers, the device holds ", per_sm * sms, " resident blocks (", sms,
-         " SMs x ", per_sm, ")");
+  const int sms = sm_count();
+  if (d_->workers > 4 * sms)
+    fail("step runner: the plan has ", d_->workers, " workers, at most 4 a SM run at once (", 4 * sms, " on this device)");
 }
 
 StepRunner::~StepRunner() {
@@ -222,6 +278,7 @@ StepRunner::~StepRunner() {
   cudaFree(d_->a.stamps);
   cudaFree(d_->a.st);
   cudaFree(d_->a.clk);
+  cudaFree(d_->la_dev);
   delete d_;
 }
 
@@ -229,6 +286,11 @@ void StepRunner::start_at(uint32_t step) {
   std::vector<uint32_t> c(d_->counters);
   for (size_t i = 0; i < c.size(); i++) c[i] = step * uint32_t(plan_.counter_info[i].arrivals);  // mod 2^32
   TRELLM_CUDA_CHECK(cudaMemcpy(d_->a.counters, c.data(), c.size() * 4, cudaMemcpyHostToDevice));
+}
+
+void StepRunner::set_lookahead(int tiles) {
+  TRELLM_ASSERT(tiles >= 0, "step runner: lookahead ", tiles);
+  d_->a.ahead = tiles;
 }
 
 void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
@@ -242,7 +304,7 @@ void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
 void StepRunner::launch_gemvs(uint32_t step, const std::vector<GemvStage>& stages, int m, cudaStream_t s, bool clocks) {
   TRELLM_ASSERT(!stages.empty() && int(stages.size()) <= kMaxGemvStages, "step runner: ", stages.size(), " GEMV stages (1 to ",
                 kMaxGemvStages, ")");
-  GemvBody<3> body{};
+  std::vector<tk::LinearArgs> la(stages.size());
   size_t smem = 0, tiles = 0;
   for (size_t i = 0; i < stages.size(); i++) {
     const GemvStage& g = stages[i];
@@ -251,13 +313,27 @@ void StepRunner::launch_gemvs(uint32_t step, const std::vector<GemvStage>& stage
     const tk::LinearPlan lp = tk::plan_linear(m, w.in_padded, w.out_padded);
     TRELLM_ASSERT(lp.gemv, "step runner: m = ", m, " is not a GEMV");
     const tk::WorkspaceLayout l = tk::linear_layout(lp, g.workspace);
-    body.la[i] = tk::LinearArgs{w, g.x, l.xh, g.y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, g.y, lp.groups,
+    la[i] = tk::LinearArgs{w, g.x, l.xh, g.y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, g.y, lp.groups,
                                 w.out_padded, g.norm_w, g.eps};
     smem = std::max(smem, size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2);  // as run_gemv
     tiles += size_t(lp.groups) * size_t(lp.splits);
   }
   TRELLM_ASSERT(tiles == d_->tiles, "step runner: GEMVs of ", tiles, " tiles on a plan of ", d_->tiles,
                 " (gemv_plan builds the matching one)");
+  auto same = [](const GemvStage& u, const GemvStage& v) {
+    return u.w == v.w && u.x == v.x && u.y == v.y && u.workspace == v.workspace && u.norm_w == v.norm_w && u.eps == v.eps;
+  };
+  if (m != d_->gemv_m || !std::equal(stages.begin(), stages.end(), d_->gemv_stages.begin(), d_->gemv_stages.end(), same)) {
+    if (d_->la_cap < la.size()) {
+      TRELLM_CUDA_CHECK(cudaFree(d_->la_dev));
+      TRELLM_CUDA_CHECK(cudaMalloc(&d_->la_dev, la.size() * sizeof(tk::LinearArgs)));
+      d_->la_cap = la.size();
+    }
+    TRELLM_CUDA_CHECK(cudaMemcpyAsync(d_->la_dev, la.data(), la.size() * sizeof(tk::LinearArgs), cudaMemcpyHostToDevice, s));
+    TRELLM_CUDA_CHECK(cudaStreamSynchronize(s));  // la is a local: the copy must be done before it goes
+    d_->gemv_stages = stages, d_->gemv_m = m;
+  }
+  const GemvBody<3> body{d_->la_dev};
   Args a = d_->a;
   a.step = step;
   if (!clocks) a.clk = nullptr;

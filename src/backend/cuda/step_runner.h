@@ -41,7 +41,9 @@ class StepRunner {
  public:
   enum class Mode { Check, Empty };
   // The plan's per_sm lists become the workers (one block each, all resident: a cooperative launch, refused with
-  // an error when the device cannot hold them). timeout_ms bounds every wait.
+  // an error when the device cannot hold them). Up to 4 workers a SM (the plan's name "per_sm" then means per
+  // worker): more than one lets several tiles' latencies overlap on an SM, as several CTAs of a kernel do.
+  // timeout_ms bounds every wait.
   StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms = 2000.0);
   ~StepRunner();
   StepRunner(const StepRunner&) = delete;
@@ -49,6 +51,9 @@ class StepRunner {
 
   // Sets every counter to `step` · arrivals, as if steps 0 .. step - 1 had run (the 32-bit wrap, tested).
   void start_at(uint32_t step);
+  // Each worker asks L2 for the weights of the tile `tiles` places ahead in its list (and for its first `tiles`
+  // at the start), so that a tile's weight reads need not wait for the worker to reach it. 0 (default): none.
+  void set_lookahead(int tiles);
   // Launches step number `step` on `s` (after steps before it); with clocks, each tile's times are kept.
   void launch(uint32_t step, cudaStream_t s, bool clocks = false);
   // The first task body: a chain of trellis GEMVs y_s[m, out_s] = x_s · W_s, every tile a GEMV tile (column
@@ -65,7 +70,7 @@ class StepRunner {
     const float* norm_w = nullptr;  // x RMS-normalised first (trellis_matmul_normed)
     float eps = 0.0f;
   };
-  static constexpr int kMaxGemvStages = 4;
+  static constexpr int kMaxGemvStages = 64;  // their arguments live in device memory
   void launch_gemvs(uint32_t step, const std::vector<GemvStage>& stages, int m, cudaStream_t s, bool clocks = false);
   // The plan for launch_gemvs: stage s of shape (in_padded, out_padded); chained: stage s + 1 reads stage s's
   // output (else independent); normed as GemvStage::norm_w. Tiles round-robin over `workers` in topological order.

@@ -220,10 +220,15 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
       cuda::trellis_matmul(w[2]->dev, yref[1], yref[2], m, wsref[2], nullptr);
       std::vector<cuda::StepRunner::GemvShape> shapes;
       for (int s = 0; s < 3; s++) shapes.push_back({w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded, s == 1});
-      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, device_sms());
-      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
       const std::vector<cuda::StepRunner::GemvStage> stages = {
           {&w[0]->dev, dx, yrun[0], wsrun[0]}, {&w[1]->dev, yrun[0], yrun[1], wsrun[1], dnw, eps}, {&w[2]->dev, yrun[1], yrun[2], wsrun[2]}};
+      // One worker a SM; then four a SM (tiles of consecutive stages in flight on one SM) with the weights asked
+      // into L2 three tiles ahead.
+      for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 3}}) {
+      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, lookahead " << ahead);
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, per_sm * device_sms());
+      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
+      r.set_lookahead(ahead);
       for (uint32_t step = 0; step < 3; step++) {
         for (int s = 0; s < 3; s++) ASSERT_EQ(cudaMemset(yrun[s], 0xff, size_t(m) * size_t(dims[size_t(s) + 1]) * 4), cudaSuccess);
         r.launch_gemvs(step, stages, m, nullptr);
@@ -235,6 +240,7 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
           for (size_t i = 0; i < ys; i++) diff += std::memcmp(&got[i], &want[i], 4) != 0;
           EXPECT_EQ(diff, 0u) << "stage " << s << ": of " << ys << " outputs, step " << step << "; first: " << got[0] << " vs " << want[0];
         }
+      }
       }
       cudaFree(dx), cudaFree(dnw);
       for (int s = 0; s < 3; s++) cudaFree(yref[s]), cudaFree(yrun[s]), cudaFree(wsref[s]), cudaFree(wsrun[s]);
