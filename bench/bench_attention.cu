@@ -10,8 +10,8 @@
 //           blocks scattered over one pool (per-row groups, one call), against B single-row calls of the same
 //           rows in the same run; graph-captured, 12 layers of distinct pools and kv_b, median replay / 12.
 // The caches are paged (backend.h): one sequence over an identity block table unless said otherwise.
-// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N] [--profile] [--batched]
-//        (--profile: one call per shape, for ncu)
+// Usage: bench_attention [--json FILE] [--commit HASH] [--reps N] [--profile] [--batched] [--decode]
+//        (--profile: one call per shape, for ncu; --decode: the decode table only)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -97,7 +97,7 @@ struct Out {
 int main(int argc, char** argv) {
   Out out;
   int reps = 30;
-  bool profile = false, batched = false;
+  bool profile = false, batched = false, decode_only = false;
   for (int i = 0; i < argc; i++) {
     if (i) out.command += ' ';
     out.command += argv[i];
@@ -108,6 +108,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) reps = std::max(3, std::atoi(argv[++i]));
     else if (!std::strcmp(argv[i], "--profile")) profile = true;  // one call per shape, for ncu
     else if (!std::strcmp(argv[i], "--batched")) batched = true;
+    else if (!std::strcmp(argv[i], "--decode")) decode_only = true;
   }
   if (!cuda_available()) {
     std::printf("no CUDA device\n");
@@ -348,6 +349,8 @@ int main(int argc, char** argv) {
     gpu.release(o);
     gpu.release(pos);
   }
+
+  if (decode_only) return 0;
 
   // ---------------- prefill ----------------
   {
