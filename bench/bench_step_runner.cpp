@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <fstream>
@@ -227,8 +228,8 @@ int main(int argc, char** argv) {
   {
     // 16 such chains back to back (o_proj's 2048 outputs are the next q_a's input), distinct weights (96 MB,
     // about twice the L2): one runner launch of 48 dependent GEMVs against 48 kernels with PDL, so that the
-    // launch is paid once and what remains is the tiles' own chain. Workers 1, 2 or 4 a SM, with and without
-    // the weights asked into L2 a few tiles ahead.
+    // launch is paid once and what remains is the tiles' own chain. Workers 1 to 4 a SM, with 0 to 2 chunks of
+    // each tile decoded before its wait (the kernels: TRELLM_GEMV_AHEAD, read once a process).
     constexpr int kLayers = 16;
     const int dims[3] = {768, 5120, 2048};  // outputs of q_a, q_b, o_proj; inputs 2048, 768, 5120
     std::vector<std::unique_ptr<testing::RandomTrellis>> w;
@@ -260,31 +261,32 @@ int main(int argc, char** argv) {
         if (g.norm_w) cuda::trellis_matmul_normed(*g.w, g.x, g.norm_w, g.eps, g.y, 1, g.workspace, s);
         else cuda::trellis_matmul(*g.w, g.x, g.y, 1, g.workspace, s);
     });
-    std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | lookahead tiles | us | us a layer | / kernels |\n",
+    const char* env_ahead = std::getenv("TRELLM_GEMV_AHEAD");
+    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 0;
+    std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | chunks decoded ahead | us | us a layer | / kernels |\n",
                 kLayers);
-    std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | | %.1f | %.2f | 1.00 |\n", mk, mk / kLayers);
+    std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | %d | %.1f | %.2f | 1.00 |\n", kernel_ahead, mk, mk / kLayers);
     auto jline = [&](const std::string& shape, double v) {
       if (js.is_open())
         js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
            << "\",\"bench\":\"step_runner_layers\",\"metric\":\"us\",\"shape\":\"" << shape << "\",\"value\":" << v
            << ",\"unit\":\"us\"}\n";
     };
-    jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL", mk);
-    for (int per_sm : {1, 2, 4})
-      for (int ahead : {0, 4}) {
-        const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, per_sm * sms);
-        cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty);
-        run.set_lookahead(ahead);
-        uint32_t n = 0;
-        const double rn = per_call([&] { run.launch_gemvs(n++, stages, 1, s); });
-        const std::string err = run.status().describe(p);
-        if (!err.empty()) {
-          std::fprintf(stderr, "layers, %d a SM, lookahead %d: %s\n", per_sm, ahead, err.c_str());
-          return 1;
-        }
-        std::printf("| runner, one launch | %d | %d | %.1f | %.2f | %.2f |\n", per_sm, ahead, rn, rn / kLayers, rn / mk);
-        jline("16 layers q_a,q_b,o_proj m=1 K=3; runner workers/SM=" + std::to_string(per_sm) + " lookahead=" + std::to_string(ahead), rn);
+    jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL, decode ahead=" + std::to_string(kernel_ahead), mk);
+    for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{2, 0}, std::pair{4, 0}, std::pair{2, 1}, std::pair{2, 2}, std::pair{3, 1}}) {
+      const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, per_sm * sms);
+      cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty);
+      run.set_decode_ahead(ahead);
+      uint32_t n = 0;
+      const double rn = per_call([&] { run.launch_gemvs(n++, stages, 1, s); });
+      const std::string err = run.status().describe(p);
+      if (!err.empty()) {
+        std::fprintf(stderr, "layers, %d a SM, %d decoded ahead: %s\n", per_sm, ahead, err.c_str());
+        return 1;
       }
+      std::printf("| runner, one launch | %d | %d | %.1f | %.2f | %.2f |\n", per_sm, ahead, rn, rn / kLayers, rn / mk);
+      jline("16 layers q_a,q_b,o_proj m=1 K=3; runner workers/SM=" + std::to_string(per_sm) + " decode ahead=" + std::to_string(ahead), rn);
+    }
     cudaFree(dx), cudaFree(dnw);
     for (float* p : y) cudaFree(p);
     for (void* p : ws) cudaFree(p);

@@ -24,7 +24,7 @@ struct AttendParams {
   float* part_ml;              // [groups, splits, 32, 2]   (max, sum) per row
   float* out_f32;              // splits == 1: normalised o_lat [rows, 512] (decode) ...
   __nv_bfloat16* out_bf16;     // ... or bf16 (prefill)
-  int l2_ahead = 4;            // decode v3: a split's tiles asked into L2 this many ahead of use (mla_attend_decode.cu)
+  int l2_ahead = 1;            // decode v3: a split's tiles asked into L2 this many ahead of use (mla_attend_decode.cu)
 };
 
 // Tiles [tb, te) of a split; T = last visible key of the group + 1. The attention kernels and the combine run

@@ -13,8 +13,8 @@
 //   - O^T += V^T·P^T, 512 x 8·NT: warp w owns value dims [64w, 64w + 64) for every column, V^T read from the
 //     key tile with ldmatrix.trans; 16 + 2·NT ldmatrix + 16·NT MMAs; the rescale is 16·NT multiplies;
 // i.e. 102 MMAs and ~330 instructions per warp and tile at NT = 3.
-// Each CTA's first l2_ahead (4) tiles are bulk-prefetched into L2 before griddepcontrol.wait, the rest l2_ahead
-// tiles ahead of use, so the HBM reads of a split overlap the q_lat kernel and are not limited to two smem stages.
+// Each CTA's first l2_ahead (1) tiles are bulk-prefetched into L2 before griddepcontrol.wait, so its first HBM
+// read overlaps the q_lat kernel; the rest l2_ahead tiles ahead of use (more ahead was slower, see launch_nt).
 // The split partials and the combine are the prefill kernel's (same layout, combine_kernel in mla_attend.cu).
 #include <cuda_bf16.h>
 
@@ -294,7 +294,9 @@ int env_int(const char* name, int otherwise) {
 template <int NT>
 void launch_nt(AttendParams P, cudaStream_t s, bool pdl) {
   static const int probe = env_int("TRELLM_MLA_PROBE", kFull);
-  // Tiles asked into L2 ahead: 4 (132 CTAs x 4 x 72 KB = 38 MB at most); TRELLM_MLA_AHEAD for A/B runs.
+  // Tiles asked into L2 ahead: 1. With 4 (a 32K split's every tile at once, 38 MB) the tiles arrive together and
+  // late: 36.7 against 31.9 µs a layer at 32K, 193.8 against 196.1 tok/s end to end (H100, attention.md).
+  // TRELLM_MLA_AHEAD for A/B runs.
   static const int ahead = env_int("TRELLM_MLA_AHEAD", P.l2_ahead);
   P.l2_ahead = ahead;
   if (NT == 3 && probe == kLoadsOnly) return launch_probe<NT, kLoadsOnly>(P, s, pdl);

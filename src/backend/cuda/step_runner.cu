@@ -33,7 +33,6 @@ struct Args {
   RunnerTileClock* clk;  // per tile, or nullptr
   uint32_t step;
   uint64_t timeout_ns;
-  int ahead;  // a worker asks L2 for the weights of the tile this many places ahead in its list (0: none)
 };
 
 __device__ __forceinline__ uint64_t now_ns() {
@@ -55,12 +54,9 @@ __host__ __device__ __forceinline__ uint32_t stamp_of(uint32_t step, int tile) {
 // The tiles' bodies. Each is called by all threads of the worker's block with the tile's number and a `wait`
 // that it must call exactly once, after what it may do before its producers are done (its weight loads) and
 // before anything that reads their outputs.
-// `prefetch(a, i)` (warp 0, any time before tile i runs) may ask L2 for what tile i reads that no tile of the
-// step writes: its weights.
 struct EmptyBody {
   template <typename Wait>
   __device__ void operator()(const Args&, int, unsigned char*, Wait wait) const { wait(); }
-  __device__ void prefetch(const Args&, int) const {}
 };
 // Check mode: plain loads, so the acquire must make the producers' stores visible to every thread.
 struct CheckBody {
@@ -76,7 +72,6 @@ struct CheckBody {
     }
     if (threadIdx.x == 0) a.stamps[i] = stamp_of(a.step, i);
   }
-  __device__ void prefetch(const Args&, int) const {}
 };
 // Every tile a GEMV tile of one of a chain's trellis linears (tile_desc: stage as the layer, group, split), K
 // bits: the persistent form of gemv_kernel, the same arithmetic (tk::gemv_tile).
@@ -88,37 +83,20 @@ struct GemvBody {
   __device__ void operator()(const Args& a, int i, unsigned char* smem, Wait wait) const {
     tk::gemv_tile<K>(la[a.tile_desc[4 * i + 1]], a.tile_desc[4 * i + 2], a.tile_desc[4 * i + 3], smem, wait);
   }
-  // The tile's trellis words: per 16-row k tile of its k range, its column group's 8 tiles (8 · 32K bytes,
-  // contiguous), a lane each.
-  __device__ void prefetch(const Args& a, int i) const {
-    const tk::LinearArgs& p = la[a.tile_desc[4 * i + 1]];
-    const int bx = a.tile_desc[4 * i + 2], z = a.tile_desc[4 * i + 3];
-    const bool second = bx >= p.groups1;
-    const DeviceTrellis& w = second ? p.w2 : p.w;
-    const int group = second ? bx - p.groups1 : bx, chunks = w.in_padded / tk::kChunk;
-    const int c0 = z * chunks / p.splits, nck = (z + 1) * chunks / p.splits - c0;
-    const int tiles_n = w.out_padded / 16;
-    for (int r = int(threadIdx.x & 31); r < 8 * nck; r += 32)
-      prefetch_l2(w.trellis + (int64_t(c0 * 8 + r) * tiles_n + group * 8) * (16 * K), 8 * 32 * K);
-  }
 };
 
 // kFences: a full fence (__threadfence) after the waits and before the release, on top of the acquire loads and
 // the release reduction (which already order the block's accesses: bar.sync makes them the releasing thread's
 // predecessors). Kept as the A/B baseline: TRELLM_RUNNER_FENCES=1.
-// kPerSm: workers (blocks) per SM the launch bounds allow for (1, 2 or 4), so that several tiles' latencies
+// kPerSm: workers (blocks) per SM the launch bounds allow for (1 to 4), so that several tiles' latencies
 // overlap on an SM, as several CTAs of a kernel do.
 template <bool kFences, int kPerSm, typename Body>
 __global__ void __launch_bounds__(256, kPerSm) step_runner_kernel(const Args a, const Body body) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int abort_s;
   const int w = blockIdx.x;
-  const int kb = a.sm_begin[w], ke = a.sm_begin[w + 1];
-  if (a.ahead > 0 && threadIdx.x < 32)
-    for (int k = kb; k < min(ke, kb + a.ahead); k++) body.prefetch(a, a.sm_tiles[k]);
-  for (int k = kb; k < ke; k++) {
+  for (int k = a.sm_begin[w]; k < a.sm_begin[w + 1]; k++) {
     const int i = a.sm_tiles[k];
-    if (a.ahead > 0 && threadIdx.x < 32 && k + a.ahead < ke) body.prefetch(a, a.sm_tiles[k + a.ahead]);
     const uint64_t t_free = a.clk && threadIdx.x == 0 ? now_ns() : 0;
     uint64_t t_ready = 0;
     if (threadIdx.x == 0) abort_s = 0;
@@ -166,7 +144,7 @@ void launch_runner_n(const Args& a, int workers, const Body& body, size_t smem, 
   }();
   static std::atomic<bool> opted{false};
   if (!opted.exchange(true)) {
-    const int most = 200 * 1024 / kPerSm;  // of the SM's 228 KB, less the blocks' reserved 1 KB each
+    const int most = 227 * 1024 / kPerSm - 2048;  // of the SM's 228 KB: the blocks' reserved 1 KB, static smem
     TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<true, kPerSm, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
     TRELLM_CUDA_CHECK(cudaFuncSetAttribute(step_runner_kernel<false, kPerSm, Body>, cudaFuncAttributeMaxDynamicSharedMemorySize, most));
   }
@@ -195,11 +173,10 @@ int sm_count() {
   return sms;
 }
 
-// Workers per SM for `workers` blocks: 1, 2 or 4.
+// Workers per SM for `workers` blocks: 1 to 4.
 int per_sm_for(int workers) {
   static const int sms = sm_count();
-  const int n = (workers + sms - 1) / sms;
-  return n <= 1 ? 1 : n <= 2 ? 2 : 4;
+  return std::clamp((workers + sms - 1) / sms, 1, 4);
 }
 
 template <typename Body>
@@ -207,6 +184,7 @@ void launch_runner(const Args& a, int workers, const Body& body, size_t smem, cu
   switch (per_sm_for(workers)) {
     case 1: return launch_runner_n<1>(a, workers, body, smem, s);
     case 2: return launch_runner_n<2>(a, workers, body, smem, s);
+    case 3: return launch_runner_n<3>(a, workers, body, smem, s);
     default: return launch_runner_n<4>(a, workers, body, smem, s);
   }
 }
@@ -231,6 +209,7 @@ struct StepRunner::Device {
   int gemv_m = 0;
   size_t la_cap = 0;
   tk::LinearArgs* la_dev = nullptr;
+  int decode_ahead = 0;
 };
 
 StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
@@ -288,9 +267,10 @@ void StepRunner::start_at(uint32_t step) {
   TRELLM_CUDA_CHECK(cudaMemcpy(d_->a.counters, c.data(), c.size() * 4, cudaMemcpyHostToDevice));
 }
 
-void StepRunner::set_lookahead(int tiles) {
-  TRELLM_ASSERT(tiles >= 0, "step runner: lookahead ", tiles);
-  d_->a.ahead = tiles;
+void StepRunner::set_decode_ahead(int chunks) {
+  TRELLM_ASSERT(chunks >= 0 && chunks <= 3, "step runner: ", chunks, " chunks decoded ahead (0 to 3)");
+  d_->decode_ahead = chunks;
+  d_->gemv_stages.clear();  // the stages' arguments hold it
 }
 
 void StepRunner::launch(uint32_t step, cudaStream_t s, bool clocks) {
@@ -315,7 +295,9 @@ void StepRunner::launch_gemvs(uint32_t step, const std::vector<GemvStage>& stage
     const tk::WorkspaceLayout l = tk::linear_layout(lp, g.workspace);
     la[i] = tk::LinearArgs{w, g.x, l.xh, g.y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, g.y, lp.groups,
                                 w.out_padded, g.norm_w, g.eps};
-    smem = std::max(smem, size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2);  // as run_gemv
+    la[i].ahead = std::min(d_->decode_ahead, (lp.chunks + lp.splits - 1) / lp.splits);
+    smem = std::max(smem, size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2 +
+                              size_t(la[i].ahead) * tk::kDecodedChunkBytes);  // as run_gemv
     tiles += size_t(lp.groups) * size_t(lp.splits);
   }
   TRELLM_ASSERT(tiles == d_->tiles, "step runner: GEMVs of ", tiles, " tiles on a plan of ", d_->tiles,

@@ -1,6 +1,7 @@
 // Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
 // K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
 #include <algorithm>
+#include <cstdlib>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_linear.cuh"
@@ -112,6 +113,15 @@ static void check_desc(const DeviceTrellis& w) {
 
 // The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
 // its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
+// Chunks of a GEMV tile decoded before its PDL wait (LinearArgs::ahead): TRELLM_GEMV_AHEAD, 0 by default.
+static int gemv_decode_ahead_chunks() {
+  static const int n = [] {
+    const char* e = std::getenv("TRELLM_GEMV_AHEAD");
+    return e && *e ? std::clamp(std::atoi(e), 0, 3) : 0;
+  }();
+  return n;
+}
+
 static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
                      const float* norm_w, float eps, void* workspace, cudaStream_t s) {
   const int out_all = w.out_padded + (w2 ? w2->out_padded : 0);
@@ -119,9 +129,11 @@ static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const floa
   TRELLM_ASSERT(p.gemv && size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis GEMV: m = ", m, ", ", p.counters,
                 " column groups (counter area: ", kLinearCounterBytes / 4, ")");
   const WorkspaceLayout l = linear_layout(p, workspace);
-  const LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
-                     w.out_padded / kGroupCols, out_all, norm_w, eps};
-  const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2;  // ring, rows + a zero row
+  LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
+               w.out_padded / kGroupCols, out_all, norm_w, eps};
+  a.ahead = std::min(gemv_decode_ahead_chunks(), (p.chunks + p.splits - 1) / p.splits);
+  // ring, rows + a zero row, the chunks decoded ahead
+  const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2 + size_t(a.ahead) * kDecodedChunkBytes;
   with_k(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }

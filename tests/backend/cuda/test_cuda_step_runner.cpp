@@ -222,13 +222,13 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
       for (int s = 0; s < 3; s++) shapes.push_back({w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded, s == 1});
       const std::vector<cuda::StepRunner::GemvStage> stages = {
           {&w[0]->dev, dx, yrun[0], wsrun[0]}, {&w[1]->dev, yrun[0], yrun[1], wsrun[1], dnw, eps}, {&w[2]->dev, yrun[1], yrun[2], wsrun[2]}};
-      // One worker a SM; then four a SM (tiles of consecutive stages in flight on one SM) with the weights asked
-      // into L2 three tiles ahead.
-      for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 3}}) {
-      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, lookahead " << ahead);
+      // One worker a SM; four a SM (tiles of consecutive stages in flight on one SM); two a SM with the first
+      // two chunks of every tile decoded before its wait; three a SM with one.
+      for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 0}, std::pair{2, 2}, std::pair{3, 1}}) {
+      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, " << ahead << " chunks decoded ahead");
       const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, per_sm * device_sms());
       cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
-      r.set_lookahead(ahead);
+      r.set_decode_ahead(ahead);
       for (uint32_t step = 0; step < 3; step++) {
         for (int s = 0; s < 3; s++) ASSERT_EQ(cudaMemset(yrun[s], 0xff, size_t(m) * size_t(dims[size_t(s) + 1]) * 4), cudaSuccess);
         r.launch_gemvs(step, stages, m, nullptr);
