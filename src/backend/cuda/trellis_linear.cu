@@ -111,17 +111,20 @@ static void check_desc(const DeviceTrellis& w) {
                 "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
 }
 
-// The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
-// its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
-// Chunks of a GEMV tile decoded before its PDL wait (LinearArgs::ahead): TRELLM_GEMV_AHEAD, 0 by default.
+// Chunks of a GEMV tile decoded before its PDL wait (LinearArgs::ahead): 1, or TRELLM_GEMV_AHEAD (0 to 3) for
+// A/B runs. H100, 2026-12-07, same call: 246.1 tok/s at depth 0 with 1, against 237.6 with 0 and 235.6 with 2.
+// The shared memory at 3 bits, 24 KB of ring plus 32 KB a decoded chunk, leaves 4 blocks a SM at 0, 3 at 1 and 2 at 2.
+// 16 chained q_a -> q_b -> o_proj GEMVs: 315 µs at 1 against 394 at 0 (bench/results/e2e.md).
 static int gemv_decode_ahead_chunks() {
   static const int n = [] {
     const char* e = std::getenv("TRELLM_GEMV_AHEAD");
-    return e && *e ? std::clamp(std::atoi(e), 0, 3) : 0;
+    return e && *e ? std::clamp(std::atoi(e), 0, 3) : 1;
   }();
   return n;
 }
 
+// The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
+// its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
 static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
                      const float* norm_w, float eps, void* workspace, cudaStream_t s) {
   const int out_all = w.out_padded + (w2 ? w2->out_padded : 0);
