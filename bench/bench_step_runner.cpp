@@ -228,7 +228,7 @@ int main(int argc, char** argv) {
   {
     // 16 such chains back to back (o_proj's 2048 outputs are the next q_a's input), distinct weights (96 MB,
     // about twice the L2): one runner launch of 48 dependent GEMVs against 48 kernels with PDL, so that the
-    // launch is paid once and what remains is the tiles' own chain. Workers 1 to 4 a SM, with 0 to 2 chunks of
+    // launch is paid once and what remains is the tiles' own chain. Workers 1 to 4 a SM, with 0 to 8 k tiles of
     // each tile decoded before its wait (the kernels: TRELLM_GEMV_AHEAD, read once a process).
     constexpr int kLayers = 16;
     const int dims[3] = {768, 5120, 2048};  // outputs of q_a, q_b, o_proj; inputs 2048, 768, 5120
@@ -262,8 +262,8 @@ int main(int argc, char** argv) {
         else cuda::trellis_matmul(*g.w, g.x, g.y, 1, g.workspace, s);
     });
     const char* env_ahead = std::getenv("TRELLM_GEMV_AHEAD");
-    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 0;
-    std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | chunks decoded ahead | us | us a layer | / kernels |\n",
+    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 4;  // the default (trellis_linear.cu)
+    std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | k tiles decoded ahead | us | us a layer | / kernels |\n",
                 kLayers);
     std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | %d | %.1f | %.2f | 1.00 |\n", kernel_ahead, mk, mk / kLayers);
     auto jline = [&](const std::string& shape, double v) {
@@ -273,7 +273,7 @@ int main(int argc, char** argv) {
            << ",\"unit\":\"us\"}\n";
     };
     jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL, decode ahead=" + std::to_string(kernel_ahead), mk);
-    for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{2, 0}, std::pair{4, 0}, std::pair{2, 1}, std::pair{2, 2}, std::pair{3, 1}}) {
+    for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{2, 0}, std::pair{4, 0}, std::pair{4, 4}, std::pair{3, 8}, std::pair{2, 8}}) {
       const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, per_sm * sms);
       cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty);
       run.set_decode_ahead(ahead);

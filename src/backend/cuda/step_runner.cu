@@ -267,9 +267,10 @@ void StepRunner::start_at(uint32_t step) {
   TRELLM_CUDA_CHECK(cudaMemcpy(d_->a.counters, c.data(), c.size() * 4, cudaMemcpyHostToDevice));
 }
 
-void StepRunner::set_decode_ahead(int chunks) {
-  TRELLM_ASSERT(chunks >= 0 && chunks <= 3, "step runner: ", chunks, " chunks decoded ahead (0 to 3)");
-  d_->decode_ahead = chunks;
+void StepRunner::set_decode_ahead(int tiles) {
+  TRELLM_ASSERT(tiles >= 0 && tiles <= tk::kMaxDecodeAhead, "step runner: ", tiles, " k tiles decoded ahead (0 to ",
+                tk::kMaxDecodeAhead, ")");
+  d_->decode_ahead = tiles;
   d_->gemv_stages.clear();  // the stages' arguments hold it
 }
 
@@ -295,9 +296,9 @@ void StepRunner::launch_gemvs(uint32_t step, const std::vector<GemvStage>& stage
     const tk::WorkspaceLayout l = tk::linear_layout(lp, g.workspace);
     la[i] = tk::LinearArgs{w, g.x, l.xh, g.y, m, lp.splits, lp.a_pitch, l.partial, l.counters, w, g.y, lp.groups,
                                 w.out_padded, g.norm_w, g.eps};
-    la[i].ahead = std::min(d_->decode_ahead, (lp.chunks + lp.splits - 1) / lp.splits);
+    la[i].ahead = d_->decode_ahead;
     smem = std::max(smem, size_t(tk::kStagesGemv) * 2048 * w.K + size_t(m + 1) * lp.a_pitch * 2 +
-                              size_t(la[i].ahead) * tk::kDecodedChunkBytes);  // as run_gemv
+                              size_t(la[i].ahead) * tk::kDecodedTileBytes);  // as run_gemv
     tiles += size_t(lp.groups) * size_t(lp.splits);
   }
   TRELLM_ASSERT(tiles == d_->tiles, "step runner: GEMVs of ", tiles, " tiles on a plan of ", d_->tiles,

@@ -51,9 +51,9 @@ class StepRunner {
 
   // Sets every counter to `step` · arrivals, as if steps 0 .. step - 1 had run (the 32-bit wrap, tested).
   void start_at(uint32_t step);
-  // GEMV tiles decode their first `chunks` (0 to 3) 128 x 128 weight chunks before their counter wait, 32 KB of
-  // shared memory each (tk::gemv_decode_ahead). 0 (default): none.
-  void set_decode_ahead(int chunks);
+  // GEMV tiles decode the first `tiles` (0 to 8) 16-row k tiles of their first weight chunk before their counter
+  // wait, 4 KB of shared memory each (tk::gemv_decode_ahead). 0 (default): none.
+  void set_decode_ahead(int tiles);
   // Launches step number `step` on `s` (after steps before it); with clocks, each tile's times are kept.
   void launch(uint32_t step, cudaStream_t s, bool clocks = false);
   // The first task body: a chain of trellis GEMVs y_s[m, out_s] = x_s · W_s, every tile a GEMV tile (column

@@ -260,15 +260,16 @@ __device__ __forceinline__ void sum_partials(float v[4], const float* p, int spl
 // The codebook is a template parameter (the caller switches once per block, not once per tile).
 constexpr int kStagesGemv = 4;
 
-// Chunks [0, c_begin) were decoded ahead (gemv_decode_ahead) and are not in the ring's remaining work.
+// D, ahead: the first `ahead` k tiles of chunk 0 were decoded before the wait (gemv_decode_ahead); their MMAs
+// come first, in the same order, so the sums are the same bits.
 template <int K, Codebook CB>
 __device__ __forceinline__ void gemv_mainloop_cb(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
-                                                 int a_pitch, int m, uint32_t* Bs, float acc[4], int c_begin) {
+                                                 int a_pitch, int m, uint32_t* Bs, float acc[4], const uint4* D, int ahead) {
   constexpr int kCW = chunk_words<K>();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int tiles_n = w.out_padded / 16;
   const uint32_t* Xrow = reinterpret_cast<const uint32_t*>(As + min(lane >> 2, m) * a_pitch) + (lane & 3);
-  for (int c = c_begin; c < nck; c++) {
+  for (int c = 0; c < nck; c++) {
     cp_wait<kStagesGemv - 2>();
     __syncthreads();
     const int nxt = c + kStagesGemv - 1;
@@ -276,6 +277,23 @@ __device__ __forceinline__ void gemv_mainloop_cb(const DeviceTrellis& w, int gro
     cp_commit();
     const uint32_t* st = Bs + (c % kStagesGemv) * kCW + warp * 8 * K;
     const uint32_t* xc = Xrow + c * (kChunk / 2);
+    if (c == 0 && ahead > 0) {  // once, warp-uniform; not unrolled (code size)
+#pragma unroll 1
+      for (int kk = 0; kk < 8; kk++) {
+        uint32_t a[4];
+        if (kk < ahead) {
+          const uint4 f = D[(kk * kWarps + warp) * 32 + lane];
+          a[0] = f.x, a[1] = f.y, a[2] = f.z, a[3] = f.w;
+        } else {
+          uint32_t s8[8], q[4];
+          trellis::lane_states(st + kk * 64 * K, K, lane, s8);
+          decode8<CB>(s8, q);
+          a[0] = q[0], a[1] = q[2], a[2] = q[1], a[3] = q[3];
+        }
+        mma16816(acc, a, xc[kk * 8], xc[kk * 8 + 4]);
+      }
+      continue;
+    }
 #pragma unroll
     for (int kk = 0; kk < 8; kk++) {
       uint32_t s8[8], q[4];
@@ -289,62 +307,42 @@ __device__ __forceinline__ void gemv_mainloop_cb(const DeviceTrellis& w, int gro
 
 template <int K>
 __device__ __forceinline__ void gemv_mainloop(const DeviceTrellis& w, int group, int c0, int nck, const __half* As,
-                                              int a_pitch, int m, uint32_t* Bs, float acc[4], int c_begin = 0) {
-  if (w.codebook == int(Codebook::Mcg)) gemv_mainloop_cb<K, Codebook::Mcg>(w, group, c0, nck, As, a_pitch, m, Bs, acc, c_begin);
-  else if (w.codebook == int(Codebook::Inst3)) gemv_mainloop_cb<K, Codebook::Inst3>(w, group, c0, nck, As, a_pitch, m, Bs, acc, c_begin);
-  else gemv_mainloop_cb<K, Codebook::Mul1>(w, group, c0, nck, As, a_pitch, m, Bs, acc, c_begin);
+                                              int a_pitch, int m, uint32_t* Bs, float acc[4], const uint4* D = nullptr,
+                                              int ahead = 0) {
+  if (w.codebook == int(Codebook::Mcg)) gemv_mainloop_cb<K, Codebook::Mcg>(w, group, c0, nck, As, a_pitch, m, Bs, acc, D, ahead);
+  else if (w.codebook == int(Codebook::Inst3)) gemv_mainloop_cb<K, Codebook::Inst3>(w, group, c0, nck, As, a_pitch, m, Bs, acc, D, ahead);
+  else gemv_mainloop_cb<K, Codebook::Mul1>(w, group, c0, nck, As, a_pitch, m, Bs, acc, D, ahead);
 }
 
-// ---- decode ahead: the first chunks of a GEMV tile decoded before its inputs exist ----------------------------
-// The weights do not depend on the step, so a tile may decode its first `ahead` chunks while its producers
-// still run (before the PDL or counter wait), into D: per chunk, per k tile kk, warp and lane, the mma A
-// fragment the main loop would build (16 B, conflict-free), 32 KB a chunk. After the wait only the MMAs of those
-// chunks remain (gemv_mma_decoded), in the main loop's order, so the sums are the same bits. The ring's
-// invariant holds: chunk c's stage is refilled with chunk c + kStagesGemv - 1 as the main loop would.
-constexpr int kDecodedChunkBytes = 8 * kWarps * 32 * 16;
+// ---- decode ahead: a GEMV tile's first k tiles decoded before its inputs exist ----------------------------------
+// The weights do not depend on the step, so a tile may decode the first `ahead` (<= 8) 16-row k tiles of its
+// first chunk while its producers still run (before the PDL or counter wait), into D: per k tile, warp and lane
+// the mma A fragment the main loop would build (16 B, conflict-free), 4 KB a k tile. Each lane reads back only
+// what it wrote, so D needs no barrier. Chunk 0 stays in its stage until the main loop's first iteration.
+constexpr int kDecodedTileBytes = kWarps * 32 * 16;
+constexpr int kMaxDecodeAhead = 8;
 
 template <int K, Codebook CB>
-__device__ __forceinline__ void gemv_decode_ahead_cb(const DeviceTrellis& w, int group, int c0, int nck, int ahead, uint32_t* Bs,
-                                                     uint4* D) {
-  constexpr int kCW = chunk_words<K>();
+__device__ __forceinline__ void gemv_decode_ahead_cb(const uint32_t* Bs, int ahead, uint4* D) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int c = 0; c < ahead; c++) {
-    cp_wait<kStagesGemv - 2>();
-    __syncthreads();
-    const int nxt = c + kStagesGemv - 1;
-    if (nxt < nck) load_b_chunk<K>(Bs + (nxt % kStagesGemv) * kCW, w.trellis, w.out_padded / 16, (c0 + nxt) * 8, group * 8);
-    cp_commit();
-    const uint32_t* st = Bs + (c % kStagesGemv) * kCW + warp * 8 * K;
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++) {
-      uint32_t s8[8], q[4];
-      trellis::lane_states(st + kk * 64 * K, K, lane, s8);
-      decode8<CB>(s8, q);
-      D[((c * 8 + kk) * kWarps + warp) * 32 + lane] = make_uint4(q[0], q[2], q[1], q[3]);
-    }
+  cp_wait<kStagesGemv - 2>();  // chunk 0: the first of the prologue's groups
+  __syncthreads();             // every thread's part of it
+  const uint32_t* st = Bs + warp * 8 * K;
+#pragma unroll 1
+  for (int kk = 0; kk < ahead; kk++) {
+    uint32_t s8[8], q[4];
+    trellis::lane_states(st + kk * 64 * K, K, lane, s8);
+    decode8<CB>(s8, q);
+    D[(kk * kWarps + warp) * 32 + lane] = make_uint4(q[0], q[2], q[1], q[3]);
   }
 }
 
+// After gemv_prefetch; all threads of the block.
 template <int K>
-__device__ __forceinline__ void gemv_decode_ahead(const DeviceTrellis& w, int group, int c0, int nck, int ahead, uint32_t* Bs, uint4* D) {
-  if (w.codebook == int(Codebook::Mcg)) gemv_decode_ahead_cb<K, Codebook::Mcg>(w, group, c0, nck, ahead, Bs, D);
-  else if (w.codebook == int(Codebook::Inst3)) gemv_decode_ahead_cb<K, Codebook::Inst3>(w, group, c0, nck, ahead, Bs, D);
-  else gemv_decode_ahead_cb<K, Codebook::Mul1>(w, group, c0, nck, ahead, Bs, D);
-}
-
-// The MMAs of the decoded chunks [0, ahead); As published (a barrier after it was written).
-__device__ __forceinline__ void gemv_mma_decoded(const uint4* D, int ahead, const __half* As, int a_pitch, int m, float acc[4]) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const uint32_t* Xrow = reinterpret_cast<const uint32_t*>(As + min(lane >> 2, m) * a_pitch) + (lane & 3);
-  for (int c = 0; c < ahead; c++) {
-    const uint32_t* xc = Xrow + c * (kChunk / 2);
-#pragma unroll
-    for (int kk = 0; kk < 8; kk++) {
-      const uint4 f = D[((c * 8 + kk) * kWarps + warp) * 32 + lane];
-      const uint32_t a[4] = {f.x, f.y, f.z, f.w};
-      mma16816(acc, a, xc[kk * 8], xc[kk * 8 + 4]);
-    }
-  }
+__device__ __forceinline__ void gemv_decode_ahead(const DeviceTrellis& w, const uint32_t* Bs, int ahead, uint4* D) {
+  if (w.codebook == int(Codebook::Mcg)) gemv_decode_ahead_cb<K, Codebook::Mcg>(Bs, ahead, D);
+  else if (w.codebook == int(Codebook::Inst3)) gemv_decode_ahead_cb<K, Codebook::Inst3>(Bs, ahead, D);
+  else gemv_decode_ahead_cb<K, Codebook::Mul1>(Bs, ahead, D);
 }
 
 // Zeroes row m of a GEMV A buffer (`halves` used, a multiple of 8): the row the loop above reads for rows >= m.

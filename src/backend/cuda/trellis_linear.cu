@@ -111,16 +111,18 @@ static void check_desc(const DeviceTrellis& w) {
                 "trellis kernels: bad dims in ", w.in, "/", w.in_padded, " out ", w.out, "/", w.out_padded);
 }
 
-// Chunks of a GEMV tile decoded before its PDL wait (LinearArgs::ahead): 1, or TRELLM_GEMV_AHEAD (0 to 3) for
-// A/B runs. H100, 2026-12-07, same call: 246.1 tok/s at depth 0 with 1, against 237.6 with 0 and 235.6 with 2.
-// The shared memory at 3 bits, 24 KB of ring plus 32 KB a decoded chunk, leaves 4 blocks a SM at 0, 3 at 1 and 2 at 2.
-// 16 chained q_a -> q_b -> o_proj GEMVs: 315 µs at 1 against 394 at 0 (bench/results/e2e.md).
-static int gemv_decode_ahead_chunks() {
-  static const int n = [] {
-    const char* e = std::getenv("TRELLM_GEMV_AHEAD");
-    return e && *e ? std::clamp(std::atoi(e), 0, 3) : 1;
-  }();
-  return n;
+int tk::decode_ahead_tiles(const char* name, int otherwise) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::clamp(std::atoi(e), 0, kMaxDecodeAhead) : otherwise;
+}
+
+// k tiles of a GEMV block's first chunk decoded before its PDL wait (LinearArgs::ahead); TRELLM_GEMV_AHEAD for
+// A/B runs. Only tiles of at most 4 chunks: the lm_head's single split of 16 chunks lost more to the shared
+// memory (fewer blocks a SM) than it gained (160 -> 178 µs with a whole chunk ahead, H100, 2026-12-07).
+// A whole chunk (8 k tiles, 32 KB) left 3 blocks a SM at 3 bits: 246.1 tok/s at depth 0 against 237.6 with none.
+static int gemv_ahead(const LinearPlan& p) {
+  static const int n = decode_ahead_tiles("TRELLM_GEMV_AHEAD", 4);
+  return (p.chunks + p.splits - 1) / p.splits <= 4 ? n : 0;
 }
 
 // The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
@@ -134,9 +136,9 @@ static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const floa
   const WorkspaceLayout l = linear_layout(p, workspace);
   LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
                w.out_padded / kGroupCols, out_all, norm_w, eps};
-  a.ahead = std::min(gemv_decode_ahead_chunks(), (p.chunks + p.splits - 1) / p.splits);
-  // ring, rows + a zero row, the chunks decoded ahead
-  const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2 + size_t(a.ahead) * kDecodedChunkBytes;
+  a.ahead = gemv_ahead(p);
+  // ring, rows + a zero row, the k tiles decoded ahead
+  const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2 + size_t(a.ahead) * kDecodedTileBytes;
   with_k(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }

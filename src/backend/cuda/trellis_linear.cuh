@@ -29,8 +29,8 @@ struct LinearArgs {
   // GEMV with the input RMS-normalised first (trellis_matmul_normed): x_row ← norm_w ⊙ x_row · rsqrt(mean x² + eps).
   const float* norm_w;
   float norm_eps;
-  // GEMV: chunks of each tile decoded before the wait (gemv_decode_ahead), kDecodedChunkBytes of shared memory
-  // each after the ring and the rows. 0: none.
+  // GEMV: k tiles of each tile's first chunk decoded before the wait (gemv_decode_ahead, <= kMaxDecodeAhead),
+  // kDecodedTileBytes of shared memory each after the ring and the rows. 0: none.
   int ahead = 0;
 };
 
@@ -52,9 +52,8 @@ __device__ __forceinline__ bool gemv_tile(const LinearArgs& p, int bx, int z, un
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + kStagesGemv * chunk_words<K>() * 4);
   uint4* D = reinterpret_cast<uint4*>(smem + kStagesGemv * chunk_words<K>() * 4 + size_t(p.m + 1) * p.a_pitch * 2);
-  const int ahead = min(p.ahead, nck);
   gemv_prefetch<K>(w, group, c0, nck, Bs);  // weights only: may run before the producers of x are done
-  if (ahead > 0) gemv_decode_ahead<K>(w, group, c0, nck, ahead, Bs, D);  // so may their decode
+  if (p.ahead > 0) gemv_decode_ahead<K>(w, Bs, p.ahead, D);  // so may their decode
   wait();  // x, the partials and the counters belong to the producers
   // Prologue (overlaps the first stages' loads): x_h for this block's k range, rows < m, and the zero row m.
   __shared__ float rnorm[kGemvMaxRows];
@@ -76,11 +75,7 @@ __device__ __forceinline__ bool gemv_tile(const LinearArgs& p, int bx, int z, un
   }
   zero_gemv_row(As, p.a_pitch, p.m, nck * kChunk);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  if (ahead > 0) {
-    __syncthreads();  // As
-    gemv_mma_decoded(D, ahead, As, p.a_pitch, p.m, acc);
-  }
-  gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc, ahead);  // its first barrier publishes As
+  gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc, D, p.ahead);  // its first barrier publishes As
   // acc: columns warp·16 + lane/4 (+8) of rows 2(lane%4) and 2(lane%4) + 1
   const int g = lane >> 2, cq = lane & 3;
 #pragma unroll

@@ -18,6 +18,7 @@ struct MoeArgs {
   // decode variant (one job per (token, slot))
   int s_gu, s_d;                 // k-splits of gate/up and of down
   int ring_bytes;                // shared memory of the weight ring: kStagesGemv stages of the largest K's chunk
+  int ahead;                     // down: k tiles decoded before the wait (gemv_decode_ahead), after the A rows
   float* p_gu;                   // [J, 2, s_gu, inter_p]
   __half* a_d;                   // [J or R, inter_p]   down input, transformed
   float* p_d;                    // [J, s_d, hidden_p]

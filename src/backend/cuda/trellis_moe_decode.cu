@@ -15,18 +15,37 @@ __device__ __forceinline__ void prefetch_job(const DeviceTrellis& w, int group, 
   with_k(w.K, [&](auto kc) { gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs); });
 }
 
-// The start of a job's block, around the PDL wait: the shared expert's weights are known before the router has
+// The start of a gate/up block, around the PDL wait: the shared expert's weights are known before the router has
 // run, so its blocks start loading them while the router is still running; a routed job needs the router's ids
 // and loads after the wait. Returns the job's (gate, up, down) descriptors; projection `which` is loading.
+// Its dependents (down) are released only after the wait, so when a down block starts the router, this kernel's
+// predecessor, is complete: down reads the routed ids before its own wait (start_down).
 __device__ __forceinline__ const DeviceTrellis* start_job(const MoeArgs& a, int token, int slot, int which, int group,
                                                           int c0, int nck, uint32_t* Bs) {
   const bool early = slot >= a.top_k;
   if (early) prefetch_job(a.shared[which], group, c0, nck, Bs);
-  grid_launch_dependents();
   grid_wait();
+  grid_launch_dependents();
   const DeviceTrellis* d3 = job_desc(a, token, slot);
   if (size_t(kStagesGemv) * 2048 * d3[which].K > size_t(a.ring_bytes)) __trap();  // K above the host's max_k
   if (!early) prefetch_job(d3[which], group, c0, nck, Bs);
+  return d3;
+}
+
+// The start of a down block: the router's ids are complete (start_job), so the job's weights are loaded and the
+// first a.ahead k tiles decoded into D before the wait, which is for gate/up's a_d. The ids are read through L2
+// (ld.cg): the router wrote them from other SMs.
+__device__ __forceinline__ const DeviceTrellis* start_down(const MoeArgs& a, int token, int slot, int group, int c0, int nck,
+                                                           uint32_t* Bs, uint4* D) {
+  const DeviceTrellis* d3 = slot < a.top_k ? expert_desc(a, __ldcg(a.ids + token * a.top_k + slot)) : a.shared;
+  const DeviceTrellis& w = d3[2];
+  if (size_t(kStagesGemv) * 2048 * w.K > size_t(a.ring_bytes)) __trap();  // K above the host's max_k
+  with_k(w.K, [&](auto kc) {
+    gemv_prefetch<decltype(kc)::value>(w, group, c0, nck, Bs);
+    if (a.ahead > 0) gemv_decode_ahead<decltype(kc)::value>(w, Bs, a.ahead, D);
+  });
+  grid_launch_dependents();
+  grid_wait();
   return d3;
 }
 
@@ -97,7 +116,8 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
   const int a_pitch = (chunks + a.s_d - 1) / a.s_d * kChunk + 8;
-  const DeviceTrellis w = start_job(a, token, slot, 2, group, c0, nck, Bs)[2];
+  uint4* D = reinterpret_cast<uint4*>(smem + a.ring_bytes + size_t(2) * a_pitch * 2);  // after the A row and the zero row
+  const DeviceTrellis w = start_down(a, token, slot, group, c0, nck, Bs, D)[2];
   {  // A row: this job's transformed down input, k range [c0, c0 + nck) chunks (16 B per thread and step)
     const uint4* src = reinterpret_cast<const uint4*>(a.a_d + int64_t(j) * a.inter_p + c0 * kChunk);
     uint4* dst = reinterpret_cast<uint4*>(As);
@@ -105,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
   }
   zero_gemv_row(As, a_pitch, 1, nck * kChunk);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
+  with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc, D, a.ahead); });
   const int64_t zs = a.hidden_p;
   store_partial_row0(a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols, acc);
   const int groups = a.hidden_p / kGroupCols;

@@ -35,4 +35,8 @@ int even_splits(int chunks, int want);
 LinearPlan plan_linear(int m, int in_padded, int out_padded);
 WorkspaceLayout linear_layout(const LinearPlan& p, void* ws);
 
+// k tiles decoded before the PDL wait (0 .. kMaxDecodeAhead, gemv_decode_ahead) by the GEMV blocks and the MoE
+// decode's down blocks: the environment variable `name` for A/B runs, else `otherwise`.
+int decode_ahead_tiles(const char* name, int otherwise);
+
 }  // namespace trellm::cuda::tk

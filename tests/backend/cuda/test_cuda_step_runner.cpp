@@ -222,10 +222,10 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
       for (int s = 0; s < 3; s++) shapes.push_back({w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded, s == 1});
       const std::vector<cuda::StepRunner::GemvStage> stages = {
           {&w[0]->dev, dx, yrun[0], wsrun[0]}, {&w[1]->dev, yrun[0], yrun[1], wsrun[1], dnw, eps}, {&w[2]->dev, yrun[1], yrun[2], wsrun[2]}};
-      // One worker a SM; four a SM (tiles of consecutive stages in flight on one SM); two a SM with the first
-      // two chunks of every tile decoded before its wait; three a SM with one.
-      for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 0}, std::pair{2, 2}, std::pair{3, 1}}) {
-      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, " << ahead << " chunks decoded ahead");
+      // One worker a SM; four a SM (tiles of consecutive stages in flight on one SM); with the first 4, 8 or 3 k
+      // tiles of every tile decoded before its wait (half, all or an odd part of its first chunk).
+      for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 0}, std::pair{4, 4}, std::pair{2, 8}, std::pair{3, 3}}) {
+      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, " << ahead << " k tiles decoded ahead");
       const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, per_sm * device_sms());
       cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
       r.set_decode_ahead(ahead);
