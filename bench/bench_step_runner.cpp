@@ -262,7 +262,7 @@ int main(int argc, char** argv) {
         else cuda::trellis_matmul(*g.w, g.x, g.y, 1, g.workspace, s);
     });
     const char* env_ahead = std::getenv("TRELLM_GEMV_AHEAD");
-    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 4;  // the default (trellis_linear.cu)
+    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 8;  // the default (trellis_linear.cu)
     std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | k tiles decoded ahead | us | us a layer | / kernels |\n",
                 kLayers);
     std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | %d | %.1f | %.2f | 1.00 |\n", kernel_ahead, mk, mk / kLayers);

@@ -116,12 +116,13 @@ int tk::decode_ahead_tiles(const char* name, int otherwise) {
   return e && *e ? std::clamp(std::atoi(e), 0, kMaxDecodeAhead) : otherwise;
 }
 
-// k tiles of a GEMV block's first chunk decoded before its PDL wait (LinearArgs::ahead); TRELLM_GEMV_AHEAD for
-// A/B runs. Only tiles of at most 4 chunks: the lm_head's single split of 16 chunks lost more to the shared
-// memory (fewer blocks a SM) than it gained (160 -> 178 µs with a whole chunk ahead, H100, 2026-12-07).
-// A whole chunk (8 k tiles, 32 KB) left 3 blocks a SM at 3 bits: 246.1 tok/s at depth 0 against 237.6 with none.
+// k tiles of a GEMV block's first chunk decoded before its PDL wait (LinearArgs::ahead): the whole chunk (8);
+// TRELLM_GEMV_AHEAD for A/B runs. H100, 2026-12-07, one call, depth 0: 248.5 tok/s with 8, 244.3 with none, 241.9
+// with 4. Half a chunk loses: the other half is then decoded in the main loop's first iteration, which is not
+// unrolled. Only tiles of at most 4 chunks: the lm_head's single split of 16 chunks lost more to the shared memory
+// (2 blocks a SM instead of 4 at 6 bits) than it gained: 178 against 160 µs a step.
 static int gemv_ahead(const LinearPlan& p) {
-  static const int n = decode_ahead_tiles("TRELLM_GEMV_AHEAD", 4);
+  static const int n = decode_ahead_tiles("TRELLM_GEMV_AHEAD", kMaxDecodeAhead);
   return (p.chunks + p.splits - 1) / p.splits <= 4 ? n : 0;
 }
 

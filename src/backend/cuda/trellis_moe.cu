@@ -429,8 +429,10 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
     const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
     a.ring_bytes = int(moe_ring_bytes(max_k));
     const size_t smem_gu = a.ring_bytes + 2 * (size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk + 8) * 2;  // A row + zero row
-    // Down decodes 4 k tiles ahead (16 KB: 4 blocks a SM still fit at 3 bits); TRELLM_MOE_AHEAD for A/B runs.
-    static const int ahead = decode_ahead_tiles("TRELLM_MOE_AHEAD", 4);
+    // k tiles the down blocks decode before their wait: none by default. 4 (16 KB, 4 blocks a SM still fit at 3
+    // bits) measured 242.7 against 241.9 tok/s at depth 0 (H100, one call: within the noise), the rest of the
+    // first chunk then decoded by the main loop's first iteration, which is not unrolled. TRELLM_MOE_AHEAD=0..8.
+    static const int ahead = decode_ahead_tiles("TRELLM_MOE_AHEAD", 0);
     a.ahead = ahead;
     const size_t smem_d = a.ring_bytes + 2 * (size_t((ci + p.s_d - 1) / p.s_d) * kChunk + 8) * 2 + size_t(a.ahead) * kDecodedTileBytes;
     launch(gateup_decode_kernel, dim3(p.J, gi, 2 * p.s_gu), dim3(kThreads), smem_gu, s, true, a);
