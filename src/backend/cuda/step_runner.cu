@@ -166,16 +166,9 @@ void launch_runner_n(const Args& a, int workers, const Body& body, size_t smem, 
   TRELLM_CUDA_CHECK(e);
 }
 
-int sm_count() {
-  int dev = 0, sms = 0;
-  TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
-  TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
-
 // Workers per SM for `workers` blocks: 1 to 4.
 int per_sm_for(int workers) {
-  static const int sms = sm_count();
+  const int sms = tk::sm_count();
   return std::clamp((workers + sms - 1) / sms, 1, 4);
 }
 
@@ -245,7 +238,7 @@ StepRunner::StepRunner(const step::StepPlan& plan, Mode mode, double timeout_ms)
   TRELLM_CUDA_CHECK(cudaGetDevice(&dev));
   TRELLM_CUDA_CHECK(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev));
   if (!coop) fail("step runner: this device has no cooperative launch (every worker must be resident)");
-  const int sms = sm_count();
+  const int sms = tk::sm_count();
   if (d_->workers > 4 * sms)
     fail("step runner: the plan has ", d_->workers, " workers, at most 4 a SM run at once (", 4 * sms, " on this device)");
 }

@@ -5,8 +5,8 @@
 //  down_decode_kernel    grid (J, hidden_p/128, s_d): the last of the jpt·s_d blocks of a (token, column
 //                        group) applies each job's output transform, its routing weight, and sums the
 //                        token's jobs in slot order -> out (no atomics on data: deterministic). It loads its
-//                        weights (and decodes MoeArgs::ahead k tiles) before its wait: the router is done.
-//                        (off by default: trellis_moe.cu)
+//                        weights before its wait, the router being done, and may decode MoeArgs::ahead k
+//                        tiles there too (off by default, trellis_moe.cu).
 #include "backend/cuda/pdl.cuh"
 #include "backend/cuda/trellis_moe.cuh"
 
