@@ -225,22 +225,22 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
       // One worker a SM; four a SM (tiles of consecutive stages in flight on one SM); with the first 4, 8 or 3 k
       // tiles of every tile decoded before its wait (half, all or an odd part of its first chunk).
       for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{4, 0}, std::pair{4, 4}, std::pair{2, 8}, std::pair{3, 3}}) {
-      SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, " << ahead << " k tiles decoded ahead");
-      const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, per_sm * device_sms());
-      cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
-      r.set_decode_ahead(ahead);
-      for (uint32_t step = 0; step < 3; step++) {
-        for (int s = 0; s < 3; s++) ASSERT_EQ(cudaMemset(yrun[s], 0xff, size_t(m) * size_t(dims[size_t(s) + 1]) * 4), cudaSuccess);
-        r.launch_gemvs(step, stages, m, nullptr);
-        EXPECT_EQ(r.status().describe(p), "");
-        for (int s = 0; s < 3; s++) {
-          const size_t ys = size_t(m) * size_t(dims[size_t(s) + 1]);
-          const std::vector<float> got = trellm::testing::dev_download(yrun[s], ys), want = trellm::testing::dev_download(yref[s], ys);
-          size_t diff = 0;
-          for (size_t i = 0; i < ys; i++) diff += std::memcmp(&got[i], &want[i], 4) != 0;
-          EXPECT_EQ(diff, 0u) << "stage " << s << ": of " << ys << " outputs, step " << step << "; first: " << got[0] << " vs " << want[0];
+        SCOPED_TRACE(::testing::Message() << per_sm << " workers a SM, " << ahead << " k tiles decoded ahead");
+        const step::StepPlan p = cuda::StepRunner::gemv_plan(m, shapes, true, per_sm * device_sms());
+        cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
+        r.set_decode_ahead(ahead);
+        for (uint32_t step = 0; step < 3; step++) {
+          for (int s = 0; s < 3; s++) ASSERT_EQ(cudaMemset(yrun[s], 0xff, size_t(m) * size_t(dims[size_t(s) + 1]) * 4), cudaSuccess);
+          r.launch_gemvs(step, stages, m, nullptr);
+          EXPECT_EQ(r.status().describe(p), "");
+          for (int s = 0; s < 3; s++) {
+            const size_t ys = size_t(m) * size_t(dims[size_t(s) + 1]);
+            const std::vector<float> got = trellm::testing::dev_download(yrun[s], ys), want = trellm::testing::dev_download(yref[s], ys);
+            size_t diff = 0;
+            for (size_t i = 0; i < ys; i++) diff += std::memcmp(&got[i], &want[i], 4) != 0;
+            EXPECT_EQ(diff, 0u) << "stage " << s << ": of " << ys << " outputs, step " << step << "; first: " << got[0] << " vs " << want[0];
+          }
         }
-      }
       }
       cudaFree(dx), cudaFree(dnw);
       for (int s = 0; s < 3; s++) cudaFree(yref[s]), cudaFree(yrun[s]), cudaFree(wsref[s]), cudaFree(wsrun[s]);
