@@ -262,17 +262,17 @@ int main(int argc, char** argv) {
         else cuda::trellis_matmul(*g.w, g.x, g.y, 1, g.workspace, s);
     });
     const char* env_ahead = std::getenv("TRELLM_GEMV_AHEAD");
-    const int kernel_ahead = env_ahead ? std::atoi(env_ahead) : 8;  // the default (trellis_linear.cu)
+    const std::string kernel_ahead = env_ahead && *env_ahead ? env_ahead : "default";  // trellis_linear.cu decides
     std::printf("\n| %d layers of q_a -> q_b -> o_proj (m = 1, 3 bits) | workers a SM | k tiles decoded ahead | us | us a layer | / kernels |\n",
                 kLayers);
-    std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | %d | %.1f | %.2f | 1.00 |\n", kernel_ahead, mk, mk / kLayers);
+    std::printf("|---|---:|---:|---:|---:|---:|\n| 48 kernels (PDL) | | %s | %.1f | %.2f | 1.00 |\n", kernel_ahead.c_str(), mk, mk / kLayers);
     auto jline = [&](const std::string& shape, double v) {
       if (js.is_open())
         js << "{\"date\":\"" << date << "\",\"gpu\":\"" << prop.name << "\",\"commit\":\"" << commit
            << "\",\"bench\":\"step_runner_layers\",\"metric\":\"us\",\"shape\":\"" << shape << "\",\"value\":" << v
            << ",\"unit\":\"us\"}\n";
     };
-    jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL, decode ahead=" + std::to_string(kernel_ahead), mk);
+    jline("16 layers q_a,q_b,o_proj m=1 K=3; 48 kernels PDL, decode ahead=" + kernel_ahead, mk);
     for (auto [per_sm, ahead] : {std::pair{1, 0}, std::pair{2, 0}, std::pair{4, 0}, std::pair{4, 4}, std::pair{3, 8}, std::pair{2, 8}}) {
       const step::StepPlan p = cuda::StepRunner::gemv_plan(1, shapes, true, per_sm * sms);
       cuda::StepRunner run(p, cuda::StepRunner::Mode::Empty);

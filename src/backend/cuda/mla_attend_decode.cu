@@ -20,7 +20,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 
 #include "backend/cuda/mla_attend.cuh"
 #include "backend/cuda/mla_common.cuh"
@@ -284,11 +283,6 @@ void launch_probe(const AttendParams& P, cudaStream_t s, bool pdl) {
   static std::atomic<uint32_t> smem_set{0};
   opt_in_smem(attend_decode_kernel<NT, PROBE>, kSmem, smem_set);
   launch(attend_decode_kernel<NT, PROBE>, dim3(P.groups, P.splits), dim3(kThreads), kSmem, s, pdl, P);
-}
-
-int env_int(const char* name, int otherwise) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::atoi(e) : otherwise;
 }
 
 template <int NT>

@@ -17,4 +17,9 @@ bool pdl_enabled() {
   return on;
 }
 
+int env_int(const char* name, int otherwise) {
+  const char* e = std::getenv(name);
+  return e && *e ? std::atoi(e) : otherwise;
+}
+
 }  // namespace trellm::cuda

@@ -44,6 +44,9 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 // True on sm_90+ unless the environment sets TRELLM_PDL=0 (A/B timing, debugging).
 bool pdl_enabled();
 
+// The integer in environment variable `name` (a kernel knob for A/B runs), or `otherwise` when it is unset or empty.
+int env_int(const char* name, int otherwise);
+
 // Launches kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when pdl && pdl_enabled().
 template <typename... Params, typename... Actual>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {

@@ -1,7 +1,6 @@
 // Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
 // K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
 #include <algorithm>
-#include <cstdlib>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_linear.cuh"
@@ -112,8 +111,7 @@ static void check_desc(const DeviceTrellis& w) {
 }
 
 int tk::decode_ahead_tiles(const char* name, int otherwise) {
-  const char* e = std::getenv(name);
-  return e && *e ? std::clamp(std::atoi(e), 0, kMaxDecodeAhead) : otherwise;
+  return std::clamp(env_int(name, otherwise), 0, kMaxDecodeAhead);
 }
 
 // k tiles of a GEMV block's first chunk decoded before its PDL wait (LinearArgs::ahead): the whole chunk (8);
