@@ -1,6 +1,7 @@
 #include "backend/kernel_timeline.h"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <map>
 
@@ -11,7 +12,8 @@ namespace trellm {
 namespace {
 
 struct Launch {
-  uint64_t arrive = UINT64_MAX, release = UINT64_MAX;
+  uint64_t arrive = UINT64_MAX, release = UINT64_MAX, last_go = 0;
+  uint64_t mark[kClockMarks] = {};  // the latest of each mark (0: none)
   int blocks = 0;
 };
 
@@ -34,6 +36,12 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
     Launch& l = order.back();
     l.arrive = std::min(l.arrive, r[i].t_wait);
     l.release = std::min(l.release, r[i].t_go);
+    l.last_go = std::max(l.last_go, r[i].t_go);
+    for (int m = 0; m < kClockMarks; m++) {
+      if (r[i].t_mark[m] != 0 && r[i].t_mark[m] < r[i].t_go)
+        fail("kernel clocks: a block of launch ", r[i].launch, " passed its ", kMarkNames[m], " mark before its wait returned");
+      l.mark[m] = std::max(l.mark[m], r[i].t_mark[m]);
+    }
     l.blocks++;
   }
   const size_t K = kernels.size();
@@ -58,6 +66,8 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
       sp.release_us = double(l.release - t0) * 1e-3;
       sp.lead_us = double(l.release - l.arrive) * 1e-3;
       sp.path_us = double(order[s * K + k + 1].release - l.release) * 1e-3;
+      sp.last_go_us = double(l.last_go - l.release) * 1e-3;
+      for (int m = 0; m < kClockMarks; m++) sp.mark_us[m] = l.mark[m] ? double(l.mark[m] - l.release) * 1e-3 : -1.0;
       st.kernels.push_back(sp);
     }
   }
@@ -68,11 +78,11 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
   std::vector<KernelSummary> out;
   if (steps.empty()) return out;
   std::map<std::string, size_t> index;
-  std::vector<double> lead_sum;
+  std::vector<std::array<int, kClockMarks>> marked;  // launches that marked each mark, per summary
   for (const GraphKernel& k : kernels)
     if (index.emplace(k.name, out.size()).second) {
-      out.push_back(KernelSummary{k.name, 0, 0.0, 0.0, 0.0});
-      lead_sum.push_back(0.0);
+      out.push_back(KernelSummary{k.name, 0, 0.0, 0.0, 0.0, 0.0, {}});
+      marked.push_back({});
     }
   for (const GraphKernel& k : kernels) out[index[k.name]].launches++;
   for (const StepTimeline& st : steps) {
@@ -80,18 +90,25 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
                   kernels.size());
     for (size_t k = 0; k < st.kernels.size(); k++) {
       const KernelSpan& sp = st.kernels[k];
-      KernelSummary& s = out[index[kernels[k].name]];
+      const size_t i = index[kernels[k].name];
+      KernelSummary& s = out[i];
       s.path_us += sp.path_us;
       s.lead_us += sp.lead_us;
       s.hidden += sp.lead_us >= 0.5 ? 1.0 : 0.0;
+      s.last_go_us += sp.last_go_us;
+      for (int m = 0; m < kClockMarks; m++)
+        if (sp.mark_us[m] >= 0) s.mark_us[m] += sp.mark_us[m], marked[i][m]++;
     }
   }
   const double n = double(steps.size());
-  for (KernelSummary& s : out) {
+  for (size_t i = 0; i < out.size(); i++) {
+    KernelSummary& s = out[i];
     const double launches = n * s.launches;
     s.path_us /= n;
     s.lead_us /= launches;
     s.hidden /= launches;
+    s.last_go_us /= launches;
+    for (int m = 0; m < kClockMarks; m++) s.mark_us[m] = marked[i][m] ? s.mark_us[m] / marked[i][m] : -1.0;
   }
   return out;
 }

@@ -9,12 +9,17 @@
 
 namespace trellm {
 
+// The points after its wait that a kernel may mark (cuda::clocks::Mark), in chain order.
+constexpr int kClockMarks = 4;
+constexpr const char* kMarkNames[kClockMarks] = {"inputs", "math", "arrived", "stored"};
+
 // One block's record (the device layout of cuda::clocks::Record).
 struct ClockRecord {
   uint64_t launch;  // one value per kernel launch (%gridid)
   uint64_t t_wait;  // ns: the block reached its dependency wait
   uint64_t t_go;    // ns: the wait returned
   uint32_t sm, block;
+  uint64_t t_mark[kClockMarks];  // ns: the block passed each mark; 0: it did not
 };
 
 // A kernel node of the step's graph, in launch order.
@@ -35,6 +40,9 @@ struct KernelSpan {   // StepTimeline::kernels[k]: the graph's kernel k
   double release_us;  // its earliest wait return, from the step's first
   double lead_us;     // release - its earliest arrival at the wait: > 0 when launch and prologue were hidden
   double path_us;     // the next kernel's release - this one's: its share of the step's critical path
+  double last_go_us;  // the latest wait return - the release: how late its last block started
+  // Per mark, the last block to pass it, from the release (its hop ends there); -1: no block marked it.
+  double mark_us[kClockMarks];
 };
 
 struct StepTimeline {
@@ -56,6 +64,8 @@ struct KernelSummary {
   double path_us;     // summed over its launches in a step
   double lead_us;     // mean over its launches
   double hidden;      // fraction of its launches whose first block was waiting >= 0.5 us before the release
+  double last_go_us;  // mean over its launches
+  double mark_us[kClockMarks];  // mean over its launches of KernelSpan::mark_us; -1: none marked it
 };
 std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std::span<const GraphKernel> kernels);
 

@@ -83,6 +83,55 @@ TEST(KernelTimeline, SummarizesRepeatedKernelsByName) {
   EXPECT_DOUBLE_EQ(sum[1].hidden, 1.0);
 }
 
+TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
+  // One kernel "g" of 3 blocks a step that marks its hops, then "n" (1 block) that marks none. Step s at 20 us · s;
+  // g releases at s0 + 1000 (its blocks return at +1000, +1200, +1100). Per block (inputs, math, arrived, stored):
+  //   block 0: 1500, 3000, 4000, -        block 1: 1800, 2500, 4600, 6000 (the last: it stores)
+  //   block 2: 1700, 3300, 4200, -
+  // -> last go 0.2 us, inputs 0.8, math 2.3, arrived 3.6, stored 5.0 from the release; n releases at s0 + 7000.
+  std::vector<ClockRecord> r;
+  uint64_t id = 50;
+  std::mt19937 rng(3);
+  for (int s = 0; s < 3; s++) {
+    const uint64_t s0 = 20000 * uint64_t(s);
+    const uint64_t g = id++, n = id++;
+    r.push_back({g, s0 + 500, s0 + 1000, 0, 0, {s0 + 1500, s0 + 3000, s0 + 4000, 0}});
+    r.push_back({g, s0 + 600, s0 + 1200, 1, 1, {s0 + 1800, s0 + 2500, s0 + 4600, s0 + 6000}});
+    r.push_back({g, s0 + 700, s0 + 1100, 2, 2, {s0 + 1700, s0 + 3300, s0 + 4200, 0}});
+    r.push_back({n, s0 + 2000, s0 + 7000, 3, 0});
+  }
+  std::shuffle(r.begin(), r.end(), rng);
+  const std::vector<GraphKernel> gk = {{"g", 3}, {"n", 1}};
+  const auto steps = build_timeline(r, gk);
+  ASSERT_EQ(steps.size(), 2u);
+  const double want[kClockMarks] = {0.8, 2.3, 3.6, 5.0};
+  for (const StepTimeline& st : steps) {
+    EXPECT_NEAR(st.kernels[0].last_go_us, 0.2, 1e-9);
+    for (int m = 0; m < kClockMarks; m++) EXPECT_NEAR(st.kernels[0].mark_us[m], want[m], 1e-9) << kMarkNames[m];
+    for (int m = 0; m < kClockMarks; m++) EXPECT_EQ(st.kernels[1].mark_us[m], -1.0) << kMarkNames[m];
+    EXPECT_NEAR(st.kernels[0].path_us, 6.0, 1e-9);
+  }
+  const auto sum = summarize(steps, gk);
+  ASSERT_EQ(sum.size(), 2u);
+  EXPECT_NEAR(sum[0].last_go_us, 0.2, 1e-9);
+  for (int m = 0; m < kClockMarks; m++) {
+    EXPECT_NEAR(sum[0].mark_us[m], want[m], 1e-9) << kMarkNames[m];
+    EXPECT_EQ(sum[1].mark_us[m], -1.0) << kMarkNames[m];
+  }
+  // A mark before the block's own wait returned is a broken record.
+  for (ClockRecord& x : r)
+    if (x.t_mark[1] != 0) {
+      x.t_mark[1] = x.t_go - 1;
+      break;
+    }
+  try {
+    build_timeline(r, gk);
+    ADD_FAILURE() << "a mark before the wait was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("passed its math mark before its wait returned"), std::string::npos) << e.what();
+  }
+}
+
 TEST(KernelTimeline, RefusesRecordsThatDoNotMatchTheGraph) {
   std::mt19937 rng(7);
   auto rec = three_steps(rng);

@@ -125,11 +125,29 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
     rep.figure("kernel_clocks", "path_us " + k.name, shape, k.path_us, "us");
   }
   rep.figure("kernel_clocks", "step_us_clocked", shape, step_us, "us");
+  // The hops of the kernels that mark them (kernel_clocks.cuh): from the release, when the last block started,
+  // staged its inputs, finished its MMAs, took its split-k ticket and stored the output; "then" is the rest of
+  // the path share, the drain and the completion reaching the next kernel's wait.
+  std::printf("\n  their hops, us from the release (the last block to pass each point; mean per launch):\n");
+  std::printf("  %-44s %8s %8s %8s %8s %8s %8s %8s\n", "kernel", "us each", "last go", "inputs", "math", "arrived", "stored", "then");
+  for (const KernelSummary& k : sum) {
+    double end = -1;
+    for (double m : k.mark_us) end = std::max(end, m);
+    if (end < 0) continue;
+    const double each = k.path_us / k.launches;
+    std::printf("  %-44.44s %8.2f %8.2f", k.name.c_str(), each, k.last_go_us);
+    for (double m : k.mark_us) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
+    std::printf(" %8.2f\n", each - end);
+    for (int m = 0; m < kClockMarks; m++)
+      if (k.mark_us[m] >= 0) rep.figure("kernel_clocks", std::string("mark_us ") + kMarkNames[m] + " " + k.name, shape, k.mark_us[m], "us");
+  }
   for (size_t s = 0; s < tl.size(); s++)
     for (size_t i = 0; i < tl[s].kernels.size(); i++) {
       const KernelSpan& k = tl[s].kernels[i];
       csv << D << "," << s << "," << i << ",\"" << kc.kernels[i].name << "\"," << k.blocks << "," << k.release_us << ","
-          << k.lead_us << "," << k.path_us << "\n";
+          << k.lead_us << "," << k.path_us << "," << k.last_go_us;
+      for (double m : k.mark_us) csv << "," << m;
+      csv << "\n";
     }
 }
 
@@ -490,7 +508,7 @@ int run_bench(const BenchArgs& a) {
   if (!a.kernel_clocks.empty()) {
     clocks_csv.open(a.kernel_clocks);
     if (!clocks_csv) fail("--kernel-clocks ", a.kernel_clocks, ": cannot open for writing");
-    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us\n";
+    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us,last_go_us,inputs_us,math_us,arrived_us,stored_us\n";
   }
   for (TensorView layer : gen.kv_cache().layers) backend->fill_random(layer, 99, 1.0f);
   const DType kvt = gen.kv_cache().layers[0].dtype;

@@ -94,6 +94,7 @@ template <bool kFences, int kPerSm, typename Body>
 __global__ void __launch_bounds__(256, kPerSm) step_runner_kernel(const Args a, const Body body) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int abort_s;
+  clocks::mark_unrecorded();  // its tiles' kernel-clock marks (gemv_tile) have no launch record here
   const int w = blockIdx.x;
   for (int k = a.sm_begin[w]; k < a.sm_begin[w + 1]; k++) {
     const int i = a.sm_tiles[k];

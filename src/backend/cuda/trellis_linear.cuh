@@ -74,8 +74,10 @@ __device__ __forceinline__ bool gemv_tile(const LinearArgs& p, int bx, int z, un
                      p.norm_w, p.norm_w ? rnorm[r] : 1.0f);
   }
   zero_gemv_row(As, p.a_pitch, p.m, nck * kChunk);
+  clocks::mark_point(clocks::kInputs);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   gemv_mainloop<K>(w, group, c0, nck, As, p.a_pitch, p.m, Bs, acc, D, p.ahead);  // its first barrier publishes As
+  clocks::mark_point(clocks::kMath);
   // acc: columns warp·16 + lane/4 (+8) of rows 2(lane%4) and 2(lane%4) + 1
   const int g = lane >> 2, cq = lane & 3;
 #pragma unroll
@@ -87,13 +89,16 @@ __device__ __forceinline__ bool gemv_tile(const LinearArgs& p, int bx, int z, un
       pr[8] = acc[2 + h];
     }
   }
-  if (!arrive_last(p.counters + bx, p.splits, &flag)) return false;
+  const bool last = arrive_last(p.counters + bx, p.splits, &flag);
+  clocks::mark_point(clocks::kArrived);
+  if (!last) return false;
   for (int r = warp; r < p.m; r += kWarps) {
     float v[4];
     sum_partials(v, p.partial + int64_t(r) * p.ldp + gcol + 4 * lane, p.splits, int64_t(p.m) * p.ldp);
     out_transform(v, w, group * kGroupCols);
     store_row4(y + int64_t(r) * w.out, group * kGroupCols + 4 * lane, w.out, v);
   }
+  clocks::mark_point(clocks::kStored);
   return true;
 }
 

@@ -77,13 +77,17 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
   for (int c = warp; c < nck; c += kWarps)
     xform_chunk_warp(As + c * kChunk, a.x + int64_t(token) * a.hidden, a.hidden, w.suh, (c0 + c) * kChunk);
   zero_gemv_row(As, a_pitch, 1, nck * kChunk);
+  clocks::mark_point(clocks::kInputs);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc); });
+  clocks::mark_point(clocks::kMath);
   const int64_t zs = a.inter_p;  // split stride
   float* pbase = a.p_gu + (int64_t(j) * 2 * a.s_gu) * zs + group * kGroupCols;
   store_partial_row0(pbase + (int64_t(which) * a.s_gu + z) * zs, acc);
   const int groups = a.inter_p / kGroupCols;
-  if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) return;
+  const bool last = arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag);
+  clocks::mark_point(clocks::kArrived);
+  if (!last) return;
   // Warp 0: gate, warp 1: up (in parallel: each is a chain of dependent L2 round trips), then SwiGLU and
   // the down input transform by warp 0.
   cp_wait<0>();
@@ -105,6 +109,7 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
     h[i] = c < a.inter ? g[i] / (1.0f + expf(-g[i])) * u[i] : 0.0f;  // silu(g)·u, as CpuBackend::silu_mul
   }
   xform_regs_warp(h, d3[2].suh, group * kGroupCols, a.a_d + int64_t(j) * a.inter_p + group * kGroupCols);
+  clocks::mark_point(clocks::kStored);
 }
 
 __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs a) {
@@ -126,12 +131,16 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
     for (int i = threadIdx.x; i < nck * kChunk / 8; i += kThreads) dst[i] = src[i];
   }
   zero_gemv_row(As, a_pitch, 1, nck * kChunk);
+  clocks::mark_point(clocks::kInputs);
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc, D, a.ahead); });
+  clocks::mark_point(clocks::kMath);
   const int64_t zs = a.hidden_p;
   store_partial_row0(a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols, acc);
   const int groups = a.hidden_p / kGroupCols;
-  if (!arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag)) return;
+  const bool last = arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag);
+  clocks::mark_point(clocks::kArrived);
+  if (!last) return;
   // One warp per job of the token (each a chain of dependent loads: id -> descriptor -> svh), weighted
   // contributions staged in shared memory, then summed in slot order by warp 0 (deterministic).
   cp_wait<0>();
@@ -152,6 +161,7 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
     sum[0] += c.x, sum[1] += c.y, sum[2] += c.z, sum[3] += c.w;
   }
   store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, sum);
+  clocks::mark_point(clocks::kStored);
 }
 
 }  // namespace trellm::cuda::tk
