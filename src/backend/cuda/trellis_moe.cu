@@ -45,8 +45,16 @@ struct RouteArgs {
   const float* norm_w;
   float eps;
   float* x_out;
+  bool hold_gate = false;  // the warp's first gate row in registers before the wait (route_ahead())
 };
 constexpr int kRouteFuseMaxHidden = 4096;
+constexpr int kRouteHeld = 8;  // 16-byte gate pieces a lane holds from before the wait: hidden <= 2048
+
+// The router's first gate row in registers before its wait (on by default; TRELLM_ROUTE_AHEAD=0: in L2 only, the A/B baseline).
+static bool route_ahead() {
+  static const bool on = env_int("TRELLM_ROUTE_AHEAD", 1) != 0;
+  return on;
+}
 
 // The selection after the scores, by one warp (same rule and tie order as CpuBackend::moe_route): s_sig holds
 // sigmoid(logit), s_choice sigmoid + bias (overwritten: groups not kept become -inf), taken E bytes of scratch.
@@ -114,9 +122,23 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
   // A CTA may write another's shared memory only once that CTA is running: arrive now, wait right before the
   // first remote write (compute-sanitizer racecheck: "block that might not have entered yet" without it).
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  // Before the wait (PDL): pull this warp's gate rows into L2 while the previous kernel finishes.
+  // Before the wait (PDL): this warp's first gate row into registers (GLM: 64 experts over 64 warps, a 2048-wide
+  // row = 8 x 16 B a lane), the rest into L2, while the previous kernel finishes; the gate is a weight. Takes one
+  // L2 round trip off the path after the norm.
+  const int e0 = rank * kWarps + warp;
+  const bool held = a.hold_gate && (a.hidden & 7) == 0 && a.hidden <= 256 * kRouteHeld && e0 < a.E;
+  uint4 g_held[kRouteHeld];
+  if (held) {
+    const __nv_bfloat16* gr = a.gate + int64_t(e0) * a.hidden;
+#pragma unroll
+    for (int i = 0; i < kRouteHeld; i++) {
+      const int k = 8 * lane + 256 * i;
+      g_held[i] = k < a.hidden ? __ldg(reinterpret_cast<const uint4*>(gr + k)) : make_uint4(0, 0, 0, 0);
+    }
+  }
   if (lane == 0 && (a.hidden & 7) == 0)
-    for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) prefetch_l2(a.gate + int64_t(e) * a.hidden, uint32_t(a.hidden) * 2);
+    for (int e = e0 + (held ? kRouteCluster * kWarps : 0); e < a.E; e += kRouteCluster * kWarps)
+      prefetch_l2(a.gate + int64_t(e) * a.hidden, uint32_t(a.hidden) * 2);
   grid_launch_dependents();
   grid_wait();
   __shared__ float s_v[kRouteFuseMaxHidden], s_x[kRouteFuseMaxHidden], s_red[kWarps];
@@ -145,19 +167,23 @@ __global__ void __cluster_dims__(kRouteCluster, 1, 1) __launch_bounds__(kThreads
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");  // every CTA of the cluster has started
   float* dst_sig = cl.map_shared_rank(s_sig, 0);
   float* dst_choice = cl.map_shared_rank(s_choice, 0);
-  for (int e = rank * kWarps + warp; e < a.E; e += kRouteCluster * kWarps) {
+  auto dot8 = [&](float& d, const uint4 g8, int k) {  // d += gate[k .. k+8) · x[k .. k+8), in the order of the loop below
+    const float4 x0 = *reinterpret_cast<const float4*>(xr + k), x1 = *reinterpret_cast<const float4*>(xr + k + 4);
+    const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g8);
+    const float2 f0 = __bfloat1622float2(g2[0]), f1 = __bfloat1622float2(g2[1]);
+    const float2 f2 = __bfloat1622float2(g2[2]), f3 = __bfloat1622float2(g2[3]);
+    d += f0.x * x0.x + f0.y * x0.y + f1.x * x0.z + f1.y * x0.w + f2.x * x1.x + f2.y * x1.y + f3.x * x1.z + f3.y * x1.w;
+  };
+  for (int e = e0; e < a.E; e += kRouteCluster * kWarps) {
     const __nv_bfloat16* gr = a.gate + int64_t(e) * a.hidden;
     float d = 0.0f;
-    if ((a.hidden & 7) == 0) {
+    if (held && e == e0) {
+#pragma unroll
+      for (int i = 0; i < kRouteHeld; i++)
+        if (8 * lane + 256 * i < a.hidden) dot8(d, g_held[i], 8 * lane + 256 * i);
+    } else if ((a.hidden & 7) == 0) {
 #pragma unroll 8  // loads in flight together (measured: no change, 6.0 µs per route at m = 1 either way)
-      for (int k = 8 * lane; k < a.hidden; k += 256) {
-        const uint4 g8 = *reinterpret_cast<const uint4*>(gr + k);
-        const float4 x0 = *reinterpret_cast<const float4*>(xr + k), x1 = *reinterpret_cast<const float4*>(xr + k + 4);
-        const __nv_bfloat162* g2 = reinterpret_cast<const __nv_bfloat162*>(&g8);
-        const float2 f0 = __bfloat1622float2(g2[0]), f1 = __bfloat1622float2(g2[1]);
-        const float2 f2 = __bfloat1622float2(g2[2]), f3 = __bfloat1622float2(g2[3]);
-        d += f0.x * x0.x + f0.y * x0.y + f1.x * x0.z + f1.y * x0.w + f2.x * x1.x + f2.y * x1.y + f3.x * x1.z + f3.y * x1.w;
-      }
+      for (int k = 8 * lane; k < a.hidden; k += 256) dot8(d, *reinterpret_cast<const uint4*>(gr + k), k);
     } else {
       for (int k = lane; k < a.hidden; k += 32) d += __bfloat162float(gr[k]) * xr[k];
     }
@@ -362,7 +388,7 @@ void moe_route(const float* x, const uint16_t* gate_bf16, const float* bias, int
                 "moe_route: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " topk_group ", topk_group);
   if (m == 0) return;
   RouteArgs a{x, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
-              norm, scale, weights, ids, nullptr, nullptr, nullptr, 0.0f, nullptr};
+              norm, scale, weights, ids, nullptr, nullptr, nullptr, 0.0f, nullptr, route_ahead()};
   launch(route_kernel, dim3(kRouteCluster, m), dim3(kThreads), 0, s, true, a);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
@@ -376,7 +402,7 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
                 "add_rms_norm_route: unsupported E ", E, " top_k ", top_k, " n_group ", n_group, " hidden ", hidden);
   if (m == 0) return;
   RouteArgs a{nullptr, reinterpret_cast<const __nv_bfloat16*>(gate_bf16), bias, hidden, E, top_k, n_group, topk_group,
-              norm, scale, weights, ids, h, y, norm_w, eps, x};
+              norm, scale, weights, ids, h, y, norm_w, eps, x, route_ahead()};
   launch(route_kernel, dim3(kRouteCluster, m), dim3(kThreads), 0, s, true, a);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
