@@ -14,6 +14,8 @@ namespace {
 struct Launch {
   uint64_t arrive = UINT64_MAX, release = UINT64_MAX, last_go = 0;
   uint64_t mark[kClockMarks] = {};  // the latest of each mark (0: none)
+  double hop_sum[kClockMarks] = {};   // summed over the blocks that passed the mark: from their previous point
+  int hop_n[kClockMarks] = {};
   int blocks = 0;
 };
 
@@ -37,10 +39,17 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
     l.arrive = std::min(l.arrive, r[i].t_wait);
     l.release = std::min(l.release, r[i].t_go);
     l.last_go = std::max(l.last_go, r[i].t_go);
+    uint64_t prev = r[i].t_go;  // the block's previous point
     for (int m = 0; m < kClockMarks; m++) {
-      if (r[i].t_mark[m] != 0 && r[i].t_mark[m] < r[i].t_go)
-        fail("kernel clocks: a block of launch ", r[i].launch, " passed its ", kMarkNames[m], " mark before its wait returned");
-      l.mark[m] = std::max(l.mark[m], r[i].t_mark[m]);
+      const uint64_t t = r[i].t_mark[m];
+      if (t == 0) continue;
+      if (t < prev)
+        fail("kernel clocks: a block of launch ", r[i].launch, " passed its ", kMarkNames[m], " mark before ",
+             prev == r[i].t_go ? "its wait returned" : "its previous mark");
+      l.mark[m] = std::max(l.mark[m], t);
+      l.hop_sum[m] += double(t - prev);
+      l.hop_n[m]++;
+      prev = t;
     }
     l.blocks++;
   }
@@ -67,7 +76,10 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
       sp.lead_us = double(l.release - l.arrive) * 1e-3;
       sp.path_us = double(order[s * K + k + 1].release - l.release) * 1e-3;
       sp.last_go_us = double(l.last_go - l.release) * 1e-3;
-      for (int m = 0; m < kClockMarks; m++) sp.mark_us[m] = l.mark[m] ? double(l.mark[m] - l.release) * 1e-3 : -1.0;
+      for (int m = 0; m < kClockMarks; m++) {
+        sp.mark_us[m] = l.mark[m] ? double(l.mark[m] - l.release) * 1e-3 : -1.0;
+        sp.block_us[m] = l.hop_n[m] ? l.hop_sum[m] / l.hop_n[m] * 1e-3 : -1.0;
+      }
       st.kernels.push_back(sp);
     }
   }
@@ -81,7 +93,7 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
   std::vector<std::array<int, kClockMarks>> marked;  // launches that marked each mark, per summary
   for (const GraphKernel& k : kernels)
     if (index.emplace(k.name, out.size()).second) {
-      out.push_back(KernelSummary{k.name, 0, 0.0, 0.0, 0.0, 0.0, {}});
+      out.push_back(KernelSummary{k.name, 0, 0.0, 0.0, 0.0, 0.0, {}, {}});
       marked.push_back({});
     }
   for (const GraphKernel& k : kernels) out[index[k.name]].launches++;
@@ -97,7 +109,7 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
       s.hidden += sp.lead_us >= 0.5 ? 1.0 : 0.0;
       s.last_go_us += sp.last_go_us;
       for (int m = 0; m < kClockMarks; m++)
-        if (sp.mark_us[m] >= 0) s.mark_us[m] += sp.mark_us[m], marked[i][m]++;
+        if (sp.mark_us[m] >= 0) s.mark_us[m] += sp.mark_us[m], s.block_us[m] += sp.block_us[m], marked[i][m]++;
     }
   }
   const double n = double(steps.size());
@@ -108,7 +120,10 @@ std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std
     s.lead_us /= launches;
     s.hidden /= launches;
     s.last_go_us /= launches;
-    for (int m = 0; m < kClockMarks; m++) s.mark_us[m] = marked[i][m] ? s.mark_us[m] / marked[i][m] : -1.0;
+    for (int m = 0; m < kClockMarks; m++) {
+      s.mark_us[m] = marked[i][m] ? s.mark_us[m] / marked[i][m] : -1.0;
+      s.block_us[m] = marked[i][m] ? s.block_us[m] / marked[i][m] : -1.0;
+    }
   }
   return out;
 }

@@ -43,6 +43,9 @@ struct KernelSpan {   // StepTimeline::kernels[k]: the graph's kernel k
   double last_go_us;  // the latest wait return - the release: how late its last block started
   // Per mark, the last block to pass it, from the release (its hop ends there); -1: no block marked it.
   double mark_us[kClockMarks];
+  // Per mark, the mean over the blocks that passed it of the time from the block's own previous point (its wait
+  // return or its previous mark) to it: what the hop costs one block, apart from when the block started. -1: none.
+  double block_us[kClockMarks];
 };
 
 struct StepTimeline {
@@ -65,7 +68,8 @@ struct KernelSummary {
   double lead_us;     // mean over its launches
   double hidden;      // fraction of its launches whose first block was waiting >= 0.5 us before the release
   double last_go_us;  // mean over its launches
-  double mark_us[kClockMarks];  // mean over its launches of KernelSpan::mark_us; -1: none marked it
+  double mark_us[kClockMarks];   // mean over its launches of KernelSpan::mark_us; -1: none marked it
+  double block_us[kClockMarks];  // mean over its launches of KernelSpan::block_us; -1: none marked it
 };
 std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std::span<const GraphKernel> kernels);
 

@@ -89,6 +89,8 @@ TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
   //   block 0: 1500, 3000, 4000, -        block 1: 1800, 2500, 4600, 6000 (the last: it stores)
   //   block 2: 1700, 3300, 4200, -
   // -> last go 0.2 us, inputs 0.8, math 2.3, arrived 3.6, stored 5.0 from the release; n releases at s0 + 7000.
+  // Per block, from its own previous point (wait return, then each mark): inputs 500 / 600 / 600 ns, math 1500 /
+  // 700 / 1600, arrived 1000 / 2100 / 900, stored 1400 (block 1 only).
   std::vector<ClockRecord> r;
   uint64_t id = 50;
   std::mt19937 rng(3);
@@ -105,10 +107,13 @@ TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
   const auto steps = build_timeline(r, gk);
   ASSERT_EQ(steps.size(), 2u);
   const double want[kClockMarks] = {0.8, 2.3, 3.6, 5.0};
+  const double per_block[kClockMarks] = {1.7 / 3, 3.8 / 3, 4.0 / 3, 1.4};
   for (const StepTimeline& st : steps) {
     EXPECT_NEAR(st.kernels[0].last_go_us, 0.2, 1e-9);
     for (int m = 0; m < kClockMarks; m++) EXPECT_NEAR(st.kernels[0].mark_us[m], want[m], 1e-9) << kMarkNames[m];
+    for (int m = 0; m < kClockMarks; m++) EXPECT_NEAR(st.kernels[0].block_us[m], per_block[m], 1e-9) << kMarkNames[m];
     for (int m = 0; m < kClockMarks; m++) EXPECT_EQ(st.kernels[1].mark_us[m], -1.0) << kMarkNames[m];
+    for (int m = 0; m < kClockMarks; m++) EXPECT_EQ(st.kernels[1].block_us[m], -1.0) << kMarkNames[m];
     EXPECT_NEAR(st.kernels[0].path_us, 6.0, 1e-9);
   }
   const auto sum = summarize(steps, gk);
@@ -116,20 +121,27 @@ TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
   EXPECT_NEAR(sum[0].last_go_us, 0.2, 1e-9);
   for (int m = 0; m < kClockMarks; m++) {
     EXPECT_NEAR(sum[0].mark_us[m], want[m], 1e-9) << kMarkNames[m];
+    EXPECT_NEAR(sum[0].block_us[m], per_block[m], 1e-9) << kMarkNames[m];
     EXPECT_EQ(sum[1].mark_us[m], -1.0) << kMarkNames[m];
+    EXPECT_EQ(sum[1].block_us[m], -1.0) << kMarkNames[m];
   }
-  // A mark before the block's own wait returned is a broken record.
-  for (ClockRecord& x : r)
-    if (x.t_mark[1] != 0) {
-      x.t_mark[1] = x.t_go - 1;
-      break;
+  // Marks out of order are a broken record: one before the block's wait returned, one before its previous mark.
+  auto refused = [&](int mark, int64_t from_go, const char* why) {
+    std::vector<ClockRecord> bad = r;
+    for (ClockRecord& x : bad)
+      if (x.t_mark[mark] != 0) {
+        x.t_mark[mark] = uint64_t(int64_t(x.t_go) + from_go);
+        break;
+      }
+    try {
+      build_timeline(bad, gk);
+      ADD_FAILURE() << "accepted: " << why;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
     }
-  try {
-    build_timeline(r, gk);
-    ADD_FAILURE() << "a mark before the wait was accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("passed its math mark before its wait returned"), std::string::npos) << e.what();
-  }
+  };
+  refused(0, -1, "passed its inputs mark before its wait returned");
+  refused(1, 100, "passed its math mark before its previous mark");  // inputs come 500+ ns after the wait
 }
 
 TEST(KernelTimeline, RefusesRecordsThatDoNotMatchTheGraph) {

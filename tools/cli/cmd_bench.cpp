@@ -139,7 +139,22 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
     for (double m : k.mark_us) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
     std::printf(" %8.2f\n", each - end);
     for (int m = 0; m < kClockMarks; m++)
-      if (k.mark_us[m] >= 0) rep.figure("kernel_clocks", std::string("mark_us ") + kMarkNames[m] + " " + k.name, shape, k.mark_us[m], "us");
+      if (k.mark_us[m] >= 0) {
+        rep.figure("kernel_clocks", std::string("mark_us ") + kMarkNames[m] + " " + k.name, shape, k.mark_us[m], "us");
+        rep.figure("kernel_clocks", std::string("block_us ") + kMarkNames[m] + " " + k.name, shape, k.block_us[m], "us");
+      }
+  }
+  // The same hops for one block: from its own wait return (or previous mark), mean over the blocks. Against the
+  // table above, this separates a hop's own cost from how late the blocks started.
+  std::printf("\n  the same hops a block pays, us from its own previous point (mean over blocks and launches):\n");
+  std::printf("  %-44s %8s %8s %8s %8s\n", "kernel", "inputs", "math", "arrived", "stored");
+  for (const KernelSummary& k : sum) {
+    bool any = false;
+    for (double m : k.block_us) any |= m >= 0;
+    if (!any) continue;
+    std::printf("  %-44.44s", k.name.c_str());
+    for (double m : k.block_us) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
+    std::printf("\n");
   }
   for (size_t s = 0; s < tl.size(); s++)
     for (size_t i = 0; i < tl[s].kernels.size(); i++) {
@@ -147,6 +162,7 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
       csv << D << "," << s << "," << i << ",\"" << kc.kernels[i].name << "\"," << k.blocks << "," << k.release_us << ","
           << k.lead_us << "," << k.path_us << "," << k.last_go_us;
       for (double m : k.mark_us) csv << "," << m;
+      for (double m : k.block_us) csv << "," << m;
       csv << "\n";
     }
 }
@@ -508,7 +524,7 @@ int run_bench(const BenchArgs& a) {
   if (!a.kernel_clocks.empty()) {
     clocks_csv.open(a.kernel_clocks);
     if (!clocks_csv) fail("--kernel-clocks ", a.kernel_clocks, ": cannot open for writing");
-    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us,last_go_us,inputs_us,math_us,arrived_us,stored_us\n";
+    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us,last_go_us,inputs_us,math_us,arrived_us,stored_us,block_inputs_us,block_math_us,block_arrived_us,block_stored_us\n";
   }
   for (TensorView layer : gen.kv_cache().layers) backend->fill_random(layer, 99, 1.0f);
   const DType kvt = gen.kv_cache().layers[0].dtype;
