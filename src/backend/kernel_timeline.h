@@ -19,7 +19,7 @@ struct ClockRecord {
   uint64_t t_wait;  // ns: the block reached its dependency wait
   uint64_t t_go;    // ns: the wait returned
   uint32_t sm, block;
-  uint64_t t_mark[kClockMarks];  // ns: the block passed each mark; 0: it did not
+  uint64_t t_mark[kClockMarks] = {};  // ns: the block passed each mark; 0: it did not
 };
 
 // A kernel node of the step's graph, in launch order.

@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <ctime>
 #include <fstream>
+#include <initializer_list>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -125,18 +127,27 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
     rep.figure("kernel_clocks", "path_us " + k.name, shape, k.path_us, "us");
   }
   rep.figure("kernel_clocks", "step_us_clocked", shape, step_us, "us");
-  // The hops of the kernels that mark them (kernel_clocks.cuh): from the release, when the last block started,
-  // staged its inputs, finished its MMAs, took its split-k ticket and stored the output; "then" is the rest of
-  // the path share, the drain and the completion reaching the next kernel's wait.
+  // The hops of the kernels that mark them (kernel_clocks.cuh), twice: from the release, when the last block
+  // started and passed each mark ("then": the rest of the path share, the drain and the completion reaching the
+  // next kernel's wait); and what one block pays for each hop from its own previous point, which separates a
+  // hop's cost from how late the blocks started. A kernel marked a point in both or in neither.
+  auto cells = [](const double (&v)[kClockMarks]) {
+    for (double m : v) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
+  };
+  auto header = [](std::initializer_list<const char*> first) {
+    std::printf("  %-44s", "kernel");
+    for (const char* n : first) std::printf(" %8s", n);
+    for (const char* n : kMarkNames) std::printf(" %8s", n);
+  };
   std::printf("\n  their hops, us from the release (the last block to pass each point; mean per launch):\n");
-  std::printf("  %-44s %8s %8s %8s %8s %8s %8s %8s\n", "kernel", "us each", "last go", "inputs", "math", "arrived", "stored", "then");
+  header({"us each", "last go"});
+  std::printf(" %8s\n", "then");
   for (const KernelSummary& k : sum) {
-    double end = -1;
-    for (double m : k.mark_us) end = std::max(end, m);
+    const double end = *std::max_element(std::begin(k.mark_us), std::end(k.mark_us));
     if (end < 0) continue;
     const double each = k.path_us / k.launches;
     std::printf("  %-44.44s %8.2f %8.2f", k.name.c_str(), each, k.last_go_us);
-    for (double m : k.mark_us) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
+    cells(k.mark_us);
     std::printf(" %8.2f\n", each - end);
     for (int m = 0; m < kClockMarks; m++)
       if (k.mark_us[m] >= 0) {
@@ -144,16 +155,13 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
         rep.figure("kernel_clocks", std::string("block_us ") + kMarkNames[m] + " " + k.name, shape, k.block_us[m], "us");
       }
   }
-  // The same hops for one block: from its own wait return (or previous mark), mean over the blocks. Against the
-  // table above, this separates a hop's own cost from how late the blocks started.
   std::printf("\n  the same hops a block pays, us from its own previous point (mean over blocks and launches):\n");
-  std::printf("  %-44s %8s %8s %8s %8s\n", "kernel", "inputs", "math", "arrived", "stored");
+  header({});
+  std::printf("\n");
   for (const KernelSummary& k : sum) {
-    bool any = false;
-    for (double m : k.block_us) any |= m >= 0;
-    if (!any) continue;
+    if (*std::max_element(std::begin(k.block_us), std::end(k.block_us)) < 0) continue;
     std::printf("  %-44.44s", k.name.c_str());
-    for (double m : k.block_us) m >= 0 ? std::printf(" %8.2f", m) : std::printf(" %8s", "-");
+    cells(k.block_us);
     std::printf("\n");
   }
   for (size_t s = 0; s < tl.size(); s++)
@@ -524,7 +532,10 @@ int run_bench(const BenchArgs& a) {
   if (!a.kernel_clocks.empty()) {
     clocks_csv.open(a.kernel_clocks);
     if (!clocks_csv) fail("--kernel-clocks ", a.kernel_clocks, ": cannot open for writing");
-    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us,last_go_us,inputs_us,math_us,arrived_us,stored_us,block_inputs_us,block_math_us,block_arrived_us,block_stored_us\n";
+    clocks_csv << "depth,step,index,kernel,blocks,release_us,lead_us,path_us,last_go_us";
+    for (const char* n : kMarkNames) clocks_csv << "," << n << "_us";
+    for (const char* n : kMarkNames) clocks_csv << ",block_" << n << "_us";
+    clocks_csv << "\n";
   }
   for (TensorView layer : gen.kv_cache().layers) backend->fill_random(layer, 99, 1.0f);
   const DType kvt = gen.kv_cache().layers[0].dtype;

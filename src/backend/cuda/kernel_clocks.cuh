@@ -10,7 +10,7 @@
 // per block.
 //
 // Marks: a kernel may also stamp the points after its wait where its tile's chain waits on something else
-// (mark(): activations staged, MMAs done, split-k ticket taken, output stored). They go into the block's own
+// (mark_point(): activations staged, MMAs done, split-k ticket taken, output stored). They go into the block's own
 // record, so they cost a store each, and they split a kernel's path share into its hops (kernel_timeline.h).
 #pragma once
 #include <cuda_runtime.h>
@@ -69,11 +69,6 @@ __device__ __forceinline__ unsigned& record_slot() {
   return slot;
 }
 
-// A block that marks without a wait of its own (the step runner's tiles): its marks record nothing.
-__device__ __forceinline__ void no_record() {
-  if (lead_thread()) record_slot() = ~0u;
-}
-
 // The wait (griddepcontrol.wait on sm_90, passed in as `wait`) with the block's record around it.
 template <typename Wait>
 __device__ __forceinline__ void clocked_wait(Wait wait) {
@@ -96,26 +91,22 @@ __device__ __forceinline__ void clocked_wait(Wait wait) {
     }
   }
 }
+#endif
 
-// The block passed point m (lead thread; the others return at once).
-__device__ __forceinline__ void mark(Mark m) {
+// The block passed point m (its lead thread records; nothing unless built with clocks and recording).
+__device__ __forceinline__ void mark_point(Mark m) {
+#if defined(TRELLM_KERNEL_CLOCKS) && TRELLM_KERNEL_CLOCKS && defined(__CUDA_ARCH__)
   if (!lead_thread()) return;
   const unsigned i = record_slot();
   if (i != ~0u) tu_sink.rec[i].t_mark[m] = global_ns();
-}
-#endif
-
-// The marks kernels call; nothing unless built with clocks.
-__device__ __forceinline__ void mark_point(Mark m) {
-#if defined(TRELLM_KERNEL_CLOCKS) && TRELLM_KERNEL_CLOCKS && defined(__CUDA_ARCH__)
-  mark(m);
 #else
   (void)m;
 #endif
 }
+// A block that marks without a wait of its own (the step runner's tiles): its marks record nothing.
 __device__ __forceinline__ void mark_unrecorded() {
 #if defined(TRELLM_KERNEL_CLOCKS) && TRELLM_KERNEL_CLOCKS && defined(__CUDA_ARCH__)
-  no_record();
+  if (lead_thread()) record_slot() = ~0u;
 #endif
 }
 
