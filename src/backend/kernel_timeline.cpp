@@ -86,6 +86,37 @@ std::vector<StepTimeline> build_timeline(std::span<const ClockRecord> records, s
   return out;
 }
 
+StepSplit split_step(const std::vector<StepTimeline>& steps) {
+  StepSplit t;
+  if (steps.empty()) return t;
+  for (const StepTimeline& st : steps) {
+    t.step_us += st.step_us;
+    for (const KernelSpan& k : st.kernels) {
+      if (*std::max_element(std::begin(k.mark_us), std::end(k.mark_us)) < 0) {
+        t.unmarked_us += k.path_us;
+        continue;
+      }
+      // Points in chain order, each clamped to [previous point, path]: a part is never negative, and the parts
+      // of a kernel add up to its share.
+      double at = std::clamp(k.last_go_us, 0.0, k.path_us);
+      t.start_us += at;
+      auto part = [&](double mark, double& into) {
+        if (mark < 0) return;
+        const double p = std::clamp(mark, at, k.path_us);
+        into += p - at;
+        at = p;
+      };
+      part(k.mark_us[0], t.staging_us);                        // inputs
+      part(k.mark_us[1], t.compute_us);                        // math
+      part(std::max(k.mark_us[2], k.mark_us[3]), t.tail_us);  // arrived, stored
+      t.drain_us += k.path_us - at;
+    }
+  }
+  const double n = double(steps.size());
+  for (double* v : {&t.start_us, &t.staging_us, &t.compute_us, &t.tail_us, &t.drain_us, &t.unmarked_us, &t.step_us}) *v /= n;
+  return t;
+}
+
 std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std::span<const GraphKernel> kernels) {
   std::vector<KernelSummary> out;
   if (steps.empty()) return out;

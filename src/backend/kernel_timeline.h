@@ -73,6 +73,20 @@ struct KernelSummary {
 };
 std::vector<KernelSummary> summarize(const std::vector<StepTimeline>& steps, std::span<const GraphKernel> kernels);
 
+// The steps' critical path cut along the marks, summed over the kernels of a step and averaged over the steps
+// (the split issue 16 asks the persistent kernel for: waiting, loading, computing). A kernel that marks its hops
+// contributes its path share in five parts: start (from its release until its last block was past the wait),
+// staging (until the last block staged its inputs), compute (until the last block's MMAs were done), tail (until
+// the last block passed its last mark: the split-k ticket and the sums) and drain (the rest of its share: the
+// grid's end reaching the next kernel's wait). A part whose mark the kernel does not make is 0 and its time falls
+// into the next part it makes. A kernel without marks contributes its whole share as `unmarked`. The parts add up
+// to step_us.
+struct StepSplit {
+  double start_us = 0, staging_us = 0, compute_us = 0, tail_us = 0, drain_us = 0, unmarked_us = 0;
+  double step_us = 0;
+};
+StepSplit split_step(const std::vector<StepTimeline>& steps);
+
 // "void trellm::cuda::tk::gemv_kernel<3>(trellm::cuda::tk::LinearArgs)" -> "gemv_kernel<3>": the demangled
 // entry point without return type, namespaces and parameters.
 std::string short_kernel_name(const std::string& demangled);

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <random>
 
 #include "backend/kernel_timeline.h"
@@ -125,6 +126,16 @@ TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
     EXPECT_EQ(sum[1].mark_us[m], -1.0) << kMarkNames[m];
     EXPECT_EQ(sum[1].block_us[m], -1.0) << kMarkNames[m];
   }
+  // The step cut along the marks: g's 6 us share as start 0.2, staging 0.6, compute 1.5, tail 2.7 (to the stored
+  // mark), drain 1.0; n's 14 us unmarked; the parts add up to the 20 us step.
+  const StepSplit sp = split_step(steps);
+  EXPECT_NEAR(sp.start_us, 0.2, 1e-9);
+  EXPECT_NEAR(sp.staging_us, 0.6, 1e-9);
+  EXPECT_NEAR(sp.compute_us, 1.5, 1e-9);
+  EXPECT_NEAR(sp.tail_us, 2.7, 1e-9);
+  EXPECT_NEAR(sp.drain_us, 1.0, 1e-9);
+  EXPECT_NEAR(sp.unmarked_us, 14.0, 1e-9);
+  EXPECT_NEAR(sp.step_us, 20.0, 1e-9);
   // Marks out of order are a broken record: one before the block's wait returned, one before its previous mark.
   auto refused = [&](int mark, int64_t from_go, const char* why) {
     std::vector<ClockRecord> bad = r;
@@ -142,6 +153,40 @@ TEST(KernelTimeline, MarksGiveTheLastBlockToPassEachPoint) {
   };
   refused(0, -1, "passed its inputs mark before its wait returned");
   refused(1, 100, "passed its math mark before its previous mark");  // inputs come 500+ ns after the wait
+}
+
+// split_step on spans made by hand: a missing mark's time falls into the next part the kernel marks; a point past
+// the kernel's share (a late last block, a mark before the previous point) is clamped, so no part is negative and
+// the parts of every kernel add up to its share; the steps are averaged.
+TEST(KernelTimeline, SplitsTheStepAlongTheMarks) {
+  auto span = [](double path, double last_go, std::array<double, kClockMarks> marks) {
+    KernelSpan k{};
+    k.path_us = path, k.last_go_us = last_go;
+    std::copy(marks.begin(), marks.end(), k.mark_us);
+    return k;
+  };
+  StepTimeline s1, s2;
+  // No inputs mark: start 1, compute 3 (from the last go), tail 2, drain 4.
+  s1.kernels.push_back(span(10, 1, {-1, 4, 6, -1}));
+  // Last go past the share: start 5 and nothing else (the stored mark at 2 is before it).
+  s1.kernels.push_back(span(5, 7, {-1, -1, -1, 2}));
+  s1.kernels.push_back(span(15, 0, {-1, -1, -1, -1}));  // unmarked
+  s1.step_us = 30;
+  // Every mark: start 0, staging 2, compute 2, tail 1 (arrived 5 after stored 4: the later counts), drain 5.
+  s2.kernels.push_back(span(10, 0, {2, 4, 5, 4}));
+  s2.kernels.push_back(span(20, 0, {-1, -1, -1, -1}));
+  s2.step_us = 30;
+  const StepSplit t = split_step({s1, s2});
+  EXPECT_NEAR(t.start_us, (1 + 5 + 0) / 2.0, 1e-12);
+  EXPECT_NEAR(t.staging_us, (0 + 2) / 2.0, 1e-12);
+  EXPECT_NEAR(t.compute_us, (3 + 2) / 2.0, 1e-12);
+  EXPECT_NEAR(t.tail_us, (2 + 1) / 2.0, 1e-12);
+  EXPECT_NEAR(t.drain_us, (4 + 5) / 2.0, 1e-12);
+  EXPECT_NEAR(t.unmarked_us, (15 + 20) / 2.0, 1e-12);
+  EXPECT_NEAR(t.step_us, 30, 1e-12);
+  EXPECT_NEAR(t.start_us + t.staging_us + t.compute_us + t.tail_us + t.drain_us + t.unmarked_us, t.step_us, 1e-12);
+  const StepSplit none = split_step({});
+  EXPECT_EQ(none.step_us, 0.0);
 }
 
 TEST(KernelTimeline, RefusesRecordsThatDoNotMatchTheGraph) {

@@ -106,7 +106,7 @@ double step_bytes(const Model& m, int batch, int depth, DType kv_dtype) {
 
 // In-kernel clocks of `steps` replayed decode steps at depth D (one more closes the last): which kernel holds the
 // critical path for how long, summed per kernel name, and every launch into a.kernel_clocks (CSV).
-void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, int steps,
+void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, int steps, int layers,
                        double step_ms_unclocked, std::ofstream& csv) {
   backend.kernel_clocks_begin(size_t(1) << 21);  // 2 M blocks (64 MB): ~50 K blocks a step
   gen.decode_steps(1, D, steps + 1);
@@ -163,6 +163,18 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
     std::printf("  %-44.44s", k.name.c_str());
     cells(k.block_us);
     std::printf("\n");
+  }
+  // The whole step cut along the same marks (split_step): how much of it waits (start and drain), stages inputs,
+  // computes, sums split-k partials, or sits in kernels that mark nothing.
+  const StepSplit sp = split_step(tl);
+  std::printf("\n  the step along the marks (every kernel's path share; unmarked: kernels without marks):\n");
+  std::printf("  %-10s %10s %12s %7s\n", "part", "us a step", "us a layer", "% step");
+  const std::pair<const char*, double> parts[] = {{"start", sp.start_us},  {"staging", sp.staging_us},
+                                                  {"compute", sp.compute_us}, {"tail", sp.tail_us},
+                                                  {"drain", sp.drain_us},  {"unmarked", sp.unmarked_us}};
+  for (const auto& [name, us] : parts) {
+    std::printf("  %-10s %10.1f %12.2f %7.1f\n", name, us, us / std::max(1, layers), 100 * us / std::max(1e-9, sp.step_us));
+    rep.figure("kernel_clocks", std::string("step_part_us ") + name, shape, us, "us");
   }
   for (size_t s = 0; s < tl.size(); s++)
     for (size_t i = 0; i < tl[s].kernels.size(); i++) {
@@ -555,7 +567,8 @@ int run_bench(const BenchArgs& a) {
     std::printf("  %12d %8.1f %10.3f %8.1f %16.0f %14.1f\n", D, v, 1e3 / v, bytes / 1e6, limit, limit > 0 ? 100 * v / limit : 0);
     rep.figure("decode", "decode_tok_s", "depth=" + std::to_string(D), v, "tok/s", limit);
     rep.figure("decode", "bytes_per_token_mb", "depth=" + std::to_string(D), bytes / 1e6, "MB");
-    if (clocks_csv.is_open()) run_kernel_clocks(gen, *backend, rep, D, 8, 1e3 / v, clocks_csv);
+    if (clocks_csv.is_open())
+      run_kernel_clocks(gen, *backend, rep, D, 8, int(model->config().num_hidden_layers), 1e3 / v, clocks_csv);
   }
 
   // ---- time by layer part: one instrumented (uncaptured) decode step at depth 0 and at the deepest depth, and
