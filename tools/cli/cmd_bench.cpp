@@ -113,8 +113,8 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
   const KernelClocks kc = backend.kernel_clocks_end();
   if (kc.dropped) fail("kernel clocks: ", kc.dropped, " block records past the buffer's 2^21; measure fewer steps");
   const auto tl = build_timeline(kc.records, kc.kernels);
-  double step_us = 0;
-  for (const StepTimeline& st : tl) step_us += st.step_us / double(tl.size());
+  const StepSplit sp = split_step(tl);  // the step cut along the marks (printed last); its step_us: the mean step
+  const double step_us = sp.step_us;
   std::printf("\n  kernel clocks, depth %d: %zu kernels a step, %.1f us a step clocked (%.1f us unclocked), mean of %zu steps\n",
               D, kc.kernels.size(), step_us, 1e3 * step_ms_unclocked, tl.size());
   std::printf("  %-44s %8s %10s %7s %10s %9s %7s\n", "kernel", "a step", "path us", "% step", "us each", "lead us", "hidden");
@@ -164,16 +164,15 @@ void run_kernel_clocks(Generator& gen, Backend& backend, Reporter& rep, int D, i
     cells(k.block_us);
     std::printf("\n");
   }
-  // The whole step cut along the same marks (split_step): how much of it waits (start and drain), stages inputs,
-  // computes, sums split-k partials, or sits in kernels that mark nothing.
-  const StepSplit sp = split_step(tl);
+  // The whole step cut along the same marks: how much of it waits (start and drain), stages inputs, computes,
+  // sums split-k partials, or sits in kernels that mark nothing.
   std::printf("\n  the step along the marks (every kernel's path share; unmarked: kernels without marks):\n");
   std::printf("  %-10s %10s %12s %7s\n", "part", "us a step", "us a layer", "% step");
   const std::pair<const char*, double> parts[] = {{"start", sp.start_us},  {"staging", sp.staging_us},
                                                   {"compute", sp.compute_us}, {"tail", sp.tail_us},
                                                   {"drain", sp.drain_us},  {"unmarked", sp.unmarked_us}};
   for (const auto& [name, us] : parts) {
-    std::printf("  %-10s %10.1f %12.2f %7.1f\n", name, us, us / std::max(1, layers), 100 * us / std::max(1e-9, sp.step_us));
+    std::printf("  %-10s %10.1f %12.2f %7.1f\n", name, us, us / std::max(1, layers), 100 * us / std::max(1e-9, step_us));
     rep.figure("kernel_clocks", std::string("step_part_us ") + name, shape, us, "us");
   }
   for (size_t s = 0; s < tl.size(); s++)
