@@ -256,6 +256,14 @@ class Backend {
   // shared may be null.  x, out: [n, hidden] (must not alias).
   virtual void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,
                        std::span<const Expert> experts, const Expert* shared) = 0;
+  // The experts fused with the residual step after them (on the GPU, decode: the down kernel's last blocks):
+  // moe_ffn(out, x, weights, ids, experts, shared), then add_rms_norm(h, out, norm_w, eps, x_next). x_next may be x.
+  virtual void moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                                    std::span<const Expert> experts, const Expert* shared, TensorView h,
+                                    TensorView norm_w, float eps, TensorView x_next) {
+    moe_ffn(out, x, weights, ids, experts, shared);
+    add_rms_norm(h, out, norm_w, eps, x_next);
+  }
   // Decoding without the host: token[0] = the token sampled from logits[0, :] (greedy: argmax, ties to the lowest
   // id) with step = history[0] as the noise counter, pos[0] += 1, and the token appended to history (I32
   // [1 + cap]: history[0] counts the tokens written, which follow it). params: one SamplingParams in the

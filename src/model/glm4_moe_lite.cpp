@@ -258,7 +258,8 @@ void Model::decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, 
     B.add_rms_norm_route(h, y, L.post_attention_layernorm, eps, x, wts, ids, L.gate, L.e_score_correction_bias,
                          c.routing());
     if (rs.timer) rs.timer->mark(Part::Router);
-    B.moe_ffn(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr);
+    // y = experts(x), then h += y, x = next_norm(h): one op, which the GPU runs in the down kernel's last blocks
+    B.moe_ffn_add_rms_norm(y, x, wts, ids, L.experts, c.n_shared_experts > 0 ? &L.shared : nullptr, h, next_norm, eps, x);
     if (rs.timer) rs.timer->mark(Part::Experts);
   } else {
     B.add_rms_norm(h, y, L.post_attention_layernorm, eps, x);
@@ -269,9 +270,9 @@ void Model::decoder_layer(const LayerWeights& L, bool sparse, TensorView cache, 
     B.silu_mul(g, g, u);
     B.matmul(y, g, L.mlp.down_proj);
     if (rs.timer) rs.timer->mark(Part::DenseMlp);
+    B.add_rms_norm(h, y, next_norm, eps, x);
+    if (rs.timer) rs.timer->mark(Part::MlpNorm);
   }
-  B.add_rms_norm(h, y, next_norm, eps, x);
-  if (rs.timer) rs.timer->mark(Part::MlpNorm);
 }
 
 void Model::forward_layer(int64_t l, RunState& rs, KvCache& kv, int n, int pos) {

@@ -118,7 +118,8 @@ enum class Part { Embed, AttnProj, AttnCore, AttnOut, Router, Experts, DenseMlp,
 constexpr const char* part_name(Part p) {
   // attn_proj: q_a + kv_a, q norm, q_b;  attn_core: rope, cache append, attention;  attn_out: o_proj;
   // router: residual add + post-attention norm + router (MoE layers; the dense layer counts them in dense_mlp);
-  // experts (routed + shared); dense_mlp; mlp_norm: residual add + the next layer's norm;  head: lm_head
+  // experts (routed + shared; in MoE layers with the residual add + the next layer's norm, one fused op);
+  // dense_mlp; mlp_norm: the dense layer's residual add + the next layer's norm;  head: lm_head
   const char* n[] = {"embed", "attn_proj", "attn_core", "attn_out", "router", "experts", "dense_mlp", "mlp_norm", "head"};
   return n[int(p)];
 }

@@ -8,6 +8,7 @@
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/kernel_clocks.h"
+#include "backend/cuda/pdl.cuh"
 #include "backend/cuda/kernels.h"
 #include "backend/cuda/trellis_kernels.h"
 #include "quant/trellis_weight.h"
@@ -559,7 +560,7 @@ void CudaBackend::attention_mla(TensorView out, TensorView q, TensorView cache, 
 constexpr int kSharedDenseMinRows = 128;
 
 void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids,
-                                  std::span<const Expert> experts, const Expert* shared) {
+                                  std::span<const Expert> experts, const Expert* shared, const cuda::MoeResidual* res) {
   const int m = int(x.rows()), hidden = int(x.cols()), K = int(ids.cols()), E = int(experts.size());
   const int inter = int(experts[0].gate.out);
   // Per layer, one device array of descriptors: 3 per expert (gate, up, down), then the shared expert's 3.
@@ -593,8 +594,10 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   // 128-row tile (16 times at 2,048 rows); as dense products (dequantize once + cuBLAS) it is one decode and
   // three tensor-core GEMMs, added to the routed experts' sum afterwards.
   const bool shared_dense = shared && m >= kSharedDenseMinRows;
+  TRELLM_ASSERT(!res || m <= cuda::kMoeDecodeMaxTokens, "moe_ffn_trellis: the fused residual step is for decode");
   cuda::moe_experts(dt, shared && !shared_dense ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(),
-                    weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k, uniform_k, uniform_cb);
+                    weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k, uniform_k, uniform_cb,
+                    res);
   if (!shared_dense) return;
   // out += down(silu(gate(x)) * up(x)): x converted to bf16 once for gate and up, the SwiGLU written in bf16 for
   // down, and down accumulated into the routed sum by cuBLAS (beta = 1): the same arithmetic as three matmuls, a
@@ -667,6 +670,22 @@ void CudaBackend::add_rms_norm_route(TensorView h, TensorView y, TensorView norm
                            bias.empty() ? nullptr : bias.ptr<float>(), int(h.rows()), int(h.cols()), r.n_experts, r.top_k,
                            r.n_group, r.topk_group, r.norm_topk_prob, r.routed_scaling_factor, weights.ptr<float>(),
                            ids.ptr<int32_t>(), impl_->stream);
+}
+
+void CudaBackend::moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids,
+                                       std::span<const Expert> experts, const Expert* shared, TensorView h,
+                                       TensorView norm_w, float eps, TensorView x_next) {
+  const int64_t m = x.rows();
+  // Decode on trellis experts: the down kernel's last blocks run the residual step. Otherwise the two ops (also
+  // with TRELLM_MOE_RESIDUAL=0, the A/B baseline).
+  static const bool fuse = cuda::env_int("TRELLM_MOE_RESIDUAL", 1) != 0;
+  if (!fuse || observer_ || experts.empty() || !experts[0].gate.exl3 || m > cuda::kMoeDecodeMaxTokens)
+    return Backend::moe_ffn_add_rms_norm(out, x, weights, ids, experts, shared, h, norm_w, eps, x_next);
+  TRELLM_ASSERT(out.numel() == x.numel() && out.data != x.data && ids.rows() == m && h.numel() == out.numel() &&
+                    x_next.numel() == out.numel() && norm_w.numel() == h.cols() && norm_w.dtype == DType::F32,
+                "moe_ffn_add_rms_norm: shapes");
+  const cuda::MoeResidual res{h.ptr<float>(), norm_w.ptr<float>(), eps, x_next.ptr<float>()};
+  moe_ffn_trellis(out, x, weights, ids, experts, shared, &res);
 }
 
 void CudaBackend::moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids,

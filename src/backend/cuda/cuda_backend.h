@@ -5,6 +5,10 @@
 
 #include "backend/backend.h"
 
+namespace trellm::cuda {
+struct MoeResidual;  // trellis_kernels.h
+}
+
 namespace trellm {
 
 class CudaBackend final : public Backend {
@@ -55,6 +59,8 @@ class CudaBackend final : public Backend {
                           TensorView ids, TensorView gate, TensorView bias, const MoeRouting& r) override;
   void moe_ffn(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                const Expert* shared) override;
+  void moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
+                            const Expert* shared, TensorView h, TensorView norm_w, float eps, TensorView x_next) override;
   void sample_step(TensorView logits, TensorView params, TensorView token, TensorView pos,
                    TensorView history) override;
   void sample_rows(TensorView logits, TensorView params, TensorView steps, TensorView tokens) override;
@@ -79,8 +85,9 @@ class CudaBackend final : public Backend {
   // out[n, w.out] = xh · Wᵀ + b (+ beta · out) with W the trellis linear w dequantized for this call and xh the bf16
   // activations [n, w.in] (converted once by the caller when several products share them).
   void gemm_dequantized(float* out, const uint16_t* xh, int64_t n, const Linear& w, float beta);
+  // res: the residual step fused after the experts (decode only; moe_ffn_add_rms_norm).
   void moe_ffn_trellis(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
-                       const Expert* shared);
+                       const Expert* shared, const cuda::MoeResidual* res = nullptr);
   // moe_ffn while a Linear observer is set (calibration): expert by expert through observed matmuls.
   void moe_ffn_observed(TensorView out, TensorView x, TensorView weights, TensorView ids, std::span<const Expert> experts,
                         const Expert* shared);

@@ -15,7 +15,9 @@ void embed(float* out, const int32_t* tokens, const void* table, DType dt, int n
 // out = x / rms(x) * w per row (out may alias x)
 void rms_norm(float* out, const float* x, const float* w, int n, int d, float eps, cudaStream_t s);
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s);
-// h += y; out = h / rms(h) * w, per row (one kernel: the residual add fused with the next norm)
+// h += y; out = h / rms(h) * w, per row (one kernel: the residual add fused with the next norm), one block of
+// kAddRmsNormThreads a row (the MoE decode's fused form uses the same: moe_experts' MoeResidual).
+constexpr int kAddRmsNormThreads = 256;
 void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s);
 void silu_mul(float* out, const float* gate, const float* up, int64_t n, cudaStream_t s);
 // The same, rounded to bf16 (the input of the next cuBLAS product).

@@ -43,18 +43,8 @@ __global__ void rms_norm_kernel(float* out, const float* x, const float* w, int 
 __global__ void add_rms_norm_kernel(float* h, const float* y, const float* w, float* out, int d, float eps) {
   grid_wait();
   grid_launch_dependents();
-  float* hr = h + int64_t(blockIdx.x) * d;
-  const float* yr = y + int64_t(blockIdx.x) * d;
-  float* orow = out + int64_t(blockIdx.x) * d;
-  float ss = 0;
-  for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    const float v = hr[j] + yr[j];
-    hr[j] = v;
-    ss += v * v;
-  }
-  ss = block_sum(ss);
-  const float r = rsqrtf(ss / float(d) + eps);
-  for (int j = threadIdx.x; j < d; j += blockDim.x) orow[j] = w[j] * (hr[j] * r);  // each thread rereads its own writes
+  const int64_t row = int64_t(blockIdx.x) * d;
+  add_rms_norm_row(h + row, y + row, w, out + row, d, eps);
 }
 
 __global__ void add_kernel(float* out, const float* a, const float* b, int64_t n) {
@@ -229,7 +219,8 @@ void rms_norm(float* out, const float* x, const float* w, int n, int d, float ep
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add_rms_norm(float* h, const float* y, const float* w, float* out, int n, int d, float eps, cudaStream_t s) {
-  launch(add_rms_norm_kernel, dim3(n), dim3(d >= 1024 ? 512 : 256), 0, s, true, h, y, w, out, d, eps);
+  // 256 threads, as the MoE down kernel that fuses this step (trellis_moe_decode.cu): the same sums.
+  launch(add_rms_norm_kernel, dim3(n), dim3(kAddRmsNormThreads), 0, s, true, h, y, w, out, d, eps);
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 void add(float* out, const float* a, const float* b, int64_t n, cudaStream_t s) {

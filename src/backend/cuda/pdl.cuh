@@ -47,20 +47,39 @@ bool pdl_enabled();
 // The integer in environment variable `name` (a kernel knob for A/B runs), or `otherwise` when it is unset or empty.
 int env_int(const char* name, int otherwise);
 
-// Launches kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when pdl && pdl_enabled().
+// Launches kernel<<<grid, block, smem, s>>>(args...), with the PDL attribute when pdl && pdl_enabled(), in
+// thread-block clusters of `cluster` blocks when that is more than one (the caller checked that they fit).
 template <typename... Params, typename... Actual>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {
+void launch_clustered(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, dim3 cluster,
+                      Actual... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (pdl && pdl_enabled()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster.x * cluster.y * cluster.z > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = cluster.x, attr[n].val.clusterDim.y = cluster.y, attr[n].val.clusterDim.z = cluster.z;
+    n++;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl && pdl_enabled() ? 1 : 0;
+  cfg.numAttrs = unsigned(n);
   TRELLM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...));
 }
+template <typename... Params, typename... Actual>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool pdl, Actual... args) {
+  launch_clustered(kernel, grid, block, smem, s, pdl, dim3(1, 1, 1), args...);
+}
+
+// Whether clusters of `cluster` blocks of `kernel` (block threads, smem bytes of dynamic shared memory each) can
+// be resident at all on this device (cudaOccupancyMaxActiveClusters > 0). Clusters above 8 need the kernel's
+// cudaFuncAttributeNonPortableClusterSizeAllowed set first.
+bool clusters_fit(const void* kernel, dim3 grid, dim3 block, size_t smem, dim3 cluster);
 
 }  // namespace trellm::cuda

@@ -47,6 +47,48 @@ __device__ inline float block_sum(float v) {
   return v;
 }
 
+// The residual step for one row, by the whole block: h[0..d) += y, out = w ⊙ h · rsqrt(mean h² + eps). The one
+// definition of add_rms_norm_kernel and of the MoE down kernel's fused tail (the same block size: bit for bit the
+// same result). y is read through L2 (ld.cg): in the fused tail other SMs wrote it during this kernel.
+// Up to kRowHeld values a thread (GLM: 2048 over 256 threads) are loaded together and kept in registers: as a
+// loop of load, add, store (h and y may alias as far as the compiler knows) every element waited for its own L2
+// round trip, 6.6 µs in the MoE down tail (kernel clocks, H100, 2026-12-07). Each thread's sum of squares runs
+// over its elements in ascending order either way.
+constexpr int kRowHeld = 8;  // out of line (static: one copy a translation unit): inlined, the fused down kernel spilled
+static __device__ __noinline__ void add_rms_norm_row(float* h, const float* y, const float* w, float* out, int d, float eps) {
+  const int nt = int(blockDim.x);
+  float ss = 0;
+  if (d <= kRowHeld * nt) {
+    float hv[kRowHeld], yv[kRowHeld], wv[kRowHeld];
+#pragma unroll
+    for (int i = 0; i < kRowHeld; i++) {
+      const int j = min(int(threadIdx.x) + i * nt, d - 1);  // unpredicated (past d: d - 1 again, not used)
+      hv[i] = h[j], yv[i] = __ldcg(y + j), wv[i] = w[j];
+    }
+#pragma unroll
+    for (int i = 0; i < kRowHeld; i++) {
+      hv[i] += yv[i];
+      if (int(threadIdx.x) + i * nt < d) ss += hv[i] * hv[i];
+    }
+    ss = block_sum(ss);
+    const float r = rsqrtf(ss / float(d) + eps);
+#pragma unroll
+    for (int i = 0; i < kRowHeld; i++) {
+      const int j = int(threadIdx.x) + i * nt;
+      if (j < d) h[j] = hv[i], out[j] = wv[i] * (hv[i] * r);
+    }
+    return;
+  }
+  for (int j = threadIdx.x; j < d; j += nt) {
+    const float v = h[j] + __ldcg(y + j);
+    h[j] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss);
+  const float r = rsqrtf(ss / float(d) + eps);
+  for (int j = threadIdx.x; j < d; j += nt) out[j] = w[j] * (h[j] * r);  // each thread rereads its own writes
+}
+
 // The cache row of query row `row` (pool row kv_pool_row(table of seq[row], pos[row])) =
 // bf16([rms_norm(kv[row, :rank], w) | rope(kv[row, rank:])]), cache width rank + rope_dim (rope_dim <= 256). The
 // rotation happens in f32 (as on the CPU); only the stored row is rounded to bf16. Needs the whole block.

@@ -64,6 +64,52 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N>
 __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// ---- split-k sums pushed into one block of a thread-block cluster (the GEMV's and gate/up's cluster tails) ----
+// The splits of one output group run as one cluster; each st.asyncs its sums into the leader's shared memory,
+// which completes that many bytes of the leader's mbarrier transaction count, and the leader waits for the count
+// alone: no ticket in global memory, no cluster-scope fence (a release at cluster scope is a MEMBAR.GPU in SASS).
+constexpr int kClusterSlotBytes = 128 * 4;  // one split's sums of one row of a 128-column group
+
+__device__ __forceinline__ uint32_t cluster_addr(const void* p, unsigned rank) {  // shared::cluster address
+  uint32_t a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+  return a;
+}
+// All threads of every block of the cluster, before anything is pushed: the leader's mbarrier expects tx bytes,
+// and its initialisation is visible in the cluster when this returns.
+__device__ __forceinline__ void cluster_push_begin(uint64_t* bar, bool leader, uint32_t tx) {
+  if (leader && threadIdx.x == 0) {
+    const uint32_t b = smem_addr(bar);
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(b) : "memory");
+    asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(b), "r"(tx) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\nbarrier.cluster.wait.aligned;\n" ::: "memory");
+}
+// Stores v at `at` (an address of this block's shared memory: the same offset in the leader, rank 0) in the leader,
+// completing 4 bytes of its mbarrier `bar` (the same offset too).
+__device__ __forceinline__ void cluster_push(const float* at, float v, const uint64_t* bar) {
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(cluster_addr(at, 0)),
+               "r"(__float_as_uint(v)), "r"(cluster_addr(bar, 0)) : "memory");
+}
+// Sum of n slots' 4 columns 4·lane.. at `first`, `stride` floats apart, in slot order (as sum_partials: the same bits).
+__device__ __forceinline__ void sum_slots(float v[4], const float* first, int n, int stride) {
+  const int lane = threadIdx.x & 31;
+  v[0] = v[1] = v[2] = v[3] = 0.0f;
+  for (int i = 0; i < n; i++) {
+    const float4 t = *reinterpret_cast<const float4*>(first + i * stride + 4 * lane);
+    v[0] += t.x, v[1] += t.y, v[2] += t.z, v[3] += t.w;
+  }
+}
+// The leader, after its own slots: returns once every pushed byte has landed (phase 0 of bar complete).
+__device__ __forceinline__ void cluster_push_wait(const uint64_t* bar) {
+  const uint32_t b = smem_addr(bar);
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done) : "r"(b) : "memory");
+}
+
 // D += A·B, m16n8k16, fp16 inputs, fp32 accumulators.
 __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -234,15 +280,60 @@ __device__ __forceinline__ float4 ldcg4(const float* p) { return __ldcg(reinterp
 // per split (v2: ~3 µs of the 6.7 µs GEMV at 2048x1536, 12 splits).
 __device__ __forceinline__ void sum_partials(float v[4], const float* p, int splits, int64_t split_stride) {
   v[0] = v[1] = v[2] = v[3] = 0.0f;
+  if (splits == 1) {  // the prefill GEMM's usual case: one load, not eight of the same
+    const float4 q = ldcg4(p);
+    v[0] += q.x, v[1] += q.y, v[2] += q.z, v[3] += q.w;
+    return;
+  }
   for (int z0 = 0; z0 < splits; z0 += 8) {
-    float4 t[8];
+    float4 t[8];  // unpredicated (past the last split: it again, not added), so all 8 are in flight (SASS)
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-      t[i] = z0 + i < splits ? ldcg4(p + (z0 + i) * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int i = 0; i < 8; i++) t[i] = ldcg4(p + min(z0 + i, splits - 1) * split_stride);
 #pragma unroll
     for (int i = 0; i < 8; i++)
       if (z0 + i < splits) v[0] += t[i].x, v[1] += t[i].y, v[2] += t[i].z, v[3] += t[i].w;
   }
+}
+
+// sum_partials for the m rows of a GEMV's last block, by all its warps: a row's splits are shared by W = 8, 4, 2
+// or 1 warps (m = 1, 2, 3-4, 5-8), warp slice s taking splits s, s + W, ... with their loads out 8 at a time;
+// then the W slices' sums are added in slice order (red: 8 x 128 floats of free shared memory). Deterministic.
+// At m = 1 with at most 8 splits and at m >= 5 the sums are sum_partials' own, in the same order. The kernel
+// clocks (H100, 2026-12-07) put 2.1 µs between a GEMV's last arrival and its stored output with one warp a row:
+// at m = 1 the q_a/kv_a pair has 16 splits and o_proj 20, two and three dependent L2 round trips; with 8 warps
+// it is one (1.4 µs). Returns the row whose sums warp `row * W` holds in v, -1 in the other warps.
+__device__ __forceinline__ int sum_partials_rows(float v[4], const float* p, int64_t row_stride, int m, int splits,
+                                                 int64_t split_stride, float* red) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int W = m == 1 ? 8 : m == 2 ? 4 : m <= 4 ? 2 : 1;
+  const int r = warp / W, s = warp - r * W;
+  float a[4] = {0.f, 0.f, 0.f, 0.f};
+  if (r < m) {
+    const float* pr = p + r * row_stride;
+    for (int z0 = s; z0 < splits; z0 += 8 * W) {
+      // Unpredicated loads (past the last split: the last one again, not added) so that all 8 are in flight at
+      // once: predicated ones were issued one after another at 64 registers (SASS, nvdisasm).
+      float4 t[8];
+#pragma unroll
+      for (int i = 0; i < 8; i++) t[i] = ldcg4(pr + min(z0 + i * W, splits - 1) * split_stride);
+#pragma unroll
+      for (int i = 0; i < 8; i++)
+        if (z0 + i * W < splits) a[0] += t[i].x, a[1] += t[i].y, a[2] += t[i].z, a[3] += t[i].w;
+    }
+  }
+  if (W == 1) {  // block-uniform (m is)
+    v[0] = a[0], v[1] = a[1], v[2] = a[2], v[3] = a[3];
+    return r < m ? r : -1;
+  }
+  *reinterpret_cast<float4*>(red + warp * 128 + 4 * lane) = make_float4(a[0], a[1], a[2], a[3]);
+  __syncthreads();
+  if (r >= m || s != 0) return -1;
+  v[0] = v[1] = v[2] = v[3] = 0.0f;
+  for (int j = 0; j < W; j++) {
+    const float4 q = *reinterpret_cast<const float4*>(red + (warp + j) * 128 + 4 * lane);
+    v[0] += q.x, v[1] += q.y, v[2] += q.z, v[3] += q.w;
+  }
+  return r;
 }
 
 // ---- main loops ---------------------------------------------------------------------------------------------

@@ -106,9 +106,21 @@ void add_rms_norm_route(float* h, const float* y, const float* norm_w, float eps
 // Token rows below which uniform codes get the specialised grouped GEMM (H200: faster at 32-512 tokens, 3 %
 // slower at 2,048; trellis_moe_grouped.cu).
 constexpr int kMoeSpecialMaxRows = 1024;
+// Tokens up to which moe_experts runs the decode kernels.
+constexpr int kMoeDecodeMaxTokens = 8;
+// The residual step after the experts, fused into the down kernel (decode only): h += out, then
+// x_out = norm_w ⊙ h · rsqrt(mean h² + eps), per token; the arithmetic of cuda::add_rms_norm (kernels.h), bit for
+// bit. x_out may be x: the gate/up kernel is done with it by then.
+struct MoeResidual {
+  float* h;              // [m, hidden]
+  const float* norm_w;   // [hidden]
+  float eps;
+  float* x_out;          // [m, hidden]
+};
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1);
+                 void* workspace, cudaStream_t s, int max_k = 8, int uniform_k = 0, int uniform_cb = -1,
+                 const MoeResidual* res = nullptr);
 size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_experts);
 
 }  // namespace trellm::cuda

@@ -1,6 +1,9 @@
 // Host side of the dense trellis linear: planning (GEMV vs GEMM, k-splits), workspace layout, the runtime
 // K -> template dispatch (default: fails loudly), and the input-transform kernel of the GEMM path.
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/trellis_linear.cuh"
@@ -124,11 +127,30 @@ static int gemv_ahead(const LinearPlan& p) {
   return (p.chunks + p.splits - 1) / p.splits <= 4 ? n : 0;
 }
 
+bool tk::use_cluster(int blocks, int cluster_max, const void* kernel, size_t smem, const std::function<bool()>& fits) {
+  if (blocks < 2 || blocks > std::min(cluster_max, kMaxCluster)) return false;
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t>, bool> known;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, blocks, smem);
+  auto it = known.find(key);
+  if (it == known.end()) it = known.emplace(key, fits()).first;
+  return it->second;
+}
+
+// The GEMV's split-k tail in a cluster of its splits (gemv_cluster_kernel) where they are at most
+// TRELLM_GEMV_CLUSTER (default 16; 0: the ticket and L2 tail everywhere, the A/B baseline). Read at every launch,
+// so tests can compare the two tails in one process. Measured 268.3 against 262.2 tok/s at depth 0 (H100,
+// 2026-12-07, three rounds each). Replanning o_proj's 20 splits to 14 so that it clusters too measured 261.1
+// (fewer splits cost more than its tail saves), and clusters of 8 with that replan 241.2: neither is offered.
+static int gemv_cluster_max() { return std::clamp(env_int("TRELLM_GEMV_CLUSTER", kMaxCluster), 0, kMaxCluster); }
+
 // The fused GEMV behind trellis_matmul (m <= 8), trellis_matmul_pair (w2/y2: a second product of the same input,
 // its column groups after w's) and trellis_matmul_normed (norm_w: the input RMS-normalised in the prologue).
 static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const float* x, float* y, float* y2, int m,
                      const float* norm_w, float eps, void* workspace, cudaStream_t s) {
   const int out_all = w.out_padded + (w2 ? w2->out_padded : 0);
+  const int cluster_max = gemv_cluster_max();
   const LinearPlan p = plan_linear(m, w.in_padded, out_all);
   TRELLM_ASSERT(p.gemv && size_t(p.counters) * 4 <= kLinearCounterBytes, "trellis GEMV: m = ", m, ", ", p.counters,
                 " column groups (counter area: ", kLinearCounterBytes / 4, ")");
@@ -136,9 +158,14 @@ static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const floa
   LinearArgs a{w, x, l.xh, y, m, p.splits, p.a_pitch, l.partial, l.counters, w2 ? *w2 : w, w2 ? y2 : y,
                w.out_padded / kGroupCols, out_all, norm_w, eps};
   a.ahead = gemv_ahead(p);
+  // TRELLM_GEMV_CLUSTER_MODE: 2 push (default; more than kClusterPushMaxRows rows: pull), 1 pull (A/B).
+  // TRELLM_GEMV_CLUSTER_ROWS: the cluster tail for at most that many rows (default all 8; A/B).
+  const bool rows_ok = m <= env_int("TRELLM_GEMV_CLUSTER_ROWS", kGemvMaxRows);
+  a.cluster_mode = cluster_max >= 2 && rows_ok ? std::clamp(env_int("TRELLM_GEMV_CLUSTER_MODE", 2), 1, 2) : 0;
+  if (a.cluster_mode == 2 && m > kClusterPushMaxRows) a.cluster_mode = 1;
   // ring, rows + a zero row, the k tiles decoded ahead
   const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2 + size_t(a.ahead) * kDecodedTileBytes;
-  with_k(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s); });
+  with_k(w.K, [&](auto kc) { launch_gemv<decltype(kc)::value>(a, smem, s, cluster_max); });
   TRELLM_CUDA_LAUNCH_CHECK();
 }
 

@@ -21,7 +21,6 @@ namespace cg = cooperative_groups;
 constexpr int kRouteMaxE = 1024;
 constexpr int kRouteCluster = 8;
 constexpr size_t kMoeCounterBytes = 65536;  // fixed counter area at the MoE workspace start
-constexpr int kMoeDecodeMaxTokens = 8;
 
 // ---- router ----------------------------------------------------------------------------------------------------
 // grid (8, m), cluster (8,1,1): CTA r scores experts e with (e / 8) % 8 == r (a warp per expert, 16-byte
@@ -359,7 +358,8 @@ static void moe_layout(const MoePlan& p, void* ws, MoeArgs& a) {
   if (p.decode) {
     a.cnt_gu = reinterpret_cast<int*>(base);
     a.cnt_d = a.cnt_gu + p.J * gi;
-    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
+    a.cnt_r = a.cnt_d + a.m * gh;
+    TRELLM_ASSERT(size_t(p.J * gi + a.m * gh + a.m) * 4 <= kMoeCounterBytes, "moe_experts: counter area too small");
     a.p_gu = reinterpret_cast<float*>(take(size_t(p.J) * 2 * p.s_gu * p.inter_p * 4));
     a.a_d = reinterpret_cast<__half*>(take(size_t(p.J) * p.inter_p * 2));
     a.p_d = reinterpret_cast<float*>(take(size_t(p.J) * p.s_d * p.hidden_p * 4));
@@ -433,7 +433,7 @@ size_t moe_workspace_bytes(int max_m, int top_k, int hidden, int inter, int n_ex
 
 void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int n_experts, const float* x,
                  const int* ids, const float* weights, float* out, int m, int top_k, int hidden, int inter,
-                 void* workspace, cudaStream_t s, int max_k, int uniform_k, int uniform_cb) {
+                 void* workspace, cudaStream_t s, int max_k, int uniform_k, int uniform_cb, const MoeResidual* res) {
   TRELLM_ASSERT(max_k >= 2 && max_k <= 8, "moe_experts: max_k = ", max_k);
   TRELLM_ASSERT(n_experts >= 1 && n_experts <= kRouteMaxE && top_k >= 1 && top_k <= n_experts && m >= 1,
                 "moe_experts: bad sizes E ", n_experts, " top_k ", top_k, " m ", m);
@@ -444,24 +444,42 @@ void moe_experts(const DeviceTrellis* experts, const DeviceTrellis* shared, int 
   a.x = x, a.ids = ids, a.wts = weights, a.out = out;
   a.s_gu = p.s_gu, a.s_d = p.s_d, a.R = p.R;
   moe_layout(p, workspace, a);
+  TRELLM_ASSERT(!res || p.decode, "moe_experts: the fused residual step is for decode (m <= ", kMoeDecodeMaxTokens, "), m = ", m);
+  if (res) a.res_h = res->h, a.res_w = res->norm_w, a.res_eps = res->eps, a.res_x = res->x_out;
   const int gh = p.hidden_p / kGroupCols, gi = p.inter_p / kGroupCols;
   if (p.decode) {
     static const bool once = [] {
-      cudaFuncSetAttribute(gateup_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
-      cudaFuncSetAttribute(down_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+      for (const void* k : {reinterpret_cast<const void*>(gateup_decode_kernel), reinterpret_cast<const void*>(gateup_decode_cluster_kernel),
+                            reinterpret_cast<const void*>(down_decode_kernel)}) {
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 160 * 1024);
+        cudaFuncSetAttribute(k, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+      }
+      (void)cudaGetLastError();
       return true;
     }();
     (void)once;
     const int ch = p.hidden_p / kChunk, ci = p.inter_p / kChunk;
     a.ring_bytes = int(moe_ring_bytes(max_k));
     const size_t smem_gu = a.ring_bytes + 2 * (size_t((ch + p.s_gu - 1) / p.s_gu) * kChunk + 8) * 2;  // A row + zero row
+    // gate/up's split-k tail in clusters of a (job, group)'s 2·s_gu blocks (GLM: 8) where they fit; else the
+    // partials, ticket and L2 reads. Measured 271.2 against 268.3 tok/s at depth 0 with the GEMV tails in clusters
+    // (H100, 2026-12-07, three rounds each). TRELLM_MOE_CLUSTER=0: the ticket tail, the A/B baseline; read at
+    // every launch so the tests compare both in one process. Down's tail in clusters of a token's jpt·s_d blocks
+    // (s_d capped 6 -> 3) measured 256.0 (slower: fewer splits, longer chains), so down keeps its ticket tail.
+    const dim3 grid_gu(p.J, gi, 2 * p.s_gu), cl_gu(1, 1, 2 * p.s_gu);
+    const size_t smem_gu_cl = smem_gu + size_t(2 * p.s_gu) * kClusterSlotBytes;
+    const void* gu_cl = reinterpret_cast<const void*>(gateup_decode_cluster_kernel);
+    const bool gu_cluster = env_int("TRELLM_MOE_CLUSTER", 1) != 0 && use_cluster(2 * p.s_gu, kMaxCluster, gu_cl, smem_gu_cl, [&] {
+      return clusters_fit(gu_cl, grid_gu, dim3(kThreads), smem_gu_cl, cl_gu);
+    });
     // k tiles the down blocks decode before their wait: none by default. 4 (16 KB, 4 blocks a SM still fit at 3
     // bits) measured 242.7 against 241.9 tok/s at depth 0 (H100, one call: within the noise), the rest of the
     // first chunk then decoded by the main loop's first iteration, which is not unrolled. TRELLM_MOE_AHEAD=0..8.
     static const int ahead = decode_ahead_tiles("TRELLM_MOE_AHEAD", 0);
     a.ahead = ahead;
     const size_t smem_d = a.ring_bytes + 2 * (size_t((ci + p.s_d - 1) / p.s_d) * kChunk + 8) * 2 + size_t(a.ahead) * kDecodedTileBytes;
-    launch(gateup_decode_kernel, dim3(p.J, gi, 2 * p.s_gu), dim3(kThreads), smem_gu, s, true, a);
+    if (gu_cluster) launch_clustered(gateup_decode_cluster_kernel, grid_gu, dim3(kThreads), smem_gu_cl, s, true, cl_gu, a);
+    else launch(gateup_decode_kernel, grid_gu, dim3(kThreads), smem_gu, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();
     launch(down_decode_kernel, dim3(p.J, gh, p.s_d), dim3(kThreads), smem_d, s, true, a);
     TRELLM_CUDA_LAUNCH_CHECK();

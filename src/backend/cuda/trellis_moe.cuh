@@ -24,6 +24,13 @@ struct MoeArgs {
   float* p_d;                    // [J, s_d, hidden_p]
   int* cnt_gu;                   // [J, inter_p/128]
   int* cnt_d;                    // [m, hidden_p/128]
+  // The residual step fused after the experts (MoeResidual; res_h null: none): the last column group of a token
+  // to be stored (ticket cnt_r[token]) adds out into res_h and writes res_x = norm(res_h).
+  float* res_h;
+  const float* res_w;
+  float res_eps;
+  float* res_x;
+  int* cnt_r;                    // [m]
   // prefill variant (rows grouped by expert)
   int R;                         // rows = m * jpt (routed rows first, then the shared expert's)
   int* row_token;                // [R]
@@ -57,6 +64,9 @@ constexpr size_t moe_ring_bytes(int max_k) { return size_t(kStagesGemv) * 2048 *
 
 __global__ void gateup_decode_kernel(const MoeArgs a);
 __global__ void down_decode_kernel(const MoeArgs a);
+// The same, launched in clusters of a (job, group)'s 2·s_gu blocks: the split-k tail pushed into the cluster's
+// first block (cluster_push) instead of the partials, ticket and L2 reads.
+__global__ void gateup_decode_cluster_kernel(const MoeArgs a);
 // The grouped GEMM for experts that all have this K and codebook (k = 0 or -1 codebook: mixed, the generic
 // kernel that reads K per tile), its shared-memory opt-in done.
 using GroupedGemmFn = void (*)(const MoeArgs a, const __half* A, int64_t a_zstride, int lda, float* Y, int64_t y_zstride,

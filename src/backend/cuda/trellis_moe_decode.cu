@@ -6,8 +6,11 @@
 //                        group) applies each job's output transform, its routing weight, and sums the
 //                        token's jobs in slot order -> out (no atomics on data: deterministic). It loads its
 //                        weights before its wait, the router being done, and may decode MoeArgs::ahead k
-//                        tiles there too (off by default, trellis_moe.cu).
+//                        tiles there too (off by default, trellis_moe.cu). With MoeArgs::res_h, the last of
+//                        a token's column groups then runs the residual step after the experts on the whole
+//                        row (add_rms_norm_row, as add_rms_norm_kernel): one kernel boundary a layer fewer.
 #include "backend/cuda/pdl.cuh"
+#include "backend/cuda/rope.cuh"
 #include "backend/cuda/trellis_moe.cuh"
 
 namespace trellm::cuda::tk {
@@ -59,9 +62,29 @@ __device__ __forceinline__ void store_partial_row0(float* pr, const float acc[4]
     pr[warp * 16 + (lane >> 2) + 8] = acc[2];
   }
 }
+
+// The cluster tails' hand-over (slots: [blocks][128] f32 at the same offset in every block, bar: the first
+// block's mbarrier, cluster_push_begin'd): block q > 0 of the cluster pushes its row-0 partial into the first
+// block's slot q and returns false; the first block writes slot 0 and returns true once every slot has landed.
+__device__ __forceinline__ bool push_or_collect_row0(float* slots, int q, const float acc[4], const uint64_t* bar) {
+  if (q != 0) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if ((lane & 3) == 0) {
+      const float* at = slots + q * kGroupCols + warp * 16 + (lane >> 2);
+      cluster_push(at, acc[0], bar);
+      cluster_push(at + 8, acc[2], bar);
+    }
+    return false;
+  }
+  store_partial_row0(slots, acc);
+  cluster_push_wait(bar);
+  __syncthreads();  // slot 0, written by all warps
+  return true;
+}
 }  // namespace
 
-__global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArgs a) {
+template <bool kCluster>
+__device__ __forceinline__ void gateup_decode(const MoeArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int flag;
   const int j = blockIdx.x, group = blockIdx.y, which = blockIdx.z / a.s_gu, z = blockIdx.z % a.s_gu;
@@ -72,6 +95,9 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
   uint32_t* Bs = reinterpret_cast<uint32_t*>(smem);
   __half* As = reinterpret_cast<__half*>(smem + a.ring_bytes);
   const int a_pitch = (chunks + a.s_gu - 1) / a.s_gu * kChunk + 8;  // row 1: zeros (gemv_mainloop_cb)
+  float* const slots = reinterpret_cast<float*>(smem + a.ring_bytes + size_t(2) * a_pitch * 2);  // gu_cluster
+  __shared__ uint64_t cbar;
+  if constexpr (kCluster) cluster_push_begin(&cbar, blockIdx.z == 0, uint32_t(2 * a.s_gu - 1) * kClusterSlotBytes);
   const DeviceTrellis* d3 = start_job(a, token, slot, which, group, c0, nck, Bs);
   const DeviceTrellis w = d3[which];
   for (int c = warp; c < nck; c += kWarps)
@@ -83,18 +109,32 @@ __global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArg
   clocks::mark_point(clocks::kMath);
   const int64_t zs = a.inter_p;  // split stride
   float* pbase = a.p_gu + (int64_t(j) * 2 * a.s_gu) * zs + group * kGroupCols;
-  store_partial_row0(pbase + (int64_t(which) * a.s_gu + z) * zs, acc);
-  const int groups = a.inter_p / kGroupCols;
-  const bool last = arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag);
+  const int q = which * a.s_gu + z;  // the block's partial: gate splits, then up's
+  if constexpr (kCluster) {
+    if (!push_or_collect_row0(slots, q, acc, &cbar)) {
+      clocks::mark_point(clocks::kArrived);
+      return;
+    }
+  } else {
+    store_partial_row0(pbase + int64_t(q) * zs, acc);
+    const int groups = a.inter_p / kGroupCols;
+    if (!arrive_last(a.cnt_gu + j * groups + group, 2 * a.s_gu, &flag)) {
+      clocks::mark_point(clocks::kArrived);
+      return;
+    }
+  }
   clocks::mark_point(clocks::kArrived);
-  if (!last) return;
   // Warp 0: gate, warp 1: up (in parallel: each is a chain of dependent L2 round trips), then SwiGLU and
   // the down input transform by warp 0.
   cp_wait<0>();
   float* gu = reinterpret_cast<float*>(smem);  // [2][128], the B ring is free now
   if (warp < 2) {
     float v[4];
-    sum_partials(v, pbase + int64_t(warp) * a.s_gu * zs + 4 * lane, a.s_gu, zs);
+    if constexpr (kCluster) {
+      sum_slots(v, slots + warp * a.s_gu * kGroupCols, a.s_gu, kGroupCols);
+    } else {
+      sum_partials(v, pbase + int64_t(warp) * a.s_gu * zs + 4 * lane, a.s_gu, zs);
+    }
     out_transform(v, d3[warp], group * kGroupCols);
     *reinterpret_cast<float4*>(gu + warp * kGroupCols + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
   }
@@ -136,8 +176,8 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
   with_k(w.K, [&](auto kc) { gemv_mainloop<decltype(kc)::value>(w, group, c0, nck, As, a_pitch, 1, Bs, acc, D, a.ahead); });
   clocks::mark_point(clocks::kMath);
   const int64_t zs = a.hidden_p;
-  store_partial_row0(a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols, acc);
   const int groups = a.hidden_p / kGroupCols;
+  store_partial_row0(a.p_d + (int64_t(j) * a.s_d + z) * zs + group * kGroupCols, acc);
   const bool last = arrive_last(a.cnt_d + token * groups + group, a.jpt * a.s_d, &flag);
   clocks::mark_point(clocks::kArrived);
   if (!last) return;
@@ -154,14 +194,24 @@ __global__ void __launch_bounds__(kThreads, 4) down_decode_kernel(const MoeArgs 
     *reinterpret_cast<float4*>(contrib + s * kGroupCols + 4 * lane) = make_float4(wt * v[0], wt * v[1], wt * v[2], wt * v[3]);
   }
   __syncthreads();
-  if (warp != 0) return;
-  float sum[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int s = 0; s < a.jpt; s++) {
-    const float4 c = *reinterpret_cast<const float4*>(contrib + s * kGroupCols + 4 * lane);
-    sum[0] += c.x, sum[1] += c.y, sum[2] += c.z, sum[3] += c.w;
+  if (warp == 0) {
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < a.jpt; s++) {
+      const float4 c = *reinterpret_cast<const float4*>(contrib + s * kGroupCols + 4 * lane);
+      sum[0] += c.x, sum[1] += c.y, sum[2] += c.z, sum[3] += c.w;
+    }
+    store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, sum);
+    clocks::mark_point(clocks::kStored);
   }
-  store_row4(a.out + int64_t(token) * a.hidden, group * kGroupCols + 4 * lane, a.hidden, sum);
-  clocks::mark_point(clocks::kStored);
+  if (!a.res_h) return;
+  // The residual step, by the token's last column group to be stored: arrive_last orders every group's out
+  // stores (warp 0's, through its barrier) before this block's loads.
+  if (!arrive_last(a.cnt_r + token, groups, &flag)) return;
+  const int64_t row = int64_t(token) * a.hidden;
+  add_rms_norm_row(a.res_h + row, a.out + row, a.res_w, a.res_x + row, a.hidden, a.res_eps);
 }
+
+__global__ void __launch_bounds__(kThreads, 4) gateup_decode_kernel(const MoeArgs a) { gateup_decode<false>(a); }
+__global__ void __launch_bounds__(kThreads, 4) gateup_decode_cluster_kernel(const MoeArgs a) { gateup_decode<true>(a); }
 
 }  // namespace trellm::cuda::tk

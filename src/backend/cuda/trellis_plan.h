@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 
 #include <cstddef>
+#include <functional>
 
 namespace trellm::cuda::tk {
 
@@ -34,6 +35,12 @@ int sm_count();
 int even_splits(int chunks, int want);
 LinearPlan plan_linear(int m, int in_padded, int out_padded);
 WorkspaceLayout linear_layout(const LinearPlan& p, void* ws);
+
+// Split-k tails in thread-block clusters (the GEMV's, gate/up's): at most this many blocks a cluster (H100/H200's
+// non-portable limit). Whether a kernel runs as clusters of `blocks`: 2 <= blocks <= cluster_max and `fits()`
+// (asked once per kernel, cluster size and shared memory, then remembered).
+constexpr int kMaxCluster = 16;
+bool use_cluster(int blocks, int cluster_max, const void* kernel, size_t smem, const std::function<bool()>& fits);
 
 // k tiles decoded before the PDL wait (0 .. kMaxDecodeAhead, gemv_decode_ahead) by the GEMV blocks and the MoE
 // decode's down blocks: the environment variable `name` for A/B runs, else `otherwise`.

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include <cstring>
 #include <memory>
@@ -113,8 +114,9 @@ TEST(CudaStepRunner, AListOutOfOrderTimesOutNamingTheCounter) {
 }
 
 // The first task body: every tile a GEMV tile of one trellis linear, run by the persistent runner, against the
-// multi-kernel GEMV (trellis_matmul) on the same inputs. Same arithmetic in the same order (the partials summed
-// in split order), so the same bits; y poisoned first. Three steps back to back (the split-k tickets must be
+// multi-kernel GEMV (trellis_matmul) with the same split-k tail (the ticket tail: TRELLM_GEMV_CLUSTER=0; the
+// cluster tail sums a row's splits in another order at m < 5) on the same inputs. Same arithmetic in the same
+// order, so the same bits; y poisoned first. Three steps back to back (the split-k tickets must be
 // left at zero), m = 1, 3 and 8, GLM's q_a || kv_a shape and an odd one (padded on both sides).
 TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
   if (!cuda_available()) GTEST_SKIP() << "no CUDA device";
@@ -137,7 +139,9 @@ TEST(CudaStepRunner, GemvTilesMatchTheMultiKernelGemvBitForBit) {
       void* ws = nullptr;
       ASSERT_EQ(cudaMalloc(&ws, wsb), cudaSuccess);
       cuda::trellis_workspace_init(ws, wsb, nullptr);
+      setenv("TRELLM_GEMV_CLUSTER", "0", 1);
       cuda::trellis_matmul(w.dev, dx, yref, m, ws, nullptr);
+      unsetenv("TRELLM_GEMV_CLUSTER");
       const step::StepPlan p = cuda::StepRunner::gemv_plan(m, {{w.dev.in_padded, w.dev.out_padded}}, false, device_sms());
       cuda::StepRunner r(p, cuda::StepRunner::Mode::Empty);
       const std::vector<float> want = trellm::testing::dev_download(yref, ys);
@@ -215,9 +219,11 @@ TEST(CudaStepRunner, AChainOfGemvsMatchesTheMultiKernelGemvsBitForBit) {
         cuda::trellis_workspace_init(wsrun[s], wsb, nullptr);
       }
       const float eps = 1e-5f;
+      setenv("TRELLM_GEMV_CLUSTER", "0", 1);  // the runner's tail: the ticket tail (as above)
       cuda::trellis_matmul(w[0]->dev, dx, yref[0], m, wsref[0], nullptr);
       cuda::trellis_matmul_normed(w[1]->dev, yref[0], dnw, eps, yref[1], m, wsref[1], nullptr);
       cuda::trellis_matmul(w[2]->dev, yref[1], yref[2], m, wsref[2], nullptr);
+      unsetenv("TRELLM_GEMV_CLUSTER");
       std::vector<cuda::StepRunner::GemvShape> shapes;
       for (int s = 0; s < 3; s++) shapes.push_back({w[size_t(s)]->dev.in_padded, w[size_t(s)]->dev.out_padded, s == 1});
       const std::vector<cuda::StepRunner::GemvStage> stages = {

@@ -24,6 +24,7 @@
 #include <string>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/cuda/kernels.h"
 #include "backend/cuda/trellis_kernels.h"
 #include "backend/cuda/trellis_test_util.h"
 #include "quant/trellis_ref.h"
@@ -303,6 +304,72 @@ TEST_F(TrellisCuda, MatmulNormedPrologue) {
   }
 }
 
+// The GEMV's split-k tail in a thread-block cluster (gemv_cluster_kernel: push, pull) against the ticket-and-L2
+// tail (TRELLM_GEMV_CLUSTER=0) and the CPU. Push and pull add the splits in split order, as sum_partials does,
+// so they agree bit for bit, and with the ticket tail where one warp sums a row's splits (m >= 5); within 1e-5
+// of rms where the ticket tail shares a row's splits among warps (another order: 2e-6 measured, the error of
+// either against the CPU 5e-6). A cluster run must leave the workspace's partials untouched (poisoned first):
+// that is how the test knows the cluster path ran. Shapes: 16 splits (q_a/kv_a's 2048 in), 6 (q_b's 768), 20
+// (o_proj's 5120: more than a cluster holds, the ticket tail), odd ones with 2..9 splits.
+struct EnvGuard {
+  explicit EnvGuard(const char* n) : name(n) {}
+  ~EnvGuard() { unsetenv(name); }
+  void set(const char* v) const { setenv(name, v, 1); }
+  const char* name;
+};
+
+TEST_F(TrellisCuda, MatmulClusterTailEqualsTicketTail) {
+  const EnvGuard cluster("TRELLM_GEMV_CLUSTER"), mode("TRELLM_GEMV_CLUSTER_MODE");
+  int used = 0;
+  for (const Shape& sh : {Shape{1536, 2048}, Shape{5120, 768}, Shape{2048, 5120}, Shape{333, 517}, Shape{129, 1100}}) {
+    RandomTrellis w(rng, sh.in, sh.out, 3, 1, sh.out == 333);
+    const size_t ws_bytes = cuda::trellis_workspace_bytes(8, w.dev.in_padded, w.dev.out_padded);
+    std::vector<unsigned char> image(ws_bytes, 0x7F);  // counters zero, partials poisoned (f32 3.4e38)
+    std::fill(image.begin(), image.begin() + std::min<size_t>(16384, ws_bytes), 0);
+    void* ws = upload(image);
+    for (int m : {1, 2, 3, 8}) {
+      const std::vector<float> x = randn(size_t(m) * sh.in);
+      std::vector<float> ref(size_t(m) * sh.out);
+      trellis::trellis_matmul_ref(w.host, x.data(), m, ref.data());
+      float* dx = upload(x);
+      float* dy = upload(std::vector<float>(ref.size(), kNaN));
+      auto run = [&](const char* c, const char* md, bool* untouched) {
+        cluster.set(c);
+        mode.set(md);
+        TT_CHECK(cudaMemcpy(ws, image.data(), ws_bytes, cudaMemcpyHostToDevice));
+        TT_CHECK(cudaMemset(dy, 0xFF, ref.size() * 4));
+        cuda::trellis_matmul(w.dev, dx, dy, m, ws, stream);
+        TT_CHECK(cudaStreamSynchronize(stream));
+        const std::vector<unsigned char> after = dev_download(static_cast<unsigned char*>(ws), ws_bytes);
+        *untouched = after == image;
+        return dev_download(dy, ref.size());
+      };
+      bool t0 = false, t1 = false, t2 = false;
+      const std::vector<float> ticket = run("0", "2", &t0), pull = run("16", "1", &t1), push = run("16", "2", &t2);
+      const std::string at = std::to_string(sh.out) + "x" + std::to_string(sh.in) + " m=" + std::to_string(m);
+      EXPECT_FALSE(t0) << at << ": the ticket tail wrote no partials";
+      EXPECT_LE(max_rel_err(ticket, ref), 1e-4) << at;
+      EXPECT_LE(max_rel_err(pull, ref), 1e-4) << at;
+      EXPECT_EQ(0, std::memcmp(pull.data(), push.data(), ref.size() * 4)) << at << ": push and pull differ";
+      if (t1 != t2) ADD_FAILURE() << at << ": one of push and pull ran as clusters, the other not";
+      if (t1) {
+        used++;
+        EXPECT_LE(max_rel_err(pull, ticket), 1e-5) << at;
+        if (m >= 5) {
+          EXPECT_EQ(0, std::memcmp(pull.data(), ticket.data(), ref.size() * 4)) << at << ": not the ticket's bits";
+        }
+      }
+      std::printf("gemv tail %s: cluster %s, err %.3g / %.3g of rms\n", at.c_str(), t1 ? "yes" : "no",
+                  max_rel_err(pull, ref), max_rel_err(ticket, ref));
+    }
+  }
+  int major = 0;
+  TT_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+  if (major >= 9) {
+    EXPECT_EQ(used, 16) << "clusters fit on sm_90: every shape of at most 16 splits runs as clusters";
+  }
+}
+
 // ---- router ----------------------------------------------------------------------------------------------------
 
 // fused: the router with the residual step before it (add_rms_norm_route): x = norm(h + y) is formed on the GPU
@@ -492,6 +559,62 @@ void check_moe(TrellisCuda* t, Rng& rng, int m, int hidden, int inter, int E, in
       EXPECT_EQ(0, std::memcmp(dev_download(dgen, ref.size()).data(), got.data(), got.size() * 4))
           << "specialised grouped GEMM differs from the generic one, m=" << m;
       cudaFree(dgen);
+    }
+    if (m <= cuda::kMoeDecodeMaxTokens && r == 0) {
+      // Gate/up's split-k tail in clusters (the default) against its ticket tail (TRELLM_MOE_CLUSTER=0): the same
+      // sums in the same order, so the same output bit for bit. The workspace past its 64 KB counter area
+      // (trellis_moe.cu) is poisoned first; gate/up's first partial, the first word there, stays poisoned in a
+      // cluster run (sm_90) and is written by the ticket tail: that is how the test knows which path ran.
+      constexpr size_t kCounterArea = 65536;
+      const std::vector<unsigned char> poison(wsb - kCounterArea, 0x7F);
+      int major = 0;
+      TT_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0));
+      auto run = [&](const char* cluster, uint32_t* p_gu0) {
+        if (cluster) setenv("TRELLM_MOE_CLUSTER", cluster, 1);
+        TT_CHECK(cudaMemcpy(static_cast<char*>(ws) + kCounterArea, poison.data(), poison.size(), cudaMemcpyHostToDevice));
+        float* d = dev_upload(std::vector<float>(ref.size(), kNaN));
+        cuda::moe_experts(dexp_d, dsh_d, E, dx, di, dw, d, m, top_k, hidden, inter, ws, s, max_k, mixed_k ? 0 : uni_k,
+                          mixed_k ? -1 : uni_cb);
+        unsetenv("TRELLM_MOE_CLUSTER");
+        TT_CHECK(cudaStreamSynchronize(s));
+        TT_CHECK(cudaMemcpy(p_gu0, static_cast<char*>(ws) + kCounterArea, 4, cudaMemcpyDeviceToHost));
+        const std::vector<float> y = dev_download(d, ref.size());
+        cudaFree(d);
+        return y;
+      };
+      uint32_t w_cl = 0, w_t = 0;
+      const std::vector<float> cl = run(nullptr, &w_cl), ticket = run("0", &w_t);
+      EXPECT_EQ(0, std::memcmp(cl.data(), ticket.data(), got.size() * 4)) << "gate/up in clusters vs the ticket tail, m=" << m;
+      EXPECT_EQ(0, std::memcmp(cl.data(), got.data(), got.size() * 4)) << "gate/up in clusters, run again, m=" << m;
+      EXPECT_NE(w_t, 0x7F7F7F7Fu) << "the ticket tail wrote gate/up's first partial, m=" << m;
+      if (major >= 9) {
+        EXPECT_EQ(w_cl, 0x7F7F7F7Fu) << "gate/up did not run in clusters, m=" << m;
+      }
+      // The residual step fused into the down kernel (MoeResidual), x_out aliasing the experts' input x: the
+      // experts' output bit for bit as without it, h and x_out bit for bit as cuda::add_rms_norm after it (the one
+      // row definition, add_rms_norm_row), and near the CPU's add_rms_norm of the CPU experts' output.
+      std::vector<float> h(ref.size()), nw(static_cast<size_t>(hidden));
+      for (auto& v : h) v = rng.normal();
+      for (auto& v : nw) v = rng.uniform(0.5f, 1.5f);
+      const float eps = 1e-5f;
+      float *dh = dev_upload(h), *dnw = dev_upload(nw), *dx2 = dev_upload(x);
+      float* dfused = dev_upload(std::vector<float>(ref.size(), kNaN));
+      const cuda::MoeResidual res{dh, dnw, eps, dx2};
+      cuda::moe_experts(dexp_d, dsh_d, E, dx2, di, dw, dfused, m, top_k, hidden, inter, ws, s, max_k, mixed_k ? 0 : uni_k,
+                        mixed_k ? -1 : uni_cb, &res);
+      float *dh_want = dev_upload(h), *dx_want = dev_upload(std::vector<float>(ref.size(), kNaN));
+      cuda::add_rms_norm(dh_want, dout, dnw, dx_want, m, hidden, eps, s);
+      TT_CHECK(cudaStreamSynchronize(s));
+      EXPECT_EQ(0, std::memcmp(dev_download(dfused, ref.size()).data(), got.data(), got.size() * 4)) << "fused: experts' output, m=" << m;
+      const auto h_got = dev_download(dh, h.size()), x_got = dev_download(dx2, h.size());
+      EXPECT_EQ(0, std::memcmp(h_got.data(), dev_download(dh_want, h.size()).data(), h.size() * 4)) << "fused: h, m=" << m;
+      EXPECT_EQ(0, std::memcmp(x_got.data(), dev_download(dx_want, h.size()).data(), h.size() * 4)) << "fused: x_out, m=" << m;
+      std::vector<float> h_cpu = h, x_cpu(h.size(), kNaN);
+      cpu.add_rms_norm(TensorView(h_cpu.data(), DType::F32, {m, hidden}), TensorView(ref.data(), DType::F32, {m, hidden}),
+                       TensorView(nw.data(), DType::F32, {hidden}), eps, TensorView(x_cpu.data(), DType::F32, {m, hidden}));
+      EXPECT_LE(rel_l2(h_got, h_cpu), 5e-4) << "fused: h against the CPU, m=" << m;
+      EXPECT_LE(rel_l2(x_got, x_cpu), 5e-4) << "fused: x_out against the CPU, m=" << m;
+      for (auto p : {dh, dnw, dx2, dfused, dh_want, dx_want}) cudaFree(p);
     }
     if (r == 0) {
       first = got;
