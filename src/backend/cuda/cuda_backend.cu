@@ -594,7 +594,6 @@ void CudaBackend::moe_ffn_trellis(TensorView out, TensorView x, TensorView weigh
   // 128-row tile (16 times at 2,048 rows); as dense products (dequantize once + cuBLAS) it is one decode and
   // three tensor-core GEMMs, added to the routed experts' sum afterwards.
   const bool shared_dense = shared && m >= kSharedDenseMinRows;
-  TRELLM_ASSERT(!res || m <= cuda::kMoeDecodeMaxTokens, "moe_ffn_trellis: the fused residual step is for decode");
   cuda::moe_experts(dt, shared && !shared_dense ? dt + 3 * E : nullptr, E, x.ptr<float>(), ids.ptr<int32_t>(),
                     weights.ptr<float>(), out.ptr<float>(), m, K, hidden, inter, ws, impl_->stream, max_k, uniform_k, uniform_cb,
                     res);
@@ -683,7 +682,9 @@ void CudaBackend::moe_ffn_add_rms_norm(TensorView out, TensorView x, TensorView 
     return Backend::moe_ffn_add_rms_norm(out, x, weights, ids, experts, shared, h, norm_w, eps, x_next);
   TRELLM_ASSERT(out.numel() == x.numel() && out.data != x.data && ids.rows() == m && h.numel() == out.numel() &&
                     x_next.numel() == out.numel() && norm_w.numel() == h.cols() && norm_w.dtype == DType::F32,
-                "moe_ffn_add_rms_norm: shapes");
+                "moe_ffn_add_rms_norm: x ", x.rows(), "x", x.cols(), ", out ", out.numel(), " values",
+                out.data == x.data ? " (aliasing x)" : "", ", ids ", ids.rows(), " rows, h ", h.numel(), ", x_next ",
+                x_next.numel(), ", norm_w ", norm_w.numel(), " values of ", dtype_name(norm_w.dtype));
   const cuda::MoeResidual res{h.ptr<float>(), norm_w.ptr<float>(), eps, x_next.ptr<float>()};
   moe_ffn_trellis(out, x, weights, ids, experts, shared, &res);
 }

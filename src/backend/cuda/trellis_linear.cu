@@ -159,9 +159,7 @@ static void run_gemv(const DeviceTrellis& w, const DeviceTrellis* w2, const floa
                w.out_padded / kGroupCols, out_all, norm_w, eps};
   a.ahead = gemv_ahead(p);
   // TRELLM_GEMV_CLUSTER_MODE: 2 push (default; more than kClusterPushMaxRows rows: pull), 1 pull (A/B).
-  // TRELLM_GEMV_CLUSTER_ROWS: the cluster tail for at most that many rows (default all 8; A/B).
-  const bool rows_ok = m <= env_int("TRELLM_GEMV_CLUSTER_ROWS", kGemvMaxRows);
-  a.cluster_mode = cluster_max >= 2 && rows_ok ? std::clamp(env_int("TRELLM_GEMV_CLUSTER_MODE", 2), 1, 2) : 0;
+  a.cluster_mode = cluster_max >= 2 ? std::clamp(env_int("TRELLM_GEMV_CLUSTER_MODE", 2), 1, 2) : 0;
   if (a.cluster_mode == 2 && m > kClusterPushMaxRows) a.cluster_mode = 1;
   // ring, rows + a zero row, the k tiles decoded ahead
   const size_t smem = size_t(kStagesGemv) * 2048 * w.K + size_t(m + 1) * p.a_pitch * 2 + size_t(a.ahead) * kDecodedTileBytes;
