@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds what run_device.sh carries, on this machine (CUDA 13 installed, no GPU needed): main + patch 1 as
-# .devbuild/ho.tar.xz and main + patches 1-2 as .devbuild/hl.tar.xz, each with trellm, a kernel-clocks trellm
-# (trellm_clk), the six CUDA test binaries and the shared libraries the device lacks (cpp-httplib, brotli,
-# PCRE2). About 20 minutes a build on 2 cores. Run from the repository root:  bash dev/pending/pack.sh
+# .devbuild/ho.tar.xz, main + patches 1-2 as .devbuild/hl.tar.xz and main + patches 1-3 as .devbuild/hz.tar.xz,
+# each with trellm, a kernel-clocks trellm (trellm_clk), the six CUDA test binaries and the shared libraries the
+# device lacks (cpp-httplib, brotli, PCRE2). About 20 minutes a build on 2 cores. Run from the repository root:
+#   bash dev/pending/pack.sh
 set -euo pipefail
 root=$PWD
 out=$root/.devbuild
@@ -30,5 +31,7 @@ build() {  # name, patches...
   git worktree remove --force "$wt"
   ls -la "$out/$name.tar.xz"
 }
-build ho dev/pending/0001-oproj-cluster-split.patch
-build hl dev/pending/0001-oproj-cluster-split.patch dev/pending/0002-lazy-input-norm.patch
+p=dev/pending
+build ho $p/0001-oproj-cluster-split.patch
+build hl $p/0001-oproj-cluster-split.patch $p/0002-lazy-input-norm.patch
+build hz $p/0001-oproj-cluster-split.patch $p/0002-lazy-input-norm.patch $p/0003-gemv-no-zero-row.patch

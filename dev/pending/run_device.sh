@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# One device call for the pending patches (README.md): the CUDA tests of both builds, then the end-to-end A/B
-# interleaved, then kernel clocks. Carry .devbuild/ho.tar.xz and .devbuild/hl.tar.xz (dev/pending/pack.sh) and
+# One device call for the pending patches (README.md): the CUDA tests of the builds, then the end-to-end A/B
+# interleaved, then kernel clocks. Carry .devbuild/ho.tar.xz, hl.tar.xz and hz.tar.xz (dev/pending/pack.sh) and
 # this file; run from the repository root:  bash dev/pending/run_device.sh   (logs and all.jsonl under $OUT)
 # Variants: o0 = main + patch 1 with TRELLM_GEMV_CLUSTER_SPLIT=0 (main's kernels: the baseline), o1 = o_proj in
-# two clusters, l0 / l1 = main + patches 1-2 (the input norm in the q_a/kv_a prologue) with the split off / on.
-# GUARD (s, default 150): no new bench run starts after it, so a short device budget still brings figures back.
+# two clusters, l1 = + patch 2 (the input norm in the q_a/kv_a prologue), z1 = + patch 3 (no zero row).
+# GUARD (s from the start, default 210; the tests take ~75 s): no new bench run starts after it, so a short device
+# budget still brings figures back.
 set -u
 T0=$SECONDS
-GUARD=${GUARD:-150}
-(cd .devbuild && for t in ho hl; do tar xJf $t.tar.xz; done)
+GUARD=${GUARD:-210}
+(cd .devbuild && for t in ho hl hz; do tar xJf $t.tar.xz; done)
 L=$OUT/logs
 mkdir -p $L
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee $OUT/gpu.txt
-for b in hl ho; do
+for b in hz hl ho; do
   export LD_LIBRARY_PATH=$PWD/.devbuild/$b
   for t in test_trellis_kernels test_cuda_ops test_cuda_step_runner test_cuda_model test_cuda_trellis_model test_cuda_engine; do
     s=$SECONDS
@@ -22,7 +23,7 @@ for b in hl ho; do
     [ $rc -ne 0 ] && grep -E "Failure|FAILED|error" $L/$b.$t.log | head -12
   done
 done
-grep -E "gemv tail 2048x5120|normed pair" $L/hl.test_trellis_kernels.log | head -12
+grep -E "gemv tail 2048x5120|normed pair" $L/hz.test_trellis_kernels.log | head -12
 BENCH=(bench --synthetic glm-4.7-flash --bits 3 --head-bits 6 --device cuda --repeats 3 --decode-tokens 64 --prompt-lens 16)
 dec() {  # the decode tok/s of a bench JSON file, one line
   python3 -c "
@@ -32,7 +33,7 @@ for l in open(sys.argv[1]):
     if d['unit'] == 'tok/s' and 'decode' in d['metric']: print(d['shape'].split()[-1], round(d['value'], 1), end='; ')
 " "$1"
 }
-run() {  # variant (o0 o1 l0 l1), kind (d: depths, b: batch), round
+run() {  # variant (o0 o1 l1 z1), kind (d: depths, b: batch), round
   local v=$1 b=h${1:0:1} sp=${1:1:1} args
   [ $((SECONDS - T0)) -lt $GUARD ] || return 0
   export LD_LIBRARY_PATH=$PWD/.devbuild/$b
@@ -41,10 +42,10 @@ run() {  # variant (o0 o1 l0 l1), kind (d: depths, b: batch), round
     > $L/$v.$3.$2.log 2>&1
   echo "$2 round $3 $v rc=$?: $(dec $L/$v.$3.$2.jsonl)"
 }
-for r in 1 2; do for v in o0 o1 l0 l1; do run $v d $r; done; done
-for v in o0 o1 l0 l1; do run $v b 1; done
-for v in o0 o1 l0 l1; do run $v d 3; done
-for v in o0 l1; do
+for r in 1 2; do for v in o0 o1 l1 z1; do run $v d $r; done; done
+for v in o0 o1 l1 z1; do run $v b 1; done
+for v in o0 o1 l1 z1; do run $v d 3; done
+for v in o0 z1; do
   [ $((SECONDS - T0)) -lt $((GUARD + 20)) ] || break
   b=h${v:0:1}
   export LD_LIBRARY_PATH=$PWD/.devbuild/$b
