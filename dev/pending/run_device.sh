@@ -64,6 +64,27 @@ with open(os.path.join(out, "all.jsonl"), "w") as o:
             d.update(variant=v, round=int(r))
             o.write(json.dumps(d, separators=(",", ":")) + "\n")
 PY
+python3 - "$OUT/all.jsonl" <<'PY'
+import collections, json, statistics, sys
+runs = collections.defaultdict(list)  # (shape, variant) -> decode tok/s of each round
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["unit"] == "tok/s" and d["metric"] in ("decode_tok_s", "decode_tok_s_total"):
+        runs[(d["shape"].split(" head 6 ")[-1], d["variant"])].append(d["value"])
+variants = ["o0", "o1", "l1", "z1"]
+print("decode tok/s, mean of the rounds [n] (ratio to o0)")
+for shape in sorted({k[0] for k in runs}):
+    base = statistics.mean(runs[(shape, "o0")]) if runs.get((shape, "o0")) else None
+    cells = []
+    for v in variants:
+        r = runs.get((shape, v))
+        if not r:
+            cells.append(f"{v} -")
+            continue
+        m = statistics.mean(r)
+        cells.append(f"{v} {m:.1f} [{len(r)}]" + (f" ({m / base:.3f})" if base else ""))
+    print(f"  {shape:28s} " + "  ".join(cells))
+PY
 rm -f $L/*.csv  # the per-launch CSVs are large; the clocks' summaries are in clk_*.log
 tar czf $OUT/logs.tgz -C $OUT logs && rm -rf $L
 echo "total $((SECONDS - T0)) s"
